@@ -1,0 +1,6 @@
+"""Lightning adapters over the probe engine."""
+
+from distprobe.callbacks.online_probe import OnlineProbe
+from distprobe.callbacks.trainable import NotSetUpError, TrainableCallback
+
+__all__ = ["NotSetUpError", "OnlineProbe", "TrainableCallback"]

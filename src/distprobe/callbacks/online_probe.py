@@ -1,0 +1,162 @@
+"""`OnlineProbe`: the reference online-probe API, trained by distprobe's engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from typing_extensions import override
+
+from distprobe.callbacks.keys import MissingKeyError, lookup
+from distprobe.callbacks.trainable import TrainableCallback
+from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
+from distprobe.engine.factories import build_module
+
+
+class OnlineProbe(TrainableCallback):
+    """Train a probe on the model's detached features while the model trains, and log how well it does.
+
+    The probe has its own optimizer, scheduler, accumulation and clipping; it is replicated over the data-parallel
+    group by its own DistributedDataParallel and never joins the LightningModule's parameters, wrapper or optimizer.
+
+    Args:
+        module: The LightningModule to probe (None: taken at ``setup``).
+        name: Unique identifier; keys logs, checkpoint state and ``pl_module.callbacks_modules[name]``.
+        input: Key of the features in the step's outputs dict, else in the batch dict (dotted paths reach nested keys).
+        target: Key of the labels, looked up the same way.
+        probe: An nn.Module, a callable returning one (called with ``module`` if it takes one argument), or a Hydra
+            config with ``_target_``.
+        loss_fn: Loss taking ``(preds, targets)``; default ``nn.CrossEntropyLoss()``. ``loss`` is an alias.
+        optimizer: A name ("AdamW", "SGD", "LARS", any torch.optim optimizer), a ``{"type": ..., **kwargs}`` dict,
+            a Hydra config, a partial/class/callable taking the parameters, an optimizer instance on the probe's
+            parameters, or None for ``LARS(lr=0.1, clip_lr=True, eta=0.02, exclude_bias_n_norm=True,
+            weight_decay=0)``.
+        scheduler: A name (``T_max`` and similar lengths default to the probe's number of optimizer steps), a dict,
+            a Hydra config, a partial/class/callable taking the optimizer, an instance, or None for a constant rate.
+        accumulate_grad_batches: Micro-batches per probe optimizer step.
+        gradient_clip_val: Clip threshold of the probe's gradients; None disables clipping.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        metrics: A dict, tuple, list, single torchmetrics Metric, ``{"train": ..., "val": ...}``, or None.
+        loss: Alias of ``loss_fn``.
+
+    Example:
+        >>> import torchmetrics
+        >>> probe = OnlineProbe(
+        ...     None, name="linear", input="embedding", target="label", probe=nn.Linear(64, 10),
+        ...     optimizer="AdamW", metrics={"top1": torchmetrics.classification.MulticlassAccuracy(10)},
+        ... )
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule | None,
+        name: str,
+        input: str,  # noqa: A002 - the reference API's name
+        target: str,
+        probe: Any,
+        loss_fn: Callable[..., Any] | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        metrics: Any = None,
+        *,
+        loss: Callable[..., Any] | None = None,
+    ) -> None:
+        if loss is not None and loss_fn is not None and loss is not loss_fn:
+            raise ValueError(f"probe '{name}': got both 'loss' and 'loss_fn'; 'loss' is an alias, pass only one.")
+        for argument, key in (("input", input), ("target", target)):
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"probe '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
+        self.input = input
+        self.target = target
+        self.probe_spec = probe
+        self.loss_fn = loss_fn if loss_fn is not None else loss
+        self.metrics_spec = metrics
+        self._checked_first_batch = False
+        super().__init__(
+            module,
+            name,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+        )
+
+    @override
+    def configure_model(self, pl_module: pl.LightningModule | None) -> nn.Module:
+        return build_module(self.probe_spec, owner=pl_module, probe_name=self.name)
+
+    def _features_and_targets(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
+        targets = lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
+        return features, targets
+
+    def _checked_features_and_targets(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Look up the probe's tensors; on the first batch, check them collectively across ranks."""
+        if self._checked_first_batch:
+            return self._features_and_targets(outputs, batch)
+        problem = None
+        features = targets = None
+        try:
+            features, targets = self._features_and_targets(outputs, batch)
+        except MissingKeyError as err:
+            problem = str(err)
+        if problem is None:
+            problem = first_batch_problem(self.probe, features, targets, input_key=self.input)
+        raise_if_any_rank_failed(problem, self.probe.dp_group)
+        self._checked_first_batch = True
+        assert features is not None and targets is not None
+        return features, targets
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        features, targets = self._checked_features_and_targets(outputs, batch)
+        out = self.probe.train_step(features, targets)
+        if isinstance(batch, MutableMapping):
+            batch[f"{self.name}_preds"] = out.preds
+        batch_size = targets.shape[0]
+        pl_module.log(f"train/{self.name}_loss", out.loss, on_step=True, on_epoch=False, batch_size=batch_size)
+        pl_module.log(
+            f"train/{self.name}_skipped_steps",
+            self.probe.skipped_steps.float(),
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+        )
+        values = self.probe.train_metric_values(out.preds, targets)
+        if values:
+            pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.probe.metrics.train.reset()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        features, targets = self._features_and_targets(outputs, batch)
+        preds = self.probe.eval_step(features, targets)
+        if isinstance(batch, MutableMapping):
+            batch[f"{self.name}_preds"] = preds
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = self.probe.compute_eval_metrics()
+        if values and not trainer.sanity_checking:
+            # Already reduced over the data-parallel group: Lightning must not reduce again.
+            pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)

@@ -1,0 +1,61 @@
+"""Pure functions of the probe step: accumulation, clipping, non-finite detection and undo.
+
+They hold no state and never synchronise with the host: every decision is a device tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+ClipAlgorithm = Literal["norm", "value"]
+
+
+def is_boundary(micro_step: int, accumulate_grad_batches: int) -> bool:
+    """Whether the micro-step with this 0-based index closes an accumulation window."""
+    return (micro_step + 1) % accumulate_grad_batches == 0
+
+
+def scale_for_accumulation(loss: torch.Tensor, accumulate_grad_batches: int) -> torch.Tensor:
+    """Scale a micro-batch loss so that the window's summed gradient is the gradient of the mean loss."""
+    return loss / accumulate_grad_batches if accumulate_grad_batches > 1 else loss
+
+
+def nonfinite_flag(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: True when any gradient holds a NaN or an infinity."""
+    if not grads:
+        return torch.zeros((), dtype=torch.bool)
+    norms = torch._foreach_norm(list(grads))
+    return ~torch.isfinite(torch.stack(norms).sum())
+
+
+def clip_gradients(
+    grads: Sequence[torch.Tensor], clip_val: float | None, algorithm: ClipAlgorithm
+) -> torch.Tensor | None:
+    """Clip gradients in place; return the total norm before clipping (for ``"norm"``), else None."""
+    if clip_val is None or not grads:
+        return None
+    if algorithm == "value":
+        torch._foreach_clamp_min_(list(grads), -clip_val)
+        torch._foreach_clamp_max_(list(grads), clip_val)
+        return None
+    total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads))))
+    # No `if total_norm > clip_val`: the factor is clamped at 1 on the device, so no host sync.
+    factor = torch.clamp(clip_val / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_(list(grads), factor)
+    return total_norm
+
+
+def zero_where(flag: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Replace every tensor by zeros where ``flag`` is True (NaN-safe, unlike multiplying by 0)."""
+    for t in tensors:
+        t.copy_(torch.where(flag, torch.zeros_like(t), t))
+
+
+def restore_where(flag: torch.Tensor, tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor | None]) -> None:
+    """Where ``flag`` is True, put each tensor back to its saved value (zeros for state created since the save)."""
+    for t, old in zip(tensors, saved, strict=True):
+        before = torch.zeros_like(t) if old is None else old
+        t.copy_(torch.where(flag, before, t))

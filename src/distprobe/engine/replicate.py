@@ -1,0 +1,53 @@
+"""Replication of a probe over a data-parallel process group, outside the backbone's wrapper."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def default_group() -> dist.ProcessGroup | None:
+    """The world group when torch.distributed is initialised, else None (a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
+    """Wrap a probe in its own DistributedDataParallel over ``group``; return it unchanged without a group.
+
+    Building the wrapper broadcasts the group's rank-0 weights, so replicas start identical whatever each rank
+    initialised. Every rank of ``group`` must call this at the same point (it is a collective).
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return module
+    params = list(module.parameters())
+    if not params:
+        raise ValueError("cannot replicate a probe that has no parameters")
+    device = params[0].device
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        module,
+        device_ids=device_ids,
+        process_group=group,
+        # A probe is tiny: one bucket means one all-reduce per optimizer step.
+        bucket_cap_mb=max(1, sum(p.numel() * p.element_size() for p in params) // 2**20 + 1),
+        broadcast_buffers=True,
+        init_sync=True,
+    )
+
+
+def unshare_storage(module: nn.Module) -> None:
+    """Give every parameter its own storage, keeping the Parameter objects.
+
+    Under ``ddp_spawn`` a callback's tensors reach the workers in memory shared by every rank; an in-place optimizer
+    step on one rank would then write into the others' probe. Keeping the Parameter objects keeps a user's optimizer
+    instance pointing at them.
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = p.data.clone()
+        for b in module.buffers():
+            b.data = b.data.clone()

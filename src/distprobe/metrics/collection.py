@@ -1,0 +1,129 @@
+"""Normalise the user's ``metrics`` argument into per-stage torchmetrics collections for one probe."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchmetrics import Metric, MetricCollection
+
+STAGES = ("train", "val")
+#: Prefix of each stage's logged names; eval metrics are logged as ``eval/{name}_*`` as the reference API says.
+LOG_PREFIX = {"train": "train", "val": "eval"}
+
+
+def _as_metric_dict(spec: Any, probe_name: str) -> dict[str, Metric]:
+    if spec is None:
+        return {}
+    if isinstance(spec, Metric):
+        return {type(spec).__name__: spec}
+    if isinstance(spec, MetricCollection):
+        return dict(spec.items(keep_base=True))
+    if isinstance(spec, Mapping):
+        out = {}
+        for key, metric in spec.items():
+            if not isinstance(metric, Metric):
+                raise ValueError(
+                    f"probe '{probe_name}': argument 'metrics' entry {key!r} is {type(metric).__name__}, "
+                    "expected a torchmetrics Metric."
+                )
+            out[str(key)] = metric
+        return out
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        out = {}
+        for metric in spec:
+            if not isinstance(metric, Metric):
+                raise ValueError(
+                    f"probe '{probe_name}': argument 'metrics' holds {type(metric).__name__}, "
+                    "expected torchmetrics Metrics."
+                )
+            key = type(metric).__name__
+            if key in out:
+                raise ValueError(
+                    f"probe '{probe_name}': argument 'metrics' has two {key}s; pass a dict to name them apart."
+                )
+            out[key] = metric
+        return out
+    raise ValueError(
+        f"probe '{probe_name}': argument 'metrics' got {spec!r} of type {type(spec).__name__}; expected a dict, "
+        "list, tuple, single Metric, {'train': ..., 'val': ...}, or None."
+    )
+
+
+def split_by_stage(spec: Any, probe_name: str) -> dict[str, dict[str, Metric]]:
+    """Per-stage metric dicts; without a ``{"train", "val"}`` split, each stage gets its own copy."""
+    if isinstance(spec, Mapping) and spec and set(spec) <= set(STAGES) and not any(
+        isinstance(v, Metric) for v in spec.values()
+    ):
+        return {stage: _as_metric_dict(spec.get(stage), probe_name) for stage in STAGES}
+    base = _as_metric_dict(spec, probe_name)
+    # Separate objects per stage: one Metric instance must never accumulate train and eval data together.
+    return {stage: {k: m.clone() for k, m in base.items()} for stage in STAGES}
+
+
+class ProbeMetrics:
+    """The train and eval metric collections of one probe, keyed by their logged names.
+
+    ``metrics["train"]`` and ``metrics["val"]`` (or ``.train`` / ``.val``) are torchmetrics ``MetricCollection``s
+    whose keys carry the logged prefixes ``train/{name}_`` and ``eval/{name}_``.
+    """
+
+    def __init__(self, spec: Any, probe_name: str) -> None:
+        by_stage = split_by_stage(spec, probe_name)
+        self.train = MetricCollection(by_stage["train"], prefix=f"train/{probe_name}_", compute_groups=False)
+        self.val = MetricCollection(by_stage["val"], prefix=f"eval/{probe_name}_", compute_groups=False)
+
+    def stage(self, stage: str) -> MetricCollection:
+        """The collection of ``"train"`` or ``"val"``."""
+        return self.train if stage == "train" else self.val
+
+    def __getitem__(self, stage: str) -> MetricCollection:
+        if stage not in STAGES:
+            raise KeyError(f"metric stage {stage!r}; valid stages: {list(STAGES)}")
+        return self.stage(stage)
+
+    def to(self, device: torch.device | str) -> ProbeMetrics:
+        """Move every metric state to ``device``."""
+        self.train.to(device)
+        self.val.to(device)
+        return self
+
+    def set_process_group(self, group: Any) -> None:
+        """Sync every metric over ``group`` (the probe's data-parallel group, not necessarily the world)."""
+        for stage in STAGES:
+            for metric in self.stage(stage).values(copy_state=False):
+                metric.process_group = group
+
+    def metric_states(self) -> dict[str, dict[str, Any]]:
+        """Every metric's accumulated state, by stage and name, for checkpoints."""
+        out: dict[str, Any] = {}
+        for stage in STAGES:
+            for key, metric in self.stage(stage).items(keep_base=True):
+                out[f"{stage}.{key}"] = {
+                    "state": {k: _detach(v) for k, v in metric.metric_state.items()},
+                    "update_count": metric._update_count,
+                }
+        return out
+
+    def load_metric_states(self, states: Mapping[str, Any]) -> None:
+        """Apply what `metric_states` saved; metrics added since then keep a fresh state."""
+        for stage in STAGES:
+            for key, metric in self.stage(stage).items(keep_base=True):
+                saved = states.get(f"{stage}.{key}")
+                if saved is None:
+                    continue
+                for attr, value in saved["state"].items():
+                    current = getattr(metric, attr)
+                    if isinstance(current, torch.Tensor):
+                        setattr(metric, attr, value.to(current.device))
+                    else:
+                        setattr(metric, attr, [v.to(metric.device) for v in value])
+                metric._update_count = saved.get("update_count", 0)
+                metric._computed = None
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return [v.detach().clone() for v in value]
