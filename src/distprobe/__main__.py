@@ -1,0 +1,5 @@
+"""`python -m distprobe ...`."""
+
+from distprobe.cli import main
+
+raise SystemExit(main())

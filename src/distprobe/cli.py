@@ -1,0 +1,61 @@
+"""`distprobe demo | submit`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from distprobe.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        devices=args.devices,
+        seed=args.seed,
+        out_dir=args.out_dir,
+        progress_bar=not args.no_progress_bar,
+    )
+    result = run_demo(config)
+    final = result["final"]
+    if final and result["is_global_zero"]:
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
+        sys.stdout.write(f"final: {summary}\nlogs: {result['log_dir']}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand."""
+    from distprobe.demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="distprobe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="SimCLR on 8x8 digits with live online probes (CPU, about a minute)")
+    demo.add_argument("--epochs", type=int, default=DemoConfig().epochs)
+    demo.add_argument("--batch-size", type=int, default=DemoConfig().batch_size)
+    demo.add_argument("--devices", type=int, default=1, help="CPU processes; >1 trains with DDP over gloo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out-dir", default="distprobe_runs/demo")
+    demo.add_argument("--no-progress-bar", action="store_true")
+    demo.set_defaults(run=_demo)
+    try:
+        from distprobe.launch.cli import add_submit_arguments, run_submit
+    except ImportError:  # the launcher is optional until it lands
+        pass
+    else:
+        submit = sub.add_parser("submit", help="submit a probed training to Slurm (or locally) through submitit")
+        add_submit_arguments(submit)
+        submit.set_defaults(run=run_submit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line."""
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
