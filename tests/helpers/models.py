@@ -1,0 +1,71 @@
+"""Small models and data shared by the tests: a frozen-ish backbone emitting an embedding, dict batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+IN_DIM = 8
+EMBED_DIM = 16
+NUM_CLASSES = 3
+
+
+class SeparableData(Dataset):
+    """Gaussian blobs that a linear probe separates almost perfectly; batches are dicts with nested keys."""
+
+    def __init__(self, n: int = 192, seed: int = 0) -> None:
+        # The same class centres for every split; the seed draws the samples.
+        centers = torch.randn(NUM_CLASSES, IN_DIM, generator=torch.Generator().manual_seed(99)) * 4
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+        self.x = centers[self.y] + 0.5 * torch.randn(n, IN_DIM, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "label": self.y[i], "meta": {"label": self.y[i]}, "index": i}
+
+
+class Backbone(pl.LightningModule):
+    """A linear backbone trained on a label-free loss; returns its embedding in a nested outputs dict."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        torch.manual_seed(1234)
+        self.backbone = nn.Linear(IN_DIM, EMBED_DIM)
+        self.lr = lr
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        emb = self.backbone(batch["x"])
+        loss = (emb.pow(2).mean() - 1.0).abs()
+        return {"loss": loss, "embedding": emb, "nested": {"emb": emb}}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        emb = self.backbone(batch["x"])
+        return {"embedding": emb, "nested": {"emb": emb}}
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.backbone.parameters(), lr=self.lr)
+
+
+def loader(n: int = 192, batch_size: int = 32, seed: int = 0, **kwargs: Any) -> DataLoader:
+    return DataLoader(SeparableData(n, seed), batch_size=batch_size, **kwargs)
+
+
+def trainer(callbacks: list, max_epochs: int = 2, **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **defaults)

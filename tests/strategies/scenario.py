@@ -1,0 +1,272 @@
+"""One spawned run per strategy, shared by every assertion of that strategy's test.
+
+Each rank runs three real `lightning.Trainer` fits of a tiny backbone:
+
+- ``probed``: with an `OnlineProbe` and a checkpoint after epoch 0 (the uninterrupted run);
+- ``plain``: the same backbone without probes (the backbone must train exactly the same);
+- ``resumed``: fresh weights, resumed from the epoch-0 checkpoint of ``probed`` (must finish where ``probed`` did).
+
+A recorder callback placed after the probe writes down, after every optimizer step, the features and labels the probe
+saw, the main loss, and the probe's flattened weights on every rank (gathered over the world group). The parent process
+then compares ranks, runs and a single-process reference probe.
+
+The probe is registered by the LightningModule itself (``self.callbacks_modules = nn.ModuleDict()``): the hard case
+in which stock strategies wrap, shard and optimise it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from distprobe.callbacks import OnlineProbe
+
+NUM_SAMPLES = 32
+IN_DIM = 8
+EMBED_DIM = 16
+NUM_CLASSES = 3
+BATCH_SIZE = 4
+EPOCHS = 2
+PROBE_OPTIMIZER = {"type": "SGD", "lr": 0.2, "momentum": 0.9}
+PROBE_SEED = 1000
+
+
+@dataclass
+class Spec:
+    """What one strategy run uses; the strategy is a registered name or built in the worker from ``kind``."""
+
+    strategy: str
+    kind: str = "plain"
+    """``plain``: backbone built in ``__init__``; ``fsdp2``: ``fully_shard`` in ``configure_model``; ``tp``: tensor
+    parallel (1 data-parallel x world tensor-parallel mesh) plus ``fully_shard`` over the data-parallel dimension."""
+    strategy_kwargs: dict[str, Any] = field(default_factory=dict)
+    precision: str = "32-true"
+
+
+class PointDataset(Dataset):
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(NUM_SAMPLES, IN_DIM, generator=g)
+        self.y = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,), generator=g)
+
+    def __len__(self) -> int:
+        return NUM_SAMPLES
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "label": self.y[i]}
+
+
+class Backbone(pl.LightningModule):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.encoder = nn.Sequential(nn.Linear(IN_DIM, EMBED_DIM), nn.Tanh(), nn.Linear(EMBED_DIM, EMBED_DIM))
+        # A user registering probes on the module themselves: the case the strategies must neutralise.
+        self.callbacks_modules = nn.ModuleDict()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        emb = self.encoder(batch["x"])
+        local = emb.full_tensor() if hasattr(emb, "full_tensor") else emb
+        target = batch["x"].sum(-1, keepdim=True)
+        loss = (local.float() - target).pow(2).mean()
+        return {"loss": loss, "embedding": emb}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # self.parameters() names the probe too: the strategy must take it out again.
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class FSDP2Backbone(Backbone):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.encoder[0])
+        fully_shard(self)
+
+
+class TPBackbone(Backbone):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = self.device_mesh
+        # The embedding leaves the backbone as a (replicated) DTensor: the probe must gather it with full_tensor().
+        parallelize_module(
+            self.encoder,
+            mesh["tensor_parallel"],
+            {"0": ColwiseParallel(), "2": RowwiseParallel(use_local_output=False)},
+        )
+        fully_shard(self.encoder, mesh=mesh["data_parallel"])
+
+
+def _dp_rank_and_size(trainer: pl.Trainer) -> tuple[int, int]:
+    kwargs = trainer.strategy.distributed_sampler_kwargs
+    return kwargs["rank"], kwargs["num_replicas"]
+
+
+class DataModule(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        rank, size = _dp_rank_and_size(self.trainer)
+        sampler = DistributedSampler(PointDataset(), num_replicas=size, rank=rank, shuffle=False)
+        return DataLoader(PointDataset(), batch_size=BATCH_SIZE, sampler=sampler)
+
+
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float().clone() for p in module.parameters()])
+
+
+def _optimizer_tensor_ids(trainer: pl.Trainer) -> set[int]:
+    ids = set()
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            ids.update(id(p) for p in group["params"])
+        for attr in ("bit16_groups", "fp16_groups"):  # DeepSpeed ZeRO keeps the model's parameters here
+            for group in getattr(optimizer, attr, None) or []:
+                ids.update(id(p) for p in group)
+    return ids
+
+
+def _sharding_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: OnlineProbe) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    probe = callback.probe.module
+    weight = pl_module.encoder[0].weight
+    probe_ids = {id(p) for p in probe.parameters()}
+    facts: dict[str, Any] = {
+        "wrapper": type(trainer.strategy.model).__name__,
+        "backbone_weight_type": type(weight).__name__,
+        "backbone_local_numel": (weight.to_local() if isinstance(weight, DTensor) else weight).numel(),
+        "backbone_full_numel": EMBED_DIM * IN_DIM,
+        "backbone_ds_partitioned": hasattr(weight, "ds_id"),
+        "backbone_in_optimizer": id(weight) in _optimizer_tensor_ids(trainer),
+        "probe_in_optimizer": bool(probe_ids & _optimizer_tensor_ids(trainer)),
+        "probe_types": sorted({type(p).__name__ for p in probe.parameters()}),
+        "probe_shapes": [tuple(p.shape) for p in probe.parameters()],
+        "probe_dtypes": sorted({str(p.dtype) for p in probe.parameters()}),
+        "probe_ds_attrs": any(hasattr(p, "ds_id") for p in probe.parameters()),
+        "probe_group_size": dist.get_world_size(callback.probe.dp_group),
+    }
+    if isinstance(weight, DTensor):
+        facts["backbone_placements"] = [str(p) for p in weight.placements]
+    ignored = getattr(trainer.strategy.model, "parameters_to_ignore", None)
+    if ignored is not None:
+        facts["ddp_ignores"] = sorted(ignored)
+    if hasattr(trainer.strategy, "deepspeed_engine"):
+        facts["zero_stage"] = trainer.strategy.deepspeed_engine.zero_optimization_stage()
+    return facts
+
+
+class Recorder(Callback):
+    """Writes down what every step did; placed after the probe so it sees the probe after its optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self.facts: dict[str, Any] = {}
+
+    def _probe(self, trainer: pl.Trainer) -> OnlineProbe | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, OnlineProbe)), None)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probe = self._probe(trainer)
+        if probe is not None:
+            self.facts = _sharding_facts(trainer, pl_module, probe)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        features = outputs["embedding"]
+        self.facts.setdefault("feature_type", type(features).__name__)
+        self.facts.setdefault("feature_dtype", str(features.dtype))
+        if hasattr(features, "full_tensor"):
+            features = features.full_tensor()
+        record = {
+            "step": trainer.global_step,
+            "features": features.detach().clone(),
+            "labels": batch["label"].clone(),
+            "loss": outputs["loss"].detach().float().clone(),
+        }
+        probe = self._probe(trainer)
+        if probe is not None:
+            mine = _flat(probe.probe.module)
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            record["probe"] = mine
+            record["probe_all_ranks"] = every
+        self.steps.append(record)
+
+
+def _trainer(spec: Spec, world_size: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
+    strategy: Any = spec.strategy
+    if spec.strategy_kwargs or spec.kind == "tp":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        entry = StrategyRegistry[spec.strategy]
+        strategy = entry["strategy"](**{**entry["init_params"], **spec.strategy_kwargs})
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        num_nodes=1,
+        strategy=strategy,
+        precision=spec.precision,
+        max_epochs=EPOCHS,
+        use_distributed_sampler=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
+
+
+def _module(spec: Spec, seed: int) -> Backbone:
+    cls = {"plain": Backbone, "fsdp2": FSDP2Backbone, "tp": TPBackbone}[spec.kind]
+    return cls(seed)
+
+
+def _online_probe(rank: int, seed: int) -> OnlineProbe:
+    torch.manual_seed(seed + rank)  # different initial weights on every rank: replication must fix that
+    return OnlineProbe(
+        None,
+        name="linear",
+        input="embedding",
+        target="label",
+        probe=nn.Linear(EMBED_DIM, NUM_CLASSES),
+        optimizer=dict(PROBE_OPTIMIZER),
+    )
+
+
+def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
+    """Worker body for `run_distributed`: three fits, returning what each recorded on this rank."""
+    import distprobe.strategies  # noqa: F401 - registers the strategy names
+
+    ckpt_dir = os.path.join(tmp, "ckpt")
+    results: dict[str, Any] = {}
+
+    recorder = Recorder()
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED), recorder, checkpoint])
+    trainer.fit(_module(spec, seed=0), datamodule=DataModule())
+    results["probed"] = recorder.steps
+    results["facts"] = recorder.facts
+    results["dp"] = _dp_rank_and_size(trainer)
+
+    recorder = Recorder()
+    trainer = _trainer(spec, world_size, [recorder], enable_checkpointing=False)
+    trainer.fit(_module(spec, seed=0), datamodule=DataModule())
+    results["plain"] = recorder.steps
+
+    recorder = Recorder()
+    trainer = _trainer(spec, world_size, [_online_probe(rank, 7 * PROBE_SEED), recorder], enable_checkpointing=False)
+    trainer.fit(_module(spec, seed=123), datamodule=DataModule(), ckpt_path=os.path.join(ckpt_dir, "epoch=0.ckpt"))
+    results["resumed"] = recorder.steps
+    results["ckpt_is_dir"] = os.path.isdir(os.path.join(ckpt_dir, "epoch=0.ckpt"))
+    return results
