@@ -1,0 +1,281 @@
+"""The plain-torch API: a set of probes trained from your own loop, beside any backbone wrapper (no Lightning).
+
+`ProbeSet` is a thin layer over the engine (`distprobe.engine.Probe`): it builds one probe per spec, routes named
+features and targets to each probe, runs the collective first-batch checks, and keys checkpoints by probe name.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> probes = ProbeSet.build([{"name": "linear", "probe": nn.Linear(8, 3), "optimizer": "SGD"}])
+    >>> losses = probes.step(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))
+    >>> sorted(losses)
+    ['linear']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distprobe.engine import Probe, ProbeConfig
+from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
+from distprobe.engine.replicate import default_group
+
+log = logging.getLogger(__name__)
+
+#: Keys a dict spec may hold besides the fields of `ProbeConfig`.
+ROUTING_KEYS = ("input", "target")
+
+Tensors = torch.Tensor | Mapping[str, torch.Tensor]
+"""One tensor shared by every probe, or named tensors that each probe picks by its ``input``/``target`` key."""
+
+
+@dataclass(kw_only=True)
+class ProbeSpec:
+    """One probe of a `ProbeSet`: what it is, and which features and targets it reads."""
+
+    config: ProbeConfig
+    """The probe's engine configuration."""
+    input: str | None = None
+    """Key of the probe's features when `ProbeSet.step` gets a dict; None: the features are one tensor."""
+    target: str | None = None
+    """Key of the probe's targets when `ProbeSet.step` gets a dict; None: the targets are one tensor."""
+
+    def __post_init__(self) -> None:
+        for argument, key in (("input", self.input), ("target", self.target)):
+            if key is not None and (not isinstance(key, str) or not key):
+                raise ValueError(
+                    f"probe '{self.config.name}': argument '{argument}' got {key!r}; expected a non-empty key "
+                    "string, or None when a single tensor is passed."
+                )
+
+
+def to_spec(spec: ProbeSpec | ProbeConfig | Mapping[str, Any]) -> ProbeSpec:
+    """Normalise a `ProbeSpec`, a `ProbeConfig`, or a dict of `ProbeConfig` fields plus ``input``/``target``."""
+    if isinstance(spec, ProbeSpec):
+        return spec
+    if isinstance(spec, ProbeConfig):
+        return ProbeSpec(config=spec)
+    if isinstance(spec, Mapping):
+        fields = [f.name for f in dataclasses.fields(ProbeConfig)]
+        valid = fields + list(ROUTING_KEYS)
+        unknown = sorted(str(k) for k in spec if k not in valid)
+        name = spec.get("name", "?")
+        if unknown:
+            raise ValueError(f"probe '{name}': unknown spec key(s) {unknown}; valid keys: {valid}")
+        config = ProbeConfig(**{k: v for k, v in spec.items() if k in fields})
+        return ProbeSpec(config=config, input=spec.get("input"), target=spec.get("target"))
+    raise ValueError(
+        f"ProbeSet: a spec got {spec!r} of type {type(spec).__name__}; expected a ProbeConfig, a ProbeSpec, or a "
+        f"dict of ProbeConfig fields plus {list(ROUTING_KEYS)}."
+    )
+
+
+def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -> torch.Tensor:
+    """The tensor a probe reads: the single tensor given, or the entry named by its ``input``/``target`` key.
+
+    Raises:
+        ValueError: naming the probe, the argument, and the keys that are there.
+    """
+    if not isinstance(tensors, Mapping):
+        return tensors
+    if key is None:
+        raise ValueError(
+            f"probe '{probe_name}': the {argument}s are a dict with keys {sorted(tensors)} but the probe has no "
+            f"'{argument}' key; add '{argument}': <key> to its spec."
+        )
+    if key not in tensors:
+        raise ValueError(f"probe '{probe_name}': {argument} key {key!r} not found; available keys: {sorted(tensors)}")
+    return tensors[key]
+
+
+def optimizer_steps(micro_batches: int | None, accumulate_grad_batches: int) -> int | None:
+    """A probe's number of optimizer steps over ``micro_batches`` training steps (None stays None)."""
+    if micro_batches is None:
+        return None
+    return max(1, micro_batches // accumulate_grad_batches)
+
+
+class ProbeSet:
+    """Probes trained on detached features from your own training loop, each replicated over the data-parallel group.
+
+    Every probe has its own optimizer, scheduler, accumulation and clipping, and its own DistributedDataParallel over
+    ``dp_group``: it never joins the backbone's wrapper (DDP, FSDP, DeepSpeed) or optimizer. Every rank of the group
+    must call `step`, `evaluate`'s `compute_metrics` and `load_state_dict` at the same points (they are collectives).
+
+    Build it with `ProbeSet.build`.
+
+    Example:
+        >>> probes = ProbeSet.build(
+        ...     [ProbeSpec(config=ProbeConfig(name="linear", probe=nn.Linear(8, 3)), input="embedding", target="y")]
+        ... )
+        >>> losses = probes.step({"embedding": torch.randn(4, 8)}, {"y": torch.tensor([0, 1, 2, 0])})
+    """
+
+    def __init__(self, probes: Sequence[Probe], specs: Sequence[ProbeSpec], dp_group: dist.ProcessGroup | None) -> None:
+        assert len(probes) == len(specs)
+        self.probes: dict[str, Probe] = {p.name: p for p in probes}
+        self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
+        self.dp_group = dp_group
+        self.last_train_metrics: dict[str, torch.Tensor] = {}
+        """Train-metric values of the last `step`, by logged name, on this rank's batch only (never synced)."""
+        self._checked_first_batch = False
+
+    @classmethod
+    def build(
+        cls,
+        specs: Sequence[ProbeSpec | ProbeConfig | Mapping[str, Any]],
+        *,
+        dp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        total_steps: int | None = None,
+    ) -> ProbeSet:
+        """Build every probe, in order, and replicate each over ``dp_group``.
+
+        Building broadcasts rank 0's probe weights to the group, so ranks may initialise their probes differently.
+
+        Args:
+            specs: `ProbeConfig`s, `ProbeSpec`s, or dicts of `ProbeConfig` fields plus ``input``/``target`` keys.
+            dp_group: The data-parallel group; None: the world group when torch.distributed is initialised, else a
+                single process. Under tensor parallelism pass the mesh's data-parallel group.
+            device: Where the probes live (default: where their parameters are).
+            total_steps: How many times `step` will be called, for scheduler defaults such as ``T_max`` (each probe
+                divides it by its ``accumulate_grad_batches``).
+        """
+        if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
+            raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
+        normalised = [to_spec(s) for s in specs]
+        if not normalised:
+            raise ValueError("ProbeSet.build: argument 'specs' is empty; give at least one probe.")
+        names = [s.config.name for s in normalised]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
+        group = dp_group if dp_group is not None else default_group()
+        probes = [
+            Probe.build(
+                s.config,
+                dp_group=group,
+                device=device,
+                total_steps=optimizer_steps(total_steps, s.config.accumulate_grad_batches),
+            )
+            for s in normalised
+        ]
+        return cls(probes, normalised, group)
+
+    @property
+    def names(self) -> list[str]:
+        """The probes' names, in build order (the order of their collectives)."""
+        return list(self.probes)
+
+    def __getitem__(self, name: str) -> Probe:
+        if name not in self.probes:
+            raise KeyError(f"no probe named {name!r}; probes: {self.names}")
+        return self.probes[name]
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self.probes.values())
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def _inputs(self, features: Tensors, targets: Tensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            name: (
+                pick(features, spec.input, probe_name=name, argument="input"),
+                pick(targets, spec.target, probe_name=name, argument="target"),
+            )
+            for name, spec in self.specs.items()
+        }
+
+    def _checked_inputs(self, features: Tensors, targets: Tensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Route the tensors; on the first batch, check them on every rank and fail on all ranks together."""
+        if self._checked_first_batch:
+            return self._inputs(features, targets)
+        problems: list[str] = []
+        inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, spec in self.specs.items():
+            try:
+                x = pick(features, spec.input, probe_name=name, argument="input")
+                y = pick(targets, spec.target, probe_name=name, argument="target")
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            problem = first_batch_problem(self.probes[name], x, y, input_key=spec.input or "features")
+            if problem is not None:
+                problems.append(problem)
+            inputs[name] = (x, y)
+        # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
+        raise_if_any_rank_failed("; ".join(problems) if problems else None, self.dp_group)
+        self._checked_first_batch = True
+        return inputs
+
+    def step(self, features: Tensors, targets: Tensors) -> dict[str, torch.Tensor]:
+        """Train every probe on one micro-batch of detached features; return each probe's loss by name.
+
+        The losses are detached device tensors: nothing here waits for the device, so log them as tensors (or
+        call ``.item()`` only when you print). Train metrics, if any, are updated and their batch values kept in
+        `last_train_metrics`.
+        """
+        losses: dict[str, torch.Tensor] = {}
+        train_metrics: dict[str, torch.Tensor] = {}
+        for name, (x, y) in self._checked_inputs(features, targets).items():
+            out = self.probes[name].train_step(x, y)
+            losses[name] = out.loss
+            train_metrics.update(self.probes[name].train_metric_values(out.preds, y))
+        self.last_train_metrics = train_metrics
+        return losses
+
+    def reset_train_metrics(self) -> None:
+        """Clear the accumulated train-metric state (call at the end of an epoch)."""
+        for probe in self:
+            probe.metrics.train.reset()
+
+    @torch.no_grad()
+    def evaluate(self, features: Tensors, targets: Tensors, num_valid: int | None = None) -> dict[str, torch.Tensor]:
+        """Update every probe's eval metrics with one batch; return each probe's predictions by name.
+
+        Args:
+            features: A tensor, or named tensors picked by each probe's ``input`` key.
+            targets: A tensor, or named tensors picked by each probe's ``target`` key.
+            num_valid: Count only the first ``num_valid`` samples (drop a distributed sampler's padding).
+        """
+        return {
+            name: self.probes[name].eval_step(x, y, num_valid)
+            for name, (x, y) in self._inputs(features, targets).items()
+        }
+
+    def compute_metrics(self) -> dict[str, torch.Tensor]:
+        """Eval metrics of every probe, reduced over the data-parallel group (a collective), then reset.
+
+        Keys are the logged names, such as ``eval/linear_top1``.
+        """
+        values: dict[str, torch.Tensor] = {}
+        for probe in self:
+            values.update(probe.compute_eval_metrics())
+        return values
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Each probe's full state (module, optimizer, scheduler, accumulation window, metrics), keyed by name."""
+        return {name: probe.state_dict() for name, probe in self.probes.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Restore what `state_dict` saved, by probe name.
+
+        Probes missing from ``state`` keep their fresh state (a probe added since the checkpoint); entries for
+        probes that no longer exist are ignored. Every rank must load the same state.
+        """
+        for name, probe in self.probes.items():
+            if name in state:
+                probe.load_state_dict(dict(state[name]))
+            else:
+                log.info("probe '%s': not in the loaded state; it keeps its fresh initial state.", name)
+        extra = sorted(set(state) - set(self.probes))
+        if extra:
+            log.warning("ProbeSet.load_state_dict: ignoring state of probes %s that are not in this set.", extra)
