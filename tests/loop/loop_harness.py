@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import traceback
 from typing import Any
 
 import torch
@@ -177,7 +178,8 @@ def train(rank: int, world: int, strategy: str, with_probes: bool) -> dict[str, 
             features = {"embedding": h1, "projection": z1}
             targets = {"label": y}
             losses = probes.step(features, targets)
-            assert set(losses) == {"linear", "mlp"} and all(not t.requires_grad for t in losses.values())
+            assert set(losses) == {"linear", "mlp"}
+            assert all(not t.requires_grad for t in losses.values())
             if resumed is not None:
                 resumed.step(features, targets)
             grads_after = [None if p.grad is None else _local(p.grad) for p in wrapped.parameters()]
@@ -223,3 +225,18 @@ def run_both(rank: int, world: int, strategy: str) -> dict[str, Any]:
     without = train(rank, world, strategy, with_probes=False)
     with_probes["backbone_without_probes"] = without["backbone"]
     return with_probes
+
+
+def run_all(rank: int, world: int, strategies: tuple[str, ...]) -> dict[str, Any]:
+    """`run_both` for every strategy in one spawn (imports and process start dominate on 2 cores).
+
+    A failing strategy is reported as its traceback and the next one still runs: every check above fails on all
+    ranks together (they compare gathered or identical data), so a failure never leaves a rank in a collective.
+    """
+    out: dict[str, Any] = {}
+    for strategy in strategies:
+        try:
+            out[strategy] = ("ok", run_both(rank, world, strategy))
+        except Exception:  # noqa: BLE001 - reported per strategy to the test of that strategy
+            out[strategy] = ("error", traceback.format_exc())
+    return out

@@ -1,6 +1,6 @@
 """`ProbeSet` beside a backbone wrapped in DDP, FSDP1, FSDP2 (fully_shard) or a DeepSpeed engine (ZeRO 1/2/3).
 
-Each strategy is one spawn of 2 gloo ranks running the same training with probes and without. On the ranks:
+All strategies share one spawn of 2 gloo ranks; each runs the same training with probes and without. On the ranks:
 probe replicas are bitwise identical after build and after every step although every rank initialised them
 differently; the probe step leaves the backbone's gradients untouched; probes saved mid-run (mid accumulation window)
 and loaded into a freshly built set finish bitwise equal to the uninterrupted ones. Here: the probes equal a
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.dist import run_distributed
-from loop_harness import STRATEGIES, initial_weights, probe_specs
+from loop_harness import STRATEGIES, initial_weights, probe_specs, run_all
 
 from distprobe.loop import ProbeSet
+from helpers.dist import run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -36,13 +36,27 @@ def single_process_reference(seen_per_rank: list[list[dict[str, torch.Tensor]]],
     return reference, reference.compute_metrics()
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_probe_set_beside_wrapped_backbone(strategy):
-    if strategy.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    from loop_harness import run_both
+@pytest.fixture(scope="module")
+def runs():
+    """Every strategy's run, from one spawn of 2 ranks (shared by the parametrized tests below)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        strategies = tuple(s for s in STRATEGIES if not s.startswith("zero"))
+    else:
+        strategies = STRATEGIES
+    return run_distributed(run_all, 2, strategies, timeout=200)
 
-    results = run_distributed(run_both, 2, strategy)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_probe_set_beside_wrapped_backbone(runs, strategy):
+    if strategy not in runs[0]:
+        pytest.skip("deepspeed is not installed")
+    for status, value in (rank_runs[strategy] for rank_runs in runs):
+        if status == "error":
+            pytest.fail(f"{strategy} failed on a rank:\n{value}")
+    results = [rank_runs[strategy][1] for rank_runs in runs]
 
     for rank, result in enumerate(results):
         for a, b in zip(result["backbone"], result["backbone_without_probes"], strict=True):
