@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric, MetricCollection
 
+from distprobe.metrics.sync_free import to_sync_free
+
 STAGES = ("train", "val")
 #: Prefix of each stage's logged names; eval metrics are logged as ``eval/{name}_*`` as the reference API says.
 LOG_PREFIX = {"train": "train", "val": "eval"}
@@ -53,8 +55,11 @@ def _as_metric_dict(spec: Any, probe_name: str) -> dict[str, Metric]:
 
 def split_by_stage(spec: Any, probe_name: str) -> dict[str, dict[str, Metric]]:
     """Per-stage metric dicts; without a ``{"train", "val"}`` split, each stage gets its own copy."""
-    if isinstance(spec, Mapping) and spec and set(spec) <= set(STAGES) and not any(
-        isinstance(v, Metric) for v in spec.values()
+    if (
+        isinstance(spec, Mapping)
+        and spec
+        and set(spec) <= set(STAGES)
+        and not any(isinstance(v, Metric) for v in spec.values())
     ):
         return {stage: _as_metric_dict(spec.get(stage), probe_name) for stage in STAGES}
     base = _as_metric_dict(spec, probe_name)
@@ -67,10 +72,16 @@ class ProbeMetrics:
 
     ``metrics["train"]`` and ``metrics["val"]`` (or ``.train`` / ``.val``) are torchmetrics ``MetricCollection``s
     whose keys carry the logged prefixes ``train/{name}_`` and ``eval/{name}_``.
+
+    Multiclass stat-score metrics (accuracy, top-k, precision, recall, F-scores) are swapped for their sync-free
+    equivalents (`distprobe.metrics.sync_free`): same names, same values, no host sync in ``update``.
     """
 
     def __init__(self, spec: Any, probe_name: str) -> None:
-        by_stage = split_by_stage(spec, probe_name)
+        by_stage: dict[str, dict[str, Metric | MetricCollection]] = {
+            stage: {key: to_sync_free(metric) for key, metric in metrics.items()}
+            for stage, metrics in split_by_stage(spec, probe_name).items()
+        }
         self.train = MetricCollection(by_stage["train"], prefix=f"train/{probe_name}_", compute_groups=False)
         self.val = MetricCollection(by_stage["val"], prefix=f"eval/{probe_name}_", compute_groups=False)
 
