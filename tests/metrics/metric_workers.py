@@ -117,6 +117,33 @@ def exact_eval_rank(rank: int, world: int, cases: list[tuple[int, int, int, int]
     return out
 
 
+def five_samples_rank(rank: int, world: int) -> dict[str, float]:
+    """5 samples, 2 ranks, batch 2, every prediction is class 0: the true accuracy is 0.2."""
+    preds = torch.nn.functional.one_hot(torch.zeros(5, dtype=torch.long), 5).float()
+    targets = torch.arange(5)
+    sampler = DistributedSampler(range(5), num_replicas=world, rank=rank, shuffle=False)
+    loader = DataLoader(TensorDataset(preds, targets), batch_size=2, sampler=sampler)
+    exact = ProbeMetrics({"acc": MulticlassAccuracy(5, average="micro")}, "lin")
+    naive = MulticlassAccuracy(5, average="micro")
+    for batch_idx, (x, y) in enumerate(loader):
+        num_valid = valid_in_loader_batch(loader, batch_idx, len(y))
+        exact.val.update(x[:num_valid], y[:num_valid])
+        naive.update(x, y)
+    values = compute_synced([exact.val], dist.group.WORLD)[0]
+    return {"exact": values["eval/lin_acc"].item(), "naive": naive.compute().item()}
+
+
+def all_checks_rank(
+    rank: int, world: int, cases: list[tuple[int, int, int, int]], idle_case: tuple[int, int]
+) -> dict[str, Any]:
+    """Every check of one world size in one spawn: starting ranks costs more than the checks."""
+    return {
+        "cases": exact_eval_rank(rank, world, cases),
+        "idle": idle_rank_eval(rank, world, *idle_case),
+        "five": five_samples_rank(rank, world) if world == 2 else None,
+    }
+
+
 def idle_rank_eval(rank: int, world: int, seed: int, n: int) -> dict[str, Any]:
     """The last rank gets no batch at all (a custom split); the others share every sample exactly once."""
     preds, targets = make_case(seed, n)
