@@ -14,6 +14,8 @@ from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.trainable import TrainableCallback
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
 from distprobe.engine.factories import build_module
+from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
+from distprobe.metrics.flat_sync import compute_synced
 
 
 class OnlineProbe(TrainableCallback):
@@ -78,6 +80,7 @@ class OnlineProbe(TrainableCallback):
         self.loss_fn = loss_fn if loss_fn is not None else loss
         self.metrics_spec = metrics
         self._checked_first_batch = False
+        self._eval_values: dict[str, torch.Tensor] | None = None
         super().__init__(
             module,
             name,
@@ -150,13 +153,36 @@ class OnlineProbe(TrainableCallback):
         dataloader_idx: int = 0,
     ) -> None:
         features, targets = self._features_and_targets(outputs, batch)
-        preds = self.probe.eval_step(features, targets)
+        # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
+        loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
+        num_valid = valid_in_loader_batch(loader, batch_idx, targets.shape[0])
+        preds = self.probe.eval_step(features, targets, num_valid=num_valid)
         if isinstance(batch, MutableMapping):
             batch[f"{self.name}_preds"] = preds
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        values = self.probe.compute_eval_metrics()
+        if self._eval_values is None:
+            _compute_eval_metrics_of_all_probes(trainer)
+        values, self._eval_values = self._eval_values or {}, None
         if values and not trainer.sanity_checking:
             # Already reduced over the data-parallel group: Lightning must not reduce again.
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+
+
+def _compute_eval_metrics_of_all_probes(trainer: pl.Trainer) -> None:
+    """Compute and reset the eval metrics of every OnlineProbe of ``trainer`` with one flat sync per group.
+
+    The first OnlineProbe to reach ``on_validation_epoch_end`` calls it; the others find their values waiting.
+    Every rank holds the same callbacks in the same order, so the collectives line up.
+    """
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+    probes = [cb for cb in callbacks if isinstance(cb, OnlineProbe) and cb._probe is not None]
+    by_group: dict[int, list[OnlineProbe]] = {}
+    for callback in probes:
+        by_group.setdefault(id(callback.probe.dp_group), []).append(callback)
+    for members in by_group.values():
+        collections = [callback.probe.metrics.val for callback in members]
+        for callback, values in zip(members, compute_synced(collections, members[0].probe.dp_group)):
+            callback._eval_values = values
+            callback.probe.metrics.val.reset()
