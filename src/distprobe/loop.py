@@ -26,6 +26,7 @@ import torch.distributed as dist
 from distprobe.engine import Probe, ProbeConfig
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
 from distprobe.engine.replicate import default_group
+from distprobe.metrics.flat_sync import compute_synced
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +253,18 @@ class ProbeSet:
         }
 
     def compute_metrics(self) -> dict[str, torch.Tensor]:
-        """Eval metrics of every probe, reduced over the data-parallel group (a collective), then reset.
+        """Eval metrics of every probe, reduced over the data-parallel group, then reset for the next evaluation.
 
-        Keys are the logged names, such as ``eval/linear_top1``.
+        One flat sync for all probes' metric states (the same path as the Lightning callback), not one collective
+        per metric state; every rank must call it. Keys are the logged names, such as ``eval/linear_top1``.
         """
+        with_metrics = [probe for probe in self if len(probe.metrics.val)]
         values: dict[str, torch.Tensor] = {}
-        for probe in self:
-            values.update(probe.compute_eval_metrics())
+        for probe, probe_values in zip(
+            with_metrics, compute_synced([p.metrics.val for p in with_metrics], self.dp_group), strict=True
+        ):
+            values.update(probe_values)
+            probe.metrics.val.reset()
         return values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
