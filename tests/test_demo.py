@@ -25,8 +25,19 @@ def test_demo_trains_and_the_linear_probe_beats_chance(tmp_path):
 @pytest.mark.distributed
 def test_demo_cli_with_two_ddp_processes(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "distprobe", "demo", "--devices", "2", "--epochs", "3", "--no-progress-bar",
-         "--out-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "distprobe",
+            "demo",
+            "--devices",
+            "2",
+            "--epochs",
+            "3",
+            "--no-progress-bar",
+            "--out-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

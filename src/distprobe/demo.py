@@ -123,7 +123,9 @@ class SimCLR(pl.LightningModule):
     @override
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         images = batch["image"]
-        loss = self.info_nce(self.projector(self.backbone(augment(images))), self.projector(self.backbone(augment(images))))
+        loss = self.info_nce(
+            self.projector(self.backbone(augment(images))), self.projector(self.backbone(augment(images)))
+        )
         self.log("train/ssl_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         # The probes train on the clean image's embedding; OnlineProbe detaches it.
         return {"loss": loss, "embedding": self.backbone(images)}

@@ -3,10 +3,10 @@
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 from torch import nn
 
 from distprobe.callbacks import OnlineProbe
-from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 
 
 def make_probe(name, seed, **kwargs):

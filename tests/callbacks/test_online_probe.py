@@ -6,11 +6,11 @@ import pytest
 import torch
 import torchmetrics
 from omegaconf import OmegaConf
+from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 from torch import nn
 
 from distprobe.callbacks import OnlineProbe
 from distprobe.engine import LARS
-from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 
 
 def acc():
@@ -52,7 +52,9 @@ def test_storage_and_logging_follow_the_reference_api():
     assert seen_preds and all(p is not None and p.shape[-1] == NUM_CLASSES for p in seen_preds)
     # The probe never becomes a parameter of the LightningModule.
     assert all(not k.startswith("callbacks") for k in module.state_dict())
-    assert {id(p) for p in module.parameters()}.isdisjoint(id(p) for p in module.callbacks_modules["linear"].parameters())
+    assert {id(p) for p in module.parameters()}.isdisjoint(
+        id(p) for p in module.callbacks_modules["linear"].parameters()
+    )
 
 
 def test_probe_learns_a_separable_task_and_the_backbone_is_untouched():
@@ -72,8 +74,11 @@ def test_probe_learns_a_separable_task_and_the_backbone_is_untouched():
     module = Backbone(lr=0.0)  # frozen backbone: any change of its weights would come from the probe
     before = {k: v.clone() for k, v in module.state_dict().items()}
     t, _ = fit(
-        [GradSpy("before"), probe(module, optimizer={"type": "AdamW", "lr": 0.05}, metrics={"top1": acc()}),
-         GradSpy("after")],
+        [
+            GradSpy("before"),
+            probe(module, optimizer={"type": "AdamW", "lr": 0.05}, metrics={"top1": acc()}),
+            GradSpy("after"),
+        ],
         module=module,
         max_epochs=8,
     )
@@ -173,12 +178,17 @@ def test_scheduler_instance():
         (None, set(), set()),
         (acc(), {"train/linear_MulticlassAccuracy"}, {"eval/linear_MulticlassAccuracy"}),
         ({"top1": acc()}, {"train/linear_top1"}, {"eval/linear_top1"}),
-        ([acc(), torchmetrics.classification.MulticlassF1Score(NUM_CLASSES)],
-         {"train/linear_MulticlassAccuracy", "train/linear_MulticlassF1Score"},
-         {"eval/linear_MulticlassAccuracy", "eval/linear_MulticlassF1Score"}),
+        (
+            [acc(), torchmetrics.classification.MulticlassF1Score(NUM_CLASSES)],
+            {"train/linear_MulticlassAccuracy", "train/linear_MulticlassF1Score"},
+            {"eval/linear_MulticlassAccuracy", "eval/linear_MulticlassF1Score"},
+        ),
         ((acc(),), {"train/linear_MulticlassAccuracy"}, {"eval/linear_MulticlassAccuracy"}),
-        ({"train": {"top1": acc()}, "val": {"f1": torchmetrics.classification.MulticlassF1Score(NUM_CLASSES)}},
-         {"train/linear_top1"}, {"eval/linear_f1"}),
+        (
+            {"train": {"top1": acc()}, "val": {"f1": torchmetrics.classification.MulticlassF1Score(NUM_CLASSES)}},
+            {"train/linear_top1"},
+            {"eval/linear_f1"},
+        ),
     ],
     ids=["none", "single", "dict", "list", "tuple", "split"],
 )
@@ -232,7 +242,9 @@ def test_validation_runs_the_probe_in_eval_mode():
 
 
 def test_missing_input_key_lists_available_keys():
-    with pytest.raises(ValueError, match=r"probe 'linear': input key 'embeding' not found.*available keys: \[.*'embedding'"):
+    with pytest.raises(
+        ValueError, match=r"probe 'linear': input key 'embeding' not found.*available keys: \[.*'embedding'"
+    ):
         fit(lambda m: [probe(m, input="embeding")], max_epochs=1)
 
 

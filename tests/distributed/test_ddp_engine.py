@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.distributed as dist
+from tests.helpers.dist import DistributedTestError, run_distributed
 from torch import nn
 
 from distprobe.engine import Probe, ProbeConfig
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
-from tests.helpers.dist import DistributedTestError, run_distributed
 
 pytestmark = pytest.mark.distributed
 

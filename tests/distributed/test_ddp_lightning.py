@@ -6,12 +6,12 @@ import torch
 import torch.distributed as dist
 import torchmetrics
 from lightning.pytorch.strategies import DDPStrategy
+from tests.helpers.dist import run_distributed
+from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, SeparableData, trainer
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distprobe.callbacks import OnlineProbe
-from tests.helpers.dist import run_distributed
-from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, SeparableData, trainer
 
 pytestmark = pytest.mark.distributed
 
@@ -69,7 +69,9 @@ def _fit_ddp(rank, world):
         "identical": check.identical,
         "probe_in_main_wrapper": any(id(p) in main_params for p in probe_params),
         "probe_in_main_optimizer": any(
-            id(p) in {id(q) for g in opt.param_groups for q in g["params"]} for opt in t.optimizers for p in probe_params
+            id(p) in {id(q) for g in opt.param_groups for q in g["params"]}
+            for opt in t.optimizers
+            for p in probe_params
         ),
         "replica_type": type(cb.probe.replica).__name__,
     }

@@ -35,8 +35,9 @@ def test_accumulating_four_micro_batches_equals_one_big_batch():
 def test_clipping_bounds_the_update(algorithm):
     x, y = data()
     x = x * 1000  # huge gradients
-    probe = make(optimizer={"type": "SGD", "lr": 1.0, "momentum": 0.0}, gradient_clip_val=0.01,
-                 gradient_clip_algorithm=algorithm)
+    probe = make(
+        optimizer={"type": "SGD", "lr": 1.0, "momentum": 0.0}, gradient_clip_val=0.01, gradient_clip_algorithm=algorithm
+    )
     before = [p.detach().clone() for p in probe.module.parameters()]
     probe.train_step(x, y)
     deltas = [(p.detach() - b) for p, b in zip(probe.module.parameters(), before)]
@@ -131,7 +132,10 @@ def test_state_dict_round_trip_mid_window_reproduces_the_run():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"gradient_clip_algorithm": "l2"}, r"probe 'p': argument 'gradient_clip_algorithm' got 'l2'.*\['norm', 'value'\]"),
+        (
+            {"gradient_clip_algorithm": "l2"},
+            r"probe 'p': argument 'gradient_clip_algorithm' got 'l2'.*\['norm', 'value'\]",
+        ),
         ({"accumulate_grad_batches": 0}, r"probe 'p': argument 'accumulate_grad_batches' got 0"),
         ({"accumulate_grad_batches": -2}, r"argument 'accumulate_grad_batches' got -2"),
         ({"gradient_clip_val": -1.0}, r"argument 'gradient_clip_val' got -1.0"),

@@ -90,7 +90,9 @@ def test_scheduler_forms():
     opt = torch.optim.SGD(params(), lr=0.1)
     assert build_scheduler({"type": "StepLR", "step_size": 3}, opt, total_steps=9, probe_name="p").step_size == 3
     assert isinstance(
-        build_scheduler(functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2), opt, total_steps=9, probe_name="p"),
+        build_scheduler(
+            functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2), opt, total_steps=9, probe_name="p"
+        ),
         torch.optim.lr_scheduler.StepLR,
     )
     inst = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)

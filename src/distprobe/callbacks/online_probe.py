@@ -104,17 +104,15 @@ class OnlineProbe(TrainableCallback):
         """Look up the probe's tensors; on the first batch, check them collectively across ranks."""
         if self._checked_first_batch:
             return self._features_and_targets(outputs, batch)
-        problem = None
-        features = targets = None
         try:
             features, targets = self._features_and_targets(outputs, batch)
         except MissingKeyError as err:
-            problem = str(err)
-        if problem is None:
-            problem = first_batch_problem(self.probe, features, targets, input_key=self.input)
-        raise_if_any_rank_failed(problem, self.probe.dp_group)
+            raise_if_any_rank_failed(str(err), self.probe.dp_group)
+            raise AssertionError("unreachable: the call above raises") from err
+        raise_if_any_rank_failed(
+            first_batch_problem(self.probe, features, targets, input_key=self.input), self.probe.dp_group
+        )
         self._checked_first_batch = True
-        assert features is not None and targets is not None
         return features, targets
 
     @override

@@ -161,7 +161,7 @@ def _check_owns_probe_params(optimizer: Optimizer, params: list[nn.Parameter], p
 def _scheduler_defaults(name: str, optimizer: Optimizer, total_steps: int | None) -> dict[str, Any]:
     steps = max(1, total_steps or 1000)
     lr = optimizer.param_groups[0]["lr"]
-    return {
+    defaults: dict[str, dict[str, Any]] = {
         "CosineAnnealingLR": {"T_max": steps},
         "StepLR": {"step_size": max(1, steps // 3)},
         "MultiStepLR": {"milestones": [steps // 2, (3 * steps) // 4]},
@@ -172,12 +172,11 @@ def _scheduler_defaults(name: str, optimizer: Optimizer, total_steps: int | None
         "PolynomialLR": {"total_iters": steps},
         "LinearLR": {"total_iters": steps},
         "ConstantLR": {"factor": 1.0},
-    }.get(name, {})
+    }
+    return defaults.get(name, {})
 
 
-def build_scheduler(
-    spec: Any, optimizer: Optimizer, *, total_steps: int | None, probe_name: str
-) -> LRScheduler:
+def build_scheduler(spec: Any, optimizer: Optimizer, *, total_steps: int | None, probe_name: str) -> LRScheduler:
     """Resolve the ``scheduler`` argument; string names take their lengths from ``total_steps``."""
     if spec is None:
         spec = {"type": "ConstantLR", "factor": 1.0}

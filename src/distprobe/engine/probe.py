@@ -186,12 +186,14 @@ class Probe:
         # `step` unless `capturable=True`) still advances on a skipped step.
         device = p.device
         return {
-            k: v for k, v in self.optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor) and v.device == device
+            k: v
+            for k, v in self.optimizer.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor) and v.device == device
         }
 
     def _snapshot(self) -> dict[tuple[int, str | None], torch.Tensor]:
         """Copies of the parameters and optimizer-state tensors, to undo a skipped step on the device."""
-        saved = {}
+        saved: dict[tuple[int, str | None], torch.Tensor] = {}
         for p in self._params():
             saved[(id(p), None)] = p.detach().clone()
             for key, value in self._state_tensors(p).items():
