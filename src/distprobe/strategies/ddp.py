@@ -1,0 +1,60 @@
+"""`ProbeDDPStrategy`: Lightning's DDP, with probes left out of the DDP wrapper and the main optimizer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from distprobe.strategies.exclusion import drop_from_optimizers, probe_parameters, probe_state_names
+
+
+def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
+    """Put the probes' parameters and buffers on ``module``'s DDP ignore list; return the names added.
+
+    DDP would otherwise all-reduce gradients the probe never produces in the main backward (an error with
+    ``find_unused_parameters=True``) and broadcast the probe's buffers from rank 0 on every forward.
+    """
+    names = probe_state_names(module)
+    if names:
+        already = list(getattr(module, "_ddp_params_and_buffers_to_ignore", []))
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, already + names)
+    return names
+
+
+def world_group() -> dist.ProcessGroup | None:
+    """The world group once torch.distributed is initialised, else None."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+class ProbeDDPStrategy(DDPStrategy):
+    """`DDPStrategy` that keeps parameters under ``pl_module.callbacks_modules`` out of DDP and the main optimizer.
+
+    Registered as ``"distprobe_ddp"`` (and ``"distprobe_ddp_spawn"``). Every rank is a data-parallel rank, so
+    ``probe_process_group`` is the world group.
+
+    Example:
+        >>> import distprobe.strategies  # registers the names
+        >>> trainer = pl.Trainer(strategy="distprobe_ddp", accelerator="cpu", devices=2)  # doctest: +SKIP
+    """
+
+    @property
+    def probe_process_group(self) -> dist.ProcessGroup | None:
+        """The group probes replicate over: the world group."""
+        return world_group()
+
+    @override
+    def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
+        ignore_probes_in_ddp(model)
+        return super()._setup_model(model)
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)
+        assert self.lightning_module is not None
+        drop_from_optimizers(self.optimizers, probe_parameters(self.lightning_module))
