@@ -72,8 +72,11 @@ class Backbone(pl.LightningModule):
         # A user registering probes on the module themselves: the case the strategies must neutralise.
         self.callbacks_modules = nn.ModuleDict()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        emb = self.encoder(batch["x"])
+        emb = self(batch["x"])
         local = emb.full_tensor() if hasattr(emb, "full_tensor") else emb
         target = batch["x"].sum(-1, keepdim=True)
         loss = (local.float() - target).pow(2).mean()
@@ -159,6 +162,11 @@ def _sharding_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, callback
     ignored = getattr(trainer.strategy.model, "parameters_to_ignore", None)
     if ignored is not None:
         facts["ddp_ignores"] = sorted(ignored)
+    flat = getattr(trainer.strategy.model, "_flat_param", None)  # FSDP1's root flat parameter
+    if flat is not None:
+        facts["flat_local_numel"] = flat.numel()
+        facts["flat_full_numel"] = flat._unpadded_unsharded_size.numel()
+        facts["flat_fqns"] = list(flat._fqns)
     if hasattr(trainer.strategy, "deepspeed_engine"):
         facts["zero_stage"] = trainer.strategy.deepspeed_engine.zero_optimization_stage()
     return facts
