@@ -24,8 +24,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks launch
 	$(BIN)/mypy
 
+# pytest exits 5 when it collects nothing: that must fail, not pass as "no failures".
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) lightning_logs distprobe_runs .pytest_cache .mypy_cache .ruff_cache
