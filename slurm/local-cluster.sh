@@ -103,6 +103,8 @@ SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+# The main scheduler otherwise runs every 60 s: a requeued job would wait that long after cred_expire.
+SchedulerParameters=sched_interval=2,bf_interval=2
 # Short waits keep requeue and cancel fast on a test machine.
 KillWait=10
 MinJobAge=600
