@@ -139,3 +139,27 @@ def train(steps: int = 40, step_delay_s: float = 0.0, batch_size: int = 4) -> di
     if folder and trainer.is_global_zero:
         (Path(folder) / "smoke-result.json").write_text(json.dumps(result))
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m distprobe.launch.smoke environment|train [NAME=VALUE ...]``: run one entry point, print JSON.
+
+    For the sbatch templates, which start programs rather than functions.
+    """
+    import sys
+
+    from distprobe.launch.cli import function_arguments
+
+    words = sys.argv[1:] if argv is None else argv
+    entry_points = {"environment": environment, "train": train}
+    if not words or words[0] not in entry_points:
+        sys.stderr.write(f"usage: python -m distprobe.launch.smoke {{{','.join(entry_points)}}} [NAME=VALUE ...]\n")
+        return 2
+    positional, keywords = function_arguments(words[1:])
+    result = entry_points[words[0]](*positional, **keywords)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
