@@ -4,9 +4,11 @@ The main CLI adds the sub-command with `add_submit_arguments(parser)` and runs i
 ``python -m distprobe.launch`` runs the same thing on its own. The cluster options are derived from the fields of
 `ClusterConfig` (name, type, help), so a new field is a new option with no change here.
 
-    python -m distprobe.launch distprobe.launch.smoke:train --cluster local --tasks-per-node 2 --wait
-    python -m distprobe.launch train.py --nodes 2 --tasks-per-node 8 --gpus-per-node 8 -- --lr 0.1
-    python -m distprobe.launch train.py --render-sbatch requeue --partition gpu > job.sbatch
+    python -m distprobe.launch --cluster local --tasks-per-node 2 --wait distprobe.launch.smoke:train steps=40
+    python -m distprobe.launch --nodes 2 --tasks-per-node 8 --gpus-per-node 8 train.py --lr 0.1
+    python -m distprobe.launch --render-sbatch requeue --partition gpu train.py > job.sbatch
+
+Options go before the entry point; everything after it belongs to the entry point (as with srun and torchrun).
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "entry_args",
-        nargs="*",
+        nargs=argparse.REMAINDER,
         metavar="ARG",
-        help="arguments for the entry point (after '--' when they start with '-'): a script's command line; for a "
+        help="everything after the entry point is its own (options for distprobe go before it, as with srun or "
+        "torchrun): a script's command line; for a "
         "function, NAME=VALUE for a keyword and VALUE for a positional argument, VALUE read as a Python literal "
         "when it is one (steps=40 gives the int 40) and as a string otherwise",
     )
