@@ -39,6 +39,21 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
     )
 
 
+def broadcast_from_global_rank0(module: nn.Module) -> None:
+    """Copy global rank 0's parameters and buffers to every rank of the world (no-op outside torch.distributed).
+
+    `replicate_probe` makes the replicas of one data-parallel group equal. Under tensor parallelism the ranks of one
+    tensor-parallel group sit in different data-parallel groups and see the same batches, so they must also start
+    from the same probe: this broadcast, issued before replication, gives every group rank 0's probe.
+    Every rank of the world must call it at the same point (it is a collective).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
 def unshare_storage(module: nn.Module) -> None:
     """Give every parameter its own storage, keeping the Parameter objects.
 
