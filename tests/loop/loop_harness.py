@@ -27,7 +27,8 @@ STEPS = 6
 RESUME_AT = 3  # mid-window for the probe with accumulate_grad_batches=2
 EVAL_SIZE = 7  # odd: the last rank's eval batch is padded, num_valid drops the repeat
 
-STRATEGIES = ("ddp", "fsdp1", "fsdp2", "zero1", "zero2", "zero3")
+STRATEGIES = ("ddp", "fsdp1", "fsdp2", "fsdp2_tp", "zero1", "zero2", "zero3")
+"""``fsdp2_tp``: a 1 DP x 2 TP mesh, tensor-parallel encoder (DTensor features) and ``fully_shard`` over DP."""
 
 
 class Backbone(nn.Module):
@@ -87,6 +88,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (to_local() if callable(to_local) else t).detach().clone()
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(t, "full_tensor", None)
+    return (full_tensor() if callable(full_tensor) else t).detach().clone()
+
+
 def _flat_probe(probes: ProbeSet) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for probe in probes for p in probe.module.parameters()])
 
@@ -99,8 +105,21 @@ def assert_replicas_equal(probes: ProbeSet, where: str) -> None:
         assert torch.equal(other, gathered[0]), f"probe replicas differ between rank 0 and rank {rank} {where}"
 
 
-def wrap(strategy: str, model: nn.Module, lr: float) -> tuple[Any, Any]:
-    """Return (wrapped model, optimizer or None for a DeepSpeed engine that owns its optimizer)."""
+def wrap(strategy: str, model: nn.Module, lr: float) -> tuple[Any, Any, dist.ProcessGroup | None]:
+    """Return (wrapped model, optimizer or None for a DeepSpeed engine, the probes' data-parallel group or None)."""
+    if strategy == "fsdp2_tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        tp = mesh["tensor_parallel"]
+        # The embedding leaves the encoder as a replicated DTensor; the projector gathers its output to a plain tensor.
+        parallelize_module(model.encoder, tp, {"0": ColwiseParallel(), "2": RowwiseParallel(use_local_output=False)})
+        parallelize_module(model, tp, {"projector": ColwiseParallel(output_layouts=Replicate())})
+        fully_shard(model, mesh=mesh["data_parallel"])
+        return model, torch.optim.SGD(model.parameters(), lr=lr), mesh["data_parallel"].get_group()
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -132,10 +151,10 @@ def wrap(strategy: str, model: nn.Module, lr: float) -> tuple[Any, Any]:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         if strategy == "zero3":
             assert all(p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters() if p.ds_numel > 1)
-        return engine, None
+        return engine, None, None
     else:
         raise ValueError(strategy)
-    return wrapped, torch.optim.SGD(wrapped.parameters(), lr=lr)
+    return wrapped, torch.optim.SGD(wrapped.parameters(), lr=lr), None
 
 
 def _backbone_local_state(model: Any) -> list[torch.Tensor]:
@@ -149,19 +168,21 @@ def _backbone_local_state(model: Any) -> list[torch.Tensor]:
 def train(rank: int, world: int, strategy: str, with_probes: bool) -> dict[str, Any]:
     torch.manual_seed(0)  # the same backbone on every rank, as any data-parallel job starts
     model = Backbone()
-    wrapped, optimizer = wrap(strategy, model, lr=0.05)
+    wrapped, optimizer, dp_group = wrap(strategy, model, lr=0.05)
     is_engine = optimizer is None
+    # Ranks of one tensor-parallel group share a data-parallel rank: they see the same batches and views.
+    dp_rank, dp_world = (rank, world) if dp_group is None else (dist.get_rank(dp_group), dist.get_world_size(dp_group))
     x_all, y_all = dataset(STEPS * world * BATCH, seed=1)
-    noise = torch.Generator().manual_seed(100 + rank)
+    noise = torch.Generator().manual_seed(100 + dp_rank)
 
     probes = resumed = None
     if with_probes:
-        probes = ProbeSet.build(probe_specs(seed=10 + rank), total_steps=STEPS)
+        probes = ProbeSet.build(probe_specs(seed=10 + rank), dp_group=dp_group, total_steps=STEPS)
         assert_replicas_equal(probes, "after build")
 
     seen: list[dict[str, torch.Tensor]] = []
     for step in range(STEPS):
-        start = (step * world + rank) * BATCH
+        start = (step * dp_world + dp_rank) * BATCH
         x, y = x_all[start : start + BATCH], y_all[start : start + BATCH]
         x1 = x + 0.1 * torch.randn(x.shape, generator=noise)
         x2 = x + 0.1 * torch.randn(x.shape, generator=noise)
@@ -186,31 +207,32 @@ def train(rank: int, world: int, strategy: str, with_probes: bool) -> dict[str, 
             for before, after in zip(grads_before, grads_after, strict=True):
                 assert (before is None and after is None) or torch.equal(before, after), "probe touched backbone"
             assert_replicas_equal(probes, f"after step {step}")
-            seen.append({"embedding": h1.detach().clone(), "projection": z1.detach().clone(), "label": y.clone()})
+            seen.append({"embedding": _full(h1), "projection": _full(z1), "label": y.clone()})
             if step + 1 == RESUME_AT:
                 buffer = io.BytesIO()
                 torch.save(probes.state_dict(), buffer)
                 buffer.seek(0)
-                resumed = ProbeSet.build(probe_specs(seed=1000 + rank), total_steps=STEPS)
+                resumed = ProbeSet.build(probe_specs(seed=1000 + rank), dp_group=dp_group, total_steps=STEPS)
                 resumed.load_state_dict(torch.load(buffer, weights_only=False))
         if is_engine:
             wrapped.step()
         else:
             optimizer.step()
 
-    result: dict[str, Any] = {"backbone": _backbone_local_state(wrapped)}
+    result: dict[str, Any] = {"backbone": _backbone_local_state(wrapped), "dp_rank": dp_rank}
     if probes is not None:
         assert resumed is not None
         for name in probes.names:
             for a, b in zip(probes[name].module.parameters(), resumed[name].module.parameters(), strict=True):
                 assert torch.equal(a, b), f"probe '{name}': resumed run differs from the uninterrupted one"
-        # Eval: rank r takes samples r, r + world, ...; the last rank's batch is padded with a repeat of sample 0.
+        # Eval: data-parallel rank r takes samples r, r + dp_world, ...; the last one pads with a repeat of sample 0.
         x_eval, y_eval = dataset(EVAL_SIZE, seed=2)
         with torch.no_grad():
-            idx = list(range(rank, EVAL_SIZE, world))
+            idx = list(range(dp_rank, EVAL_SIZE, dp_world))
             num_valid = len(idx)
-            idx += [0] * (-(-EVAL_SIZE // world) - num_valid)
+            idx += [0] * (-(-EVAL_SIZE // dp_world) - num_valid)
             h, z = wrapped(x_eval[idx])
+            h, z = _full(h), _full(z)
         probes.evaluate({"embedding": h, "projection": z}, {"label": y_eval[idx]}, num_valid=num_valid)
         result["eval"] = {k: v.clone() for k, v in probes.compute_metrics().items()}
         result["eval_inputs"] = {"embedding": h[:num_valid].clone(), "label": y_eval[idx][:num_valid]}

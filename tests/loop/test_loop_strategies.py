@@ -62,7 +62,11 @@ def test_probe_set_beside_wrapped_backbone(runs, strategy):
         for a, b in zip(result["backbone"], result["backbone_without_probes"], strict=True):
             assert torch.equal(a, b), f"{strategy}: rank {rank}'s backbone trained differently with probes beside it"
 
-    reference, ref_metrics = single_process_reference([r["seen"] for r in results], [r["eval_inputs"] for r in results])
+    # One entry per data-parallel rank: ranks of one tensor-parallel group saw the same batches.
+    per_dp_rank = list({r["dp_rank"]: r for r in results}.values())
+    reference, ref_metrics = single_process_reference(
+        [r["seen"] for r in per_dp_rank], [r["eval_inputs"] for r in per_dp_rank]
+    )
     for name in reference.names:
         ref_state = reference[name].module.state_dict()
         for key, value in results[0]["probes"][name].items():
