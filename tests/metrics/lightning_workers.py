@@ -64,11 +64,11 @@ def _metrics(num_classes: int) -> dict[str, Any]:
     }
 
 
-def _probe(name: str, weight: torch.Tensor, metrics: dict[str, Any]) -> OnlineProbe:
+def _probe(name: str, weight: torch.Tensor, metrics: dict[str, Any], cls: type = OnlineProbe) -> OnlineProbe:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    return OnlineProbe(None, name=name, input="embedding", target="label", probe=linear, metrics=metrics)
+    return cls(None, name=name, input="embedding", target="label", probe=linear, metrics=metrics)
 
 
 def validate_case(

@@ -159,23 +159,39 @@ class OnlineProbe(TrainableCallback):
             batch[f"{self.name}_preds"] = preds
 
     @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_values = None  # not computed yet this epoch
+
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._eval_values is None:
-            _compute_eval_metrics_of_all_probes(trainer)
-        values, self._eval_values = self._eval_values or {}, None
+            _compute_eval_metrics_of_all_probes(trainer, self)
+        values = self._eval_values or {}
         if values and not trainer.sanity_checking:
             # Already reduced over the data-parallel group: Lightning must not reduce again.
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
 
-def _compute_eval_metrics_of_all_probes(trainer: pl.Trainer) -> None:
+def _compute_eval_metrics_of_all_probes(trainer: pl.Trainer, caller: OnlineProbe) -> None:
     """Compute and reset the eval metrics of every OnlineProbe of ``trainer`` with one flat sync per group.
 
-    The first OnlineProbe to reach ``on_validation_epoch_end`` calls it; the others find their values waiting.
+    The first OnlineProbe to reach ``on_validation_epoch_end`` calls it; the others find their values waiting
+    (``_eval_values``, cleared at each ``on_validation_epoch_start``).
     Every rank holds the same callbacks in the same order, so the collectives line up.
     """
     callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
-    probes = [cb for cb in callbacks if isinstance(cb, OnlineProbe) and cb._probe is not None]
+    # A subclass with its own epoch-end hook may not call this one: leave its states alone unless it is the caller.
+    shares = OnlineProbe.on_validation_epoch_end
+    probes = [
+        cb
+        for cb in callbacks
+        if isinstance(cb, OnlineProbe)
+        and cb._probe is not None
+        and cb._eval_values is None
+        and type(cb).on_validation_epoch_end is shares
+    ]
+    if caller not in probes:
+        probes.append(caller)
     by_group: dict[int, list[OnlineProbe]] = {}
     for callback in probes:
         by_group.setdefault(id(callback.probe.dp_group), []).append(callback)
