@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from distprobe.metrics import ProbeMetrics, compute_synced, valid_in_loader_batch
@@ -141,7 +141,36 @@ def all_checks_rank(
         "cases": exact_eval_rank(rank, world, cases),
         "idle": idle_rank_eval(rank, world, *idle_case),
         "five": five_samples_rank(rank, world) if world == 2 else None,
+        "fallback": fallback_rank_eval(rank, world) if world == 2 else None,
     }
+
+
+class StackedMax(Metric):
+    """A state without a standard reduction (``dist_reduce_fx=None``): left to torchmetrics' own sync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("best", torch.tensor(0.0), dist_reduce_fx=None)
+
+    def update(self, value: torch.Tensor) -> None:
+        self.best = torch.maximum(self.best, value.max())
+
+    def compute(self) -> torch.Tensor:
+        return self.best.max()
+
+
+def fallback_rank_eval(rank: int, world: int) -> dict[str, Any]:
+    """int64 and float32 sums in one all-reduce each; a None-reduction metric synced by torchmetrics after them."""
+    values = torch.arange(5.0) + 10 * rank
+    collection = MetricCollection({"mean": MeanMetric(), "best": StackedMax()})
+    collection["mean"].update(values)
+    collection["best"].update(values)
+    accuracy = ProbeMetrics(metric_spec(auroc=False), "p0").val
+    preds, targets = make_case(rank, 9)
+    accuracy.update(preds, targets)
+    with count_collectives() as counts:
+        flat = compute_synced([collection, accuracy], dist.group.WORLD)
+    return {"values": {**flat[0]}, "counts": dict(counts)}
 
 
 def idle_rank_eval(rank: int, world: int, seed: int, n: int) -> dict[str, Any]:

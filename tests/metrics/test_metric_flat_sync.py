@@ -84,3 +84,14 @@ def test_rank_without_any_batch_does_not_hang_or_change_the_value(world):
     for got in per_rank:
         _assert_same(got["idle"]["values"], expected, f"world={world}")
         assert got["idle"]["counts"] == {"all_reduce": 1, "all_gather": 2}
+
+
+def test_other_dtypes_and_reductions():
+    """float32 sums get their own all-reduce; a metric with dist_reduce_fx=None keeps torchmetrics' own sync."""
+    _, per_rank = _run(2)
+    for got in per_rank:
+        fallback = got["fallback"]
+        assert fallback["values"]["mean"].item() == pytest.approx(7.0)  # mean of 0..4 and 10..14
+        assert fallback["values"]["best"].item() == 14.0
+        # 2 flat all-reduces (int64, float32), then torchmetrics: barrier + gather for the one scalar state.
+        assert fallback["counts"] == {"all_reduce": 2, "barrier": 1, "all_gather": 1}
