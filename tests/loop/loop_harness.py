@@ -105,6 +105,22 @@ def assert_replicas_equal(probes: ProbeSet, where: str) -> None:
         assert torch.equal(other, gathered[0]), f"probe replicas differ between rank 0 and rank {rank} {where}"
 
 
+def assert_probes_not_sharded(probes: ProbeSet, wrapped: Any, optimizer: Any, dp_world: int) -> None:
+    """Full fp32 parameters, outside the backbone's parameters and optimizer, replicated over a group of dp_world."""
+    backbone_params = {id(p) for p in wrapped.parameters()}
+    if optimizer is not None:
+        backbone_params |= {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert dist.get_world_size(probes.dp_group) == dp_world
+    for probe in probes:
+        expected = "DistributedDataParallel" if dp_world > 1 else type(probe.module).__name__
+        assert type(probe.replica).__name__ == expected, f"probe '{probe.name}' replica is {type(probe.replica)}"
+        for p in probe.module.parameters():
+            assert type(p) is nn.Parameter and p.dtype == torch.float32, f"probe '{probe.name}': {type(p)} {p.dtype}"
+            assert id(p) not in backbone_params, f"probe '{probe.name}' is in the backbone's parameters or optimizer"
+        weight = next(probe.module.parameters())
+        assert weight.ndim == 2, f"probe '{probe.name}' weight has shape {tuple(weight.shape)}"
+
+
 def wrap(strategy: str, model: nn.Module, lr: float) -> tuple[Any, Any, dist.ProcessGroup | None]:
     """Return (wrapped model, optimizer or None for a DeepSpeed engine, the probes' data-parallel group or None)."""
     if strategy == "fsdp2_tp":
@@ -179,6 +195,7 @@ def train(rank: int, world: int, strategy: str, with_probes: bool) -> dict[str, 
     if with_probes:
         probes = ProbeSet.build(probe_specs(seed=10 + rank), dp_group=dp_group, total_steps=STEPS)
         assert_replicas_equal(probes, "after build")
+        assert_probes_not_sharded(probes, wrapped, optimizer, dp_world)
 
     seen: list[dict[str, torch.Tensor]] = []
     for step in range(STEPS):
