@@ -1,4 +1,5 @@
-"""`ProbeSet` beside a backbone wrapped in DDP, FSDP1, FSDP2 (fully_shard) or a DeepSpeed engine (ZeRO 1/2/3).
+"""`ProbeSet` beside a backbone wrapped in DDP, FSDP1, FSDP2 (fully_shard), FSDP2 + tensor parallel (1 DP x 2 TP)
+or a DeepSpeed engine (ZeRO 1/2/3).
 
 All strategies share one spawn of 2 gloo ranks; each runs the same training with probes and without. On the ranks:
 probe replicas are bitwise identical after build and after every step although every rank initialised them
