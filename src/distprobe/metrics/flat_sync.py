@@ -69,7 +69,7 @@ def can_flat_sync(metric: Metric) -> bool:
 def _local_cat(value: Any) -> torch.Tensor | None:
     """This rank's cat state as one tensor, None when it holds no data."""
     if isinstance(value, torch.Tensor):
-        return value if value.numel() else None
+        return torch.atleast_1d(value) if value.numel() else None
     parts = [v for v in value if v.numel()]
     return dim_zero_cat(parts) if parts else None
 
@@ -246,7 +246,7 @@ def compute_synced(
 
     Example:
         >>> from torchmetrics.classification import MulticlassAccuracy
-        >>> top1 = MetricCollection({"top1": MulticlassAccuracy(3)}, prefix="eval/linear_")
+        >>> top1 = MetricCollection({"top1": MulticlassAccuracy(3, average="micro")}, prefix="eval/linear_")
         >>> top1.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
         >>> compute_synced([top1])[0]["eval/linear_top1"]
         tensor(0.6667)
