@@ -1,0 +1,89 @@
+"""Fixtures for the launcher tests: an uninterrupted reference training, and a real local Slurm.
+
+The Slurm fixture starts the cluster with slurm/local-cluster.sh (and stops it afterwards, unless it was already
+running). Where it cannot start, the Slurm tests are skipped with the reason, except when the ``CI`` variable is set:
+then they fail, so CI never passes without having run them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distprobe.launch import ClusterConfig, submit
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
+STEPS = 30
+"""Optimizer steps of the smoke training in every test (the reference and the preempted runs must agree)."""
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set, so the Slurm tests must run, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _cluster_is_up(env: dict[str, str]) -> bool:
+    result = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "status"], env=env, capture_output=True, text=True, check=False, timeout=60
+    )
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Any:
+    """A running single-node Slurm with accounting; yields the slurm.conf path."""
+    state_dir = Path(os.environ.get("DISTPROBE_SLURM_DIR", "/tmp/distprobe-slurm"))
+    conf = state_dir / "etc" / "slurm.conf"
+    env = dict(os.environ)
+    started_here = False
+    if not _cluster_is_up(env):
+        if os.geteuid() != 0:
+            _skip_or_fail("slurm/local-cluster.sh needs root to install and start Slurm; run the tests as root")
+        try:
+            result = subprocess.run(
+                ["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=600
+            )
+        except subprocess.TimeoutExpired:
+            _skip_or_fail("slurm/local-cluster.sh start did not finish in 600 s")
+        if result.returncode != 0:
+            _skip_or_fail(f"slurm/local-cluster.sh start failed:\n{result.stderr[-3000:]}")
+        started_here = True
+    # The script links /etc/slurm/slurm.conf to its config where it may; SLURM_CONF covers the other case.
+    if Path("/etc/slurm/slurm.conf").resolve() != conf.resolve():
+        os.environ["SLURM_CONF"] = str(conf)
+    yield conf
+    if started_here:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="session")
+def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """Final weights of the smoke training run without interruption on 2 local tasks (DDP, gloo)."""
+    folder = tmp_path_factory.mktemp("reference") / "%j"
+    config = ClusterConfig(cluster="local", tasks_per_node=2, folder=str(folder))
+    job = submit("distprobe.launch.smoke:train", config, steps=STEPS)
+    results = job.results()
+    assert [r["global_step"] for r in results] == [STEPS, STEPS]
+    assert results[0]["weights"] == results[1]["weights"]
+    return list(results[0]["weights"])
+
+
+def wait_for_progress(folder: Path, step: int, job: Any, timeout: float = 180.0) -> int:
+    """Wait until the smoke training in `folder` has passed optimizer step `step`; returns the step seen."""
+    progress = folder / "progress"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = progress.read_text().strip() if progress.exists() else ""
+        if text and int(text) >= step:
+            return int(text)
+        if job.done():
+            pytest.fail(f"job {job.job_id} ended before step {step}:\n{job.stderr()}")
+        time.sleep(0.2)
+    pytest.fail(f"job {job.job_id} did not reach step {step} in {timeout} s; progress: {text!r}")
