@@ -26,10 +26,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchmetrics.classification import MulticlassAccuracy
 
 from distprobe.callbacks import OnlineProbe
 
 NUM_SAMPLES = 32
+NUM_VAL_SAMPLES = 11  # odd: the validation sampler pads one rank with a repeated sample
 IN_DIM = 8
 EMBED_DIM = 16
 NUM_CLASSES = 3
@@ -49,28 +51,31 @@ class Spec:
     parallel (1 data-parallel x world tensor-parallel mesh) plus ``fully_shard`` over the data-parallel dimension."""
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
     precision: str = "32-true"
+    probes_in_module_dict: bool = True
+    """Whether the LightningModule registers ``callbacks_modules`` itself (the hard case) or leaves it a plain dict."""
 
 
 class PointDataset(Dataset):
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(NUM_SAMPLES, IN_DIM, generator=g)
-        self.y = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,), generator=g)
+    def __init__(self, size: int = NUM_SAMPLES, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(size, IN_DIM, generator=g)
+        self.y = torch.randint(0, NUM_CLASSES, (size,), generator=g)
 
     def __len__(self) -> int:
-        return NUM_SAMPLES
+        return len(self.y)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"x": self.x[i], "label": self.y[i]}
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "label": self.y[i], "idx": i}
 
 
 class Backbone(pl.LightningModule):
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, probes_in_module_dict: bool = True) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.encoder = nn.Sequential(nn.Linear(IN_DIM, EMBED_DIM), nn.Tanh(), nn.Linear(EMBED_DIM, EMBED_DIM))
-        # A user registering probes on the module themselves: the case the strategies must neutralise.
-        self.callbacks_modules = nn.ModuleDict()
+        if probes_in_module_dict:
+            # A user registering probes on the module themselves: the case the strategies must neutralise.
+            self.callbacks_modules = nn.ModuleDict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -82,6 +87,9 @@ class Backbone(pl.LightningModule):
         loss = (local.float() - target).pow(2).mean()
         return {"loss": loss, "embedding": emb}
 
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        return {"embedding": self(batch["x"])}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # self.parameters() names the probe too: the strategy must take it out again.
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
@@ -91,8 +99,10 @@ class FSDP2Backbone(Backbone):
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(self.encoder[0])
-        fully_shard(self)
+        # The strategy's mesh is 2 data-parallel x 1 tensor-parallel; shard over its data-parallel dimension.
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.encoder[0], mesh=mesh)
+        fully_shard(self, mesh=mesh)
 
 
 class TPBackbone(Backbone):
@@ -120,6 +130,12 @@ class DataModule(pl.LightningDataModule):
         rank, size = _dp_rank_and_size(self.trainer)
         sampler = DistributedSampler(PointDataset(), num_replicas=size, rank=rank, shuffle=False)
         return DataLoader(PointDataset(), batch_size=BATCH_SIZE, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, size = _dp_rank_and_size(self.trainer)
+        dataset = PointDataset(NUM_VAL_SAMPLES, seed=1)
+        sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=BATCH_SIZE, sampler=sampler)
 
 
 def _flat(module: nn.Module) -> torch.Tensor:
@@ -178,6 +194,8 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
         self.facts: dict[str, Any] = {}
+        self.val_batches: list[dict[str, Any]] = []
+        self.val_top1: list[float | None] = []
 
     def _probe(self, trainer: pl.Trainer) -> OnlineProbe | None:
         return next((cb for cb in trainer.callbacks if isinstance(cb, OnlineProbe)), None)
@@ -210,6 +228,20 @@ class Recorder(Callback):
             record["probe_all_ranks"] = every
         self.steps.append(record)
 
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+    ) -> None:
+        features = outputs["embedding"]
+        if hasattr(features, "full_tensor"):
+            features = features.full_tensor()
+        record = {"epoch": trainer.current_epoch, "idx": batch["idx"].clone(), "features": features.clone()}
+        self.val_batches.append(record)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validation ran before this hook; its epoch-level logs are in callback_metrics by now.
+        value = trainer.callback_metrics.get("eval/linear_top1")
+        self.val_top1.append(None if value is None else float(value))
+
 
 def _trainer(spec: Spec, world_size: int, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
     strategy: Any = spec.strategy
@@ -237,7 +269,7 @@ def _trainer(spec: Spec, world_size: int, callbacks: list[Callback], **kwargs: A
 
 def _module(spec: Spec, seed: int) -> Backbone:
     cls = {"plain": Backbone, "fsdp2": FSDP2Backbone, "tp": TPBackbone}[spec.kind]
-    return cls(seed)
+    return cls(seed, spec.probes_in_module_dict)
 
 
 def _online_probe(rank: int, seed: int) -> OnlineProbe:
@@ -249,6 +281,7 @@ def _online_probe(rank: int, seed: int) -> OnlineProbe:
         target="label",
         probe=nn.Linear(EMBED_DIM, NUM_CLASSES),
         optimizer=dict(PROBE_OPTIMIZER),
+        metrics={"top1": MulticlassAccuracy(NUM_CLASSES, average="micro")},
     )
 
 
@@ -264,6 +297,7 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
     trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED), recorder, checkpoint])
     trainer.fit(_module(spec, seed=0), datamodule=DataModule())
     results["probed"] = recorder.steps
+    results["probed_val"] = (recorder.val_batches, recorder.val_top1)
     results["facts"] = recorder.facts
     results["dp"] = _dp_rank_and_size(trainer)
 
@@ -271,10 +305,12 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
     trainer = _trainer(spec, world_size, [recorder], enable_checkpointing=False)
     trainer.fit(_module(spec, seed=0), datamodule=DataModule())
     results["plain"] = recorder.steps
+    results["plain_val"] = (recorder.val_batches, recorder.val_top1)
 
     recorder = Recorder()
     trainer = _trainer(spec, world_size, [_online_probe(rank, 7 * PROBE_SEED), recorder], enable_checkpointing=False)
     trainer.fit(_module(spec, seed=123), datamodule=DataModule(), ckpt_path=os.path.join(ckpt_dir, "epoch=0.ckpt"))
     results["resumed"] = recorder.steps
+    results["resumed_val"] = (recorder.val_batches, recorder.val_top1)
     results["ckpt_is_dir"] = os.path.isdir(os.path.join(ckpt_dir, "epoch=0.ckpt"))
     return results

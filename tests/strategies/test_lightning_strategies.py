@@ -18,7 +18,17 @@ from torch import nn
 
 from distprobe.engine import Probe, ProbeConfig
 from helpers.dist import run_distributed
-from strategies.scenario import EMBED_DIM, NUM_CLASSES, PROBE_OPTIMIZER, PROBE_SEED, Spec, run
+from strategies.scenario import (
+    EMBED_DIM,
+    EPOCHS,
+    NUM_CLASSES,
+    NUM_VAL_SAMPLES,
+    PROBE_OPTIMIZER,
+    PROBE_SEED,
+    PointDataset,
+    Spec,
+    run,
+)
 
 SPECS = {
     # bf16-mixed: the features reach the probe in bf16.
@@ -30,7 +40,8 @@ SPECS = {
     "fsdp2_tp_1x2": Spec(
         "distprobe_fsdp2", kind="tp", strategy_kwargs={"data_parallel_size": 1, "tensor_parallel_size": 2}
     ),
-    "deepspeed_stage_1": Spec("distprobe_deepspeed_stage_1"),
+    # The default registration (a plain dict, invisible to nn.Module) beside the user-registered ModuleDict elsewhere.
+    "deepspeed_stage_1": Spec("distprobe_deepspeed_stage_1", probes_in_module_dict=False),
     "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
     "deepspeed_stage_3": Spec("distprobe_deepspeed_stage_3"),
 }
@@ -68,6 +79,24 @@ def _reference(ranks: list[dict[str, Any]]) -> list[torch.Tensor]:
         probe.train_step(torch.cat([r["features"] for r in records]), torch.cat([r["labels"] for r in records]))
         weights.append(torch.cat([p.detach().reshape(-1) for p in probe.module.parameters()]))
     return weights
+
+
+def _reference_top1(ranks: list[dict[str, Any]], run_name: str, epoch: int) -> float:
+    """Top-1 accuracy over the unique validation samples of the probe as it was at the end of ``epoch``."""
+    steps_per_epoch = len(ranks[0]["probed"]) // EPOCHS
+    flat = ranks[0]["probed"][(epoch + 1) * steps_per_epoch - 1]["probe"]
+    weight = flat[: NUM_CLASSES * EMBED_DIM].reshape(NUM_CLASSES, EMBED_DIM)
+    bias = flat[NUM_CLASSES * EMBED_DIM :]
+    features: dict[int, torch.Tensor] = {}
+    for result in ranks:
+        for record in result[f"{run_name}_val"][0]:
+            if record["epoch"] == epoch:
+                for i, x in zip(record["idx"].tolist(), record["features"]):
+                    features.setdefault(i, x)
+    assert sorted(features) == list(range(NUM_VAL_SAMPLES))
+    x = torch.stack([features[i] for i in range(NUM_VAL_SAMPLES)]).float()
+    preds = (x @ weight.T + bias).argmax(-1)
+    return (preds == PointDataset(NUM_VAL_SAMPLES, seed=1).y).float().mean().item()
 
 
 def _check_sharding(name: str, facts: dict[str, Any]) -> None:
@@ -136,6 +165,14 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
     for result in ranks:
         _check_sharding(name, result["facts"])
         _assert_same_steps(result["probed"], result["plain"], probe=False)
+        for got, want in zip(result["probed_val"][0], result["plain_val"][0], strict=True):
+            assert torch.equal(got["features"], want["features"])
+
+    # The eval metric, reduced over the data-parallel group, counts every validation sample once.
+    for epoch in range(EPOCHS):
+        want = _reference_top1(ranks, "probed", epoch)
+        for result in ranks:
+            assert result["probed_val"][1][epoch] == pytest.approx(want, abs=1e-6), epoch
 
     # (d) resume from the epoch-0 checkpoint and finish where the uninterrupted run did.
     if name == "fsdp1_sharded" or name.startswith("deepspeed"):
@@ -144,3 +181,4 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
         steps = len(result["probed"])
         assert len(result["resumed"]) == steps // 2
         _assert_same_steps(result["resumed"], result["probed"][steps // 2 :], probe=True)
+        assert result["resumed_val"][1] == result["probed_val"][1][1:]
