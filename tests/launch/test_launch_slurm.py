@@ -1,0 +1,136 @@
+"""The launcher and the templates against a real Slurm (slurm/local-cluster.sh): real sbatch, srun, sacct.
+
+The training is `distprobe.launch.smoke.train` (tiny Lightning DDP on gloo, one step per epoch) until the demo's
+training is wired in. Preemption is sent as Slurm sends it before a timeout: `scancel --signal=USR2 JOB`, which
+reaches the tasks of the srun step that submitit starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import STEPS, wait_for_progress
+from distprobe.launch import ClusterConfig, submit
+from distprobe.launch.cli import add_submit_arguments, run_submit
+from distprobe.launch.sbatch import render_sbatch
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
+
+# Long enough that submitit counts a USR2 as a preemption, not a timeout (it calls a job "timed out" after
+# min(80% of the limit, limit - 10 min)).
+TIME_MIN = 20
+
+
+def _sacct_states(job_id: str) -> list[str]:
+    """Every record of the job, requeued runs included (-D), oldest first."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _wait_for_final_state(job_id: str, timeout: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    states = _sacct_states(job_id)
+    while time.monotonic() < deadline:
+        states = _sacct_states(job_id)
+        if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            return states
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not finish in {timeout} s; sacct states: {states}")
+
+
+def _restarts(job_id: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    return int(out.split("Restarts=", 1)[1].split()[0])
+
+
+def test_slurm_two_tasks_get_the_torch_distributed_environment(slurm_cluster, tmp_path):
+    config = ClusterConfig(tasks_per_node=2, folder=str(tmp_path / "%j"), time_min=TIME_MIN)
+    job = submit("distprobe.launch.smoke:environment", config)
+    results = job.results()
+    assert [(r["rank"], r["world_size"], r["local_rank"]) for r in results] == [(0, 2, 0), (1, 2, 1)]
+    assert [r["rank_sum"] for r in results] == [1, 1]
+    assert _wait_for_final_state(job.job_id) == ["COMPLETED"]
+
+
+def test_slurm_submit_cli_trains_to_completion(slurm_cluster, tmp_path, capsys, reference_weights):
+    parser = argparse.ArgumentParser()
+    add_submit_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--tasks-per-node=2",
+            f"--folder={tmp_path}/%j",
+            f"--time-min={TIME_MIN}",
+            "--wait",
+            "distprobe.launch.smoke:train",
+            f"steps={STEPS}",
+        ]
+    )
+    assert run_submit(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    job_id = out[0].split(" job ", 1)[1].split(";", 1)[0]
+    results = json.loads(out[-1])
+    assert [r["global_step"] for r in results] == [STEPS, STEPS]
+    assert max(abs(a - b) for a, b in zip(results[0]["weights"], reference_weights)) <= 1e-6
+    # What the training reports lands in the job's folder, next to submitit's logs.
+    saved = json.loads((tmp_path / job_id / "smoke-result.json").read_text())
+    assert saved["weights"] == results[0]["weights"]
+    assert _wait_for_final_state(job_id) == ["COMPLETED"]
+
+
+def test_slurm_preemption_checkpoints_requeues_resumes_and_matches(slurm_cluster, tmp_path, reference_weights):
+    start = time.monotonic()
+    config = ClusterConfig(tasks_per_node=2, folder=str(tmp_path / "%j"), time_min=TIME_MIN)
+    job = submit("distprobe.launch.smoke:train", config, steps=STEPS, step_delay_s=0.2)
+    folder = Path(job.paths.folder)
+    wait_for_progress(folder, 5, job)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+    results = job.results()
+    states = _wait_for_final_state(job.job_id)
+    wall_s = time.monotonic() - start
+
+    checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("preempt-*.ckpt"))
+    assert len(checkpoints) == 1, f"expected one preemption checkpoint, found {checkpoints}"
+    assert all(r["resumed_from"] == str(folder / "checkpoints" / checkpoints[0]) for r in results)
+    assert states == ["REQUEUED", "COMPLETED"], states
+    assert _restarts(job.job_id) == 1
+    assert [r["restarts"] for r in results] == [1, 1]
+    assert [r["global_step"] for r in results] == [STEPS, STEPS]
+    assert max(abs(a - b) for a, b in zip(results[0]["weights"], reference_weights)) <= 1e-6
+    job.get_info(mode="force")
+    assert job.state == "COMPLETED"
+    print(f"\npreemption test: {wall_s:.1f} s from submit to COMPLETED (checkpoint {checkpoints[0]})")
+
+
+def test_slurm_runs_a_rendered_template_and_refuses_a_hostile_partition(slurm_cluster, tmp_path):
+    program = ["-m", "distprobe.launch.smoke", "environment"]
+    hostile = render_sbatch(
+        "single-node", ClusterConfig(partition="a;touch pwned", folder=str(tmp_path / "%j")), program
+    )
+    script = tmp_path / "hostile.sbatch"
+    script.write_text(hostile)
+    refused = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert refused.returncode != 0
+    assert "a;touch pwned" in refused.stderr  # sbatch saw one partition name, the whole string
+    assert not (tmp_path / "pwned").exists()
+
+    config = ClusterConfig(tasks_per_node=2, folder=str(tmp_path / "runs" / "%j"), time_min=TIME_MIN)
+    script.write_text(render_sbatch("single-node", config, program))
+    (tmp_path / "runs").mkdir()
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path, check=True
+    ).stdout.strip()
+    assert _wait_for_final_state(job_id, timeout=120) == ["COMPLETED"]
+    lines = (tmp_path / "runs" / f"distprobe-{job_id}.out").read_text().splitlines()
+    reports = sorted((json.loads(line) for line in lines if line.startswith("{")), key=lambda r: r["rank"])
+    assert [(r["rank"], r["world_size"], r["local_rank"], r["rank_sum"]) for r in reports] == [
+        (0, 2, 0, 1),
+        (1, 2, 1, 1),
+    ]
