@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
@@ -81,23 +81,8 @@ class ProbeDeepSpeedStrategy(DeepSpeedStrategy):
             # ZeRO-3 walks every parameter of the module on every step (gathering and releasing partitions), so the
             # probes stay unregistered until teardown rather than only while the engine is built.
             self._reregister_probes = unregister_probes(model)
-        with hidden_probes(model):
-            if self.root_device.index is not None:
-                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-            import deepspeed
-
-            # The stock call passes the device index as DeepSpeed's device rank; a CPU device has none, and DeepSpeed
-            # then assumes a world of one. The CPU accelerator takes the local rank.
-            engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank),
-                config=self.config,
-                model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad],
-                optimizer=optimizer,
-                lr_scheduler=lr_scheduler,
-                dist_init_required=False,
-            )
-            return engine, deepspeed_optimizer
+        with hidden_probes(model), self._deepspeed_device_rank():
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
 
     @override
     def teardown(self) -> None:
@@ -108,5 +93,23 @@ class ProbeDeepSpeedStrategy(DeepSpeedStrategy):
 
     @override
     def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
-        with hidden_probes(model):
+        with hidden_probes(model), self._deepspeed_device_rank():
             super()._initialize_deepspeed_inference(model)
+
+    @contextmanager
+    def _deepspeed_device_rank(self) -> Generator[None, None, None]:
+        """Let the root device carry the local rank as its index while DeepSpeed builds an engine.
+
+        The stock strategy passes ``root_device.index`` to DeepSpeed as its device rank; a CPU device has no index,
+        and DeepSpeed then assumes a world of one. DeepSpeed's CPU accelerator uses the rank for nothing else.
+        """
+        devices = self.parallel_devices
+        if devices is None or self.root_device.type != "cpu":
+            yield
+            return
+        saved = devices[self.local_rank]
+        devices[self.local_rank] = torch.device("cpu", self.local_rank)
+        try:
+            yield
+        finally:
+            devices[self.local_rank] = saved
