@@ -4,7 +4,9 @@ Each rank runs three real `lightning.Trainer` fits of a tiny backbone:
 
 - ``probed``: with an `OnlineProbe` and a checkpoint after epoch 0 (the uninterrupted run);
 - ``plain``: the same backbone without probes (the backbone must train exactly the same);
-- ``resumed``: fresh weights, resumed from the epoch-0 checkpoint of ``probed`` (must finish where ``probed`` did).
+- ``resumed``: fresh weights, resumed from the epoch-0 checkpoint of ``probed`` (must finish where ``probed`` did);
+
+and then a ``trainer.validate`` outside fit.
 
 A recorder callback placed after the probe writes down, after every optimizer step, the features and labels the probe
 saw, the main loss, and the probe's flattened weights on every rank (gathered over the world group). The parent process
@@ -52,6 +54,7 @@ class Spec:
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
     precision: str = "32-true"
     probes_in_module_dict: bool = True
+    world_size: int = 2
     """Whether the LightningModule registers ``callbacks_modules`` itself (the hard case) or leaves it a plain dict."""
 
 
@@ -108,14 +111,16 @@ class FSDP2Backbone(Backbone):
 class TPBackbone(Backbone):
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
         mesh = self.device_mesh
-        # The embedding leaves the backbone as a (replicated) DTensor: the probe must gather it with full_tensor().
+        # The embedding leaves the backbone as a DTensor sharded on its feature dimension: the probe must gather it
+        # with full_tensor(). (Column-parallel twice: gloo has no reduce_scatter for a row-parallel Shard output.)
         parallelize_module(
             self.encoder,
             mesh["tensor_parallel"],
-            {"0": ColwiseParallel(), "2": RowwiseParallel(use_local_output=False)},
+            {"0": ColwiseParallel(output_layouts=Replicate()), "2": ColwiseParallel(use_local_output=False)},
         )
         fully_shard(self.encoder, mesh=mesh["data_parallel"])
 
@@ -211,6 +216,8 @@ class Recorder(Callback):
         features = outputs["embedding"]
         self.facts.setdefault("feature_type", type(features).__name__)
         self.facts.setdefault("feature_dtype", str(features.dtype))
+        if hasattr(features, "placements"):
+            self.facts.setdefault("feature_placements", [str(p) for p in features.placements])
         if hasattr(features, "full_tensor"):
             features = features.full_tensor()
         record = {
@@ -313,4 +320,8 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
     results["resumed"] = recorder.steps
     results["resumed_val"] = (recorder.val_batches, recorder.val_top1)
     results["ckpt_is_dir"] = os.path.isdir(os.path.join(ckpt_dir, "epoch=0.ckpt"))
+
+    # trainer.validate outside fit builds the strategy for evaluation only (DeepSpeed: an inference engine).
+    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED)], enable_checkpointing=False)
+    results["validate_only"] = trainer.validate(_module(spec, seed=0), datamodule=DataModule(), verbose=False)
     return results

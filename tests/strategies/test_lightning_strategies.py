@@ -41,11 +41,17 @@ SPECS = {
         "distprobe_fsdp2", kind="tp", strategy_kwargs={"data_parallel_size": 1, "tensor_parallel_size": 2}
     ),
     # The default registration (a plain dict, invisible to nn.Module) beside the user-registered ModuleDict elsewhere.
+    # 2 data-parallel x 2 tensor-parallel on 4 ranks: probes replicate over pairs of ranks and agree across all four.
+    "fsdp2_tp_2x2": Spec(
+        "distprobe_fsdp2",
+        kind="tp",
+        strategy_kwargs={"data_parallel_size": 2, "tensor_parallel_size": 2},
+        world_size=4,
+    ),
     "deepspeed_stage_1": Spec("distprobe_deepspeed_stage_1", probes_in_module_dict=False),
     "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
     "deepspeed_stage_3": Spec("distprobe_deepspeed_stage_3"),
 }
-WORLD_SIZE = 2
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,8 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     def get(name: str) -> list[dict[str, Any]]:
         if name not in cache:
             tmp = tmp_path_factory.mktemp(name)
-            cache[name] = run_distributed(run, WORLD_SIZE, SPECS[name], str(tmp), timeout=180.0)
+            spec = SPECS[name]
+            cache[name] = run_distributed(run, spec.world_size, spec, str(tmp), timeout=240.0)
         return cache[name]
 
     return {"get": get}
@@ -99,7 +106,7 @@ def _reference_top1(ranks: list[dict[str, Any]], run_name: str, epoch: int) -> f
     return (preds == PointDataset(NUM_VAL_SAMPLES, seed=1).y).float().mean().item()
 
 
-def _check_sharding(name: str, facts: dict[str, Any]) -> None:
+def _check_sharding(name: str, spec: Spec, facts: dict[str, Any]) -> None:
     assert facts["probe_types"] == ["Parameter"], facts
     assert facts["probe_shapes"] == [(NUM_CLASSES, EMBED_DIM), (NUM_CLASSES,)], facts
     assert facts["probe_dtypes"] == ["torch.float32"], facts
@@ -114,25 +121,26 @@ def _check_sharding(name: str, facts: dict[str, Any]) -> None:
         assert facts["feature_dtype"] == "torch.bfloat16"
     elif name.startswith("fsdp1"):
         assert facts["wrapper"] == "FullyShardedDataParallel"
-        assert facts["flat_local_numel"] == facts["flat_full_numel"] // WORLD_SIZE  # one flat parameter, sharded
+        assert facts["flat_local_numel"] == facts["flat_full_numel"] // spec.world_size  # one flat parameter, sharded
         assert facts["flat_fqns"] == [f"encoder.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
     elif name == "fsdp2":
         assert facts["backbone_weight_type"] == "DTensor"
         assert facts["backbone_placements"] == ["S(0)"]
-        assert facts["backbone_local_numel"] == full // WORLD_SIZE
+        assert facts["backbone_local_numel"] == full // spec.world_size
     elif name.startswith("fsdp2_tp"):
         assert facts["backbone_weight_type"] == "DTensor"
         assert facts["feature_type"] == "DTensor"
+        assert any(p.startswith("S(") for p in facts["feature_placements"])  # sharded: full_tensor() must gather
         assert "S(0)" in facts["backbone_placements"]  # column-parallel over the tensor-parallel dim
-        assert facts["backbone_local_numel"] == full // WORLD_SIZE
-        assert facts["probe_group_size"] == 1  # the data-parallel dimension, not the world
+        assert facts["backbone_local_numel"] == full // spec.world_size
+        assert facts["probe_group_size"] == spec.strategy_kwargs["data_parallel_size"]  # not the world
     elif name.startswith("deepspeed"):
         stage = int(name[-1])
         assert facts["wrapper"] == "DeepSpeedEngine"
         assert facts["zero_stage"] == stage
         assert facts["backbone_ds_partitioned"] == (stage == 3)
     if not name.startswith("fsdp2_tp"):
-        assert facts["probe_group_size"] == WORLD_SIZE
+        assert facts["probe_group_size"] == spec.world_size
 
 
 def _assert_same_steps(actual: list[dict[str, Any]], expected: list[dict[str, Any]], probe: bool) -> None:
@@ -163,7 +171,7 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
 
     # (c) sharded as intended, probe untouched by the strategy, backbone trains exactly as without probes.
     for result in ranks:
-        _check_sharding(name, result["facts"])
+        _check_sharding(name, SPECS[name], result["facts"])
         _assert_same_steps(result["probed"], result["plain"], probe=False)
         for got, want in zip(result["probed_val"][0], result["plain_val"][0], strict=True):
             assert torch.equal(got["features"], want["features"])
@@ -182,3 +190,7 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
         assert len(result["resumed"]) == steps // 2
         _assert_same_steps(result["resumed"], result["probed"][steps // 2 :], probe=True)
         assert result["resumed_val"][1] == result["probed_val"][1][1:]
+
+    # trainer.validate outside fit works too, and every rank reports the same, group-reduced, value.
+    values = [result["validate_only"][0]["eval/linear_top1"] for result in ranks]
+    assert len(set(values)) == 1 and 0.0 <= values[0] <= 1.0
