@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from launch_helpers import STEPS
 
 from distprobe.launch import ClusterConfig, submit
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"
-STEPS = 30
-"""Optimizer steps of the smoke training in every test (the reference and the preempted runs must agree)."""
 
 
 def _skip_or_fail(reason: str) -> None:
@@ -73,17 +71,3 @@ def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     assert [r["global_step"] for r in results] == [STEPS, STEPS]
     assert results[0]["weights"] == results[1]["weights"]
     return list(results[0]["weights"])
-
-
-def wait_for_progress(folder: Path, step: int, job: Any, timeout: float = 180.0) -> int:
-    """Wait until the smoke training in `folder` has passed optimizer step `step`; returns the step seen."""
-    progress = folder / "progress"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = progress.read_text().strip() if progress.exists() else ""
-        if text and int(text) >= step:
-            return int(text)
-        if job.done():
-            pytest.fail(f"job {job.job_id} ended before step {step}:\n{job.stderr()}")
-        time.sleep(0.2)
-    pytest.fail(f"job {job.job_id} did not reach step {step} in {timeout} s; progress: {text!r}")

@@ -14,10 +14,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from launch_helpers import STEPS, wait_for_progress
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import STEPS, wait_for_progress
 from distprobe.launch import ClusterConfig, PreemptionCheckpoint, PreemptionSignal, last_checkpoint, submit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

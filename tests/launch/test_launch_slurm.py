@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from launch_helpers import STEPS, wait_for_progress
 
-from conftest import STEPS, wait_for_progress
 from distprobe.launch import ClusterConfig, submit
 from distprobe.launch.cli import add_submit_arguments, run_submit
 from distprobe.launch.sbatch import render_sbatch
