@@ -22,12 +22,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from distprobe.engine import Probe, ProbeConfig
+from distprobe.engine import Probe, ProbeConfig, maths
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
-from distprobe.engine.factories import build_module
-from distprobe.engine.replicate import broadcast_from_global_rank0, default_group
+from distprobe.engine.replicate import default_group
 from distprobe.metrics.flat_sync import compute_synced
 
 log = logging.getLogger(__name__)
@@ -98,29 +96,6 @@ def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -
     return tensors[key]
 
 
-def optimizer_steps(micro_batches: int | None, accumulate_grad_batches: int) -> int | None:
-    """A probe's number of optimizer steps over ``micro_batches`` training steps (None stays None)."""
-    if micro_batches is None:
-        return None
-    return max(1, micro_batches // accumulate_grad_batches)
-
-
-def _resolved_module(
-    config: ProbeConfig, *, device: torch.device | str | None, group: dist.ProcessGroup | None
-) -> nn.Module:
-    """The probe's module on its device; world-wide equal when the data-parallel group is smaller than the world.
-
-    With a tensor-parallel dimension the ranks of one tensor-parallel group are in different data-parallel groups
-    and see the same batches: they must start from the same probe, which the group's own replication cannot ensure.
-    """
-    module = build_module(config.probe, probe_name=config.name)
-    if device is not None:
-        module.to(device)
-    if group is not None and dist.get_world_size(group) < dist.get_world_size():
-        broadcast_from_global_rank0(module)
-    return module
-
-
 class ProbeSet:
     """Probes trained on detached features from your own training loop, each replicated over the data-parallel group.
 
@@ -181,10 +156,9 @@ class ProbeSet:
         probes = [
             Probe.build(
                 s.config,
-                module=_resolved_module(s.config, device=device, group=group),
                 dp_group=group,
                 device=device,
-                total_steps=optimizer_steps(total_steps, s.config.accumulate_grad_batches),
+                total_steps=maths.optimizer_steps(total_steps, s.config.accumulate_grad_batches),
             )
             for s in normalised
         ]

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from distprobe.engine import Probe, ProbeConfig
+from distprobe.engine import Probe, ProbeConfig, maths
 from distprobe.engine.replicate import unshare_storage
 from distprobe.strategies.groups import data_parallel_group
 
@@ -127,7 +127,7 @@ class TrainableCallback(Callback):
         if not math.isfinite(main_steps):
             return None
         micro_batches = int(main_steps) * trainer.accumulate_grad_batches
-        return max(1, micro_batches // self.config.accumulate_grad_batches)
+        return maths.optimizer_steps(micro_batches, self.config.accumulate_grad_batches)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -18,6 +18,13 @@ def is_boundary(micro_step: int, accumulate_grad_batches: int) -> bool:
     return (micro_step + 1) % accumulate_grad_batches == 0
 
 
+def optimizer_steps(micro_batches: int | None, accumulate_grad_batches: int) -> int | None:
+    """A probe's number of optimizer steps over ``micro_batches`` training steps (None stays None)."""
+    if micro_batches is None:
+        return None
+    return max(1, micro_batches // accumulate_grad_batches)
+
+
 def scale_for_accumulation(loss: torch.Tensor, accumulate_grad_batches: int) -> torch.Tensor:
     """Scale a micro-batch loss so that the window's summed gradient is the gradient of the mean loss."""
     return loss / accumulate_grad_batches if accumulate_grad_batches > 1 else loss

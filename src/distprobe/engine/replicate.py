@@ -19,9 +19,14 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
     """Wrap a probe in its own DistributedDataParallel over ``group``; return it unchanged without a group.
 
     Building the wrapper broadcasts the group's rank-0 weights, so replicas start identical whatever each rank
-    initialised. Every rank of ``group`` must call this at the same point (it is a collective).
+    initialised. When ``group`` is smaller than the world (a tensor-parallel mesh), global rank 0's weights are first
+    broadcast to every rank. Every rank of the world must call this at the same point (it is a collective).
     """
-    if group is None or dist.get_world_size(group) == 1:
+    if group is None:
+        return module
+    if dist.get_world_size(group) < dist.get_world_size():
+        broadcast_from_global_rank0(module)
+    if dist.get_world_size(group) == 1:
         return module
     params = list(module.parameters())
     if not params:
@@ -34,7 +39,6 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
         process_group=group,
         # A probe is tiny: one bucket means one all-reduce per optimizer step.
         bucket_cap_mb=max(1, sum(p.numel() * p.element_size() for p in params) // 2**20 + 1),
-        broadcast_buffers=True,
         init_sync=True,
     )
 

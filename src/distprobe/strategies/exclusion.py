@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -119,17 +118,3 @@ def drop_from_optimizers(optimizers: Iterable[Optimizer], params: Iterable[torch
         for p in [p for p in optimizer.state if id(p) in excluded]:
             del optimizer.state[p]
     return removed
-
-
-def broadcast_probes(module: nn.Module, group: dist.ProcessGroup | None = None, src_rank: int = 0) -> None:
-    """Copy the probes' parameters and buffers from global rank ``src_rank`` to every rank of ``group`` (WORLD).
-
-    A probe replicates over the data-parallel group only; under tensor parallelism the ranks of one tensor-parallel
-    group are in different data-parallel groups and must start from the same probe by this extra broadcast.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    with torch.no_grad():
-        for probe in probe_modules(module):
-            for tensor in [*probe.parameters(), *probe.buffers()]:
-                dist.broadcast(tensor.data, src=src_rank, group=group)

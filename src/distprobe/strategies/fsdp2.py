@@ -10,7 +10,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
-from distprobe.strategies.exclusion import broadcast_probes, drop_from_optimizers, hidden_probes, probe_parameters
+from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters
 
 
 class ProbeModelParallelStrategy(ModelParallelStrategy):
@@ -62,11 +62,9 @@ class ProbeModelParallelStrategy(ModelParallelStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.lightning_module is not None
+        # Probes replicate in their own engine (which also aligns tensor-parallel ranks), never in the sharded model.
         with hidden_probes(self.lightning_module):
             super().setup(trainer)
-        group = self.probe_process_group
-        if group is not None and dist.get_world_size(group) < self.world_size:
-            broadcast_probes(self.lightning_module)
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
