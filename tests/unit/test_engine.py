@@ -145,3 +145,15 @@ def test_state_dict_round_trip_mid_window_reproduces_the_run():
 def test_bad_config_is_rejected_with_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ProbeConfig(name="p", probe=nn.Linear(2, 2), **kwargs)
+
+
+def test_eval_metrics_count_only_valid_samples_and_reset():
+    import torchmetrics
+
+    probe = make(metrics={"top1": torchmetrics.classification.MulticlassAccuracy(3, average="micro")})
+    x, y = data(n=10)
+    preds = probe.eval_step(x, y, num_valid=7)  # the last 3 are a sampler's padding
+    expected = (preds[:7].argmax(-1) == y[:7]).float().mean()
+    values = probe.compute_eval_metrics()
+    torch.testing.assert_close(values["eval/p_top1"], expected)
+    assert probe.metrics.val["eval/p_top1"]._update_count == 0  # reset for the next epoch

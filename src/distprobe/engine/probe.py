@@ -22,6 +22,7 @@ from distprobe.engine.config import ProbeConfig
 from distprobe.engine.factories import build_module, build_optimizer, build_scheduler
 from distprobe.engine.replicate import replicate_probe
 from distprobe.metrics.collection import ProbeMetrics
+from distprobe.metrics.flat_sync import compute_synced
 
 #: Bumped when the layout of `Probe.state_dict` changes; loaders read older layouts with `.get` defaults.
 STATE_FORMAT = 1
@@ -245,10 +246,13 @@ class Probe:
         return preds
 
     def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
-        """Eval metrics reduced over the data-parallel group (a collective), then reset for the next epoch."""
+        """Eval metrics reduced over the data-parallel group (one flat collective), then reset for the next epoch.
+
+        To sync many probes at once, pass all their ``metrics.val`` to `distprobe.metrics.compute_synced` instead.
+        """
         if not len(self.metrics.val):
             return {}
-        values = self.metrics.val.compute()
+        (values,) = compute_synced([self.metrics.val], self.dp_group)
         self.metrics.val.reset()
         return values
 
