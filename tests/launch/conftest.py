@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_helpers import STEPS
+from launch_helpers import DEMO, DEMO_ARGS, STEPS
 
 from distprobe.launch import ClusterConfig, submit
 
@@ -62,12 +62,12 @@ def slurm_cluster() -> Any:
 
 
 @pytest.fixture(scope="session")
-def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
-    """Final weights of the smoke training run without interruption on 2 local tasks (DDP, gloo)."""
+def reference_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
+    """Final probe weights of the demo's training run without interruption on 2 local tasks (DDP, gloo)."""
     folder = tmp_path_factory.mktemp("reference") / "%j"
     config = ClusterConfig(cluster="local", tasks_per_node=2, folder=str(folder))
-    job = submit("distprobe.launch.smoke:train", config, steps=STEPS)
+    job = submit(DEMO, config, **DEMO_ARGS)
     results = job.results()
     assert [r["global_step"] for r in results] == [STEPS, STEPS]
-    assert results[0]["weights"] == results[1]["weights"]
-    return list(results[0]["weights"])
+    assert results[0]["probe_weights"] == results[1]["probe_weights"], "probe replicas differ between ranks"
+    return dict(results[0]["probe_weights"])

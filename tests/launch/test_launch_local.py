@@ -1,8 +1,9 @@
 """The launcher with submitit's local and debug executors: real processes, a real gloo group, a real requeue.
 
+The training is the demo's (`distprobe.demo:train`: SimCLR on digits with a linear and an MLP online probe).
 Preemption here: SIGUSR2 goes to rank 1's process only. Rank 1 raises the flag, the ranks decide together at the
 next step, both save, and rank 0 (which never saw the signal) hands over to submitit, whose local executor restarts
-both tasks (exit status 144). The resumed run must end with the weights of an uninterrupted one.
+both tasks (exit status 144). The resumed run must end with the probe weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from launch_helpers import STEPS, wait_for_progress
+from launch_helpers import DEMO, DEMO_ARGS, STEPS, max_probe_difference, wait_for_progress
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,7 +49,7 @@ def _task_pids_by_rank(controller_pid: int) -> dict[int, int]:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the task processes through /proc (Linux)")
 def test_local_preemption_of_one_rank_checkpoints_all_requeues_and_resumes(tmp_path, reference_weights):
     config = ClusterConfig(cluster="local", tasks_per_node=2, folder=str(tmp_path / "%j"))
-    job = submit("distprobe.launch.smoke:train", config, steps=STEPS, step_delay_s=0.2)
+    job = submit(DEMO, config, **DEMO_ARGS, step_delay_s=0.2)
     folder = Path(job.paths.folder)
     wait_for_progress(folder, 5, job)
     pids = _task_pids_by_rank(job._process.pid)  # the controller submitit started for this job
@@ -56,17 +57,22 @@ def test_local_preemption_of_one_rank_checkpoints_all_requeues_and_resumes(tmp_p
     results = job.results()
     checkpoint = last_checkpoint(folder / "checkpoints")
     assert checkpoint is not None, "no complete preemption checkpoint"
+    step = int(Path(checkpoint).stem.split("-")[1])
+    assert 5 < step < STEPS, f"the checkpoint is not mid-run: step {step}"
     assert all(r["resumed_from"] == checkpoint for r in results), "the requeued tasks did not resume from it"
     assert [r["global_step"] for r in results] == [STEPS, STEPS]
-    assert max(abs(a - b) for a, b in zip(results[0]["weights"], reference_weights)) <= 1e-6
-    assert results[0]["weights"] == results[1]["weights"]
+    assert max_probe_difference(results[0]["probe_weights"], reference_weights) <= 1e-6
+    assert results[0]["probe_weights"] == results[1]["probe_weights"]
 
 
-def test_debug_executor_runs_the_training_in_this_process(tmp_path):
-    job = submit("distprobe.launch.smoke:train", ClusterConfig(cluster="debug", folder=str(tmp_path / "%j")), steps=5)
+def test_debug_executor_runs_the_demo_in_this_process(tmp_path):
+    job = submit(DEMO, ClusterConfig(cluster="debug", folder=str(tmp_path / "%j")), epochs=1, limit_train_batches=3)
     [result] = job.results()
-    assert (result["rank"], result["world_size"], result["global_step"]) == (0, 1, 5)
+    assert (result["rank"], result["world_size"], result["global_step"]) == (0, 1, 3)
     assert result["resumed_from"] is None
+    assert {"eval/linear_top1", "eval/mlp_top1"} <= result["final"].keys()
+    assert Path(result["log_dir"], "metrics.csv").is_file()
+    assert Path(result["log_dir"]).is_relative_to(Path(job.paths.folder))
     # The task's environment and signal handler do not leak into the caller.
     assert "DISTPROBE_CHECKPOINT_DIR" not in os.environ
     assert signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None)

@@ -1,20 +1,21 @@
 """The launcher and the templates against a real Slurm (slurm/local-cluster.sh): real sbatch, srun, sacct.
 
-The training is `distprobe.launch.smoke.train` (tiny Lightning DDP on gloo, one step per epoch) until the demo's
-training is wired in. Preemption is sent as Slurm sends it before a timeout: `scancel --signal=USR2 JOB`, which
+The training is the demo's (`distprobe.demo:train`: SimCLR on digits with a linear and an MLP online probe, DDP on
+gloo over the job's 2 tasks). Preemption is sent as Slurm sends it before a timeout: `scancel --signal=USR2 JOB`, which
 reaches the tasks of the srun step that submitit starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from launch_helpers import STEPS, wait_for_progress
+from launch_helpers import DEMO, DEMO_ARGS, STEPS, max_probe_difference, wait_for_progress
 
 from distprobe.launch import ClusterConfig, submit
 from distprobe.launch.cli import add_submit_arguments, run_submit
@@ -60,7 +61,7 @@ def test_slurm_two_tasks_get_the_torch_distributed_environment(slurm_cluster, tm
     assert _wait_for_final_state(job.job_id) == ["COMPLETED"]
 
 
-def test_slurm_submit_cli_trains_to_completion(slurm_cluster, tmp_path, capsys, reference_weights):
+def test_slurm_submit_cli_trains_the_demo_to_completion(slurm_cluster, tmp_path, capsys, reference_weights):
     parser = argparse.ArgumentParser()
     add_submit_arguments(parser)
     args = parser.parse_args(
@@ -69,26 +70,33 @@ def test_slurm_submit_cli_trains_to_completion(slurm_cluster, tmp_path, capsys, 
             f"--folder={tmp_path}/%j",
             f"--time-min={TIME_MIN}",
             "--wait",
-            "distprobe.launch.smoke:train",
-            f"steps={STEPS}",
+            DEMO,
+            *(f"{name}={value}" for name, value in DEMO_ARGS.items()),
         ]
     )
     assert run_submit(args) == 0
     out = capsys.readouterr().out.splitlines()
     job_id = out[0].split(" job ", 1)[1].split(";", 1)[0]
     results = json.loads(out[-1])
-    assert [r["global_step"] for r in results] == [STEPS, STEPS]
-    assert max(abs(a - b) for a, b in zip(results[0]["weights"], reference_weights)) <= 1e-6
-    # What the training reports lands in the job's folder, next to submitit's logs.
-    saved = json.loads((tmp_path / job_id / "smoke-result.json").read_text())
-    assert saved["weights"] == results[0]["weights"]
+    assert [(r["rank"], r["world_size"], r["global_step"]) for r in results] == [(0, 2, STEPS), (1, 2, STEPS)]
+    assert max_probe_difference(results[0]["probe_weights"], reference_weights) <= 1e-6
+    # The probe metrics land in the job's folder, next to submitit's logs.
+    [metrics] = (tmp_path / job_id).glob("logs/version_*/metrics.csv")
+    with metrics.open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"train/linear_loss", "train/mlp_loss", "eval/linear_top1", "eval/mlp_top1"} <= rows[0].keys()
+    assert len([row for row in rows if row["eval/linear_top1"]]) == DEMO_ARGS["epochs"]
+    saved = json.loads((tmp_path / job_id / "demo-result.json").read_text())
+    assert saved["probe_weights"] == results[0]["probe_weights"]
     assert _wait_for_final_state(job_id) == ["COMPLETED"]
 
 
-def test_slurm_preemption_checkpoints_requeues_resumes_and_matches(slurm_cluster, tmp_path, reference_weights):
+def test_slurm_preemption_of_the_demo_checkpoints_requeues_resumes_and_matches(
+    slurm_cluster, tmp_path, reference_weights
+):
     start = time.monotonic()
     config = ClusterConfig(tasks_per_node=2, folder=str(tmp_path / "%j"), time_min=TIME_MIN)
-    job = submit("distprobe.launch.smoke:train", config, steps=STEPS, step_delay_s=0.2)
+    job = submit(DEMO, config, **DEMO_ARGS, step_delay_s=0.2)
     folder = Path(job.paths.folder)
     wait_for_progress(folder, 5, job)
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
@@ -98,12 +106,17 @@ def test_slurm_preemption_checkpoints_requeues_resumes_and_matches(slurm_cluster
 
     checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("preempt-*.ckpt"))
     assert len(checkpoints) == 1, f"expected one preemption checkpoint, found {checkpoints}"
+    step = int(checkpoints[0].split("-")[1].split(".")[0])
+    assert 5 < step < STEPS, f"the checkpoint is not mid-run: step {step}"
     assert all(r["resumed_from"] == str(folder / "checkpoints" / checkpoints[0]) for r in results)
     assert states == ["REQUEUED", "COMPLETED"], states
     assert _restarts(job.job_id) == 1
     assert [r["restarts"] for r in results] == [1, 1]
     assert [r["global_step"] for r in results] == [STEPS, STEPS]
-    assert max(abs(a - b) for a, b in zip(results[0]["weights"], reference_weights)) <= 1e-6
+    assert max_probe_difference(results[0]["probe_weights"], reference_weights) <= 1e-6
+    assert results[0]["probe_weights"] == results[1]["probe_weights"]
+    # Both runs logged their probe metrics in the job's folder (the requeued one as a new CSV version).
+    assert len(list(folder.glob("logs/version_*/metrics.csv"))) == 2
     job.get_info(mode="force")
     assert job.state == "COMPLETED"
     print(f"\npreemption test: {wall_s:.1f} s from submit to COMPLETED (checkpoint {checkpoints[0]})")
