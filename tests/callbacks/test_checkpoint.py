@@ -84,3 +84,35 @@ def test_metric_state_is_checkpointed(tmp_path):
     other.load_state_dict(saved)
     got = other.probe.metrics.val.compute()
     assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in expected.items()}
+
+
+class StatefulLoader(torch.utils.data.DataLoader):
+    """A loader whose position Lightning saves in checkpoints (it has state_dict/load_state_dict)."""
+
+    restored: list = []
+
+    def state_dict(self):
+        return {"position": 5}
+
+    def load_state_dict(self, state):
+        StatefulLoader.restored.append(state)
+
+
+def test_probe_does_not_stop_lightning_restoring_a_stateful_dataloader(tmp_path):
+    # Asking Lightning for the step estimate in setup loads the train loader early, and Lightning then skips
+    # restoring the loader's position without a word: a probe must never cause that.
+    from tests.helpers.models import SeparableData
+
+    def loader_():
+        return StatefulLoader(SeparableData(192), batch_size=32)
+
+    run_dir = tmp_path / "ckpts"
+    mid_epoch = ModelCheckpoint(dirpath=run_dir, filename="{step}", save_top_k=-1, every_n_train_steps=3)
+    t = trainer([make_probe("a", 0), mid_epoch], max_epochs=2, enable_checkpointing=True)
+    t.fit(Backbone(), loader_())
+    StatefulLoader.restored.clear()
+    resumed = make_probe("a", 0)
+    trainer([resumed], max_epochs=2).fit(Backbone(), loader_(), ckpt_path=run_dir / "step=3.ckpt")
+    assert StatefulLoader.restored == [{"position": 5}]
+    # The scheduler's lengths come from the checkpoint (12 batches / 5 per step), not from a rebuild on resume.
+    assert resumed.probe.scheduler.T_max == 2

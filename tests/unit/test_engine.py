@@ -157,3 +157,20 @@ def test_eval_metrics_count_only_valid_samples_and_reset():
     values = probe.compute_eval_metrics()
     torch.testing.assert_close(values["eval/p_top1"], expected)
     assert probe.metrics.val["eval/p_top1"]._update_count == 0  # reset for the next epoch
+
+
+@pytest.mark.parametrize("scheduler", ["LinearLR", "CosineAnnealingLR", None])
+def test_setting_total_steps_later_equals_knowing_them_at_build(scheduler):
+    early = Probe.build(
+        ProbeConfig(name="p", probe=nn.Linear(8, 3), scheduler=scheduler, optimizer="SGD"), total_steps=9
+    )
+    late = Probe.build(ProbeConfig(name="p", probe=nn.Linear(8, 3), scheduler=scheduler, optimizer="SGD"))
+    late.set_total_steps(9)
+    assert type(late.scheduler) is type(early.scheduler)
+    x, y = data()
+    for _ in range(4):
+        early.train_step(x, y)
+        late.train_step(x, y)
+        assert late.optimizer.param_groups[0]["lr"] == pytest.approx(early.optimizer.param_groups[0]["lr"])
+    late.set_total_steps(100)  # too late: the scheduler has stepped
+    assert late.optimizer.param_groups[0]["lr"] == pytest.approx(early.optimizer.param_groups[0]["lr"])

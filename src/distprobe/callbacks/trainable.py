@@ -142,12 +142,19 @@ class TrainableCallback(Callback):
             module=self.module,
             dp_group=data_parallel_group(trainer.strategy),
             device=trainer.strategy.root_device,
-            total_steps=self._total_optimizer_steps(trainer) if stage == "fit" else None,
+            # Not `trainer.estimated_stepping_batches` here: it loads the train dataloader before Lightning restores a
+            # stateful loader's position, and Lightning then silently skips that restore. See `on_train_start`.
+            total_steps=None,
         )
         metrics[self.name] = self._probe.metrics
         if self._pending_state is not None:
             self._probe.load_state_dict(self._pending_state)
             self._pending_state = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The train dataloader is set up (and restored) by now, so the step estimate is safe to ask for.
+        self.probe.set_total_steps(self._total_optimizer_steps(trainer))
 
     @override
     def state_dict(self) -> dict[str, Any]:

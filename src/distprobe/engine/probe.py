@@ -85,6 +85,7 @@ class Probe:
         self.loss_fn = loss_fn
         self.metrics = metrics
         self.dp_group = dp_group
+        self._scheduler_restored = False
         self.micro_step = 0
         """Micro-batches seen since the start of training; the window position is ``micro_step % accumulate``."""
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self._param().device)
@@ -227,6 +228,23 @@ class Probe:
         finally:
             self.module.train(was_training)
 
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Rebuild the scheduler with lengths (``T_max``...) from ``total_steps``, unless training already began.
+
+        For adapters that learn the run's length only after `build` (Lightning, once the train dataloader is set
+        up). A scheduler that has stepped or was restored from a checkpoint keeps its state and lengths.
+        """
+        if total_steps is None or self._scheduler_restored or self.scheduler.last_epoch > 0:
+            return
+        if isinstance(self.config.scheduler, LRScheduler):  # the user's instance: its lengths are theirs
+            return
+        # Undo what constructing the first scheduler did to the rates (LinearLR applies its start factor at once).
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
+        self.scheduler = build_scheduler(
+            self.config.scheduler, self.optimizer, total_steps=total_steps, probe_name=self.name
+        )
+
     def train_metric_values(self, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Update the train metrics and return their values on this micro-batch (local to this rank)."""
         if not len(self.metrics.train):
@@ -279,6 +297,7 @@ class Probe:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._scheduler_restored = True
         self.micro_step = int(state.get("micro_step", 0))
         window_grads = state.get("window_grads")
         for p, g in zip(self._params(), window_grads or [None] * len(self._params()), strict=True):
