@@ -204,6 +204,18 @@ def finish() -> None:
     os._exit(0)
 
 
+def torch_optimizer_steps(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[Callable[[torch.Tensor], None], Callable[[], None]]:
+    """The backbone's ``backward`` and ``optimizer_step`` for a plain torch optimizer (beside DDP or FSDP)."""
+
+    def backward(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    return backward, optimizer.step
+
+
 def train_and_evaluate(
     script: str,
     args: argparse.Namespace,

@@ -8,7 +8,7 @@ The probes are never wrapped by FSDP: each keeps full weights, replicated by its
 from __future__ import annotations
 
 import torch
-from common import Backbone, finish, init_distributed, parse_args, train_and_evaluate
+from common import Backbone, finish, init_distributed, parse_args, torch_optimizer_steps, train_and_evaluate
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 
@@ -18,18 +18,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     # device_id=cpu lets FSDP1 run on CPU/gloo; on GPU it is the local CUDA device.
     model = FullyShardedDataParallel(Backbone().to(device), device_id=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-
-    def backward(loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    backward, optimizer_step = torch_optimizer_steps(torch.optim.AdamW(model.parameters(), lr=args.lr))
 
     train_and_evaluate(
         "torchrun_fsdp1",
         args,
         model=model,
         backward=backward,
-        optimizer_step=optimizer.step,
+        optimizer_step=optimizer_step,
         rank=rank,
         world=world,
         device=device,

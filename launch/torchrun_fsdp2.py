@@ -8,7 +8,7 @@ The probes are never passed to ``fully_shard``: each keeps full weights, replica
 from __future__ import annotations
 
 import torch
-from common import Backbone, finish, init_distributed, parse_args, train_and_evaluate
+from common import Backbone, finish, init_distributed, parse_args, torch_optimizer_steps, train_and_evaluate
 from torch.distributed.fsdp import fully_shard
 
 
@@ -20,18 +20,14 @@ def main() -> None:
     # fully_shard needs modules with a forward (not a bare ModuleDict): shard the encoder, then the root.
     fully_shard(model.encoder)
     fully_shard(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-
-    def backward(loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    backward, optimizer_step = torch_optimizer_steps(torch.optim.AdamW(model.parameters(), lr=args.lr))
 
     train_and_evaluate(
         "torchrun_fsdp2",
         args,
         model=model,
         backward=backward,
-        optimizer_step=optimizer.step,
+        optimizer_step=optimizer_step,
         rank=rank,
         world=world,
         device=device,
