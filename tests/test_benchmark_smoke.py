@@ -1,0 +1,35 @@
+"""The overhead benchmark's CI form: every variant runs on the CPU for a few steps; no assertion on speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in result["workloads"]["tiny"]["rows"]}
+    for variant in ("none", "distprobe_x1", "distprobe_x8", "paramgroup"):
+        assert rows[variant]["median_ms"] > 0
+    assert "overhead" in rows["distprobe_x1"]
+    peer = result["environment"]["stable_pretraining"]
+    if isinstance(peer, str):
+        # Without the bench extra the peer is skipped, and the benchmark says so.
+        assert peer.startswith("skipped")
+        assert "stable_pretraining: skipped" in proc.stdout
+    else:
+        assert {"spt_none", "spt_x1", "spt_x8"} <= set(rows)
+    assert "| variant | median ms/step |" in proc.stdout
