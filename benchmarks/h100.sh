@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The single-GPU session of docs/benchmarks.md, one stage per argument, on a machine with torch + CUDA.
+#
+#   bash benchmarks/h100.sh setup tests syncs vit        # first call
+#   bash benchmarks/h100.sh setup resnet strategies precision
+#
+# `setup` installs the wheels carried in .whl/ (lightning, torchmetrics, deepspeed built from its source
+# distribution, stable-pretraining and the few of its dependencies the benchmark runs) into /tmp/site, then
+# distprobe itself with --no-deps. Logs and JSON go to $OUT (or ./bench-out).
+set -uo pipefail
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+PY=python3
+BENCH="env PYTHONPATH=/tmp/site-bench:$PYTHONPATH $PY benchmarks/overhead.py"
+
+stage() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "^(GPU available|TPU available|LOCAL_RANK|💡|.*Trainer.fit. stopped|HPU available)"
+    echo "=== $name: exit ${PIPESTATUS[0]} in $((SECONDS - t0)) s"
+}
+
+for what in "$@"; do
+    case $what in
+    setup)
+        nvidia-smi -L
+        # stable-pretraining goes to its own folder, used by the benchmark stages only: once installed it adds 14
+        # callbacks to *every* Lightning Trainer through an entry point (and they need kornia), tests included.
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            $(ls .whl/*.whl | grep -v stable_pretraining) || exit 1
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-bench \
+            .whl/stable_pretraining-*.whl || exit 1
+        $PY -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+        $PY -c "import torch, lightning, torchmetrics, distprobe; print(torch.__version__, lightning.__version__,
+torchmetrics.__version__, torch.cuda.get_device_name())"
+        ;;
+    tests) stage tests $PY -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rs ;;
+    syncs) stage syncs $BENCH --sync-check --workload resnet --json "$OUT/syncs.json" ;;
+    vit) stage vit $BENCH --workload vit --json "$OUT/vit.json" ;;
+    resnet) stage resnet $BENCH --workload resnet --rounds 10 --steps 50 --json "$OUT/resnet.json" ;;
+    diag) stage diag $BENCH --workload resnet --rounds 8 --steps 50 \
+        --variants none,distprobe_x1,nolog_x1,distprobe_x8,nolog_x8 --json "$OUT/diag.json" ;;
+    strategies)
+        for s in distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3; do
+            stage "strategy-$s" $BENCH --workload vit --strategy "$s" --rounds 2 --steps 15 \
+                --variants none,distprobe_x1,distprobe_x8 --json "$OUT/strategy-$s.json"
+        done
+        ;;
+    precision)
+        for p in 16-mixed 32-true; do
+            stage "precision-$p" $BENCH --workload vit --precision "$p" --rounds 2 --steps 15 \
+                --variants none,distprobe_x1,spt_none,spt_x1 --json "$OUT/precision-$p.json"
+        done
+        ;;
+    profile-*) # profile-WORKLOAD-VARIANT
+        w=${what#profile-}
+        stage "$what" $BENCH --workload "${w%%-*}" --profile "${w#*-}"
+        ;;
+    multigpu) stage multigpu bash benchmarks/multigpu.sh 1 ;;
+    *) echo "unknown stage $what" && exit 2 ;;
+    esac
+done
