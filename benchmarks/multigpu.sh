@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 7: multi-GPU validation with NCCL, one full command. Usage:
+#
+#   bash benchmarks/multigpu.sh            # world sizes 2 4 8 (those the machine has), plus the 1-GPU reference
+#   bash benchmarks/multigpu.sh 1 2        # explicit world sizes
+#
+# For every world size and strategy (DDP, FSDP1, FSDP2, ZeRO-2, ZeRO-3; bf16-mixed): probe replicas bitwise
+# identical, exact eval metric, probe all-reduce bytes per step (a DDP comm hook) - benchmarks/multigpu_check.py;
+# then equivalence with the 1-GPU run on the same global batches (within bf16 tolerance), and the step-time overhead
+# of 1 and 8 probes at each world size (benchmarks/overhead.py under torchrun). NVLink multicast stays off.
+# Expects the packages of benchmarks/h100.sh's `setup` stage (run it first on a bare machine).
+set -uo pipefail
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+GPUS=$(nvidia-smi -L | wc -l)
+SIZES=${*:-1 2 4 8}
+STRATEGIES="distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3"
+status=0
+for n in $SIZES; do
+    if ((n > GPUS)); then
+        echo "skip world size $n: $GPUS GPUs here"
+        continue
+    fi
+    for s in $STRATEGIES; do
+        echo "=== check $s on $n GPUs"
+        torchrun --standalone --nproc_per_node="$n" benchmarks/multigpu_check.py --strategy "$s" \
+            --out "$OUT/check-$s-$n.json" 2>&1 | tee "$OUT/check-$s-$n.log" | grep -E '^\{|Error|error:' || status=1
+    done
+    echo "=== overhead on $n GPUs"
+    torchrun --standalone --nproc_per_node="$n" benchmarks/overhead.py --workload vit --strategy distprobe_ddp \
+        --variants none,distprobe_x1,distprobe_x8 --rounds 3 --steps 20 --json "$OUT/overhead-$n.json" 2>&1 |
+        tee "$OUT/overhead-$n.log" | grep -E '^\||round' || status=1
+done
+echo "=== equivalence with 1 GPU, replicas, exact eval, communication"
+python3 benchmarks/multigpu_check.py --compare "$OUT"/check-*.json || status=1
+exit $status
