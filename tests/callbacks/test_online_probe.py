@@ -301,3 +301,18 @@ def test_probe_used_before_setup_raises_a_library_error():
 
     with pytest.raises(NotSetUpError, match="before Trainer called setup"):
         _ = probe(None).probe
+
+
+def test_per_step_values_are_logged_on_the_trainers_logging_steps(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = Backbone()
+    cb = probe(module, metrics={"top1": acc()})
+    t = trainer([cb], max_epochs=1, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=2, limit_val_batches=0)
+    t.fit(module, loader())  # 6 batches
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/linear_loss")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
+    assert all(r["train/linear_top1"] and r["train/linear_skipped_steps"] for r in rows)

@@ -123,18 +123,16 @@ class OnlineProbe(TrainableCallback):
         out = self.probe.train_step(features, targets)
         if isinstance(batch, MutableMapping):
             batch[f"{self.name}_preds"] = out.preds
-        batch_size = targets.shape[0]
-        pl_module.log(f"train/{self.name}_loss", out.loss, on_step=True, on_epoch=False, batch_size=batch_size)
-        pl_module.log(
-            f"train/{self.name}_skipped_steps",
-            self.probe.skipped_steps.float(),
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch_size,
-        )
-        values = self.probe.train_metric_values(out.preds, targets)
-        if values:
-            pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+        if not _logs_this_step(trainer, batch_idx):
+            # Lightning's `log` costs far more host time than the probe's step (measured on an H100: 61% of the
+            # callback), so per-step values are logged only on the steps whose values Lightning writes out.
+            return
+        values = {
+            f"train/{self.name}_loss": out.loss,
+            f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
+            **self.probe.train_metric_values(out.preds, targets),
+        }
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=targets.shape[0])
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,6 +168,19 @@ class OnlineProbe(TrainableCallback):
         if values and not trainer.sanity_checking:
             # Already reduced over the data-parallel group: Lightning must not reduce again.
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+
+
+def _logs_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether per-step values of this batch reach the logger: every ``log_every_n_steps``, and each epoch's last.
+
+    The epoch's last batch always logs, so ``trainer.callback_metrics`` holds a recent value after every epoch even
+    when an epoch is shorter than ``log_every_n_steps``.
+    """
+    every = int(getattr(trainer, "log_every_n_steps", 1))  # set by Lightning's logger connector
+    if every <= 0:  # Trainer(barebones=True) forbids logging
+        return False
+    last_batch = trainer.num_training_batches
+    return (batch_idx + 1) % every == 0 or (isinstance(last_batch, int) and batch_idx + 1 == last_batch)
 
 
 def _compute_eval_metrics_of_all_probes(trainer: pl.Trainer, caller: OnlineProbe) -> None:
