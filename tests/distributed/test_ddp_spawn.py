@@ -4,10 +4,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 from torch import nn
 
 from distprobe.callbacks import OnlineProbe
-from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
