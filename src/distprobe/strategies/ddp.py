@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from distprobe.engine.replicate import default_group
 from distprobe.strategies.exclusion import drop_from_optimizers, probe_parameters, probe_state_names
 
 
@@ -25,13 +26,6 @@ def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
     return names
 
 
-def world_group() -> dist.ProcessGroup | None:
-    """The world group once torch.distributed is initialised, else None."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
-
-
 class ProbeDDPStrategy(DDPStrategy):
     """`DDPStrategy` that keeps parameters under ``pl_module.callbacks_modules`` out of DDP and the main optimizer.
 
@@ -46,7 +40,7 @@ class ProbeDDPStrategy(DDPStrategy):
     @property
     def probe_process_group(self) -> dist.ProcessGroup | None:
         """The group probes replicate over: the world group."""
-        return world_group()
+        return default_group()
 
     @override
     def _setup_model(self, model: nn.Module) -> DistributedDataParallel:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from distprobe.strategies.ddp import world_group
+from distprobe.engine.replicate import default_group
 from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters, unregister_probes
 
 
@@ -44,7 +44,7 @@ class ProbeDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     def probe_process_group(self) -> dist.ProcessGroup | None:
         """The group probes replicate over: the world group."""
-        return world_group()
+        return default_group()
 
     @override
     def setup_environment(self) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from distprobe.strategies.ddp import world_group
+from distprobe.engine.replicate import default_group
 from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters
 
 
@@ -74,7 +74,7 @@ class ProbeFSDPStrategy(FSDPStrategy):
     @property
     def probe_process_group(self) -> dist.ProcessGroup | None:
         """The group probes replicate over: the world group."""
-        return world_group()
+        return default_group()
 
     def _fsdp_device_id(self) -> torch.device | int | None:
         if self.root_device.type == "cpu":
