@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 from torch import nn
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from distprobe.callbacks import OnlineProbe
 
@@ -13,8 +14,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 class AssertReplicasIdentical(pl.Callback):
-    def __init__(self, probe):
+    def __init__(self, probe, done_dir):
         self.probe = probe
+        self.done_dir = done_dir
+        self.steps = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         mine = torch.cat([p.detach().flatten() for p in self.probe.probe.module.parameters()])
@@ -24,12 +27,28 @@ class AssertReplicasIdentical(pl.Callback):
         # still look identical, so also check that this rank's storage is not the one the parent process holds.
         assert all(torch.equal(everyone[0], w) for w in everyone), "probe replicas diverged"
         assert not self.probe.probe.module.weight.is_shared(), "probe weights still in shared memory"
+        self.steps += 1
+
+    def on_train_end(self, trainer, pl_module):
+        (self.done_dir / f"rank{trainer.global_rank}.ok").write_text(str(self.steps))
 
 
-def test_ddp_spawn_keeps_replicas_identical_and_private():
+def test_ddp_spawn_keeps_replicas_identical_and_private(tmp_path):
+    """Every check runs inside the workers, after every step; each rank records that it passed them all.
+
+    A gloo worker sometimes aborts at interpreter exit, after training ("terminate called without an active
+    exception", also seen without any probe; field-facts). That abort alone is tolerated, and only once both ranks
+    recorded every check as passed; a failed check raises in the worker and fails the test as usual.
+    """
     cb = OnlineProbe(
         None, name="linear", input="embedding", target="label", probe=nn.Linear(EMBED_DIM, NUM_CLASSES), optimizer="SGD"
     )
-    t = trainer([cb, AssertReplicasIdentical(cb)], max_epochs=1, strategy="ddp_spawn", devices=2, limit_val_batches=0)
-    t.fit(Backbone(), loader())
-    assert t.state.finished
+    check = AssertReplicasIdentical(cb, tmp_path)
+    t = trainer([cb, check], max_epochs=1, strategy="ddp_spawn", devices=2, limit_val_batches=0)
+    try:
+        t.fit(Backbone(), loader())
+    except ProcessExitedException as exc:
+        if exc.signal_name != "SIGABRT":
+            raise
+    steps = [(tmp_path / f"rank{r}.ok").read_text() for r in range(2)]
+    assert steps == ["3", "3"]  # 192 samples / (2 ranks x 32) = 3 steps each

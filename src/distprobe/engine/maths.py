@@ -55,14 +55,10 @@ def clip_gradients(
     return total_norm
 
 
-def zero_where(flag: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    """Replace every tensor by zeros where ``flag`` is True (NaN-safe, unlike multiplying by 0)."""
-    for t in tensors:
-        t.copy_(torch.where(flag, torch.zeros_like(t), t))
-
-
 def restore_where(flag: torch.Tensor, tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor | None]) -> None:
     """Where ``flag`` is True, put each tensor back to its saved value (zeros for state created since the save)."""
     for t, old in zip(tensors, saved, strict=True):
-        before = torch.zeros_like(t) if old is None else old
-        t.copy_(torch.where(flag, before, t))
+        if old is None:
+            t.masked_fill_(flag, 0)
+        else:
+            torch.where(flag, old, t, out=t)  # in place: one kernel per tensor, exact whatever either side holds

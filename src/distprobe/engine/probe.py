@@ -175,7 +175,7 @@ class Probe:
         # extra collective; a non-finite value on any rank poisons the reduced gradient everywhere.
         skip = maths.nonfinite_flag(grads).to(self._param().device)
         maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-        maths.zero_where(skip, grads)
+        # No need to clean the gradients first: whatever a non-finite step writes is put back just below.
         saved = self._snapshot()
         self.optimizer.step()
         maths.restore_where(skip, *self._undo_targets(saved))
