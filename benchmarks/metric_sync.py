@@ -31,7 +31,18 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from distprobe.metrics import ProbeMetrics, compute_synced
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "barrier", "broadcast", "gather", "reduce")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "barrier",
+    "broadcast",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "all_to_all",
+)
 
 
 @contextlib.contextmanager

@@ -2,54 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from benchmarks.metric_sync import count_collectives  # the benchmark and the tests count the same way
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
 
 from distprobe.metrics import ProbeMetrics, compute_synced, valid_in_loader_batch
 
-COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "barrier",
-    "broadcast",
-    "gather",
-    "reduce",
-    "reduce_scatter",
-    "all_to_all",
-)
 NUM_CLASSES = 10
-
-
-@contextlib.contextmanager
-def count_collectives() -> Iterator[Counter]:
-    """Count torch.distributed collectives issued inside the block, by name (torchmetrics calls them the same way)."""
-    counts: Counter = Counter()
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def counting(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(dist, name, counting(name, fn))
-    try:
-        yield counts
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def metric_spec(auroc: bool = True) -> dict[str, Any]:
