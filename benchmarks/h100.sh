@@ -5,12 +5,13 @@
 #   bash benchmarks/h100.sh setup resnet strategies precision
 #
 # `setup` installs the wheels carried in .whl/ (lightning, torchmetrics, deepspeed built from its source
-# distribution, stable-pretraining and the few of its dependencies the benchmark runs) into /tmp/site, then
-# distprobe itself with --no-deps. Logs and JSON go to $OUT (or ./bench-out).
+# distribution, stable-pretraining and the few of its dependencies the benchmark runs) into /tmp/site; distprobe
+# itself is imported from ./src (no build step, so the machine's setuptools version does not matter). Logs and JSON
+# go to $OUT (or ./bench-out).
 set -uo pipefail
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 PY=python3
 BENCH="env PYTHONPATH=/tmp/site-bench:$PYTHONPATH $PY benchmarks/overhead.py"
 
@@ -33,7 +34,6 @@ for what in "$@"; do
             $(ls .whl/*.whl | grep -v stable_pretraining) || exit 1
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-bench \
             .whl/stable_pretraining-*.whl || exit 1
-        $PY -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
         $PY -c "import torch, lightning, torchmetrics, distprobe; print(torch.__version__, lightning.__version__,
 torchmetrics.__version__, torch.cuda.get_device_name())"
         ;;

@@ -12,7 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 GPUS=$(nvidia-smi -L | wc -l)
 SIZES=${*:-1 2 4 8}
 STRATEGIES="distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3"

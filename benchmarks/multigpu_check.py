@@ -220,7 +220,13 @@ def main() -> int:
     args = p.parse_args()
     if args.compare:
         return compare(args.compare)
-    run(args)
+    try:
+        run(args)
+    finally:
+        # Destroy the process group before interpreter exit: a gloo group left to the exit handlers sometimes aborts
+        # the process ("terminate called without an active exception") after the results are written.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
