@@ -76,6 +76,32 @@ def test_engine_train_and_eval_steps_never_sync(optimizer: Any, accumulate: int)
     assert all(torch.isfinite(p).all() for p in probe.module.parameters())
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Adam", "SGD"])
+def test_named_optimizers_are_fused_on_cuda_and_skip_a_non_finite_step_in_the_kernel(name: str) -> None:
+    device = torch.device("cuda")
+    probe = Probe.build(
+        ProbeConfig(name="linear", probe=nn.Linear(EMBED_DIM, NUM_CLASSES), optimizer=name), device=device
+    )
+    assert probe.optimizer.defaults["fused"] is True
+    x = torch.randn(16, EMBED_DIM, device=device)
+    y = torch.randint(0, NUM_CLASSES, (16,), device=device)
+    probe.train_step(x, y)
+    weights = [p.detach().clone() for p in probe.module.parameters()]
+    state = [{k: v.clone() for k, v in probe.optimizer.state[p].items()} for p in probe.module.parameters()]
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probe.train_step(bad, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(probe.skipped_steps) == 1
+    for p, w, st in zip(probe.module.parameters(), weights, state):
+        assert torch.equal(p, w)
+        assert all(torch.equal(probe.optimizer.state[p][k], v) for k, v in st.items())
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
 @pytest.mark.parametrize("clip", [1e-3, 1e3], ids=["clip-active", "clip-inactive-unless-scaled"])
 def test_precision_probe_matches_float64_reference(precision: str, clip: float) -> None:

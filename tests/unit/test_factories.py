@@ -49,6 +49,14 @@ def test_optimizer_forms(spec):
     assert opt.param_groups[0]["lr"] == 0.5
 
 
+def test_named_optimizers_stay_unfused_on_cpu_and_keep_the_users_implementation_choice():
+    """`fused=True` is a CUDA default (tests/gpu checks it); on CPU, and whenever the user picks, torch decides."""
+    assert not build_optimizer("AdamW", params(), probe_name="p").defaults.get("fused")
+    chosen = build_optimizer({"type": "AdamW", "foreach": False}, params(), probe_name="p")
+    assert chosen.defaults["foreach"] is False and not chosen.defaults.get("fused")
+    assert build_optimizer({"type": "SGD", "fused": True}, params(), probe_name="p").defaults["fused"] is True
+
+
 def test_optimizer_class_gets_defaults():
     assert isinstance(build_optimizer(torch.optim.SGD, params(), probe_name="p"), torch.optim.SGD)
 

@@ -175,13 +175,31 @@ class Probe:
         # extra collective; a non-finite value on any rank poisons the reduced gradient everywhere.
         skip = maths.nonfinite_flag(grads).to(self._param().device)
         maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-        # No need to clean the gradients first: whatever a non-finite step writes is put back just below.
-        saved = self._snapshot()
-        self.optimizer.step()
-        maths.restore_where(skip, *self._undo_targets(saved))
+        if self._skips_on_device(params):
+            # Fused optimizers skip the update themselves where `found_inf` is 1 (GradScaler's protocol), state and
+            # step counter included: no copies, one kernel.
+            self.optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+        else:
+            # No need to clean the gradients first: whatever a non-finite step writes is put back just below.
+            saved = self._snapshot()
+            self.optimizer.step()
+            maths.restore_where(skip, *self._undo_targets(saved))
         self.skipped_steps += skip
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+
+    def _skips_on_device(self, params: list[nn.Parameter]) -> bool:
+        """Whether the optimizer can skip a step itself, given ``found_inf`` (fused Adam, AdamW and SGD can).
+
+        Not on a step that creates state: fused SGD leaves a first momentum buffer uninitialised when it skips.
+        """
+        if not getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            return False
+        return all(self.optimizer.state.get(p) for p in params)
 
     def _state_tensors(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
         # Only tensors on the probe's device can be restored without a host sync; a host-side counter (Adam's
