@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -16,8 +17,25 @@ def _clean_process_state():
     yield
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
     os.environ.clear()
     os.environ.update(saved_env)
+
+
+def _forget_deepspeed_groups():
+    """DeepSpeed keeps its communication backend and the groups it cloned from the world group in module globals;
+    after the world group is destroyed, the next DeepSpeed Trainer in this process would use them and fail with
+    "Group ... is not registered" (seen in the GPU suite: ZeRO-2, then ZeRO-3). Its own teardown is skipped here, as
+    the group is destroyed through torch, so release what it holds the way its teardown does."""
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release()
+    elif groups is not None:  # older DeepSpeed: the cloned world group is the one that outlives its parent
+        groups._WORLD_GROUP = None
 
 
 def pytest_collection_modifyitems(config, items):

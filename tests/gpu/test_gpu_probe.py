@@ -6,7 +6,6 @@ Run on a GPU machine with ``pytest -m gpu tests/gpu``; without CUDA every test h
 from __future__ import annotations
 
 import importlib.util
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -180,17 +179,6 @@ def _optimizer_tensor_ids(trainer: pl.Trainer) -> set[int]:
     return ids
 
 
-@pytest.fixture
-def _fresh_deepspeed_comm():
-    """DeepSpeed keeps its communication backend (and the groups it knew) in a module global across Trainers; the
-    previous test's process group is destroyed by the conftest, so each DeepSpeed test starts from a fresh one."""
-    yield
-    comm = sys.modules.get("deepspeed.comm.comm")
-    if comm is not None:
-        comm.cdb = None
-
-
-@pytest.mark.usefixtures("_fresh_deepspeed_comm")
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_on_one_gpu_trains_a_full_probe(strategy: str) -> None:
     """Under FSDP1, FSDP2 and ZeRO-2/3 on one GPU (bf16): the probe stays whole, out of the main optimizer, trains
