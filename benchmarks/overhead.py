@@ -46,6 +46,7 @@ import torch
 import torchmetrics
 from bench_models import WORKLOADS, ParamGroupProbeModule, SSLModule, SyntheticBatches, Workload
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -219,6 +220,17 @@ def build_variant(
     return module, callbacks
 
 
+def make_strategy(name: str, workload: Workload) -> Any:
+    """The strategy by name; DeepSpeed's is told the batch size, which it cannot read from a loader of ready batches.
+
+    (Lightning's DeepSpeed reads it from ``train_dataloader.batch_sampler``, which is None with ``batch_size=None``.)
+    """
+    if "deepspeed" not in name or name not in StrategyRegistry:
+        return name
+    entry = StrategyRegistry[name]  # the registration, not `.get`, which builds an instance without the batch size
+    return entry["strategy"](**{**entry["init_params"], "logging_batch_size_per_gpu": workload.batch_size})
+
+
 def run_variant(
     variant: str,
     workload: Workload,
@@ -243,7 +255,7 @@ def run_variant(
     trainer = pl.Trainer(
         accelerator=device.type if device.type == "cpu" else "gpu",
         devices=world,
-        strategy=args.strategy,
+        strategy=make_strategy(args.strategy, workload),
         precision=args.precision or workload.precision,
         max_steps=workload.warmup + workload.steps,
         limit_val_batches=0,
