@@ -59,7 +59,7 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         w=${what#profile-}
         stage "$what" $BENCH --workload "${w%%-*}" --profile "${w#*-}"
         ;;
-    multigpu) stage multigpu bash benchmarks/multigpu.sh 1 ;;
+    multigpu) stage multigpu bash benchmarks/multigpu.sh checks 1 ;;
     *) echo "unknown stage $what" && exit 2 ;;
     esac
 done
