@@ -217,3 +217,18 @@ def test_setting_total_steps_later_equals_knowing_them_at_build(scheduler):
         assert late.optimizer.param_groups[0]["lr"] == pytest.approx(early.optimizer.param_groups[0]["lr"])
     late.set_total_steps(100)  # too late: the scheduler has stepped
     assert late.optimizer.param_groups[0]["lr"] == pytest.approx(early.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_flag_is_found_inf_and_leaves_gradients_unchanged(dtype):
+    from distprobe.engine import maths
+
+    grads = [torch.randn(4, 3, dtype=dtype), torch.randn(3, dtype=dtype)]
+    before = [g.clone() for g in grads]
+    flag = maths.nonfinite_flag(grads)
+    assert flag.dtype == torch.float32 and flag.shape == () and float(flag) == 0.0
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        bad = [g.clone() for g in grads]
+        bad[1][2] = poison
+        assert float(maths.nonfinite_flag(bad)) == 1.0

@@ -5,6 +5,7 @@ They hold no state and never synchronise with the host: every decision is a devi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -31,11 +32,23 @@ def scale_for_accumulation(loss: torch.Tensor, accumulate_grad_batches: int) -> 
 
 
 def nonfinite_flag(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: True when any gradient holds a NaN or an infinity."""
+    """A 0-d float32 tensor on the gradients' device: 1.0 when any gradient holds a NaN or an infinity, else 0.0.
+
+    The value is GradScaler's ``found_inf``, which fused optimizers accept as is. It comes from GradScaler's own fused
+    check, with a unit scale that leaves the gradients unchanged: two kernels, however many tensors.
+    """
     if not grads:
-        return torch.zeros((), dtype=torch.bool)
-    norms = torch._foreach_norm(list(grads))
-    return ~torch.isfinite(torch.stack(norms).sum())
+        return torch.zeros((), dtype=torch.float32)
+    device = grads[0].device
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(list(grads), found, _unit_scale(device))
+    return found
+
+
+@functools.cache
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    # Read, never written, by the check above: one tensor per device for the whole process.
+    return torch.ones((), dtype=torch.float32, device=device)
 
 
 def clip_gradients(

@@ -150,35 +150,39 @@ class Probe:
         """Train on one micro-batch; step the optimizer when it closes an accumulation window."""
         accumulate = self.config.accumulate_grad_batches
         boundary = maths.is_boundary(self.micro_step, accumulate)
+        device = self._param().device
         x = to_probe_input(features, self._param())
-        targets = targets.to(self._param().device)
-        self.module.train()
+        targets = targets.to(device)
+        if not self.module.training:  # `train()` walks every submodule: only when someone switched to eval
+            self.module.train()
         # Micro-steps keep gradients local: the one all-reduce happens in the boundary's backward.
         no_sync = getattr(self.replica, "no_sync", None)
         sync_ctx = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
         # The probe trains in its own dtype, outside the main model's autocast and loss scaling: its gradients are
         # never scaled, so clipping sees true values and no GradScaler is involved.
-        with sync_ctx, torch.autocast(device_type=x.device.type, enabled=False):
+        in_autocast = torch.is_autocast_enabled(device.type)
+        outside_autocast = torch.autocast(device.type, enabled=False) if in_autocast else contextlib.nullcontext()
+        with sync_ctx, outside_autocast:
             preds = self.replica(x)
             loss = self.loss_fn(preds, targets)
             maths.scale_for_accumulation(loss, accumulate).backward()
         self.micro_step += 1
         if boundary:
-            self._optimizer_step()
+            self._optimizer_step(device)
         preds = preds.detach()
         return StepOutput(loss=loss.detach(), preds=preds, stepped=boundary)
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, device: torch.device) -> None:
         params = self._params()
         grads = [p.grad for p in params if p.grad is not None]
         # After the all-reduce every rank holds the same gradients, so every rank reaches the same verdict with no
         # extra collective; a non-finite value on any rank poisons the reduced gradient everywhere.
-        skip = maths.nonfinite_flag(grads).to(self._param().device)
+        found_inf = maths.nonfinite_flag(grads).to(device)
         maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
         if self._skips_on_device(params):
             # Fused optimizers skip the update themselves where `found_inf` is 1 (GradScaler's protocol), state and
             # step counter included: no copies, one kernel.
-            self.optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+            self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
             try:
                 self.optimizer.step()
             finally:
@@ -187,8 +191,8 @@ class Probe:
             # No need to clean the gradients first: whatever a non-finite step writes is put back just below.
             saved = self._snapshot()
             self.optimizer.step()
-            maths.restore_where(skip, *self._undo_targets(saved))
-        self.skipped_steps += skip
+            maths.restore_where(found_inf.bool(), *self._undo_targets(saved))
+        self.skipped_steps += found_inf.long()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
