@@ -1,4 +1,4 @@
-"""The overhead benchmark's CI form: every variant runs on the CPU for a few steps; no assertion on speed."""
+"""The benchmarks' CI forms: each runs on the CPU for a few steps; no assertion on speed."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
     else:
         assert {"spt_none", "spt_x1", "spt_x8"} <= set(rows)
     assert "| variant | median ms/step |" in proc.stdout
+
+
+def test_host_time_benchmark_smoke_prints_its_table() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--steps", "5", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "8"]
