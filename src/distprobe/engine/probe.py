@@ -150,8 +150,9 @@ class Probe:
         """Train on one micro-batch; step the optimizer when it closes an accumulation window."""
         accumulate = self.config.accumulate_grad_batches
         boundary = maths.is_boundary(self.micro_step, accumulate)
-        device = self._param().device
-        x = to_probe_input(features, self._param())
+        param = self._param()
+        device = param.device
+        x = to_probe_input(features, param)
         targets = targets.to(device)
         if not self.module.training:  # `train()` walks every submodule: only when someone switched to eval
             self.module.train()
