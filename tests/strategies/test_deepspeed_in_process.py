@@ -36,6 +36,5 @@ def test_deepspeed_trainers_in_sequence_train_the_probe(strategy: str, monkeypat
     before = [p.detach().clone() for p in probe.probe_spec.parameters()]
     fit = trainer([probe], max_epochs=1, strategy=strategy)
     fit.fit(Backbone(), loader(n=64), loader(n=64, seed=1))
-    assert probe.probe.optimizer is not fit.optimizers[0]
     assert any(not torch.equal(a, b) for a, b in zip(probe.probe.module.parameters(), before))
     assert float(fit.callback_metrics["eval/linear_top1"]) > 0.5
