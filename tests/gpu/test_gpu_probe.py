@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 import distprobe.strategies  # noqa: F401 - registers the distprobe_* names
 from distprobe.callbacks import OnlineProbe
 from distprobe.engine import Probe, ProbeConfig
+from helpers.optimizers import optimizer_tensor_ids
 
 pytestmark = pytest.mark.gpu
 
@@ -168,17 +169,6 @@ def test_online_probe_hook_in_a_trainer_never_syncs() -> None:
 STRATEGIES = ["distprobe_fsdp", "distprobe_fsdp2", "distprobe_deepspeed_stage_2", "distprobe_deepspeed_stage_3"]
 
 
-def _optimizer_tensor_ids(trainer: pl.Trainer) -> set[int]:
-    ids = set()
-    for optimizer in trainer.optimizers:
-        for group in optimizer.param_groups:
-            ids.update(id(p) for p in group["params"])
-        for attr in ("bit16_groups", "fp16_groups"):  # DeepSpeed ZeRO keeps the model's parameters here
-            for group in getattr(optimizer, attr, None) or []:
-                ids.update(id(p) for p in group)
-    return ids
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_on_one_gpu_trains_a_full_probe(strategy: str) -> None:
     """Under FSDP1, FSDP2 and ZeRO-2/3 on one GPU (bf16): the probe stays whole, out of the main optimizer, trains
@@ -210,7 +200,7 @@ def test_strategy_on_one_gpu_trains_a_full_probe(strategy: str) -> None:
     assert [tuple(p.shape) for p in params] == [(NUM_CLASSES, EMBED_DIM), (NUM_CLASSES,)]
     device = trainer.strategy.root_device
     assert all(type(p) is nn.Parameter and p.device == device and p.dtype == torch.float32 for p in params)
-    assert not {id(p) for p in params} & _optimizer_tensor_ids(trainer)
+    assert not {id(p) for p in params} & optimizer_tensor_ids(trainer)
     assert opener.checked == 3
     for step in before.steps:
         w, b = step["before"]

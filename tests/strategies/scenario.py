@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from distprobe.callbacks import OnlineProbe
+from helpers.optimizers import optimizer_tensor_ids
 
 NUM_SAMPLES = 32
 NUM_VAL_SAMPLES = 11  # odd: the validation sampler pads one rank with a repeated sample
@@ -147,17 +148,6 @@ def _flat(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float().clone() for p in module.parameters()])
 
 
-def _optimizer_tensor_ids(trainer: pl.Trainer) -> set[int]:
-    ids = set()
-    for optimizer in trainer.optimizers:
-        for group in optimizer.param_groups:
-            ids.update(id(p) for p in group["params"])
-        for attr in ("bit16_groups", "fp16_groups"):  # DeepSpeed ZeRO keeps the model's parameters here
-            for group in getattr(optimizer, attr, None) or []:
-                ids.update(id(p) for p in group)
-    return ids
-
-
 def _sharding_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, callback: OnlineProbe) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
@@ -170,8 +160,8 @@ def _sharding_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, callback
         "backbone_local_numel": (weight.to_local() if isinstance(weight, DTensor) else weight).numel(),
         "backbone_full_numel": EMBED_DIM * IN_DIM,
         "backbone_ds_partitioned": hasattr(weight, "ds_id"),
-        "backbone_in_optimizer": id(weight) in _optimizer_tensor_ids(trainer),
-        "probe_in_optimizer": bool(probe_ids & _optimizer_tensor_ids(trainer)),
+        "backbone_in_optimizer": id(weight) in optimizer_tensor_ids(trainer),
+        "probe_in_optimizer": bool(probe_ids & optimizer_tensor_ids(trainer)),
         "probe_types": sorted({type(p).__name__ for p in probe.parameters()}),
         "probe_shapes": [tuple(p.shape) for p in probe.parameters()],
         "probe_dtypes": sorted({str(p.dtype) for p in probe.parameters()}),
