@@ -104,13 +104,8 @@ class TrainableCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Keyed by name, never by position: adding, removing or reordering probes keeps each one's state. Built once:
-        # Lightning reads it on every hook call of every callback (its profiler's action names).
-        key = self.__dict__.get("_state_key")
-        if key is None or key[0] != self.name:
-            key = (self.name, self._generate_state_key(name=self.name))
-            self.__dict__["_state_key"] = key
-        return key[1]
+        # Keyed by name, never by position: adding, removing or reordering probes keeps each one's state.
+        return self._generate_state_key(name=self.name)
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         modules = _registry(pl_module, "callbacks_modules")
