@@ -19,8 +19,14 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 MODE=all
 case ${1:-} in checks | overhead | all) MODE=$1 && shift ;; esac
-GPUS=$(nvidia-smi -L | wc -l)
 SIZES=${*:-1 2 4 8}
+for n in $SIZES; do
+    if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
+        echo "multigpu.sh: world size '$n' is not a positive integer; usage: multigpu.sh [checks|overhead|all] [sizes...]" >&2
+        exit 2
+    fi
+done
+GPUS=$(nvidia-smi -L | wc -l)
 STRATEGIES="distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3"
 status=0
 for n in $SIZES; do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,18 @@ def test_host_time_benchmark_smoke_prints_its_table() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "8"]
+
+
+def test_multigpu_script_refuses_a_world_size_that_is_not_a_number(tmp_path: Path) -> None:
+    """A mistyped mode ("check") would otherwise be taken for a world size and fail later inside torchrun."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "multigpu.sh"), "check", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "OUT": str(tmp_path)},
+    )
+    assert proc.returncode == 2
+    assert "world size 'check' is not a positive integer" in proc.stderr
+    assert "usage: multigpu.sh [checks|overhead|all]" in proc.stderr
