@@ -10,6 +10,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 N=${1:-2}
+if ! [[ $N =~ ^[1-9][0-9]*$ ]]; then
+    echo "ddp_scaling.sh: world size '$N' is not a positive integer; usage: ddp_scaling.sh [world size]" >&2
+    exit 2
+fi
 BENCH="benchmarks/overhead.py --workload vit --variants none --rounds 2 --steps 20"
 
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader,nounits -lms 500 >"$OUT/smi.csv" &

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,10 +51,11 @@ def test_host_time_benchmark_smoke_prints_its_table() -> None:
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "8"]
 
 
-def test_multigpu_script_refuses_a_world_size_that_is_not_a_number(tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", ["multigpu.sh", "ddp_scaling.sh"])
+def test_gpu_scripts_refuse_a_world_size_that_is_not_a_number(script: str, tmp_path: Path) -> None:
     """A mistyped mode ("check") would otherwise be taken for a world size and fail later inside torchrun."""
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "multigpu.sh"), "check", "2"],
+        ["bash", str(ROOT / "benchmarks" / script), "check", "2"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -61,4 +64,4 @@ def test_multigpu_script_refuses_a_world_size_that_is_not_a_number(tmp_path: Pat
     )
     assert proc.returncode == 2
     assert "world size 'check' is not a positive integer" in proc.stderr
-    assert "usage: multigpu.sh [checks|overhead|all]" in proc.stderr
+    assert f"usage: {script}" in proc.stderr
