@@ -27,7 +27,8 @@ for n in $SIZES; do
     fi
 done
 GPUS=$(nvidia-smi -L | wc -l)
-STRATEGIES="distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3"
+# STRATEGIES="distprobe_fsdp distprobe_fsdp2" narrows a run to some strategies (a call to the device is time-limited).
+STRATEGIES=${STRATEGIES:-distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3}
 status=0
 for n in $SIZES; do
     if ((n > GPUS)); then
