@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/multigpu.sh [checks|overhead|all] [world sizes...]     # default: all, sizes 1 2 4 8
 #   bash benchmarks/multigpu.sh checks 1 2
+#   STRATEGIES="distprobe_fsdp2" ROUNDS=8 STEPS=40 bash benchmarks/multigpu.sh overhead 1 2
 #
 # checks:   for every world size and strategy (DDP, FSDP1, FSDP2, ZeRO-2, ZeRO-3; bf16-mixed), probe replicas bitwise
 #           identical, exact eval metric, probe all-reduce bytes per step (a DDP comm hook) - multigpu_check.py - then
@@ -27,6 +28,9 @@ for n in $SIZES; do
     fi
 done
 GPUS=$(nvidia-smi -L | wc -l)
+# ROUNDS and STEPS lengthen the overhead runs (default 3 x 20).
+ROUNDS=${ROUNDS:-3}
+STEPS=${STEPS:-20}
 # STRATEGIES="distprobe_fsdp distprobe_fsdp2" narrows a run to some strategies (a call to the device is time-limited).
 STRATEGIES=${STRATEGIES:-distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3}
 status=0
@@ -44,7 +48,7 @@ for n in $SIZES; do
         if [[ $MODE != checks ]]; then
             echo "=== overhead $s on $n GPUs"
             torchrun --standalone --nproc_per_node="$n" benchmarks/overhead.py --workload vit --strategy "$s" \
-                --variants none,distprobe_x1,distprobe_x8 --rounds 3 --steps 20 --json "$OUT/overhead-$s-$n.json" \
+                --variants none,distprobe_x1,distprobe_x8 --rounds "$ROUNDS" --steps "$STEPS" --json "$OUT/overhead-$s-$n.json" \
                 2>&1 | tee "$OUT/overhead-$s-$n.log" | grep -E '^\| [nd]|failed' || status=1
         fi
     done
