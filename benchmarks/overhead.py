@@ -55,8 +55,10 @@ import distprobe.strategies  # noqa: F401 - registers the distprobe_* strategy n
 from distprobe.callbacks import OnlineProbe
 
 VARIANTS = ("none", "distprobe_x1", "distprobe_x8", "spt_none", "spt_x1", "spt_x8", "paramgroup")
-#: Diagnostic variants, run only when named: distprobe's probe step and metric update without Lightning's logging.
-DIAGNOSTIC = ("nolog_x1", "nolog_x8")
+#: Diagnostic variants, run only when named. nolog: distprobe's probe step and metric update without Lightning's
+#: logging. local: probes replicated over each rank's own one-rank group, so a multi-GPU run has no probe collective
+#: (the replicas then diverge: for timing only).
+DIAGNOSTIC = ("nolog_x1", "nolog_x8", "local_x1", "local_x8")
 BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none"}
 SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8"}
 
@@ -204,7 +206,7 @@ def build_variant(
     if variant == "paramgroup":
         return ParamGroupProbeModule(backbone, workload.embed_dim, workload.num_classes), []
     module = SSLModule(backbone, workload.embed_dim)
-    probe_cls = UnloggedOnlineProbe if variant.startswith("nolog") else OnlineProbe
+    probe_cls = UnloggedOnlineProbe if variant.startswith("nolog") else OnlineProbe  # local: see make_strategy
     callbacks: list[Callback] = [
         probe_cls(
             None,
@@ -220,15 +222,33 @@ def build_variant(
     return module, callbacks
 
 
-def make_strategy(name: str, workload: Workload) -> Any:
+def make_strategy(name: str, workload: Workload, variant: str = "none") -> Any:
     """The strategy by name; DeepSpeed's is told the batch size, which it cannot read from a loader of ready batches.
 
     (Lightning's DeepSpeed reads it from ``train_dataloader.batch_sampler``, which is None with ``batch_size=None``.)
+    For the ``local`` variants the probes' group is each rank's own (see DIAGNOSTIC).
     """
-    if "deepspeed" not in name or name not in StrategyRegistry:
-        return name
+    if not variant.startswith("local"):
+        if "deepspeed" not in name or name not in StrategyRegistry:
+            return name
+    elif name not in StrategyRegistry:
+        raise SystemExit(f"variant {variant} needs a registered --strategy such as distprobe_ddp, not {name!r}")
     entry = StrategyRegistry[name]  # the registration, not `.get`, which builds an instance without the batch size
-    return entry["strategy"](**{**entry["init_params"], "logging_batch_size_per_gpu": workload.batch_size})
+    params = dict(entry["init_params"])
+    if "deepspeed" in name:
+        params["logging_batch_size_per_gpu"] = workload.batch_size
+    strategy = entry["strategy"](**params)
+    if variant.startswith("local"):
+        strategy.__class__ = type(f"Local{type(strategy).__name__}", (type(strategy),), {"probe_process_group": _own})
+    return strategy
+
+
+@property  # type: ignore[misc]
+def _own(strategy: Any) -> Any:
+    """This rank's one-rank group, made once (creating subgroups is a collective every rank enters together)."""
+    if not hasattr(strategy, "_own_rank_group"):
+        strategy._own_rank_group, _ = torch.distributed.new_subgroups(group_size=1)
+    return strategy._own_rank_group
 
 
 def run_variant(
@@ -255,7 +275,7 @@ def run_variant(
     trainer = pl.Trainer(
         accelerator=device.type if device.type == "cpu" else "gpu",
         devices=world,
-        strategy=make_strategy(args.strategy, workload),
+        strategy=make_strategy(args.strategy, workload, variant),
         precision=args.precision or workload.precision,
         max_steps=workload.warmup + workload.steps,
         limit_val_batches=0,
@@ -367,7 +387,7 @@ def sync_check(workload: Workload, variants: list[str], args: argparse.Namespace
         guard_close = SyncGuard(skip, opener=guard_open)
 
         def extra(probes, v=v, counter=counter, guard_open=guard_open, guard_close=guard_close):
-            guards = v.startswith(("distprobe", "nolog")) and probes
+            guards = v.startswith(("distprobe", "nolog", "local")) and probes
             return ([guard_open] if guards else []), ([guard_close] if guards else []), [counter]
 
         error = None
