@@ -48,8 +48,8 @@ for n in $SIZES; do
         if [[ $MODE != checks ]]; then
             echo "=== overhead $s on $n GPUs"
             torchrun --standalone --nproc_per_node="$n" benchmarks/overhead.py --workload vit --strategy "$s" \
-                --variants none,distprobe_x1,distprobe_x8 --rounds "$ROUNDS" --steps "$STEPS" --json "$OUT/overhead-$s-$n.json" \
-                2>&1 | tee "$OUT/overhead-$s-$n.log" | grep -E '^\| [nd]|failed' || status=1
+                --variants none,distprobe_x1,distprobe_x8 --rounds "$ROUNDS" --steps "$STEPS" \
+                --json "$OUT/overhead-$s-$n.json" 2>&1 | tee "$OUT/overhead-$s-$n.log" | grep -E '^\| [nd]|failed' || status=1
         fi
     done
 done

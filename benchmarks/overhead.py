@@ -237,14 +237,13 @@ def make_strategy(name: str, workload: Workload, variant: str = "none") -> Any:
     params = dict(entry["init_params"])
     if "deepspeed" in name:
         params["logging_batch_size_per_gpu"] = workload.batch_size
-    strategy = entry["strategy"](**params)
+    cls = entry["strategy"]
     if variant.startswith("local"):
-        strategy.__class__ = type(f"Local{type(strategy).__name__}", (type(strategy),), {"probe_process_group": _own})
-    return strategy
+        cls = type(f"Local{cls.__name__}", (cls,), {"probe_process_group": property(own_rank_group)})
+    return cls(**params)
 
 
-@property  # type: ignore[misc]
-def _own(strategy: Any) -> Any:
+def own_rank_group(strategy: Any) -> Any:
     """This rank's one-rank group, made once (creating subgroups is a collective every rank enters together)."""
     if not hasattr(strategy, "_own_rank_group"):
         strategy._own_rank_group, _ = torch.distributed.new_subgroups(group_size=1)
