@@ -228,17 +228,15 @@ def make_strategy(name: str, workload: Workload, variant: str = "none") -> Any:
     (Lightning's DeepSpeed reads it from ``train_dataloader.batch_sampler``, which is None with ``batch_size=None``.)
     For the ``local`` variants the probes' group is each rank's own (see DIAGNOSTIC).
     """
-    if not variant.startswith("local"):
-        if "deepspeed" not in name or name not in StrategyRegistry:
-            return name
-    elif name not in StrategyRegistry:
-        raise SystemExit(f"variant {variant} needs a registered --strategy such as distprobe_ddp, not {name!r}")
+    local = variant.startswith("local")
+    if name not in StrategyRegistry or not (local or "deepspeed" in name):
+        return name
     entry = StrategyRegistry[name]  # the registration, not `.get`, which builds an instance without the batch size
     params = dict(entry["init_params"])
     if "deepspeed" in name:
         params["logging_batch_size_per_gpu"] = workload.batch_size
     cls = entry["strategy"]
-    if variant.startswith("local"):
+    if local:
         cls = type(f"Local{cls.__name__}", (cls,), {"probe_process_group": property(own_rank_group)})
     return cls(**params)
 
@@ -502,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS + DIAGNOSTIC]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC)}")
+    local = [v for v in variants if v.startswith("local")]
+    if local and args.strategy not in StrategyRegistry:
+        raise SystemExit(
+            f"variants {local} replace the probes' group of a registered strategy; got --strategy {args.strategy!r}. "
+            "Pass one such as --strategy distprobe_ddp."
+        )
 
     # Imported whenever it is installed, even for distprobe-only runs: its Lightning entry point loads its callbacks
     # (and their imports) into every Trainer, so the stand-ins must be in place first.

@@ -65,3 +65,43 @@ def test_gpu_scripts_refuse_a_world_size_that_is_not_a_number(script: str, tmp_p
     assert proc.returncode == 2
     assert "world size 'check' is not a positive integer" in proc.stderr
     assert f"usage: {script}" in proc.stderr
+
+
+def test_local_variant_runs_on_two_ranks() -> None:
+    """``local_x1`` gives each rank its own one-rank probe group: the subgroup collective must not hang the ranks."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "benchmarks" / "overhead.py"),
+            "--smoke",
+            "--strategy",
+            "distprobe_ddp",
+            "--variants",
+            "none,local_x1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # A variant that raised prints "| local_x1 | failed: ... |" instead of its step time.
+    (row,) = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| local_x1 |")]
+    assert float(row[2]) > 0, row
+
+
+def test_local_variant_refuses_a_strategy_it_cannot_change() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--smoke", "--variants", "none,local_x8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "got --strategy 'auto'" in proc.stderr
+    assert "--strategy distprobe_ddp" in proc.stderr
