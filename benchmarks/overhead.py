@@ -552,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         results["workloads"][name] = {"precision": precision, "rows": rows}
     if args.json and rank() == 0:
         args.json.write_text(json.dumps(results, indent=2, default=str))
+    if torch.distributed.is_initialized():
+        # Under torchrun the Trainers leave the process group up; tearing it down at interpreter exit instead
+        # sometimes aborts a gloo rank ("terminate called without an active exception") after a successful run.
+        torch.distributed.destroy_process_group()
     return 0
 
 
