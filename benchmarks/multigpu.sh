@@ -21,18 +21,32 @@ export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 MODE=all
 case ${1:-} in checks | overhead | all) MODE=$1 && shift ;; esac
 SIZES=${*:-1 2 4 8}
+usage="usage: multigpu.sh [checks|overhead|all] [sizes...]"
 for n in $SIZES; do
     if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then
-        echo "multigpu.sh: world size '$n' is not a positive integer; usage: multigpu.sh [checks|overhead|all] [sizes...]" >&2
+        echo "multigpu.sh: world size '$n' is not a positive integer; $usage" >&2
+        exit 2
+    fi
+done
+# ROUNDS and STEPS lengthen the overhead runs (default 3 x 20).
+ROUNDS=${ROUNDS:-3}
+STEPS=${STEPS:-20}
+for var in ROUNDS STEPS; do
+    if ! [[ ${!var} =~ ^[1-9][0-9]*$ ]]; then
+        echo "multigpu.sh: $var='${!var}' is not a positive integer; e.g. ROUNDS=8 STEPS=40" >&2
+        exit 2
+    fi
+done
+# STRATEGIES="distprobe_fsdp distprobe_fsdp2" narrows a run to some strategies (a call to the device is time-limited).
+KNOWN="distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3"
+STRATEGIES=${STRATEGIES:-$KNOWN}
+for s in $STRATEGIES; do
+    if ! [[ " $KNOWN " == *" $s "* ]]; then
+        echo "multigpu.sh: STRATEGIES names '$s'; choose from: $KNOWN" >&2
         exit 2
     fi
 done
 GPUS=$(nvidia-smi -L | wc -l)
-# ROUNDS and STEPS lengthen the overhead runs (default 3 x 20).
-ROUNDS=${ROUNDS:-3}
-STEPS=${STEPS:-20}
-# STRATEGIES="distprobe_fsdp distprobe_fsdp2" narrows a run to some strategies (a call to the device is time-limited).
-STRATEGIES=${STRATEGIES:-distprobe_ddp distprobe_fsdp distprobe_fsdp2 distprobe_deepspeed_stage_2 distprobe_deepspeed_stage_3}
 status=0
 for n in $SIZES; do
     if ((n > GPUS)); then

@@ -105,3 +105,25 @@ def test_local_variant_refuses_a_strategy_it_cannot_change() -> None:
     assert proc.returncode != 0
     assert "got --strategy 'auto'" in proc.stderr
     assert "--strategy distprobe_ddp" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ROUNDS": "three"}, "ROUNDS='three' is not a positive integer"),
+        ({"STEPS": "0"}, "STEPS='0' is not a positive integer"),
+        ({"STRATEGIES": "distprobe_ddp fsdp"}, "STRATEGIES names 'fsdp'; choose from: distprobe_ddp"),
+    ],
+)
+def test_multigpu_script_refuses_bad_settings_before_any_run(env: dict[str, str], message: str, tmp_path: Path) -> None:
+    """Checked up front: on the GPU machine a bad value would otherwise surface only after minutes of device time."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "multigpu.sh"), "overhead", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "OUT": str(tmp_path), **env},
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
