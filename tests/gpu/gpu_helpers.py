@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from helpers.models import RandomPoints
 
 IN_DIM = 16
 EMBED_DIM = 32
@@ -17,23 +19,10 @@ NUM_CLASSES = 4
 BATCH = 8
 
 
-class Points(Dataset):
-    def __init__(self, size: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(size, IN_DIM, generator=g)
-        self.y = torch.randint(0, NUM_CLASSES, (size,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"x": self.x[i], "label": self.y[i]}
-
-
 def loaders(train: int = 32, val: int = 10) -> tuple[DataLoader, DataLoader]:
     return (
-        DataLoader(Points(train, seed=0), batch_size=BATCH, shuffle=False),
-        DataLoader(Points(val, seed=1), batch_size=BATCH, shuffle=False),
+        DataLoader(RandomPoints(train, seed=0, in_dim=IN_DIM, num_classes=NUM_CLASSES), batch_size=BATCH),
+        DataLoader(RandomPoints(val, seed=1, in_dim=IN_DIM, num_classes=NUM_CLASSES), batch_size=BATCH),
     )
 
 

@@ -31,6 +31,21 @@ class SeparableData(Dataset):
         return {"x": self.x[i], "label": self.y[i], "meta": {"label": self.y[i]}, "index": i}
 
 
+class RandomPoints(Dataset):
+    """Standard-normal points with uniform random labels; items are ``{"x", "label", "idx"}``."""
+
+    def __init__(self, size: int, seed: int, in_dim: int, num_classes: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(size, in_dim, generator=g)
+        self.y = torch.randint(0, num_classes, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.x[i], "label": self.y[i], "idx": i}
+
+
 class Backbone(pl.LightningModule):
     """A linear backbone trained on a label-free loss; returns its embedding in a nested outputs dict."""
 

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from distprobe.callbacks import OnlineProbe
+from helpers.models import RandomPoints
 from helpers.optimizers import optimizer_tensor_ids
 
 NUM_SAMPLES = 32
@@ -59,17 +60,9 @@ class Spec:
     """Whether the LightningModule registers ``callbacks_modules`` itself (the hard case) or leaves it a plain dict."""
 
 
-class PointDataset(Dataset):
+class PointDataset(RandomPoints):
     def __init__(self, size: int = NUM_SAMPLES, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(size, IN_DIM, generator=g)
-        self.y = torch.randint(0, NUM_CLASSES, (size,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"x": self.x[i], "label": self.y[i], "idx": i}
+        super().__init__(size, seed, in_dim=IN_DIM, num_classes=NUM_CLASSES)
 
 
 class Backbone(pl.LightningModule):
