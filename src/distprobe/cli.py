@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress-bar", action="store_true")
     demo.set_defaults(run=_demo)
     try:
-        from distprobe.launch.cli import add_submit_arguments, run_submit
+        from distprobe.cluster.cli import add_submit_arguments, run_submit
     except ImportError:  # the launcher is optional until it lands
         pass
     else:

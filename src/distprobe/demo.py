@@ -356,7 +356,7 @@ def build_training(
     Args:
         config: the run's settings; ``config.devices`` processes per node.
         num_nodes: nodes of a launched job (its processes are started by the launcher, not by Lightning).
-        plugins: Lightning plug-ins, e.g. `distprobe.launch.lightning_plugins()`.
+        plugins: Lightning plug-ins, e.g. `distprobe.cluster.lightning_plugins()`.
         callbacks: more callbacks, after the probes and ``config.extra_callbacks``.
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -426,7 +426,7 @@ def train(
 ) -> dict[str, Any]:
     """The demo as a launcher entry point: ``distprobe submit ... distprobe.demo:train epochs=3``.
 
-    Runs in every task of a job that `distprobe.launch.submit` started (or alone): it trains with DDP over gloo
+    Runs in every task of a job that `distprobe.cluster.submit` started (or alone): it trains with DDP over gloo
     across the job's tasks, saves a checkpoint on every rank at the step after a preemption signal, and resumes from
     the job's last preemption checkpoint when requeued. The data order and the augmentations depend on the epoch
     and the step only, so a resumed run trains exactly as an uninterrupted one would.
@@ -446,7 +446,7 @@ def train(
         None) and ``restarts`` (``SLURM_RESTART_COUNT``, 0 elsewhere). Rank 0 also writes it to
         ``<job folder>/demo-result.json``.
     """
-    from distprobe.launch import PreemptionCheckpoint, last_checkpoint, lightning_plugins
+    from distprobe.cluster import PreemptionCheckpoint, last_checkpoint, lightning_plugins
 
     job_folder = os.environ.get("DISTPROBE_JOB_FOLDER")
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from distprobe.launch import ClusterConfig, submit
-from distprobe.launch.cli import add_submit_arguments, function_arguments, run_submit
-from distprobe.launch.entry import EntryPoint
+from distprobe.cluster import ClusterConfig, submit
+from distprobe.cluster.cli import add_submit_arguments, function_arguments, run_submit
+from distprobe.cluster.entry import EntryPoint
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -64,11 +64,11 @@ def test_bad_entry_points_fail_before_anything_is_submitted(tmp_path):
     with pytest.raises(ValueError, match=r"no module named 'no_such_module_xyz'"):
         submit("no_such_module_xyz:main", config)
     with pytest.raises(ValueError, match=r"has no callable 'trian'; callables defined there: \['environment', 'main'"):
-        submit("distprobe.launch.smoke:trian", config)
+        submit("distprobe.cluster.smoke:trian", config)
     with pytest.raises(ValueError, match="neither 'module:function' nor the path"):
         submit("train", config)
     with pytest.raises(ValueError, match="expected a ClusterConfig"):
-        submit("distprobe.launch.smoke:train", {"cluster": "local"})  # type: ignore[arg-type]
+        submit("distprobe.cluster.smoke:train", {"cluster": "local"})  # type: ignore[arg-type]
     # submitit creates the job folder when an executor is made: its absence proves nothing was submitted.
     assert not folder.exists()
 
@@ -77,18 +77,18 @@ def test_entry_point_kinds(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("print('hi')\n")
     assert EntryPoint.resolve(str(script)).kind == "script"
-    assert EntryPoint.resolve("distprobe.launch.smoke:train").kind == "module"
+    assert EntryPoint.resolve("distprobe.cluster.smoke:train").kind == "module"
     assert EntryPoint.resolve(print).kind == "callable"
 
 
 def test_cli_options_are_the_dataclass_fields():
-    namespace = _parse(["distprobe.launch.smoke:train"])
+    namespace = _parse(["distprobe.cluster.smoke:train"])
     dests = {name.removeprefix("submit_") for name in vars(namespace) if name.startswith("submit_")}
     assert {f.name for f in dataclasses.fields(ClusterConfig)} <= dests
 
 
 def test_cli_builds_the_config():
-    from distprobe.launch.cli import config_from_args
+    from distprobe.cluster.cli import config_from_args
 
     args = _parse(
         [
@@ -123,7 +123,7 @@ def test_cli_reports_bad_parameters_without_submitting(tmp_path, capsys):
                 f"--folder={folder}/%j",
                 "--tasks-per-node=3",
                 "--gpus-per-node=2",
-                "distprobe.launch.smoke:train",
+                "distprobe.cluster.smoke:train",
             ]
         )
     )

@@ -1,12 +1,12 @@
-"""``distprobe submit``: the command-line face of `distprobe.launch.submit` and `render_sbatch`.
+"""``distprobe submit``: the command-line face of `distprobe.cluster.submit` and `render_sbatch`.
 
 The main CLI adds the sub-command with `add_submit_arguments(parser)` and runs it with `run_submit(args)`;
-``python -m distprobe.launch`` runs the same thing on its own. The cluster options are derived from the fields of
+``python -m distprobe.cluster`` runs the same thing on its own. The cluster options are derived from the fields of
 `ClusterConfig` (name, type, help), so a new field is a new option with no change here.
 
-    python -m distprobe.launch --cluster local --tasks-per-node 2 --wait distprobe.launch.smoke:train steps=40
-    python -m distprobe.launch --nodes 2 --tasks-per-node 8 --gpus-per-node 8 train.py --lr 0.1
-    python -m distprobe.launch --render-sbatch requeue --partition gpu train.py > job.sbatch
+    python -m distprobe.cluster --cluster local --tasks-per-node 2 --wait distprobe.cluster.smoke:train steps=40
+    python -m distprobe.cluster --nodes 2 --tasks-per-node 8 --gpus-per-node 8 train.py --lr 0.1
+    python -m distprobe.cluster --render-sbatch requeue --partition gpu train.py > job.sbatch
 
 Options go before the entry point; everything after it belongs to the entry point (as with srun and torchrun).
 """
@@ -25,8 +25,8 @@ import types
 from collections.abc import Sequence
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from distprobe.launch.config import ClusterConfig
-from distprobe.launch.entry import EntryPoint
+from distprobe.cluster.config import ClusterConfig
+from distprobe.cluster.entry import EntryPoint
 
 _DEST_PREFIX = "submit_"
 # Fields that need a collecting option rather than a plain value.
@@ -88,7 +88,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     hints = get_type_hints(ClusterConfig)
     docs = _field_docs(ClusterConfig)
     defaults = ClusterConfig()
-    group = parser.add_argument_group("cluster", "fields of distprobe.launch.ClusterConfig")
+    group = parser.add_argument_group("cluster", "fields of distprobe.cluster.ClusterConfig")
     for field in dataclasses.fields(ClusterConfig):
         if field.name in _SPECIAL:
             continue
@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
 
 
 def _render(args: argparse.Namespace, config: ClusterConfig) -> str:
-    from distprobe.launch.sbatch import render_sbatch
+    from distprobe.cluster.sbatch import render_sbatch
 
     entry = EntryPoint.resolve(args.entry_point)
     if entry.kind != "script":
@@ -195,7 +195,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
     Bad parameters are reported on stderr (status 2) before anything is submitted.
     """
-    from distprobe.launch.submitit_launcher import submit
+    from distprobe.cluster.submitit_launcher import submit
 
     try:
         config = config_from_args(args)
@@ -223,9 +223,9 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m distprobe.launch``: the ``distprobe submit`` command on its own."""
+    """``python -m distprobe.cluster``: the ``distprobe submit`` command on its own."""
     parser = argparse.ArgumentParser(
-        prog="python -m distprobe.launch", description="Submit a training to Slurm (or run it locally)."
+        prog="python -m distprobe.cluster", description="Submit a training to Slurm (or run it locally)."
     )
     add_submit_arguments(parser)
     args = parser.parse_args(argv)

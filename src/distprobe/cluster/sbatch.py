@@ -10,7 +10,7 @@ A template is a plain sbatch script with ``{{ name }}`` placeholders. Rules, so 
 - a value with a newline, a carriage return or a NUL byte is refused: no quoting makes it one line.
 
 Example:
-    >>> from distprobe.launch.config import ClusterConfig
+    >>> from distprobe.cluster.config import ClusterConfig
     >>> script = render_sbatch("single-node", ClusterConfig(partition="gpu"), ["train.py", "--lr", "0.1"])
     >>> "#SBATCH --partition=gpu" in script
     True
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
-from distprobe.launch.config import ClusterConfig, check_shell_safe
+from distprobe.cluster.config import ClusterConfig, check_shell_safe
 
 TemplateName = Literal["single-node", "multi-node-srun", "multi-node-torchrun", "requeue"]
 
@@ -158,9 +158,9 @@ def render_sbatch(
     Args:
         template: one of ``"single-node"``, ``"multi-node-srun"``, ``"multi-node-torchrun"``, ``"requeue"``, or the
             path of an edited template.
-        config: the same cluster parameters as `distprobe.launch.submit` (``cluster`` must be ``"slurm"``).
+        config: the same cluster parameters as `distprobe.cluster.submit` (``cluster`` must be ``"slurm"``).
         program: what runs in every task after the Python interpreter: ``["train.py", "--lr", "0.1"]`` or
-            ``["-m", "distprobe.launch.smoke", ...]``; for ``multi-node-torchrun``, what torchrun runs.
+            ``["-m", "distprobe.cluster.smoke", ...]``; for ``multi-node-torchrun``, what torchrun runs.
         python: the interpreter on the compute nodes; default: this one (`sys.executable`).
 
     Returns:

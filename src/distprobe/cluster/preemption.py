@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from typing_extensions import override
 
-from distprobe.launch.signals import (
+from distprobe.cluster.signals import (
     CHECKPOINT_DIR_ENV,
     COMPLETE_SUFFIX,
     PreemptionSignal,
@@ -111,7 +111,7 @@ class PreemptionCheckpoint(Callback):
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             raise PreemptionSetupError(
                 "PreemptionCheckpoint: Lightning's SLURM auto-requeue is on, so two mechanisms would requeue this "
-                "job. Pass Trainer(plugins=distprobe.launch.lightning_plugins()) or "
+                "job. Pass Trainer(plugins=distprobe.cluster.lightning_plugins()) or "
                 "plugins=[SLURMEnvironment(auto_requeue=False)]."
             )
         self.dirpath = self._dirpath_arg or checkpoint_dir() or Path(trainer.default_root_dir) / "preemption"

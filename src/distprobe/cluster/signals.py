@@ -1,6 +1,6 @@
 """The preemption flag and the checkpoint folder, without Lightning (the launcher imports this in every task).
 
-See `distprobe.launch.preemption` for the whole mechanism.
+See `distprobe.cluster.preemption` for the whole mechanism.
 """
 
 from __future__ import annotations

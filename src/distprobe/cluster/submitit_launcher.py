@@ -1,8 +1,8 @@
 """Submit a training entry point through submitit, one code path for Slurm, local processes and debug.
 
 Example:
-    >>> from distprobe.launch import ClusterConfig, submit
-    >>> job = submit("distprobe.launch.smoke:environment", ClusterConfig(cluster="debug"))  # doctest: +SKIP
+    >>> from distprobe.cluster import ClusterConfig, submit
+    >>> job = submit("distprobe.cluster.smoke:environment", ClusterConfig(cluster="debug"))  # doctest: +SKIP
     >>> job.result()["world_size"]  # doctest: +SKIP
     1
 """
@@ -18,9 +18,9 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, TorchDistributedEnvironment
 
-from distprobe.launch.config import ClusterConfig
-from distprobe.launch.entry import EntryPoint
-from distprobe.launch.signals import CHECKPOINT_DIR_ENV, preemption_signal
+from distprobe.cluster.config import ClusterConfig
+from distprobe.cluster.entry import EntryPoint
+from distprobe.cluster.signals import CHECKPOINT_DIR_ENV, preemption_signal
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class LaunchedTask(Checkpointable):
     """What submitit runs in every task: set up the distributed environment, then call the entry point.
 
     It is `Checkpointable`, so submitit requeues it on preemption; its state is only the entry point, because the
-    training state lives in the preemption checkpoints of the job folder (`distprobe.launch.last_checkpoint`).
+    training state lives in the preemption checkpoints of the job folder (`distprobe.cluster.last_checkpoint`).
     """
 
     def __init__(self, entry: EntryPoint, folder: str) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from distprobe.launch import ClusterConfig
-from distprobe.launch.sbatch import render_sbatch, templates_dir
+from distprobe.cluster import ClusterConfig
+from distprobe.cluster.sbatch import render_sbatch, templates_dir
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 TEMPLATES = ["single-node", "multi-node-srun", "multi-node-torchrun", "requeue"]
@@ -73,7 +73,7 @@ def test_hostile_values_stay_single_words():
 
 
 def test_program_words_reach_the_program_unchanged(tmp_path):
-    """Run the rendered launch line with stand-ins for srun and scontrol (the real ones: tests/launch/test_slurm.py)."""
+    """Run the rendered launch line with stand-ins for srun and scontrol (the real ones: test_launch_slurm.py)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')

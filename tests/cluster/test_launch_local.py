@@ -19,14 +19,14 @@ from launch_helpers import DEMO, DEMO_ARGS, STEPS, max_probe_difference, wait_fo
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from distprobe.launch import ClusterConfig, PreemptionCheckpoint, PreemptionSignal, last_checkpoint, submit
+from distprobe.cluster import ClusterConfig, PreemptionCheckpoint, PreemptionSignal, last_checkpoint, submit
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def test_local_two_tasks_get_the_torch_distributed_environment(tmp_path):
     job = submit(
-        "distprobe.launch.smoke:environment",
+        "distprobe.cluster.smoke:environment",
         ClusterConfig(cluster="local", tasks_per_node=2, folder=str(tmp_path / "%j")),
     )
     results = job.results()

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from launch_helpers import DEMO, DEMO_ARGS, STEPS, max_probe_difference, wait_for_progress
 
-from distprobe.launch import ClusterConfig, submit
-from distprobe.launch.cli import add_submit_arguments, run_submit
-from distprobe.launch.sbatch import render_sbatch
+from distprobe.cluster import ClusterConfig, submit
+from distprobe.cluster.cli import add_submit_arguments, run_submit
+from distprobe.cluster.sbatch import render_sbatch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 
@@ -54,7 +54,7 @@ def _restarts(job_id: str) -> int:
 
 def test_slurm_two_tasks_get_the_torch_distributed_environment(slurm_cluster, tmp_path):
     config = ClusterConfig(tasks_per_node=2, folder=str(tmp_path / "%j"), time_min=TIME_MIN)
-    job = submit("distprobe.launch.smoke:environment", config)
+    job = submit("distprobe.cluster.smoke:environment", config)
     results = job.results()
     assert [(r["rank"], r["world_size"], r["local_rank"]) for r in results] == [(0, 2, 0), (1, 2, 1)]
     assert [r["rank_sum"] for r in results] == [1, 1]
@@ -123,7 +123,7 @@ def test_slurm_preemption_of_the_demo_checkpoints_requeues_resumes_and_matches(
 
 
 def test_slurm_runs_a_rendered_template_and_refuses_a_hostile_partition(slurm_cluster, tmp_path):
-    program = ["-m", "distprobe.launch.smoke", "environment"]
+    program = ["-m", "distprobe.cluster.smoke", "environment"]
     hostile = render_sbatch(
         "single-node", ClusterConfig(partition="a;touch pwned", folder=str(tmp_path / "%j")), program
     )

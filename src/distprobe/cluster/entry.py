@@ -62,7 +62,7 @@ class EntryPoint:
             return cls._resolve_function(text)
         raise ValueError(
             f"entry point {text!r} is neither 'module:function' nor the path of a .py script; "
-            "e.g. 'distprobe.launch.smoke:train' or 'train.py'"
+            "e.g. 'distprobe.cluster.smoke:train' or 'train.py'"
         )
 
     @classmethod

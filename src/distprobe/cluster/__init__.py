@@ -12,19 +12,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from distprobe.launch.config import ClusterConfig
-from distprobe.launch.signals import PreemptionSignal, last_checkpoint, preemption_signal
-from distprobe.launch.submitit_launcher import LaunchedTask, make_executor, submit
+from distprobe.cluster.config import ClusterConfig
+from distprobe.cluster.signals import PreemptionSignal, last_checkpoint, preemption_signal
+from distprobe.cluster.submitit_launcher import LaunchedTask, make_executor, submit
 
 if TYPE_CHECKING:
-    from distprobe.launch.preemption import PreemptionCheckpoint, PreemptionSetupError, lightning_plugins
-    from distprobe.launch.sbatch import render_sbatch
+    from distprobe.cluster.preemption import PreemptionCheckpoint, PreemptionSetupError, lightning_plugins
+    from distprobe.cluster.sbatch import render_sbatch
 
 _LAZY = {
-    "PreemptionCheckpoint": "distprobe.launch.preemption",
-    "PreemptionSetupError": "distprobe.launch.preemption",
-    "lightning_plugins": "distprobe.launch.preemption",
-    "render_sbatch": "distprobe.launch.sbatch",
+    "PreemptionCheckpoint": "distprobe.cluster.preemption",
+    "PreemptionSetupError": "distprobe.cluster.preemption",
+    "lightning_plugins": "distprobe.cluster.preemption",
+    "render_sbatch": "distprobe.cluster.sbatch",
 }
 
 __all__ = [
@@ -45,4 +45,4 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'distprobe.launch' has no attribute {name!r}")
+    raise AttributeError(f"module 'distprobe.cluster' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from launch_helpers import DEMO, DEMO_ARGS, STEPS
 
-from distprobe.launch import ClusterConfig, submit
+from distprobe.cluster import ClusterConfig, submit
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO / "slurm" / "local-cluster.sh"

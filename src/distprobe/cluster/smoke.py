@@ -1,7 +1,7 @@
 """Tiny entry points to check a cluster set-up end to end: the environment, and a preemptible DDP training.
 
-    distprobe submit distprobe.launch.smoke:environment --cluster slurm --tasks-per-node 2
-    distprobe submit distprobe.launch.smoke:train --cluster slurm --tasks-per-node 2
+    distprobe submit distprobe.cluster.smoke:environment --cluster slurm --tasks-per-node 2
+    distprobe submit distprobe.cluster.smoke:train --cluster slurm --tasks-per-node 2
 
 Both run on CPU with gloo (GPU nodes too): they test the launcher, not the hardware.
 """
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from typing_extensions import override
 
-from distprobe.launch.preemption import PreemptionCheckpoint, last_checkpoint, lightning_plugins
+from distprobe.cluster.preemption import PreemptionCheckpoint, last_checkpoint, lightning_plugins
 
 logger = logging.getLogger(__name__)
 
@@ -142,18 +142,18 @@ def train(steps: int = 40, step_delay_s: float = 0.0, batch_size: int = 4) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m distprobe.launch.smoke environment|train [NAME=VALUE ...]``: run one entry point, print JSON.
+    """``python -m distprobe.cluster.smoke environment|train [NAME=VALUE ...]``: run one entry point, print JSON.
 
     For the sbatch templates, which start programs rather than functions.
     """
     import sys
 
-    from distprobe.launch.cli import function_arguments
+    from distprobe.cluster.cli import function_arguments
 
     words = sys.argv[1:] if argv is None else argv
     entry_points = {"environment": environment, "train": train}
     if not words or words[0] not in entry_points:
-        sys.stderr.write(f"usage: python -m distprobe.launch.smoke {{{','.join(entry_points)}}} [NAME=VALUE ...]\n")
+        sys.stderr.write(f"usage: python -m distprobe.cluster.smoke {{{','.join(entry_points)}}} [NAME=VALUE ...]\n")
         return 2
     positional, keywords = function_arguments(words[1:])
     result = entry_points[words[0]](*positional, **keywords)

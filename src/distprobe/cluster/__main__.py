@@ -1,0 +1,5 @@
+"""``python -m distprobe.cluster``: ``distprobe submit`` on its own."""
+
+from distprobe.cluster.cli import main
+
+raise SystemExit(main())
