@@ -6,7 +6,9 @@ rank-0-only save would hang. Instead:
 
 1. `PreemptionSignal` replaces the handler in every task with one that only sets a flag.
 2. `PreemptionCheckpoint`, a Lightning callback, reads the flag at each optimizer-step boundary and decides with a
-   collective (`reduce_boolean_decision`, any rank), so all ranks agree on the step.
+   collective (any rank), so all ranks agree on the step. The collective is an `AsyncFlag`: a CPU all-reduce over
+   gloo, posted at one check and read at the next, so it never syncs the host with the GPU (the save comes one
+   check later, well within the signal's lead time).
 3. Every rank calls `trainer.save_checkpoint`; rank 0 then marks the checkpoint complete.
 4. Rank 0 hands the signal to the handler that was there before (submitit's: it requeues the job); every rank exits.
 5. The requeued job's entry point calls `last_checkpoint()` and passes it as ``ckpt_path`` to ``trainer.fit``.
@@ -25,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from typing_extensions import override
 
+from distprobe.cluster.async_flag import AsyncFlag
 from distprobe.cluster.signals import (
     CHECKPOINT_DIR_ENV,
     COMPLETE_SUFFIX,
@@ -71,8 +74,10 @@ class PreemptionCheckpoint(Callback):
     Args:
         dirpath: where checkpoints go; default: the launcher's job folder (``$DISTPROBE_CHECKPOINT_DIR``), else
             ``<default_root_dir>/preemption``.
-        check_every_n_steps: how often the ranks agree on the flag (one small all-reduce and one host sync each
-            time); the signal comes ``signal_delay_s`` before the end, so a few steps of delay cost nothing.
+        check_every_n_steps: how often the ranks agree on the flag. Each check reads the CPU all-reduce (gloo)
+            posted at the previous one and posts the next, so it never waits for the GPU, and the save comes one
+            check after the signal; the signal comes ``signal_delay_s`` before the end, so a few steps of delay
+            cost nothing.
         requeue: after saving, requeue and exit (True), or only stop training (False, for tests and notebooks).
         preemption: the signal to watch; default: the process-wide one (`preemption_signal()`).
 
@@ -102,6 +107,7 @@ class PreemptionCheckpoint(Callback):
         self.saved_path: Path | None = None
         self._installed_here = False
         self._last_checked_step = -1
+        self._flag = AsyncFlag()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -115,6 +121,9 @@ class PreemptionCheckpoint(Callback):
                 "plugins=[SLURMEnvironment(auto_requeue=False)]."
             )
         self.dirpath = self._dirpath_arg or checkpoint_dir() or Path(trainer.default_root_dir) / "preemption"
+        # Under NCCL this creates a gloo group: a collective that every rank makes here, at setup.
+        self._flag = AsyncFlag.build()
+        self._last_checked_step = -1
         self._installed_here = self.preemption.install()
         self.preemption.attach()
 
@@ -122,6 +131,7 @@ class PreemptionCheckpoint(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._flag.close()
         self.preemption.detach()
         if self._installed_here:
             self.preemption.uninstall()
@@ -137,7 +147,7 @@ class PreemptionCheckpoint(Callback):
         if step == self._last_checked_step or step % self.check_every_n_steps != 0:
             return
         self._last_checked_step = step
-        if not trainer.strategy.reduce_boolean_decision(self.preemption.received, all=False):
+        if not self._flag.poll(self.preemption.received):
             return
         self._save(trainer, step)
         if self.requeue:
