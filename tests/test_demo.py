@@ -1,6 +1,7 @@
 """The main job end to end, with a smaller budget."""
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,13 @@ def test_demo_trains_and_the_linear_probe_beats_chance(tmp_path):
     assert result["final"]["eval/linear_top1"] > 0.5
     metrics = Path(result["log_dir"]) / "metrics.csv"
     with metrics.open() as f:
-        header = next(csv.reader(f))
-    assert {"train/linear_loss", "eval/linear_top1", "eval/mlp_top1", "train/ssl_loss_step"} <= set(header)
+        records = list(csv.DictReader(f))
+    assert {"train/linear_loss", "eval/linear_top1", "eval/mlp_top1", "train/ssl_loss_step"} <= set(records[0])
+    # Every printed number is real, and each row's SSL loss is its own epoch's mean (not the previous epoch's).
+    for row in result["rows"]:
+        assert all(math.isfinite(v) for v in row.values()), row
+    epoch_losses = {int(r["epoch"]): float(r["train/ssl_loss_epoch"]) for r in records if r["train/ssl_loss_epoch"]}
+    assert [row["ssl_loss"] for row in result["rows"]] == pytest.approx([epoch_losses[e] for e in range(12)])
 
 
 @pytest.mark.slow
@@ -45,4 +51,5 @@ def test_demo_cli_with_two_ddp_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip().startswith(("0 |", "1 |", "2 |"))]
     assert len(lines) == 3, proc.stdout  # one table, printed by rank 0 only
+    assert "nan" not in " ".join(lines), proc.stdout
     assert proc.stdout.count("final:") == 1

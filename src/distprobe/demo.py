@@ -287,17 +287,30 @@ def make_probes(module: SimCLR | None = None) -> list[OnlineProbe]:
 
 
 class EpochTable(pl.Callback):
-    """Writes one line per epoch to stdout on global rank 0: the demo's own terminal output."""
+    """Writes one line per epoch to stdout on global rank 0: the demo's own terminal output.
+
+    The line is written at the end of the training epoch, not of its validation: Lightning validates inside the
+    training epoch, before it reduces the epoch's ``on_epoch`` values, so at validation end ``train/ssl_loss_epoch``
+    does not exist yet (the first row read NaN and every later one the previous epoch's loss). As before, only an
+    epoch that was validated gets a row. Every rank reads the metrics, since reducing a ``sync_dist`` value is a
+    collective.
+    """
 
     COLUMNS = ("epoch", "ssl_loss", "linear_loss", "linear_top1", "mlp_top1", "seconds")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self._start = time.monotonic()
+        self._validated_epoch: int | None = None
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validated_epoch != trainer.current_epoch:  # e.g. an epoch that a preemption stopped early
             return
         m = trainer.callback_metrics
 
