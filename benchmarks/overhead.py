@@ -162,7 +162,7 @@ class ProfileRange(Callback):
 
 
 class UnloggedOnlineProbe(OnlineProbe):
-    """Diagnostic: the same engine step and train-metric update, without the three ``pl_module.log`` calls.
+    """Diagnostic: the same engine step (train-metric update included), without the ``pl_module.log`` calls.
 
     Lightning's ``LightningModule.log`` costs Python time on every call (``_ResultCollection.log`` moves the whole
     result metric to the value's device each time); this variant measures how much of the probe's cost that is.
@@ -170,8 +170,7 @@ class UnloggedOnlineProbe(OnlineProbe):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         features, targets = self._checked_features_and_targets(outputs, batch)
-        out = self.probe.train_step(features, targets)
-        self.probe.train_metric_values(out.preds, targets)
+        self.probe.train_step(features, targets)  # the train-metric update is part of the engine step
 
 
 def distprobe_metrics(num_classes: int) -> dict[str, Any]:

@@ -5,6 +5,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+# DeepSpeed JIT-builds its CPU ops (shm_comm) into torch's extension cache, shared by default by every environment of
+# the user: the floors environment's older DeepSpeed then overwrote the main environment's build ("module
+# 'deepspeed_shm_comm' has no attribute 'vector_kernel_level'"). One cache per environment.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
 # The tests' models are tiny, and spawned ranks share 2 cores with this process: more than one intra-op thread per
 # process only oversubscribes the cores (measured: a 20 s test took 146 s under load with 2 threads).
 torch.set_num_threads(1)

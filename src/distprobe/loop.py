@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from distprobe.engine import Probe, ProbeConfig, maths
-from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
+from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.replicate import default_group
 from distprobe.metrics.flat_sync import compute_synced
 
@@ -117,8 +117,6 @@ class ProbeSet:
         self.probes: dict[str, Probe] = {p.name: p for p in probes}
         self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
         self.dp_group = dp_group
-        self.last_train_metrics: dict[str, torch.Tensor] = {}
-        """Train-metric values of the last `step`, by logged name, on this rank's batch only (never synced)."""
         self._checked_first_batch = False
 
     @classmethod
@@ -207,7 +205,7 @@ class ProbeSet:
                 problems.append(problem)
             inputs[name] = (x, y)
         # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
-        raise_if_any_rank_failed("; ".join(problems) if problems else None, self.dp_group)
+        raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
         self._checked_first_batch = True
         return inputs
 
@@ -215,22 +213,32 @@ class ProbeSet:
         """Train every probe on one micro-batch of detached features; return each probe's loss by name.
 
         The losses are detached device tensors: nothing here waits for the device, so log them as tensors (or
-        call ``.item()`` only when you print). Train metrics, if any, are updated and their batch values kept in
-        `last_train_metrics`.
+        call ``.item()`` only when you print). Train metrics, if any, accumulate on the device until
+        `compute_train_metrics`. A batch with bad data (NaN features, labels out of range) is skipped and counted,
+        never an error, on every rank at once.
         """
         losses: dict[str, torch.Tensor] = {}
-        train_metrics: dict[str, torch.Tensor] = {}
         for name, (x, y) in self._checked_inputs(features, targets).items():
-            out = self.probes[name].train_step(x, y)
-            losses[name] = out.loss
-            train_metrics.update(self.probes[name].train_metric_values(out.preds, y))
-        self.last_train_metrics = train_metrics
+            losses[name] = self.probes[name].train_step(x, y).loss
         return losses
 
+    def compute_train_metrics(self) -> dict[str, torch.Tensor]:
+        """Every probe's train metrics and mean loss since the last reset, and its bad-batch counts by reason.
+
+        Reduced over the data-parallel group with one flat sync for all probes: every rank must call it (at an
+        epoch end, say). Keys are the logged names: ``train/{name}_top1``, ``train/{name}_loss_epoch``,
+        ``train/{name}_bad_batches/{reason}``.
+        """
+        collections = [c for probe in self for c in probe.train_collections()]
+        values: dict[str, torch.Tensor] = {}
+        for computed in compute_synced(collections, self.dp_group):
+            values.update(computed)
+        return values
+
     def reset_train_metrics(self) -> None:
-        """Clear the accumulated train-metric state (call at the end of an epoch)."""
+        """Clear the accumulated train metrics and mean losses (call at the end of an epoch)."""
         for probe in self:
-            probe.metrics.train.reset()
+            probe.reset_train_metrics()
 
     @torch.no_grad()
     def evaluate(self, features: Tensors, targets: Tensors, num_valid: int | None = None) -> dict[str, torch.Tensor]:
@@ -262,7 +270,11 @@ class ProbeSet:
         return values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        """Each probe's full state (module, optimizer, scheduler, accumulation window, metrics), keyed by name."""
+        """Each probe's full state (module, optimizer, scheduler, accumulation window, metrics), keyed by name.
+
+        A collective: call it on EVERY rank, then save it on one (``if rank == 0: torch.save(...)``). Rank-local
+        state (mid-window gradients, metric counts) is reduced over the group, so rank 0's copy is the whole state.
+        """
         return {name: probe.state_dict() for name, probe in self.probes.items()}
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:

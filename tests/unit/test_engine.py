@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distprobe.engine import LARS, Probe, ProbeConfig
+from distprobe.engine import LARS, Probe, ProbeConfig, skip
 
 
 def make(module=None, **kwargs):
@@ -111,9 +111,9 @@ def test_fused_optimizer_skips_a_non_finite_step_itself(optimizer):
     """A fused optimizer is handed `found_inf` and skips the step in its kernel: weights, state and step count stay."""
     x, y = data()
     probe = make(optimizer=optimizer)
-    assert probe._skips_on_device(probe._params()) is False  # no state yet: the first step takes the undo path
+    assert skip.skips_on_device(probe.optimizer) is False  # no state yet: the first step takes the undo path
     probe.train_step(x, y)
-    assert probe._skips_on_device(probe._params()) is True
+    assert skip.skips_on_device(probe.optimizer) is True
     weights = copy.deepcopy(probe.module.state_dict())
     state = copy.deepcopy(probe.optimizer.state_dict()["state"])
     bad = x.clone()

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from distprobe.engine.probe import Probe
+from distprobe.engine.replicate import default_group
 
 
 def first_batch_problem(probe: Probe, features: torch.Tensor, targets: torch.Tensor, *, input_key: str) -> str | None:
@@ -25,7 +26,7 @@ def first_batch_problem(probe: Probe, features: torch.Tensor, targets: torch.Ten
         )
     try:
         preds = probe.predict(features[:2])
-    except RuntimeError as err:
+    except Exception as err:  # noqa: BLE001 - whatever the probe raises must reach every rank, not hang them
         return (
             f"probe '{name}': input {input_key!r} of shape {tuple(features.shape)} does not fit the probe "
             f"({err}); make the probe's input size match the features' last dimension."
@@ -40,6 +41,15 @@ def first_batch_problem(probe: Probe, features: torch.Tensor, targets: torch.Ten
                 f"classes (valid labels 0..{num_classes - 1}); give the probe as many outputs as there are classes."
             )
     return None
+
+
+def world_check_group() -> dist.ProcessGroup | None:
+    """The group first-batch checks agree over: the whole world, not a probe's data-parallel group.
+
+    Under a tensor-parallel mesh a rank that raises leaves waiting not only its data-parallel group but every
+    rank it meets in a collective, so all of them must raise together.
+    """
+    return default_group()
 
 
 def raise_if_any_rank_failed(problem: str | None, group: dist.ProcessGroup | None) -> None:

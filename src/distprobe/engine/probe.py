@@ -1,4 +1,4 @@
-"""One probe: its module and replica, optimizer, scheduler, accumulation, clipping and metrics.
+"""One probe: its module and replica, optimizer, scheduler, accumulation, clipping, bad-data policy and metrics.
 
 The train step never synchronises with the host: it returns tensors, skips non-finite updates with a device-side
 mask, and leaves every decision that could differ between ranks to the gradient all-reduce itself.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -17,15 +17,27 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from distprobe.engine import maths
+from distprobe.engine import bad_data, maths, skip
+from distprobe.engine.batchnorm import sync_batch_norms
 from distprobe.engine.config import ProbeConfig
 from distprobe.engine.factories import build_module, build_optimizer, build_scheduler
-from distprobe.engine.replicate import replicate_probe
+from distprobe.engine.replicate import (
+    agree_on_max,
+    default_group,
+    gather_over_group,
+    group_rank_and_size,
+    replicate_probe,
+)
+from distprobe.engine.state import load_metric_states, synced_metric_states
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.flat_sync import compute_synced
 
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
+
 #: Bumped when the layout of `Probe.state_dict` changes; loaders read older layouts with `.get` defaults.
-STATE_FORMAT = 1
+#: 2: window gradients of every rank of the group, metric states as the group's reduction (held by its rank 0).
+STATE_FORMAT = 2
 
 
 @dataclass
@@ -33,11 +45,13 @@ class StepOutput:
     """What one train step returns; every field is a device tensor or a host-side fact known without a sync."""
 
     loss: torch.Tensor
-    """The micro-batch loss, detached (log it as a tensor)."""
+    """The micro-batch loss, detached (log it as a tensor); computed on the cleaned batch when it held bad data."""
     preds: torch.Tensor
     """The probe's outputs for the micro-batch, detached."""
     stepped: bool
     """Whether this micro-step closed an accumulation window (known on the host from the counter)."""
+    bad: torch.Tensor
+    """0-d bool: this rank's micro-batch held bad data, so its window's step is skipped on every rank."""
 
 
 def to_probe_input(features: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -51,12 +65,21 @@ def to_probe_input(features: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return features.detach().to(device=param.device, dtype=param.dtype)
 
 
+def merge(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One dict of every logged value (their keys never collide: each carries its probe's name)."""
+    return {k: v for d in dicts for k, v in d.items()}
+
+
+def _hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
 class Probe:
     """A trainable probe replicated over a data-parallel group.
 
     Build it with `Probe.build`; call `train_step` for every training micro-batch and `eval_step` for every
-    validation batch. Under torch.distributed every rank of the group must call `train_step` the same number of
-    times (the all-reduce on each accumulation boundary is a collective).
+    validation batch. Under torch.distributed every rank of the group must call `train_step`, `state_dict` and
+    the metric computations the same number of times (they hold collectives).
 
     Example:
         >>> probe = Probe.build(ProbeConfig(name="linear", probe=nn.Linear(8, 3), optimizer="SGD"))
@@ -76,6 +99,7 @@ class Probe:
         loss_fn: Callable[..., Any],
         metrics: ProbeMetrics,
         dp_group: dist.ProcessGroup | None,
+        hyperparameters: list[dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.module = module
@@ -85,7 +109,11 @@ class Probe:
         self.loss_fn = loss_fn
         self.metrics = metrics
         self.dp_group = dp_group
+        # The optimizer's rates before any scheduler touched them: OneCycleLR and CyclicLR rewrite `lr` when built.
+        self._hyperparameters = hyperparameters if hyperparameters is not None else _hyperparameters(optimizer)
         self._scheduler_restored = False
+        self._ignore_index = bad_data.ignore_index_of(loss_fn)
+        self._buffers = [b for b in module.buffers() if b.is_floating_point()]
         self.micro_step = 0
         """Micro-batches seen since the start of training; the window position is ``micro_step % accumulate``."""
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self._param().device)
@@ -119,9 +147,11 @@ class Probe:
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"probe '{config.name}': argument 'probe' has no trainable parameters.")
+        sync_batch_norms(module, dp_group)
         optimizer = build_optimizer(config.optimizer, params, probe_name=config.name)
+        hyperparameters = _hyperparameters(optimizer)
         scheduler = build_scheduler(config.scheduler, optimizer, total_steps=total_steps, probe_name=config.name)
-        metrics = ProbeMetrics(config.metrics, config.name).to(params[0].device)
+        metrics = ProbeMetrics(config.metrics, config.name, reasons=bad_data.REASONS).to(params[0].device)
         metrics.set_process_group(dp_group)
         replica = replicate_probe(module, dp_group)
         return cls(
@@ -133,6 +163,7 @@ class Probe:
             loss_fn=config.make_loss_fn(),
             metrics=metrics,
             dp_group=dp_group,
+            hyperparameters=hyperparameters,
         )
 
     @property
@@ -143,16 +174,17 @@ class Probe:
     def _param(self) -> torch.Tensor:
         return next(self.module.parameters())
 
-    def _params(self) -> list[nn.Parameter]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     def train_step(self, features: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        """Train on one micro-batch; step the optimizer when it closes an accumulation window."""
+        """Train on one micro-batch; step the optimizer when it closes an accumulation window.
+
+        Bad data (non-finite features, labels out of range, non-finite targets) never raises: the batch is cleaned so
+        that nothing can fault, its gradient is poisoned, and the window's step is skipped on every rank.
+        """
         accumulate = self.config.accumulate_grad_batches
         boundary = maths.is_boundary(self.micro_step, accumulate)
         param = self._param()
         device = param.device
-        x = to_probe_input(features, param)
+        x, finite_rows = bad_data.clean_features(to_probe_input(features, param))
         targets = targets.to(device)
         if not self.module.training:  # `train()` walks every submodule: only when someone switched to eval
             self.module.train()
@@ -163,89 +195,45 @@ class Probe:
         # never scaled, so clipping sees true values and no GradScaler is involved.
         in_autocast = torch.is_autocast_enabled(device.type)
         outside_autocast = torch.autocast(device.type, enabled=False) if in_autocast else contextlib.nullcontext()
+        buffers_before = [b.clone() for b in self._buffers]  # empty for a probe without BatchNorm
         with sync_ctx, outside_autocast:
             preds = self.replica(x)
-            loss = self.loss_fn(preds, targets)
-            maths.scale_for_accumulation(loss, accumulate).backward()
+            safe_targets, *checks = bad_data.clean_targets(targets, preds, self._ignore_index)
+            verdict = bad_data.bad_data(finite_rows, *checks)
+            loss = self.loss_fn(preds, safe_targets)
+            maths.scale_for_accumulation(bad_data.poison(loss, verdict.any), accumulate).backward()
+        if buffers_before:  # a skipped batch must not move the running statistics either
+            maths.restore_where(verdict.any, self._buffers, buffers_before)
+        preds = preds.detach()
+        self.metrics.bad_batches.update(verdict.counts)
+        batch_size = int(targets.shape[0]) if targets.ndim else 1
+        self.metrics.loss.update(loss.detach(), weight=torch.where(verdict.any, 0, batch_size))
+        if len(self.metrics.train):
+            self.metrics.train.update(preds, safe_targets, keep=verdict.keep)
         self.micro_step += 1
         if boundary:
             self._optimizer_step(device)
-        preds = preds.detach()
-        return StepOutput(loss=loss.detach(), preds=preds, stepped=boundary)
+        return StepOutput(loss=loss.detach(), preds=preds, stepped=boundary, bad=verdict.any)
 
     def _optimizer_step(self, device: torch.device) -> None:
-        params = self._params()
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in skip.params_of(self.optimizer) if p.grad is not None]
         # After the all-reduce every rank holds the same gradients, so every rank reaches the same verdict with no
-        # extra collective; a non-finite value on any rank poisons the reduced gradient everywhere.
+        # extra collective; a non-finite value on any rank (bad data poisons its gradient) poisons the reduced
+        # gradient everywhere.
         found_inf = maths.nonfinite_flag(grads).to(device)
         maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-        if self._skips_on_device(params):
-            # Fused optimizers skip the update themselves where `found_inf` is 1 (GradScaler's protocol), state and
-            # step counter included: no copies, one kernel.
-            self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf  # type: ignore[attr-defined]
-        else:
-            # No need to clean the gradients first: whatever a non-finite step writes is put back just below.
-            saved = self._snapshot()
-            self.optimizer.step()
-            maths.restore_where(found_inf.bool(), *self._undo_targets(saved))
+        skip.step_unless_nonfinite(self.optimizer, found_inf)
         self.skipped_steps += found_inf.long()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def _skips_on_device(self, params: list[nn.Parameter]) -> bool:
-        """Whether the optimizer can skip a step itself, given ``found_inf`` (fused Adam, AdamW and SGD can).
-
-        Not on a step that creates state: fused SGD leaves a first momentum buffer uninitialised when it skips.
-        """
-        if not getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            return False
-        return all(self.optimizer.state.get(p) for p in params)
-
-    def _state_tensors(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
-        # Only tensors on the probe's device can be restored without a host sync; a host-side counter (Adam's
-        # `step` unless `capturable=True`) still advances on a skipped step.
-        device = p.device
-        return {
-            k: v
-            for k, v in self.optimizer.state.get(p, {}).items()
-            if isinstance(v, torch.Tensor) and v.device == device
-        }
-
-    def _snapshot(self) -> dict[tuple[int, str | None], torch.Tensor]:
-        """Copies of the parameters and optimizer-state tensors, to undo a skipped step on the device."""
-        saved: dict[tuple[int, str | None], torch.Tensor] = {}
-        for p in self._params():
-            saved[(id(p), None)] = p.detach().clone()
-            for key, value in self._state_tensors(p).items():
-                saved[(id(p), key)] = value.clone()
-        return saved
-
-    def _undo_targets(
-        self, saved: dict[tuple[int, str | None], torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        # State the step created (a first momentum buffer) has no saved copy and is undone to zeros: a fresh state.
-        targets: list[torch.Tensor] = []
-        before: list[torch.Tensor | None] = []
-        for p in self._params():
-            targets.append(p.detach())
-            before.append(saved[(id(p), None)])
-            for key, value in self._state_tensors(p).items():
-                targets.append(value)
-                before.append(saved.get((id(p), key)))
-        return targets, before
-
     @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
-        """The probe's outputs in eval mode, without touching gradients or metrics."""
+        """The probe's outputs in eval mode, without touching gradients or metrics (non-finite features give 0s)."""
         was_training = self.module.training
         self.module.eval()
         try:
-            x = to_probe_input(features, self._param())
+            x, _ = bad_data.clean_features(to_probe_input(features, self._param()))
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return self.module(x)
         finally:
@@ -255,35 +243,44 @@ class Probe:
         """Rebuild the scheduler with lengths (``T_max``...) from ``total_steps``, unless training already began.
 
         For adapters that learn the run's length only after `build` (Lightning, once the train dataloader is set
-        up). A scheduler that has stepped or was restored from a checkpoint keeps its state and lengths.
+        up). A scheduler that has stepped or was restored from a checkpoint keeps its state and lengths. Ranks agree
+        on the largest ``total_steps`` first (a collective over the world: uneven loaders give each rank its own
+        count, and replicas on different schedules would diverge).
         """
+        total_steps = agree_on_max(total_steps, default_group(), device=self._param().device)
         if total_steps is None or self._scheduler_restored or self.scheduler.last_epoch > 0:
             return
         if isinstance(self.config.scheduler, LRScheduler):  # the user's instance: its lengths are theirs
             return
-        # Undo what constructing the first scheduler did to the rates (LinearLR applies its start factor at once).
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.get("initial_lr", group["lr"])
+        # Undo what building the first scheduler wrote into the optimizer (OneCycleLR, CyclicLR set `lr`, LinearLR
+        # applies its start factor, cycling schedulers also set momenta): the rebuild starts from the user's rates.
+        for group, hyperparameters in zip(self.optimizer.param_groups, self._hyperparameters, strict=True):
+            for key in [k for k in group if k != "params"]:
+                del group[key]
+            group.update(hyperparameters)
         self.scheduler = build_scheduler(
             self.config.scheduler, self.optimizer, total_steps=total_steps, probe_name=self.name
         )
 
-    def train_metric_values(self, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Update the train metrics and return their values on this micro-batch (local to this rank)."""
-        if not len(self.metrics.train):
-            return {}
-        return self.metrics.train(preds, targets.to(preds.device))
+    def current_lr(self) -> float:
+        """The learning rate of the optimizer's first parameter group (a host float: no sync)."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def eval_step(self, features: torch.Tensor, targets: torch.Tensor, num_valid: int | None = None) -> torch.Tensor:
         """Predict in eval mode and update the eval metrics with the first ``num_valid`` samples (all by default).
 
         ``num_valid`` drops the repeated samples a distributed sampler pads the last batch with, so that every
-        validation sample counts exactly once.
+        validation sample counts exactly once. Samples with bad data are left out of the sync-free metrics (and
+        made harmless for the others), never an error.
         """
         preds = self.predict(features)
         if len(self.metrics.val):
             keep = slice(None) if num_valid is None else slice(0, num_valid)
-            self.metrics.val.update(preds[keep], targets[keep].to(preds.device))
+            x = to_probe_input(features, self._param())[keep]
+            _, finite_rows = bad_data.clean_features(x)
+            safe_targets, *checks = bad_data.clean_targets(targets[keep].to(preds.device), preds[keep], None)
+            verdict = bad_data.bad_data(finite_rows, *checks)
+            self.metrics.val.update(preds[keep], safe_targets, keep=verdict.keep)
         return preds
 
     def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
@@ -297,9 +294,49 @@ class Probe:
         self.metrics.val.reset()
         return values
 
+    def compute_train_metrics(self) -> dict[str, torch.Tensor]:
+        """Train metrics and mean loss since the last `reset_train_metrics`, and the run's bad-batch counts.
+
+        Reduced over the group with one flat collective: call it on every rank, at an epoch end.
+        """
+        return merge(compute_synced(self.train_collections(), self.dp_group))
+
+    def train_collections(self) -> list[MetricCollection]:
+        """The collections `compute_train_metrics` reduces, for syncing many probes' together."""
+        return [self.metrics.train, self.metrics.loss, self.metrics.bad_batches]
+
+    def reset_train_metrics(self) -> None:
+        """Start a new epoch of train metrics and mean loss (the run-long bad-batch counts stay)."""
+        self.metrics.train.reset()
+        self.metrics.loss.reset()
+
+    def release(self) -> None:
+        """Drop the DDP replica (it holds the process group); the next `rejoin` builds it again.
+
+        Call it when training ends: a DDP reducer still alive at interpreter exit can abort the process after a
+        successful run.
+        """
+        self.replica = self.module
+
+    def rejoin(self) -> None:
+        """Replicate again over the probe's group after `release` (a collective; a no-op when replicated)."""
+        if self.replica is self.module and self.dp_group is not None:
+            self.replica = replicate_probe(self.module, self.dp_group)
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume this probe exactly, keyed by field (never by position)."""
+        """Everything needed to resume this probe exactly, keyed by field (never by position).
+
+        A collective over the data-parallel group: Lightning writes rank 0's callback state only, so rank-local
+        state is gathered or reduced first. Mid-window gradients are saved for every rank of the group (each takes
+        its own back on resume, bitwise), metric states as the group's reduction.
+        """
         in_window = self.micro_step % self.config.accumulate_grad_batches != 0
+        window_grads = None
+        if in_window:
+            params = skip.params_of(self.optimizer)
+            # A parameter without a gradient yet gets zeros, so that every rank gathers the same shapes.
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            window_grads = gather_over_group(grads, self.dp_group)
         return {
             "format": STATE_FORMAT,
             "name": self.name,
@@ -307,13 +344,22 @@ class Probe:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "micro_step": self.micro_step,
-            # Mid-window gradients are part of the state: without them a resumed window would step on a partial sum.
-            "window_grads": [None if p.grad is None else p.grad.detach().clone() for p in self._params()]
-            if in_window
-            else None,
+            # Without them a resumed window would step on a partial sum: a list per rank of the group.
+            "window_grads_per_rank": window_grads,
             "skipped_steps": self.skipped_steps.detach().clone(),
-            "metrics": self.metrics.metric_states(),
+            "metrics": synced_metric_states(self.metrics, self.dp_group),
         }
+
+    def _window_grads_to_load(self, state: dict[str, Any]) -> list[torch.Tensor | None] | None:
+        per_rank = state.get("window_grads_per_rank")
+        if per_rank is None:  # format 1: one rank's own gradients
+            return state.get("window_grads")
+        rank, size = group_rank_and_size(self.dp_group)
+        if len(per_rank) == size:
+            return per_rank[rank]
+        # Another world size: every rank starts from the mean partial sum, which the window's all-reduce (a mean)
+        # turns into the same gradient as the mean of the saved ranks' sums.
+        return [torch.stack(list(parts)).mean(dim=0) for parts in zip(*per_rank, strict=True)]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` saved; fields added in later formats fall back to defaults."""
@@ -322,8 +368,9 @@ class Probe:
         self.scheduler.load_state_dict(state["scheduler"])
         self._scheduler_restored = True
         self.micro_step = int(state.get("micro_step", 0))
-        window_grads = state.get("window_grads")
-        for p, g in zip(self._params(), window_grads or [None] * len(self._params()), strict=True):
+        params = skip.params_of(self.optimizer)
+        window_grads = self._window_grads_to_load(state)
+        for p, g in zip(params, window_grads or [None] * len(params), strict=True):
             p.grad = None if g is None else g.to(p.device)
         self.skipped_steps = state.get("skipped_steps", torch.zeros((), dtype=torch.long)).to(self._param().device)
-        self.metrics.load_metric_states(state.get("metrics", {}))
+        load_metric_states(self.metrics, state.get("metrics", {}), self.dp_group)

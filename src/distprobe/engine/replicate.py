@@ -40,6 +40,9 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
         # A probe is tiny: one bucket means one all-reduce per optimizer step.
         bucket_cap_mb=max(1, sum(p.numel() * p.element_size() for p in params) // 2**20 + 1),
         init_sync=True,
+        # Buffers (BatchNorm statistics) are kept identical by `sync_batch_norms`, not overwritten by rank 0's on
+        # every forward: that broadcast would be one more collective per step and make the statistics rank 0's.
+        broadcast_buffers=False,
     )
 
 
@@ -70,3 +73,50 @@ def unshare_storage(module: nn.Module) -> None:
             p.data = p.data.clone()
         for b in module.buffers():
             b.data = b.data.clone()
+
+
+def _is_distributed(group: dist.ProcessGroup | None) -> bool:
+    return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def gather_over_group(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> list[list[torch.Tensor]]:
+    """Every rank's ``tensors`` (same shapes on every rank), in group-rank order, with one flat all-gather.
+
+    A collective. Without a group of two or more ranks: ``[copies of tensors]``.
+    """
+    if not _is_distributed(group):
+        return [[t.detach().clone() for t in tensors]]
+    if not tensors:
+        return [[] for _ in range(dist.get_world_size(group))]
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flat, group=group)
+    out = []
+    for buffer in gathered:
+        pieces, offset = [], 0
+        for t in tensors:
+            pieces.append(buffer[offset : offset + t.numel()].reshape(t.shape).clone())
+            offset += t.numel()
+        out.append(pieces)
+    return out
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; ``(0, 1)`` outside torch.distributed."""
+    if not _is_distributed(group):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def agree_on_max(value: int | None, group: dist.ProcessGroup | None, device: torch.device | str = "cpu") -> int | None:
+    """The largest ``value`` over the ranks of ``group`` (None where every rank has None); a collective.
+
+    For facts each rank reads from its own data (a loader's length) that every replica must share: a schedule's
+    length computed from uneven loaders would otherwise differ between ranks, and the replicas would diverge.
+    ``device`` is where the collective's tensor lives (a CUDA device under NCCL).
+    """
+    if not _is_distributed(group):
+        return value
+    encoded = torch.tensor([-1 if value is None else int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(encoded, op=dist.ReduceOp.MAX, group=group)
+    return None if int(encoded) < 0 else int(encoded)

@@ -6,8 +6,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+from distprobe.metrics.counters import ReasonCounter, RunningMean
 from distprobe.metrics.sync_free import to_sync_free
 
 STAGES = ("train", "val")
@@ -70,68 +72,106 @@ def split_by_stage(spec: Any, probe_name: str) -> dict[str, dict[str, Metric]]:
 class ProbeMetrics:
     """The train and eval metric collections of one probe, keyed by their logged names.
 
-    ``metrics["train"]`` and ``metrics["val"]`` (or ``.train`` / ``.val``) are torchmetrics ``MetricCollection``s
-    whose keys carry the logged prefixes ``train/{name}_`` and ``eval/{name}_``.
+    ``metrics["train"]`` and ``metrics["val"]`` (or ``.train`` / ``.val``, or stable-pretraining's ``["_train"]`` and
+    ``["_val"]``) are torchmetrics ``MetricCollection``s whose keys carry the logged prefixes ``train/{name}_`` and
+    ``eval/{name}_``. `as_module_dict` gives the same collections as an ``nn.ModuleDict``.
 
     Multiclass stat-score metrics (accuracy, top-k, precision, recall, F-scores) are swapped for their sync-free
     equivalents (`distprobe.metrics.sync_free`): same names, same values, no host sync in ``update``.
     """
 
-    def __init__(self, spec: Any, probe_name: str) -> None:
+    def __init__(self, spec: Any, probe_name: str, reasons: Sequence[str] = ()) -> None:
         by_stage: dict[str, dict[str, Metric | MetricCollection]] = {
             stage: {key: to_sync_free(metric) for key, metric in metrics.items()}
             for stage, metrics in split_by_stage(spec, probe_name).items()
         }
         self.train = MetricCollection(by_stage["train"], prefix=f"train/{probe_name}_", compute_groups=False)
         self.val = MetricCollection(by_stage["val"], prefix=f"eval/{probe_name}_", compute_groups=False)
+        self.bad_batches = MetricCollection(
+            {"bad_batches": ReasonCounter(reasons, key_prefix="bad_batches/")},
+            prefix=f"train/{probe_name}_",
+            compute_groups=False,
+        )
+        """Micro-batches with bad data, by reason, over the whole run (``train/{name}_bad_batches/{reason}``)."""
+        self.loss = MetricCollection({"loss_epoch": RunningMean()}, prefix=f"train/{probe_name}_", compute_groups=False)
+        """The epoch's mean train loss over every micro-batch of every rank (``train/{name}_loss_epoch``)."""
 
     def stage(self, stage: str) -> MetricCollection:
-        """The collection of ``"train"`` or ``"val"``."""
-        return self.train if stage == "train" else self.val
+        """The collection of ``"train"`` or ``"val"`` (stable-pretraining's ``"_train"`` and ``"_val"`` too)."""
+        if stage.lstrip("_") not in STAGES:
+            raise KeyError(f"metric stage {stage!r}; valid stages: {list(STAGES)} (or '_train', '_val')")
+        return self.train if stage.lstrip("_") == "train" else self.val
 
     def __getitem__(self, stage: str) -> MetricCollection:
-        if stage not in STAGES:
-            raise KeyError(f"metric stage {stage!r}; valid stages: {list(STAGES)}")
         return self.stage(stage)
+
+    def __contains__(self, stage: object) -> bool:
+        return isinstance(stage, str) and stage.lstrip("_") in STAGES
+
+    def keys(self) -> list[str]:
+        """The stages, as a mapping of them would list them."""
+        return list(STAGES)
 
     def to(self, device: torch.device | str) -> ProbeMetrics:
         """Move every metric state to ``device``."""
-        self.train.to(device)
-        self.val.to(device)
+        for collection in self._collections().values():
+            collection.to(device)
         return self
+
+    def as_module_dict(self) -> nn.ModuleDict:
+        """The stage collections as an ``nn.ModuleDict`` (keys ``train``, ``val``, ``_train``, ``_val``).
+
+        For a LightningModule whose ``callbacks_metrics`` is itself an ``nn.ModuleDict`` (stable-pretraining's
+        ``spt.Module``), which takes only modules. The collections are the same objects, not copies.
+        """
+        return nn.ModuleDict({"train": self.train, "val": self.val, "_train": self.train, "_val": self.val})
+
+    def _collections(self) -> dict[str, MetricCollection]:
+        return {"train": self.train, "val": self.val, "bad_batches": self.bad_batches, "loss": self.loss}
+
+    def named_metrics(self) -> list[tuple[str, Metric]]:
+        """Every metric with its checkpoint key (``"{stage}.{key}"``), in a fixed order."""
+        return [
+            (f"{stage}.{key}", metric)
+            for stage, collection in self._collections().items()
+            for key, metric in collection.items(keep_base=True)
+        ]
 
     def set_process_group(self, group: Any) -> None:
         """Sync every metric over ``group`` (the probe's data-parallel group, not necessarily the world)."""
-        for stage in STAGES:
-            for metric in self.stage(stage).values(copy_state=False):
-                metric.process_group = group
+        for _, metric in self.named_metrics():
+            metric.process_group = group
 
     def metric_states(self) -> dict[str, dict[str, Any]]:
-        """Every metric's accumulated state, by stage and name, for checkpoints."""
-        out: dict[str, Any] = {}
-        for stage in STAGES:
-            for key, metric in self.stage(stage).items(keep_base=True):
-                out[f"{stage}.{key}"] = {
-                    "state": {k: _detach(v) for k, v in metric.metric_state.items()},
-                    "update_count": metric._update_count,
-                }
-        return out
+        """Every metric's accumulated state (this rank's), by stage and name, for checkpoints."""
+        return {
+            key: {
+                "state": {k: _detach(v) for k, v in metric.metric_state.items()},
+                "update_count": metric._update_count,
+            }
+            for key, metric in self.named_metrics()
+        }
 
     def load_metric_states(self, states: Mapping[str, Any]) -> None:
         """Apply what `metric_states` saved; metrics added since then keep a fresh state."""
-        for stage in STAGES:
-            for key, metric in self.stage(stage).items(keep_base=True):
-                saved = states.get(f"{stage}.{key}")
-                if saved is None:
-                    continue
-                for attr, value in saved["state"].items():
-                    current = getattr(metric, attr)
-                    if isinstance(current, torch.Tensor):
-                        setattr(metric, attr, value.to(current.device))
-                    else:
-                        setattr(metric, attr, [v.to(metric.device) for v in value])
-                metric._update_count = saved.get("update_count", 0)
-                metric._computed = None
+        for key, metric in self.named_metrics():
+            saved = states.get(key)
+            if saved is None:
+                continue
+            for attr, value in saved["state"].items():
+                current = getattr(metric, attr)
+                if isinstance(current, torch.Tensor):
+                    setattr(metric, attr, value.to(current.device))
+                else:  # a list state; a synced one arrives as one concatenated tensor
+                    values = [value] if isinstance(value, torch.Tensor) else value
+                    setattr(metric, attr, [v.to(metric.device) for v in values])
+            metric._update_count = saved.get("update_count", 0)
+            metric._computed = None
+
+    def reset(self) -> None:
+        """Every metric back to its empty state (the run-long bad-batch counts included)."""
+        for collection in self._collections().values():
+            collection.reset()
 
 
 def _detach(value: Any) -> Any:

@@ -56,7 +56,11 @@ def predicted_labels(preds: torch.Tensor, target: torch.Tensor, top_k: int) -> t
 
 
 def stat_scores(
-    labels: torch.Tensor, target: torch.Tensor, num_classes: int, per_class: bool
+    labels: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    per_class: bool,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``tp, fp, tn, fn`` of one batch without reading anything back to the host.
 
@@ -66,16 +70,20 @@ def stat_scores(
         num_classes: Number of classes ``C``.
         per_class: Counts per class (shape ``(C,)``); else micro totals (scalars), as torchmetrics keeps them for
             ``average="micro"`` with ``top_k=1``.
+        keep: ``(N,)`` bool, the samples to count (all by default); a mask, not an index, so no host sync. The
+            labels of samples left out must still lie in ``[0, C)``.
     """
     target = target.long()
-    n = target.shape[0]
     correct = labels == target
+    n: torch.Tensor | int = target.shape[0] if keep is None else keep.sum()
+    if keep is not None:
+        correct = correct & keep
     if not per_class:
         tp = correct.sum()
         wrong = n - tp
         return tp, wrong, num_classes * n - (2 * wrong + tp), wrong
     hits = correct.long()
-    misses = 1 - hits
+    misses = (~correct).long() if keep is None else (keep & ~correct).long()
     zeros = torch.zeros(num_classes, dtype=torch.long, device=target.device)
     tp = zeros.scatter_add(0, target, hits)
     fn = zeros.scatter_add(0, target, misses)
@@ -94,15 +102,16 @@ class _SyncFreeStatScores(MulticlassStatScores):
             return preds.is_floating_point() and preds.shape[1] == self.num_classes
         return preds.ndim == 1 and self.top_k == 1 and not preds.is_floating_point()
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch; scatter-adds on the device, no host synchronisation."""
+    def update(self, preds: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add one batch (only the samples where ``keep``); scatter-adds on the device, no host synchronisation."""
         if not self._fast_path(preds, target):
-            super().update(preds, target)
+            # torchmetrics' own update syncs anyway; the boolean index is one sync more on this slow path only.
+            super().update(preds if keep is None else preds[keep], target if keep is None else target[keep])
             return
         assert self.num_classes is not None  # checked by `to_sync_free`
         labels = predicted_labels(preds, target, self.top_k)
         per_class = not (self.average == "micro" and self.top_k == 1)
-        self._update_state(*stat_scores(labels, target, self.num_classes, per_class))
+        self._update_state(*stat_scores(labels, target, self.num_classes, per_class, keep))
 
 
 class SyncFreeMulticlassStatScores(_SyncFreeStatScores):
