@@ -195,7 +195,9 @@ def test_scheduler_instance():
 def test_metrics_forms(metrics, train_keys, eval_keys):
     t, _ = fit(lambda m: [probe(m, metrics=metrics)], max_epochs=1)
     logged = set(t.callback_metrics)
-    metric_keys = {k for k in logged if not k.endswith(("_loss", "_skipped_steps"))}
+    metric_keys = {
+        k for k in logged if not k.endswith(("_loss", "_loss_epoch", "_skipped_steps")) and "_bad_batches/" not in k
+    }
     assert metric_keys == train_keys | eval_keys
 
 
@@ -303,16 +305,69 @@ def test_probe_used_before_setup_raises_a_library_error():
         _ = probe(None).probe
 
 
-def test_per_step_values_are_logged_on_the_trainers_logging_steps(tmp_path):
+def _csv_rows(path):
     import csv
 
+    with open(path / "run" / "version_0" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "written_steps"),
+    [
+        # 6 batches an epoch, 3 epochs, log_every_n_steps=4: Lightning writes its optimizer steps 3, 7, 11, 15 (it
+        # counts across epochs, so not at the same batch of every epoch).
+        (1, [3, 7, 11, 15]),
+        # With Lightning's own accumulation of 2: 3 optimizer steps an epoch, 9 in all; Lightning writes step 3 and 7.
+        (2, [3, 7]),
+    ],
+)
+def test_per_step_values_are_logged_exactly_on_lightnings_logging_steps(tmp_path, accumulate, written_steps):
     from lightning.pytorch.loggers import CSVLogger
 
-    module = Backbone()
+    class Main(Backbone):
+        """Logs its own loss on every step, as a user's model does: where Lightning writes it, the probe must be."""
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("main_loss", out["loss"], on_step=True, on_epoch=False)
+            return out
+
+    module = Main()
     cb = probe(module, metrics={"top1": acc()})
-    t = trainer([cb], max_epochs=1, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=2, limit_val_batches=0)
-    t.fit(module, loader())  # 6 batches
-    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/linear_loss")]
-    assert [int(r["step"]) for r in rows] == [1, 3, 5]
-    assert all(r["train/linear_top1"] and r["train/linear_skipped_steps"] for r in rows)
+    t = trainer(
+        [cb],
+        max_epochs=3,
+        logger=CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=4,
+        limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
+    )
+    t.fit(module, loader())  # 6 batches an epoch
+    rows = _csv_rows(tmp_path)
+    main_steps = [int(r["step"]) for r in rows if r.get("main_loss")]
+    probe_steps = [int(r["step"]) for r in rows if r.get("train/linear_loss")]
+    assert main_steps == written_steps
+    assert probe_steps == main_steps
+    assert all(r["train/linear_skipped_steps"] for r in rows if r.get("train/linear_loss"))
+    # Train metrics are epoch values over every batch (not a subsample of logging steps), once per epoch.
+    epoch_rows = [r for r in rows if r.get("train/linear_top1")]
+    assert [int(r["epoch"]) for r in epoch_rows] == [0, 1, 2]
+    assert all(r.get("train/linear_loss_epoch") for r in epoch_rows)
+
+
+def test_train_epoch_values_count_every_batch():
+    """The epoch's train accuracy equals torchmetrics fed every batch's predictions (not only logging steps')."""
+    import lightning.pytorch as pl
+
+    reference = acc()
+
+    class Collect(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            reference.update(batch["linear_preds"], batch["label"])
+
+    module = Backbone()
+    cb = probe(module, metrics={"top1": acc()}, optimizer="SGD")
+    t = trainer([cb, Collect()], max_epochs=1, log_every_n_steps=4, limit_val_batches=0)
+    t.fit(module, loader())
+    assert torch.allclose(t.callback_metrics["train/linear_top1"], reference.compute())

@@ -56,8 +56,10 @@ class Spec:
     strategy_kwargs: dict[str, Any] = field(default_factory=dict)
     precision: str = "32-true"
     probes_in_module_dict: bool = True
-    world_size: int = 2
     """Whether the LightningModule registers ``callbacks_modules`` itself (the hard case) or leaves it a plain dict."""
+    world_size: int = 2
+    probe_accumulate: int = 1
+    """The probe's own ``accumulate_grad_batches``; with 3, the epoch-0 checkpoint (4 micro-steps) is mid-window."""
 
 
 class PointDataset(RandomPoints):
@@ -262,7 +264,7 @@ def _module(spec: Spec, seed: int) -> Backbone:
     return cls(seed, spec.probes_in_module_dict)
 
 
-def _online_probe(rank: int, seed: int) -> OnlineProbe:
+def _online_probe(rank: int, seed: int, spec: Spec) -> OnlineProbe:
     torch.manual_seed(seed + rank)  # different initial weights on every rank: replication must fix that
     return OnlineProbe(
         None,
@@ -271,6 +273,7 @@ def _online_probe(rank: int, seed: int) -> OnlineProbe:
         target="label",
         probe=nn.Linear(EMBED_DIM, NUM_CLASSES),
         optimizer=dict(PROBE_OPTIMIZER),
+        accumulate_grad_batches=spec.probe_accumulate,
         metrics={"top1": MulticlassAccuracy(NUM_CLASSES, average="micro")},
     )
 
@@ -284,7 +287,7 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
 
     recorder = Recorder()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED), recorder, checkpoint])
+    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED, spec), recorder, checkpoint])
     trainer.fit(_module(spec, seed=0), datamodule=DataModule())
     results["probed"] = recorder.steps
     results["probed_val"] = (recorder.val_batches, recorder.val_top1)
@@ -298,13 +301,15 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
     results["plain_val"] = (recorder.val_batches, recorder.val_top1)
 
     recorder = Recorder()
-    trainer = _trainer(spec, world_size, [_online_probe(rank, 7 * PROBE_SEED), recorder], enable_checkpointing=False)
+    trainer = _trainer(
+        spec, world_size, [_online_probe(rank, 7 * PROBE_SEED, spec), recorder], enable_checkpointing=False
+    )
     trainer.fit(_module(spec, seed=123), datamodule=DataModule(), ckpt_path=os.path.join(ckpt_dir, "epoch=0.ckpt"))
     results["resumed"] = recorder.steps
     results["resumed_val"] = (recorder.val_batches, recorder.val_top1)
     results["ckpt_is_dir"] = os.path.isdir(os.path.join(ckpt_dir, "epoch=0.ckpt"))
 
     # trainer.validate outside fit builds the strategy for evaluation only (DeepSpeed: an inference engine).
-    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED)], enable_checkpointing=False)
+    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED, spec)], enable_checkpointing=False)
     results["validate_only"] = trainer.validate(_module(spec, seed=0), datamodule=DataModule(), verbose=False)
     return results

@@ -51,6 +51,11 @@ SPECS = {
     "deepspeed_stage_1": Spec("distprobe_deepspeed_stage_1", probes_in_module_dict=False),
     "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
     "deepspeed_stage_3": Spec("distprobe_deepspeed_stage_3"),
+    # Probe accumulation of 3 with 4 micro-steps an epoch: the epoch-0 checkpoint, written by Lightning with rank 0's
+    # callback state only, falls inside a window; the resumed run must still end where the uninterrupted one did.
+    "ddp_accumulate_3": Spec("distprobe_ddp", probe_accumulate=3),
+    "fsdp2_accumulate_3": Spec("distprobe_fsdp2", kind="fsdp2", probe_accumulate=3),
+    "deepspeed_stage_2_accumulate_3": Spec("distprobe_deepspeed_stage_2", probe_accumulate=3),
 }
 
 
@@ -69,7 +74,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"get": get}
 
 
-def _reference(ranks: list[dict[str, Any]]) -> list[torch.Tensor]:
+def _reference(ranks: list[dict[str, Any]], accumulate: int) -> list[torch.Tensor]:
     """A single-process probe trained on the union of the data-parallel ranks' batches; its weights per step."""
     dp_size = ranks[0]["dp"][1]
     by_dp_rank = {}
@@ -78,7 +83,12 @@ def _reference(ranks: list[dict[str, Any]]) -> list[torch.Tensor]:
     assert sorted(by_dp_rank) == list(range(dp_size))
     torch.manual_seed(PROBE_SEED)  # rank 0's initial probe, which replication broadcasts
     probe = Probe.build(
-        ProbeConfig(name="reference", probe=nn.Linear(EMBED_DIM, NUM_CLASSES), optimizer=PROBE_OPTIMIZER)
+        ProbeConfig(
+            name="reference",
+            probe=nn.Linear(EMBED_DIM, NUM_CLASSES),
+            optimizer=PROBE_OPTIMIZER,
+            accumulate_grad_batches=accumulate,
+        )
     )
     weights = []
     for step in range(len(ranks[0]["probed"])):
@@ -114,16 +124,17 @@ def _check_sharding(name: str, spec: Spec, facts: dict[str, Any]) -> None:
     assert not facts["probe_ds_attrs"], facts
     assert facts["backbone_in_optimizer"], facts
     full = facts["backbone_full_numel"]
-    if name == "ddp":
+    if name.startswith("ddp"):
         assert facts["wrapper"] == "DistributedDataParallel"
         assert facts["ddp_ignores"] == sorted(f"callbacks_modules.linear.{p}" for p in ("weight", "bias")), facts
         assert facts["backbone_local_numel"] == full
-        assert facts["feature_dtype"] == "torch.bfloat16"
+        if spec.precision == "bf16-mixed":
+            assert facts["feature_dtype"] == "torch.bfloat16"
     elif name.startswith("fsdp1"):
         assert facts["wrapper"] == "FullyShardedDataParallel"
         assert facts["flat_local_numel"] == facts["flat_full_numel"] // spec.world_size  # one flat parameter, sharded
         assert facts["flat_fqns"] == [f"encoder.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
-    elif name == "fsdp2":
+    elif spec.kind == "fsdp2":
         assert facts["backbone_weight_type"] == "DTensor"
         assert facts["backbone_placements"] == ["S(0)"]
         assert facts["backbone_local_numel"] == full // spec.world_size
@@ -135,7 +146,7 @@ def _check_sharding(name: str, spec: Spec, facts: dict[str, Any]) -> None:
         assert facts["backbone_local_numel"] == full // spec.world_size
         assert facts["probe_group_size"] == spec.strategy_kwargs["data_parallel_size"]  # not the world
     elif name.startswith("deepspeed"):
-        stage = int(name[-1])
+        stage = int(spec.strategy[-1])
         assert facts["wrapper"] == "DeepSpeedEngine"
         assert facts["zero_stage"] == stage
         assert facts["backbone_ds_partitioned"] == (stage == 3)
@@ -166,7 +177,7 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
                     assert torch.equal(other, record["probe"]), (run_name, record["step"])
 
     # (b) equal to one process trained on the union of the data-parallel ranks' batches.
-    for step, want in enumerate(_reference(ranks)):
+    for step, want in enumerate(_reference(ranks, SPECS[name].probe_accumulate)):
         torch.testing.assert_close(ranks[0]["probed"][step]["probe"], want, rtol=0, atol=1e-5)
 
     # (c) sharded as intended, probe untouched by the strategy, backbone trains exactly as without probes.

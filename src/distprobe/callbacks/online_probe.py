@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step, values_already_reduced
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.trainable import TrainableCallback
-from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed
+from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.factories import build_module
+from distprobe.engine.probe import merge
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_synced
 
@@ -43,6 +45,11 @@ class OnlineProbe(TrainableCallback):
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         metrics: A dict, tuple, list, single torchmetrics Metric, ``{"train": ..., "val": ...}``, or None.
         loss: Alias of ``loss_fn``.
+
+    Logs ``train/{name}_loss``, ``train/{name}_skipped_steps`` and ``hparams/lr_{name}`` on the steps Lightning
+    writes; ``train/{name}_loss_epoch``, the train metrics ``train/{name}_*`` and the bad-data counts
+    ``train/{name}_bad_batches/{reason}`` at each train epoch's end; ``eval/{name}_*`` at each validation's end.
+    Epoch values are exact over every rank's samples (one flat sync for all probes).
 
     Example:
         >>> import torchmetrics
@@ -81,6 +88,8 @@ class OnlineProbe(TrainableCallback):
         self.metrics_spec = metrics
         self._checked_first_batch = False
         self._eval_values: dict[str, torch.Tensor] | None = None
+        self._train_values: dict[str, torch.Tensor] | None = None
+        self._bad_data_warnings = BadDataWarnings()
         super().__init__(
             module,
             name,
@@ -101,17 +110,19 @@ class OnlineProbe(TrainableCallback):
         return features, targets
 
     def _checked_features_and_targets(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Look up the probe's tensors; on the first batch, check them collectively across ranks."""
+        """Look up the probe's tensors; on the first batch, check them collectively across all ranks."""
         if self._checked_first_batch:
             return self._features_and_targets(outputs, batch)
+        group = world_check_group()
         try:
             features, targets = self._features_and_targets(outputs, batch)
         except MissingKeyError as err:
-            raise_if_any_rank_failed(str(err), self.probe.dp_group)
+            raise_if_any_rank_failed(str(err), group)
             raise AssertionError("unreachable: the call above raises") from err
-        raise_if_any_rank_failed(
-            first_batch_problem(self.probe, features, targets, input_key=self.input), self.probe.dp_group
-        )
+        except Exception as err:  # noqa: BLE001 - any failure must reach every rank, or the others hang
+            raise_if_any_rank_failed(f"probe '{self.name}': reading input and target failed: {err!r}", group)
+            raise AssertionError("unreachable: the call above raises") from err
+        raise_if_any_rank_failed(first_batch_problem(self.probe, features, targets, input_key=self.input), group)
         self._checked_first_batch = True
         return features, targets
 
@@ -123,20 +134,28 @@ class OnlineProbe(TrainableCallback):
         out = self.probe.train_step(features, targets)
         if isinstance(batch, MutableMapping):
             batch[f"{self.name}_preds"] = out.preds
-        if not _logs_this_step(trainer, batch_idx):
-            # Lightning's `log` costs far more host time than the probe's step (measured on an H100: 61% of the
-            # callback), so per-step values are logged only on the steps whose values Lightning writes out.
+        if not logs_this_step(trainer, batch_idx):
             return
+        self._bad_data_warnings.check(self.probe)
         values = {
             f"train/{self.name}_loss": out.loss,
             f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
-            **self.probe.train_metric_values(out.preds, targets),
         }
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=targets.shape[0])
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_values = None
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.probe.metrics.train.reset()
+        if self._train_values is None:
+            _compute_epoch_values_of_all_probes(trainer, self, stage="train")
+        values = self._train_values or {}
+        self.probe.reset_train_metrics()
+        if values:
+            with values_already_reduced():
+                pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
     @override
     def on_validation_batch_end(
@@ -163,43 +182,35 @@ class OnlineProbe(TrainableCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._eval_values is None:
-            _compute_eval_metrics_of_all_probes(trainer, self)
+            _compute_epoch_values_of_all_probes(trainer, self, stage="val")
         values = self._eval_values or {}
+        self.probe.metrics.val.reset()
         if values and not trainer.sanity_checking:
-            # Already reduced over the data-parallel group: Lightning must not reduce again.
-            pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+            with values_already_reduced():
+                pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
 
-def _logs_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
-    """Whether per-step values of this batch reach the logger: every ``log_every_n_steps``, and each epoch's last.
+def _compute_epoch_values_of_all_probes(
+    trainer: pl.Trainer, caller: OnlineProbe, stage: Literal["train", "val"]
+) -> None:
+    """Compute the epoch values of every OnlineProbe of ``trainer`` with one flat sync per data-parallel group.
 
-    The epoch's last batch always logs, so ``trainer.callback_metrics`` holds a recent value after every epoch even
-    when an epoch is shorter than ``log_every_n_steps``.
+    The first OnlineProbe to reach the epoch-end hook calls it; the others find their values waiting
+    (``_train_values`` / ``_eval_values``, cleared at each epoch start). Every rank holds the same callbacks in the
+    same order, so the collectives line up. A subclass with its own epoch-end hook may not call this one: its
+    states are left alone unless it is the caller.
     """
-    every = int(getattr(trainer, "log_every_n_steps", 1))  # set by Lightning's logger connector
-    if every <= 0:  # Trainer(barebones=True) forbids logging
-        return False
-    last_batch = trainer.num_training_batches
-    return (batch_idx + 1) % every == 0 or (isinstance(last_batch, int) and batch_idx + 1 == last_batch)
-
-
-def _compute_eval_metrics_of_all_probes(trainer: pl.Trainer, caller: OnlineProbe) -> None:
-    """Compute and reset the eval metrics of every OnlineProbe of ``trainer`` with one flat sync per group.
-
-    The first OnlineProbe to reach ``on_validation_epoch_end`` calls it; the others find their values waiting
-    (``_eval_values``, cleared at each ``on_validation_epoch_start``).
-    Every rank holds the same callbacks in the same order, so the collectives line up.
-    """
+    attr = "_train_values" if stage == "train" else "_eval_values"
+    hook = "on_train_epoch_end" if stage == "train" else "on_validation_epoch_end"
+    shares = getattr(OnlineProbe, hook)
     callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
-    # A subclass with its own epoch-end hook may not call this one: leave its states alone unless it is the caller.
-    shares = OnlineProbe.on_validation_epoch_end
     probes = [
         cb
         for cb in callbacks
         if isinstance(cb, OnlineProbe)
         and cb._probe is not None
-        and cb._eval_values is None
-        and type(cb).on_validation_epoch_end is shares
+        and getattr(cb, attr) is None
+        and getattr(type(cb), hook) is shares
     ]
     if caller not in probes:
         probes.append(caller)
@@ -207,7 +218,12 @@ def _compute_eval_metrics_of_all_probes(trainer: pl.Trainer, caller: OnlineProbe
     for callback in probes:
         by_group.setdefault(id(callback.probe.dp_group), []).append(callback)
     for members in by_group.values():
-        collections = [callback.probe.metrics.val for callback in members]
-        for callback, values in zip(members, compute_synced(collections, members[0].probe.dp_group)):
-            callback._eval_values = values
-            callback.probe.metrics.val.reset()
+        group = members[0].probe.dp_group
+        if stage == "val":
+            per_probe = compute_synced([m.probe.metrics.val for m in members], group)
+        else:
+            collections = [c for m in members for c in m.probe.train_collections()]
+            computed = iter(compute_synced(collections, group))
+            per_probe = [merge([next(computed) for _ in m.probe.train_collections()]) for m in members]
+        for callback, values in zip(members, per_probe, strict=True):
+            setattr(callback, attr, values)

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.engine import Probe, ProbeConfig, maths
 from distprobe.engine.replicate import unshare_storage
 from distprobe.strategies.groups import data_parallel_group
@@ -23,33 +24,12 @@ class NotSetUpError(RuntimeError):
     """The callback was used before Lightning called its `setup` hook."""
 
 
-def _registry(pl_module: pl.LightningModule, attr: str) -> dict[str, Any]:
-    """The plain dict ``pl_module.<attr>``, created when missing.
-
-    A plain dict, not an ``nn.ModuleDict``: the probe must never become a parameter of the LightningModule, or the
-    main strategy would wrap, shard and optimise it.
-    """
-    registry = getattr(pl_module, attr, None)
-    if registry is None:
-        registry = {}
-        # object.__setattr__ skips nn.Module's registration of submodules and parameters.
-        object.__setattr__(pl_module, attr, registry)
-    elif isinstance(registry, nn.Module):
-        log.warning(
-            "%s.%s is an nn.Module container: probes stored there become parameters of the LightningModule; "
-            "use a distprobe strategy (see distprobe.strategies) to keep them out of the main optimizer.",
-            type(pl_module).__name__,
-            attr,
-        )
-    return registry
-
-
 class TrainableCallback(Callback):
     """Base of callbacks that train their own module with their own optimizer, outside the main model.
 
     Subclasses give the module (`configure_model`) and call `self.probe.train_step` from their hooks. The base
     handles registration in ``pl_module.callbacks_modules``, building the engine on the right device and
-    data-parallel group, and checkpointing by name.
+    data-parallel group, checkpointing by name, and releasing the replica when training ends.
 
     Args:
         module: The LightningModule being probed (None: taken at ``setup``).
@@ -108,8 +88,8 @@ class TrainableCallback(Callback):
         return self._generate_state_key(name=self.name)
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
-        modules = _registry(pl_module, "callbacks_modules")
-        if self.module is not None and modules.get(self.name) is self.module:
+        modules = registry(pl_module, "callbacks_modules")
+        if self.module is not None and self.name in modules and modules[self.name] is self.module:
             return
         if self.name in modules:
             raise ValueError(
@@ -132,11 +112,12 @@ class TrainableCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._attach(pl_module)
+        check_strategy_keeps_probes_out(trainer, pl_module, self.name)
         if self._probe is not None:
+            self._probe.rejoin()  # a second fit, after `teardown` released the replica
             return
         assert self.module is not None
         unshare_storage(self.module)
-        metrics = _registry(pl_module, "callbacks_metrics")
         self._probe = Probe.build(
             self.config,
             module=self.module,
@@ -146,7 +127,10 @@ class TrainableCallback(Callback):
             # stateful loader's position, and Lightning then silently skips that restore. See `on_train_start`.
             total_steps=None,
         )
-        metrics[self.name] = self._probe.metrics
+        metrics = registry(pl_module, "callbacks_metrics")
+        metrics[self.name] = (
+            self._probe.metrics.as_module_dict() if isinstance(metrics, nn.Module) else self._probe.metrics
+        )
         if self._pending_state is not None:
             self._probe.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -155,6 +139,14 @@ class TrainableCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The train dataloader is set up (and restored) by now, so the step estimate is safe to ask for.
         self.probe.set_total_steps(self._total_optimizer_steps(trainer))
+        _refuse_probe_in_main_optimizer(trainer, self.probe)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The replica's DDP reducer holds the process group: one left alive at interpreter exit can abort a run that
+        # succeeded (SIGABRT, "terminate called without an active exception"), and Slurm then marks it FAILED.
+        if self._probe is not None:
+            self._probe.release()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -172,3 +164,16 @@ class TrainableCallback(Callback):
 
     def _device(self) -> torch.device:
         return next(self.probe.module.parameters()).device
+
+
+def _refuse_probe_in_main_optimizer(trainer: pl.Trainer, probe: Probe) -> None:
+    """A probe parameter in a main optimizer would have its window's gradients wiped by the main ``zero_grad``."""
+    mine = {id(p) for p in probe.module.parameters()}
+    for optimizer in trainer.optimizers:
+        if any(id(p) in mine for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                f"probe '{probe.name}': its parameters are in the LightningModule's optimizer "
+                f"({type(optimizer).__name__}), which would zero and step them with the backbone. Build that "
+                "optimizer without pl_module.callbacks_modules (stable-pretraining's Module skips it by name), or "
+                "use a distprobe strategy (e.g. strategy='distprobe_ddp'), which removes probes from it."
+            )

@@ -10,7 +10,12 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from distprobe.engine.replicate import default_group
-from distprobe.strategies.exclusion import drop_from_optimizers, probe_parameters, probe_state_names
+from distprobe.strategies.exclusion import (
+    drop_from_optimizers,
+    probe_parameters,
+    probe_state_names,
+    probes_kept_out_of_precision,
+)
 
 
 def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
@@ -46,6 +51,12 @@ class ProbeDDPStrategy(DDPStrategy):
     def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
         ignore_probes_in_ddp(model)
         return super()._setup_model(model)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        with probes_kept_out_of_precision(self.precision_plugin, self.lightning_module):
+            super().setup(trainer)
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:

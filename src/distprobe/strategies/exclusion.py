@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,3 +119,23 @@ def drop_from_optimizers(optimizers: Iterable[Optimizer], params: Iterable[torch
         for p in [p for p in optimizer.state if id(p) in excluded]:
             del optimizer.state[p]
     return removed
+
+
+@contextlib.contextmanager
+def probes_kept_out_of_precision(precision_plugin: Any, module: nn.Module) -> Iterator[None]:
+    """While the block runs, ``precision_plugin.convert_module`` never sees ``module``'s probes.
+
+    Lightning's ``*-true`` precisions cast the whole LightningModule (``module.to(torch.bfloat16)``); probes in a
+    user's ``nn.ModuleDict`` would be cast with it. A probe keeps its own dtype: features are cast to it.
+    """
+    original = precision_plugin.convert_module
+
+    def convert_without_probes(model: nn.Module) -> nn.Module:
+        with hidden_probes(module):
+            return original(model)
+
+    precision_plugin.convert_module = convert_without_probes
+    try:
+        yield
+    finally:
+        del precision_plugin.convert_module  # the instance attribute: the class's method shows through again

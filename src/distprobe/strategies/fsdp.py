@@ -17,7 +17,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from distprobe.engine.replicate import default_group
-from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters
+from distprobe.strategies.exclusion import (
+    drop_from_optimizers,
+    hidden_probes,
+    probe_parameters,
+    probes_kept_out_of_precision,
+)
 
 
 def full_state_dict_on_cpu(model: nn.Module) -> AbstractContextManager[Any]:
@@ -131,6 +136,12 @@ class ProbeFSDPStrategy(FSDPStrategy):
             enable_wrap(wrapper_cls=FullyShardedDataParallel, **self._wrapper_kwargs(), **self.kwargs),
         ):
             yield
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        with probes_kept_out_of_precision(self.precision_plugin, self.lightning_module):
+            super().setup(trainer)
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
