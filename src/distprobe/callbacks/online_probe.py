@@ -44,6 +44,7 @@ class OnlineProbe(TrainableCallback):
         gradient_clip_val: Clip threshold of the probe's gradients; None disables clipping.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         metrics: A dict, tuple, list, single torchmetrics Metric, ``{"train": ..., "val": ...}``, or None.
+        verbose: Accepted for stable-pretraining compatibility (its 13th argument, which it stores and never reads).
         loss: Alias of ``loss_fn``.
 
     Logs ``train/{name}_loss``, ``train/{name}_skipped_steps`` and ``hparams/lr_{name}`` on the steps Lightning
@@ -73,11 +74,19 @@ class OnlineProbe(TrainableCallback):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         metrics: Any = None,
+        verbose: bool | None = None,
         *,
         loss: Callable[..., Any] | None = None,
     ) -> None:
         if loss is not None and loss_fn is not None and loss is not loss_fn:
             raise ValueError(f"probe '{name}': got both 'loss' and 'loss_fn'; 'loss' is an alias, pass only one.")
+        if input is None and target is None and loss is None and loss_fn is None:
+            raise ValueError(
+                f"probe '{name}': input, target and loss are all None, stable-pretraining's form for a probe module "
+                "that computes its own loss inside the model's backward. distprobe trains every probe outside the "
+                "model's backward, on detached features: give 'input' and 'target' keys (the loss defaults to "
+                "cross-entropy), or subclass distprobe.callbacks.TrainableCallback for a custom training step."
+            )
         for argument, key in (("input", input), ("target", target)):
             if not isinstance(key, str) or not key:
                 raise ValueError(f"probe '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
@@ -86,6 +95,8 @@ class OnlineProbe(TrainableCallback):
         self.probe_spec = probe
         self.loss_fn = loss_fn if loss_fn is not None else loss
         self.metrics_spec = metrics
+        self.verbose = verbose
+        """stable-pretraining's 13th argument, kept for drop-in use; distprobe's logging does not depend on it."""
         self._checked_first_batch = False
         self._eval_values: dict[str, torch.Tensor] | None = None
         self._train_values: dict[str, torch.Tensor] | None = None
@@ -132,14 +143,17 @@ class OnlineProbe(TrainableCallback):
     ) -> None:
         features, targets = self._checked_features_and_targets(outputs, batch)
         out = self.probe.train_step(features, targets)
-        if isinstance(batch, MutableMapping):
-            batch[f"{self.name}_preds"] = out.preds
+        if out.stepped:
+            self._count_probe_step(trainer)
+        _store_preds(f"{self.name}_preds", out.preds, outputs, batch)
         if not logs_this_step(trainer, batch_idx):
             return
         self._bad_data_warnings.check(self.probe)
-        values = {
+        values: dict[str, torch.Tensor | float] = {
             f"train/{self.name}_loss": out.loss,
             f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
+            # A host float, read without a sync; Lightning's LearningRateMonitor sees only Lightning's optimizers.
+            f"hparams/lr_{self.name}": self.probe.current_lr(),
         }
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=targets.shape[0])
 
@@ -172,8 +186,7 @@ class OnlineProbe(TrainableCallback):
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
         num_valid = valid_in_loader_batch(loader, batch_idx, targets.shape[0])
         preds = self.probe.eval_step(features, targets, num_valid=num_valid)
-        if isinstance(batch, MutableMapping):
-            batch[f"{self.name}_preds"] = preds
+        _store_preds(f"{self.name}_preds", preds, outputs, batch)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -188,6 +201,17 @@ class OnlineProbe(TrainableCallback):
         if values and not trainer.sanity_checking:
             with values_already_reduced():
                 pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+
+
+def _store_preds(key: str, preds: torch.Tensor, outputs: Any, batch: Any) -> None:
+    """Store predictions in the batch (where the reference documents them) and in the step's outputs.
+
+    stable-pretraining puts them in the outputs, which Lightning hands, as one dict, to every later callback: its
+    OnlineWriter reads them there.
+    """
+    for container in (batch, outputs):
+        if isinstance(container, MutableMapping):
+            container[key] = preds
 
 
 def _compute_epoch_values_of_all_probes(

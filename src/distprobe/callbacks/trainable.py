@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.engine import Probe, ProbeConfig, maths
+from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
 from distprobe.strategies.groups import data_parallel_group
 
@@ -65,8 +66,11 @@ class TrainableCallback(Callback):
             metrics=getattr(self, "metrics_spec", None),
         )
         self.module: nn.Module | None = None
+        # Built now, not at setup: stable-pretraining's users read pl_module.callbacks_metrics[name] before fit.
+        self.metrics = build_metrics(self.config)
         self._probe: Probe | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._drives_global_step = False
         if module is not None:
             self._attach(module)
 
@@ -98,6 +102,8 @@ class TrainableCallback(Callback):
             )
         self.module = self.configure_model(pl_module)
         modules[self.name] = self.module
+        metrics = registry(pl_module, "callbacks_metrics")
+        metrics[self.name] = self.metrics.as_module_dict() if isinstance(metrics, nn.Module) else self.metrics
 
     def _total_optimizer_steps(self, trainer: pl.Trainer) -> int | None:
         try:
@@ -126,10 +132,7 @@ class TrainableCallback(Callback):
             # Not `trainer.estimated_stepping_batches` here: it loads the train dataloader before Lightning restores a
             # stateful loader's position, and Lightning then silently skips that restore. See `on_train_start`.
             total_steps=None,
-        )
-        metrics = registry(pl_module, "callbacks_metrics")
-        metrics[self.name] = (
-            self._probe.metrics.as_module_dict() if isinstance(metrics, nn.Module) else self._probe.metrics
+            metrics=self.metrics,
         )
         if self._pending_state is not None:
             self._probe.load_state_dict(self._pending_state)
@@ -140,6 +143,21 @@ class TrainableCallback(Callback):
         # The train dataloader is set up (and restored) by now, so the step estimate is safe to ask for.
         self.probe.set_total_steps(self._total_optimizer_steps(trainer))
         _refuse_probe_in_main_optimizer(trainer, self.probe)
+        lead = next((cb for cb in trainer.callbacks if isinstance(cb, TrainableCallback)), None)  # type: ignore[attr-defined]
+        self._drives_global_step = lead is self and _without_main_optimizer(trainer)
+
+    def _count_probe_step(self, trainer: pl.Trainer) -> None:
+        """Advance ``trainer.global_step`` for a probe optimizer step when the LightningModule has no optimizer.
+
+        A frozen backbone (linear evaluation; stable-pretraining's ``Module(optim=None)``) under manual optimization
+        steps no Lightning optimizer, so ``global_step`` stays 0: ``max_steps`` never ends the fit, and step-keyed
+        logs, checkpoints and schedules all see step 0. As stable-pretraining does, the first probe's optimizer
+        steps then count as the training's steps.
+        """
+        if self._drives_global_step:
+            progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -164,6 +182,18 @@ class TrainableCallback(Callback):
 
     def _device(self) -> torch.device:
         return next(self.probe.module.parameters()).device
+
+
+def _without_main_optimizer(trainer: pl.Trainer) -> bool:
+    """Manual optimization and no real optimizer: nothing but the probes would ever advance ``global_step``.
+
+    Under automatic optimization Lightning steps its stand-in optimizer and counts the steps itself.
+    """
+    from lightning.pytorch.core.optimizer import _MockOptimizer
+
+    if trainer.lightning_module.automatic_optimization:
+        return False
+    return all(isinstance(o, _MockOptimizer) for o in trainer.optimizers)
 
 
 def _refuse_probe_in_main_optimizer(trainer: pl.Trainer, probe: Probe) -> None:

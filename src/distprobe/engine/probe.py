@@ -65,6 +65,11 @@ def to_probe_input(features: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return features.detach().to(device=param.device, dtype=param.dtype)
 
 
+def build_metrics(config: ProbeConfig) -> ProbeMetrics:
+    """The probe's metric collections (train, val, loss, bad-data counts) from ``config.metrics``."""
+    return ProbeMetrics(config.metrics, config.name, reasons=bad_data.REASONS)
+
+
 def merge(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One dict of every logged value (their keys never collide: each carries its probe's name)."""
     return {k: v for d in dicts for k, v in d.items()}
@@ -116,6 +121,8 @@ class Probe:
         self._buffers = [b for b in module.buffers() if b.is_floating_point()]
         self.micro_step = 0
         """Micro-batches seen since the start of training; the window position is ``micro_step % accumulate``."""
+        self._window_grads: list[torch.Tensor | None] | None = None
+        """The open window's gradient tensors, held so that nothing outside can drop them between micro-steps."""
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self._param().device)
         """Optimizer steps skipped because a gradient was not finite (a device tensor, never read on the host)."""
 
@@ -129,6 +136,7 @@ class Probe:
         device: torch.device | str | None = None,
         total_steps: int | None = None,
         owner: Any = None,
+        metrics: ProbeMetrics | None = None,
     ) -> Probe:
         """Resolve the config into a ready probe.
 
@@ -139,6 +147,7 @@ class Probe:
             device: Where the probe lives; default: where its parameters already are.
             total_steps: The probe's number of optimizer steps, for scheduler defaults such as ``T_max``.
             owner: Passed to a ``probe`` callable that takes one argument (the LightningModule).
+            metrics: Already built metrics for ``config.metrics`` (an adapter that shows them before set-up).
         """
         if module is None:
             module = build_module(config.probe, owner=owner, probe_name=config.name)
@@ -151,7 +160,9 @@ class Probe:
         optimizer = build_optimizer(config.optimizer, params, probe_name=config.name)
         hyperparameters = _hyperparameters(optimizer)
         scheduler = build_scheduler(config.scheduler, optimizer, total_steps=total_steps, probe_name=config.name)
-        metrics = ProbeMetrics(config.metrics, config.name, reasons=bad_data.REASONS).to(params[0].device)
+        if metrics is None:
+            metrics = build_metrics(config)
+        metrics.to(params[0].device)
         metrics.set_process_group(dp_group)
         replica = replicate_probe(module, dp_group)
         return cls(
@@ -195,6 +206,7 @@ class Probe:
         # never scaled, so clipping sees true values and no GradScaler is involved.
         in_autocast = torch.is_autocast_enabled(device.type)
         outside_autocast = torch.autocast(device.type, enabled=False) if in_autocast else contextlib.nullcontext()
+        self._restore_window_grads()
         buffers_before = [b.clone() for b in self._buffers]  # empty for a probe without BatchNorm
         with sync_ctx, outside_autocast:
             preds = self.replica(x)
@@ -213,7 +225,23 @@ class Probe:
         self.micro_step += 1
         if boundary:
             self._optimizer_step(device)
+            self._window_grads = None
+        else:
+            self._window_grads = [p.grad for p in skip.params_of(self.optimizer)]
         return StepOutput(loss=loss.detach(), preds=preds, stepped=boundary, bad=verdict.any)
+
+    def _restore_window_grads(self) -> None:
+        """Put back the open window's gradients if something set them to None since the last micro-step.
+
+        A probe registered in the LightningModule's ``nn.ModuleDict`` is a parameter of it, and Lightning zeroes the
+        LightningModule's gradients before each validation (``on_validation_model_zero_grad``): a window that spans a
+        validation, or an epoch end, would otherwise lose its first micro-batches.
+        """
+        if self._window_grads is None:
+            return
+        for p, grad in zip(skip.params_of(self.optimizer), self._window_grads, strict=True):
+            if p.grad is not grad:
+                p.grad = grad
 
     def _optimizer_step(self, device: torch.device) -> None:
         grads = [p.grad for p in skip.params_of(self.optimizer) if p.grad is not None]
@@ -333,6 +361,7 @@ class Probe:
         in_window = self.micro_step % self.config.accumulate_grad_batches != 0
         window_grads = None
         if in_window:
+            self._restore_window_grads()
             params = skip.params_of(self.optimizer)
             # A parameter without a gradient yet gets zeros, so that every rank gathers the same shapes.
             grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -372,5 +401,6 @@ class Probe:
         window_grads = self._window_grads_to_load(state)
         for p, g in zip(params, window_grads or [None] * len(params), strict=True):
             p.grad = None if g is None else g.to(p.device)
+        self._window_grads = [p.grad for p in params] if window_grads is not None else None
         self.skipped_steps = state.get("skipped_steps", torch.zeros((), dtype=torch.long)).to(self._param().device)
         load_metric_states(self.metrics, state.get("metrics", {}), self.dp_group)

@@ -119,12 +119,13 @@ class ProbeMetrics:
         return self
 
     def as_module_dict(self) -> nn.ModuleDict:
-        """The stage collections as an ``nn.ModuleDict`` (keys ``train``, ``val``, ``_train``, ``_val``).
+        """The stage collections as an ``nn.ModuleDict`` with stable-pretraining's keys ``_train`` and ``_val``.
 
         For a LightningModule whose ``callbacks_metrics`` is itself an ``nn.ModuleDict`` (stable-pretraining's
-        ``spt.Module``), which takes only modules. The collections are the same objects, not copies.
+        ``spt.Module``), which takes only modules (and no key ``train``: it is ``nn.Module.train``). The
+        collections are the same objects, not copies.
         """
-        return nn.ModuleDict({"train": self.train, "val": self.val, "_train": self.train, "_val": self.val})
+        return nn.ModuleDict({"_train": self.train, "_val": self.val})
 
     def _collections(self) -> dict[str, MetricCollection]:
         return {"train": self.train, "val": self.val, "bad_batches": self.bad_batches, "loss": self.loss}
