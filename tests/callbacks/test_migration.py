@@ -63,8 +63,8 @@ def test_stable_pretraining_arguments_and_places():
         True,
     )
     assert cb.verbose is True
-    assert set(module.callbacks_metrics["linear"]["_train"].keys()) == {"train/linear_top1"}  # before fit
-    assert set(module.callbacks_metrics["linear"]["_val"].keys()) == {"eval/linear_top1"}
+    assert set(module.callbacks_metrics["linear"]["_train"].keys()) == {"top1"}  # before fit, as spt names them
+    assert set(module.callbacks_metrics["linear"]["_val"].keys()) == {"top1"}
     seen = {"train": [], "val": []}
 
     class ReadOutputs(pl.Callback):  # placed after the probe, as stable-pretraining's OnlineWriter must be

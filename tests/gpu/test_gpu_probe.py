@@ -210,3 +210,52 @@ def test_strategy_on_one_gpu_trains_a_full_probe(strategy: str) -> None:
     correct = sum(int(((feats @ final[0].T + final[1]).argmax(1) == labels).sum()) for feats, labels in after.val)
     assert sum(len(labels) for _, labels in after.val) == 10
     assert trainer.callback_metrics["eval/linear_top1"].item() == pytest.approx(correct / 10, abs=1e-6)
+
+
+class CorruptOnGPU(pl.Callback):
+    """Placed before the probe: a label of 99 for a 4-class probe, or a NaN feature, on batch 6 of a 12-batch fit."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != 6:
+            return
+        if self.kind == "label":
+            batch["label"] = batch["label"].clone()
+            batch["label"][2] = 99
+        else:
+            outputs["embedding"] = outputs["embedding"].clone()
+            outputs["embedding"][1, 0] = float("nan")
+
+
+@pytest.mark.parametrize("kind", ["label", "nan_feature"])
+def test_bad_data_late_in_a_cuda_fit_is_skipped_without_a_device_side_assert(kind: str) -> None:
+    """Before the bad-data policy, a label of 99 at step 6 killed the process's CUDA context (device-side assert)."""
+    probe = OnlineProbe(
+        None,
+        name="linear",
+        input="embedding",
+        target="label",
+        probe=nn.Linear(EMBED_DIM, NUM_CLASSES),
+        optimizer="SGD",
+        metrics=metrics(),
+    )
+    train, val = loaders(train=96)
+    opener = SyncGuard()
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            precision="bf16-mixed",
+            callbacks=[CorruptOnGPU(kind), opener, probe, SyncGuard(opener)],
+            max_epochs=1,
+            log_every_n_steps=1,
+        )
+    )
+    trainer.fit(Backbone(), train, val)
+    torch.cuda.synchronize()  # the CUDA context is alive: a device-side assert would raise here or earlier
+    assert trainer.state.finished
+    assert int(probe.probe.skipped_steps) == 1
+    reason = "targets_out_of_range" if kind == "label" else "nonfinite_features"
+    assert float(trainer.callback_metrics[f"train/linear_bad_batches/{reason}"]) == 1.0
+    assert all(torch.isfinite(p).all() for p in probe.probe.module.parameters())
+    assert opener.checked == 12 - 1  # every hook but the first ran under sync-debug "error", the bad one included

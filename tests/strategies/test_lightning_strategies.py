@@ -51,6 +51,9 @@ SPECS = {
     "deepspeed_stage_1": Spec("distprobe_deepspeed_stage_1", probes_in_module_dict=False),
     "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
     "deepspeed_stage_3": Spec("distprobe_deepspeed_stage_3"),
+    # Lightning's *-true precision casts the whole LightningModule: probes in its nn.ModuleDict must keep float32.
+    "ddp_bf16_true": Spec("distprobe_ddp", precision="bf16-true"),
+    "fsdp1_bf16_true": Spec("distprobe_fsdp", precision="bf16-true"),
     # Probe accumulation of 3 with 4 micro-steps an epoch: the epoch-0 checkpoint, written by Lightning with rank 0's
     # callback state only, falls inside a window; the resumed run must still end where the uninterrupted one did.
     "ddp_accumulate_3": Spec("distprobe_ddp", probe_accumulate=3),

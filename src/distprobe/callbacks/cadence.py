@@ -6,9 +6,10 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 
 from distprobe.engine import Probe
@@ -50,19 +51,40 @@ def values_already_reduced() -> Iterator[None]:
 
 
 class BadDataWarnings:
-    """Warns once per reason, naming the probe, the reason and the rank, when a probe skipped bad data."""
+    """Warns once per reason, naming the probe, the reason and the rank, when a probe skipped bad data.
+
+    The counts live on the probe's device. Reading them must not stall the host (a sync per logging step costs
+    several percent on a GPU), so on CUDA a logging step copies them to pinned host memory without blocking, and a
+    later logging step reads that copy once its event says it has landed: the warning comes at the first logging
+    step after the bad batch whose copy is complete.
+    """
 
     def __init__(self) -> None:
         self._warned: set[str] = set()
+        self._pending: tuple[torch.Tensor, Any] | None = None
 
     def check(self, probe: Probe) -> None:
-        """Read this rank's bad-batch counts (one small host read) and warn about reasons seen for the first time."""
+        """Warn about reasons seen for the first time in this rank's counts, without a host sync."""
         if len(self._warned) == len(REASONS):
             return
         counter = cast(ReasonCounter, probe.metrics.bad_batches["bad_batches"])
-        counts = counter.counts.tolist()  # only on logging steps, where Lightning reads its logged values anyway
+        counts = counter.counts
+        if counts.device.type != "cuda":
+            self._warn(probe, counter.reasons, counts.tolist())
+            return
+        if self._pending is not None and self._pending[1].query():
+            self._warn(probe, counter.reasons, self._pending[0].tolist())
+            self._pending = None
+        if self._pending is None:
+            host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            host.copy_(counts, non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record()
+            self._pending = (host, landed)
+
+    def _warn(self, probe: Probe, reasons: tuple[str, ...], counts: list[int]) -> None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        for reason, count in zip(counter.reasons, counts, strict=True):
+        for reason, count in zip(reasons, counts, strict=True):
             if count and reason not in self._warned:
                 self._warned.add(reason)
                 log.warning(

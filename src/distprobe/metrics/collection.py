@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -97,12 +97,15 @@ class ProbeMetrics:
         """The epoch's mean train loss over every micro-batch of every rank (``train/{name}_loss_epoch``)."""
 
     def stage(self, stage: str) -> MetricCollection:
-        """The collection of ``"train"`` or ``"val"`` (stable-pretraining's ``"_train"`` and ``"_val"`` too)."""
-        if stage.lstrip("_") not in STAGES:
+        """The collection of ``"train"`` or ``"val"``, whose keys carry the logged prefixes."""
+        if stage not in STAGES:
             raise KeyError(f"metric stage {stage!r}; valid stages: {list(STAGES)} (or '_train', '_val')")
-        return self.train if stage.lstrip("_") == "train" else self.val
+        return self.train if stage == "train" else self.val
 
-    def __getitem__(self, stage: str) -> MetricCollection:
+    def __getitem__(self, stage: str) -> MetricCollection | nn.ModuleDict:
+        """``["train"]``/``["val"]``: the collections; ``["_train"]``/``["_val"]``: stable-pretraining's layout."""
+        if stage in ("_train", "_val"):
+            return cast(nn.ModuleDict, self.as_module_dict()[stage])
         return self.stage(stage)
 
     def __contains__(self, stage: object) -> bool:
@@ -119,13 +122,18 @@ class ProbeMetrics:
         return self
 
     def as_module_dict(self) -> nn.ModuleDict:
-        """The stage collections as an ``nn.ModuleDict`` with stable-pretraining's keys ``_train`` and ``_val``.
+        """The metrics as stable-pretraining lays them out: ``{"_train": {name: metric}, "_val": {name: metric}}``.
 
         For a LightningModule whose ``callbacks_metrics`` is itself an ``nn.ModuleDict`` (stable-pretraining's
         ``spt.Module``), which takes only modules (and no key ``train``: it is ``nn.Module.train``). The
-        collections are the same objects, not copies.
+        metrics are the same objects, not copies, under the user's names.
         """
-        return nn.ModuleDict({"_train": self.train, "_val": self.val})
+        return nn.ModuleDict(
+            {
+                stage: nn.ModuleDict(dict(collection.items(keep_base=True)))
+                for stage, collection in (("_train", self.train), ("_val", self.val))
+            }
+        )
 
     def _collections(self) -> dict[str, MetricCollection]:
         return {"train": self.train, "val": self.val, "bad_batches": self.bad_batches, "loss": self.loss}
