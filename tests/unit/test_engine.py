@@ -163,7 +163,7 @@ def test_state_dict_round_trip_mid_window_reproduces_the_run():
     for xi, yi in chunks[:2]:  # stop inside the first window
         first.train_step(xi, yi)
     state = copy.deepcopy(first.state_dict())
-    assert state["micro_step"] == 2 and state["window_grads"] is not None
+    assert state["micro_step"] == 2 and state["window_grads_per_rank"] is not None
     resumed = make(accumulate_grad_batches=3, optimizer="AdamW", scheduler="CosineAnnealingLR")
     resumed.load_state_dict(state)
     for xi, yi in chunks[2:]:

@@ -2,7 +2,8 @@
 
 A probe is a monitor: a NaN feature or a label out of range late in a run must never take down the training it
 watches. On a CUDA device ``cross_entropy`` with a label >= the number of classes raises a device-side assert, which
-kills the process's CUDA context and so the whole run. Everything here is a device tensor: no host sync.
+kills the process's CUDA context and so the whole run. Everything here is a device tensor: no host sync, and as few
+kernels as the checks allow (on a GPU the probe step's cost is its host time, one launch per op).
 
 The probe step then skips the optimizer step on every rank at once with no extra collective (see
 `distprobe.engine.probe`): the bad rank poisons its gradient with NaN, and the all-reduced gradient carries the
@@ -11,6 +12,7 @@ verdict to every rank.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,37 +20,26 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Why a micro-batch was bad, in the order of `BadData.counts`; these names appear in logs and warnings.
+#: Why a micro-batch was bad, in the order of `Verdict.counts`; these names appear in logs and warnings.
 REASONS = ("nonfinite_features", "targets_out_of_range", "nonfinite_targets")
 
 
 @dataclass
-class BadData:
+class Verdict:
     """What is wrong with one micro-batch; every field is a device tensor."""
 
     keep: torch.Tensor
-    """``(B,)`` bool: the samples that are fine (what metrics count)."""
+    """``(B,)`` bool: the samples metrics may count."""
     counts: torch.Tensor
-    """``(len(REASONS),)`` int64: 1 where the batch has at least one sample bad for that reason."""
-
-    @property
-    def any(self) -> torch.Tensor:
-        """0-d bool: the batch holds bad data of some kind (its step must be skipped)."""
-        return self.counts.any()
+    """``(len(REASONS),)`` bool: where the batch holds bad data for that reason (added to the long counters)."""
+    bad: torch.Tensor
+    """0-d bool: the batch holds bad data of some kind (its step must be skipped)."""
 
 
-def clean_features(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x with non-finite values set to 0, (B,) bool of rows that were finite)``.
-
-    Zeros, not NaN, go through the probe: a NaN in a BatchNorm's running statistics would stay there for good.
-    """
-    finite_rows = _rows(torch.isfinite(x))
-    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), finite_rows
-
-
-def _rows(mask: torch.Tensor) -> torch.Tensor:
-    """``(B,)``: whether every element of each sample holds (a 0-d or 1-d mask is already per sample)."""
-    return mask.flatten(1).all(dim=1) if mask.ndim > 1 else mask.reshape(-1)
+@functools.cache
+def _true(device: torch.device) -> torch.Tensor:
+    # Read, never written: one constant per device for the whole process.
+    return torch.ones((), dtype=torch.bool, device=device)
 
 
 def ignore_index_of(loss_fn: Callable[..., Any]) -> int | None:
@@ -58,39 +49,75 @@ def ignore_index_of(loss_fn: Callable[..., Any]) -> int | None:
     return None
 
 
-def clean_targets(
+def finite_features(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool: every feature of the batch is finite.
+
+    A probe without BatchNorm needs no pass over the features: a non-finite feature makes its loss non-finite, so
+    ``torch.isfinite(loss)`` on valid targets says the same in one kernel on a scalar (and also catches a probe whose
+    outputs overflow). A probe with BatchNorm sees features with NaNs zeroed (`zero_nonfinite`), so it asks here.
+    """
+    return torch.isfinite(x).all()
+
+
+def zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN and infinities set to 0.
+
+    What goes through a probe with BatchNorm, whose statistics would keep a NaN for good (they are restored after a
+    skipped batch, but the group's statistics include this rank's).
+    """
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def check_targets(
     targets: torch.Tensor, preds: torch.Tensor, ignore_index: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(safe targets, (B,) in-range rows, (B,) finite rows, (B,) rows metrics may count)``.
+    """``(safe targets, (B,) samples metrics may count, 0-d in range, 0-d finite)``.
 
     Class-index targets (integers, one dimension fewer than ``preds``) must lie in ``[0, C)`` with ``C =
-    preds.shape[-1]``, or equal the loss's ``ignore_index``; an out-of-range label becomes class 0 so the loss
-    cannot fault. Floating-point targets (soft labels, regression) must be finite.
+    preds.shape[-1]``, or equal the loss's ``ignore_index``; an out-of-range label becomes class 0 so that the loss
+    cannot fault. Floating-point targets (soft labels, regression) must be finite. Other targets are taken as they are.
     """
-    batch = targets.shape[0] if targets.ndim else 1
-    everything = torch.ones(batch, dtype=torch.bool, device=targets.device)
+    true = _true(targets.device)
     if targets.is_floating_point():
-        finite = _rows(torch.isfinite(targets))
-        return torch.nan_to_num(targets, nan=0.0, posinf=0.0, neginf=0.0), everything, finite, finite
+        finite = torch.isfinite(targets)
+        rows = finite.flatten(1).all(dim=1) if finite.ndim > 1 else finite
+        return torch.nan_to_num(targets, nan=0.0, posinf=0.0, neginf=0.0), rows, true, finite.all()
     if preds.ndim != targets.ndim + 1:
-        return targets, everything, everything, everything
-    valid = (targets >= 0) & (targets < preds.shape[-1])
-    ignored = targets == ignore_index if ignore_index is not None else torch.zeros_like(valid)
-    safe = torch.where(valid | ignored, targets, torch.zeros_like(targets))
-    return safe, _rows(valid | ignored), everything, _rows(valid)
+        return targets, true.expand(targets.shape[:1]), true, true
+    # Clamping puts every label in range; where it changed a label, that label was out of range. Three kernels, or
+    # five with the loss's ignore_index, which must reach the loss unchanged.
+    clamped = targets.clamp(0, preds.shape[-1] - 1)
+    valid = clamped == targets
+    rows = valid.flatten(1).all(dim=1) if valid.ndim > 1 else valid
+    if ignore_index is None:
+        return clamped, rows, valid.all(), true
+    ignored = targets == ignore_index
+    return torch.where(ignored, targets, clamped), rows, (valid | ignored).all(), true
 
 
-def bad_data(
-    finite_features: torch.Tensor, in_range: torch.Tensor, finite_targets: torch.Tensor, countable: torch.Tensor
-) -> BadData:
-    """Combine the per-row checks into the batch's verdict and its reasons (order of `REASONS`)."""
-    bad_rows = torch.stack([~finite_features, ~in_range, ~finite_targets])
-    return BadData(keep=finite_features & countable & finite_targets, counts=bad_rows.any(dim=1).long())
+def verdict(
+    features_ok: torch.Tensor, countable: torch.Tensor, in_range: torch.Tensor, finite: torch.Tensor
+) -> Verdict:
+    """The batch's verdict from its checks (reasons in the order of `REASONS`).
 
-
-def poison(loss: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-    """``loss`` times NaN where ``bad``: its gradient becomes NaN, which the all-reduce spreads to every rank.
-
-    Multiplying (not `torch.where`) is what makes the gradient, not only the value, non-finite.
+    ``features_ok`` is 0-d (training: the whole batch) or ``(B,)`` (evaluation: sample by sample).
     """
-    return loss * torch.where(bad, float("nan"), 1.0).to(loss.dtype)
+    whole_batch = features_ok.all() if features_ok.ndim else features_ok
+    counts = torch.stack([whole_batch, in_range, finite]).logical_not()
+    return Verdict(keep=countable & features_ok, counts=counts, bad=counts.any())
+
+
+def row_checks(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: the samples whose features are all finite (for evaluation, where samples count one by one)."""
+    finite = torch.isfinite(x)
+    return finite.flatten(1).all(dim=1) if finite.ndim > 1 else finite
+
+
+def poison(loss: torch.Tensor, bad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``loss * scale`` (the accumulation scale), or ``loss`` times NaN where ``bad``.
+
+    A NaN gradient is what the all-reduce spreads to every rank, so that every rank skips the step. Multiplying
+    (not `torch.where` on the loss) is what makes the gradient, not only the value, non-finite; one factor serves
+    both, so the poison costs no kernel over the accumulation scaling.
+    """
+    return loss * torch.where(bad, float("nan"), scale)

@@ -26,11 +26,6 @@ def optimizer_steps(micro_batches: int | None, accumulate_grad_batches: int) -> 
     return max(1, micro_batches // accumulate_grad_batches)
 
 
-def scale_for_accumulation(loss: torch.Tensor, accumulate_grad_batches: int) -> torch.Tensor:
-    """Scale a micro-batch loss so that the window's summed gradient is the gradient of the mean loss."""
-    return loss / accumulate_grad_batches if accumulate_grad_batches > 1 else loss
-
-
 def nonfinite_flag(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """A 0-d float32 tensor on the gradients' device: 1.0 when any gradient holds a NaN or an infinity, else 0.0.
 

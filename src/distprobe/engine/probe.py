@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,9 @@ from distprobe.engine.replicate import (
 )
 from distprobe.engine.state import load_metric_states, synced_metric_states
 from distprobe.metrics.collection import ProbeMetrics
+from distprobe.metrics.counters import ReasonCounter, RunningMean
 from distprobe.metrics.flat_sync import compute_synced
+from distprobe.metrics.sync_free import update_collection
 
 if TYPE_CHECKING:
     from torchmetrics import MetricCollection
@@ -125,6 +127,8 @@ class Probe:
         """The open window's gradient tensors, held so that nothing outside can drop them between micro-steps."""
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self._param().device)
         """Optimizer steps skipped because a gradient was not finite (a device tensor, never read on the host)."""
+        self._bad_batches = cast(ReasonCounter, metrics.bad_batches["bad_batches"])
+        self._loss = cast(RunningMean, metrics.loss["loss_epoch"])
 
     @classmethod
     def build(
@@ -183,7 +187,12 @@ class Probe:
         return self.config.name
 
     def _param(self) -> torch.Tensor:
-        return next(self.module.parameters())
+        # Looked up once: the Parameter objects never change (loading and unsharing keep them), and a generator
+        # per step is host time the step pays on every probe.
+        first = self.__dict__.get("_first_param")
+        if first is None:
+            first = self.__dict__["_first_param"] = next(self.module.parameters())
+        return first
 
     def train_step(self, features: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """Train on one micro-batch; step the optimizer when it closes an accumulation window.
@@ -195,8 +204,12 @@ class Probe:
         boundary = maths.is_boundary(self.micro_step, accumulate)
         param = self._param()
         device = param.device
-        x, finite_rows = bad_data.clean_features(to_probe_input(features, param))
+        x = to_probe_input(features, param)
         targets = targets.to(device)
+        features_ok = None
+        if self._buffers:  # a BatchNorm probe: a NaN must not reach the (group's) statistics
+            features_ok = bad_data.finite_features(x)
+            x = bad_data.zero_nonfinite(x)
         if not self.module.training:  # `train()` walks every submodule: only when someone switched to eval
             self.module.train()
         # Micro-steps keep gradients local: the one all-reduce happens in the boundary's backward.
@@ -210,25 +223,27 @@ class Probe:
         buffers_before = [b.clone() for b in self._buffers]  # empty for a probe without BatchNorm
         with sync_ctx, outside_autocast:
             preds = self.replica(x)
-            safe_targets, *checks = bad_data.clean_targets(targets, preds, self._ignore_index)
-            verdict = bad_data.bad_data(finite_rows, *checks)
+            safe_targets, countable, in_range, finite = bad_data.check_targets(targets, preds, self._ignore_index)
             loss = self.loss_fn(preds, safe_targets)
-            maths.scale_for_accumulation(bad_data.poison(loss, verdict.any), accumulate).backward()
+            if features_ok is None:  # see `bad_data.finite_features`
+                features_ok = torch.isfinite(loss.detach())
+            checked = bad_data.verdict(features_ok, countable, in_range, finite)
+            bad_data.poison(loss, checked.bad, scale=1.0 / accumulate).backward()
         if buffers_before:  # a skipped batch must not move the running statistics either
-            maths.restore_where(verdict.any, self._buffers, buffers_before)
+            maths.restore_where(checked.bad, self._buffers, buffers_before)
         preds = preds.detach()
-        self.metrics.bad_batches.update(verdict.counts)
-        batch_size = int(targets.shape[0]) if targets.ndim else 1
-        self.metrics.loss.update(loss.detach(), weight=torch.where(verdict.any, 0, batch_size))
+        loss = loss.detach()
+        self._bad_batches.add_(checked.counts)
+        self._loss.add_(loss, checked.bad, batch_size=int(targets.shape[0]) if targets.ndim else 1)
         if len(self.metrics.train):
-            self.metrics.train.update(preds, safe_targets, keep=verdict.keep)
+            update_collection(self.metrics.train, preds, safe_targets, checked.keep)
         self.micro_step += 1
         if boundary:
             self._optimizer_step(device)
             self._window_grads = None
         else:
             self._window_grads = [p.grad for p in skip.params_of(self.optimizer)]
-        return StepOutput(loss=loss.detach(), preds=preds, stepped=boundary, bad=verdict.any)
+        return StepOutput(loss=loss, preds=preds, stepped=boundary, bad=checked.bad)
 
     def _restore_window_grads(self) -> None:
         """Put back the open window's gradients if something set them to None since the last micro-step.
@@ -261,7 +276,7 @@ class Probe:
         was_training = self.module.training
         self.module.eval()
         try:
-            x, _ = bad_data.clean_features(to_probe_input(features, self._param()))
+            x = bad_data.zero_nonfinite(to_probe_input(features, self._param()))
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return self.module(x)
         finally:
@@ -305,10 +320,11 @@ class Probe:
         if len(self.metrics.val):
             keep = slice(None) if num_valid is None else slice(0, num_valid)
             x = to_probe_input(features, self._param())[keep]
-            _, finite_rows = bad_data.clean_features(x)
-            safe_targets, *checks = bad_data.clean_targets(targets[keep].to(preds.device), preds[keep], None)
-            verdict = bad_data.bad_data(finite_rows, *checks)
-            self.metrics.val.update(preds[keep], safe_targets, keep=verdict.keep)
+            safe_targets, countable, in_range, finite = bad_data.check_targets(
+                targets[keep].to(preds.device), preds[keep], None
+            )
+            checked = bad_data.verdict(bad_data.row_checks(x), countable, in_range, finite)
+            update_collection(self.metrics.val, preds[keep], safe_targets, checked.keep)
         return preds
 
     def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
