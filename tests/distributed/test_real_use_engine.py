@@ -185,3 +185,41 @@ def _resume_from_rank0(rank, world, accumulate, save_at):
 def test_resume_from_rank0_state_inside_a_window_equals_the_uninterrupted_run(accumulate, save_at):
     for straight, resumed in run_distributed(_resume_from_rank0, 2, accumulate, save_at, timeout=120):
         assert torch.equal(straight, resumed)
+
+
+# --- first-batch checks: any exception, agreed over the world -------------------------------------------------
+
+
+class FailsOnRank1(nn.Module):
+    """A probe whose forward raises a non-RuntimeError on rank 1 only (a user's module with a shape assumption)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if dist.get_rank() == 1:
+            raise IndexError("tuple index out of range")
+        return self.linear(x)
+
+
+def _first_batch_failure(rank, world):
+    from distprobe.loop import ProbeSet
+
+    # Each rank its own one-rank data-parallel group, as under a tensor-parallel mesh: the ranks' probes share no
+    # group, so a check agreed within the data-parallel group would leave rank 0 waiting for rank 1 forever.
+    groups = [dist.new_group([r]) for r in range(world)]
+    probes = ProbeSet.build([{"name": "p", "probe": FailsOnRank1(), "optimizer": "SGD"}], dp_group=groups[rank])
+    try:
+        x, y = global_batches(world, steps=1)[0]
+        probes.step(x[rank::world], y[rank::world])
+        dist.barrier()  # where rank 0 would hang if it did not raise too
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_a_non_runtime_error_on_one_rank_raises_on_every_rank_of_the_world():
+    messages = run_distributed(_first_batch_failure, 2, timeout=60)
+    assert "IndexError" in messages[1] and "does not fit the probe" in messages[1]
+    assert messages[0] is not None and "rank 1" in messages[0]

@@ -29,7 +29,7 @@ def first_batch_problem(probe: Probe, features: torch.Tensor, targets: torch.Ten
     except Exception as err:  # noqa: BLE001 - whatever the probe raises must reach every rank, not hang them
         return (
             f"probe '{name}': input {input_key!r} of shape {tuple(features.shape)} does not fit the probe "
-            f"({err}); make the probe's input size match the features' last dimension."
+            f"({type(err).__name__}: {err}); make the probe's input size match the features' last dimension."
         )
     is_class_index = not targets.is_floating_point() and preds.ndim == targets.ndim + 1
     if is_class_index and targets.numel():
