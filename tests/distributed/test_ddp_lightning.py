@@ -39,6 +39,9 @@ class ReplicaCheck(pl.Callback):
         self.probe = probe
         self.identical = []
 
+    def on_train_start(self, trainer, pl_module):
+        self.replica_type = type(self.probe.probe.replica).__name__  # released again at teardown
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         mine = torch.cat([p.detach().flatten() for p in self.probe.probe.module.parameters()])
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
@@ -73,7 +76,8 @@ def _fit_ddp(rank, world):
             for opt in t.optimizers
             for p in probe_params
         ),
-        "replica_type": type(cb.probe.replica).__name__,
+        "replica_type": check.replica_type,
+        "released_after_fit": cb.probe.replica is cb.probe.module,
     }
 
 
@@ -82,6 +86,7 @@ def test_lightning_ddp_probe_matches_one_process():
     results = run_distributed(_fit_ddp, world)
     for r in results:
         assert r["replica_type"] == "DistributedDataParallel"
+        assert r["released_after_fit"]  # nothing of the probe's holds the process group once fit returns
         assert r["identical"] and all(r["identical"])
         assert not r["probe_in_main_wrapper"] and not r["probe_in_main_optimizer"]
     # One process over the union of the ranks' batches, starting from rank 0's weights.

@@ -67,6 +67,7 @@ class BadDataWarnings:
         """Warn about reasons seen for the first time in this rank's counts, without a host sync."""
         if len(self._warned) == len(REASONS):
             return
+        probe.fold_metrics()
         counter = cast(ReasonCounter, probe.metrics.bad_batches["bad_batches"])
         counts = counter.counts
         if counts.device.type != "cuda":

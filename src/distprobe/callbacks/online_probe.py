@@ -149,11 +149,12 @@ class OnlineProbe(TrainableCallback):
         if not logs_this_step(trainer, batch_idx):
             return
         self._bad_data_warnings.check(self.probe)
-        values: dict[str, torch.Tensor | float] = {
+        values = {
             f"train/{self.name}_loss": out.loss,
             f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
-            # A host float, read without a sync; Lightning's LearningRateMonitor sees only Lightning's optimizers.
-            f"hparams/lr_{self.name}": self.probe.current_lr(),
+            # Lightning's LearningRateMonitor sees only Lightning's optimizers. A device tensor filled from the host
+            # float: Lightning would turn a float into one by a copy from pageable memory, a host sync on CUDA.
+            f"hparams/lr_{self.name}": torch.full((), self.probe.current_lr(), device=out.loss.device),
         }
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=targets.shape[0])
 

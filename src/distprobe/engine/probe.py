@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from distprobe.engine import bad_data, maths, skip
 from distprobe.engine.batchnorm import sync_batch_norms
 from distprobe.engine.config import ProbeConfig
+from distprobe.engine.deferred import DeferredUpdates
 from distprobe.engine.factories import build_module, build_optimizer, build_scheduler
 from distprobe.engine.replicate import (
     agree_on_max,
@@ -30,7 +31,6 @@ from distprobe.engine.replicate import (
 )
 from distprobe.engine.state import load_metric_states, synced_metric_states
 from distprobe.metrics.collection import ProbeMetrics
-from distprobe.metrics.counters import ReasonCounter, RunningMean
 from distprobe.metrics.flat_sync import compute_synced
 from distprobe.metrics.sync_free import update_collection
 
@@ -127,8 +127,8 @@ class Probe:
         """The open window's gradient tensors, held so that nothing outside can drop them between micro-steps."""
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self._param().device)
         """Optimizer steps skipped because a gradient was not finite (a device tensor, never read on the host)."""
-        self._bad_batches = cast(ReasonCounter, metrics.bad_batches["bad_batches"])
-        self._loss = cast(RunningMean, metrics.loss["loss_epoch"])
+        self.deferred = DeferredUpdates(metrics)
+        """The train steps' loss, bad-data counts and metric inputs not yet in ``metrics`` (see `fold_metrics`)."""
 
     @classmethod
     def build(
@@ -233,10 +233,8 @@ class Probe:
             maths.restore_where(checked.bad, self._buffers, buffers_before)
         preds = preds.detach()
         loss = loss.detach()
-        self._bad_batches.add_(checked.counts)
-        self._loss.add_(loss, checked.bad, batch_size=int(targets.shape[0]) if targets.ndim else 1)
-        if len(self.metrics.train):
-            update_collection(self.metrics.train, preds, safe_targets, checked.keep)
+        batch_size = int(targets.shape[0]) if targets.ndim else 1
+        self.deferred.add(loss, checked.bad, batch_size, checked.counts, preds, safe_targets, checked.keep)
         self.micro_step += 1
         if boundary:
             self._optimizer_step(device)
@@ -345,12 +343,18 @@ class Probe:
         """
         return merge(compute_synced(self.train_collections(), self.dp_group))
 
+    def fold_metrics(self) -> None:
+        """Fold the kept train-step values into ``metrics``: call it before reading a train metric's state."""
+        self.deferred.fold()
+
     def train_collections(self) -> list[MetricCollection]:
-        """The collections `compute_train_metrics` reduces, for syncing many probes' together."""
+        """The collections `compute_train_metrics` reduces (their states folded), for syncing many probes' at once."""
+        self.fold_metrics()
         return [self.metrics.train, self.metrics.loss, self.metrics.bad_batches]
 
     def reset_train_metrics(self) -> None:
         """Start a new epoch of train metrics and mean loss (the run-long bad-batch counts stay)."""
+        self.fold_metrics()  # the bad-batch counts among the kept values run over the whole training
         self.metrics.train.reset()
         self.metrics.loss.reset()
 
@@ -392,8 +396,12 @@ class Probe:
             # Without them a resumed window would step on a partial sum: a list per rank of the group.
             "window_grads_per_rank": window_grads,
             "skipped_steps": self.skipped_steps.detach().clone(),
-            "metrics": synced_metric_states(self.metrics, self.dp_group),
+            "metrics": self._synced_metric_states(),
         }
+
+    def _synced_metric_states(self) -> dict[str, Any]:
+        self.fold_metrics()
+        return synced_metric_states(self.metrics, self.dp_group)
 
     def _window_grads_to_load(self, state: dict[str, Any]) -> list[torch.Tensor | None] | None:
         per_rank = state.get("window_grads_per_rank")
@@ -419,4 +427,5 @@ class Probe:
             p.grad = None if g is None else g.to(p.device)
         self._window_grads = [p.grad for p in params] if window_grads is not None else None
         self.skipped_steps = state.get("skipped_steps", torch.zeros((), dtype=torch.long)).to(self._param().device)
+        self.deferred.discard()
         load_metric_states(self.metrics, state.get("metrics", {}), self.dp_group)

@@ -46,11 +46,6 @@ class ReasonCounter(Metric):
         """Add one micro-batch's per-reason counts."""
         self.counts += counts.to(self.counts.device)
 
-    def add_(self, counts: torch.Tensor) -> None:
-        """`update` without torchmetrics' wrapper: one kernel, for the probe's train step (host time is its cost)."""
-        self.counts.add_(counts)
-        mark_updated(self)
-
     def compute(self) -> dict[str, torch.Tensor]:
         """The counts by reason, as floats (what loggers take)."""
         return {f"{self.key_prefix}{reason}": self.counts[i].float() for i, reason in enumerate(self.reasons)}
@@ -76,16 +71,6 @@ class RunningMean(Metric):
         weight = torch.as_tensor(weight, dtype=self.total.dtype, device=self.total.device)
         self.total += torch.where(weight > 0, value.detach().to(self.total) * weight, 0.0)
         self.count += weight
-
-    def add_(self, value: torch.Tensor, skip: torch.Tensor, batch_size: int) -> None:
-        """`update` without torchmetrics' wrapper, for the probe's train step.
-
-        ``value`` counts ``batch_size`` times, or not at all where ``skip`` (a 0-d bool, so that a NaN from a skipped
-        batch never reaches the mean).
-        """
-        self.total.add_(torch.where(skip, 0.0, value), alpha=batch_size)
-        self.count.add_(torch.where(skip, 0.0, float(batch_size)))
-        mark_updated(self)
 
     def compute(self) -> torch.Tensor:
         """The weighted mean so far (NaN before any update)."""
