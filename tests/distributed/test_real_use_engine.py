@@ -52,8 +52,8 @@ def _corrupt(kind, x, y):
     return x, y
 
 
-def _bad_batch_on_rank1(rank, world, kind, accumulate):
-    probe = build(10 + rank, dist.group.WORLD, accumulate_grad_batches=accumulate)
+def _bad_batch_on_rank1(rank, world, kind, accumulate, make=None):
+    probe = build(10 + rank, dist.group.WORLD, make, accumulate_grad_batches=accumulate)
     history = []
     for step, (x, y) in enumerate(global_batches(world)):
         x, y = x[rank::world], y[rank::world]
@@ -70,6 +70,13 @@ def _bad_batch_on_rank1(rank, world, kind, accumulate):
         "bad_seen_here": history,
         "counts": {k: float(v) for k, v in counts.items() if "bad_batches" in k},
     }
+
+
+def test_bad_batch_on_one_rank_keeps_batchnorm_statistics_identical():
+    """The running statistics of a skipped window go back on every rank, not only on the rank with the bad batch."""
+    ranks = run_distributed(_bad_batch_on_rank1, 2, "nan_feature", 2, mae_head, timeout=120)
+    assert [r["skipped"] for r in ranks] == [1, 1]
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # weights and running statistics (flat() has both)
 
 
 def _reference_skipping(accumulate, world):

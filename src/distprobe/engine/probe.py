@@ -121,6 +121,8 @@ class Probe:
         self._scheduler_restored = False
         self._ignore_index = bad_data.ignore_index_of(loss_fn)
         self._buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self._window_buffers: list[torch.Tensor] | None = None
+        """The running statistics (BatchNorm) as the open window found them."""
         self.micro_step = 0
         """Micro-batches seen since the start of training; the window position is ``micro_step % accumulate``."""
         self._window_grads: list[torch.Tensor | None] | None = None
@@ -220,7 +222,9 @@ class Probe:
         in_autocast = torch.is_autocast_enabled(device.type)
         outside_autocast = torch.autocast(device.type, enabled=False) if in_autocast else contextlib.nullcontext()
         self._restore_window_grads()
-        buffers_before = [b.clone() for b in self._buffers]  # empty for a probe without BatchNorm
+        if self._buffers and self.micro_step % accumulate == 0:
+            # The window's first micro-step: its running statistics go back here if the window's step is skipped.
+            self._window_buffers = [b.clone() for b in self._buffers]
         with sync_ctx, outside_autocast:
             preds = self.replica(x)
             safe_targets, countable, in_range, finite = bad_data.check_targets(targets, preds, self._ignore_index)
@@ -229,8 +233,6 @@ class Probe:
                 features_ok = torch.isfinite(loss.detach())
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
             bad_data.poison(loss, checked.bad, scale=1.0 / accumulate).backward()
-        if buffers_before:  # a skipped batch must not move the running statistics either
-            maths.restore_where(checked.bad, self._buffers, buffers_before)
         preds = preds.detach()
         loss = loss.detach()
         batch_size = int(targets.shape[0]) if targets.ndim else 1
@@ -264,6 +266,11 @@ class Probe:
         found_inf = maths.nonfinite_flag(grads).to(device)
         maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
         skip.step_unless_nonfinite(self.optimizer, found_inf)
+        if self._window_buffers is not None:
+            # A skipped step leaves no trace in the running statistics either. Decided by the all-reduced verdict, the
+            # same on every rank: a rank's own "bad batch" flag would restore the statistics on that rank only.
+            maths.restore_where(found_inf.bool(), self._buffers, self._window_buffers)
+            self._window_buffers = None
         self.skipped_steps += found_inf.long()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -395,6 +402,7 @@ class Probe:
             "micro_step": self.micro_step,
             # Without them a resumed window would step on a partial sum: a list per rank of the group.
             "window_grads_per_rank": window_grads,
+            "window_buffers": None if not in_window else self._window_buffers,
             "skipped_steps": self.skipped_steps.detach().clone(),
             "metrics": self._synced_metric_states(),
         }
@@ -427,5 +435,7 @@ class Probe:
             p.grad = None if g is None else g.to(p.device)
         self._window_grads = [p.grad for p in params] if window_grads is not None else None
         self.skipped_steps = state.get("skipped_steps", torch.zeros((), dtype=torch.long)).to(self._param().device)
+        saved_buffers = state.get("window_buffers")
+        self._window_buffers = None if saved_buffers is None else [b.to(self._param().device) for b in saved_buffers]
         self.deferred.discard()
         load_metric_states(self.metrics, state.get("metrics", {}), self.dp_group)
