@@ -25,11 +25,9 @@ from distprobe.engine.factories import build_module, build_optimizer, build_sche
 from distprobe.engine.replicate import (
     agree_on_max,
     default_group,
-    gather_over_group,
-    group_rank_and_size,
     replicate_probe,
 )
-from distprobe.engine.state import load_metric_states, synced_metric_states
+from distprobe.engine.state import gathered_window_grads, load_metric_states, own_window_grads, synced_metric_states
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.flat_sync import compute_synced
 from distprobe.metrics.sync_free import update_collection
@@ -389,10 +387,7 @@ class Probe:
         window_grads = None
         if in_window:
             self._restore_window_grads()
-            params = skip.params_of(self.optimizer)
-            # A parameter without a gradient yet gets zeros, so that every rank gathers the same shapes.
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-            window_grads = gather_over_group(grads, self.dp_group)
+            window_grads = gathered_window_grads(skip.params_of(self.optimizer), self.dp_group)
         return {
             "format": STATE_FORMAT,
             "name": self.name,
@@ -411,17 +406,6 @@ class Probe:
         self.fold_metrics()
         return synced_metric_states(self.metrics, self.dp_group)
 
-    def _window_grads_to_load(self, state: dict[str, Any]) -> list[torch.Tensor | None] | None:
-        per_rank = state.get("window_grads_per_rank")
-        if per_rank is None:  # format 1: one rank's own gradients
-            return state.get("window_grads")
-        rank, size = group_rank_and_size(self.dp_group)
-        if len(per_rank) == size:
-            return per_rank[rank]
-        # Another world size: every rank starts from the mean partial sum, which the window's all-reduce (a mean)
-        # turns into the same gradient as the mean of the saved ranks' sums.
-        return [torch.stack(list(parts)).mean(dim=0) for parts in zip(*per_rank, strict=True)]
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` saved; fields added in later formats fall back to defaults."""
         self.module.load_state_dict(state["module"])
@@ -430,7 +414,7 @@ class Probe:
         self._scheduler_restored = True
         self.micro_step = int(state.get("micro_step", 0))
         params = skip.params_of(self.optimizer)
-        window_grads = self._window_grads_to_load(state)
+        window_grads = own_window_grads(state, self.dp_group)
         for p, g in zip(params, window_grads or [None] * len(params), strict=True):
             p.grad = None if g is None else g.to(p.device)
         self._window_grads = [p.grad for p in params] if window_grads is not None else None

@@ -1,19 +1,23 @@
-"""A probe's metric state in checkpoints, reduced over the data-parallel group.
+"""A probe's rank-local state in checkpoints that only rank 0 writes: partial gradients and metric states.
 
-Lightning writes rank 0's callback state only. Saving rank 0's own metric states would drop the other ranks'
-counts, and loading them on every rank would count rank 0's samples N times. So the saved states are the group's
-reduction (one flat collective), and on resume rank 0 of the group loads them while the other ranks start empty:
-the group's reduction is then again what was saved.
+Lightning writes rank 0's callback state only, so what differs between ranks must be gathered or reduced first:
+
+- the gradients of an open accumulation window are gathered, every rank's; on resume each rank takes its own back
+  (bitwise), or, at another world size, every rank starts from their mean;
+- saving rank 0's own metric states would drop the other ranks' counts, and loading them on every rank would count
+  rank 0's samples N times. So the saved states are the group's reduction (one flat collective), and on resume rank 0
+  of the group loads them while the other ranks start empty: the group's reduction is then again what was saved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distprobe.engine.replicate import gather_over_group, group_rank_and_size
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.flat_sync import can_flat_sync, flat_sync
 
@@ -46,3 +50,25 @@ def load_metric_states(metrics: ProbeMetrics, states: Mapping[str, Any], group: 
         metrics.reset()
         return
     metrics.load_metric_states(states)
+
+
+def gathered_window_grads(params: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> list[list[torch.Tensor]]:
+    """Every rank's partial gradients of ``params``, in group-rank order (a collective).
+
+    A parameter without a gradient yet gives zeros, so that every rank gathers the same shapes.
+    """
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    return gather_over_group(grads, group)
+
+
+def own_window_grads(state: Mapping[str, Any], group: dist.ProcessGroup | None) -> list[torch.Tensor | None] | None:
+    """The partial gradients this rank resumes its window from (None outside a window)."""
+    per_rank = state.get("window_grads_per_rank")
+    if per_rank is None:  # format 1: one rank's own gradients
+        return state.get("window_grads")
+    rank, size = group_rank_and_size(group)
+    if len(per_rank) == size:
+        return list(per_rank[rank])
+    # Another world size: every rank starts from the mean partial sum, which the window's all-reduce (a mean) turns
+    # into the same gradient as the mean of the saved ranks' sums.
+    return [torch.stack(list(parts)).mean(dim=0) for parts in zip(*per_rank, strict=True)]
