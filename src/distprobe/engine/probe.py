@@ -114,6 +114,9 @@ class Probe:
         self.loss_fn = loss_fn
         self.metrics = metrics
         self.dp_group = dp_group
+        # Looked up once: the Parameter objects never change (loading and unsharing keep them), and a generator per
+        # step is host time the step pays on every probe.
+        self._first_param = next(module.parameters())
         # The optimizer's rates before any scheduler touched them: OneCycleLR and CyclicLR rewrite `lr` when built.
         self._hyperparameters = hyperparameters if hyperparameters is not None else _hyperparameters(optimizer)
         self._scheduler_restored = False
@@ -187,12 +190,7 @@ class Probe:
         return self.config.name
 
     def _param(self) -> torch.Tensor:
-        # Looked up once: the Parameter objects never change (loading and unsharing keep them), and a generator
-        # per step is host time the step pays on every probe.
-        first = self.__dict__.get("_first_param")
-        if first is None:
-            first = self.__dict__["_first_param"] = next(self.module.parameters())
-        return first
+        return self._first_param
 
     def train_step(self, features: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """Train on one micro-batch; step the optimizer when it closes an accumulation window.
@@ -273,15 +271,18 @@ class Probe:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    @torch.no_grad()
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """The probe's outputs in eval mode, without touching gradients or metrics (non-finite features give 0s)."""
+        return self._predict(to_probe_input(features, self._param()))
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        """`predict` on features already on the probe's device and dtype."""
         was_training = self.module.training
         self.module.eval()
         try:
-            x = bad_data.zero_nonfinite(to_probe_input(features, self._param()))
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return self.module(x)
+                return self.module(bad_data.zero_nonfinite(x))
         finally:
             self.module.train(was_training)
 
@@ -319,14 +320,14 @@ class Probe:
         validation sample counts exactly once. Samples with bad data are left out of the sync-free metrics (and
         made harmless for the others), never an error.
         """
-        preds = self.predict(features)
+        x = to_probe_input(features, self._param())
+        preds = self._predict(x)
         if len(self.metrics.val):
             keep = slice(None) if num_valid is None else slice(0, num_valid)
-            x = to_probe_input(features, self._param())[keep]
             safe_targets, countable, in_range, finite = bad_data.check_targets(
                 targets[keep].to(preds.device), preds[keep], None
             )
-            checked = bad_data.verdict(bad_data.row_checks(x), countable, in_range, finite)
+            checked = bad_data.verdict(bad_data.row_checks(x[keep]), countable, in_range, finite)
             update_collection(self.metrics.val, preds[keep], safe_targets, checked.keep)
         return preds
 

@@ -75,7 +75,8 @@ def unshare_storage(module: nn.Module) -> None:
             b.data = b.data.clone()
 
 
-def _is_distributed(group: dist.ProcessGroup | None) -> bool:
+def is_distributed(group: dist.ProcessGroup | None) -> bool:
+    """Whether ``group`` spans two or more ranks of an initialised torch.distributed (else there is nothing to sync)."""
     return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -84,7 +85,7 @@ def gather_over_group(tensors: list[torch.Tensor], group: dist.ProcessGroup | No
 
     A collective. Without a group of two or more ranks: ``[copies of tensors]``.
     """
-    if not _is_distributed(group):
+    if not is_distributed(group):
         return [[t.detach().clone() for t in tensors]]
     if not tensors:
         return [[] for _ in range(dist.get_world_size(group))]
@@ -103,7 +104,7 @@ def gather_over_group(tensors: list[torch.Tensor], group: dist.ProcessGroup | No
 
 def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """This process's rank in ``group`` and the group's size; ``(0, 1)`` outside torch.distributed."""
-    if not _is_distributed(group):
+    if not is_distributed(group):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
@@ -115,7 +116,7 @@ def agree_on_max(value: int | None, group: dist.ProcessGroup | None, device: tor
     length computed from uneven loaders would otherwise differ between ranks, and the replicas would diverge.
     ``device`` is where the collective's tensor lives (a CUDA device under NCCL).
     """
-    if not _is_distributed(group):
+    if not is_distributed(group):
         return value
     encoded = torch.tensor([-1 if value is None else int(value)], dtype=torch.long, device=device)
     dist.all_reduce(encoded, op=dist.ReduceOp.MAX, group=group)

@@ -17,13 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distprobe.engine.replicate import gather_over_group, group_rank_and_size
+from distprobe.engine.replicate import gather_over_group, group_rank_and_size, is_distributed
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.flat_sync import can_flat_sync, flat_sync
-
-
-def _distributed(group: dist.ProcessGroup | None) -> bool:
-    return group is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def synced_metric_states(metrics: ProbeMetrics, group: dist.ProcessGroup | None) -> dict[str, Any]:
@@ -32,7 +28,7 @@ def synced_metric_states(metrics: ProbeMetrics, group: dist.ProcessGroup | None)
     Metrics whose states the flat sync cannot reduce (a custom reduction) keep this rank's own state.
     """
     states = metrics.metric_states()
-    if not _distributed(group):
+    if not is_distributed(group):
         return states
     named = metrics.named_metrics()
     synced = flat_sync([m for _, m in named if can_flat_sync(m)], group)
@@ -46,7 +42,7 @@ def synced_metric_states(metrics: ProbeMetrics, group: dist.ProcessGroup | None)
 
 def load_metric_states(metrics: ProbeMetrics, states: Mapping[str, Any], group: dist.ProcessGroup | None) -> None:
     """Load what `synced_metric_states` saved on rank 0 of ``group``; the other ranks start from empty states."""
-    if _distributed(group) and dist.get_rank(group) != 0:
+    if is_distributed(group) and dist.get_rank(group) != 0:
         metrics.reset()
         return
     metrics.load_metric_states(states)
