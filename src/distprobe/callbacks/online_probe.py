@@ -247,8 +247,8 @@ def _compute_epoch_values_of_all_probes(
         if stage == "val":
             per_probe = compute_synced([m.probe.metrics.val for m in members], group)
         else:
-            collections = [c for m in members for c in m.probe.train_collections()]
-            computed = iter(compute_synced(collections, group))
-            per_probe = [merge([next(computed) for _ in m.probe.train_collections()]) for m in members]
+            by_member = [m.probe.train_collections() for m in members]
+            computed = iter(compute_synced([c for collections in by_member for c in collections], group))
+            per_probe = [merge([next(computed) for _ in collections]) for collections in by_member]
         for callback, values in zip(members, per_probe, strict=True):
             setattr(callback, attr, values)
