@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from distprobe.engine import Probe, ProbeConfig, maths
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
+from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
 from distprobe.metrics.flat_sync import compute_synced
 
@@ -230,10 +231,7 @@ class ProbeSet:
         ``train/{name}_bad_batches/{reason}``.
         """
         collections = [c for probe in self for c in probe.train_collections()]
-        values: dict[str, torch.Tensor] = {}
-        for computed in compute_synced(collections, self.dp_group):
-            values.update(computed)
-        return values
+        return merge(compute_synced(collections, self.dp_group))
 
     def reset_train_metrics(self) -> None:
         """Clear the accumulated train metrics and mean losses (call at the end of an epoch)."""
@@ -273,7 +271,8 @@ class ProbeSet:
         """Each probe's full state (module, optimizer, scheduler, accumulation window, metrics), keyed by name.
 
         A collective: call it on EVERY rank, then save it on one (``if rank == 0: torch.save(...)``). Rank-local
-        state (mid-window gradients, metric counts) is reduced over the group, so rank 0's copy is the whole state.
+        state is gathered (mid-window gradients) or reduced (metric counts) over the group, so rank 0's copy is the
+        whole state.
         """
         return {name: probe.state_dict() for name, probe in self.probes.items()}
 
