@@ -258,3 +258,15 @@ def compute_synced(
     synced = flat_sync(flat, group)
     with _with_states(flat, synced):
         return [c.compute() for c in collections]
+
+
+def compute_metrics_synced(metrics: Sequence[Metric], group: dist.ProcessGroup | None = None) -> list[Any]:
+    """``[m.compute() for m in metrics]`` over ``group``, with one flat sync for all of them (a collective).
+
+    For metrics outside collections (a bank's per-head states); every metric must pass `can_flat_sync`.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return [m.compute() for m in metrics]
+    synced = flat_sync(metrics, group)
+    with _with_states(metrics, synced):
+        return [m.compute() for m in metrics]

@@ -1,0 +1,455 @@
+"""`ProbeBank`: K linear heads trained as one fused step, each with its own learning rate and weight decay.
+
+One train step is one batched matmul per feature source, one cross-entropy call for every head, one backward, and
+at the close of an accumulation window one all-reduce of the single flat gradient. That all-reduce is issued without
+waiting: the step it feeds is applied when the bank is next used (its next forward, an evaluation, a checkpoint), so
+the backbone's next forward runs while it travels. Every rank applies the same reduced gradient at the same point,
+so replicas stay bitwise identical and the update equals the synchronous one.
+
+Every decision stays on the device: per-head non-finite skips, clipping and bad-data verdicts are tensors; the host
+never waits for the device inside a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distprobe.bank import optim
+from distprobe.bank.config import AdamWSpec, BankConfig, Head, LARSSpec
+from distprobe.bank.heads import BankHeads, Block, bias_view, weight_view
+from distprobe.bank.metrics_set import BankMetrics
+from distprobe.bank.rates import HeadRates
+from distprobe.bank.selection import global_positions, selects
+from distprobe.engine import bad_data, maths
+from distprobe.engine.probe import to_probe_input
+from distprobe.engine.replicate import agree_on_max, default_group, gather_over_group, group_rank_and_size
+
+#: Bumped when the layout of `ProbeBank.state_dict` changes.
+STATE_FORMAT = 1
+
+
+@dataclass
+class BankStepOutput:
+    """What one bank train step returns: device tensors, and host facts known without a sync."""
+
+    loss: torch.Tensor
+    """``(K,)`` each head's loss on the micro-batch, detached."""
+    preds: torch.Tensor
+    """``(B, K, C)`` logits of every head, detached."""
+    stepped: bool
+    """Whether this micro-step closed an accumulation window."""
+    bad: torch.Tensor
+    """0-d bool: this rank's micro-batch held bad data (the window's step is skipped for every head)."""
+
+
+class ProbeBank:
+    """A grid of linear heads over one or more feature sources, replicated over a data-parallel group.
+
+    Build with `ProbeBank.build`; call `train_step` on every training micro-batch and `eval_step` on every
+    validation batch. Every rank of the group must make the same calls (they hold collectives).
+
+    Example:
+        >>> bank = ProbeBank.build(BankConfig(name="grid", inputs=["x"], num_classes=3, lr=[0.1, 0.01], in_features=8))
+        >>> out = bank.train_step([torch.randn(4, 8)], torch.tensor([0, 1, 2, 0]))
+        >>> bank.head_ids[0], tuple(out.preds.shape)
+        ('x/lr=0.1/wd=0/norm=none', (4, 2, 3))
+    """
+
+    def __init__(
+        self,
+        config: BankConfig,
+        heads: BankHeads,
+        dp_group: dist.ProcessGroup | None,
+        metrics: BankMetrics,
+        total_steps: int | None = None,
+    ) -> None:
+        self.config = config
+        self.heads = heads
+        self.dp_group = dp_group
+        self.metrics = metrics
+        self.device = heads.flat.device
+        k = heads.num_heads
+        flat = heads.flat
+        spec = config.optimizer_spec
+        # The optimizer's state, flat like the parameter: its block views follow the same layout.
+        self.state: dict[str, torch.Tensor] = {}
+        if isinstance(spec, AdamWSpec):
+            self.state = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        elif spec.momentum:
+            self.state = {"momentum_buffer": torch.zeros_like(flat)}
+        self.steps = torch.zeros(k, dtype=torch.float32, device=self.device)
+        """Each head's optimizer steps taken (skipped steps do not count), as AdamW's bias correction needs."""
+        self.skipped_steps = torch.zeros(k, dtype=torch.long, device=self.device)
+        """Each head's optimizer steps skipped for a non-finite gradient."""
+        self.rates = HeadRates(config, heads.head_list, device=self.device, total_steps=total_steps)
+        self.micro_step = 0
+        self._grad: torch.Tensor | None = None
+        """The open window's gradient sum of this rank (autograd's own result, so no zero_grad can drop it)."""
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        """An issued all-reduce and its gradient, whose step has not been applied yet."""
+        self._window_bn: list[torch.Tensor] | None = None
+        self._bn_buffers = [t for t in heads.buffers()]
+        self._eval_seen = 0
+        self.best_index: torch.Tensor | None = None
+        """The head chosen on the selection split at the last `compute_eval_metrics` (a device tensor)."""
+
+    @classmethod
+    def build(
+        cls,
+        config: BankConfig,
+        *,
+        in_features: dict[str, int] | None = None,
+        dp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        total_steps: int | None = None,
+        metrics: BankMetrics | None = None,
+        seed: int = 0,
+    ) -> ProbeBank:
+        """Create the heads (identical on every rank: rank 0's are broadcast) and the optimizer state.
+
+        Args:
+            config: The bank's grid and training options.
+            in_features: Feature size per source (else ``config.in_features``).
+            dp_group: The data-parallel group to replicate over; None: a single replica.
+            device: Where the heads live.
+            total_steps: The bank's number of optimizer steps, for scheduler defaults such as ``T_max``.
+            metrics: Already built metrics (an adapter that shows them before set-up).
+            seed: Seeds the heads' initialisation.
+        """
+        sizes = dict(in_features or {})
+        for source in config.inputs:
+            if source not in sizes:
+                size = config.in_features_of(source)
+                if size is None:
+                    raise ValueError(
+                        f"bank '{config.name}': no feature size for source {source!r}; pass 'in_features' or build "
+                        "the bank from a first batch."
+                    )
+                sizes[source] = size
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        heads = BankHeads(config, sizes, generator=generator).to(device or "cpu")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every replica starts from global rank 0's heads (also across tensor-parallel groups, see
+            # `engine.replicate.broadcast_from_global_rank0`).
+            with torch.no_grad():
+                dist.broadcast(heads.flat.data, src=0)
+        if metrics is None:
+            metrics = BankMetrics(config, heads.num_heads)
+        metrics.to(heads.flat.device)
+        metrics.set_process_group(dp_group)
+        return cls(config, heads, dp_group, metrics, total_steps=total_steps)
+
+    @property
+    def name(self) -> str:
+        """The bank's unique name."""
+        return self.config.name
+
+    @property
+    def head_ids(self) -> list[str]:
+        """Readable ids of the heads, in the bank's order: ``"embedding/lr=0.01/wd=0/norm=none"``."""
+        return [h.head_id for h in self.heads.head_list]
+
+    def head_index(self, head_id: str) -> int:
+        """The position of ``head_id`` in `head_ids`."""
+        ids = self.head_ids
+        if head_id not in ids:
+            raise KeyError(f"bank '{self.name}': no head {head_id!r}; heads: {ids}")
+        return ids.index(head_id)
+
+    def head(self, head_id: str) -> nn.Module:
+        """That head as a plain module with its current weights: an ``nn.Linear`` (behind its BatchNorm, if any)."""
+        self.settle()
+        head = self.heads.head_list[self.head_index(head_id)]
+        block = self._block_of(head)
+        at = head.index - block.first
+        linear = nn.Linear(block.in_features, block.num_classes, device=self.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight_view(self.heads.flat, block)[at])
+            linear.bias.copy_(bias_view(self.heads.flat, block)[at])
+        if head.normalization is None:
+            return linear
+        norm = nn.BatchNorm1d(block.in_features, affine=False, eps=self.config.batchnorm_eps, device=self.device)
+        mean, var = self.heads.running_stats(block)
+        with torch.no_grad():
+            norm.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
+        return nn.Sequential(norm, linear).eval()
+
+    def _block_of(self, head: Head) -> Block:
+        return next(b for b in self.heads.blocks if b.first <= head.index < b.first + b.count)
+
+    # --- training ---------------------------------------------------------------------------------------------
+
+    def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != len(self.heads.blocks):
+            raise ValueError(
+                f"bank '{self.name}': got {len(features)} feature tensors for {len(self.heads.blocks)} sources "
+                f"{self.config.inputs}."
+            )
+        return [to_probe_input(f, self.heads.flat).flatten(1) for f in features]
+
+    def train_step(self, features: list[torch.Tensor], targets: torch.Tensor) -> BankStepOutput:
+        """Train every head on one micro-batch (one ``(B, D_s)`` tensor per source); step at a window's close.
+
+        Bad data never raises: the batch is cleaned, its gradient poisoned, and the window skipped for every head on
+        every rank. A head whose own gradient is not finite (it diverged) is skipped alone.
+        """
+        self.settle()
+        accumulate = self.config.accumulate_grad_batches
+        window_start = self.micro_step % accumulate == 0
+        boundary = maths.is_boundary(self.micro_step, accumulate)
+        xs = self._inputs(features)
+        targets = targets.to(self.device)
+        features_ok = torch.stack([bad_data.finite_features(x) for x in xs]).all()
+        xs = [bad_data.zero_nonfinite(x) for x in xs] if self._bn_buffers else xs
+        if window_start and self._bn_buffers:
+            self._window_bn = [b.clone() for b in self._bn_buffers]
+        self.heads.train()
+        device_type = self.device.type
+        in_autocast = torch.is_autocast_enabled(device_type)
+        outside_autocast = torch.autocast(device_type, enabled=False) if in_autocast else contextlib.nullcontext()
+        with outside_autocast, torch.enable_grad():
+            logits = self.heads(xs, self.dp_group)
+            safe_targets, countable, in_range, finite = bad_data.check_targets(targets, logits[:, 0], None)
+            per_sample = F.cross_entropy(
+                logits.transpose(1, 2), safe_targets[:, None].expand(-1, logits.shape[1]), reduction="none"
+            )
+            losses = per_sample.mean(dim=0)  # (K,): each head's loss, as a separate probe's mean reduction
+            checked = bad_data.verdict(features_ok, countable, in_range, finite)
+            total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
+            (grad,) = torch.autograd.grad(total, self.heads.flat)
+        if window_start or self._grad is None:
+            self._grad = grad
+        else:
+            self._grad.add_(grad)
+        losses = losses.detach()
+        logits = logits.detach()
+        self.metrics.deferred.add(
+            losses, checked.bad, int(targets.shape[0]), checked.counts, logits, safe_targets, checked.keep
+        )
+        self.micro_step += 1
+        if boundary:
+            self._reduce_and_step()
+        return BankStepOutput(loss=losses, preds=logits, stepped=boundary, bad=checked.bad)
+
+    def _reduce_and_step(self) -> None:
+        grad = self._grad
+        assert grad is not None, "a window closes with a gradient"
+        self._grad = None
+        _, world = group_rank_and_size(self.dp_group)
+        if world == 1:
+            self._apply(grad)
+            return
+        grad.div_(world)  # as DDP does: each rank's share, then a sum
+        work = dist.all_reduce(grad, group=self.dp_group, async_op=True)
+        self._pending = (work, grad)
+
+    def settle(self) -> None:
+        """Wait for the last window's all-reduce and apply its step (a no-op when none is pending).
+
+        Called before anything reads the heads: the next train step, an evaluation, a checkpoint, `head`.
+        """
+        if self._pending is None:
+            return
+        work, grad = self._pending
+        self._pending = None
+        work.wait()
+        self._apply(grad)
+
+    def _apply(self, grad: torch.Tensor) -> None:
+        """One optimizer step of every head from the reduced gradient (identical on every rank)."""
+        spec = self.config.optimizer_spec
+        blocks = self.heads.blocks
+        flat = self.heads.flat.data
+        grads = [(weight_view(grad, b), bias_view(grad, b)) for b in blocks]
+        finite = torch.cat([torch.isfinite(optim.head_sums(g)) for g in grads])
+        self.skipped_steps += finite.logical_not().long()
+        lr, weight_decay, momentum, beta2 = self.rates.per_head()
+        if isinstance(spec, AdamWSpec):
+            self.steps += finite.float()
+        for block, (g_w, g_b) in zip(blocks, grads, strict=True):
+            part = slice(block.first, block.first + block.count)
+            keep = finite[part]
+            pair = [g_w, g_b]
+            optim.clean_skipped(pair, keep)
+            optim.clip_per_head(pair, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
+            params = [weight_view(flat, block), bias_view(flat, block)]
+            states = {k: [weight_view(v, block), bias_view(v, block)] for k, v in self.state.items()}
+            hyper = {"lr": lr[part], "weight_decay": weight_decay[part], "keep": keep}
+            if isinstance(spec, AdamWSpec):
+                optim.adamw_update(
+                    params,
+                    pair,
+                    states["exp_avg"],
+                    states["exp_avg_sq"],
+                    beta1=momentum[part],
+                    beta2=beta2[part],
+                    steps=self.steps[part],
+                    spec=spec,
+                    **hyper,
+                )
+            elif isinstance(spec, LARSSpec):
+                optim.lars_update(
+                    params,
+                    pair,
+                    states["momentum_buffer"],
+                    [False, spec.exclude_bias_n_norm],
+                    momentum=momentum[part],
+                    spec=spec,
+                    **hyper,
+                )
+            else:
+                optim.sgd_update(
+                    params,
+                    pair,
+                    states.get("momentum_buffer", [torch.empty(0)] * 2),
+                    momentum=momentum[part],
+                    steps=self.steps[part],
+                    spec=spec,
+                    **hyper,
+                )
+        if not isinstance(spec, AdamWSpec):
+            self.steps += finite.float()
+        if self._window_bn is not None:
+            # A window skipped for every head (bad data) leaves no trace in the running statistics either.
+            maths.restore_where(finite.logical_not().all(), self._bn_buffers, self._window_bn)
+            self._window_bn = None
+        self.rates.step()
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """``(B, K, C)`` logits in eval mode (non-finite features give 0s), without touching metrics."""
+        self.settle()
+        xs = [bad_data.zero_nonfinite(x) for x in self._inputs(features)]
+        was_training = self.heads.training
+        self.heads.eval()
+        try:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                return self.heads(xs)
+        finally:
+            self.heads.train(was_training)
+
+    def start_eval_epoch(self) -> None:
+        """Count validation samples from 0 again (the selection split follows their positions)."""
+        self._eval_seen = 0
+
+    def eval_step(
+        self,
+        features: list[torch.Tensor],
+        targets: torch.Tensor,
+        num_valid: int | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict and count the first ``num_valid`` samples (all by default) into the selection or report split.
+
+        ``positions`` are the samples' indices in the validation set; by default they follow from this rank's
+        running count, as `DistributedSampler` without shuffle deals them (`distprobe.bank.selection`).
+        """
+        preds = self.predict(features)
+        n = targets.shape[0] if num_valid is None else num_valid
+        if positions is None:
+            rank, world = group_rank_and_size(self.dp_group)
+            positions = global_positions(self._eval_seen, n, rank, world, self.device)
+        self._eval_seen += n
+        keep_rows = slice(0, n)
+        kept_preds = preds[keep_rows]
+        safe_targets, countable, _, _ = bad_data.check_targets(
+            targets[keep_rows].to(self.device), kept_preds[:, 0], None
+        )
+        rows_ok = countable
+        for f in features:
+            rows_ok = rows_ok & bad_data.row_checks(to_probe_input(f, self.heads.flat)[keep_rows])
+        select = selects(positions.to(self.device)[:n], self.config.selection_fraction)
+        self.metrics.update_eval(kept_preds, safe_targets, rows_ok, select)
+        return preds
+
+    def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
+        """Every head's metrics (all samples), and the best head's on the report split; one flat collective.
+
+        The best head is the one with the highest first metric on the selection split; it is never chosen on the
+        samples it reports. Resets the eval states.
+        """
+        values, self.best_index = self.metrics.compute_eval(self.dp_group)
+        return values
+
+    def compute_train_metrics(self) -> dict[str, torch.Tensor]:
+        """Per-head train metrics and losses, and the bad-batch counts (one flat collective)."""
+        self.settle()
+        return self.metrics.compute_train(self.dp_group)
+
+    def reset_train_metrics(self) -> None:
+        """Start a new epoch of train metrics (the run-long bad-batch counts stay)."""
+        self.metrics.reset_train()
+
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Rebuild the scheduler with lengths from ``total_steps`` (largest over the world), unless training began."""
+        total_steps = agree_on_max(total_steps, default_group(), device=self.device)
+        self.rates.set_total_steps(total_steps)
+
+    @property
+    def best_head_id(self) -> str | None:
+        """The id of the head chosen at the last evaluation (reads the device: call it at an epoch end)."""
+        if self.best_index is None:
+            return None
+        return self.head_ids[int(self.best_index)]
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, keyed by head id (a collective: mid-window gradients are gathered)."""
+        self.settle()
+        in_window = self.micro_step % self.config.accumulate_grad_batches != 0
+        window = None
+        if in_window:
+            local = self._grad if self._grad is not None else torch.zeros_like(self.heads.flat)
+            window = [parts[0] for parts in gather_over_group([local], self.dp_group)]
+        return {
+            "format": STATE_FORMAT,
+            "name": self.name,
+            "head_ids": self.head_ids,
+            "in_features": {b.source: b.in_features for b in self.heads.blocks},
+            "heads": self.heads.state_dict(),
+            "optimizer": {k: v.clone() for k, v in self.state.items()},
+            "steps": self.steps.clone(),
+            "skipped_steps": self.skipped_steps.clone(),
+            "rates": self.rates.state_dict(),
+            "micro_step": self.micro_step,
+            "window_grads_per_rank": window,
+            "window_bn": None if not in_window else self._window_bn,
+            "metrics": self.metrics.synced_states(self.dp_group),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved. The grid must be the same set of heads (in any order)."""
+        saved_ids = list(state["head_ids"])
+        if sorted(saved_ids) != sorted(self.head_ids) or saved_ids != self.head_ids:
+            raise ValueError(
+                f"bank '{self.name}': the checkpoint holds heads {saved_ids}, but this bank's grid is "
+                f"{self.head_ids}; resume with the same grid (lr, weight_decay, normalization, input), or give "
+                "the changed bank a new name to start it fresh."
+            )
+        self.heads.load_state_dict(state["heads"])
+        for key, value in state.get("optimizer", {}).items():
+            self.state[key].copy_(value)
+        self.steps.copy_(state["steps"])
+        self.skipped_steps.copy_(state.get("skipped_steps", torch.zeros_like(self.skipped_steps)))
+        self.rates.load_state_dict(state["rates"])
+        self.micro_step = int(state.get("micro_step", 0))
+        window = state.get("window_grads_per_rank")
+        self._grad = None
+        if window is not None:
+            rank, size = group_rank_and_size(self.dp_group)
+            mine = window[rank] if len(window) == size else torch.stack(list(window)).mean(dim=0)
+            self._grad = mine.to(self.device).clone()
+        saved_bn = state.get("window_bn")
+        self._window_bn = None if saved_bn is None else [b.to(self.device) for b in saved_bn]
+        self._pending = None
+        self.metrics.load_synced_states(state.get("metrics", {}), self.dp_group)

@@ -1,0 +1,263 @@
+"""A probe bank's typed configuration and its grid of heads.
+
+A bank trains K linear heads at once: the product of its feature sources, normalizations, learning rates and
+weight decays. Heads are ordered source-major, then normalization, learning rate, weight decay, so that the heads of
+one (source, normalization) pair are one contiguous block: one batched matmul serves them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Normalization = Literal["batchnorm"] | None
+NORMALIZATIONS: tuple[Normalization, ...] = (None, "batchnorm")
+ClipAlgorithm = Literal["norm", "value"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class SGDSpec:
+    """SGD as ``torch.optim.SGD`` computes it, for every head at once."""
+
+    momentum: float = 0.9
+    """Momentum factor (0 disables momentum)."""
+    dampening: float = 0.0
+    """Dampening of the momentum's gradient term (torch's meaning: not applied on a buffer's first step)."""
+    nesterov: bool = False
+    """Nesterov momentum."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class AdamWSpec:
+    """AdamW as ``torch.optim.AdamW`` computes it (decoupled weight decay, bias-corrected moments)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moments."""
+    eps: float = 1e-8
+    """Added to the denominator."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class LARSSpec:
+    """LARS as `distprobe.engine.lars.LARS` computes it, with a trust ratio per head and per tensor."""
+
+    momentum: float = 0.9
+    """Momentum factor."""
+    eta: float = 0.02
+    """Trust coefficient."""
+    clip_lr: bool = True
+    """LARC's clipping: a head's adaptive rate never exceeds its lr."""
+    exclude_bias_n_norm: bool = True
+    """Leave the bias out of adaptation and weight decay."""
+    eps: float = 1e-8
+    """Guards the trust ratio's division."""
+
+
+OPTIMIZERS: dict[str, type] = {"SGD": SGDSpec, "AdamW": AdamWSpec, "LARS": LARSSpec}
+OptimizerSpec = SGDSpec | AdamWSpec | LARSSpec
+
+
+def parse_optimizer(spec: Any, bank_name: str) -> OptimizerSpec:
+    """``"SGD"``, ``{"type": "AdamW", "betas": (0.9, 0.95)}`` or a spec instance; unknown options are refused."""
+    if isinstance(spec, SGDSpec | AdamWSpec | LARSSpec):
+        return spec
+    if spec is None:
+        spec = "SGD"
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"bank '{bank_name}': argument 'optimizer' got {spec!r}; expected one of {sorted(OPTIMIZERS)} or a dict "
+            "{'type': name, **options}."
+        )
+    options = dict(spec)
+    kind = options.pop("type", None)
+    if kind not in OPTIMIZERS:
+        raise ValueError(
+            f"bank '{bank_name}': argument 'optimizer' names {kind!r}; a bank runs its own vectorised maths for "
+            f"{sorted(OPTIMIZERS)}: pick one of them (learning rates and weight decays are the 'lr' and "
+            "'weight_decay' lists)."
+        )
+    cls = OPTIMIZERS[kind]
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"bank '{bank_name}': optimizer {kind} got unknown option(s) {unknown}; valid options: {valid} "
+            "(lr and weight_decay are the bank's own lists)."
+        )
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    return cls(**options)
+
+
+@dataclass(frozen=True)
+class Head:
+    """One head of the grid."""
+
+    index: int
+    source: str
+    normalization: Normalization
+    lr: float
+    weight_decay: float
+
+    @property
+    def head_id(self) -> str:
+        """A readable id: ``"embedding/lr=0.01/wd=0/norm=none"``."""
+        norm = "none" if self.normalization is None else "bn"
+        return f"{self.source}/lr={self.lr:g}/wd={self.weight_decay:g}/norm={norm}"
+
+
+@dataclass(kw_only=True)
+class BankConfig:
+    """Everything that defines a probe bank, before any tensor exists."""
+
+    name: str
+    """Unique name; keys logs, checkpoint state and the registry entry."""
+    inputs: Sequence[str]
+    """Feature sources (keys of the step's outputs or batch, or tapped submodules)."""
+    num_classes: int
+    """Number of classes of every head."""
+    lr: Sequence[float] = (1e-3, 1e-2, 1e-1)
+    """Learning rates of the grid."""
+    weight_decay: Sequence[float] = (0.0,)
+    """Weight decays of the grid."""
+    normalization: Sequence[Normalization] = (None,)
+    """Per head, None or ``"batchnorm"`` (a BatchNorm without affine before the head, as in MAE's protocol)."""
+    optimizer: Any = "SGD"
+    """``"SGD"``, ``"AdamW"``, ``"LARS"``, a ``{"type": ..., **options}`` dict, or a spec dataclass."""
+    scheduler: Any = None
+    """As for `OnlineProbe`: a name, dict, partial or None; each head's rate follows it from its own lr."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_clip_val: float | None = None
+    """Clip threshold of each head's gradient (its own norm, as if it were a separate probe)."""
+    gradient_clip_algorithm: ClipAlgorithm = "norm"
+    """``"norm"`` or ``"value"``."""
+    metrics: Any = ("top1",)
+    """Top-k accuracies to report per head: names ``"top{k}"`` (a sequence) or a ``{name: k}`` dict."""
+    in_features: int | Mapping[str, int] | None = None
+    """Feature size (one for every source, or per source); None: read from the first batch."""
+    selection_fraction: float = 0.2
+    """Share of the validation samples, fixed by sample position, on which the best head is chosen."""
+    batchnorm_eps: float = 1e-5
+    """eps of the BatchNorm normalization (``nn.BatchNorm1d``'s default)."""
+    batchnorm_momentum: float = 0.1
+    """momentum of its running statistics (``nn.BatchNorm1d``'s default)."""
+    optimizer_spec: OptimizerSpec = field(init=False)
+    """The parsed ``optimizer``."""
+    top_k: dict[str, int] = field(init=False)
+    """The parsed ``metrics``: metric name to k."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if isinstance(self.inputs, str):
+            self.inputs = [self.inputs]
+        self.inputs = list(self.inputs)
+        if not self.inputs or not all(isinstance(s, str) and s for s in self.inputs):
+            raise ValueError(f"bank '{name}': argument 'input' got {self.inputs!r}; expected a key or a list of keys.")
+        if len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"bank '{name}': argument 'input' lists a source twice: {self.inputs}.")
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"bank '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
+        self._check_grid()
+        self._check_training()
+        self.optimizer_spec = parse_optimizer(self.optimizer, name)
+        self.top_k = _parse_metrics(self.metrics, name, self.num_classes)
+        if isinstance(self.in_features, Mapping):
+            missing = [s for s in self.inputs if s not in self.in_features]
+            if missing:
+                raise ValueError(f"bank '{name}': argument 'in_features' has no size for source(s) {missing}.")
+
+    def _check_grid(self) -> None:
+        name = self.name
+        self.lr = _floats(self.lr, "lr", name, positive=True)
+        self.weight_decay = _floats(self.weight_decay, "weight_decay", name, positive=False)
+        given: Any = self.normalization
+        self.normalization = [given] if given is None or isinstance(given, str) else list(given)  # type: ignore[list-item]
+        for norm in self.normalization:
+            if norm not in NORMALIZATIONS:
+                raise ValueError(
+                    f"bank '{name}': argument 'normalization' got {norm!r}; expected a list of {list(NORMALIZATIONS)}."
+                )
+        if len(set(self.normalization)) != len(self.normalization):
+            raise ValueError(f"bank '{name}': argument 'normalization' lists a value twice: {self.normalization}.")
+
+    def _check_training(self) -> None:
+        name = self.name
+        if not isinstance(self.accumulate_grad_batches, int) or self.accumulate_grad_batches < 1:
+            raise ValueError(
+                f"bank '{name}': argument 'accumulate_grad_batches' got {self.accumulate_grad_batches!r}; "
+                "expected an int >= 1."
+            )
+        if self.gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"bank '{name}': argument 'gradient_clip_algorithm' got {self.gradient_clip_algorithm!r}; "
+                "expected 'norm' or 'value'."
+            )
+        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
+            raise ValueError(
+                f"bank '{name}': argument 'gradient_clip_val' got {self.gradient_clip_val!r}; expected > 0 or None."
+            )
+        if not 0.0 < self.selection_fraction < 1.0:
+            raise ValueError(
+                f"bank '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "
+                "strictly between 0 and 1 (the rest of the validation samples report the best head)."
+            )
+
+    def in_features_of(self, source: str) -> int | None:
+        """The configured feature size of ``source`` (None: read from the first batch)."""
+        if isinstance(self.in_features, Mapping):
+            return int(self.in_features[source])
+        return None if self.in_features is None else int(self.in_features)
+
+    def heads(self) -> list[Head]:
+        """The grid, in the bank's order."""
+        grid = itertools.product(self.inputs, self.normalization, self.lr, self.weight_decay)
+        return [Head(i, s, n, lr, wd) for i, (s, n, lr, wd) in enumerate(grid)]
+
+    @property
+    def heads_per_block(self) -> int:
+        """Heads per (source, normalization) block: the lr x weight-decay grid."""
+        return len(self.lr) * len(self.weight_decay)
+
+
+def _floats(values: Any, argument: str, name: str, *, positive: bool) -> list[float]:
+    if isinstance(values, int | float):
+        values = [values]
+    out = [float(v) for v in values]
+    low_ok = (lambda v: v > 0) if positive else (lambda v: v >= 0)
+    if not out or not all(low_ok(v) for v in out) or len(set(out)) != len(out):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(
+            f"bank '{name}': argument '{argument}' got {values!r}; expected a non-empty list of distinct values "
+            f"{bound}."
+        )
+    return out
+
+
+def _parse_metrics(spec: Any, name: str, num_classes: int) -> dict[str, int]:
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, Mapping):
+        parsed = {str(k): v for k, v in spec.items()}
+    else:
+        parsed = {}
+        for metric in spec:
+            if not (isinstance(metric, str) and metric.startswith("top") and metric[3:].isdigit()):
+                raise ValueError(
+                    f"bank '{name}': argument 'metrics' got {metric!r}; a bank reports fused per-head top-k "
+                    "accuracies: write names such as 'top1', 'top5', or a {name: k} dict."
+                )
+            parsed[metric] = int(metric[3:])
+    for metric, k in parsed.items():
+        if not isinstance(k, int) or not 1 <= k <= num_classes:
+            raise ValueError(
+                f"bank '{name}': metric {metric!r} asks for top-{k!r}; expected 1 <= k <= num_classes={num_classes}."
+            )
+    return parsed

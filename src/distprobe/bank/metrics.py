@@ -1,0 +1,82 @@
+"""Per-head metrics of a bank: one fused update for all K heads, states declared for torchmetrics' reductions.
+
+A head's top-k accuracy is its count of correct samples over the samples counted; K heads are a ``(K,)`` count and
+one shared total, updated by a single top-k over the ``(B, K, C)`` logits. Every state reduces by sum, so all the
+bank's metrics sync in one flat all-reduce (`distprobe.metrics.flat_sync`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from distprobe.metrics.counters import mark_updated
+
+
+def correct_per_head(logits: torch.Tensor, targets: torch.Tensor, top_k: int, keep: torch.Tensor) -> torch.Tensor:
+    """``(K,)`` long: how many kept samples each head classifies correctly within its top ``top_k``."""
+    if top_k == 1:
+        hits = logits.argmax(dim=-1) == targets[:, None]
+    else:
+        hits = (logits.topk(top_k, dim=-1).indices == targets[:, None, None]).any(dim=-1)
+    return (hits & keep[:, None]).sum(dim=0)
+
+
+class HeadTopK(Metric):
+    """Top-k accuracy of every head of a bank.
+
+    Example:
+        >>> metric = HeadTopK(num_heads=2, top_k=1)
+        >>> logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # one sample, two heads, two classes
+        >>> metric.update(logits, torch.tensor([1]), torch.tensor([True]))
+        >>> metric.compute()
+        tensor([1., 0.])
+    """
+
+    full_state_update = False
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, num_heads: int, top_k: int) -> None:
+        super().__init__(sync_on_compute=True)
+        self.top_k = top_k
+        self.add_state("correct", torch.zeros(num_heads, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> None:
+        """Count a batch: ``logits`` ``(B, K, C)``, class-index ``targets`` ``(B,)``, ``keep`` ``(B,)`` bool."""
+        self.correct += correct_per_head(logits, targets, self.top_k, keep)
+        self.total += keep.sum()
+
+    def fast_update(self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> None:
+        """`update` without torchmetrics' per-call wrapper (host time the train step pays on every step)."""
+        self.correct.add_(correct_per_head(logits, targets, self.top_k, keep))
+        self.total.add_(keep.sum())
+        mark_updated(self)
+
+    def compute(self) -> torch.Tensor:
+        """``(K,)`` float accuracies (NaN before any sample)."""
+        return self.correct.double().div(self.total).float()
+
+
+class HeadLoss(Metric):
+    """Every head's mean training loss, weighted by batch size, over the steps that were not skipped."""
+
+    full_state_update = False
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__(sync_on_compute=True)
+        self.add_state("total", torch.zeros(num_heads, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, losses: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add ``(S, K)`` per-step losses with ``(S,)`` weights (0 for a skipped batch, whatever its loss)."""
+        self.total.add_(torch.where(weight[:, None] > 0, losses.double() * weight[:, None], 0.0).sum(dim=0))
+        self.count.add_(weight.sum())
+        mark_updated(self)
+
+    def compute(self) -> torch.Tensor:
+        """``(K,)`` mean losses."""
+        return (self.total / self.count).float()

@@ -1,0 +1,201 @@
+"""All of a bank's metric states, the train steps' values not yet folded into them, and their logged names.
+
+Train steps keep their ``(K,)`` losses and logits as device tensors and fold them in every few micro-steps (as
+`distprobe.engine.deferred` does for a probe): a handful of ops per fold for all K heads. Validation counts each
+sample into the selection split or the report split (`distprobe.bank.selection`), never both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchmetrics import Metric
+
+from distprobe.bank.config import BankConfig
+from distprobe.bank.metrics import HeadLoss, HeadTopK
+from distprobe.engine.bad_data import REASONS
+from distprobe.engine.deferred import FOLD_ELEMENTS, FOLD_EVERY
+from distprobe.engine.replicate import is_distributed
+from distprobe.metrics.counters import ReasonCounter, mark_updated
+from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
+
+
+class BankMetrics:
+    """Per-head train and validation metrics of one bank, with the run-long bad-batch counts."""
+
+    def __init__(self, config: BankConfig, num_heads: int) -> None:
+        self.config = config
+        self.train = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
+        self.loss = HeadLoss(num_heads)
+        self.bad_batches = ReasonCounter(REASONS)
+        self.select = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
+        self.report = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
+        self.deferred = _Deferred(self)
+
+    def named(self) -> list[tuple[str, Metric]]:
+        """Every metric with a stable key (checkpoints key states by it, never by position)."""
+        out: list[tuple[str, Metric]] = [(f"train/{m}", v) for m, v in self.train.items()]
+        out += [("loss", self.loss), ("bad_batches", self.bad_batches)]
+        out += [(f"select/{m}", v) for m, v in self.select.items()]
+        out += [(f"report/{m}", v) for m, v in self.report.items()]
+        return out
+
+    def to(self, device: torch.device | str) -> BankMetrics:
+        """Move every state to ``device``."""
+        for _, metric in self.named():
+            metric.to(device)
+        return self
+
+    def set_process_group(self, group: dist.ProcessGroup | None) -> None:
+        """The group torchmetrics would sync over (distprobe's flat sync is given it explicitly)."""
+        for _, metric in self.named():
+            metric.process_group = group
+
+    def update_eval(
+        self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, select: torch.Tensor
+    ) -> None:
+        """Count a validation batch into the selection split (``select``) or the report split (the others)."""
+        for name in self.select:
+            self.select[name].fast_update(logits, targets, keep & select)
+            self.report[name].fast_update(logits, targets, keep & select.logical_not())
+
+    def compute_eval(self, group: dist.ProcessGroup | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Per-head values over all samples, the best head's on the report split, and the best head's index.
+
+        Logged keys are relative: ``"{head_id}_{metric}"``, ``"best_{metric}"``, ``"best_head"``.
+        """
+        names = list(self.select)
+        if not names:
+            return {}, None
+        computed = compute_metrics_synced([*self.select.values(), *self.report.values()], group)
+        # Counts, not rates, are summed to get the whole set's accuracy: the states were synced alongside.
+        select, report = computed[: len(names)], computed[len(names) :]
+        best = select[0].nan_to_num(-1.0).argmax()
+        values: dict[str, torch.Tensor] = {}
+        heads = self.config.heads()
+        whole = self._whole_set(group)
+        for name, per_head in zip(names, whole, strict=True):
+            for head in heads:
+                values[f"{head.head_id}_{name}"] = per_head[head.index]
+        for name, report_values in zip(names, report, strict=True):
+            values[f"best_{name}"] = report_values[best]
+        values["best_head"] = best.float()
+        for metric in [*self.select.values(), *self.report.values()]:
+            metric.reset()
+        return values, best
+
+    def _whole_set(self, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+        """Per-head accuracies over both splits, from the summed counts (one more flat sync, at epoch end only)."""
+        metrics = [m for name in self.select for m in (self.select[name], self.report[name])]
+        if is_distributed(group):
+            synced = flat_sync(metrics, group)
+            states = [(synced[(id(m), "correct")], synced[(id(m), "total")]) for m in metrics]
+        else:
+            states = [(m.correct, m.total) for m in metrics]
+        out = []
+        for i in range(0, len(states), 2):
+            (c1, t1), (c2, t2) = states[i], states[i + 1]
+            out.append((c1 + c2).double().div(t1 + t2).float())
+        return out
+
+    def compute_train(self, group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+        """Per-head train metrics and losses, their means over heads, the bad-batch counts; relative keys."""
+        self.deferred.fold()
+        names = list(self.train)
+        computed = compute_metrics_synced([*self.train.values(), self.loss, self.bad_batches], group)
+        heads = self.config.heads()
+        values: dict[str, torch.Tensor] = {}
+        for name, per_head in zip([*names, "loss"], computed[: len(names) + 1], strict=True):
+            for head in heads:
+                values[f"{head.head_id}_{name}"] = per_head[head.index]
+        values["loss_epoch"] = computed[len(names)].mean()
+        for reason, count in computed[-1].items():
+            values[f"bad_batches/{reason}"] = count
+        return values
+
+    def reset_train(self) -> None:
+        """A new epoch of train metrics and losses; the bad-batch counts run over the whole training."""
+        self.deferred.fold()
+        for metric in [*self.train.values(), self.loss]:
+            metric.reset()
+
+    def synced_states(self, group: dist.ProcessGroup | None) -> dict[str, dict[str, torch.Tensor]]:
+        """Every state reduced over ``group`` (a collective), keyed by metric key and state name."""
+        self.deferred.fold()
+        named = self.named()
+        synced = flat_sync([m for _, m in named], group) if is_distributed(group) else {}
+        return {
+            key: {
+                attr: synced.get((id(metric), attr), getattr(metric, attr)).detach().clone()
+                for attr in metric._defaults
+            }
+            for key, metric in named
+        }
+
+    def load_synced_states(self, states: Mapping[str, Any], group: dist.ProcessGroup | None) -> None:
+        """Rank 0 of the group loads the group's saved reduction; the others start empty (the sum stays right)."""
+        self.deferred.discard()
+        for key, metric in self.named():
+            metric.reset()
+            if is_distributed(group) and dist.get_rank(group) != 0:
+                continue
+            for attr, value in states.get(key, {}).items():
+                getattr(metric, attr).copy_(value)
+            mark_updated(metric)
+
+
+class _Deferred:
+    """The train steps' values not yet in the metric states."""
+
+    def __init__(self, metrics: BankMetrics) -> None:
+        self.metrics = metrics
+        self.losses: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
+        self.reasons: list[torch.Tensor] = []
+        self.predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.elements = 0
+
+    def add(
+        self,
+        losses: torch.Tensor,
+        bad: torch.Tensor,
+        batch_size: int,
+        reasons: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
+        """Keep one micro-step's values; fold once enough have gathered."""
+        self.losses.append(losses)
+        self.weights.append(torch.where(bad, 0.0, float(batch_size)))
+        self.reasons.append(reasons)
+        if self.metrics.train:
+            self.predictions.append((logits, targets, keep))
+            self.elements += logits.numel()
+        if len(self.losses) >= FOLD_EVERY or self.elements >= FOLD_ELEMENTS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Add everything kept to the states: a few ops whatever the number of steps."""
+        if not self.losses:
+            return
+        self.metrics.loss.update(torch.stack(self.losses), torch.stack(self.weights))
+        counter = self.metrics.bad_batches
+        counter.counts.add_(torch.stack(self.reasons).sum(dim=0))
+        mark_updated(counter)
+        if self.predictions:
+            logits, targets, keep = (torch.cat(parts) for parts in zip(*self.predictions, strict=True))
+            for metric in self.metrics.train.values():
+                metric.fast_update(logits, targets, keep)
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the kept values."""
+        self.losses.clear()
+        self.weights.clear()
+        self.reasons.clear()
+        self.predictions.clear()
+        self.elements = 0
