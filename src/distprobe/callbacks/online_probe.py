@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step, values_already_reduced
 from distprobe.callbacks.keys import MissingKeyError, lookup
+from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.callbacks.trainable import TrainableCallback
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.factories import build_module
@@ -29,7 +30,10 @@ class OnlineProbe(TrainableCallback):
     Args:
         module: The LightningModule to probe (None: taken at ``setup``).
         name: Unique identifier; keys logs, checkpoint state and ``pl_module.callbacks_modules[name]``.
-        input: Key of the features in the step's outputs dict, else in the batch dict (dotted paths reach nested keys).
+        input: Key of the features in the step's outputs dict, else in the batch dict (dotted paths reach nested keys),
+            else the dotted name of a submodule of the LightningModule, whose output is tapped by a forward hook:
+            ``"backbone.blocks.8"``, pooled with a suffix such as ``":cls"`` or ``"backbone.blocks:last4"``
+            (always a tap). See docs/taps.md.
         target: Key of the labels, looked up the same way.
         probe: An nn.Module, a callable returning one (called with ``module`` if it takes one argument), or a Hydra
             config with ``_target_``.
@@ -90,6 +94,7 @@ class OnlineProbe(TrainableCallback):
         for argument, key in (("input", input), ("target", target)):
             if not isinstance(key, str) or not key:
                 raise ValueError(f"probe '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
+        check_input_spec(input, probe_name=name)
         self.input = input
         self.target = target
         self.probe_spec = probe
@@ -101,6 +106,7 @@ class OnlineProbe(TrainableCallback):
         self._eval_values: dict[str, torch.Tensor] | None = None
         self._train_values: dict[str, torch.Tensor] | None = None
         self._bad_data_warnings = BadDataWarnings()
+        self._tap_inputs: TapInputs | None = None
         super().__init__(
             module,
             name,
@@ -115,8 +121,38 @@ class OnlineProbe(TrainableCallback):
     def configure_model(self, pl_module: pl.LightningModule | None) -> nn.Module:
         return build_module(self.probe_spec, owner=pl_module, probe_name=self.name)
 
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._tap_inputs = TapInputs.of(pl_module)
+        self._tap_inputs.request(self, self.input, probe_name=self.name)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._tap_inputs is not None:
+            self._tap_inputs.arm(pl_module)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._tap_inputs is not None:
+            self._tap_inputs.arm(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._tap_inputs is not None:
+            self._tap_inputs.release(self)
+            self._tap_inputs = None
+        super().teardown(trainer, pl_module, stage)
+
     def _features_and_targets(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
+        if self._tap_inputs is not None:
+            features = self._tap_inputs.read(self.input, outputs, batch, probe_name=self.name)
+        else:
+            features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
         targets = lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
         return features, targets
 
