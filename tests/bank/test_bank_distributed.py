@@ -111,11 +111,7 @@ def _resume_worker(rank, world, stop):
     state = first.state_dict()  # a collective; Lightning would save rank 0's only
     saved = [state]
     dist.broadcast_object_list(saved, src=0)
-    resumed = (
-        ProbeBank.build(_config(seed=0), dp_group=dist.group.WORLD)
-        if False
-        else ProbeBank.build(_config(), dp_group=dist.group.WORLD, seed=123)
-    )
+    resumed = ProbeBank.build(_config(), dp_group=dist.group.WORLD, seed=123)  # other weights until loaded
     resumed.load_state_dict(saved[0])
     _train(resumed, data[stop:], rank, world)
     return torch.equal(resumed.heads.flat, full.heads.flat), (resumed.heads.flat - full.heads.flat).abs().max().item()
