@@ -5,6 +5,7 @@
 
 from distprobe.engine.config import ProbeConfig
 from distprobe.engine.factories import build_module, build_optimizer, build_scheduler, optimizer_names, scheduler_names
+from distprobe.engine.group import ProbeGroup
 from distprobe.engine.lars import LARS
 from distprobe.engine.probe import Probe, StepOutput
 
@@ -12,6 +13,7 @@ __all__ = [
     "LARS",
     "Probe",
     "ProbeConfig",
+    "ProbeGroup",
     "StepOutput",
     "build_module",
     "build_optimizer",

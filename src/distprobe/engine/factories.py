@@ -150,7 +150,7 @@ def build_optimizer(spec: Any, params: list[nn.Parameter], *, probe_name: str) -
     )
 
 
-#: torch optimizers with a fused CUDA kernel that also honours GradScaler's `found_inf` (see `Probe._optimizer_step`).
+#: torch optimizers with a fused CUDA kernel that also honours GradScaler's `found_inf` (see `Probe.step_window`).
 _FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 #: Arguments that pick an implementation: when the user sets one, the choice is theirs.
 _IMPLEMENTATION_ARGS = ("fused", "foreach", "capturable", "differentiable")

@@ -54,6 +54,26 @@ class StepOutput:
     """0-d bool: this rank's micro-batch held bad data, so its window's step is skipped on every rank."""
 
 
+@dataclass
+class PendingStep:
+    """A micro-step between `Probe.forward_step` and `Probe.finish_step`: its loss waits for a backward."""
+
+    scaled_loss: torch.Tensor
+    """The loss times the accumulation scale, or NaN for bad data: what the backward runs on."""
+    loss: torch.Tensor
+    """The micro-batch loss, detached."""
+    preds: torch.Tensor
+    """The probe's outputs, detached."""
+    targets: torch.Tensor
+    """The targets made safe for the loss and the metrics."""
+    checked: bad_data.Verdict
+    """The micro-batch's bad-data verdict."""
+    batch_size: int
+    """Samples in the micro-batch (for the mean loss)."""
+    boundary: bool
+    """Whether this micro-step closes the accumulation window."""
+
+
 def to_probe_input(features: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Detach features from the backbone's graph and bring them to the probe's device and dtype.
 
@@ -197,9 +217,24 @@ class Probe:
 
         Bad data (non-finite features, labels out of range, non-finite targets) never raises: the batch is cleaned so
         that nothing can fault, its gradient is poisoned, and the window's step is skipped on every rank.
+        To train several probes with one backward and one bucketed all-reduce, see `distprobe.engine.ProbeGroup`.
+        """
+        boundary = maths.is_boundary(self.micro_step, self.config.accumulate_grad_batches)
+        # Micro-steps keep gradients local: the one all-reduce happens in the boundary's backward.
+        no_sync = getattr(self.replica, "no_sync", None)
+        sync_ctx = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
+        with sync_ctx:
+            pending = self.forward_step(features, targets, self.replica)
+            pending.scaled_loss.backward()
+        return self.finish_step(pending)
+
+    def forward_step(self, features: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> PendingStep:
+        """The first half of `train_step`: the forward through ``model`` (the replica or the bare module) and the loss.
+
+        The caller runs the backward of ``scaled_loss`` (alone, or summed with other probes'), reduces the gradients
+        at a window's end unless ``model`` is the DDP replica, and then calls `finish_step`.
         """
         accumulate = self.config.accumulate_grad_batches
-        boundary = maths.is_boundary(self.micro_step, accumulate)
         param = self._param()
         device = param.device
         x = to_probe_input(features, param)
@@ -210,9 +245,6 @@ class Probe:
             x = bad_data.zero_nonfinite(x)
         if not self.module.training:  # `train()` walks every submodule: only when someone switched to eval
             self.module.train()
-        # Micro-steps keep gradients local: the one all-reduce happens in the boundary's backward.
-        no_sync = getattr(self.replica, "no_sync", None)
-        sync_ctx = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
         # The probe trains in its own dtype, outside the main model's autocast and loss scaling: its gradients are
         # never scaled, so clipping sees true values and no GradScaler is involved.
         in_autocast = torch.is_autocast_enabled(device.type)
@@ -221,25 +253,40 @@ class Probe:
         if self._buffers and self.micro_step % accumulate == 0:
             # The window's first micro-step: its running statistics go back here if the window's step is skipped.
             self._window_buffers = [b.clone() for b in self._buffers]
-        with sync_ctx, outside_autocast:
-            preds = self.replica(x)
+        with outside_autocast:
+            preds = model(x)
             safe_targets, countable, in_range, finite = bad_data.check_targets(targets, preds, self._ignore_index)
             loss = self.loss_fn(preds, safe_targets)
             if features_ok is None:  # see `bad_data.finite_features`
                 features_ok = torch.isfinite(loss.detach())
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
-            bad_data.poison(loss, checked.bad, scale=1.0 / accumulate).backward()
-        preds = preds.detach()
-        loss = loss.detach()
-        batch_size = int(targets.shape[0]) if targets.ndim else 1
-        self.deferred.add(loss, checked.bad, batch_size, checked.counts, preds, safe_targets, checked.keep)
+            scaled = bad_data.poison(loss, checked.bad, scale=1.0 / accumulate)
+        return PendingStep(
+            scaled_loss=scaled,
+            loss=loss.detach(),
+            preds=preds.detach(),
+            targets=safe_targets,
+            checked=checked,
+            batch_size=int(targets.shape[0]) if targets.ndim else 1,
+            boundary=maths.is_boundary(self.micro_step, accumulate),
+        )
+
+    def finish_step(self, pending: PendingStep, *, fused_if_unset: bool = False) -> StepOutput:
+        """The second half of `train_step`, once the backward ran (and, at a window's end, the gradients are reduced).
+
+        ``fused_if_unset`` is passed to `step_window` at a window's end.
+        """
+        checked = pending.checked
+        self.deferred.add(
+            pending.loss, checked.bad, pending.batch_size, checked.counts, pending.preds, pending.targets, checked.keep
+        )
         self.micro_step += 1
-        if boundary:
-            self._optimizer_step(device)
+        if pending.boundary:
+            self.step_window(fused_if_unset=fused_if_unset)
             self._window_grads = None
         else:
             self._window_grads = [p.grad for p in skip.params_of(self.optimizer)]
-        return StepOutput(loss=loss, preds=preds, stepped=boundary, bad=checked.bad)
+        return StepOutput(loss=pending.loss, preds=pending.preds, stepped=pending.boundary, bad=checked.bad)
 
     def _restore_window_grads(self) -> None:
         """Put back the open window's gradients if something set them to None since the last micro-step.
@@ -254,21 +301,28 @@ class Probe:
             if p.grad is not grad:
                 p.grad = grad
 
-    def _optimizer_step(self, device: torch.device) -> None:
-        grads = [p.grad for p in skip.params_of(self.optimizer) if p.grad is not None]
+    def step_window(self, *, fused_if_unset: bool = False) -> None:
+        """Close the accumulation window on the reduced gradients: clip, step unless non-finite, schedule, zero.
+
+        ``fused_if_unset``: a torch Adam, AdamW or SGD whose user left the implementation unset steps with its fused
+        kernel (see `skip.step_unless_nonfinite`).
+        """
+        params = skip.params_of(self.optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
         # After the all-reduce every rank holds the same gradients, so every rank reaches the same verdict with no
         # extra collective; a non-finite value on any rank (bad data poisons its gradient) poisons the reduced
         # gradient everywhere.
-        found_inf = maths.nonfinite_flag(grads).to(device)
+        found_inf = maths.nonfinite_flag(grads).to(self._param().device)
         maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-        skip.step_unless_nonfinite(self.optimizer, found_inf)
+        skip.step_unless_nonfinite(self.optimizer, found_inf, fused_if_unset=fused_if_unset)
         if self._window_buffers is not None:
             # A skipped step leaves no trace in the running statistics either. Decided by the all-reduced verdict, the
             # same on every rank: a rank's own "bad batch" flag would restore the statistics on that rank only.
             maths.restore_where(found_inf.bool(), self._buffers, self._window_buffers)
             self._window_buffers = None
         self.skipped_steps += found_inf.long()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in params:  # `zero_grad(set_to_none=True)` without its per-call profiler range and hooks
+            p.grad = None
         self.scheduler.step()
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
