@@ -16,7 +16,8 @@ from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.callbacks.trainable import TrainableCallback
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.factories import build_module
-from distprobe.engine.probe import merge
+from distprobe.engine.group import ProbeGroup
+from distprobe.engine.probe import StepOutput, merge
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_synced
 
@@ -177,8 +178,9 @@ class OnlineProbe(TrainableCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        features, targets = self._checked_features_and_targets(outputs, batch)
-        out = self.probe.train_step(features, targets)
+        # All OnlineProbes of the trainer train as one group (one backward, one bucketed all-reduce): the first to
+        # get here runs the step for all, the others find their outputs waiting.
+        out, batch_size = _grouped_train_step(trainer, self, outputs, batch)
         if out.stepped:
             self._count_probe_step(trainer)
         _store_preds(f"{self.name}_preds", out.preds, outputs, batch)
@@ -192,7 +194,7 @@ class OnlineProbe(TrainableCallback):
             # float: Lightning would turn a float into one by a copy from pageable memory, a host sync on CUDA.
             f"hparams/lr_{self.name}": torch.full((), self.probe.current_lr(), device=out.loss.device),
         }
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=targets.shape[0])
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -288,3 +290,45 @@ def _compute_epoch_values_of_all_probes(
             per_probe = [merge([next(computed) for _ in collections]) for collections in by_member]
         for callback, values in zip(members, per_probe, strict=True):
             setattr(callback, attr, values)
+
+
+def _grouped_train_step(trainer: pl.Trainer, caller: OnlineProbe, outputs: Any, batch: Any) -> tuple[StepOutput, int]:
+    """``caller``'s train step on ``batch`` and its batch size, trained with every OnlineProbe of ``trainer`` at once.
+
+    The first OnlineProbe to reach ``on_train_batch_end`` reads every member's features and targets (first-batch
+    checks included, in callback order on every rank), trains them all as one `ProbeGroup`, and leaves each other
+    member its output, keyed by the batch object that Lightning hands to every callback of the step. A subclass with
+    its own ``on_train_batch_end`` is not a member: it trains its probe itself.
+    """
+    waiting = getattr(caller, "_grouped_output", None)
+    if waiting is not None:
+        caller._grouped_output = None  # type: ignore[attr-defined]  # set on members by the step's first probe
+        if waiting[0] is batch:
+            return waiting[1], waiting[2]
+    members = _train_group_members(trainer, caller)
+    inputs = [member._checked_features_and_targets(outputs, batch) for member in members]
+    outs = ProbeGroup([member.probe for member in members]).train_step(inputs)
+    mine: tuple[StepOutput, int] | None = None
+    for member, (_, targets), out in zip(members, inputs, outs, strict=True):
+        batch_size = int(targets.shape[0]) if targets.ndim else 1
+        if member is caller:
+            mine = (out, batch_size)
+        else:
+            member._grouped_output = (batch, out, batch_size)  # type: ignore[attr-defined]
+    assert mine is not None
+    return mine
+
+
+def _train_group_members(trainer: pl.Trainer, caller: OnlineProbe) -> list[OnlineProbe]:
+    """The OnlineProbes of ``trainer`` that train in ``caller``'s group this step, in callback order."""
+    shares = OnlineProbe.on_train_batch_end
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
+    members = [
+        cb
+        for cb in callbacks
+        if isinstance(cb, OnlineProbe)
+        and cb._probe is not None
+        and type(cb).on_train_batch_end is shares
+        and getattr(cb, "_grouped_output", None) is None
+    ]
+    return members if caller in members else [*members, caller]
