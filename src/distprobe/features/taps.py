@@ -58,6 +58,8 @@ class FeatureTap:
         self._pieces: dict[PieceKey, torch.Tensor | Exception] = {}
         self._distributed: torch.Tensor | None = None
         self._raw_version: int | None = None
+        self.forwards_since_arm = 0
+        """Forwards seen since `arm` (the first is kept): 2 for a checkpointed module after the backward."""
         self._handle: Any = module.register_forward_hook(self._hook)
 
     def want(self, key: PieceKey) -> None:
@@ -73,11 +75,15 @@ class FeatureTap:
         """Forget the last step's output; capture the next forward."""
         self._armed = True
         self._captured = False
+        self.forwards_since_arm = 0
         self._pieces = {}
         self._distributed = None
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._armed or self._captured:
+        if not self._armed:
+            return
+        self.forwards_since_arm += 1
+        if self._captured:
             return
         self._captured = True
         try:
