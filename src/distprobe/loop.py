@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distprobe.engine import Probe, ProbeConfig, maths
+from distprobe.engine import Probe, ProbeConfig, ProbeGroup, maths
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
@@ -216,12 +216,12 @@ class ProbeSet:
         The losses are detached device tensors: nothing here waits for the device, so log them as tensors (or
         call ``.item()`` only when you print). Train metrics, if any, accumulate on the device until
         `compute_train_metrics`. A batch with bad data (NaN features, labels out of range) is skipped and counted,
-        never an error, on every rank at once.
+        never an error, on every rank at once. The probes train as one `distprobe.engine.ProbeGroup`: one backward,
+        and one bucketed all-reduce where their accumulation windows close together.
         """
-        losses: dict[str, torch.Tensor] = {}
-        for name, (x, y) in self._checked_inputs(features, targets).items():
-            losses[name] = self.probes[name].train_step(x, y).loss
-        return losses
+        inputs = self._checked_inputs(features, targets)
+        outs = ProbeGroup([self.probes[name] for name in inputs]).train_step(list(inputs.values()))
+        return {name: out.loss for name, out in zip(inputs, outs, strict=True)}
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:
         """Every probe's train metrics and mean loss since the last reset, and its bad-batch counts by reason.
