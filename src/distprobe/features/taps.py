@@ -38,6 +38,9 @@ def _is_dtensor(x: torch.Tensor) -> bool:
 
 
 def _version(x: torch.Tensor) -> int | None:
+    """Autograd's version counter of ``x``, None where there is none to read (inference tensors, compiled code)."""
+    if torch.compiler.is_compiling():  # a hook traced by torch.compile: reading it would break the graph
+        return None
     return None if x.is_inference() else x._version
 
 
@@ -76,6 +79,7 @@ class FeatureTap:
         self._armed = True
         self._captured = False
         self.forwards_since_arm = 0
+        self._raw_version = None
         self._pieces = {}
         self._distributed = None
 
@@ -127,7 +131,7 @@ class FeatureTap:
         value = self._pieces[key]
         if isinstance(value, Exception):
             raise ValueError(str(value))
-        if key[0] is None and self._distributed is None and _version(value) != self._raw_version:
+        if key[0] is None and self._raw_version is not None and _version(value) != self._raw_version:
             raise ValueError(
                 f"the output of {self.name!r} was changed in place after its forward (e.g. by a later in-place "
                 "activation or residual add), so it no longer holds what the module returned; tap the module "
