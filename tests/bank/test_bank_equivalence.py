@@ -132,13 +132,13 @@ def test_bad_data_skips_every_head_and_is_counted():
     )
     bank = ProbeBank.build(config)
     before = bank.heads.flat.detach().clone()
-    stats = [b.clone() for b in bank.heads.buffers()]
+    stats = [b.clone() for b in bank.heads.statistics()]
     x, y = _batches(1)[0]
     x[3, 2] = float("nan")
     out = bank.train_step([x], y)
     assert bool(out.bad)
     torch.testing.assert_close(bank.heads.flat.detach(), before, rtol=0, atol=0)
-    for saved, now in zip(stats, bank.heads.buffers(), strict=True):
+    for saved, now in zip(stats, bank.heads.statistics(), strict=True):
         torch.testing.assert_close(now, saved, rtol=0, atol=0)
     y2 = y.clone()
     y2[0] = C + 3

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from distprobe.callbacks import OnlineProbe
+from distprobe.callbacks import OnlineProbe, OnlineProbeBank
 from helpers.models import RandomPoints
 from helpers.optimizers import optimizer_tensor_ids
 
@@ -43,6 +43,15 @@ BATCH_SIZE = 4
 EPOCHS = 2
 PROBE_OPTIMIZER = {"type": "SGD", "lr": 0.2, "momentum": 0.9}
 PROBE_SEED = 1000
+#: The bank trained alongside the probe in the probed and resumed runs: 2 lr x 2 normalizations, AdamW, clipped.
+BANK_OPTIONS: dict[str, Any] = dict(
+    num_classes=NUM_CLASSES,
+    lr=[0.05, 0.005],
+    normalization=[None, "batchnorm"],
+    optimizer={"type": "AdamW"},
+    gradient_clip_val=1.0,
+    in_features=EMBED_DIM,
+)
 
 
 @dataclass
@@ -190,6 +199,9 @@ class Recorder(Callback):
     def _probe(self, trainer: pl.Trainer) -> OnlineProbe | None:
         return next((cb for cb in trainer.callbacks if isinstance(cb, OnlineProbe)), None)
 
+    def _bank(self, trainer: pl.Trainer) -> OnlineProbeBank | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, OnlineProbeBank)), None)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         probe = self._probe(trainer)
         if probe is not None:
@@ -218,6 +230,14 @@ class Recorder(Callback):
             dist.all_gather(every, mine)
             record["probe"] = mine
             record["probe_all_ranks"] = every
+        bank = self._bank(trainer)
+        if bank is not None:
+            bank.bank.settle()  # the step's all-reduce may still be in flight: its update lands on the next forward
+            mine = bank.bank.heads.flat.detach().clone()
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, mine)
+            record["bank"] = mine
+            record["bank_all_ranks"] = every
         self.steps.append(record)
 
     def on_validation_batch_end(
@@ -278,6 +298,17 @@ def _online_probe(rank: int, seed: int, spec: Spec) -> OnlineProbe:
     )
 
 
+def _bank(spec: Spec) -> OnlineProbeBank:
+    return OnlineProbeBank(
+        None,
+        name="bank",
+        input="embedding",
+        target="label",
+        accumulate_grad_batches=spec.probe_accumulate,
+        **BANK_OPTIONS,
+    )
+
+
 def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
     """Worker body for `run_distributed`: three fits, returning what each recorded on this rank."""
     import distprobe.strategies  # noqa: F401 - registers the strategy names
@@ -287,7 +318,7 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
 
     recorder = Recorder()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED, spec), recorder, checkpoint])
+    trainer = _trainer(spec, world_size, [_online_probe(rank, PROBE_SEED, spec), _bank(spec), recorder, checkpoint])
     trainer.fit(_module(spec, seed=0), datamodule=DataModule())
     results["probed"] = recorder.steps
     results["probed_val"] = (recorder.val_batches, recorder.val_top1)
@@ -302,7 +333,7 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
 
     recorder = Recorder()
     trainer = _trainer(
-        spec, world_size, [_online_probe(rank, 7 * PROBE_SEED, spec), recorder], enable_checkpointing=False
+        spec, world_size, [_online_probe(rank, 7 * PROBE_SEED, spec), _bank(spec), recorder], enable_checkpointing=False
     )
     trainer.fit(_module(spec, seed=123), datamodule=DataModule(), ckpt_path=os.path.join(ckpt_dir, "epoch=0.ckpt"))
     results["resumed"] = recorder.steps

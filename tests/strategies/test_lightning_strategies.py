@@ -16,9 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from distprobe.bank import BankConfig, ProbeBank
 from distprobe.engine import Probe, ProbeConfig
 from helpers.dist import run_distributed
 from strategies.scenario import (
+    BANK_OPTIONS,
     EMBED_DIM,
     EPOCHS,
     NUM_CLASSES,
@@ -101,6 +103,21 @@ def _reference(ranks: list[dict[str, Any]], accumulate: int) -> list[torch.Tenso
     return weights
 
 
+def _bank_reference(ranks: list[dict[str, Any]], accumulate: int) -> list[torch.Tensor]:
+    """A single-process bank trained on the union of the data-parallel ranks' batches; its flat weights per step."""
+    dp_size = ranks[0]["dp"][1]
+    by_dp_rank = {r["dp"][0]: r for r in reversed(ranks)}
+    config = BankConfig(name="bank", inputs=["embedding"], accumulate_grad_batches=accumulate, **BANK_OPTIONS)
+    bank = ProbeBank.build(config)
+    weights = []
+    for step in range(len(ranks[0]["probed"])):
+        records = [by_dp_rank[d]["probed"][step] for d in range(dp_size)]
+        bank.train_step([torch.cat([r["features"] for r in records])], torch.cat([r["labels"] for r in records]))
+        bank.settle()
+        weights.append(bank.heads.flat.detach().clone())
+    return weights
+
+
 def _reference_top1(ranks: list[dict[str, Any]], run_name: str, epoch: int) -> float:
     """Top-1 accuracy over the unique validation samples of the probe as it was at the end of ``epoch``."""
     steps_per_epoch = len(ranks[0]["probed"]) // EPOCHS
@@ -129,7 +146,9 @@ def _check_sharding(name: str, spec: Spec, facts: dict[str, Any]) -> None:
     full = facts["backbone_full_numel"]
     if name.startswith("ddp"):
         assert facts["wrapper"] == "DistributedDataParallel"
-        assert facts["ddp_ignores"] == sorted(f"callbacks_modules.linear.{p}" for p in ("weight", "bias")), facts
+        probe_names = [f"callbacks_modules.linear.{p}" for p in ("weight", "bias")]
+        bank_names = ["callbacks_modules.bank.flat"]
+        assert facts["ddp_ignores"] == sorted(probe_names + bank_names), facts
         assert facts["backbone_local_numel"] == full
         if spec.precision == "bf16-mixed":
             assert facts["feature_dtype"] == "torch.bfloat16"
@@ -183,6 +202,16 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
     for step, want in enumerate(_reference(ranks, SPECS[name].probe_accumulate)):
         torch.testing.assert_close(ranks[0]["probed"][step]["probe"], want, rtol=0, atol=1e-5)
 
+    # The bank alongside: replicas identical, equal to one process on the union of the ranks' batches.
+    bank_reference = _bank_reference(ranks, SPECS[name].probe_accumulate)
+    for result in ranks:
+        for run_name in ("probed", "resumed"):
+            for record in result[run_name]:
+                for other in record["bank_all_ranks"]:
+                    assert torch.equal(other, record["bank"]), (run_name, record["step"])
+    for step, want in enumerate(bank_reference):
+        torch.testing.assert_close(ranks[0]["probed"][step]["bank"], want, rtol=1e-4, atol=2e-5)
+
     # (c) sharded as intended, probe untouched by the strategy, backbone trains exactly as without probes.
     for result in ranks:
         _check_sharding(name, SPECS[name], result["facts"])
@@ -203,6 +232,8 @@ def test_online_probe_under_strategy(name: str, outcomes: dict[str, Any]) -> Non
         steps = len(result["probed"])
         assert len(result["resumed"]) == steps // 2
         _assert_same_steps(result["resumed"], result["probed"][steps // 2 :], probe=True)
+        for got, want in zip(result["resumed"], result["probed"][steps // 2 :], strict=True):
+            assert torch.equal(got["bank"], want["bank"]), got["step"]
         assert result["resumed_val"][1] == result["probed_val"][1][1:]
 
     # trainer.validate outside fit works too, and every rank reports the same, group-reduced, value.

@@ -95,7 +95,7 @@ class ProbeBank:
         self._pending: tuple[Any, torch.Tensor] | None = None
         """An issued all-reduce and its gradient, whose step has not been applied yet."""
         self._window_bn: list[torch.Tensor] | None = None
-        self._bn_buffers = [t for t in heads.buffers()]
+        self._bn_buffers = heads.statistics()
         self._eval_seen = 0
         self.best_index: torch.Tensor | None = None
         """The head chosen on the selection split at the last `compute_eval_metrics` (a device tensor)."""
@@ -134,7 +134,7 @@ class ProbeBank:
                     )
                 sizes[source] = size
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        heads = BankHeads(config, sizes, generator=generator).to(device or "cpu")
+        heads = BankHeads(config, sizes, device=device, generator=generator)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Every replica starts from global rank 0's heads (also across tensor-parallel groups, see
             # `engine.replicate.broadcast_from_global_rank0`).
@@ -417,6 +417,7 @@ class ProbeBank:
             "head_ids": self.head_ids,
             "in_features": {b.source: b.in_features for b in self.heads.blocks},
             "heads": self.heads.state_dict(),
+            "batchnorm": [t.clone() for t in self._bn_buffers],
             "optimizer": {k: v.clone() for k, v in self.state.items()},
             "steps": self.steps.clone(),
             "skipped_steps": self.skipped_steps.clone(),
@@ -437,6 +438,8 @@ class ProbeBank:
                 "the changed bank a new name to start it fresh."
             )
         self.heads.load_state_dict(state["heads"])
+        for mine, saved in zip(self._bn_buffers, state.get("batchnorm", []), strict=True):
+            mine.copy_(saved)
         for key, value in state.get("optimizer", {}).items():
             self.state[key].copy_(value)
         self.steps.copy_(state["steps"])

@@ -96,18 +96,26 @@ class BankHeads(nn.Module):
         self.blocks = layout(config, in_features)
         self.head_list: list[Head] = config.heads()
         total = sum(b.numel for b in self.blocks)
-        self.flat = nn.Parameter(torch.empty(total, device=device))
-        with torch.no_grad():
-            for block in self.blocks:
-                # nn.Linear's initialisation, head by head: U(-1/sqrt(D), 1/sqrt(D)) for weights and biases.
-                bound = block.in_features**-0.5
-                weight_view(self.flat, block).uniform_(-bound, bound, generator=generator)
-                bias_view(self.flat, block).uniform_(-bound, bound, generator=generator)
+        # float32 whatever the default dtype: Lightning's *-true precisions set it while callbacks set up, and heads
+        # train in their own precision (features are cast to it). Initialised on the CPU, from the CPU generator.
+        flat = torch.empty(total, dtype=torch.float32)
         for block in self.blocks:
-            if any(block.batchnorm):
-                d = block.in_features
-                self.register_buffer(_buffer(block, "running_mean"), torch.zeros(d, device=device))
-                self.register_buffer(_buffer(block, "running_var"), torch.ones(d, device=device))
+            # nn.Linear's initialisation, head by head: U(-1/sqrt(D), 1/sqrt(D)) for weights and biases.
+            bound = block.in_features**-0.5
+            weight_view(flat, block).uniform_(-bound, bound, generator=generator)
+            bias_view(flat, block).uniform_(-bound, bound, generator=generator)
+        self.flat = nn.Parameter(flat.to(device or "cpu"))
+        # BatchNorm running statistics per source, as plain tensors rather than module buffers: a strategy's
+        # buffer casts (FSDP's buffer_dtype, a *-true precision) walk the LightningModule's buffers, and these must
+        # stay float32 and the bank's own.
+        self.running: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
+            block.first: (
+                torch.zeros(block.in_features, dtype=torch.float32, device=self.flat.device),
+                torch.ones(block.in_features, dtype=torch.float32, device=self.flat.device),
+            )
+            for block in self.blocks
+            if any(block.batchnorm)
+        }
 
     @property
     def num_heads(self) -> int:
@@ -116,7 +124,11 @@ class BankHeads(nn.Module):
 
     def running_stats(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
         """The running mean and variance of a BatchNorm source."""
-        return getattr(self, _buffer(block, "running_mean")), getattr(self, _buffer(block, "running_var"))
+        return self.running[block.first]
+
+    def statistics(self) -> list[torch.Tensor]:
+        """Every running statistic, in a fixed order (what a skipped window restores, what checkpoints keep)."""
+        return [t for first in sorted(self.running) for t in self.running[first]]
 
     def normalized(self, x: torch.Tensor, block: Block, group: dist.ProcessGroup | None) -> torch.Tensor:
         """``nn.BatchNorm1d(affine=False)`` of ``x``: batch statistics (of the whole group) in training, else running.
@@ -156,7 +168,3 @@ class BankHeads(nn.Module):
             logits = torch.baddbmm(bias.view(n, 1, h * c), stacked, w)
             outputs.append(logits.view(n, x.shape[0], h, c).permute(1, 0, 2, 3).reshape(x.shape[0], n * h, c))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-
-
-def _buffer(block: Block, kind: str) -> str:
-    return f"{kind}_{block.first}"

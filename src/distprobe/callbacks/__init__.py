@@ -1,6 +1,7 @@
 """Lightning adapters over the probe engine."""
 
+from distprobe.callbacks.bank import OnlineProbeBank
 from distprobe.callbacks.online_probe import OnlineProbe
 from distprobe.callbacks.trainable import NotSetUpError, TrainableCallback
 
-__all__ = ["NotSetUpError", "OnlineProbe", "TrainableCallback"]
+__all__ = ["NotSetUpError", "OnlineProbe", "OnlineProbeBank", "TrainableCallback"]
