@@ -19,6 +19,7 @@ from distprobe.bank.metrics_set import BankMetrics
 from distprobe.callbacks.cadence import logs_this_step, values_already_reduced
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
+from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine import maths
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
@@ -106,7 +107,10 @@ class OnlineProbeBank(Callback):
             in_features=in_features,
             selection_fraction=selection_fraction,
         )
+        for source in self.config.inputs:
+            check_input_spec(source, probe_name=name)
         self.metrics = BankMetrics(self.config, len(self.config.heads()))
+        self._tap_inputs: TapInputs | None = None
         self._bank: ProbeBank | None = None
         self._pending_state: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
@@ -198,6 +202,10 @@ class OnlineProbeBank(Callback):
                 f"{type(pl_module).__name__}; give each probe and bank a unique name."
             )
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
+        # Sources may name submodules (feature taps, docs/taps.md): one shared hook per module for every callback.
+        self._tap_inputs = TapInputs.of(pl_module)
+        for source in self.config.inputs:
+            self._tap_inputs.request(self, source, probe_name=self.name)
         if self._bank is None:
             sizes = self._saved_or_configured_sizes()
             if sizes is not None:
@@ -219,8 +227,25 @@ class OnlineProbeBank(Callback):
 
     # --- training -----------------------------------------------------------------------------------------------
 
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._tap_inputs is not None:
+            self._tap_inputs.arm(pl_module)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._tap_inputs is not None:
+            self._tap_inputs.arm(pl_module)
+
     def _lookup(self, outputs: Any, batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
-        features = [lookup(s, outputs, batch, probe_name=self.name, argument="input") for s in self.config.inputs]
+        if self._tap_inputs is not None:
+            features = [self._tap_inputs.read(s, outputs, batch, probe_name=self.name) for s in self.config.inputs]
+        else:
+            features = [lookup(s, outputs, batch, probe_name=self.name, argument="input") for s in self.config.inputs]
         targets = lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
         return features, targets
 
@@ -328,6 +353,9 @@ class OnlineProbeBank(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._bank is not None:
             self._bank.settle()
+        if self._tap_inputs is not None:
+            self._tap_inputs.release(self)
+            self._tap_inputs = None
 
 
 def _train_key(name: str, key: str) -> str:
