@@ -52,13 +52,17 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 import distprobe.strategies  # noqa: F401 - registers the distprobe_* strategy names
-from distprobe.callbacks import OnlineProbe
+from distprobe.callbacks import OnlineProbe, OnlineProbeBank
 
 VARIANTS = ("none", "distprobe_x1", "distprobe_x8", "spt_none", "spt_x1", "spt_x8", "paramgroup")
 #: Diagnostic variants, run only when named. nolog: distprobe's probe step and metric update without Lightning's
 #: logging. local: probes replicated over each rank's own one-rank group, so a multi-GPU run has no probe collective
 #: (the replicas then diverge: for timing only).
 DIAGNOSTIC = ("nolog_x1", "nolog_x8", "local_x1", "local_x8")
+#: Probe banks, run only when named: bank64 is 16 learning rates x 2 weight decays x (none, BatchNorm), SGD with
+#: momentum; bank64plain the same 64 heads without the BatchNorm half (16 lr x 4 wd).
+BANKS = ("distprobe_bank64", "distprobe_bank64plain")
+BANK_LRS = [10 ** (-4 + i * 0.25) for i in range(16)]
 BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none"}
 SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8"}
 
@@ -205,6 +209,22 @@ def build_variant(
     if variant == "paramgroup":
         return ParamGroupProbeModule(backbone, workload.embed_dim, workload.num_classes), []
     module = SSLModule(backbone, workload.embed_dim)
+    if variant in BANKS:
+        with_bn = variant == "distprobe_bank64"
+        bank = OnlineProbeBank(
+            None,
+            name="bank",
+            input="embedding",
+            target="label",
+            num_classes=workload.num_classes,
+            lr=BANK_LRS,
+            weight_decay=[0.0, 1e-4] if with_bn else [0.0, 1e-5, 1e-4, 1e-3],
+            normalization=[None, "batchnorm"] if with_bn else [None],
+            optimizer={"type": "SGD", "momentum": 0.9},
+            metrics=("top1", "top5"),
+            in_features=workload.embed_dim,
+        )
+        return module, [bank]
     probe_cls = UnloggedOnlineProbe if variant.startswith("nolog") else OnlineProbe  # local: see make_strategy
     callbacks: list[Callback] = [
         probe_cls(
@@ -496,9 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     names = (args.workload or ("tiny" if args.smoke else "vit,resnet" if cuda else "mlp")).split(",")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS + DIAGNOSTIC]
+    unknown = [v for v in variants if v not in VARIANTS + DIAGNOSTIC + BANKS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC)}")
+        raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC + BANKS)}")
     local = [v for v in variants if v.startswith("local")]
     if local and args.strategy not in StrategyRegistry:
         raise SystemExit(
