@@ -215,12 +215,12 @@ class ProbeBank:
         in_autocast = torch.is_autocast_enabled(device_type)
         outside_autocast = torch.autocast(device_type, enabled=False) if in_autocast else contextlib.nullcontext()
         with outside_autocast, torch.enable_grad():
-            logits = self.heads(xs, self.dp_group)
-            safe_targets, countable, in_range, finite = bad_data.check_targets(targets, logits[:, 0], None)
-            per_sample = F.cross_entropy(
-                logits.transpose(1, 2), safe_targets[:, None].expand(-1, logits.shape[1]), reduction="none"
-            )
-            losses = per_sample.mean(dim=0)  # (K,): each head's loss, as a separate probe's mean reduction
+            logits = self.heads(xs, self.dp_group)  # (K, B, C), contiguous
+            k, b, c = logits.shape
+            safe_targets, countable, in_range, finite = bad_data.check_targets(targets, logits[0], None)
+            # One cross-entropy call for every head, on contiguous rows (a strided class dimension is a slow path).
+            per_sample = F.cross_entropy(logits.reshape(k * b, c), safe_targets.repeat(k), reduction="none")
+            losses = per_sample.view(k, b).mean(dim=1)  # (K,): each head's loss, as a separate probe's mean
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
             total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
             (grad,) = torch.autograd.grad(total, self.heads.flat)
@@ -229,7 +229,7 @@ class ProbeBank:
         else:
             self._grad.add_(grad)
         losses = losses.detach()
-        logits = logits.detach()
+        logits = logits.detach().transpose(0, 1)  # (B, K, C) for users and metrics, a view
         self.metrics.deferred.add(
             losses, checked.bad, int(targets.shape[0]), checked.counts, logits, safe_targets, checked.keep
         )
@@ -271,6 +271,7 @@ class ProbeBank:
         finite = torch.cat([torch.isfinite(optim.head_sums(g)) for g in grads])
         self.skipped_steps += finite.logical_not().long()
         lr, weight_decay, momentum, beta2 = self.rates.per_head()
+        decays = self.rates.any_weight_decay  # a host fact: no pass over the parameters without weight decay
         if isinstance(spec, AdamWSpec):
             self.steps += finite.float()
         for block, (g_w, g_b) in zip(blocks, grads, strict=True):
@@ -302,6 +303,7 @@ class ProbeBank:
                     [False, spec.exclude_bias_n_norm],
                     momentum=momentum[part],
                     spec=spec,
+                    decays=decays,
                     **hyper,
                 )
             else:
@@ -312,6 +314,7 @@ class ProbeBank:
                     momentum=momentum[part],
                     steps=self.steps[part],
                     spec=spec,
+                    decays=decays,
                     **hyper,
                 )
         if not isinstance(spec, AdamWSpec):
@@ -333,7 +336,7 @@ class ProbeBank:
         self.heads.eval()
         try:
             with torch.autocast(device_type=self.device.type, enabled=False):
-                return self.heads(xs)
+                return self.heads(xs).transpose(0, 1)
         finally:
             self.heads.train(was_training)
 

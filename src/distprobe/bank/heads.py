@@ -155,7 +155,7 @@ class BankHeads(nn.Module):
             return (x - mean) / torch.sqrt(var + eps)
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """``(B, K, C)`` logits of every head, from one ``(B, D_s)`` tensor per source (in the config's order)."""
+        """``(K, B, C)`` logits of every head, from one ``(B, D_s)`` tensor per source (in the config's order)."""
         outputs = []
         for block, x in zip(self.blocks, features, strict=True):
             variants = [self.normalized(x, block, group) if bn else x for bn in block.batchnorm]
@@ -166,5 +166,5 @@ class BankHeads(nn.Module):
             # (n, B, D) @ (n, D, h*C) + (n, 1, h*C): one batched matmul for the block's K_s = n*h heads.
             w = weight.view(n, h * c, block.in_features).transpose(1, 2)
             logits = torch.baddbmm(bias.view(n, 1, h * c), stacked, w)
-            outputs.append(logits.view(n, x.shape[0], h, c).permute(1, 0, 2, 3).reshape(x.shape[0], n * h, c))
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            outputs.append(logits.view(n, x.shape[0], h, c).transpose(1, 2).reshape(n * h, x.shape[0], c))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

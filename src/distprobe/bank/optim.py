@@ -64,22 +64,27 @@ def sgd_update(
     steps: torch.Tensor,
     keep: torch.Tensor,
     spec: SGDSpec,
+    decays: bool = True,
 ) -> None:
-    """``torch.optim.SGD`` per head; ``steps`` counts each head's steps so far (its first step copies the gradient)."""
-    lr_eff = torch.where(keep, lr, 0.0)
-    wd_eff = torch.where(keep, weight_decay, 0.0)
+    """``torch.optim.SGD`` per head; ``steps`` counts each head's steps so far (its first step copies the gradient).
+
+    ``grads`` are overwritten. ``decays=False`` (no head has a weight decay) saves a pass over the parameters.
+    """
+    neg_lr = torch.where(keep, -lr, 0.0)
     momentum_eff = torch.where(keep, momentum, 1.0)
     # torch: the first step's buffer is the gradient itself (no dampening); later steps add (1 - dampening) g.
-    grad_factor = torch.where(steps == 0, 1.0, 1.0 - spec.dampening) if spec.dampening else None
-    for p, g, buf in zip(params, grads, buffers, strict=True):
-        d_p = g.add(p * per_head(wd_eff, p))
+    grad_factor = torch.where(keep & (steps > 0), 1.0 - spec.dampening, 1.0) if spec.dampening else None
+    for p, d_p, buf in zip(params, grads, buffers, strict=True):
+        if decays:
+            d_p.addcmul_(p, per_head(torch.where(keep, weight_decay, 0.0), p))
         if spec.momentum == 0:
-            p.sub_(d_p * per_head(lr_eff, p))
+            p.addcmul_(d_p, per_head(neg_lr, p))
             continue
-        scaled = d_p if grad_factor is None else d_p * per_head(torch.where(keep, grad_factor, 0.0), p)
-        buf.mul_(per_head(momentum_eff, buf)).add_(scaled)
-        step = d_p.add(buf * per_head(momentum, buf)) if spec.nesterov else buf
-        p.sub_(step * per_head(lr_eff, p))
+        if grad_factor is not None:
+            d_p.mul_(per_head(grad_factor, d_p))
+        buf.mul_(per_head(momentum_eff, buf)).add_(d_p)
+        step = d_p.addcmul_(buf, per_head(momentum, buf)) if spec.nesterov else buf
+        p.addcmul_(step, per_head(neg_lr, p))
 
 
 def adamw_update(
@@ -123,6 +128,7 @@ def lars_update(
     momentum: torch.Tensor,
     keep: torch.Tensor,
     spec: LARSSpec,
+    decays: bool = True,
 ) -> None:
     """`distprobe.engine.lars.LARS` per head: each head's weight gets its own trust ratio (its bias is excluded)."""
     lr_eff = torch.where(keep, lr, 0.0)
@@ -130,7 +136,8 @@ def lars_update(
     momentum_eff = torch.where(keep, momentum, 1.0)
     for p, g, buf, skip_adaptation in zip(params, grads, buffers, excluded, strict=True):
         if not skip_adaptation:
-            g = g.add(p * per_head(wd_eff, p))
+            if decays:
+                g = g.addcmul(p, per_head(wd_eff, p))
             w_norm = torch.linalg.vector_norm(p.flatten(1), dim=1)
             g_norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
             ratio = spec.eta * w_norm / (g_norm + spec.eps)

@@ -91,6 +91,11 @@ class HeadRates:
             self._host = host
         return self._device_values
 
+    @property
+    def any_weight_decay(self) -> bool:
+        """Whether any head has a weight decay now (a host fact: a pass over the parameters is saved otherwise)."""
+        return any(g["weight_decay"] for g in self.optimizer.param_groups)
+
     def step(self) -> None:
         """Advance the scheduler by one optimizer step."""
         self.optimizer.step()
