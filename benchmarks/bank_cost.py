@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batchnorm", action="store_true", help="half the heads behind BatchNorm (16 lr x 2 wd x 2)")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 10 steps (torch.profiler)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wds = [0.0, 1e-4] if args.batchnorm else [0.0, 1e-5, 1e-4, 1e-3]
@@ -68,6 +69,14 @@ def main() -> None:
         result["peak_added_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         result["resident_added_mib"] = (torch.cuda.memory_allocated() - before) / 2**20
     print(json.dumps(result))
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                bank.train_step([x], y)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def _batches(steps, seed=0):
     return [(torch.randn(B, D, generator=g) * 3 + 1, torch.randint(0, C, (B,), generator=g)) for _ in range(steps)]
 
 
-def _references(bank, bank_opt, ref_kwargs, accumulate, clip, algorithm):
+def _references(bank, bank_opt, ref_kwargs, accumulate, clip, algorithm, scheduler=None):
     refs = {}
     for head in bank.heads.head_list:
         module = copy.deepcopy(bank.head(head.head_id)).train()
@@ -41,6 +41,7 @@ def _references(bank, bank_opt, ref_kwargs, accumulate, clip, algorithm):
                 accumulate_grad_batches=accumulate,
                 gradient_clip_val=clip,
                 gradient_clip_algorithm=algorithm,
+                scheduler=scheduler,
             )
         )
     return refs
@@ -147,3 +148,41 @@ def test_bad_data_skips_every_head_and_is_counted():
     assert float(values["bad_batches/nonfinite_features"]) == 1
     assert float(values["bad_batches/targets_out_of_range"]) == 1
     assert bank.skipped_steps.tolist() == [2, 2, 2, 2]
+
+
+SCHEDULERS = {
+    "cosine": {"type": "CosineAnnealingLR", "T_max": 5, "eta_min": 0.01},
+    "onecycle": "OneCycleLR",  # cycles momentum and peaks at each head's own lr
+    "warmup": {"type": "LinearLR", "start_factor": 0.1, "total_iters": 3},
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_every_head_follows_the_schedule_of_a_separate_probe(scheduler, optimizer):
+    bank_opt, ref_kwargs = OPTIMIZERS[optimizer]
+    spec = SCHEDULERS[scheduler]
+    config = BankConfig(
+        name="grid",
+        inputs=["x"],
+        num_classes=C,
+        lr=LRS,
+        weight_decay=WDS,
+        optimizer=bank_opt,
+        in_features=D,
+        scheduler=spec,
+    )
+    bank = ProbeBank.build(config, total_steps=8)
+    refs = _references(bank, bank_opt, ref_kwargs, 1, None, "norm", scheduler=spec)
+    for ref in refs.values():
+        ref.set_total_steps(8)
+    for x, y in _batches(8, seed=2):
+        bank.train_step([x], y)
+        for ref in refs.values():
+            ref.train_step(x, y)
+    for head_id, ref in refs.items():
+        w, b = _reference_weights(ref)
+        got = bank.head(head_id)
+        torch.testing.assert_close(got.weight, w, atol=1e-5, rtol=1e-5, msg=f"{scheduler} {head_id}")
+        torch.testing.assert_close(got.bias, b, atol=1e-5, rtol=1e-5)
+    assert bank.rates.current_lrs() == pytest.approx([ref.current_lr() for ref in refs.values()])

@@ -23,7 +23,7 @@ from torch import nn
 
 from distprobe.bank import optim
 from distprobe.bank.config import AdamWSpec, BankConfig, Head, LARSSpec
-from distprobe.bank.heads import BankHeads, Block, bias_view, weight_view
+from distprobe.bank.heads import BankHeads, Block, bias_view, block_view, weight_view
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.bank.rates import HeadRates
 from distprobe.bank.selection import global_positions, selects
@@ -267,39 +267,40 @@ class ProbeBank:
         spec = self.config.optimizer_spec
         blocks = self.heads.blocks
         flat = self.heads.flat.data
-        grads = [(weight_view(grad, b), bias_view(grad, b)) for b in blocks]
-        finite = torch.cat([torch.isfinite(optim.head_sums(g)) for g in grads])
+        grads = [block_view(grad, b) for b in blocks]
+        finite = torch.cat([torch.isfinite(optim.head_sums([g])) for g in grads])
         self.skipped_steps += finite.logical_not().long()
         lr, weight_decay, momentum, beta2 = self.rates.per_head()
         decays = self.rates.any_weight_decay  # a host fact: no pass over the parameters without weight decay
         if isinstance(spec, AdamWSpec):
             self.steps += finite.float()
-        for block, (g_w, g_b) in zip(blocks, grads, strict=True):
+        for block, g in zip(blocks, grads, strict=True):
             part = slice(block.first, block.first + block.count)
             keep = finite[part]
-            pair = [g_w, g_b]
-            optim.clean_skipped(pair, keep)
-            optim.clip_per_head(pair, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-            params = [weight_view(flat, block), bias_view(flat, block)]
-            states = {k: [weight_view(v, block), bias_view(v, block)] for k, v in self.state.items()}
+            optim.clean_skipped([g], keep)
+            # A head's norm over its weights and bias together: one block row, as clip_grad_norm_ sees a probe.
+            optim.clip_per_head([g], self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
             hyper = {"lr": lr[part], "weight_decay": weight_decay[part], "keep": keep}
-            if isinstance(spec, AdamWSpec):
+            if isinstance(spec, AdamWSpec):  # elementwise: weights and biases as one tensor
                 optim.adamw_update(
-                    params,
-                    pair,
-                    states["exp_avg"],
-                    states["exp_avg_sq"],
+                    [block_view(flat, block)],
+                    [g],
+                    [block_view(self.state["exp_avg"], block)],
+                    [block_view(self.state["exp_avg_sq"], block)],
                     beta1=momentum[part],
                     beta2=beta2[part],
                     steps=self.steps[part],
                     spec=spec,
                     **hyper,
                 )
-            elif isinstance(spec, LARSSpec):
+            elif isinstance(spec, LARSSpec):  # weights and biases apart: a trust ratio per tensor, biases excluded
                 optim.lars_update(
-                    params,
-                    pair,
-                    states["momentum_buffer"],
+                    [weight_view(flat, block), bias_view(flat, block)],
+                    [weight_view(grad, block), bias_view(grad, block)],
+                    [
+                        weight_view(self.state["momentum_buffer"], block),
+                        bias_view(self.state["momentum_buffer"], block),
+                    ],
                     [False, spec.exclude_bias_n_norm],
                     momentum=momentum[part],
                     spec=spec,
@@ -307,10 +308,11 @@ class ProbeBank:
                     **hyper,
                 )
             else:
+                buffer = self.state.get("momentum_buffer")
                 optim.sgd_update(
-                    params,
-                    pair,
-                    states.get("momentum_buffer", [torch.empty(0)] * 2),
+                    [block_view(flat, block)],
+                    [g],
+                    [block_view(buffer, block)] if buffer is not None else [torch.empty(0)],
                     momentum=momentum[part],
                     steps=self.steps[part],
                     spec=spec,

@@ -1,7 +1,10 @@
 """The bank's K linear heads as one module: one flat parameter, one batched matmul per feature source.
 
 All weights and biases live in a single flat parameter, so that their gradient is a single tensor: one collective per
-optimizer step, whatever K. A source's heads are a ``(K_s, C, D_s)`` weight view and a ``(K_s, C)`` bias view of it.
+optimizer step, whatever K. A source's heads are one ``(K_s, C, D_s + 1)`` block of it, the bias as the last column:
+the features get a column of ones, so the forward is one batched matmul, and autograd writes the block's gradient
+once, in place in the flat layout (slicing weights and biases apart would make it build and sum zero-filled copies
+of the whole parameter). Elementwise optimizer maths then runs on each block as one tensor.
 The BatchNorm normalization (no affine: MAE's protocol) has no parameter and the features are detached, so it runs
 without autograd, once per source, for all the heads behind it.
 """
@@ -27,8 +30,7 @@ class Block:
     count: int
     in_features: int
     num_classes: int
-    weight_offset: int
-    bias_offset: int
+    offset: int
     batchnorm: tuple[bool, ...]
     """Per normalization block, in order: whether its heads see BatchNorm'd features."""
 
@@ -56,8 +58,7 @@ def layout(config: BankConfig, in_features: dict[str, int]) -> list[Block]:
                 count=count,
                 in_features=d,
                 num_classes=c,
-                weight_offset=offset,
-                bias_offset=offset + count * c * d,
+                offset=offset,
                 batchnorm=tuple(n == "batchnorm" for n in config.normalization),
             )
         )
@@ -66,18 +67,19 @@ def layout(config: BankConfig, in_features: dict[str, int]) -> list[Block]:
     return blocks
 
 
+def block_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
+    """``(K_s, C, D_s + 1)``: the block's weights and (last column) biases inside a flat tensor like the parameter."""
+    return flat[block.offset : block.offset + block.numel].view(block.count, block.num_classes, block.in_features + 1)
+
+
 def weight_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
-    """``(K_s, C, D_s)``: the block's weights inside a flat tensor laid out like the parameter."""
-    size = block.count * block.num_classes * block.in_features
-    return flat[block.weight_offset : block.weight_offset + size].view(
-        block.count, block.num_classes, block.in_features
-    )
+    """``(K_s, C, D_s)``: the block's weights (a strided view)."""
+    return block_view(flat, block)[..., : block.in_features]
 
 
 def bias_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
-    """``(K_s, C)``: the block's biases inside a flat tensor laid out like the parameter."""
-    size = block.count * block.num_classes
-    return flat[block.bias_offset : block.bias_offset + size].view(block.count, block.num_classes)
+    """``(K_s, C)``: the block's biases (a strided view)."""
+    return block_view(flat, block)[..., block.in_features]
 
 
 class BankHeads(nn.Module):
@@ -156,15 +158,20 @@ class BankHeads(nn.Module):
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C)`` logits of every head, from one ``(B, D_s)`` tensor per source (in the config's order)."""
+        # One block: the flat parameter itself (a view's backward is free; split's would copy).
+        one = len(self.blocks) == 1
+        parts = [self.flat] if one else list(torch.split(self.flat, [b.numel for b in self.blocks]))
         outputs = []
-        for block, x in zip(self.blocks, features, strict=True):
-            variants = [self.normalized(x, block, group) if bn else x for bn in block.batchnorm]
-            weight = weight_view(self.flat, block)
-            bias = bias_view(self.flat, block)
-            n, h, c = len(variants), block.per_norm, block.num_classes
+        for block, x, part in zip(self.blocks, features, parts, strict=True):
+            ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+            variants = [
+                torch.cat([self.normalized(x, block, group) if bn else x, ones], dim=1) for bn in block.batchnorm
+            ]
+            n, h, c, d = len(variants), block.per_norm, block.num_classes, block.in_features + 1
             stacked = torch.stack(variants) if n > 1 else variants[0][None]
-            # (n, B, D) @ (n, D, h*C) + (n, 1, h*C): one batched matmul for the block's K_s = n*h heads.
-            w = weight.view(n, h * c, block.in_features).transpose(1, 2)
-            logits = torch.baddbmm(bias.view(n, 1, h * c), stacked, w)
-            outputs.append(logits.view(n, x.shape[0], h, c).transpose(1, 2).reshape(n * h, x.shape[0], c))
+            # (n, h*C, D+1) @ (n, D+1, B): one batched matmul for the block's K_s = n*h heads, biases included. The
+            # weights are the left operand, as stored: their gradient then comes out of the backward's matmul in the
+            # parameter's own layout (as the right operand, transposed, it would be copied once more).
+            logits = torch.bmm(part.view(n, h * c, d), stacked.transpose(1, 2))
+            outputs.append(logits.view(n * h, c, x.shape[0]).transpose(1, 2).contiguous())
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -82,7 +82,7 @@ def sgd_update(
             continue
         if grad_factor is not None:
             d_p.mul_(per_head(grad_factor, d_p))
-        buf.mul_(per_head(momentum_eff, buf)).add_(d_p)
+        torch.addcmul(d_p, buf, per_head(momentum_eff, buf), out=buf)  # buf = momentum * buf + d_p, one kernel
         step = d_p.addcmul_(buf, per_head(momentum, buf)) if spec.nesterov else buf
         p.addcmul_(step, per_head(neg_lr, p))
 

@@ -44,16 +44,22 @@ class HeadRates:
     def __init__(self, config: BankConfig, heads: list[Head], *, device: torch.device, total_steps: int | None) -> None:
         self.config = config
         self.device = device
-        self.optimizer = _GroupsOnly(_groups(config, heads), {})
+        groups = _groups(config, heads)
+        # Schedulers that cycle momenta (OneCycleLR) look for them in the defaults.
+        self.optimizer = _GroupsOnly(groups, {k: v for k, v in groups[0].items() if k in ("momentum", "betas")})
         self._initial = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.scheduler = self._build(total_steps)
         self._restored = False
         self._host: list[tuple[float, ...]] | None = None
         self._device_values: tuple[torch.Tensor, ...] | None = None
+        self._last_lrs: list[float] = []
 
     def _build(self, total_steps: int | None) -> LRScheduler:
         return build_scheduler(
-            self.config.scheduler, self.optimizer, total_steps=total_steps, probe_name=self.config.name
+            _per_head_peaks(self.config.scheduler, self._initial),
+            self.optimizer,
+            total_steps=total_steps,
+            probe_name=self.config.name,
         )
 
     def set_total_steps(self, total_steps: int | None) -> None:
@@ -76,9 +82,22 @@ class HeadRates:
             out.append((float(g["lr"]), float(g["weight_decay"]), float(m), float(b2)))
         return out
 
+    def _unchanged_since_read(self) -> bool:
+        """Whether the groups still hold what was last read.
+
+        torch schedulers move only ``lr`` (and, when cycling, the momenta), and `get_last_lr` lists the rates
+        without a walk over the groups' dicts.
+        """
+        if self._host is None or getattr(self.scheduler, "cycle_momentum", False):
+            return False
+        return self.scheduler.get_last_lr() == self._last_lrs
+
     def per_head(self) -> tuple[torch.Tensor, ...]:
         """``(lr, weight_decay, momentum or beta1, beta2)``, each a ``(K,)`` float32 tensor on the bank's device."""
+        if self._device_values is not None and self._unchanged_since_read():
+            return self._device_values
         host = self._read()
+        self._last_lrs = list(self.scheduler.get_last_lr())
         if host != self._host or self._device_values is None:
             values = torch.tensor(host, dtype=torch.float32).t().contiguous()
             if self.device.type == "cuda":
@@ -94,7 +113,9 @@ class HeadRates:
     @property
     def any_weight_decay(self) -> bool:
         """Whether any head has a weight decay now (a host fact: a pass over the parameters is saved otherwise)."""
-        return any(g["weight_decay"] for g in self.optimizer.param_groups)
+        self.per_head()
+        assert self._host is not None
+        return any(values[1] for values in self._host)
 
     def step(self) -> None:
         """Advance the scheduler by one optimizer step."""
@@ -115,3 +136,19 @@ class HeadRates:
         self.scheduler.load_state_dict(state["scheduler"])
         self._restored = True
         self._host = None
+
+
+def _per_head_peaks(spec: Any, initial: list[dict[str, Any]]) -> Any:
+    """OneCycleLR and CyclicLR named without their peak rates: each head peaks at its own lr.
+
+    These are the defaults a separate probe gets from its one group; the scheduler defaults read the first group's.
+    """
+    named = {"type": spec} if isinstance(spec, str) else spec
+    if not isinstance(named, dict) or named.get("type") not in ("OneCycleLR", "CyclicLR"):
+        return spec
+    lrs = [float(g["lr"]) for g in initial]
+    filled = dict(named)
+    filled.setdefault("max_lr", lrs)
+    if named["type"] == "CyclicLR":
+        filled.setdefault("base_lr", [lr / 10 for lr in lrs])
+    return filled
