@@ -97,7 +97,7 @@ class HeadRates:
         if self._device_values is not None and self._unchanged_since_read():
             return self._device_values
         host = self._read()
-        self._last_lrs = list(self.scheduler.get_last_lr())
+        self._last_lrs = [float(lr) for lr in self.scheduler.get_last_lr()]
         if host != self._host or self._device_values is None:
             values = torch.tensor(host, dtype=torch.float32).t().contiguous()
             if self.device.type == "cuda":
