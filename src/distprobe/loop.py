@@ -23,6 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import first_batch_problem as bank_first_batch_problem
+from distprobe.bank.metrics_set import logged_keys
 from distprobe.engine import Probe, ProbeConfig, ProbeGroup, maths
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.probe import merge
@@ -79,6 +82,28 @@ def to_spec(spec: ProbeSpec | ProbeConfig | Mapping[str, Any]) -> ProbeSpec:
     )
 
 
+@dataclass(kw_only=True)
+class BankSpec:
+    """One probe bank of a `ProbeSet`: its grid, and which targets it reads (its sources are ``config.inputs``)."""
+
+    config: BankConfig
+    target: str | None = None
+    """Key of the labels in the targets mapping; None when `step` gets one targets tensor."""
+
+
+def to_bank_spec(spec: BankSpec | BankConfig | Mapping[str, Any]) -> BankSpec:
+    """A `BankSpec` from itself, a `BankConfig`, or a dict of `BankConfig` fields plus ``input``/``target``."""
+    if isinstance(spec, BankSpec):
+        return spec
+    if isinstance(spec, BankConfig):
+        return BankSpec(config=spec)
+    options = dict(spec)
+    target = options.pop("target", None)
+    if "input" in options:
+        options["inputs"] = options.pop("input")
+    return BankSpec(config=BankConfig(**options), target=target)
+
+
 def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -> torch.Tensor:
     """The tensor a probe reads: the single tensor given, or the entry named by its ``input``/``target`` key.
 
@@ -113,12 +138,30 @@ class ProbeSet:
         >>> losses = probes.step({"embedding": torch.randn(4, 8)}, {"y": torch.tensor([0, 1, 2, 0])})
     """
 
-    def __init__(self, probes: Sequence[Probe], specs: Sequence[ProbeSpec], dp_group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        probes: Sequence[Probe],
+        specs: Sequence[ProbeSpec],
+        dp_group: dist.ProcessGroup | None,
+        banks: Sequence[BankSpec] = (),
+        device: torch.device | str | None = None,
+        total_steps: int | None = None,
+    ) -> None:
         assert len(probes) == len(specs)
         self.probes: dict[str, Probe] = {p.name: p for p in probes}
         self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
         self.dp_group = dp_group
         self._checked_first_batch = False
+        self.bank_specs: dict[str, BankSpec] = {b.config.name: b for b in banks}
+        self.banks: dict[str, ProbeBank] = {}
+        """The banks whose heads exist: from `build` with ``in_features``, else from the first `step`."""
+        self._device = device
+        self._total_steps = total_steps
+        self._pending_bank_state: dict[str, Mapping[str, Any]] = {}
+        for name, bank_spec in self.bank_specs.items():
+            sizes = {s: bank_spec.config.in_features_of(s) for s in bank_spec.config.inputs}
+            if all(v is not None for v in sizes.values()):
+                self._build_bank(name, {s: int(v) for s, v in sizes.items() if v is not None})
 
     @classmethod
     def build(
@@ -128,6 +171,7 @@ class ProbeSet:
         dp_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         total_steps: int | None = None,
+        banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
     ) -> ProbeSet:
         """Build every probe, in order, and replicate each over ``dp_group``.
 
@@ -141,13 +185,17 @@ class ProbeSet:
             device: Where the probes live (default: where their parameters are).
             total_steps: How many times `step` will be called, for scheduler defaults such as ``T_max`` (each probe
                 divides it by its ``accumulate_grad_batches``).
+            banks: Probe banks (`distprobe.bank`): `BankConfig`s, `BankSpec`s, or dicts of `BankConfig` fields plus
+                ``input`` (a key or a list of keys) and ``target``. Heads exist from here with ``in_features``,
+                else from the first `step`.
         """
         if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
             raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
         normalised = [to_spec(s) for s in specs]
-        if not normalised:
-            raise ValueError("ProbeSet.build: argument 'specs' is empty; give at least one probe.")
-        names = [s.config.name for s in normalised]
+        bank_specs = [to_bank_spec(b) for b in banks]
+        if not normalised and not bank_specs:
+            raise ValueError("ProbeSet.build: arguments 'specs' and 'banks' are empty; give at least one probe.")
+        names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
@@ -161,7 +209,37 @@ class ProbeSet:
             )
             for s in normalised
         ]
-        return cls(probes, normalised, group)
+        return cls(probes, normalised, group, bank_specs, device=device, total_steps=total_steps)
+
+    def _build_bank(self, name: str, in_features: dict[str, int]) -> ProbeBank:
+        spec = self.bank_specs[name]
+        bank = ProbeBank.build(
+            spec.config,
+            in_features=in_features,
+            dp_group=self.dp_group,
+            device=self._device,
+            total_steps=maths.optimizer_steps(self._total_steps, spec.config.accumulate_grad_batches),
+        )
+        self.banks[name] = bank
+        if name in self._pending_bank_state:
+            bank.load_state_dict(dict(self._pending_bank_state.pop(name)))
+        return bank
+
+    def _bank_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[list[torch.Tensor], torch.Tensor]:
+        spec = self.bank_specs[name]
+        sources = spec.config.inputs
+        xs = [
+            pick(features, source if isinstance(features, Mapping) else None, probe_name=name, argument="input")
+            for source in sources
+        ]
+        return xs, pick(targets, spec.target, probe_name=name, argument="target")
+
+    def _bank(self, name: str, xs: list[torch.Tensor]) -> ProbeBank:
+        """The bank, built from this batch's feature sizes the first time (every rank at the same step)."""
+        if name in self.banks:
+            return self.banks[name]
+        sources = self.bank_specs[name].config.inputs
+        return self._build_bank(name, {s: int(x[0].numel()) for s, x in zip(sources, xs, strict=True)})
 
     @property
     def names(self) -> list[str]:
@@ -170,8 +248,15 @@ class ProbeSet:
 
     def __getitem__(self, name: str) -> Probe:
         if name not in self.probes:
-            raise KeyError(f"no probe named {name!r}; probes: {self.names}")
+            raise KeyError(f"no probe named {name!r}; probes: {self.names}, banks: {list(self.bank_specs)}")
         return self.probes[name]
+
+    def bank(self, name: str) -> ProbeBank:
+        """The bank ``name`` (its heads exist from `build` with ``in_features``, else from the first `step`)."""
+        if name not in self.banks:
+            state = "not built yet (no step so far)" if name in self.bank_specs else "not in this set"
+            raise KeyError(f"bank {name!r}: {state}; banks: {list(self.bank_specs)}")
+        return self.banks[name]
 
     def __iter__(self) -> Iterator[Probe]:
         return iter(self.probes.values())
@@ -205,6 +290,16 @@ class ProbeSet:
             if problem is not None:
                 problems.append(problem)
             inputs[name] = (x, y)
+        for name, bank_spec in self.bank_specs.items():
+            try:
+                xs, y = self._bank_inputs(name, features, targets)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            config = bank_spec.config
+            problem = bank_first_batch_problem(name, config.inputs, xs, y, config.num_classes)
+            if problem is not None:
+                problems.append(problem)
         # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
         raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
         self._checked_first_batch = True
@@ -220,8 +315,14 @@ class ProbeSet:
         and one bucketed all-reduce where their accumulation windows close together.
         """
         inputs = self._checked_inputs(features, targets)
-        outs = ProbeGroup([self.probes[name] for name in inputs]).train_step(list(inputs.values()))
-        return {name: out.loss for name, out in zip(inputs, outs, strict=True)}
+        losses: dict[str, torch.Tensor] = {}
+        if inputs:
+            outs = ProbeGroup([self.probes[name] for name in inputs]).train_step(list(inputs.values()))
+            losses = {name: out.loss for name, out in zip(inputs, outs, strict=True)}
+        for name in self.bank_specs:  # a bank's loss: its heads' (K,) losses
+            xs, y = self._bank_inputs(name, features, targets)
+            losses[name] = self._bank(name, xs).train_step(xs, y).loss
+        return losses
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:
         """Every probe's train metrics and mean loss since the last reset, and its bad-batch counts by reason.
@@ -231,12 +332,17 @@ class ProbeSet:
         ``train/{name}_bad_batches/{reason}``.
         """
         collections = [c for probe in self for c in probe.train_collections()]
-        return merge(compute_synced(collections, self.dp_group))
+        values = merge(compute_synced(collections, self.dp_group)) if collections else {}
+        for name, bank in self.banks.items():
+            values.update(logged_keys(bank.compute_train_metrics(), "train", name))
+        return values
 
     def reset_train_metrics(self) -> None:
         """Clear the accumulated train metrics and mean losses (call at the end of an epoch)."""
         for probe in self:
             probe.reset_train_metrics()
+        for bank in self.banks.values():
+            bank.reset_train_metrics()
 
     @torch.no_grad()
     def evaluate(self, features: Tensors, targets: Tensors, num_valid: int | None = None) -> dict[str, torch.Tensor]:
@@ -247,10 +353,14 @@ class ProbeSet:
             targets: A tensor, or named tensors picked by each probe's ``target`` key.
             num_valid: Count only the first ``num_valid`` samples (drop a distributed sampler's padding).
         """
-        return {
+        preds = {
             name: self.probes[name].eval_step(x, y, num_valid)
             for name, (x, y) in self._inputs(features, targets).items()
         }
+        for name, bank in self.banks.items():
+            xs, y = self._bank_inputs(name, features, targets)
+            preds[name] = bank.eval_step(xs, y, num_valid)
+        return preds
 
     def compute_metrics(self) -> dict[str, torch.Tensor]:
         """Eval metrics of every probe, reduced over the data-parallel group, then reset for the next evaluation.
@@ -265,6 +375,9 @@ class ProbeSet:
         ):
             values.update(probe_values)
             probe.metrics.val.reset()
+        for name, bank in self.banks.items():
+            values.update(logged_keys(bank.compute_eval_metrics(), "eval", name))
+            bank.start_eval_epoch()  # the next evaluation's samples count from position 0 again
         return values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
@@ -274,7 +387,9 @@ class ProbeSet:
         state is gathered (mid-window gradients) or reduced (metric counts) over the group, so rank 0's copy is the
         whole state.
         """
-        return {name: probe.state_dict() for name, probe in self.probes.items()}
+        state = {name: probe.state_dict() for name, probe in self.probes.items()}
+        state.update({name: bank.state_dict() for name, bank in self.banks.items()})
+        return state
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Restore what `state_dict` saved, by probe name.
@@ -287,6 +402,14 @@ class ProbeSet:
                 probe.load_state_dict(dict(state[name]))
             else:
                 log.info("probe '%s': not in the loaded state; it keeps its fresh initial state.", name)
-        extra = sorted(set(state) - set(self.probes))
+        for name in self.bank_specs:
+            if name not in state:
+                continue
+            if name in self.banks:
+                self.banks[name].load_state_dict(dict(state[name]))
+            else:  # heads from the saved sizes, so that a resumed set needs no first batch to exist
+                self._pending_bank_state[name] = state[name]
+                self._build_bank(name, dict(state[name]["in_features"]))
+        extra = sorted(set(state) - set(self.probes) - set(self.bank_specs))
         if extra:
             log.warning("ProbeSet.load_state_dict: ignoring state of probes %s that are not in this set.", extra)

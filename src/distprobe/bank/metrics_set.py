@@ -23,6 +23,19 @@ from distprobe.metrics.counters import ReasonCounter, mark_updated
 from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
 
 
+def logged_keys(values: Mapping[str, torch.Tensor], stage: str, name: str) -> dict[str, torch.Tensor]:
+    """A bank's relative keys as logged.
+
+    Per head ``{stage}/{name}/{head_id}_{metric}``; the bank-wide values (``best_*``, ``loss_epoch``,
+    ``bad_batches/*``) as ``{stage}/{name}_{key}``.
+    """
+    bank_wide = ("best_", "loss_epoch", "bad_batches/")
+    return {
+        (f"{stage}/{name}_{key}" if key.startswith(bank_wide) else f"{stage}/{name}/{key}"): value
+        for key, value in values.items()
+    }
+
+
 class BankMetrics:
     """Per-head train and validation metrics of one bank, with the run-long bad-batch counts."""
 

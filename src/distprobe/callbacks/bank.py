@@ -14,8 +14,9 @@ from torch import nn
 from typing_extensions import override
 
 from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.config import Normalization
-from distprobe.bank.metrics_set import BankMetrics
+from distprobe.bank.metrics_set import BankMetrics, logged_keys
 from distprobe.callbacks.cadence import logs_this_step, values_already_reduced
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
@@ -255,7 +256,7 @@ class OnlineProbeBank(Callback):
         problem = None
         try:
             features, targets = self._lookup(outputs, batch)
-            problem = _first_batch_problem(self.name, self.config.inputs, features, targets, self.config.num_classes)
+            problem = first_batch_problem(self.name, self.config.inputs, features, targets, self.config.num_classes)
         except MissingKeyError as err:
             problem = str(err)
         except Exception as err:  # noqa: BLE001 - any failure must reach every rank, or the others hang
@@ -287,7 +288,7 @@ class OnlineProbeBank(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bank is None:
             return
-        values = {_train_key(self.name, k): v for k, v in self._bank.compute_train_metrics().items()}
+        values = logged_keys(self._bank.compute_train_metrics(), "train", self.name)
         self._bank.reset_train_metrics()
         with values_already_reduced():
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
@@ -326,7 +327,7 @@ class OnlineProbeBank(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bank is None:
             return
-        values = {_eval_key(self.name, k): v for k, v in self._bank.compute_eval_metrics().items()}
+        values = logged_keys(self._bank.compute_eval_metrics(), "eval", self.name)
         if values and not trainer.sanity_checking:
             with values_already_reduced():
                 pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
@@ -358,45 +359,7 @@ class OnlineProbeBank(Callback):
             self._tap_inputs = None
 
 
-def _train_key(name: str, key: str) -> str:
-    if key == "loss_epoch" or key.startswith("bad_batches/"):
-        return f"train/{name}_{key}"
-    return f"train/{name}/{key}"
-
-
-def _eval_key(name: str, key: str) -> str:
-    if key.startswith("best_"):
-        return f"eval/{name}_{key}"
-    return f"eval/{name}/{key}"
-
-
 def _store(key: str, preds: torch.Tensor, outputs: Any, batch: Any) -> None:
     for container in (batch, outputs):
         if isinstance(container, MutableMapping):
             container[key] = preds
-
-
-def _first_batch_problem(
-    name: str, inputs: Sequence[str], features: list[Any], targets: Any, num_classes: int
-) -> str | None:
-    """What is wrong with the first batch for this bank, or None (one host sync, on this batch only)."""
-    if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.is_floating_point():
-        return (
-            f"bank '{name}': the target must be a 1-D tensor of class indices; got "
-            f"{type(targets).__name__} {tuple(getattr(targets, 'shape', ()))}."
-        )
-    for source, f in zip(inputs, features, strict=True):
-        if not isinstance(f, torch.Tensor) or f.ndim < 2 or f.shape[0] != targets.shape[0]:
-            return (
-                f"bank '{name}': input {source!r} must be a (batch, features...) tensor with the target's batch "
-                f"size {targets.shape[0]}; got {type(f).__name__} {tuple(getattr(f, 'shape', ()))}. Pool token "
-                "outputs first (e.g. a tapped module with ':cls')."
-            )
-    if targets.numel():
-        low, high = int(targets.min()), int(targets.max())
-        if low < 0 or high >= num_classes:
-            return (
-                f"bank '{name}': target labels range over [{low}, {high}] but num_classes={num_classes} (valid "
-                f"labels 0..{num_classes - 1}); set num_classes to the number of classes."
-            )
-    return None
