@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +46,9 @@ class DemoConfig:
     """CPU processes; more than one trains with DDP over gloo."""
     lr: float = 3e-3
     """Backbone learning rate (AdamW)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """The backbone's rate over the run: constant, or a cosine decay to 0 by the last step (as SSL recipes end, so
+    the final features are the ones the probes trained on: ``tests/bank/test_signal_quality.py``)."""
     temperature: float = 0.2
     """InfoNCE temperature."""
     seed: int = 0
@@ -66,6 +69,8 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"demo: argument '{name}' got {value!r}; expected a positive int.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"demo: argument 'lr_schedule' got {self.lr_schedule!r}; expected 'constant' or 'cosine'.")
 
 
 class Digits(Dataset):
@@ -210,7 +215,14 @@ class DigitsData(pl.LightningDataModule):
 class SimCLR(pl.LightningModule):
     """A small MLP encoder trained with InfoNCE between two augmented views; labels are never used."""
 
-    def __init__(self, lr: float = 3e-3, temperature: float = 0.2, embed_dim: int = 128, seed: int = 0) -> None:
+    def __init__(
+        self,
+        lr: float = 3e-3,
+        temperature: float = 0.2,
+        embed_dim: int = 128,
+        seed: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone = nn.Sequential(
@@ -251,7 +263,12 @@ class SimCLR(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=1e-4)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=1e-4)
+        if self.hparams.get("lr_schedule", "constant") == "constant":
+            return optimizer
+        steps = int(self.trainer.estimated_stepping_batches)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 def make_probes(module: SimCLR | None = None) -> list[OnlineProbe]:
@@ -373,7 +390,7 @@ def build_training(
         callbacks: more callbacks, after the probes and ``config.extra_callbacks``.
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    module = SimCLR(lr=config.lr, temperature=config.temperature, seed=config.seed)
+    module = SimCLR(lr=config.lr, temperature=config.temperature, seed=config.seed, lr_schedule=config.lr_schedule)
     probes = make_probes(module)
     table = EpochTable()
     distributed = config.devices * num_nodes > 1
