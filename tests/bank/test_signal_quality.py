@@ -10,13 +10,20 @@ Two settings of the run are not the demo's defaults, and both are why the target
 docs/benchmarks.md, "Signal quality"):
 
 - the backbone's rate decays to 0 by a cosine (``lr_schedule="cosine"``), as SSL recipes end. With the demo's
-  constant rate the features keep moving until the last step, and every online head lags the final backbone by
-  2-4 points, whatever its optimizer or rate: the heads fitted on frozen final features get within 0.5 point.
+  constant rate the features keep moving until the last step, and the best online head of every grid tried (SGD,
+  AdamW, LARS; constant or cosine) ends 2.2-4.5 points below the offline model, while the same grid trained on
+  the frozen final features for as many epochs comes within 0.4 point of it.
 - 100 epochs (2,200 steps): trained on frozen features, the heads need about that many steps to approach the
-  offline optimum (30 epochs left them 3 points short).
+  offline optimum (after 30 epochs the best was about 3.5 points short, after 120 about 0.7).
 
-The selection split is half of the 359 validation samples: a fifth (72 samples) to choose among 42 heads loses
-1-2 points to the luck of the choice.
+The selection split is half of the 359 validation samples: a fifth (72 samples) to choose among 42 heads lost
+1.1-1.4 points more to the luck of the choice (60 epochs, cosine backbone rate).
+
+CAUTION: the margin is not robust. At the demo's seed (0, the only one tried before this test was written) the bank
+is 0.6 point below the offline model; with seeds 1 and 2 of the same set-up it is 5.6 and 1.7 points below (the
+best of all heads on all validation samples: 2.0 and 0.6 points below). One point is 1.8 of the 179 reported
+samples, within the noise of the measurement. Issue 13's target is met here, not in general: see
+docs/benchmarks.md, "Signal quality".
 """
 
 from __future__ import annotations
