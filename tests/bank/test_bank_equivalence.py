@@ -185,4 +185,4 @@ def test_every_head_follows_the_schedule_of_a_separate_probe(scheduler, optimize
         got = bank.head(head_id)
         torch.testing.assert_close(got.weight, w, atol=1e-5, rtol=1e-5, msg=f"{scheduler} {head_id}")
         torch.testing.assert_close(got.bias, b, atol=1e-5, rtol=1e-5)
-    assert bank.rates.current_lrs() == pytest.approx([ref.current_lr() for ref in refs.values()])
+    assert bank.optimizer.rates.current_lrs() == pytest.approx([ref.current_lr() for ref in refs.values()])

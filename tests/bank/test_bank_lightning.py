@@ -95,7 +95,7 @@ def test_resume_from_a_lightning_checkpoint_mid_window_equals_the_uninterrupted_
     resumed = bank()
     _fit([resumed], max_epochs=3, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert torch.equal(resumed.bank.heads.flat, straight.bank.heads.flat)
-    assert resumed.bank.rates.scheduler.last_epoch == straight.bank.rates.scheduler.last_epoch == 4
+    assert resumed.bank.optimizer.rates.scheduler.last_epoch == straight.bank.optimizer.rates.scheduler.last_epoch == 4
 
 
 def test_bad_arguments_name_the_bank_the_value_and_the_fix():

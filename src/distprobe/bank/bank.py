@@ -21,11 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distprobe.bank import optim
-from distprobe.bank.config import AdamWSpec, BankConfig, Head, LARSSpec
-from distprobe.bank.heads import BankHeads, Block, bias_view, block_view, weight_view
+from distprobe.bank.config import BankConfig, Head
+from distprobe.bank.heads import BankHeads, Block, bias_view, weight_view
 from distprobe.bank.metrics_set import BankMetrics
-from distprobe.bank.rates import HeadRates
+from distprobe.bank.optimizer import BankOptimizer
 from distprobe.bank.selection import global_positions, selects
 from distprobe.engine import bad_data, maths
 from distprobe.engine.probe import to_probe_input
@@ -75,20 +74,8 @@ class ProbeBank:
         self.dp_group = dp_group
         self.metrics = metrics
         self.device = heads.flat.device
-        k = heads.num_heads
-        flat = heads.flat
-        spec = config.optimizer_spec
-        # The optimizer's state, flat like the parameter: its block views follow the same layout.
-        self.state: dict[str, torch.Tensor] = {}
-        if isinstance(spec, AdamWSpec):
-            self.state = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-        elif spec.momentum:
-            self.state = {"momentum_buffer": torch.zeros_like(flat)}
-        self.steps = torch.zeros(k, dtype=torch.float32, device=self.device)
-        """Each head's optimizer steps taken (skipped steps do not count), as AdamW's bias correction needs."""
-        self.skipped_steps = torch.zeros(k, dtype=torch.long, device=self.device)
-        """Each head's optimizer steps skipped for a non-finite gradient."""
-        self.rates = HeadRates(config, heads.head_list, device=self.device, total_steps=total_steps)
+        self.optimizer = BankOptimizer(config, heads, total_steps=total_steps)
+        """Every head's optimizer state, step counts, skip counts and scheduled rates."""
         self.micro_step = 0
         self._grad: torch.Tensor | None = None
         """The open window's gradient sum of this rank (autograd's own result, so no zero_grad can drop it)."""
@@ -150,6 +137,11 @@ class ProbeBank:
     def name(self) -> str:
         """The bank's unique name."""
         return self.config.name
+
+    @property
+    def skipped_steps(self) -> torch.Tensor:
+        """``(K,)``: each head's optimizer steps skipped for a non-finite gradient (a device tensor)."""
+        return self.optimizer.skipped_steps
 
     @property
     def head_ids(self) -> list[str]:
@@ -264,68 +256,11 @@ class ProbeBank:
 
     def _apply(self, grad: torch.Tensor) -> None:
         """One optimizer step of every head from the reduced gradient (identical on every rank)."""
-        spec = self.config.optimizer_spec
-        blocks = self.heads.blocks
-        flat = self.heads.flat.data
-        grads = [block_view(grad, b) for b in blocks]
-        finite = torch.cat([torch.isfinite(optim.head_sums([g])) for g in grads])
-        self.skipped_steps += finite.logical_not().long()
-        lr, weight_decay, momentum, beta2 = self.rates.per_head()
-        decays = self.rates.any_weight_decay  # a host fact: no pass over the parameters without weight decay
-        if isinstance(spec, AdamWSpec):
-            self.steps += finite.float()
-        for block, g in zip(blocks, grads, strict=True):
-            part = slice(block.first, block.first + block.count)
-            keep = finite[part]
-            optim.clean_skipped([g], keep)
-            # A head's norm over its weights and bias together: one block row, as clip_grad_norm_ sees a probe.
-            optim.clip_per_head([g], self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-            hyper = {"lr": lr[part], "weight_decay": weight_decay[part], "keep": keep}
-            if isinstance(spec, AdamWSpec):  # elementwise: weights and biases as one tensor
-                optim.adamw_update(
-                    [block_view(flat, block)],
-                    [g],
-                    [block_view(self.state["exp_avg"], block)],
-                    [block_view(self.state["exp_avg_sq"], block)],
-                    beta1=momentum[part],
-                    beta2=beta2[part],
-                    steps=self.steps[part],
-                    spec=spec,
-                    **hyper,
-                )
-            elif isinstance(spec, LARSSpec):  # weights and biases apart: a trust ratio per tensor, biases excluded
-                optim.lars_update(
-                    [weight_view(flat, block), bias_view(flat, block)],
-                    [weight_view(grad, block), bias_view(grad, block)],
-                    [
-                        weight_view(self.state["momentum_buffer"], block),
-                        bias_view(self.state["momentum_buffer"], block),
-                    ],
-                    [False, spec.exclude_bias_n_norm],
-                    momentum=momentum[part],
-                    spec=spec,
-                    decays=decays,
-                    **hyper,
-                )
-            else:
-                buffer = self.state.get("momentum_buffer")
-                optim.sgd_update(
-                    [block_view(flat, block)],
-                    [g],
-                    [block_view(buffer, block)] if buffer is not None else [torch.empty(0)],
-                    momentum=momentum[part],
-                    steps=self.steps[part],
-                    spec=spec,
-                    decays=decays,
-                    **hyper,
-                )
-        if not isinstance(spec, AdamWSpec):
-            self.steps += finite.float()
+        finite = self.optimizer.step(grad)
         if self._window_bn is not None:
             # A window skipped for every head (bad data) leaves no trace in the running statistics either.
             maths.restore_where(finite.logical_not().all(), self._bn_buffers, self._window_bn)
             self._window_bn = None
-        self.rates.step()
 
     # --- evaluation -------------------------------------------------------------------------------------------
 
@@ -397,7 +332,7 @@ class ProbeBank:
     def set_total_steps(self, total_steps: int | None) -> None:
         """Rebuild the scheduler with lengths from ``total_steps`` (largest over the world), unless training began."""
         total_steps = agree_on_max(total_steps, default_group(), device=self.device)
-        self.rates.set_total_steps(total_steps)
+        self.optimizer.rates.set_total_steps(total_steps)
 
     @property
     def best_head_id(self) -> str | None:
@@ -423,10 +358,7 @@ class ProbeBank:
             "in_features": {b.source: b.in_features for b in self.heads.blocks},
             "heads": self.heads.state_dict(),
             "batchnorm": [t.clone() for t in self._bn_buffers],
-            "optimizer": {k: v.clone() for k, v in self.state.items()},
-            "steps": self.steps.clone(),
-            "skipped_steps": self.skipped_steps.clone(),
-            "rates": self.rates.state_dict(),
+            **self.optimizer.state_dict(),
             "micro_step": self.micro_step,
             "window_grads_per_rank": window,
             "window_bn": None if not in_window else self._window_bn,
@@ -445,11 +377,7 @@ class ProbeBank:
         self.heads.load_state_dict(state["heads"])
         for mine, saved in zip(self._bn_buffers, state.get("batchnorm", []), strict=True):
             mine.copy_(saved)
-        for key, value in state.get("optimizer", {}).items():
-            self.state[key].copy_(value)
-        self.steps.copy_(state["steps"])
-        self.skipped_steps.copy_(state.get("skipped_steps", torch.zeros_like(self.skipped_steps)))
-        self.rates.load_state_dict(state["rates"])
+        self.optimizer.load_state_dict(state)
         self.micro_step = int(state.get("micro_step", 0))
         window = state.get("window_grads_per_rank")
         self._grad = None
