@@ -162,7 +162,7 @@ class LiDAR(Metric):
 
 
 #: The monitors by the names the callback takes.
-MONITORS: dict[str, type[Metric]] = {"rankme": RankMe, "lidar": LiDAR}
+MONITORS: dict[str, type[RankMe] | type[LiDAR]] = {"rankme": RankMe, "lidar": LiDAR}
 
 
 def build_monitor(kind: str, dim: int, **options: Any) -> Metric:
