@@ -12,8 +12,8 @@ from distprobe.callbacks import OnlineProbe
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-# 10 fits, 20 worker exits. CI at 2f26ba7 saw one SIGABRT at exit in 30 fits (0 in 60 on a dev machine): see
-# docs/notes on clean exits. Fewer repeats keep the suite's time; the check still fails on any unclean exit.
+# 10 fits, 20 worker exits. CI at 2f26ba7 saw one SIGABRT at exit in 30 fits (0 in 60 on a dev machine); see
+# distprobe/callbacks/exit.py for what was changed since.
 REPEATS = 10
 
 

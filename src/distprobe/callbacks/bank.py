@@ -18,6 +18,7 @@ from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.config import Normalization
 from distprobe.bank.metrics_set import BankMetrics, logged_keys
 from distprobe.callbacks.cadence import logs_this_step, values_already_reduced
+from distprobe.callbacks.exit import destroy_gloo_group_at_exit
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.callbacks.taps import TapInputs, check_input_spec
@@ -203,6 +204,7 @@ class OnlineProbeBank(Callback):
                 f"{type(pl_module).__name__}; give each probe and bank a unique name."
             )
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
+        destroy_gloo_group_at_exit()
         # Sources may name submodules (feature taps, docs/taps.md): one shared hook per module for every callback.
         self._tap_inputs = TapInputs.of(pl_module)
         for source in self.config.inputs:
