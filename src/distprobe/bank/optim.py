@@ -25,7 +25,10 @@ def per_head(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def head_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``(K,)``: the sum of each head's elements over its tensors (non-finite iff one of them is, bar overflow)."""
-    return torch.stack([t.flatten(1).sum(dim=1) for t in tensors]).sum(dim=0)
+    total = tensors[0].flatten(1).sum(dim=1)
+    for t in tensors[1:]:  # one tensor in the usual case: no stack, no second reduction
+        total = total + t.flatten(1).sum(dim=1)
+    return total
 
 
 def head_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -47,7 +47,8 @@ class BankOptimizer:
         blocks = self.heads.blocks
         flat = self.heads.flat.data
         grads = [block_view(grad, b) for b in blocks]
-        finite = torch.cat([torch.isfinite(optim.head_sums([g])) for g in grads])
+        sums = [optim.head_sums([g]) for g in grads]
+        finite = torch.isfinite(sums[0] if len(sums) == 1 else torch.cat(sums))
         self.skipped_steps += finite.logical_not().long()
         lr, weight_decay, momentum, beta2 = self.rates.per_head()
         decays = self.rates.any_weight_decay  # a host fact: no pass over the parameters without weight decay

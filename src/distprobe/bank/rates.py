@@ -54,7 +54,10 @@ class HeadRates:
         self._device_values: tuple[torch.Tensor, ...] | None = None
         self._last_lrs: list[float] = []
 
-    def _build(self, total_steps: int | None) -> LRScheduler:
+    def _build(self, total_steps: int | None) -> LRScheduler | None:
+        if self.config.scheduler is None:
+            # Constant rates: no scheduler at all, rather than ConstantLR's walk over K groups at every step.
+            return None
         return build_scheduler(
             _per_head_peaks(self.config.scheduler, self._initial),
             self.optimizer,
@@ -64,7 +67,7 @@ class HeadRates:
 
     def set_total_steps(self, total_steps: int | None) -> None:
         """Rebuild the scheduler with lengths from ``total_steps`` unless it stepped or was restored."""
-        if total_steps is None or self._restored or self.scheduler.last_epoch > 0:
+        if self.scheduler is None or total_steps is None or self._restored or self.scheduler.last_epoch > 0:
             return
         if isinstance(self.config.scheduler, LRScheduler):
             return
@@ -90,14 +93,14 @@ class HeadRates:
         """
         if self._host is None or getattr(self.scheduler, "cycle_momentum", False):
             return False
-        return self.scheduler.get_last_lr() == self._last_lrs
+        return self.scheduler is None or self.scheduler.get_last_lr() == self._last_lrs
 
     def per_head(self) -> tuple[torch.Tensor, ...]:
         """``(lr, weight_decay, momentum or beta1, beta2)``, each a ``(K,)`` float32 tensor on the bank's device."""
         if self._device_values is not None and self._unchanged_since_read():
             return self._device_values
         host = self._read()
-        self._last_lrs = [float(lr) for lr in self.scheduler.get_last_lr()]
+        self._last_lrs = [] if self.scheduler is None else [float(lr) for lr in self.scheduler.get_last_lr()]
         if host != self._host or self._device_values is None:
             values = torch.tensor(host, dtype=torch.float32).t().contiguous()
             if self.device.type == "cuda":
@@ -119,8 +122,9 @@ class HeadRates:
 
     def step(self) -> None:
         """Advance the scheduler by one optimizer step."""
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.optimizer.step()
+            self.scheduler.step()
 
     def current_lrs(self) -> list[float]:
         """Each head's learning rate now (host floats, no sync)."""
@@ -128,12 +132,14 @@ class HeadRates:
 
     def state_dict(self) -> dict[str, Any]:
         """The groups' current values and the scheduler's state."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        scheduler = None if self.scheduler is None else self.scheduler.state_dict()
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": scheduler}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the groups and the scheduler; a restored scheduler keeps its lengths."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self._restored = True
         self._host = None
 
