@@ -132,3 +132,21 @@ def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
     """Remove round-off asymmetry; a NaN/inf matrix becomes zeros so that the eigensolver cannot fail on it."""
     matrix = (matrix + matrix.T) / 2
     return torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def occurrence_index(ids: torch.Tensor) -> torch.Tensor:
+    """For each row, how many earlier rows share its id: ``[0, 0, 1, 1, 0] -> [0, 1, 0, 1, 2]``, with no host sync.
+
+    With view ids of views laid out one after another (``[view 0 of every sample, view 1 of every sample, ...]``,
+    as multi-view SSL batches are concatenated), this is each row's source-sample index.
+    """
+    ids = ids.reshape(-1)
+    order = torch.argsort(ids, stable=True)
+    sorted_ids = ids[order]
+    position = torch.arange(ids.numel(), device=ids.device)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_start = torch.cummax(torch.where(starts, position, 0), 0).values
+    index = torch.empty_like(position)
+    index[order] = position - group_start
+    return index

@@ -1,0 +1,145 @@
+"""`EmbeddingMonitor` in a real lightning.Trainer: one process, and a DDP fit on 2 gloo ranks whose logged RankMe and
+LiDAR equal one process on all the data (validation padding left out), with one float64 all-reduce per compute."""
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from tests.helpers.dist import run_distributed
+from tests.helpers.models import trainer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from distprobe.callbacks.monitors import EmbeddingMonitor
+from distprobe.monitors import LiDAR, RankMe
+
+IN_DIM, DIM, VIEWS = 6, 8, 3
+
+
+class MultiView(Dataset):
+    """Each item holds VIEWS fixed "augmentations" of one point, so every rank and every run sees the same views."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        points = torch.randn(n, IN_DIM, generator=g) * torch.linspace(2, 0.2, IN_DIM)
+        self.views = points[:, None] + 0.3 * torch.randn(n, VIEWS, IN_DIM, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"views": self.views[i], "index": i}
+
+
+class FixedEncoder(pl.LightningModule):
+    """A linear encoder with a zero learning rate: the embedding of every sample is known in advance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.encoder = nn.Linear(IN_DIM, DIM)
+
+    def _outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        views = self.encoder(batch["views"])  # (B, V, D)
+        rows = views.transpose(0, 1).reshape(-1, DIM)  # [view 0 of every sample, view 1 of every sample, ...]
+        view_ids = torch.arange(VIEWS).repeat_interleave(views.shape[0])
+        return {"views": views, "rows": rows, "view_ids": view_ids, "row_index": batch["index"].repeat(VIEWS)}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self._outputs(batch)
+        return {"loss": out["views"].pow(2).mean(), **out}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._outputs(batch)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def monitors() -> list[EmbeddingMonitor]:
+    return [
+        EmbeddingMonitor(None, "views", input="views", metrics=("rankme", "lidar"), stage=("train", "val")),
+        EmbeddingMonitor(None, "rows", input="rows", metrics=("lidar",), view_key="view_ids", stage=("train", "val")),
+        EmbeddingMonitor(None, "ids", input="rows", metrics=("lidar",), sample_key="row_index"),
+    ]
+
+
+def expected(data: MultiView) -> dict[str, float]:
+    with torch.no_grad():
+        views = FixedEncoder().encoder(data.views)
+    rankme, lidar = RankMe(DIM), LiDAR(DIM)
+    rankme.update(views)
+    lidar.update(views)
+    return {"rankme": rankme.compute().item(), "lidar": lidar.compute().item()}
+
+
+def _fit(rank, world):
+    float64_reduces = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        if tensor.dtype == torch.float64:
+            float64_reduces.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    train, val = MultiView(32, seed=0), MultiView(21, seed=1)  # 21 on 2 ranks: rank 1's last sample is padding
+    t = trainer(
+        monitors(),
+        max_epochs=1,
+        strategy=DDPStrategy(),
+        devices=world,
+        use_distributed_sampler=False,
+        limit_val_batches=None,
+    )
+    t.fit(
+        FixedEncoder(),
+        DataLoader(train, batch_size=4, sampler=DistributedSampler(train, shuffle=False)),
+        DataLoader(val, batch_size=4, sampler=DistributedSampler(val, shuffle=False)),
+    )
+    return {k: v.item() for k, v in t.callback_metrics.items() if "_rankme" in k or "_lidar" in k}, float64_reduces
+
+
+@pytest.mark.distributed
+def test_ddp_fit_logs_monitors_equal_to_one_process_on_all_the_data():
+    ranks = run_distributed(_fit, 2, timeout=180)
+    train, val = expected(MultiView(32, seed=0)), expected(MultiView(21, seed=1))
+    want = {
+        "train/views_rankme": train["rankme"],
+        "train/views_lidar": train["lidar"],
+        "train/rows_lidar": train["lidar"],
+        "train/ids_lidar": train["lidar"],
+        "eval/views_rankme": val["rankme"],
+        "eval/views_lidar": val["lidar"],
+        "eval/rows_lidar": val["lidar"],
+    }
+    dim2 = DIM * DIM
+    train_numel = (1 + DIM + dim2) + 3 * (2 + DIM + 2 * dim2)
+    val_numel = (1 + DIM + dim2) + 2 * (2 + DIM + 2 * dim2)
+    for logged, reduces in ranks:
+        assert set(logged) == set(want)
+        for key, value in want.items():
+            assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+        assert sorted(reduces) == sorted([train_numel, val_numel])  # one flat all-reduce per compute
+    assert ranks[0][0] == ranks[1][0]
+
+
+def test_windows_of_n_training_batches_and_first_batch_errors():
+    data = MultiView(24, seed=0)
+    windowed = EmbeddingMonitor(None, "win", input="views", metrics="rankme", every_n_steps=3)
+    t = trainer([windowed], max_epochs=1, limit_val_batches=0)
+    t.fit(FixedEncoder(), DataLoader(data, batch_size=4))
+    with torch.no_grad():
+        last_window = FixedEncoder().encoder(data.views[12:24])  # batches 4-6 of 6
+    reference = RankMe(DIM)
+    reference.update(last_window)
+    assert t.callback_metrics["train/win_rankme"].item() == pytest.approx(reference.compute().item(), rel=1e-5)
+
+    bad = EmbeddingMonitor(None, "bad", input="rows", metrics="lidar")
+    with pytest.raises(ValueError, match="monitor 'bad'.*pass sample_key"):
+        trainer([bad], max_epochs=1, limit_val_batches=0).fit(FixedEncoder(), DataLoader(data, batch_size=4))
+    with pytest.raises(ValueError, match="expected some of \\['lidar', 'rankme'\\]"):
+        EmbeddingMonitor(None, "typo", input="views", metrics=("rank_me",))
