@@ -1,0 +1,84 @@
+"""`KNNConfig`: what an online kNN classifier is (its buffer, its neighbours, its weighting)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(kw_only=True)
+class KNNConfig:
+    """One weighted kNN classifier over a ring buffer of recent training features, sharded over the dp group.
+
+    Example:
+        >>> KNNConfig(name="knn", num_classes=10, queue_length=4096, k=(20, 10)).max_k
+        20
+    """
+
+    name: str
+    """Unique name; keys logs (``eval/{name}_top1``) and checkpoint state."""
+    num_classes: int
+    """Number of classes of the labels."""
+    queue_length: int
+    """Training samples kept over the whole data-parallel group; each rank holds ``ceil(queue_length / world)``."""
+    k: Sequence[int] = (10, 20, 100, 200)
+    """Numbers of neighbours, all answered from one search of ``max(k)``; the first is the headline
+    (``eval/{name}_top1`` and ``{name}_preds``)."""
+    temperature: float = 0.07
+    """T of the neighbour weight ``exp(cosine / T)`` (DINO's eval_knn.py)."""
+    storage_dtype: StorageDtype = "float32"
+    """How features are stored; similarities are always computed in float32."""
+    in_features: int | None = None
+    """Feature size; None: read from the first training batch (or a loaded state)."""
+    input: str | None = field(default=None)
+    """Key of the features (ProbeSet and the callback route by it); None: one tensor is passed."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"kNN: argument 'name' got {name!r}; expected a non-empty string.")
+        if isinstance(self.k, int):
+            self.k = (self.k,)
+        ks = tuple(self.k)
+        if not ks or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in ks):
+            raise ValueError(f"kNN '{name}': argument 'k' got {self.k!r}; expected positive ints such as (10, 20).")
+        if len(set(ks)) != len(ks):
+            raise ValueError(f"kNN '{name}': argument 'k' got {self.k!r} with repeats; give each k once.")
+        self.k = ks
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"kNN '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
+        if not isinstance(self.queue_length, int) or self.queue_length < 1:
+            raise ValueError(f"kNN '{name}': argument 'queue_length' got {self.queue_length!r}; expected an int >= 1.")
+        if not self.temperature > 0:
+            raise ValueError(f"kNN '{name}': argument 'temperature' got {self.temperature!r}; expected a float > 0.")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"kNN '{name}': argument 'storage_dtype' got {self.storage_dtype!r}; expected one of "
+                f"{list(get_args(StorageDtype))}."
+            )
+        if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
+            raise ValueError(f"kNN '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1.")
+
+    @property
+    def max_k(self) -> int:
+        """The one search's depth."""
+        return max(self.k)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The storage dtype as a torch dtype."""
+        return STORAGE_DTYPES[self.storage_dtype]
+
+    def shard_capacity(self, world_size: int) -> int:
+        """Slots per rank: ``ceil(queue_length / world_size)``."""
+        return -(-self.queue_length // world_size)

@@ -1,0 +1,262 @@
+"""`ShardedKNN`: a weighted kNN classifier whose buffer is sharded over the data-parallel group, never gathered whole.
+
+- Training: each rank pushes its own detached features into its `RingShard` (``ceil(queue_length / world)`` slots):
+  no communication.
+- Evaluation, per batch: the ranks' query features are all-gathered (``O(queries x D x world)``); each rank scores
+  every query against its shard and keeps its ordered top-``max(k)``; those candidates are all-gathered
+  (``O(queries x k x world)``) and each rank merges its own queries' candidates into the exact global top-k.
+- Checkpoints: `state_dict` gathers every shard to group rank 0 (Lightning writes rank 0's callback state only);
+  `load_state_dict` gives each rank its own shard back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distprobe.engine.replicate import default_group, group_rank_and_size, is_distributed
+from distprobe.knn import search
+from distprobe.knn.config import KNNConfig
+from distprobe.knn.metrics import KNNAccuracy
+from distprobe.knn.shard import RingShard
+from distprobe.metrics.flat_sync import compute_metrics_synced
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class ShardedKNN:
+    """The kNN engine: one shard per rank, exact global top-k at evaluation. Build it with `ShardedKNN.build`.
+
+    Every rank of ``dp_group`` must call `eval_step`, `compute_eval_metrics`, `state_dict` and `load_state_dict`
+    at the same points (they are collectives); `update` is rank-local.
+
+    Example:
+        >>> knn = ShardedKNN.build(KNNConfig(name="knn", num_classes=2, queue_length=4, k=(1, 3)), in_features=2)
+        >>> knn.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]]), torch.tensor([0, 1, 0]))
+        >>> knn.eval_step(torch.tensor([[0.9, 0.0]]), torch.tensor([0])).tolist()
+        [[0, 0]]
+    """
+
+    def __init__(
+        self, config: KNNConfig, shard: RingShard, dp_group: dist.ProcessGroup | None, device: torch.device
+    ) -> None:
+        self.config = config
+        self.shard = shard
+        self.dp_group = dp_group if is_distributed(dp_group) else None
+        self.device = device
+        self.metrics = KNNAccuracy(len(config.k)).to(device)
+
+    @classmethod
+    def build(
+        cls,
+        config: KNNConfig,
+        *,
+        in_features: int,
+        dp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> ShardedKNN:
+        """An empty kNN of ``in_features``-sized features on ``device``, sharded over ``dp_group``.
+
+        ``dp_group`` None: the world group when torch.distributed is initialised, else one process.
+        """
+        dp_group = dp_group if dp_group is not None else default_group()
+        _, world = group_rank_and_size(dp_group)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        shard = RingShard(config.shard_capacity(world), in_features, config.dtype, target)
+        return cls(config, shard, dp_group, target)
+
+    @property
+    def name(self) -> str:
+        """The kNN's name."""
+        return self.config.name
+
+    @property
+    def in_features(self) -> int:
+        """Stored feature size."""
+        return int(self.shard.features.shape[1])
+
+    # --- training -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Push this rank's batch of training features (detached, normalized, cast to the storage dtype)."""
+        self.shard.push(search.normalized(features.to(self.device)), targets.to(self.device))
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    def _gather_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
+        """Every rank's queries padded to the largest batch, in rank order; the batch sizes; the padded size."""
+        if self.dp_group is None:
+            return queries, [queries.shape[0]], queries.shape[0]
+        _, world = group_rank_and_size(self.dp_group)
+        size = torch.tensor([queries.shape[0]], dtype=torch.long, device=self.device)
+        sizes = [torch.empty_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=self.dp_group)
+        counts = [int(s) for s in sizes]
+        padded = max(counts)
+        mine = queries.new_zeros(padded, queries.shape[1])
+        mine[: queries.shape[0]] = queries
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=self.dp_group)
+        return torch.cat(every), counts, padded
+
+    def _local_candidates(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This shard's ordered top-``max(k)`` for each query: scores, global positions and labels."""
+        k = self.config.max_k
+        rank, _ = group_rank_and_size(self.dp_group)
+        labels = self.shard.logical_labels()
+        filled = max(1, self.shard.filled)
+        rows = max(1, search.SCORE_BLOCK // filled)
+        values, positions = [], []
+        for start in range(0, queries.shape[0], rows):
+            scores = self.shard.logical_scores(queries[start : start + rows], block=rows)
+            v, p = search.ordered_topk(scores, k)
+            values.append(v)
+            positions.append(p)
+        value = torch.cat(values) if values else queries.new_zeros(0, k)
+        position = torch.cat(positions) if positions else torch.zeros(0, k, dtype=torch.long, device=self.device)
+        if labels.numel():
+            label = torch.where(position >= 0, labels[position.clamp(min=0)], 0)
+        else:  # an empty shard: every candidate is padding (weight 0)
+            label = torch.zeros_like(position)
+        # Global position: rank-major, then the shard's logical order (the union buffer's order).
+        global_position = torch.where(position >= 0, position + rank * self.shard.capacity, -1)
+        return value, global_position, label
+
+    def _merge(self, value: torch.Tensor, ids: torch.Tensor, own: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact global top-k of this rank's queries from every rank's candidates (``ids``: positions, labels)."""
+        k = self.config.max_k
+        if self.dp_group is None:
+            return value[own], ids[own, :, 1]
+        _, world = group_rank_and_size(self.dp_group)
+        values = [torch.empty_like(value) for _ in range(world)]
+        every_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(values, value.contiguous(), group=self.dp_group)
+        dist.all_gather(every_ids, ids.contiguous(), group=self.dp_group)
+        # (queries, world * k) in rank order: among equal scores, lower columns are lower global positions.
+        cand_values = torch.cat([v[own] for v in values], dim=1)
+        cand_labels = torch.cat([i[own, :, 1] for i in every_ids], dim=1)
+        merged, column = search.ordered_topk(cand_values, k)
+        return merged, cand_labels.gather(1, column.clamp(min=0))
+
+    @torch.no_grad()
+    def eval_step(self, features: torch.Tensor, targets: torch.Tensor, num_valid: int | None = None) -> torch.Tensor:
+        """Classify this rank's batch against the union of all shards; count the first ``num_valid`` samples.
+
+        Returns:
+            ``(B, len(k))`` predicted classes, one column per k in the configured order.
+        """
+        config = self.config
+        queries = search.normalized(features.to(self.device))
+        every, counts, padded = self._gather_queries(queries)
+        value, position, label = self._local_candidates(every)
+        rank, _ = group_rank_and_size(self.dp_group)
+        own = slice(rank * padded, rank * padded + counts[rank])
+        scores, labels = self._merge(value, torch.stack([position, label], dim=2), own)
+        preds = search.predict(scores, labels, tuple(config.k), config.num_classes, config.temperature)
+        valid = preds.shape[0] if num_valid is None else num_valid
+        self.metrics.update(preds[:valid], targets.to(self.device)[:valid])
+        return preds
+
+    def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
+        """``{"top1": ..., "k{K}_top1": ...}`` over the group (one flat all-reduce), then reset for the next run.
+
+        ``top1`` is the first k's accuracy.
+        """
+        (accuracy,) = compute_metrics_synced([self.metrics], self.dp_group)
+        self.metrics.reset()
+        values = {"top1": accuracy[0]}
+        values.update({f"k{k}_top1": accuracy[i] for i, k in enumerate(self.config.k)})
+        return values
+
+    def reset_eval_metrics(self) -> None:
+        """Forget the counts of an evaluation (a sanity check, an interrupted run)."""
+        self.metrics.reset()
+
+    # --- memory and checkpoints ---------------------------------------------------------------------------------
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes this rank's shard holds (features and labels)."""
+        return self.shard.nbytes
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shards: group rank 0 gets every rank's (a collective), the others their own.
+
+        On group rank 0 the state is the whole buffer, ``world x capacity`` rows, only while it is saved.
+        """
+        rank, world = group_rank_and_size(self.dp_group)
+        own = self.shard.state()
+        shards: dict[int, dict[str, Any]] = {rank: own}
+        if self.dp_group is not None:
+            shards = _gather_shards(self.shard, self.dp_group, rank, world)
+        return {
+            "format": STATE_FORMAT,
+            "in_features": self.in_features,
+            "capacity": self.shard.capacity,
+            "storage_dtype": self.config.storage_dtype,
+            "world_size": world,
+            "shards": shards,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take this rank's shard back from a state saved by `state_dict` (rank 0's: every shard is in it).
+
+        At another world size, new rank ``r`` keeps the newest samples of the old shards ``j`` with
+        ``j % world == r`` (the buffer's content survives; its tie order and exact predictions do not).
+        """
+        rank, world = group_rank_and_size(self.dp_group)
+        shards = state["shards"]
+        if int(state["in_features"]) != self.in_features:
+            raise ValueError(
+                f"kNN '{self.name}': the loaded state holds {state['in_features']}-dimensional features but this kNN "
+                f"stores {self.in_features}; load a state of the same feature size."
+            )
+        if int(state["world_size"]) == world and int(state["capacity"]) == self.shard.capacity and rank in shards:
+            self.shard.load(shards[rank])
+            return
+        missing = [j for j in range(int(state["world_size"])) if j not in shards]
+        if missing:
+            raise ValueError(
+                f"kNN '{self.name}': the loaded state lacks the shards of ranks {missing}; load the state saved by "
+                "group rank 0 (its state_dict gathers every shard)."
+            )
+        log.warning(
+            "kNN '%s': re-sharding a buffer saved on %s ranks (capacity %s) onto %d ranks (capacity %d).",
+            self.name,
+            state["world_size"],
+            state["capacity"],
+            world,
+            self.shard.capacity,
+        )
+        fresh = RingShard(self.shard.capacity, self.in_features, self.shard.features.dtype, self.device)
+        for j in range(int(state["world_size"])):
+            if j % world == rank:
+                old = RingShard(int(state["capacity"]), self.in_features, self.shard.features.dtype, "cpu")
+                old.load(shards[j])
+                fresh.push(old.logical_features().to(self.device), old.logical_labels().to(self.device))
+        self.shard = fresh
+
+
+def _gather_shards(shard: RingShard, group: dist.ProcessGroup, rank: int, world: int) -> dict[int, dict[str, Any]]:
+    """Every rank's shard on group rank 0 (``dist.gather``: the other ranks never hold the whole buffer)."""
+    written = torch.tensor([shard.written], dtype=torch.long, device=shard.features.device)
+    dst = dist.get_global_rank(group, 0)
+    tensors = [shard.features, shard.labels, written]
+    gathered: list[list[torch.Tensor]] = []
+    for tensor in tensors:
+        parts = [torch.empty_like(tensor) for _ in range(world)] if rank == 0 else None
+        dist.gather(tensor, gather_list=parts, dst=dst, group=group)
+        gathered.append(parts or [])
+    if rank != 0:
+        return {rank: shard.state()}
+    return {
+        j: {"features": gathered[0][j].cpu(), "labels": gathered[1][j].cpu(), "written": int(gathered[2][j])}
+        for j in range(world)
+    }
