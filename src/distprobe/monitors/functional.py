@@ -89,7 +89,8 @@ def per_sample_statistics(rows: torch.Tensor, sample_ids: torch.Tensor) -> tuple
     centred = rows - means[group]
     return (
         (counts > 0).sum().to(torch.float64),
-        torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=rows.device),
+        # A fill kernel, not a copy of a host scalar (a pageable copy would stall the host on CUDA).
+        torch.full((), float(rows.shape[0]), dtype=torch.float64, device=rows.device),
         means.sum(0),
         means.T @ means,
         centred.T @ centred,
