@@ -107,6 +107,9 @@ def _fit(rank, world):
 def test_ddp_fit_logs_monitors_equal_to_one_process_on_all_the_data():
     ranks = run_distributed(_fit, 2, timeout=180)
     train, val = expected(MultiView(32, seed=0)), expected(MultiView(21, seed=1))
+    padded = MultiView(21, seed=1)
+    padded.views = torch.cat([padded.views, padded.views[:1]])  # what counting the sampler's repeat would give
+    assert abs(expected(padded)["rankme"] - val["rankme"]) > 1e-3  # so the test below sees the padding left out
     want = {
         "train/views_rankme": train["rankme"],
         "train/views_lidar": train["lidar"],
@@ -130,13 +133,18 @@ def test_ddp_fit_logs_monitors_equal_to_one_process_on_all_the_data():
 def test_windows_of_n_training_batches_and_first_batch_errors():
     data = MultiView(24, seed=0)
     windowed = EmbeddingMonitor(None, "win", input="views", metrics="rankme", every_n_steps=3)
-    t = trainer([windowed], max_epochs=1, limit_val_batches=0)
+    tapped = EmbeddingMonitor(None, "tap", input="encoder", metrics=("rankme", "lidar"))  # a submodule's output
+    explicit = EmbeddingMonitor(None, "key", input="views", metrics=("rankme", "lidar"))
+    t = trainer([windowed, tapped, explicit], max_epochs=1, limit_val_batches=0)
     t.fit(FixedEncoder(), DataLoader(data, batch_size=4))
     with torch.no_grad():
         last_window = FixedEncoder().encoder(data.views[12:24])  # batches 4-6 of 6
     reference = RankMe(DIM)
     reference.update(last_window)
     assert t.callback_metrics["train/win_rankme"].item() == pytest.approx(reference.compute().item(), rel=1e-5)
+    assert windowed.state_dict() == {"train_batches": 6}
+    for metric in ("rankme", "lidar"):
+        assert t.callback_metrics[f"train/tap_{metric}"].item() == t.callback_metrics[f"train/key_{metric}"].item()
 
     bad = EmbeddingMonitor(None, "bad", input="rows", metrics="lidar")
     with pytest.raises(ValueError, match="monitor 'bad'.*pass sample_key"):

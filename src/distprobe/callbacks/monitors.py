@@ -113,6 +113,16 @@ class EmbeddingMonitor(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The summed states are rank-local and only rank 0's state is written: a resumed run starts a new epoch's
+        # (or window's) sums, keeping only where the windows fall.
+        return {"train_batches": self.train_batches}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_batches = int(state_dict.get("train_batches", 0))
+
     # --- set-up -------------------------------------------------------------------------------------------------
 
     def _build(self, dim: int) -> None:
