@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -82,3 +82,32 @@ class KNNConfig:
     def shard_capacity(self, world_size: int) -> int:
         """Slots per rank: ``ceil(queue_length / world_size)``."""
         return -(-self.queue_length // world_size)
+
+
+@dataclass(kw_only=True)
+class KNNSpec:
+    """One kNN of a `distprobe.loop.ProbeSet`: its configuration (features by ``config.input``) and its target key."""
+
+    config: KNNConfig
+    """The kNN's configuration."""
+    target: str | None = None
+    """Key of the labels in the targets mapping; None when one targets tensor is passed."""
+
+
+def to_knn_spec(spec: KNNSpec | KNNConfig | Mapping[str, Any]) -> KNNSpec:
+    """A `KNNSpec` from itself, a `KNNConfig`, or a dict of `KNNConfig` fields plus ``target``.
+
+    Raises:
+        ValueError: for unknown keys, listing the valid ones.
+    """
+    if isinstance(spec, KNNSpec):
+        return spec
+    if isinstance(spec, KNNConfig):
+        return KNNSpec(config=spec)
+    options = dict(spec)
+    valid = [f.name for f in fields(KNNConfig)] + ["target"]
+    unknown = sorted(str(key) for key in options if key not in valid)
+    if unknown:
+        raise ValueError(f"kNN '{options.get('name', '?')}': unknown spec key(s) {unknown}; valid keys: {valid}")
+    target = options.pop("target", None)
+    return KNNSpec(config=KNNConfig(**options), target=target)

@@ -10,6 +10,8 @@ class KNNAccuracy(Metric):
     """Correct predictions per k and the number of samples counted; both reduce by sum over the group."""
 
     full_state_update = False
+    correct: torch.Tensor
+    total: torch.Tensor
 
     def __init__(self, num_ks: int) -> None:
         super().__init__()
