@@ -30,6 +30,8 @@ from distprobe.engine import Probe, ProbeConfig, ProbeGroup, maths
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
+from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
+from distprobe.knn.checks import first_batch_problem as knn_first_batch_problem
 from distprobe.metrics.flat_sync import compute_synced
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,7 @@ class ProbeSet:
         banks: Sequence[BankSpec] = (),
         device: torch.device | str | None = None,
         total_steps: int | None = None,
+        knns: Sequence[KNNSpec] = (),
     ) -> None:
         assert len(probes) == len(specs)
         self.probes: dict[str, Probe] = {p.name: p for p in probes}
@@ -162,6 +165,13 @@ class ProbeSet:
             sizes = {s: bank_spec.config.in_features_of(s) for s in bank_spec.config.inputs}
             if all(v is not None for v in sizes.values()):
                 self._build_bank(name, {s: int(v) for s, v in sizes.items() if v is not None})
+        self.knn_specs: dict[str, KNNSpec] = {k.config.name: k for k in knns}
+        self.knns: dict[str, ShardedKNN] = {}
+        """The kNNs whose buffers exist: from `build` with ``in_features``, else from the first `step`."""
+        self._pending_knn_state: dict[str, Mapping[str, Any]] = {}
+        for name, knn_spec in self.knn_specs.items():
+            if knn_spec.config.in_features is not None:
+                self._build_knn(name, knn_spec.config.in_features)
 
     @classmethod
     def build(
@@ -172,6 +182,7 @@ class ProbeSet:
         device: torch.device | str | None = None,
         total_steps: int | None = None,
         banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
+        knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
     ) -> ProbeSet:
         """Build every probe, in order, and replicate each over ``dp_group``.
 
@@ -188,14 +199,20 @@ class ProbeSet:
             banks: Probe banks (`distprobe.bank`): `BankConfig`s, `BankSpec`s, or dicts of `BankConfig` fields plus
                 ``input`` (a key or a list of keys) and ``target``. Heads exist from here with ``in_features``,
                 else from the first `step`.
+            knns: Online kNN classifiers (`distprobe.knn`), their buffers sharded over ``dp_group``: `KNNConfig`s,
+                `KNNSpec`s, or dicts of `KNNConfig` fields (``input`` among them) plus ``target``.
         """
         if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
             raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
         normalised = [to_spec(s) for s in specs]
         bank_specs = [to_bank_spec(b) for b in banks]
-        if not normalised and not bank_specs:
-            raise ValueError("ProbeSet.build: arguments 'specs' and 'banks' are empty; give at least one probe.")
+        knn_specs = [to_knn_spec(k) for k in knns]
+        if not normalised and not bank_specs and not knn_specs:
+            raise ValueError(
+                "ProbeSet.build: arguments 'specs', 'banks' and 'knns' are empty; give at least one probe."
+            )
         names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
+        names += [k.config.name for k in knn_specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
@@ -209,7 +226,7 @@ class ProbeSet:
             )
             for s in normalised
         ]
-        return cls(probes, normalised, group, bank_specs, device=device, total_steps=total_steps)
+        return cls(probes, normalised, group, bank_specs, device=device, total_steps=total_steps, knns=knn_specs)
 
     def _build_bank(self, name: str, in_features: dict[str, int]) -> ProbeBank:
         spec = self.bank_specs[name]
@@ -240,6 +257,27 @@ class ProbeSet:
             return self.banks[name]
         sources = self.bank_specs[name].config.inputs
         return self._build_bank(name, {s: int(x[0].numel()) for s, x in zip(sources, xs, strict=True)})
+
+    def _build_knn(self, name: str, in_features: int) -> ShardedKNN:
+        knn = ShardedKNN.build(
+            self.knn_specs[name].config, in_features=in_features, dp_group=self.dp_group, device=self._device
+        )
+        self.knns[name] = knn
+        if name in self._pending_knn_state:
+            knn.load_state_dict(self._pending_knn_state.pop(name))
+        return knn
+
+    def _knn_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.knn_specs[name]
+        x = pick(features, spec.config.input, probe_name=name, argument="input")
+        return x, pick(targets, spec.target, probe_name=name, argument="target")
+
+    def knn(self, name: str) -> ShardedKNN:
+        """The kNN ``name`` (its buffer exists from `build` with ``in_features``, else from the first `step`)."""
+        if name not in self.knns:
+            state = "not built yet (no step so far)" if name in self.knn_specs else "not in this set"
+            raise KeyError(f"kNN {name!r}: {state}; kNNs: {list(self.knn_specs)}")
+        return self.knns[name]
 
     @property
     def names(self) -> list[str]:
@@ -300,6 +338,16 @@ class ProbeSet:
             problem = bank_first_batch_problem(name, config.inputs, xs, y, config.num_classes)
             if problem is not None:
                 problems.append(problem)
+        for name, knn_spec in self.knn_specs.items():
+            try:
+                x, y = self._knn_inputs(name, features, targets)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            input_key = knn_spec.config.input or "features"
+            problem = knn_first_batch_problem(name, input_key, x, y, knn_spec.config.num_classes)
+            if problem is not None:
+                problems.append(problem)
         # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
         raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
         self._checked_first_batch = True
@@ -322,6 +370,10 @@ class ProbeSet:
         for name in self.bank_specs:  # a bank's loss: its heads' (K,) losses
             xs, y = self._bank_inputs(name, features, targets)
             losses[name] = self._bank(name, xs).train_step(xs, y).loss
+        for name in self.knn_specs:  # a kNN has no loss: its buffer takes this rank's samples
+            x, y = self._knn_inputs(name, features, targets)
+            knn = self.knns.get(name) or self._build_knn(name, int(x[0].numel()))
+            knn.update(x, y)
         return losses
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:
@@ -360,6 +412,9 @@ class ProbeSet:
         for name, bank in self.banks.items():
             xs, y = self._bank_inputs(name, features, targets)
             preds[name] = bank.eval_step(xs, y, num_valid)
+        for name, knn in self.knns.items():  # (B, len(k)) predictions, one column per k
+            x, y = self._knn_inputs(name, features, targets)
+            preds[name] = knn.eval_step(x, y, num_valid)
         return preds
 
     def compute_metrics(self) -> dict[str, torch.Tensor]:
@@ -378,6 +433,8 @@ class ProbeSet:
         for name, bank in self.banks.items():
             values.update(logged_keys(bank.compute_eval_metrics(), "eval", name))
             bank.start_eval_epoch()  # the next evaluation's samples count from position 0 again
+        for name, knn in self.knns.items():
+            values.update({f"eval/{name}_{key}": value for key, value in knn.compute_eval_metrics().items()})
         return values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
@@ -389,6 +446,7 @@ class ProbeSet:
         """
         state = {name: probe.state_dict() for name, probe in self.probes.items()}
         state.update({name: bank.state_dict() for name, bank in self.banks.items()})
+        state.update({name: knn.state_dict() for name, knn in self.knns.items()})  # rank 0's: every shard
         return state
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
@@ -410,6 +468,14 @@ class ProbeSet:
             else:  # heads from the saved sizes, so that a resumed set needs no first batch to exist
                 self._pending_bank_state[name] = state[name]
                 self._build_bank(name, dict(state[name]["in_features"]))
-        extra = sorted(set(state) - set(self.probes) - set(self.bank_specs))
+        for name in self.knn_specs:
+            if name not in state:
+                continue
+            if name in self.knns:
+                self.knns[name].load_state_dict(state[name])
+            else:  # the buffer from the saved size: each rank takes its own shard back
+                self._pending_knn_state[name] = state[name]
+                self._build_knn(name, int(state[name]["in_features"]))
+        extra = sorted(set(state) - set(self.probes) - set(self.bank_specs) - set(self.knn_specs))
         if extra:
             log.warning("ProbeSet.load_state_dict: ignoring state of probes %s that are not in this set.", extra)
