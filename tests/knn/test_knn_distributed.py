@@ -55,7 +55,7 @@ def _queries(case, rank, seed):
 
 
 def _run(rank, world, seed):
-    out = {}
+    out = {"resume": _resume(rank, world)} if world == 2 else {}
     for name, case in CASES.items():
         config = KNNConfig(
             name=name, num_classes=C, queue_length=case["capacity"] * world, k=KS, storage_dtype=case["dtype"]
@@ -77,10 +77,16 @@ def _run(rank, world, seed):
     return out
 
 
+@pytest.fixture(scope="module")
+def two_rank_results():
+    """One spawn for every 2-rank check (a spawn costs seconds of CI)."""
+    return run_distributed(_run, 2, 2)
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_sharded_knn_equals_one_dense_knn_over_the_union_buffer(world):
+def test_sharded_knn_equals_one_dense_knn_over_the_union_buffer(world, request):
     seed = world
-    results = run_distributed(_run, world, seed)
+    results = request.getfixturevalue("two_rank_results") if world == 2 else run_distributed(_run, world, seed)
     for name, case in CASES.items():
         dtype = getattr(torch, case["dtype"])
         buffer, labels = union_buffer([_stream(case, r, seed) for r in range(world)], case["capacity"], dtype)
@@ -125,8 +131,8 @@ def _resume(rank, world):
     return whole.eval_step(q, t), resumed.eval_step(q, t), sorted(state["shards"])
 
 
-def test_resume_from_rank_zeros_state_gives_each_rank_its_shard_and_the_same_predictions():
-    results = run_distributed(_resume, 2)
-    for rank, (whole, resumed, saved_ranks) in enumerate(results):
+def test_resume_from_rank_zeros_state_gives_each_rank_its_shard_and_the_same_predictions(two_rank_results):
+    for rank, result in enumerate(two_rank_results):
+        whole, resumed, saved_ranks = result["resume"]
         assert torch.equal(whole, resumed)
         assert saved_ranks == ([0, 1] if rank == 0 else [rank])

@@ -26,10 +26,11 @@ def normalized(features: torch.Tensor) -> torch.Tensor:
 
 
 def ordered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest scores of each row, largest first, equal scores by lowest column; no host sync.
+    """The ``k`` largest scores of each row, largest first, equal scores by lowest column.
 
     Rows with fewer than ``k`` columns are padded with ``-inf`` scores at position ``-1`` (weight 0 in the vote).
-    NaN scores count as ``-inf``.
+    NaN scores count as ``-inf``. One ``topk`` and one comparison pass over the scores; rows where ``topk``'s
+    arbitrary choice among scores equal to the k-th could matter are redone exactly (one host sync to find them).
 
     Example:
         >>> ordered_topk(torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]]), 2)
@@ -38,25 +39,36 @@ def ordered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     rows, cols = scores.shape
     scores = torch.nan_to_num(scores, nan=float("-inf"))
     kk = min(k, cols)
-    if kk > 0:
-        kth = scores.topk(kk, dim=1).values[:, -1:]
-        greater = scores > kth
-        equal = scores == kth
-        # topk picks among scores equal to the k-th arbitrarily: keep the lowest columns among them instead.
-        need = kk - greater.sum(dim=1, keepdim=True, dtype=torch.int32)
-        take = greater | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
-        columns = torch.arange(cols, device=scores.device, dtype=torch.int32).expand(rows, cols)
-        position = torch.where(take, columns, cols).topk(kk, dim=1, largest=False).values.long()
-        values = scores.gather(1, position)
-        order = values.sort(dim=1, descending=True, stable=True).indices
-        values, position = values.gather(1, order), position.gather(1, order)
-    else:
-        values = scores.new_empty(rows, 0)
-        position = torch.empty(rows, 0, dtype=torch.long, device=scores.device)
+    values, position = scores.topk(kk, dim=1)
+    if 0 < kk < cols:
+        kth = values[:, -1:]
+        # Ambiguous: more scores equal the k-th in the row than topk kept; only then can its pick differ.
+        ambiguous = (scores == kth).sum(dim=1) > (values == kth).sum(dim=1)
+        if bool(ambiguous.any()):
+            redo = ambiguous.nonzero().squeeze(1)
+            fixed_values, fixed_position = _lowest_columns_topk(scores[redo], kth[redo], kk)
+            values, position = values.index_put((redo,), fixed_values), position.index_put((redo,), fixed_position)
+    # Order by (score descending, position ascending): by position first, then a stable sort by score.
+    by_position = position.sort(dim=1, stable=True)
+    values, position = values.gather(1, by_position.indices), by_position.values
+    ranked = values.sort(dim=1, descending=True, stable=True).indices
+    values, position = values.gather(1, ranked), position.gather(1, ranked)
     if kk < k:
         values = torch.cat([values, values.new_full((rows, k - kk), float("-inf"))], dim=1)
         position = torch.cat([position, position.new_full((rows, k - kk), -1)], dim=1)
     return values, position
+
+
+def _lowest_columns_topk(scores: torch.Tensor, kth: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` of rows whose k-th score is ``kth``: every greater score, then the lowest equal columns."""
+    rows, cols = scores.shape
+    greater = scores > kth
+    equal = scores == kth
+    need = k - greater.sum(dim=1, keepdim=True, dtype=torch.int32)
+    take = greater | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
+    columns = torch.arange(cols, device=scores.device, dtype=torch.int32).expand(rows, cols)
+    position = torch.where(take, columns, cols).topk(k, dim=1, largest=False).values.long()
+    return scores.gather(1, position), position
 
 
 def weighted_votes(scores: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
