@@ -20,6 +20,7 @@ from distprobe.bank.metrics_set import BankMetrics, logged_keys
 from distprobe.callbacks.cadence import logs_this_step, values_already_reduced
 from distprobe.callbacks.exit import destroy_gloo_group_at_exit
 from distprobe.callbacks.keys import MissingKeyError, lookup
+from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine import maths
@@ -54,6 +55,11 @@ class OnlineProbeBank(Callback):
         metrics: Top-k accuracies per head: ``("top1", "top5")`` or a ``{name: k}`` dict.
         in_features: Feature size (one int, or per source); None: read from the first batch.
         selection_fraction: Share of validation samples that choose the best head; the rest report it.
+        data: A labeled DataLoader of the bank's own, as for `OnlineProbe` (docs/own-data.md).
+        val_data: The bank's own validation DataLoader, evaluated exactly at each validation epoch.
+        every_n_steps: With ``data``: one bank step every ``every_n_steps`` main training batches.
+        features: With ``data``: ``features(pl_module, batch)`` returning a tensor (one source) or a dict keyed by
+            the source names; sources naming submodules are tapped from this forward.
 
     Logs, per head, ``eval/{name}/{head_id}_{metric}`` (all validation samples) and, for the best head,
     ``eval/{name}_best_{metric}`` (report split) and ``eval/{name}_best_head`` (its index in `head_ids`); at train
@@ -87,6 +93,11 @@ class OnlineProbeBank(Callback):
         metrics: Any = ("top1",),
         in_features: int | Mapping[str, int] | None = None,
         selection_fraction: float = 0.2,
+        *,
+        data: Any = None,
+        val_data: Any = None,
+        every_n_steps: int = 1,
+        features: FeatureFn | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(target, str) or not target:
@@ -112,6 +123,7 @@ class OnlineProbeBank(Callback):
         for source in self.config.inputs:
             check_input_spec(source, probe_name=name)
         self.metrics = BankMetrics(self.config, len(self.config.heads()))
+        self.own_data = own_data_of(name, data, val_data, features, every_n_steps)
         self._tap_inputs: TapInputs | None = None
         self._bank: ProbeBank | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -205,10 +217,14 @@ class OnlineProbeBank(Callback):
             )
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
         destroy_gloo_group_at_exit()
-        # Sources may name submodules (feature taps, docs/taps.md): one shared hook per module for every callback.
-        self._tap_inputs = TapInputs.of(pl_module)
-        for source in self.config.inputs:
-            self._tap_inputs.request(self, source, probe_name=self.name)
+        if self.own_data is not None:
+            # Its taps watch its own forward only.
+            self.own_data.shard_over(data_parallel_group(trainer.strategy))
+        else:
+            # Sources may name submodules (feature taps, docs/taps.md): one shared hook per module for every callback.
+            self._tap_inputs = TapInputs.of(pl_module)
+            for source in self.config.inputs:
+                self._tap_inputs.request(self, source, probe_name=self.name)
         if self._bank is None:
             sizes = self._saved_or_configured_sizes()
             if sizes is not None:
@@ -252,12 +268,12 @@ class OnlineProbeBank(Callback):
         targets = lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
         return features, targets
 
-    def _first_batch(self, outputs: Any, batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Look up and check the first batch on every rank at once (a bad key must not hang the other ranks)."""
+    def _first_batch(self, read: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Read and check the first batch on every rank at once (a bad key must not hang the other ranks)."""
         group = world_check_group()
         problem = None
         try:
-            features, targets = self._lookup(outputs, batch)
+            features, targets = read()
             problem = first_batch_problem(self.name, self.config.inputs, features, targets, self.config.num_classes)
         except MissingKeyError as err:
             problem = str(err)
@@ -273,10 +289,21 @@ class OnlineProbeBank(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._checked_first_batch:
-            features, targets = self._lookup(outputs, batch)
+        own = self.own_data
+        if own is not None:
+            # Every ``every_n_steps`` main batches (the same count on every rank): a step on the bank's own batch.
+            if not own.due():
+                return
+
+            def read() -> tuple[list[torch.Tensor], torch.Tensor]:
+                assert own is not None
+                return draw_features(own, trainer, pl_module, self.config.inputs, self.target)
         else:
-            features, targets = self._first_batch(outputs, batch)
+
+            def read() -> tuple[list[torch.Tensor], torch.Tensor]:
+                return self._lookup(outputs, batch)
+
+        features, targets = read() if self._checked_first_batch else self._first_batch(read)
         out = self.bank.train_step(features, targets)
         _store(f"{self.name}_preds", out.preds, outputs, batch)
         if logs_this_step(trainer, batch_idx):
@@ -306,6 +333,11 @@ class OnlineProbeBank(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._bank is not None:
             self._bank.start_eval_epoch()
+        if self.own_data is not None and self._bank is not None and not trainer.sanity_checking:
+            for features, targets, num_valid in eval_batches(
+                self.own_data, trainer, pl_module, self.config.inputs, self.target
+            ):
+                self._bank.eval_step(features, targets, num_valid=num_valid)
 
     @override
     def on_validation_batch_end(
@@ -317,7 +349,7 @@ class OnlineProbeBank(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._bank is None:  # the sanity check before the first training batch: no heads yet
+        if self._bank is None or self.own_data is not None:  # no heads yet (sanity check), or its own val data
             return
         features, targets = self._lookup(outputs, batch)
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
@@ -338,13 +370,18 @@ class OnlineProbeBank(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._bank is not None:
-            return self._bank.state_dict()
-        return dict(self._pending_state or {})
+        state = self._bank.state_dict() if self._bank is not None else dict(self._pending_state or {})
+        if self.own_data is not None:
+            state = {**state, "own_data": self.own_data.state_dict()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied here, not in on_fit_start: under FSDP and DeepSpeed Lightning restores callbacks after it.
+        state_dict = dict(state_dict)
+        own = state_dict.pop("own_data", None)
+        if own is not None and self.own_data is not None:
+            self.own_data.load_state_dict(own)
         if self._bank is not None:
             self._bank.load_state_dict(state_dict)
             return
@@ -359,6 +396,8 @@ class OnlineProbeBank(Callback):
         if self._tap_inputs is not None:
             self._tap_inputs.release(self)
             self._tap_inputs = None
+        if self.own_data is not None:
+            self.own_data.release()
 
 
 def _store(key: str, preds: torch.Tensor, outputs: Any, batch: Any) -> None:

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step, values_already_reduced
 from distprobe.callbacks.keys import MissingKeyError, lookup
+from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.callbacks.trainable import TrainableCallback
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
@@ -51,6 +52,14 @@ class OnlineProbe(TrainableCallback):
         metrics: A dict, tuple, list, single torchmetrics Metric, ``{"train": ..., "val": ...}``, or None.
         verbose: Accepted for stable-pretraining compatibility (its 13th argument, which it stores and never reads).
         loss: Alias of ``loss_fn``.
+        data: A labeled DataLoader of the probe's own (docs/own-data.md): the probe trains on its batches instead of
+            the main ones, with ``features(pl_module, batch)`` as input and ``target`` a key of its batches. It is
+            sharded over the data-parallel ranks and cycled; its position is checkpointed.
+        val_data: The probe's own validation DataLoader, evaluated exactly at each validation epoch (the main
+            validation batches are then not used by this probe).
+        every_n_steps: With ``data``: one probe step every ``every_n_steps`` main training batches.
+        features: With ``data``: ``features(pl_module, batch) -> tensor``, run under no_grad, in eval mode, under the
+            main model's autocast; with a submodule tap as ``input`` it only needs to run the model.
 
     Logs ``train/{name}_loss``, ``train/{name}_skipped_steps`` and ``hparams/lr_{name}`` on the steps Lightning
     writes; ``train/{name}_loss_epoch``, the train metrics ``train/{name}_*`` and the bad-data counts
@@ -82,6 +91,10 @@ class OnlineProbe(TrainableCallback):
         verbose: bool | None = None,
         *,
         loss: Callable[..., Any] | None = None,
+        data: Any = None,
+        val_data: Any = None,
+        every_n_steps: int = 1,
+        features: FeatureFn | None = None,
     ) -> None:
         if loss is not None and loss_fn is not None and loss is not loss_fn:
             raise ValueError(f"probe '{name}': got both 'loss' and 'loss_fn'; 'loss' is an alias, pass only one.")
@@ -96,6 +109,7 @@ class OnlineProbe(TrainableCallback):
             if not isinstance(key, str) or not key:
                 raise ValueError(f"probe '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
         check_input_spec(input, probe_name=name)
+        self.own_data = own_data_of(name, data, val_data, features, every_n_steps)
         self.input = input
         self.target = target
         self.probe_spec = probe
@@ -125,6 +139,9 @@ class OnlineProbe(TrainableCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.own_data is not None:
+            self.own_data.shard_over(self.probe.dp_group)
+            return  # its taps watch its own forward only
         self._tap_inputs = TapInputs.of(pl_module)
         self._tap_inputs.request(self, self.input, probe_name=self.name)
 
@@ -147,6 +164,8 @@ class OnlineProbe(TrainableCallback):
         if self._tap_inputs is not None:
             self._tap_inputs.release(self)
             self._tap_inputs = None
+        if self.own_data is not None:
+            self.own_data.release()
         super().teardown(trainer, pl_module, stage)
 
     def _features_and_targets(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +176,22 @@ class OnlineProbe(TrainableCallback):
         targets = lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
         return features, targets
 
-    def _checked_features_and_targets(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _own_features_and_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Any, Any]:
+        assert self.own_data is not None
+        features, targets = draw_features(self.own_data, trainer, pl_module, [self.input], self.target)
+        return features[0], targets
+
+    def _checked_features_and_targets(
+        self, outputs: Any, batch: Any, read: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Look up the probe's tensors; on the first batch, check them collectively across all ranks."""
+        if read is None:
+            read = lambda: self._features_and_targets(outputs, batch)  # noqa: E731
         if self._checked_first_batch:
-            return self._features_and_targets(outputs, batch)
+            return read()
         group = world_check_group()
         try:
-            features, targets = self._features_and_targets(outputs, batch)
+            features, targets = read()
         except MissingKeyError as err:
             raise_if_any_rank_failed(str(err), group)
             raise AssertionError("unreachable: the call above raises") from err
@@ -178,6 +206,9 @@ class OnlineProbe(TrainableCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.own_data is not None:
+            self._train_on_own_data(trainer, pl_module, batch_idx)
+            return
         # All OnlineProbes of the trainer train as one group (one backward, one bucketed all-reduce): the first to
         # get here runs the step for all, the others find their outputs waiting.
         out, batch_size = _grouped_train_step(trainer, self, outputs, batch)
@@ -194,6 +225,28 @@ class OnlineProbe(TrainableCallback):
             # float: Lightning would turn a float into one by a copy from pageable memory, a host sync on CUDA.
             f"hparams/lr_{self.name}": torch.full((), self.probe.current_lr(), device=out.loss.device),
         }
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def _train_on_own_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> None:
+        """Every ``every_n_steps`` main batches (the same count on every rank): a step on the probe's own batch."""
+        assert self.own_data is not None
+        if not self.own_data.due():
+            return
+        features, targets = self._checked_features_and_targets(
+            None, None, read=lambda: self._own_features_and_targets(trainer, pl_module)
+        )
+        out = self.probe.train_step(features, targets)
+        if out.stepped:
+            self._count_probe_step(trainer)
+        if not logs_this_step(trainer, batch_idx):
+            return
+        self._bad_data_warnings.check(self.probe)
+        values = {
+            f"train/{self.name}_loss": out.loss,
+            f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
+            f"hparams/lr_{self.name}": torch.full((), self.probe.current_lr(), device=out.loss.device),
+        }
+        batch_size = int(targets.shape[0]) if targets.ndim else 1
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
 
     @override
@@ -220,6 +273,8 @@ class OnlineProbe(TrainableCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self.own_data is not None:
+            return  # evaluated on its own validation data at the epoch's start
         features, targets = self._features_and_targets(outputs, batch)
         # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
@@ -230,6 +285,25 @@ class OnlineProbe(TrainableCallback):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_values = None  # not computed yet this epoch
+        if self.own_data is not None and not trainer.sanity_checking:
+            # Before any epoch-end hook: the first OnlineProbe there computes every probe's values at once.
+            for features, targets, num_valid in eval_batches(self.own_data, trainer, pl_module, [self.input], self.target):
+                self.probe.eval_step(features[0], targets, num_valid=num_valid)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.own_data is not None:
+            state = {**state, "own_data": self.own_data.state_dict()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        own = state_dict.pop("own_data", None)
+        if own is not None and self.own_data is not None:
+            self.own_data.load_state_dict(own)
+        super().load_state_dict(state_dict)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -328,7 +402,9 @@ def _train_group_members(trainer: pl.Trainer, caller: OnlineProbe) -> list[Onlin
         for cb in callbacks
         if isinstance(cb, OnlineProbe)
         and cb._probe is not None
+        and cb.own_data is None
         and type(cb).on_train_batch_end is shares
         and getattr(cb, "_grouped_output", None) is None
     ]
     return members if caller in members else [*members, caller]
+

@@ -1,0 +1,65 @@
+"""A probe on its own labeled data in one process: the backbone trains as without it, resume replays its batches."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from distprobe.callbacks.own_data import OwnData
+from own_data.scenario import OWN_BATCH, Spec, labeled, run
+
+
+def _assert_same_backbone(a: dict, b: dict, strict: bool = True) -> None:
+    assert a["state"].keys() == b["state"].keys()
+    for key in a["state"]:
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    if strict:  # a resumed fit records its own steps only
+        assert a["grads"].keys() == b["grads"].keys() and a["grads"]
+        for key in a["grads"]:
+            assert torch.equal(a["grads"][key], b["grads"][key]), key
+    assert len(a["moments"]) == len(b["moments"]) > 0
+    assert all(torch.equal(x, y) for x, y in zip(a["moments"], b["moments"], strict=True))
+    assert torch.equal(a["rng"], b["rng"])
+
+
+def test_backbone_untouched_by_a_probe_and_a_bank_on_their_own_data(tmp_path):
+    """Plain vs probed (probe + bank on their own data): weights, BatchNorm buffers, grads, momenta, RNG state.
+
+    The backbone has BatchNorm and dropout, and nothing reseeds the RNG: a leaked draw changes every later mask.
+    """
+    out = run(0, 1, Spec("auto"), str(tmp_path))
+    _assert_same_backbone(out["plain"], out["probed"])
+    assert "1.running_mean" in out["probed"]["state"]
+
+
+def test_resume_mid_epoch_of_the_probe_loader_replays_its_batches(tmp_path):
+    """The main epoch has 8 batches and the probe draws every 2nd: the epoch-0 checkpoint falls after 4 draws, in
+    the middle of the probe loader's first epoch (7 batches); the bank (every 3rd) after 2 draws.
+    """
+    out = run(0, 1, Spec("auto", resume=True), str(tmp_path))
+    _assert_same_backbone(out["plain"], out["probed"])
+    _assert_same_backbone(out["plain"], out["resumed"], strict=False)  # the resumed fit records epoch 1 only
+    # The probe trained: its weights move on its own steps only (every 2nd batch).
+    moved = [not torch.equal(a["probe"], b["probe"]) for a, b in zip(out["steps"], out["steps"][1:], strict=False)]
+    assert moved[:4] == [True, False, True, False]
+    tail = out["steps"][-len(out["resumed_steps"]) :]
+    for uninterrupted, resumed in zip(tail, out["resumed_steps"], strict=True):
+        assert torch.equal(uninterrupted["probe"], resumed["probe"])
+        assert torch.equal(uninterrupted["bank"], resumed["bank"])
+    assert out["evals"][-1] == out["resumed_evals"][-1]
+    assert set(out["evals"][-1]) == {"eval/own_top1", "eval/bank_best_top1"}
+
+
+def test_own_data_cycles_and_restores_its_position():
+    own = OwnData("p", data=DataLoader(labeled(7, 0), batch_size=OWN_BATCH, shuffle=True), val_data=None,
+                  features=lambda m, b: b["x"])
+    own.shard(num_replicas=1, rank=0)
+    seen = [own.next_batch()["idx"].tolist() for _ in range(8)]
+    assert own.position == (2, 2)  # 3 batches an epoch
+    assert sorted(sum(seen[:3], [])) == list(range(7))
+    assert seen[:3] != seen[3:6]  # re-shuffled per epoch
+    again = OwnData("p", data=DataLoader(labeled(7, 0), batch_size=OWN_BATCH, shuffle=True), val_data=None,
+                    features=lambda m, b: b["x"])
+    again.shard(num_replicas=1, rank=0)
+    again.load_state_dict({"draws": 5})
+    assert [again.next_batch()["idx"].tolist() for _ in range(3)] == seen[5:]
