@@ -177,7 +177,13 @@ class GradRecorder(Callback):
 def backbone_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
     """Weights, buffers (BatchNorm statistics), gradients and optimizer state of the backbone, full tensors."""
     full = _full
-    state = {k: full(v) for k, v in pl_module.encoder.state_dict().items()}
+    if hasattr(pl_module.encoder[0].weight, "ds_id"):  # ZeRO-3 partitions the weights: gather them to compare
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(pl_module.encoder.parameters())):
+            state = {k: full(v) for k, v in pl_module.encoder.state_dict().items()}
+    else:
+        state = {k: full(v) for k, v in pl_module.encoder.state_dict().items()}
     recorder = next(cb for cb in trainer.callbacks if isinstance(cb, GradRecorder))
     grads = {f"{i}/{n}": g for i, step in enumerate(recorder.grads) for n, g in step.items()}
     optimizer = trainer.optimizers[0]
@@ -292,3 +298,8 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
         out["resumed"] = backbone_state(trainer, model)
         out["resumed_steps"], out["resumed_evals"] = recorder.steps, recorder.evals
     return out
+
+
+def run_many(rank: int, world_size: int, specs: list[Spec], tmp: str) -> list[dict[str, Any]]:
+    """`run` for each spec in turn, in one spawned set of processes (start-up is the slow part)."""
+    return [run(rank, world_size, spec, os.path.join(tmp, str(i))) for i, spec in enumerate(specs)]
