@@ -43,7 +43,9 @@ class Unlabeled(Dataset):
 class Net(pl.LightningModule):
     """An encoder with BatchNorm and dropout trained on a label-free loss, with an unlabeled validation loop."""
 
-    def __init__(self, *, norm: bool = True, fsdp2: bool = False, seed_per_batch: bool = False, lr: float = 0.05) -> None:
+    def __init__(
+        self, *, norm: bool = True, fsdp2: bool = False, seed_per_batch: bool = False, lr: float = 0.05
+    ) -> None:
         super().__init__()
         self.seed_per_batch = seed_per_batch
         torch.manual_seed(0)

@@ -51,15 +51,23 @@ def test_resume_mid_epoch_of_the_probe_loader_replays_its_batches(tmp_path):
 
 
 def test_own_data_cycles_and_restores_its_position():
-    own = OwnData("p", data=DataLoader(labeled(7, 0), batch_size=OWN_BATCH, shuffle=True), val_data=None,
-                  features=lambda m, b: b["x"])
+    own = OwnData(
+        "p",
+        data=DataLoader(labeled(7, 0), batch_size=OWN_BATCH, shuffle=True),
+        val_data=None,
+        features=lambda m, b: b["x"],
+    )
     own.shard(num_replicas=1, rank=0)
     seen = [own.next_batch()["idx"].tolist() for _ in range(8)]
     assert own.position == (2, 2)  # 3 batches an epoch
     assert sorted(sum(seen[:3], [])) == list(range(7))
     assert seen[:3] != seen[3:6]  # re-shuffled per epoch
-    again = OwnData("p", data=DataLoader(labeled(7, 0), batch_size=OWN_BATCH, shuffle=True), val_data=None,
-                    features=lambda m, b: b["x"])
+    again = OwnData(
+        "p",
+        data=DataLoader(labeled(7, 0), batch_size=OWN_BATCH, shuffle=True),
+        val_data=None,
+        features=lambda m, b: b["x"],
+    )
     again.shard(num_replicas=1, rank=0)
     again.load_state_dict({"draws": 5})
     assert [again.next_batch()["idx"].tolist() for _ in range(3)] == seen[5:]

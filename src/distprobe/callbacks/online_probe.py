@@ -287,7 +287,9 @@ class OnlineProbe(TrainableCallback):
         self._eval_values = None  # not computed yet this epoch
         if self.own_data is not None and not trainer.sanity_checking:
             # Before any epoch-end hook: the first OnlineProbe there computes every probe's values at once.
-            for features, targets, num_valid in eval_batches(self.own_data, trainer, pl_module, [self.input], self.target):
+            for features, targets, num_valid in eval_batches(
+                self.own_data, trainer, pl_module, [self.input], self.target
+            ):
                 self.probe.eval_step(features[0], targets, num_valid=num_valid)
 
     @override
@@ -407,4 +409,3 @@ def _train_group_members(trainer: pl.Trainer, caller: OnlineProbe) -> list[Onlin
         and getattr(cb, "_grouped_output", None) is None
     ]
     return members if caller in members else [*members, caller]
-

@@ -59,7 +59,9 @@ def model_left_alone(module: nn.Module, device: torch.device, forward_context: A
         forward_context: A context manager to enter around the forward, or None.
     """
     modes = train_modes(module)
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             module.eval()
@@ -85,7 +87,7 @@ def shard_loader(loader: DataLoader, *, num_replicas: int, rank: int, train: boo
     ):
         return loader
     shuffle = train and isinstance(loader.sampler, RandomSampler)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         loader.dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
     )
     return DataLoader(
@@ -249,9 +251,7 @@ class OwnData:
             return iter(())
         return iter(self.val_data)
 
-    def features_of(
-        self, sources: Sequence[str], pl_module: nn.Module, batch: Any
-    ) -> list[torch.Tensor]:
+    def features_of(self, sources: Sequence[str], pl_module: nn.Module, batch: Any) -> list[torch.Tensor]:
         """The features of each source for ``batch``: the taps' captures, else keys of what ``features`` returned.
 
         Call it inside `model_left_alone`.
@@ -340,9 +340,9 @@ def draw_features(
     return features, targets
 
 
-def eval_batches(own: OwnData, trainer: Any, pl_module: nn.Module, sources: Sequence[str], target: str) -> Iterator[
-    tuple[list[torch.Tensor], torch.Tensor, int | None]
-]:
+def eval_batches(
+    own: OwnData, trainer: Any, pl_module: nn.Module, sources: Sequence[str], target: str
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, int | None]]:
     """Features, targets and the count of real samples of each of this rank's own validation batches.
 
     Every rank yields as many batches as the longest share over all ranks (one all-reduce at
@@ -388,9 +388,7 @@ def eval_batches(own: OwnData, trainer: Any, pl_module: nn.Module, sources: Sequ
             yield features, targets, num_valid
 
 
-def own_data_of(
-    name: str, data: Any, val_data: Any, features: FeatureFn | None, every_n_steps: int
-) -> OwnData | None:
+def own_data_of(name: str, data: Any, val_data: Any, features: FeatureFn | None, every_n_steps: int) -> OwnData | None:
     """The `OwnData` of a callback's ``data``/``val_data``/``features``/``every_n_steps`` arguments, or None.
 
     Raises:
