@@ -1,7 +1,9 @@
 """`OnlineKNN` in a real `lightning.Trainer` on 2 gloo ranks: a resumed fit predicts what the uninterrupted one did.
 
 Lightning writes rank 0's callback state only: that state holds every rank's shard, and each rank takes its own
-back. DDP runs in bf16-mixed (features arrive in bf16); FSDP2 through the ``distprobe_fsdp2`` strategy.
+back. DDP runs in bf16-mixed (features arrive in bf16); FSDP2 through the ``distprobe_fsdp2`` strategy, FSDP1
+through ``distprobe_fsdp``, DeepSpeed ZeRO-2 through ``distprobe_deepspeed_stage_2``. All four fit in one set of
+spawned ranks (a spawn costs seconds of CI).
 """
 
 import pytest
@@ -13,13 +15,20 @@ pytestmark = pytest.mark.distributed
 
 SPECS = {
     "ddp_bf16": Spec("distprobe_ddp", precision="bf16-mixed"),
+    "fsdp1": Spec("distprobe_fsdp"),
     "fsdp2": Spec("distprobe_fsdp2", kind="fsdp2"),
+    "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
 }
 
 
+@pytest.fixture(scope="module")
+def every_strategy(tmp_path_factory):
+    return run_distributed(lightning_scenario.run_all, 2, SPECS, str(tmp_path_factory.mktemp("knn")))
+
+
 @pytest.mark.parametrize("name", list(SPECS))
-def test_resume_reproduces_the_uninterrupted_runs_predictions(name, tmp_path):
-    results = run_distributed(lightning_scenario.run, 2, SPECS[name], str(tmp_path))
+def test_resume_reproduces_the_uninterrupted_runs_predictions(name, every_strategy):
+    results = [per_rank[name] for per_rank in every_strategy]
     for rank, result in enumerate(results):
         whole_preds, whole_logged, whole_facts = result["whole"]
         resumed_preds, resumed_logged, resumed_facts = result["resumed"]
