@@ -53,3 +53,18 @@ def test_demo_cli_with_two_ddp_processes(tmp_path):
     assert len(lines) == 3, proc.stdout  # one table, printed by rank 0 only
     assert "nan" not in " ".join(lines), proc.stdout
     assert proc.stdout.count("final:") == 1
+
+
+def test_demo_with_unlabeled_pretraining_and_probes_on_a_labeled_subset(tmp_path):
+    """`distprobe demo --probe-data labeled-subset`: the pretraining batches carry no label; the probes train on
+    20% of the training split and are evaluated on the labeled validation split."""
+    from distprobe.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--probe-data", "labeled-subset"])
+    assert args.probe_data == "labeled-subset"
+    config = DemoConfig(epochs=8, out_dir=str(tmp_path), progress_bar=False, probe_data="labeled-subset")
+    result = run_demo(config)
+    assert len(result["rows"]) == 8
+    # 10 classes: chance is 0.1.
+    assert result["final"]["eval/linear_top1"] > 0.5  # 0.70 measured
+    assert result["final"]["eval/mlp_top1"] > 0.5  # 0.65 measured

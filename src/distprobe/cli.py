@@ -17,6 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         out_dir=args.out_dir,
         progress_bar=not args.no_progress_bar,
+        probe_data=args.probe_data,
     )
     result = run_demo(config)
     final = result["final"]
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out-dir", default="distprobe_runs/demo")
     demo.add_argument("--no-progress-bar", action="store_true")
+    demo.add_argument(
+        "--probe-data",
+        choices=["pretraining-labels", "labeled-subset"],
+        default="pretraining-labels",
+        help="labeled-subset: pretrain on unlabeled digits, probes train on a labeled subset of their own",
+    )
     demo.set_defaults(run=_demo)
     try:
         from distprobe.cluster.cli import add_submit_arguments, run_submit

@@ -63,20 +63,37 @@ class DemoConfig:
     """Resume from this checkpoint."""
     extra_callbacks: list[Any] = field(default_factory=list)
     """More Lightning callbacks (for example a preemption handler)."""
+    probe_data: Literal["pretraining-labels", "labeled-subset"] = "pretraining-labels"
+    """``pretraining-labels``: the probes read the labels of the pretraining batches. ``labeled-subset``: the
+    pretraining stream has no labels; the probes train on a labeled subset of their own (``labeled_fraction`` of the
+    training split) and are evaluated on the labeled validation split (docs/own-data.md)."""
+    labeled_fraction: float = 0.2
+    """With ``probe_data="labeled-subset"``: the share of the training split that is labeled."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "devices"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"demo: argument '{name}' got {value!r}; expected a positive int.")
+        if self.probe_data not in ("pretraining-labels", "labeled-subset"):
+            raise ValueError(
+                f"demo: argument 'probe_data' got {self.probe_data!r}; expected 'pretraining-labels' or "
+                "'labeled-subset'."
+            )
+        if not 0.0 < self.labeled_fraction <= 1.0:
+            raise ValueError(f"demo: argument 'labeled_fraction' got {self.labeled_fraction!r}; expected (0, 1].")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"demo: argument 'lr_schedule' got {self.lr_schedule!r}; expected 'constant' or 'cosine'.")
 
 
 class Digits(Dataset):
-    """scikit-learn's 8x8 digits as ``{"image": (1, 8, 8) float in [0, 1], "label": int, "index": int}``."""
+    """scikit-learn's 8x8 digits as ``{"image": (1, 8, 8) float in [0, 1], "label": int, "index": int}``.
 
-    def __init__(self, split: str, seed: int = 0) -> None:
+    With ``labeled=False`` the items have no ``"label"`` (a pretraining stream without labels); ``fraction`` keeps
+    only the first part of the split (a small labeled subset for probes on their own data).
+    """
+
+    def __init__(self, split: str, seed: int = 0, *, labeled: bool = True, fraction: float = 1.0) -> None:
         try:
             from sklearn.datasets import load_digits
         except ImportError as err:  # the demo extra
@@ -87,13 +104,17 @@ class Digits(Dataset):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         n_val = len(labels) // 5
         keep = order[:n_val] if split == "val" else order[n_val:]
+        keep = keep[: max(1, round(fraction * len(keep)))]
         self.images = images[keep].unsqueeze(1)
         self.labels = labels[keep]
+        self.labeled = labeled
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if not self.labeled:
+            return {"image": self.images[i], "index": i}
         return {"image": self.images[i], "label": self.labels[i], "index": i}
 
 
@@ -173,17 +194,18 @@ class DigitsData(pl.LightningDataModule):
     loaded, so Lightning 2.6 silently skips that restore. A datamodule's state is restored in every case.
     """
 
-    def __init__(self, batch_size: int, seed: int = 0) -> None:
+    def __init__(self, batch_size: int, seed: int = 0, *, labeled: bool = True) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.seed = seed
+        self.labeled = labeled
         self.train_sampler: ResumableSampler | None = None
         self._pending_order: dict[str, int] | None = None
 
     @override
     def train_dataloader(self) -> DataLoader:
         rank, world_size = rank_and_world_size()
-        dataset = Digits("train", self.seed)
+        dataset = Digits("train", self.seed, labeled=self.labeled)
         self.train_sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed)
         if self._pending_order is not None:
             self.train_sampler.load_state_dict(self._pending_order)
@@ -195,7 +217,7 @@ class DigitsData(pl.LightningDataModule):
     @override
     def val_dataloader(self) -> DataLoader:
         # Lightning shards it with a DistributedSampler; OnlineProbe leaves its padding out of the metrics.
-        return DataLoader(Digits("val", self.seed), batch_size=256)
+        return DataLoader(Digits("val", self.seed, labeled=self.labeled), batch_size=256)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -271,8 +293,34 @@ class SimCLR(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
-def make_probes(module: SimCLR | None = None) -> list[OnlineProbe]:
-    """The demo's two probes: linear (LARS, the SSL default) and a small MLP (AdamW, cosine schedule)."""
+def embed(pl_module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The probes' input on their own batches: the clean image's embedding (as ``training_step`` returns it)."""
+    return pl_module.backbone(batch["image"])  # type: ignore[operator]
+
+
+def labeled_subset(config: DemoConfig) -> dict[str, Any]:
+    """The probes' own data for ``probe_data="labeled-subset"``.
+
+    A labeled part of the training split, the labeled validation split, and the feature function: `OnlineProbe`'s
+    ``data``, ``val_data`` and ``features``.
+    """
+    train = Digits("train", config.seed, fraction=config.labeled_fraction)
+    return {
+        # Sharded over the ranks by the probe (a DistributedSampler), cycled, re-shuffled each epoch of its own.
+        "data": DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=True),
+        "val_data": DataLoader(Digits("val", config.seed), batch_size=256),
+        "features": embed,
+    }
+
+
+def make_probes(module: SimCLR | None = None, own_data: dict[str, Any] | None = None) -> list[OnlineProbe]:
+    """The demo's two probes: linear (LARS, the SSL default) and a small MLP (AdamW, cosine schedule).
+
+    Args:
+        module: The SimCLR module (None: taken at setup).
+        own_data: `labeled_subset`'s arguments, for probes on their own labeled data; None: the pretraining labels.
+    """
+    own = {} if own_data is None else own_data
 
     def metrics() -> dict[str, torchmetrics.Metric]:
         return {
@@ -289,6 +337,7 @@ def make_probes(module: SimCLR | None = None) -> list[OnlineProbe]:
             probe=nn.Linear(128, NUM_CLASSES),
             optimizer=None,
             metrics=metrics(),
+            **own,
         ),
         OnlineProbe(
             module,
@@ -299,6 +348,7 @@ def make_probes(module: SimCLR | None = None) -> list[OnlineProbe]:
             optimizer={"type": "AdamW", "lr": 1e-3},
             scheduler="CosineAnnealingLR",
             metrics=metrics(),
+            **own,
         ),
     ]
 
@@ -391,7 +441,8 @@ def build_training(
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
     module = SimCLR(lr=config.lr, temperature=config.temperature, seed=config.seed, lr_schedule=config.lr_schedule)
-    probes = make_probes(module)
+    own_data = labeled_subset(config) if config.probe_data == "labeled-subset" else None
+    probes = make_probes(module, own_data)
     table = EpochTable()
     distributed = config.devices * num_nodes > 1
     trainer = pl.Trainer(
@@ -411,7 +462,11 @@ def build_training(
         num_sanity_val_steps=0,
     )
     return DemoTraining(
-        trainer=trainer, module=module, data=DigitsData(config.batch_size, config.seed), probes=probes, table=table
+        trainer=trainer,
+        module=module,
+        data=DigitsData(config.batch_size, config.seed, labeled=own_data is None),
+        probes=probes,
+        table=table,
     )
 
 
