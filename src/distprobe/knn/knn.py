@@ -115,7 +115,7 @@ class ShardedKNN:
         rows = max(1, search.SCORE_BLOCK // filled)
         values, positions = [], []
         for start in range(0, queries.shape[0], rows):
-            scores = self.shard.logical_scores(queries[start : start + rows], block=rows)
+            scores = self.shard.logical_scores(queries[start : start + rows], block=search.CAST_BLOCK)
             v, p = search.ordered_topk(scores, k)
             values.append(v)
             positions.append(p)

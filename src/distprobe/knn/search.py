@@ -17,6 +17,8 @@ from torch.nn import functional as F  # noqa: N812 - torch's own convention
 
 #: Largest number of scores computed at once (queries x buffer rows): bounds the eval's transient memory.
 SCORE_BLOCK = 1 << 22
+#: Rows of a bf16/fp16 buffer cast to float32 at once for scoring.
+CAST_BLOCK = 1 << 16
 
 
 def normalized(features: torch.Tensor) -> torch.Tensor:

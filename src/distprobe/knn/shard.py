@@ -46,9 +46,11 @@ class RingShard:
     def logical_scores(self, queries: torch.Tensor, block: int) -> torch.Tensor:
         """``(Q, filled)`` float32 dot products with the kept samples, oldest sample first.
 
-        The buffer is cast to float32 ``block`` rows at a time, so a bf16/fp16 buffer is never copied whole.
+        A bf16/fp16 buffer is cast to float32 ``block`` rows at a time, so it is never copied whole.
         """
         filled = self.filled
+        if self.features.dtype == torch.float32:  # no cast, so no copy: one matmul
+            block = max(1, filled)
         parts = [
             queries @ self.features[start : min(start + block, filled)].float().T for start in range(0, filled, block)
         ]
