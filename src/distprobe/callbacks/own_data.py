@@ -1,315 +1,39 @@
-"""A probe's own labeled data: when the pretraining stream has no labels, the probe draws batches of its own.
+"""The Lightning side of a probe's own labeled data: the extra forward in a Trainer, and the callbacks' arguments.
 
-`OwnData` is the framework-agnostic driver shared by `OnlineProbe` and `OnlineProbeBank` (and meant for
-`OnlineKNN` later: it only needs `due`, `next_batch`, `features_of` and the state methods). It holds the probe's
-train and validation loaders, shards them over the probe's data-parallel group, cycles the train loader, and keeps
-its position in a form that every rank can restore without a collective. `model_left_alone` is the context of the
-extra forward: no_grad, eval mode, the main model's autocast, and the torch RNG streams saved and restored.
-
-Why cycling needs no collective: whether a probe step happens is decided from the count of main training batches,
-which is the same on every rank, and a rank whose loader runs out starts a new epoch of it at once, on its own. Every
-rank therefore runs the extra forward (a collective under FSDP and ZeRO-3) at the same steps, whatever the length of
-its share of the data. The position is a count of batches drawn (the same on every rank); each rank turns it into
-its own (epoch, batch) from its own loader's length, so a user loader with uneven shares restores exactly too.
+The torch-only driver is `distprobe.features.own_data.OwnData` (re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from distprobe.callbacks.keys import lookup
-from distprobe.features import TapSet
+from distprobe.features.own_data import (
+    FeatureFn,
+    OwnData,
+    model_left_alone,
+    restore_train_modes,
+    shard_loader,
+    train_modes,
+)
 
-#: ``features(pl_module, batch) -> tensor`` (or a dict of tensors keyed by the probe's input names).
-FeatureFn = Callable[[nn.Module, Any], Any]
-
-
-def train_modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Every submodule of ``module`` with its ``training`` flag, to put back with `restore_train_modes`."""
-    return [(m, m.training) for m in module.modules()]
-
-
-def restore_train_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    """Put back the ``training`` flag of each submodule saved by `train_modes`."""
-    for module, training in modes:
-        module.training = training
-
-
-@contextlib.contextmanager
-def model_left_alone(module: nn.Module, device: torch.device, forward_context: Any = None) -> Iterator[None]:
-    """Run an extra forward of ``module`` that leaves no trace on its training.
-
-    Inside the block: no autograd graph, every submodule in eval mode (BatchNorm neither uses nor updates batch
-    statistics, dropout is off), ``forward_context`` (Lightning's ``precision_plugin.forward_context()``) entered.
-    Afterwards each submodule's train/eval flag and the torch CPU and CUDA RNG states are what they were, so the
-    main training draws the same random numbers (dropout masks, augmentations, the main loader's shuffle) as it would
-    without the probe.
-
-    Args:
-        module: The model whose forward runs (the LightningModule).
-        device: The device whose CUDA RNG is saved too (CPU: only the CPU RNG).
-        forward_context: A context manager to enter around the forward, or None.
-    """
-    modes = train_modes(module)
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    )
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            module.eval()
-            with forward_context if forward_context is not None else contextlib.nullcontext():
-                yield
-    finally:
-        restore_train_modes(modes)
-
-
-def shard_loader(loader: DataLoader, *, num_replicas: int, rank: int, train: bool, seed: int = 0) -> DataLoader:
-    """``loader`` with a `DistributedSampler` over ``num_replicas`` ranks, so each sample is seen once per epoch.
-
-    A loader that already has a `DistributedSampler`, a ``batch_sampler`` of its own (no fixed ``batch_size``) or
-    an IterableDataset is returned as it is: its sharding is the user's. A training loader is shuffled (per epoch,
-    through ``set_epoch``) when it was built with ``shuffle=True``; a validation loader never is, and keeps
-    ``drop_last=False`` so that the exact-eval helpers can drop the sampler's padding. Even in one process, the
-    sampler is a `DistributedSampler`: its order depends only on ``seed`` and the epoch, so a resume can replay it.
-    """
-    if (
-        isinstance(loader.sampler, DistributedSampler)
-        or loader.batch_size is None
-        or isinstance(loader.dataset, IterableDataset)
-    ):
-        return loader
-    shuffle = train and isinstance(loader.sampler, RandomSampler)
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        loader.dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-    )
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last if train else False,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-    )
-
-
-def _set_epoch(loader: DataLoader, epoch: int) -> None:
-    for holder in (loader.sampler, getattr(loader, "batch_sampler", None)):
-        if hasattr(holder, "set_epoch"):
-            holder.set_epoch(epoch)  # type: ignore[union-attr]
-            return
-
-
-class OwnData:
-    """Where a probe's own labeled batches come from, when it trains on them, and how far it has got.
-
-    Args:
-        name: The probe's name, for error messages.
-        data: The training DataLoader (dict batches holding the probe's ``target`` key).
-        val_data: The validation DataLoader, or None (no evaluation on own data).
-        features: ``features(pl_module, batch)`` computing the probe's input from one batch: a tensor, or a dict
-            keyed by the probe's input names; with a submodule tap as input it only needs to run the model.
-        every_n_steps: A probe step every ``every_n_steps`` main training batches (the 1st, 2nd... full window).
-        seed: Seed of the training sampler's shuffle.
-
-    Example:
-        >>> from torch.utils.data import TensorDataset
-        >>> own = OwnData("p", data=DataLoader(TensorDataset(torch.arange(5.0)), batch_size=2), val_data=None,
-        ...               features=lambda m, b: b, every_n_steps=2)
-        >>> own.shard(num_replicas=1, rank=0)
-        >>> [own.due() for _ in range(4)]
-        [False, True, False, True]
-    """
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        data: DataLoader,
-        val_data: DataLoader | None,
-        features: FeatureFn,
-        every_n_steps: int = 1,
-        seed: int = 0,
-    ) -> None:
-        if not isinstance(data, DataLoader):
-            raise ValueError(f"probe '{name}': argument 'data' got {type(data).__name__}; expected a DataLoader.")
-        if val_data is not None and not isinstance(val_data, DataLoader):
-            raise ValueError(
-                f"probe '{name}': argument 'val_data' got {type(val_data).__name__}; expected a DataLoader or None."
-            )
-        if not callable(features):
-            raise ValueError(
-                f"probe '{name}': argument 'features' got {features!r}; expected a callable "
-                "features(pl_module, batch) -> tensor that runs the model on the probe's own batch."
-            )
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"probe '{name}': argument 'every_n_steps' got {every_n_steps!r}; expected an int >= 1.")
-        self.name = name
-        self.data = data
-        self.val_data = val_data
-        self.features = features
-        self.every_n_steps = every_n_steps
-        self.seed = seed
-        self.batches_seen = 0
-        """Main training batches seen (the same on every rank)."""
-        self.draws = 0
-        """Probe batches drawn (the same on every rank)."""
-        self._iterator: Iterator[Any] | None = None
-        self._epoch = 0
-        self._batch = 0
-        self.taps = TapSet()
-        self._sharded = False
-
-    # --- set-up -------------------------------------------------------------------------------------------------
-
-    def shard(self, *, num_replicas: int, rank: int) -> None:
-        """Shard both loaders over the probe's data-parallel group (once; a second fit keeps them)."""
-        if self._sharded:
-            return
-        self.data = shard_loader(self.data, num_replicas=num_replicas, rank=rank, train=True, seed=self.seed)
-        if self.val_data is not None:
-            self.val_data = shard_loader(self.val_data, num_replicas=num_replicas, rank=rank, train=False)
-        self._sharded = True
-
-    def shard_over(self, group: dist.ProcessGroup | None) -> None:
-        """`shard` over ``group`` (None or no process group: one rank)."""
-        if dist.is_available() and dist.is_initialized():
-            self.shard(num_replicas=dist.get_world_size(group), rank=dist.get_rank(group))
-        else:
-            self.shard(num_replicas=1, rank=0)
-
-    def tap(self, pl_module: nn.Module, sources: Sequence[str]) -> None:
-        """Hook the sources that name submodules of ``pl_module`` (taps of this probe's own forward only)."""
-        from distprobe.callbacks.taps import forces_tap
-        from distprobe.features import is_tap_spec
-
-        if self.taps.root is pl_module:
-            return
-        self.taps.remove()
-        self.taps = TapSet()
-        self.taps.attach(pl_module)
-        for source in sources:
-            if forces_tap(source) or is_tap_spec(source, pl_module):
-                self.taps.add(source, probe_name=self.name)
-
-    def release(self) -> None:
-        """Remove the taps' hooks."""
-        self.taps.remove()
-        self.taps = TapSet()
-
-    # --- schedule and data --------------------------------------------------------------------------------------
-
-    def due(self) -> bool:
-        """Count one main training batch; True when the probe trains on its own data after it."""
-        self.batches_seen += 1
-        return self.batches_seen % self.every_n_steps == 0
-
-    @property
-    def position(self) -> tuple[int, int]:
-        """(epoch, batch index) of the next batch in this rank's training loader."""
-        return self._epoch, self._batch
-
-    def next_batch(self) -> Any:
-        """The next training batch of this rank, starting a new epoch of the loader when it runs out.
-
-        Call it inside `model_left_alone` (or a ``torch.random.fork_rng``): creating a DataLoader iterator draws
-        from the global torch RNG.
-        """
-        for _ in range(2):
-            if self._iterator is None:
-                _set_epoch(self.data, self._epoch)
-                self._iterator = iter(self.data)
-                if self._batch:
-                    # A resume: skip to the batch an uninterrupted run would draw next (the sampler's order depends
-                    # only on its seed and epoch, so this replays it).
-                    next(itertools.islice(self._iterator, self._batch - 1, None), None)
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                self._epoch, self._batch = self._epoch + 1, 0
-                continue
-            self._batch += 1
-            self.draws += 1
-            return batch
-        raise ValueError(f"probe '{self.name}': argument 'data' yields no batch on this rank; give it some samples.")
-
-    def val_batches(self) -> Iterator[Any]:
-        """This rank's validation batches (its share of the validation set, padding included)."""
-        if self.val_data is None:
-            return iter(())
-        return iter(self.val_data)
-
-    def features_of(self, sources: Sequence[str], pl_module: nn.Module, batch: Any) -> list[torch.Tensor]:
-        """The features of each source for ``batch``: the taps' captures, else keys of what ``features`` returned.
-
-        Call it inside `model_left_alone`.
-        """
-        if self.taps.specs:
-            self.taps.arm()
-        result = self.features(pl_module, batch)
-        out = []
-        for source in sources:
-            if source in self.taps:
-                out.append(self.taps.take(source))
-            elif isinstance(result, torch.Tensor) and len(sources) == 1:
-                out.append(result)
-            elif isinstance(result, Mapping):
-                out.append(lookup(source, result, batch, probe_name=self.name, argument="input"))
-            else:
-                raise ValueError(
-                    f"probe '{self.name}': argument 'features' returned {type(result).__name__} for input "
-                    f"{source!r}; expected a tensor (one input) or a dict of tensors keyed by the input names "
-                    f"{list(sources)}, or name a submodule to tap as input."
-                )
-        return [f.detach() for f in out]
-
-    # --- checkpoints --------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The counts (the same on every rank, so rank 0's checkpoint restores every rank)."""
-        return {"batches_seen": self.batches_seen, "draws": self.draws, "every_n_steps": self.every_n_steps}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Go back to the saved counts; this rank's loader resumes at the batch an uninterrupted run draws next."""
-        self.batches_seen = int(state.get("batches_seen", 0))
-        self.draws = int(state.get("draws", 0))
-        self._iterator = None
-        self._epoch, self._batch = self._locate(self.draws)
-
-    def _locate(self, draws: int) -> tuple[int, int]:
-        try:
-            length = len(self.data)
-        except TypeError:
-            length = None
-        if length:
-            return divmod(draws, length)
-        # No length (an iterable loader): replay the draws, cycling as `next_batch` does.
-        epoch, batch, iterator = 0, 0, None
-        with torch.random.fork_rng(devices=[]):
-            for _ in range(draws):
-                while True:
-                    if iterator is None:
-                        _set_epoch(self.data, epoch)
-                        iterator = iter(self.data)
-                    try:
-                        next(iterator)
-                        batch += 1
-                        break
-                    except StopIteration:
-                        iterator, epoch, batch = None, epoch + 1, 0
-        return epoch, batch
+__all__ = [
+    "FeatureFn",
+    "OwnData",
+    "draw_features",
+    "eval_batches",
+    "model_left_alone",
+    "move_to",
+    "own_data_of",
+    "restore_train_modes",
+    "shard_loader",
+    "train_modes",
+]
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
