@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -71,3 +72,31 @@ def test_own_data_cycles_and_restores_its_position():
     again.shard(num_replicas=1, rank=0)
     again.load_state_dict({"draws": 5})
     assert [again.next_batch()["idx"].tolist() for _ in range(3)] == seen[5:]
+
+
+def test_a_tap_as_input_reads_the_probes_own_forward():
+    """``input="encoder"`` (a submodule tap) with ``features`` only running the model gives the probe of the key."""
+    from own_data.scenario import Recorder, fit, own_loaders, probe
+
+    spec = Spec("auto")
+    finals = []
+    for tap in (False, True):
+        recorder = Recorder()
+        data, val = own_loaders(0, 1, spec)
+        fit(spec, 0, 1, [probe(data, val, tap=tap), recorder], enable_checkpointing=False)
+        finals.append((recorder.steps[-1]["probe"], recorder.evals))
+    assert torch.equal(finals[0][0], finals[1][0])
+    assert finals[0][1] == finals[1][1]
+
+
+def test_own_data_arguments_are_checked():
+    from distprobe.callbacks import OnlineProbe
+
+    loader = DataLoader(labeled(4, 0), batch_size=2)
+    common = dict(name="p", input="emb", target="label", probe=torch.nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="'data' needs 'features'"):
+        OnlineProbe(None, **common, data=loader)
+    with pytest.raises(ValueError, match="'val_data' is given without 'data'"):
+        OnlineProbe(None, **common, val_data=loader)
+    with pytest.raises(ValueError, match="'every_n_steps' got 0"):
+        OnlineProbe(None, **common, data=loader, features=lambda m, b: b["x"], every_n_steps=0)
