@@ -171,6 +171,7 @@ class OwnData:
         self._batch = 0
         self.taps = TapSet()
         self._sharded = False
+        self._located = True
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
@@ -216,6 +217,7 @@ class OwnData:
     @property
     def position(self) -> tuple[int, int]:
         """(epoch, batch index) of the next batch in this rank's training loader."""
+        self._locate_if_resumed()
         return self._epoch, self._batch
 
     def next_batch(self) -> Any:
@@ -224,6 +226,7 @@ class OwnData:
         Call it inside `model_left_alone` (or a ``torch.random.fork_rng``): creating a DataLoader iterator draws
         from the global torch RNG.
         """
+        self._locate_if_resumed()
         for _ in range(2):
             if self._iterator is None:
                 _set_epoch(self.data, self._epoch)
@@ -284,7 +287,13 @@ class OwnData:
         self.batches_seen = int(state.get("batches_seen", 0))
         self.draws = int(state.get("draws", 0))
         self._iterator = None
-        self._epoch, self._batch = self._locate(self.draws)
+        # Located at the next draw, not now: the loader may not be sharded yet (its length is then not this rank's).
+        self._located = False
+
+    def _locate_if_resumed(self) -> None:
+        if not self._located:
+            self._epoch, self._batch = self._locate(self.draws)
+            self._located = True
 
     def _locate(self, draws: int) -> tuple[int, int]:
         try:
