@@ -275,7 +275,7 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     data, val = own_loaders(rank, world_size, spec)
     callbacks: list[Callback] = [probe(data, val)]
-    if spec.norm:
+    if spec.norm or spec.uneven:
         data_b, val_b = own_loaders(rank, world_size, spec)
         callbacks.append(bank(data_b, val_b))
     trainer, model = fit(spec, rank, world_size, [*callbacks, recorder, checkpoint])
@@ -286,7 +286,7 @@ def run(rank: int, world_size: int, spec: Spec, tmp: str) -> dict[str, Any]:
         recorder = Recorder()
         data, val = own_loaders(rank, world_size, spec)
         callbacks = [probe(data, val)]
-        if spec.norm:
+        if spec.norm or spec.uneven:
             data_b, val_b = own_loaders(rank, world_size, spec)
             callbacks.append(bank(data_b, val_b))
         trainer, model = fit(

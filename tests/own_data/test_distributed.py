@@ -54,15 +54,25 @@ def test_ddp_backbone_untouched_and_two_ranks_equal_one_process(tmp_path):
     "spec",
     [
         pytest.param(Spec("distprobe_fsdp2", fsdp2=True, uneven=True), id="fsdp2"),
+        # Without BatchNorm: each rank's running statistics differ (no SyncBatchNorm) and the checkpoint restores one
+        # copy, so a resumed backbone's eval-mode features would differ from the uninterrupted run's on their own.
+        pytest.param(Spec("distprobe_fsdp2", fsdp2=True, norm=False, uneven=True, resume=True), id="fsdp2_resume"),
         pytest.param(Spec("distprobe_deepspeed_stage_3", uneven=True), id="deepspeed_stage_3"),
     ],
 )
 def test_sharded_backbones_do_not_hang_on_uneven_probe_loaders(tmp_path, spec):
     """Rank 0's probe loaders have 4 training and 3 validation batches, rank 1's 3 and 2: the extra forward (a
     collective) still runs at the same steps on every rank, the probe replicas stay identical, the backbone trains
-    as without probes."""
+    as without probes. Under FSDP2 a run resumed from the epoch-0 checkpoint (rank 0's callback state: each rank
+    finds its own loader position from the draw count) ends where the uninterrupted run did."""
     ranks = run_distributed(run, 2, spec, str(tmp_path), timeout=240.0)
     for rank in ranks:
         _assert_same_backbone(rank["plain"], rank["probed"])
         _assert_replicas_identical(rank["steps"])
+        if spec.resume:
+            tail = rank["steps"][-len(rank["resumed_steps"]) :]
+            for uninterrupted, resumed in zip(tail, rank["resumed_steps"], strict=True):
+                assert torch.equal(uninterrupted["probe"], resumed["probe"])
+                assert torch.equal(uninterrupted["bank"], resumed["bank"])
+            assert rank["resumed_evals"][-1] == rank["evals"][-1]
     assert ranks[0]["evals"] == ranks[1]["evals"]
