@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from distprobe.callbacks.cadence import values_already_reduced
+from distprobe.callbacks.exit import destroy_gloo_group_at_exit
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
@@ -123,6 +124,7 @@ class OnlineKNN(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._tap_inputs = TapInputs.of(pl_module)
+        destroy_gloo_group_at_exit()  # see callbacks/exit.py
         self._tap_inputs.request(self, self.input, probe_name=self.name)
         if self._knn is None:
             if self._pending_state is not None:
