@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
@@ -23,7 +22,7 @@ from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.callbacks.taps import TapInputs, check_input_spec
-from distprobe.engine import maths
+from distprobe.callbacks.trainable import optimizer_steps_of_fit
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.strategies.groups import data_parallel_group
@@ -181,7 +180,9 @@ class OnlineProbeBank(Callback):
             in_features=in_features,
             dp_group=data_parallel_group(trainer.strategy),
             device=trainer.strategy.root_device,
-            total_steps=self._total_steps(trainer),
+            # Lengths come later (`set_total_steps`): Lightning's step estimate loads the train dataloader, and asked
+            # at setup it would make Lightning skip restoring a stateful loader's position.
+            total_steps=None,
             metrics=self.metrics,
         )
         modules = registry(pl_module, "callbacks_modules")
@@ -194,16 +195,6 @@ class OnlineProbeBank(Callback):
         if self._pending_state is not None:
             self._bank.load_state_dict(self._pending_state)
             self._pending_state = None
-
-    def _total_steps(self, trainer: pl.Trainer) -> int | None:
-        try:
-            main_steps = trainer.estimated_stepping_batches
-        except Exception:  # noqa: BLE001 - no estimate (outside fit, or before the loader is set up)
-            return None
-        if not math.isfinite(main_steps):
-            return None
-        micro_batches = int(main_steps) * trainer.accumulate_grad_batches
-        return maths.optimizer_steps(micro_batches, self.config.accumulate_grad_batches)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -242,7 +233,7 @@ class OnlineProbeBank(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The train loader is set up (and restored) by now: the step estimate no longer disturbs its restore.
         if self._bank is not None:
-            self._bank.set_total_steps(self._total_steps(trainer))
+            self._bank.set_total_steps(optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches))
 
     # --- training -----------------------------------------------------------------------------------------------
 
@@ -282,6 +273,9 @@ class OnlineProbeBank(Callback):
         raise_if_any_rank_failed(problem, group)
         if self._bank is None:
             self._build({s: int(f[0].numel()) for s, f in zip(self.config.inputs, features, strict=True)})
+            # Built after on_train_start: the schedule's length now (a collective, every rank at this first batch).
+            assert self._trainer is not None, "the first batch comes after setup"
+            self.bank.set_total_steps(optimizer_steps_of_fit(self._trainer, self.config.accumulate_grad_batches))
         self._checked_first_batch = True
         return features, targets
 

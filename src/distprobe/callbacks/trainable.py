@@ -107,14 +107,7 @@ class TrainableCallback(Callback):
         metrics[self.name] = self.metrics.as_module_dict() if isinstance(metrics, nn.Module) else self.metrics
 
     def _total_optimizer_steps(self, trainer: pl.Trainer) -> int | None:
-        try:
-            main_steps = trainer.estimated_stepping_batches
-        except Exception:  # noqa: BLE001 - no estimate (e.g. outside fit): scheduler defaults use their own
-            return None
-        if not math.isfinite(main_steps):
-            return None
-        micro_batches = int(main_steps) * trainer.accumulate_grad_batches
-        return maths.optimizer_steps(micro_batches, self.config.accumulate_grad_batches)
+        return optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -184,6 +177,22 @@ class TrainableCallback(Callback):
 
     def _device(self) -> torch.device:
         return next(self.probe.module.parameters()).device
+
+
+def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int) -> int | None:
+    """A probe's optimizer steps over the fit, from Lightning's estimate (None when there is none).
+
+    Ask only once the train dataloader is set up (``on_train_start`` or later): the estimate loads the loader, and
+    asked earlier it makes Lightning skip restoring a stateful loader's position.
+    """
+    try:
+        main_steps = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - no estimate (e.g. outside fit): scheduler defaults use their own
+        return None
+    if not math.isfinite(main_steps):
+        return None
+    micro_batches = int(main_steps) * trainer.accumulate_grad_batches
+    return maths.optimizer_steps(micro_batches, accumulate_grad_batches)
 
 
 def _without_main_optimizer(trainer: pl.Trainer) -> bool:
