@@ -194,8 +194,9 @@ def report(rank: int, script: str, losses: dict[str, torch.Tensor], metrics: dic
 def finish() -> None:
     """Leave without running interpreter teardown.
 
-    FSDP2 on CPU/gloo aborts at interpreter exit (SIGABRT from a gloo thread) in about 1 run in 6, even after
-    destroy_process_group(): once the run's checks have passed, flush and exit straight away.
+    FSDP2 on CPU/gloo aborted at interpreter exit (SIGABRT from a gloo thread) in about 1 run in 6, even after
+    destroy_process_group(): a gloo worker frees the last collective's tensors after finalization began
+    (distprobe/engine/clean_exit.py). Once the run's checks have passed, flush and exit without finalization.
     """
     dist.barrier()
     dist.destroy_process_group()

@@ -28,6 +28,7 @@ from distprobe.bank.checks import first_batch_problem as bank_first_batch_proble
 from distprobe.bank.metrics_set import logged_keys
 from distprobe.engine import Probe, ProbeConfig, ProbeGroup, maths
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
+from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
 from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
@@ -151,6 +152,7 @@ class ProbeSet:
         knns: Sequence[KNNSpec] = (),
     ) -> None:
         assert len(probes) == len(specs)
+        settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
         self.probes: dict[str, Probe] = {p.name: p for p in probes}
         self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
         self.dp_group = dp_group

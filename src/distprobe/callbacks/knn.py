@@ -12,10 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from distprobe.callbacks.cadence import values_already_reduced
-from distprobe.callbacks.exit import destroy_gloo_group_at_exit
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
+from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
 from distprobe.knn.checks import first_batch_problem
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
@@ -124,7 +124,7 @@ class OnlineKNN(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._tap_inputs = TapInputs.of(pl_module)
-        destroy_gloo_group_at_exit()  # see callbacks/exit.py
+        settle_gloo_workers_at_exit()  # see engine/clean_exit.py
         self._tap_inputs.request(self, self.input, probe_name=self.name)
         if self._knn is None:
             if self._pending_state is not None:

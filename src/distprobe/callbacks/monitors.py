@@ -12,10 +12,10 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from distprobe.callbacks.cadence import values_already_reduced
-from distprobe.callbacks.exit import destroy_gloo_group_at_exit
 from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
+from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_metrics_synced
 from distprobe.monitors.functional import occurrence_index
@@ -138,7 +138,7 @@ class EmbeddingMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._group = data_parallel_group(trainer.strategy)
         self._device = trainer.strategy.root_device
-        destroy_gloo_group_at_exit()  # see callbacks/exit.py
+        settle_gloo_workers_at_exit()  # see engine/clean_exit.py
         if self._dim is not None and not self.metrics:
             self._build(self._dim)
         for metrics in self.metrics.values():

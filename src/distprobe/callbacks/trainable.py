@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from distprobe.callbacks.exit import destroy_gloo_group_at_exit
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.engine import Probe, ProbeConfig, maths
+from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
 from distprobe.strategies.groups import data_parallel_group
@@ -113,7 +113,7 @@ class TrainableCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._attach(pl_module)
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
-        destroy_gloo_group_at_exit()
+        settle_gloo_workers_at_exit()
         if self._probe is not None:
             self._probe.rejoin()  # a second fit, after `teardown` released the replica
             return

@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from distprobe.engine.clean_exit import settle_gloo_workers_at_exit, uses_gloo
+
 __all__ = ["AsyncFlag"]
-
-
-def _serves_cpu_tensors(backend: str) -> bool:
-    # "gloo", or a per-device backend string such as "cpu:gloo,cuda:nccl".
-    return backend == dist.Backend.GLOO or "cpu:gloo" in backend.split(",")
 
 
 class AsyncFlag:
@@ -53,7 +50,8 @@ class AsyncFlag:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls(None)
-        if _serves_cpu_tensors(str(dist.get_backend())):
+        settle_gloo_workers_at_exit()  # a gloo group's workers need the GIL at exit (engine/clean_exit.py)
+        if uses_gloo():
             return cls(dist.group.WORLD)
         return cls(dist.new_group(backend="gloo"), owns_group=True)
 
