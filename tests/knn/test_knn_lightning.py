@@ -2,8 +2,10 @@
 
 Lightning writes rank 0's callback state only: that state holds every rank's shard, and each rank takes its own
 back. DDP runs in bf16-mixed (features arrive in bf16); FSDP2 through the ``distprobe_fsdp2`` strategy, FSDP1
-through ``distprobe_fsdp``, DeepSpeed ZeRO-2 through ``distprobe_deepspeed_stage_2``. All four fit in one set of
-spawned ranks (a spawn costs seconds of CI).
+through ``distprobe_fsdp``, DeepSpeed ZeRO-2 and ZeRO-3 through ``distprobe_deepspeed_stage_{2,3}``, and tensor
+parallelism through ``distprobe_fsdp2`` on a 1 x 2 mesh: the features are DTensors, both ranks see the same batches
+and each holds the whole buffer (its data-parallel group is itself). All fit in one set of spawned ranks (a spawn
+costs seconds of CI).
 """
 
 import pytest
@@ -18,7 +20,15 @@ SPECS = {
     "fsdp1": Spec("distprobe_fsdp"),
     "fsdp2": Spec("distprobe_fsdp2", kind="fsdp2"),
     "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
+    "deepspeed_stage_3": Spec("distprobe_deepspeed_stage_3"),
+    "fsdp2_tp_1x2": Spec(
+        "distprobe_fsdp2", kind="tp", strategy_kwargs={"data_parallel_size": 1, "tensor_parallel_size": 2}
+    ),
 }
+#: Each rank's shard rows and samples written after 2 epochs: 40 / 2 rows per rank and 2 x 16 samples under data
+#: parallelism; the whole buffer and 2 x 32 samples on a data-parallel group of one.
+FACTS = {"rows": 20, "written": 32}
+FACTS_TP = {"rows": 40, "written": 64}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +45,11 @@ def test_resume_reproduces_the_uninterrupted_runs_predictions(name, every_strate
         last = result["epochs"] - 1
         assert resumed_preds == [p for p in whole_preds if p[0] == last], rank
         assert resumed_logged[-1] == whole_logged[-1]
-        assert resumed_facts == whole_facts == {"rows": 20, "written": 32}  # 40 / 2 rows per rank; 2 epochs x 16
+        assert resumed_facts == whole_facts == (FACTS_TP if name.startswith("fsdp2_tp") else FACTS)
         keys = {f"eval/knn_k{k}_top1" for k in lightning_scenario.KS} | {"eval/knn_top1"}
         assert set(whole_logged[-1]) == keys
         assert whole_logged[-1]["eval/knn_top1"] == whole_logged[-1]["eval/knn_k3_top1"]
     # Every rank logs the same reduced values.
     assert results[0]["whole"][1] == results[1]["whole"][1]
+    if name.startswith("fsdp2_tp"):  # the same batches and the same whole buffer: the same predictions
+        assert results[0]["whole"][0] == results[1]["whole"][0]

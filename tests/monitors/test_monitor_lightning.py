@@ -1,6 +1,11 @@
-"""`EmbeddingMonitor` in a real lightning.Trainer: one process, and a DDP fit on 2 gloo ranks whose logged RankMe and
-LiDAR equal one process on all the data (validation padding left out), with one float64 all-reduce per compute."""
+"""`EmbeddingMonitor` in a real lightning.Trainer: one process, and fits on 2 gloo ranks whose logged RankMe and LiDAR
+equal one process on all the data (validation padding left out), with one float64 all-reduce per compute.
 
+The 2-rank fits run under DDP, FSDP1, FSDP2 (``fully_shard`` in ``configure_model``) and DeepSpeed ZeRO-2 and ZeRO-3
+(distprobe's CPU-capable strategies), one after another in one set of spawned ranks."""
+
+import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +18,7 @@ from tests.helpers.models import trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import distprobe
 from distprobe.callbacks.monitors import EmbeddingMonitor
 from distprobe.monitors import LiDAR, RankMe
 
@@ -59,6 +65,25 @@ class FixedEncoder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+class FSDP2Encoder(FixedEncoder):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        # The encoder is called from the step, not from forward: it must be its own FSDP unit to be unsharded.
+        fully_shard(self.encoder, mesh=self.device_mesh)
+        fully_shard(self, mesh=self.device_mesh)
+
+
+#: strategy name -> the encoder class it needs.
+STRATEGIES = {
+    "ddp": FixedEncoder,
+    "distprobe_fsdp": FixedEncoder,
+    "distprobe_fsdp2": FSDP2Encoder,
+    "distprobe_deepspeed_stage_2": FixedEncoder,
+    "distprobe_deepspeed_stage_3": FixedEncoder,
+}
+
+
 def monitors() -> list[EmbeddingMonitor]:
     return [
         EmbeddingMonitor(None, "views", input="views", metrics=("rankme", "lidar"), stage=("train", "val")),
@@ -76,36 +101,64 @@ def expected(data: MultiView) -> dict[str, float]:
     return {"rankme": rankme.compute().item(), "lidar": lidar.compute().item()}
 
 
-def _fit(rank, world):
+PACKAGE_DIR = os.path.dirname(distprobe.__file__) + os.sep
+
+
+def _called_from_distprobe() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _fit(rank, world, strategy, encoder):
     float64_reduces = []
     original = dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
-        if tensor.dtype == torch.float64:
+        # Only distprobe's: DeepSpeed ZeRO-3 issues float64 all-reduces of its own.
+        if tensor.dtype == torch.float64 and _called_from_distprobe():
             float64_reduces.append(tensor.numel())
         return original(tensor, *args, **kwargs)
 
     dist.all_reduce = counting
-    train, val = MultiView(32, seed=0), MultiView(21, seed=1)  # 21 on 2 ranks: rank 1's last sample is padding
-    t = trainer(
-        monitors(),
-        max_epochs=1,
-        strategy=DDPStrategy(),
-        devices=world,
-        use_distributed_sampler=False,
-        limit_val_batches=None,
-    )
-    t.fit(
-        FixedEncoder(),
-        DataLoader(train, batch_size=4, sampler=DistributedSampler(train, shuffle=False)),
-        DataLoader(val, batch_size=4, sampler=DistributedSampler(val, shuffle=False)),
-    )
+    try:
+        train, val = MultiView(32, seed=0), MultiView(21, seed=1)  # 21 on 2 ranks: rank 1's last sample is padding
+        t = trainer(
+            monitors(),
+            max_epochs=1,
+            strategy=DDPStrategy() if strategy == "ddp" else strategy,
+            devices=world,
+            use_distributed_sampler=False,
+            limit_val_batches=None,
+        )
+        t.fit(
+            encoder(),
+            DataLoader(train, batch_size=4, sampler=DistributedSampler(train, shuffle=False)),
+            DataLoader(val, batch_size=4, sampler=DistributedSampler(val, shuffle=False)),
+        )
+    finally:
+        dist.all_reduce = original
     return {k: v.item() for k, v in t.callback_metrics.items() if "_rankme" in k or "_lidar" in k}, float64_reduces
 
 
+def _fit_every_strategy(rank, world):
+    import distprobe.strategies  # noqa: F401 - registers the distprobe_* names
+
+    return {name: _fit(rank, world, name, encoder) for name, encoder in STRATEGIES.items()}
+
+
+@pytest.fixture(scope="module")
+def every_strategy():
+    return run_distributed(_fit_every_strategy, 2, timeout=400)
+
+
 @pytest.mark.distributed
-def test_ddp_fit_logs_monitors_equal_to_one_process_on_all_the_data():
-    ranks = run_distributed(_fit, 2, timeout=180)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_fit_logs_monitors_equal_to_one_process_on_all_the_data(strategy, every_strategy):
+    ranks = [per_rank[strategy] for per_rank in every_strategy]
     train, val = expected(MultiView(32, seed=0)), expected(MultiView(21, seed=1))
     padded = MultiView(21, seed=1)
     padded.views = torch.cat([padded.views, padded.views[:1]])  # what counting the sampler's repeat would give
