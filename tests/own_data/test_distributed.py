@@ -1,4 +1,4 @@
-"""A probe (and a bank) on its own labeled data on 2 gloo ranks: DDP, FSDP2 and DeepSpeed ZeRO-3."""
+"""A probe (and a bank) on its own labeled data on 2 gloo ranks: DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-3."""
 
 from __future__ import annotations
 
@@ -58,13 +58,18 @@ def test_ddp_backbone_untouched_and_two_ranks_equal_one_process(tmp_path):
         # copy, so a resumed backbone's eval-mode features would differ from the uninterrupted run's on their own.
         pytest.param(Spec("distprobe_fsdp2", fsdp2=True, norm=False, uneven=True, resume=True), id="fsdp2_resume"),
         pytest.param(Spec("distprobe_deepspeed_stage_3", uneven=True), id="deepspeed_stage_3"),
+        pytest.param(
+            Spec("distprobe_deepspeed_stage_3", norm=False, uneven=True, resume=True), id="deepspeed_stage_3_resume"
+        ),
+        pytest.param(Spec("distprobe_fsdp", uneven=True), id="fsdp1"),
+        pytest.param(Spec("distprobe_ddp", norm=False, uneven=True, resume=True), id="ddp_resume"),
     ],
 )
 def test_sharded_backbones_do_not_hang_on_uneven_probe_loaders(tmp_path, spec):
     """Rank 0's probe loaders have 4 training and 3 validation batches, rank 1's 3 and 2: the extra forward (a
     collective) still runs at the same steps on every rank, the probe replicas stay identical, the backbone trains
-    as without probes. Under FSDP2 a run resumed from the epoch-0 checkpoint (rank 0's callback state: each rank
-    finds its own loader position from the draw count) ends where the uninterrupted run did."""
+    as without probes. Under DDP, FSDP2 and ZeRO-3 a run resumed from the epoch-0 checkpoint (rank 0's callback
+    state: each rank finds its own loader position from the draw count) ends where the uninterrupted run did."""
     ranks = run_distributed(run, 2, spec, str(tmp_path), timeout=240.0)
     for rank in ranks:
         _assert_same_backbone(rank["plain"], rank["probed"])

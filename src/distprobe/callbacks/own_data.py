@@ -5,6 +5,7 @@ The torch-only driver is `distprobe.features.own_data.OwnData` (re-exported here
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -43,6 +44,22 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return move_data_to_device(batch, device)
 
 
+def unsharded_for_the_extra_forward(trainer: Any) -> contextlib.AbstractContextManager[Any]:
+    """What the extra forward needs to see whole parameters; a collective under FSDP1.
+
+    FSDP2 and DeepSpeed ZeRO-3 gather parameters in hooks on the modules, so calling the LightningModule works.
+    FSDP1 gathers them in the wrapper's own ``forward``, which the extra forward does not go through: the
+    LightningModule's parameters are flat shards there ("mat2 must be a matrix"). Its root unit's parameters are
+    gathered for the forward, without write-back; nested FSDP units still gather their own in their ``forward``.
+    """
+    model = getattr(trainer.strategy, "model", None)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
+    return contextlib.nullcontext()
+
+
 def draw_features(
     own: OwnData, trainer: Any, pl_module: nn.Module, sources: Sequence[str], target: str
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -57,7 +74,10 @@ def draw_features(
     """
     device = trainer.strategy.root_device
     own.tap(pl_module, sources)
-    with model_left_alone(pl_module, device, trainer.precision_plugin.forward_context()):
+    with (
+        unsharded_for_the_extra_forward(trainer),
+        model_left_alone(pl_module, device, trainer.precision_plugin.forward_context()),
+    ):
         batch = move_to(own.next_batch(), device)
         features = own.features_of(sources, pl_module, batch)
     targets = lookup(target, {}, batch, probe_name=own.name, argument="target")
@@ -90,7 +110,10 @@ def eval_batches(
         steps = length
     if steps == 0:
         return
-    with model_left_alone(pl_module, device, trainer.precision_plugin.forward_context()):
+    with (
+        unsharded_for_the_extra_forward(trainer),
+        model_left_alone(pl_module, device, trainer.precision_plugin.forward_context()),
+    ):
         iterator = iter(loader)
         first = None
         for batch_idx in range(steps):
