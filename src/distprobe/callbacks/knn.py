@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.cadence import values_already_reduced
 from distprobe.callbacks.keys import MissingKeyError, lookup
+from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
@@ -43,6 +44,12 @@ class OnlineKNN(Callback):
         temperature: T of the weights ``exp(cosine / T)``.
         storage_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``: how the buffer stores features.
         in_features: Feature size; None: read from the first training batch.
+        data: The kNN's own labeled training DataLoader (docs/own-data.md): its features fill the buffer instead of
+            the main batches'. Sharded over the data-parallel ranks like `OnlineProbe`'s.
+        val_data: Its own labeled validation DataLoader: the queries at each validation epoch instead of the main
+            validation batches (then ``batch["{name}_preds"]`` is not written).
+        every_n_steps: With ``data``: push one own batch every this many main training batches.
+        features: With ``data``: ``features(pl_module, batch) -> tensor``, run under no_grad in eval mode.
 
     Logs ``eval/{name}_top1`` (the first k) and ``eval/{name}_k{K}_top1`` for every k, counting each validation
     sample once; puts the first k's predictions in ``batch["{name}_preds"]`` (and the outputs, when a dict).
@@ -65,6 +72,10 @@ class OnlineKNN(Callback):
         temperature: float = 0.07,
         storage_dtype: StorageDtype = "float32",
         in_features: int | None = None,
+        data: Any = None,
+        val_data: Any = None,
+        every_n_steps: int = 1,
+        features: FeatureFn | None = None,
     ) -> None:
         super().__init__()
         for argument, key in (("input", input), ("target", target)):
@@ -84,6 +95,7 @@ class OnlineKNN(Callback):
             input=input,
         )
         check_input_spec(input, probe_name=name)
+        self.own_data = own_data_of(name, data, val_data, features, every_n_steps)
         self._knn: ShardedKNN | None = None
         self._tap_inputs: TapInputs | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -123,9 +135,13 @@ class OnlineKNN(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        self._tap_inputs = TapInputs.of(pl_module)
         settle_gloo_workers_at_exit()  # see engine/clean_exit.py
-        self._tap_inputs.request(self, self.input, probe_name=self.name)
+        if self.own_data is not None:
+            # Its taps watch its own forward only.
+            self.own_data.shard_over(data_parallel_group(trainer.strategy))
+        else:
+            self._tap_inputs = TapInputs.of(pl_module)
+            self._tap_inputs.request(self, self.input, probe_name=self.name)
         if self._knn is None:
             if self._pending_state is not None:
                 self._build(int(self._pending_state["in_features"]))
@@ -153,16 +169,14 @@ class OnlineKNN(Callback):
             features = self._tap_inputs.read(self.input, outputs, batch, probe_name=self.name)
         else:
             features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
-        if hasattr(features, "full_tensor"):  # a DTensor (tensor parallelism): the whole features of this batch
-            features = features.full_tensor()
-        return features, lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
+        return _whole(features), lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
 
-    def _first_batch(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Look up and check the first batch on every rank at once (a bad key must not hang the other ranks)."""
+    def _first_batch(self, read: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read and check the first batch on every rank at once (a bad key must not hang the other ranks)."""
         problem = None
         features = targets = None
         try:
-            features, targets = self._lookup(outputs, batch)
+            features, targets = read()
             problem = first_batch_problem(self.name, self.input, features, targets, self.config.num_classes)
         except MissingKeyError as err:
             problem = str(err)
@@ -179,10 +193,22 @@ class OnlineKNN(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._checked_first_batch:
-            features, targets = self._lookup(outputs, batch)
+        own = self.own_data
+        if own is not None:
+            # Every ``every_n_steps`` main batches (the same count on every rank): push one of its own batches.
+            if not own.due():
+                return
+
+            def read() -> tuple[torch.Tensor, torch.Tensor]:
+                assert own is not None
+                features, targets = draw_features(own, trainer, pl_module, [self.input], self.target)
+                return _whole(features[0]), targets
         else:
-            features, targets = self._first_batch(outputs, batch)
+
+            def read() -> tuple[torch.Tensor, torch.Tensor]:
+                return self._lookup(outputs, batch)
+
+        features, targets = read() if self._checked_first_batch else self._first_batch(read)
         self.knn.update(features, targets)
 
     # --- validation ---------------------------------------------------------------------------------------------
@@ -191,6 +217,11 @@ class OnlineKNN(Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._knn is not None:
             self._knn.reset_eval_metrics()
+        if self.own_data is not None and self._knn is not None and not trainer.sanity_checking:
+            for features, targets, num_valid in eval_batches(
+                self.own_data, trainer, pl_module, [self.input], self.target
+            ):
+                self._knn.eval_step(_whole(features[0]), targets, num_valid=num_valid)
 
     @override
     def on_validation_batch_end(
@@ -203,7 +234,7 @@ class OnlineKNN(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         # The sanity check runs before any training batch: no buffer yet, or an empty one (same on every rank).
-        if self._knn is None or trainer.sanity_checking:
+        if self._knn is None or trainer.sanity_checking or self.own_data is not None:
             return
         features, targets = self._lookup(outputs, batch)
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
@@ -226,13 +257,18 @@ class OnlineKNN(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         # A collective: Lightning calls it on every rank and writes rank 0's, which then holds every rank's shard.
-        if self._knn is not None:
-            return self._knn.state_dict()
-        return dict(self._pending_state or {})
+        state = self._knn.state_dict() if self._knn is not None else dict(self._pending_state or {})
+        if self.own_data is not None:
+            state = {**state, "own_data": self.own_data.state_dict()}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied here, not in on_fit_start: under FSDP and DeepSpeed Lightning restores callbacks after it.
+        state_dict = dict(state_dict)
+        own = state_dict.pop("own_data", None)
+        if own is not None and self.own_data is not None:
+            self.own_data.load_state_dict(own)
         if not state_dict:
             return
         if self._knn is not None:
@@ -247,3 +283,11 @@ class OnlineKNN(Callback):
         if self._tap_inputs is not None:
             self._tap_inputs.release(self)
             self._tap_inputs = None
+        if self.own_data is not None:
+            self.own_data.release()
+
+
+def _whole(features: torch.Tensor) -> torch.Tensor:
+    """The features of the whole batch: a DTensor (tensor parallelism) is gathered first."""
+    full_tensor = getattr(features, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else features
