@@ -17,6 +17,7 @@ from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches,
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
+from distprobe.features.dtensor import whole
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
 from distprobe.knn.checks import first_batch_problem
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
@@ -169,7 +170,7 @@ class OnlineKNN(Callback):
             features = self._tap_inputs.read(self.input, outputs, batch, probe_name=self.name)
         else:
             features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
-        return _whole(features), lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
+        return whole(features), lookup(self.target, outputs, batch, probe_name=self.name, argument="target")
 
     def _first_batch(self, read: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Read and check the first batch on every rank at once (a bad key must not hang the other ranks)."""
@@ -202,7 +203,7 @@ class OnlineKNN(Callback):
             def read() -> tuple[torch.Tensor, torch.Tensor]:
                 assert own is not None
                 features, targets = draw_features(own, trainer, pl_module, [self.input], self.target)
-                return _whole(features[0]), targets
+                return whole(features[0]), targets
         else:
 
             def read() -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +222,7 @@ class OnlineKNN(Callback):
             for features, targets, num_valid in eval_batches(
                 self.own_data, trainer, pl_module, [self.input], self.target
             ):
-                self._knn.eval_step(_whole(features[0]), targets, num_valid=num_valid)
+                self._knn.eval_step(whole(features[0]), targets, num_valid=num_valid)
 
     @override
     def on_validation_batch_end(
@@ -285,9 +286,3 @@ class OnlineKNN(Callback):
             self._tap_inputs = None
         if self.own_data is not None:
             self.own_data.release()
-
-
-def _whole(features: torch.Tensor) -> torch.Tensor:
-    """The features of the whole batch: a DTensor (tensor parallelism) is gathered first."""
-    full_tensor = getattr(features, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else features

@@ -16,6 +16,7 @@ from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
+from distprobe.features.dtensor import whole
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_metrics_synced
 from distprobe.monitors.functional import occurrence_index
@@ -174,6 +175,7 @@ class EmbeddingMonitor(Callback):
             features = self._tap_inputs.read(self.input, outputs, batch, probe_name=self.name)
         else:
             features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
+        features = whole(features)  # a DTensor (tensor parallelism): the whole batch's features
         sample_ids = view_ids = None
         if self.sample_key is not None:
             sample_ids = lookup(self.sample_key, outputs, batch, probe_name=self.name, argument="sample_key")

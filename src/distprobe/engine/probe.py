@@ -28,6 +28,7 @@ from distprobe.engine.replicate import (
     replicate_probe,
 )
 from distprobe.engine.state import gathered_window_grads, load_metric_states, own_window_grads, synced_metric_states
+from distprobe.features.dtensor import whole
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.flat_sync import compute_synced
 from distprobe.metrics.sync_free import update_collection
@@ -79,10 +80,7 @@ def to_probe_input(features: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
     A DTensor (a tensor-parallel backbone's output) is gathered into a full local tensor first.
     """
-    full_tensor = getattr(features, "full_tensor", None)
-    if callable(full_tensor):
-        features = full_tensor()
-    return features.detach().to(device=param.device, dtype=param.dtype)
+    return whole(features).detach().to(device=param.device, dtype=param.dtype)
 
 
 def build_metrics(config: ProbeConfig) -> ProbeMetrics:
