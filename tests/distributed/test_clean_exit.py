@@ -3,7 +3,7 @@
 Without it, plain torch aborts at interpreter exit: a gloo worker frees the last collective's tensors after
 ``Py_FinalizeEx`` began (distprobe/engine/clean_exit.py has the backtrace). On a 2-core dev machine (torch
 2.13.0+cpu, Python 3.11) the workers below aborted in 4 of 30 and 3 of 30 runs without the registration, and in
-0 of 40 and 0 of 53 with it; a bare script of the same steps aborted in 13 of 100.
+0 of 40 with it; a bare script of the same steps aborted in 13 of 100.
 """
 
 from __future__ import annotations
