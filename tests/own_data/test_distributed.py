@@ -1,4 +1,6 @@
-"""A probe (and a bank) on its own labeled data on 2 gloo ranks: DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3."""
+"""A probe (and a bank) on its own labeled data on 2 gloo ranks: DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-1/2/3.
+
+Tensor parallelism: tests/own_data/test_tensor_parallel.py."""
 
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def test_ddp_backbone_untouched_and_two_ranks_equal_one_process(tmp_path):
             Spec("distprobe_deepspeed_stage_3", norm=False, uneven=True, resume=True), id="deepspeed_stage_3_resume"
         ),
         pytest.param(Spec("distprobe_fsdp", uneven=True), id="fsdp1"),
+        pytest.param(Spec("distprobe_deepspeed_stage_1", uneven=True), id="deepspeed_stage_1"),
         pytest.param(Spec("distprobe_deepspeed_stage_2", uneven=True), id="deepspeed_stage_2"),
         pytest.param(Spec("distprobe_ddp", norm=False, uneven=True, resume=True), id="ddp_resume"),
     ],
