@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from tests.helpers.dist import run_distributed
+from tests.helpers.models import trainer as quiet_trainer
 from tests.knn.reference import dense_knn, stored
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -77,18 +78,8 @@ def _fit(rank: int, world: int) -> dict[str, float]:
         features=lambda module, batch: module.encoder(batch["x"]),
     )
     main = Unlabeled(OWN_TRAIN, seed=2)  # as many main steps per rank as own batches per rank
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=world,
-        strategy="ddp" if world > 1 else "auto",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=[knn],
+    trainer = quiet_trainer(
+        [knn], max_epochs=1, devices=world, strategy="ddp" if world > 1 else "auto", use_distributed_sampler=False
     )
     sampler = DistributedSampler(main, shuffle=False) if world > 1 else None
     trainer.fit(FixedEncoder(), DataLoader(main, batch_size=BATCH, sampler=sampler), DataLoader(main, batch_size=BATCH))
