@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/h100.sh setup tests syncs vit        # first call
 #   bash benchmarks/h100.sh setup resnet strategies precision
+#   bash benchmarks/h100.sh setup gpu-tests knn own-data   # the kNN, monitors and own-data stages
 #
 # `setup` installs the wheels carried in .whl/ (lightning, torchmetrics, deepspeed built from its source
 # distribution, stable-pretraining and the few of its dependencies the benchmark runs) into /tmp/site; distprobe
@@ -63,6 +64,18 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         stage "$what" $BENCH --workload "${w%%-*}" --profile "${w#*-}"
         ;;
     multigpu) stage multigpu bash benchmarks/multigpu.sh checks 1 ;;
+    # Every CUDA-marked test: the probe, the kNN buffer, the monitors, the exact metrics (issue 14).
+    gpu-tests) stage gpu-tests $PY -m pytest -p no:cacheprovider -m gpu tests/gpu tests/knn tests/monitors tests/metrics \
+        -q -rs ;;
+    # The sharded kNN against an all-gather kNN on one GPU, up to 1M x 768 (docs/benchmarks.md, "Sharded kNN").
+    knn)
+        for d in bfloat16 float32; do
+            stage "knn-$d" $PY benchmarks/knn_memory.py --device cuda --worlds 1 --sizes 65536 262144 1048576 \
+                --dim 768 --queries 512 --rounds 5 --storage-dtype "$d"
+        done
+        ;;
+    own-data) stage own-data $PY benchmarks/own_data.py --accelerator gpu --precision bf16-mixed --batch 1024 \
+        --width 2048 --rounds 5 --steps 40 ;;
     *) echo "unknown stage $what" && exit 2 ;;
     esac
 done
