@@ -1,8 +1,10 @@
 """`EmbeddingMonitor` in a real lightning.Trainer: one process, and fits on 2 gloo ranks whose logged RankMe and LiDAR
 equal one process on all the data (validation padding left out), with one float64 all-reduce per compute.
 
-The 2-rank fits run under DDP, FSDP1, FSDP2 (``fully_shard`` in ``configure_model``) and DeepSpeed ZeRO-2 and ZeRO-3
-(distprobe's CPU-capable strategies), one after another in one set of spawned ranks."""
+The 2-rank fits run under DDP, FSDP1, FSDP2 (``fully_shard`` in ``configure_model``), DeepSpeed ZeRO-2 and ZeRO-3
+(distprobe's CPU-capable strategies), and tensor parallelism (``distprobe_fsdp2`` on a 1 x 2 mesh: the embedding is a
+DTensor sharded on its feature dimension, both ranks see every batch, and the data-parallel group is one rank), one
+after another in one set of spawned ranks."""
 
 import os
 import sys
@@ -74,6 +76,26 @@ class FSDP2Encoder(FixedEncoder):
         fully_shard(self, mesh=self.device_mesh)
 
 
+class TPEncoder(FixedEncoder):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = self.device_mesh
+        # Column-parallel with the local output kept as a DTensor: each rank holds half of every embedding.
+        parallelize_module(self.encoder, mesh["tensor_parallel"], ColwiseParallel(use_local_output=False))
+        fully_shard(self.encoder, mesh=mesh["data_parallel"])
+
+    def _outputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = super()._outputs(batch)  # "views" is the DTensor the monitors take whole; the rest from its full tensor
+        full = out["views"].full_tensor()
+        return {**out, "rows": full.transpose(0, 1).reshape(-1, DIM)}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        out = self._outputs(batch)
+        return {"loss": out["views"].full_tensor().pow(2).mean(), **out}
+
+
 #: strategy name -> the encoder class it needs.
 STRATEGIES = {
     "ddp": FixedEncoder,
@@ -81,6 +103,7 @@ STRATEGIES = {
     "distprobe_fsdp2": FSDP2Encoder,
     "distprobe_deepspeed_stage_2": FixedEncoder,
     "distprobe_deepspeed_stage_3": FixedEncoder,
+    "fsdp2_tp_1x2": TPEncoder,
 }
 
 
@@ -113,6 +136,17 @@ def _called_from_distprobe() -> bool:
     return False
 
 
+def _strategy(name: str) -> Any:
+    if name == "ddp":
+        return DDPStrategy()
+    if name == "fsdp2_tp_1x2":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        entry = StrategyRegistry["distprobe_fsdp2"]
+        return entry["strategy"](**{**entry["init_params"], "data_parallel_size": 1, "tensor_parallel_size": 2})
+    return name
+
+
 def _fit(rank, world, strategy, encoder):
     float64_reduces = []
     original = dist.all_reduce
@@ -126,18 +160,20 @@ def _fit(rank, world, strategy, encoder):
     dist.all_reduce = counting
     try:
         train, val = MultiView(32, seed=0), MultiView(21, seed=1)  # 21 on 2 ranks: rank 1's last sample is padding
+        # Tensor parallelism: one data-parallel replica, so every rank reads every sample.
+        replicas = {"num_replicas": 1, "rank": 0} if strategy == "fsdp2_tp_1x2" else {}
         t = trainer(
             monitors(),
             max_epochs=1,
-            strategy=DDPStrategy() if strategy == "ddp" else strategy,
+            strategy=_strategy(strategy),
             devices=world,
             use_distributed_sampler=False,
             limit_val_batches=None,
         )
         t.fit(
             encoder(),
-            DataLoader(train, batch_size=4, sampler=DistributedSampler(train, shuffle=False)),
-            DataLoader(val, batch_size=4, sampler=DistributedSampler(val, shuffle=False)),
+            DataLoader(train, batch_size=4, sampler=DistributedSampler(train, shuffle=False, **replicas)),
+            DataLoader(val, batch_size=4, sampler=DistributedSampler(val, shuffle=False, **replicas)),
         )
     finally:
         dist.all_reduce = original
@@ -179,7 +215,10 @@ def test_fit_logs_monitors_equal_to_one_process_on_all_the_data(strategy, every_
         assert set(logged) == set(want)
         for key, value in want.items():
             assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
-        assert sorted(reduces) == sorted([train_numel, val_numel])  # one flat all-reduce per compute
+        if strategy == "fsdp2_tp_1x2":
+            assert reduces == []  # a data-parallel group of one rank has nothing to reduce
+        else:
+            assert sorted(reduces) == sorted([train_numel, val_numel])  # one flat all-reduce per compute
     assert ranks[0][0] == ranks[1][0]
 
 
