@@ -85,6 +85,28 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
         "function, NAME=VALUE for a keyword and VALUE for a positional argument, VALUE read as a Python literal "
         "when it is one (steps=40 gives the int 40) and as a string otherwise",
     )
+    add_cluster_arguments(parser)
+    actions = parser.add_argument_group("what to do")
+    actions.add_argument(
+        "--wait",
+        dest=_DEST_PREFIX + "wait",
+        action="store_true",
+        help="wait for the job, print every task's result as JSON, and exit non-zero if it failed",
+    )
+    actions.add_argument(
+        "--render-sbatch",
+        dest=_DEST_PREFIX + "render_sbatch",
+        metavar="TEMPLATE",
+        help="print the sbatch script of TEMPLATE (single-node, multi-node-srun, multi-node-torchrun, requeue, or "
+        "a .sbatch path) for a .py entry point instead of submitting",
+    )
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per `ClusterConfig` field to `parser` (`config_from_args` reads them back).
+
+    ``distprobe submit``, ``distprobe eval`` and ``distprobe watch`` share these options.
+    """
     hints = get_type_hints(ClusterConfig)
     docs = _field_docs(ClusterConfig)
     defaults = ClusterConfig()
@@ -124,25 +146,11 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
             "%", "%%"
         ),
     )
-    actions = parser.add_argument_group("what to do")
-    actions.add_argument(
-        "--wait",
-        dest=_DEST_PREFIX + "wait",
-        action="store_true",
-        help="wait for the job, print every task's result as JSON, and exit non-zero if it failed",
-    )
-    actions.add_argument(
-        "--render-sbatch",
-        dest=_DEST_PREFIX + "render_sbatch",
-        metavar="TEMPLATE",
-        help="print the sbatch script of TEMPLATE (single-node, multi-node-srun, multi-node-torchrun, requeue, or "
-        "a .sbatch path) for a .py entry point instead of submitting",
-    )
 
 
-def config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    """The `ClusterConfig` given on the command line (fields not given keep their defaults)."""
-    options: dict[str, Any] = {}
+def config_from_args(args: argparse.Namespace, **defaults: Any) -> ClusterConfig:
+    """The `ClusterConfig` given on the command line (fields not given keep `defaults`, else the class's)."""
+    options: dict[str, Any] = dict(defaults)
     for field in dataclasses.fields(ClusterConfig):
         value = getattr(args, _DEST_PREFIX + field.name, None)
         if value is None:
@@ -234,7 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_submit(args)
 
 
-__all__ = ["add_submit_arguments", "config_from_args", "function_arguments", "main", "run_submit"]
+__all__ = [
+    "add_cluster_arguments",
+    "add_submit_arguments",
+    "config_from_args",
+    "function_arguments",
+    "main",
+    "run_submit",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""The checkpoint probing service: evaluate a training's checkpoints with the full probing protocol, off the loop.
+
+- `distprobe eval CHECKPOINT --config eval.yaml` evaluates one checkpoint (`distprobe.service.job`).
+- `distprobe watch RUN_DIR --config eval.yaml` submits one evaluation per new checkpoint (`distprobe.service.watch`).
+- `distprobe results RUN_DIR` prints what the results store holds (`distprobe.service.report`).
+
+docs/probing-service.md walks through them.
+"""

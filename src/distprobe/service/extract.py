@@ -1,0 +1,207 @@
+"""Extract a dataset's features once, over the job's ranks, into a memory-mapped cache.
+
+Rank ``r`` of ``N`` extracts the samples ``r, r + N, r + 2N, ...``: every sample exactly once, with no padding (the
+split a `DistributedSampler` without shuffle makes, minus its repeats). Each rank writes its rows straight into two
+files shared by all ranks, ``{split}.features`` (float32, ``(n, dim)``) and ``{split}.labels`` (int64), opened with
+``torch.from_file(shared=True)``: the page cache holds them, not the process, and training reads them back the same
+way. A split is complete when rank 0 has written ``{split}.json`` after every rank's rows (a barrier); a requeued job
+reuses a complete split of the same checkpoint and config, and redoes an incomplete one from the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    """One split's features and labels, memory-mapped from the cache."""
+
+    features: torch.Tensor
+    """``(n, dim)`` float32, memory-mapped."""
+    labels: torch.Tensor
+    """``(n,)`` int64, memory-mapped."""
+
+    @property
+    def size(self) -> int:
+        """Samples in the split."""
+        return int(self.labels.shape[0])
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _item_part(item: Any, key: str | int, what: str, split: str) -> Any:
+    try:
+        return item[key]
+    except (KeyError, IndexError, TypeError):
+        kind = f"keys {sorted(item)}" if isinstance(item, Mapping) else f"a {type(item).__name__}"
+        raise ValueError(
+            f"distprobe eval: data.{split} items have {kind}; data.{what}_key={key!r} is not one of them. "
+            f"Set data.{what}_key in the config."
+        ) from None
+
+
+def _collate(key_input: str | int, key_label: str | int, split: str) -> Callable[[list[Any]], tuple[Any, Any]]:
+    from torch.utils.data import default_collate
+
+    def collate(items: list[Any]) -> tuple[Any, Any]:
+        inputs = [_item_part(item, key_input, "input", split) for item in items]
+        labels = [_item_part(item, key_label, "label", split) for item in items]
+        return default_collate(inputs), torch.as_tensor(labels, dtype=torch.long)
+
+    return collate
+
+
+def _autocast(device: torch.device, autocast: str) -> contextlib.AbstractContextManager[Any]:
+    if autocast == "none" or (autocast == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if autocast == "float16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device, non_blocking=True)
+    if isinstance(inputs, Mapping):
+        return {k: _to(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, list | tuple):
+        return type(inputs)(_to(v, device) for v in inputs)
+    return inputs
+
+
+def _mapped(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    # shared=True: writes go to the file (and so to every rank); the file is grown to numel elements if smaller.
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+
+
+def load_split(cache: Path, split: str, stamp: Mapping[str, Any]) -> CachedSplit | None:
+    """The cached split, if it is complete and was extracted for the same ``stamp`` (checkpoint and config)."""
+    marker = cache / f"{split}.json"
+    if not marker.is_file():
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("stamp") != dict(stamp):
+        return None
+    n, dim = int(meta["size"]), int(meta["dim"])
+    features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
+    return CachedSplit(features=features, labels=_mapped(cache / f"{split}.labels", n, torch.int64))
+
+
+@torch.no_grad()
+def extract_split(
+    backbone: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    split: str,
+    cache: Path,
+    stamp: Mapping[str, Any],
+    forward: Forward | None,
+    input_key: str | int,
+    label_key: str | int,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    autocast: str = "auto",
+) -> CachedSplit:
+    """Extract ``dataset``'s features on every rank (each sample once) into ``cache``; a collective.
+
+    The backbone runs in eval mode under ``no_grad`` (and bf16 autocast on CUDA by default); features are flattened to
+    ``(batch, dim)`` and stored in float32.
+    """
+    cached = load_split(cache, split, stamp)
+    if cached is not None:
+        log.info("Reusing the complete %s features in %s", split, cache)
+        return cached
+    rank, world = rank_and_world()
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError(f"distprobe eval: data.{split} is empty; it must hold at least one labeled sample")
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / f"{split}.json").unlink(missing_ok=True)
+    loader = DataLoader(
+        Subset(dataset, range(rank, n, world)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate(input_key, label_key, split),
+        pin_memory=device.type == "cuda",
+    )
+    backbone.eval()
+    dim = _feature_dim(backbone, Subset(dataset, [0]), loader, forward, device, autocast, split)
+    if rank == 0:  # a stale cache (another attempt, another config) must not leave rows of a larger file behind
+        for suffix in ("features", "labels"):
+            (cache / f"{split}.{suffix}").unlink(missing_ok=True)
+    _barrier()
+    features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
+    labels = _mapped(cache / f"{split}.labels", n, torch.int64)
+    position = rank
+    for inputs, targets in loader:
+        with _autocast(device, autocast):
+            out = forward(backbone, _to(inputs, device)) if forward is not None else backbone(_to(inputs, device))
+        rows = out.detach().flatten(1).float().cpu()
+        count = rows.shape[0]
+        index = torch.arange(position, position + count * world, world)
+        features[index] = rows
+        labels[index] = targets
+        position += count * world
+    del features, labels  # unmapped: every write is in the page cache before the barrier
+    _barrier()
+    if rank == 0:
+        meta = {"size": n, "dim": dim, "world": world, "stamp": dict(stamp)}
+        tmp = cache / f"{split}.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, cache / f"{split}.json")  # atomic: a reader sees no marker or a whole one
+    _barrier()
+    done = load_split(cache, split, stamp)
+    assert done is not None, f"the {split} cache in {cache} is incomplete after extraction"
+    return done
+
+
+def _feature_dim(
+    backbone: nn.Module,
+    first: Dataset[Any],
+    loader: DataLoader[Any],
+    forward: Forward | None,
+    device: torch.device,
+    autocast: str,
+    split: str,
+) -> int:
+    """The feature size, from the split's first sample on every rank (a rank may have no samples of its own)."""
+    inputs, _ = next(iter(DataLoader(first, batch_size=1, collate_fn=loader.collate_fn)))
+    with _autocast(device, autocast):
+        out = forward(backbone, _to(inputs, device)) if forward is not None else backbone(_to(inputs, device))
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"distprobe eval: the backbone returned a {type(out).__name__} on data.{split}; expected a tensor of "
+            "features. Set features.forward to a function (backbone, inputs) -> features."
+        )
+    return int(out[0].numel())

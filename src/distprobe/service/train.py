@@ -1,0 +1,186 @@
+"""Train a probe bank, and fill a kNN, on cached features: no backbone in the loop.
+
+The same probes as online (`distprobe.bank.ProbeBank`, `distprobe.knn.ShardedKNN`), fed from the feature cache:
+
+- **Training.** Every epoch draws one permutation of the training set from ``seed + epoch`` (the same on every rank)
+  and cuts it into global batches of ``batch_size``, dropping the last partial one; rank ``r`` of ``N`` trains on
+  rows ``r, r + N, ...`` of each global batch. The bank's gradient all-reduce averages the ranks' equal shares, so N
+  ranks train the heads one process would on the same global batches.
+- **Evaluation.** Rank ``r`` scores the validation rows it extracted (``r, r + N, ...``) and tells the bank each
+  row's index in the validation set, so the split that selects the best head is the same at every world size.
+- **kNN.** Its buffer holds the whole training set, sharded: rank ``r`` inserts the rows it extracted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distprobe.bank import BankConfig, ProbeBank
+from distprobe.knn import KNNConfig, ShardedKNN
+from distprobe.service.config import EvalConfig, ServiceConfigError
+from distprobe.service.extract import CachedSplit, rank_and_world
+from distprobe.service.store import ResultRow
+
+#: Rows per kNN insert and per evaluation batch.
+CHUNK = 4096
+#: A split smaller than this is copied to the GPU once rather than indexed from the host every batch.
+DEVICE_COPY_LIMIT = 8 * 2**30
+
+
+@dataclass
+class ProbeResults:
+    """What the probes scored, as flat keys (``bank_best_top1``...) and as store rows."""
+
+    values: dict[str, float]
+    rows: list[ResultRow]
+    best_head: str | None
+
+
+def _on(split: CachedSplit, device: torch.device) -> CachedSplit:
+    if device.type == "cuda" and split.features.numel() * 4 <= DEVICE_COPY_LIMIT:
+        return CachedSplit(features=split.features.to(device), labels=split.labels.to(device))
+    return split
+
+
+def _rows(split: CachedSplit, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    index = index.to(split.features.device)
+    return split.features[index].to(device, non_blocking=True), split.labels[index].to(device, non_blocking=True)
+
+
+def _bank_config(config: EvalConfig, dim: int) -> BankConfig:
+    options = dict(config.probes.bank or {})
+    for reserved in ("inputs", "num_classes", "in_features"):
+        if reserved in options:
+            raise ServiceConfigError(
+                f"{config.source}: probes.bank.{reserved} is set by the service (the cached features and the "
+                "config's num_classes); remove it"
+            )
+    options.setdefault("name", "bank")
+    try:
+        return BankConfig(inputs=("features",), num_classes=config.num_classes, in_features=dim, **options)
+    except (TypeError, ValueError) as err:
+        raise ServiceConfigError(f"{config.source}: probes.bank: {err}") from None
+
+
+def _knn_config(config: EvalConfig, dim: int, train_size: int) -> KNNConfig:
+    options = dict(config.probes.knn or {})
+    if "num_classes" in options or "in_features" in options:
+        raise ServiceConfigError(f"{config.source}: probes.knn.num_classes/in_features are set by the service")
+    options.setdefault("name", "knn")
+    options.setdefault("queue_length", train_size)
+    try:
+        return KNNConfig(num_classes=config.num_classes, in_features=dim, **options)
+    except (TypeError, ValueError) as err:
+        raise ServiceConfigError(f"{config.source}: probes.knn: {err}") from None
+
+
+def check_batching(config: EvalConfig, train_size: int, world: int) -> int:
+    """Optimizer steps per epoch; raises ServiceConfigError when the batch size cannot be split or is too large."""
+    batch = config.probes.batch_size
+    if batch % world:
+        raise ServiceConfigError(
+            f"{config.source}: probes.batch_size={batch} does not divide by the job's {world} ranks; use a multiple "
+            f"of {world} so every rank trains on an equal share"
+        )
+    if train_size < batch:
+        raise ServiceConfigError(
+            f"{config.source}: probes.batch_size={batch} is larger than the {train_size} training samples; lower it"
+        )
+    return train_size // batch
+
+
+def train_bank(config: EvalConfig, train: CachedSplit, device: torch.device) -> ProbeBank:
+    """A bank trained for ``probes.epochs`` epochs on the cached training features (a collective)."""
+    rank, world = rank_and_world()
+    steps = check_batching(config, train.size, world)
+    bank_config = _bank_config(config, int(train.features.shape[1]))
+    torch.manual_seed(config.probes.seed)  # the heads' initialisation (rank 0's is broadcast to the others)
+    bank = ProbeBank.build(bank_config, device=device, total_steps=config.probes.epochs * steps)
+    batch = config.probes.batch_size
+    for epoch in range(config.probes.epochs):
+        order = torch.randperm(train.size, generator=torch.Generator().manual_seed(config.probes.seed + epoch))
+        for step in range(steps):
+            x, y = _rows(train, order[step * batch : (step + 1) * batch][rank::world], device)
+            bank.train_step([x], y)
+    bank.settle()
+    return bank
+
+
+def _eval_batches(size: int) -> list[torch.Tensor]:
+    """This rank's validation rows in batches; every rank gets the same number of batches (some may be empty)."""
+    rank, world = rank_and_world()
+    own = torch.arange(rank, size, world)
+    count = math.ceil(math.ceil(size / world) / CHUNK)
+    return [own[i * CHUNK : (i + 1) * CHUNK] for i in range(count)]
+
+
+def evaluate(
+    config: EvalConfig, bank: ProbeBank | None, knn: ShardedKNN | None, val: CachedSplit, device: torch.device
+) -> ProbeResults:
+    """Score the bank's heads and the kNN on every validation sample once (collectives)."""
+    for index in _eval_batches(val.size):
+        valid = int(index.numel())
+        padded = index if valid else torch.zeros(1, dtype=torch.long)  # an empty batch still joins the collectives
+        x, y = _rows(val, padded, device)
+        if bank is not None:
+            bank.eval_step([x], y, num_valid=valid, positions=padded.to(device))
+        if knn is not None:
+            knn.eval_step(x, y, num_valid=valid)
+    values: dict[str, float] = {}
+    rows: list[ResultRow] = []
+    best = None
+    if bank is not None:
+        computed = {k: float(v) for k, v in bank.compute_eval_metrics().items()}
+        best = bank.best_head_id
+        metrics = list(bank.config.top_k)
+        for head in bank.head_ids:
+            rows += [ResultRow(bank.name, head, m, computed[f"{head}_{m}"]) for m in metrics]
+        rows += [ResultRow(bank.name, "best", m, computed[f"best_{m}"]) for m in metrics]
+        if best is not None:
+            rows.append(ResultRow(bank.name, best, "selected", 1.0))
+        values.update({f"{bank.name}_{k}": v for k, v in computed.items() if k.startswith("best_")})
+    if knn is not None:
+        computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
+        for key, value in computed.items():
+            head, _, metric = key.partition("_") if key.startswith("k") and key[1:2].isdigit() else ("", "", key)
+            rows.append(ResultRow(knn.name, head or f"k{knn.config.k[0]}", metric, value))
+        values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
+    return ProbeResults(values=values, rows=_unique(rows), best_head=best)
+
+
+def _unique(rows: list[ResultRow]) -> list[ResultRow]:
+    """The kNN's headline ``top1`` is its first k's: keep one row per (probe, head, metric)."""
+    seen: dict[tuple[str, str, str], ResultRow] = {}
+    for row in rows:
+        seen.setdefault((row.probe, row.head, row.metric), row)
+    return list(seen.values())
+
+
+def fill_knn(config: EvalConfig, train: CachedSplit, device: torch.device) -> ShardedKNN:
+    """A kNN whose sharded buffer holds the whole training set (each rank its extracted rows)."""
+    rank, world = rank_and_world()
+    dim = int(train.features.shape[1])
+    knn = ShardedKNN.build(_knn_config(config, dim, train.size), in_features=dim, device=device)
+    own = torch.arange(rank, train.size, world)
+    for start in range(0, own.numel(), CHUNK):
+        x, y = _rows(train, own[start : start + CHUNK], device)
+        knn.update(x, y)
+    return knn
+
+
+def run_probes(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device) -> ProbeResults:
+    """Train the bank and fill the kNN on the cached training features, then score both on the validation set."""
+    train, val = _on(train, device), _on(val, device)
+    bank = train_bank(config, train, device) if config.probes.bank is not None else None
+    knn = fill_knn(config, train, device) if config.probes.knn is not None else None
+    return evaluate(config, bank, knn, val, device)
+
+
+def flat_values(results: ProbeResults) -> Mapping[str, Any]:
+    """The headline numbers of a run, for the job's return value and the CLI."""
+    return {**results.values, "best_head": results.best_head}
