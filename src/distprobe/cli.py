@@ -1,4 +1,4 @@
-"""`distprobe demo | submit`: the command-line entry point."""
+"""`distprobe demo | submit | eval | watch | results`: the command-line entry point."""
 
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         submit = sub.add_parser("submit", help="submit a probed training to Slurm (or locally) through submitit")
         add_submit_arguments(submit)
         submit.set_defaults(run=run_submit)
+    from distprobe.service.cli import add_service_commands
+
+    add_service_commands(sub)
     return parser
 
 

@@ -204,6 +204,7 @@ class EvalConfig:
     @classmethod
     def load(cls, path: str | Path) -> EvalConfig:
         """Read and validate a YAML config (OmegaConf resolves ``${...}`` interpolations)."""
+        import yaml
         from omegaconf import OmegaConf
         from omegaconf.errors import OmegaConfBaseException
 
@@ -212,7 +213,7 @@ class EvalConfig:
             raise ServiceConfigError(f"{path}: no such config file")
         try:
             raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except (OmegaConfBaseException, ValueError) as err:  # YAML syntax, a bad interpolation
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as err:  # YAML syntax, a bad interpolation
             raise ServiceConfigError(f"{path}: not a valid YAML config: {err}") from None
         if not isinstance(raw, Mapping):
             raise ServiceConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

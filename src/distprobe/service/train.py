@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from distprobe.bank import BankConfig, ProbeBank
+from distprobe.engine.replicate import default_group
 from distprobe.knn import KNNConfig, ShardedKNN
 from distprobe.service.config import EvalConfig, ServiceConfigError
 from distprobe.service.extract import CachedSplit, rank_and_world
@@ -100,7 +101,9 @@ def train_bank(config: EvalConfig, train: CachedSplit, device: torch.device) -> 
     steps = check_batching(config, train.size, world)
     bank_config = _bank_config(config, int(train.features.shape[1]))
     torch.manual_seed(config.probes.seed)  # the heads' initialisation (rank 0's is broadcast to the others)
-    bank = ProbeBank.build(bank_config, device=device, total_steps=config.probes.epochs * steps)
+    bank = ProbeBank.build(
+        bank_config, dp_group=default_group(), device=device, total_steps=config.probes.epochs * steps
+    )
     batch = config.probes.batch_size
     for epoch in range(config.probes.epochs):
         order = torch.randperm(train.size, generator=torch.Generator().manual_seed(config.probes.seed + epoch))
@@ -165,7 +168,9 @@ def fill_knn(config: EvalConfig, train: CachedSplit, device: torch.device) -> Sh
     """A kNN whose sharded buffer holds the whole training set (each rank its extracted rows)."""
     rank, world = rank_and_world()
     dim = int(train.features.shape[1])
-    knn = ShardedKNN.build(_knn_config(config, dim, train.size), in_features=dim, device=device)
+    knn = ShardedKNN.build(
+        _knn_config(config, dim, train.size), in_features=dim, dp_group=default_group(), device=device
+    )
     own = torch.arange(rank, train.size, world)
     for start in range(0, own.numel(), CHUNK):
         x, y = _rows(train, own[start : start + CHUNK], device)
