@@ -19,7 +19,7 @@ from tests.service.models import eval_config, pretrain
 from distprobe.cluster import ClusterConfig
 from distprobe.service.report import render
 from distprobe.service.store import ResultsStore
-from distprobe.service.watch import Watcher, WatchConfig, candidates
+from distprobe.service.watch import WatchConfig, Watcher, candidates
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = ClusterConfig(cluster="local")
