@@ -56,5 +56,3 @@ def slurm_cluster() -> Any:
     yield conf
     if started_here:
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120, check=False)
-
-

@@ -142,7 +142,7 @@ def run_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_service_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_service_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``eval``, ``watch`` and ``results`` to the main CLI's sub-commands."""
     for name, help_text, add, run in (
         ("eval", "evaluate one checkpoint with the full probing protocol", add_eval_arguments, run_eval),

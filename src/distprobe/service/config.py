@@ -154,13 +154,14 @@ class EvalConfig:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ServiceConfigError(f"{where}: {key}={value!r}; expected an integer >= {minimum}")
-        for key, value, kind in (
+        choices: tuple[tuple[str, str, Any], ...] = (
             ("features.autocast", self.features.autocast, Autocast),
             ("results.logger", self.results.logger, LoggerKind),
             ("weights.format", self.weights.format, CheckpointFormat),
-        ):
-            if value not in get_args(kind):
-                raise ServiceConfigError(f"{where}: {key}={value!r}; expected one of {list(get_args(kind))}")
+        )
+        for key, choice, kind in choices:
+            if choice not in get_args(kind):
+                raise ServiceConfigError(f"{where}: {key}={choice!r}; expected one of {list(get_args(kind))}")
         if self.probes.bank is None and self.probes.knn is None:
             raise ServiceConfigError(f"{where}: probes has neither a bank nor a knn; give at least one")
         for key in ("bank", "knn"):

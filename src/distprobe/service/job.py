@@ -69,11 +69,11 @@ def _forward(spec: Any, source: str) -> Callable[[nn.Module, Any], torch.Tensor]
 
         module, _, name = spec.partition(":")
         try:
-            return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+            return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as err:
             raise ServiceConfigError(f"{source}: features.forward={spec!r} cannot be imported: {err}") from None
     if isinstance(spec, dict) and "_target_" in spec:
-        return _instantiate({**spec, "_partial_": True}, "features.forward", source)  # type: ignore[no-any-return]
+        return _instantiate({**spec, "_partial_": True}, "features.forward", source)
     raise ServiceConfigError(
         f"{source}: features.forward={spec!r}; expected null, 'module:function' or a Hydra config with _target_"
     )

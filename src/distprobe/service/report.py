@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from distprobe.service.store import ResultsStore
+from distprobe.service.store import CheckpointRecord, ResultsStore
 
 
 def _columns(rows: list[tuple[str, int | None, str, str, str, float, str]]) -> list[tuple[str, str, str]]:
@@ -54,7 +54,11 @@ def render(store: ResultsStore, full_paths: bool = False) -> str:
     return text + _trend(records, values, columns)
 
 
-def _trend(records: list, values: dict, columns: list[tuple[str, str, str]]) -> str:  # type: ignore[type-arg]
+def _trend(
+    records: list[CheckpointRecord],
+    values: dict[str, dict[tuple[str, str, str], float]],
+    columns: list[tuple[str, str, str]],
+) -> str:
     if not columns:
         return ""
     first = columns[0]

@@ -57,7 +57,7 @@ def write_tensorboard(directory: Path, step: int, rows: Iterable[ResultRow]) -> 
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         try:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # type: ignore[no-redef]
         except ImportError:
             raise ImportError(
                 f"distprobe eval: {directory} holds TensorBoard logs, but neither tensorboard nor tensorboardX is "
