@@ -219,3 +219,41 @@ def test_zero3_without_deepspeed_says_how_to_install_it(sharded, monkeypatch):
     # ZeRO-2 does not partition the weights: its checkpoint reads without deepspeed.
     run = sharded[0]["deepspeed_stage_2"]
     _assert_equal(load_backbone_state(detect(run["path"])), run["reference"])
+
+
+@pytest.mark.distributed
+def test_the_service_evaluates_a_2_rank_fsdp2_checkpoint_alike_at_world_1_and_2_and_a_zero3_one(sharded, tmp_path):
+    """`distprobe eval` on the sharded checkpoints themselves: resharded to the eval job's world size."""
+    import subprocess
+
+    from tests.service.models import eval_config
+
+    from distprobe.service.job import evaluate_checkpoint
+    from distprobe.service.store import ResultsStore
+
+    backbone_target = {"_target_": "tests.service.checkpoint_workers.backbone"}
+    numbers = {}
+    for world in (1, 2):
+        where = tmp_path / f"world{world}"
+        shutil.copytree(sharded[0]["fsdp2"]["path"], where / "fsdp2.ckpt")
+        config = eval_config(tmp_path / f"eval{world}.yaml", backbone=backbone_target, results={"logger": "none"})
+        if world == 1:
+            evaluate_checkpoint(where / "fsdp2.ckpt", config)
+        else:
+            command = [sys.executable, "-m", "distprobe", "eval", str(where / "fsdp2.ckpt"), "--config", str(config)]
+            command += ["--cluster", "local", "--tasks-per-node", "2"]
+            repo = Path(__file__).resolve().parents[2]
+            done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+            assert done.returncode == 0, done.stderr[-3000:]
+        store = ResultsStore(where / "distprobe_eval" / "results.sqlite")
+        numbers[world] = {(p, h, m): v for _, step, p, h, m, v, _ in store.results()}
+        assert {row[1] for row in store.results()} == {checkpoint_workers.STEPS}
+    assert numbers[1].keys() == numbers[2].keys()
+    for key, value in numbers[1].items():
+        assert numbers[2][key] == pytest.approx(value, abs=1e-6), key
+    zero3 = evaluate_checkpoint(
+        sharded[0]["deepspeed_stage_3"]["path"],
+        eval_config(tmp_path / "zero3.yaml", backbone=backbone_target, results={"logger": "none"}),
+        run_dir=tmp_path / "zero3",
+    )
+    assert zero3["step"] == checkpoint_workers.STEPS and zero3["rows"] == numbers[1].__len__()

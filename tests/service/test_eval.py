@@ -148,3 +148,20 @@ def test_cli_eval_as_a_two_task_local_job_equals_one_process(run, tmp_path):
         # The same global batches on 1 and 2 ranks: the heads differ by the all-reduce's rounding only.
         assert two_ranks[key] == pytest.approx(value, abs=1e-6), key
     assert EvalConfig.load(config).fingerprint == local.results()[0][-1]
+
+
+def test_a_checkpoint_holding_objects_needs_them_named_in_weights_safe_globals(run, tmp_path):
+    import argparse
+
+    out, checkpoints = run
+    checkpoint = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"] = {"args": argparse.Namespace(lr=0.1)}  # what save_hyperparameters(args) writes
+    with_objects = tmp_path / "checkpoints" / "epoch=0-step=10.ckpt"
+    with_objects.parent.mkdir()
+    torch.save(checkpoint, with_objects)
+    with pytest.raises(CheckpointError, match=r"argparse.Namespace.*weights.safe_globals"):
+        evaluate_checkpoint(with_objects, eval_config(tmp_path / "strict.yaml"))
+    allowed = eval_config(
+        tmp_path / "allowed.yaml", weights={"prefix": "backbone.", "safe_globals": ["argparse.Namespace"]}
+    )
+    assert evaluate_checkpoint(with_objects, allowed)["step"] == 10

@@ -283,8 +283,9 @@ def _safe_load(checkpoint: Path, file: Path, mmap: bool) -> dict[str, Any]:
         raise CheckpointError(
             f"{checkpoint}: {file.name} holds objects that torch.load(weights_only=True) refuses: {refused}; "
             "expected tensors and plain containers (distprobe reads checkpoints so that no code in them runs); "
-            "fix: if you trust these types, allow them with torch.serialization.add_safe_globals([...]) before "
-            "loading, or store plain types (e.g. hyper-parameters as a dict) in the training's checkpoint"
+            "fix: if you trust these types, list them in the eval config's weights.safe_globals (or call "
+            "torch.serialization.add_safe_globals([...]) before loading), or store plain types (e.g. "
+            "hyper-parameters as a dict) in the training's checkpoint"
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(

@@ -49,6 +49,10 @@ class WeightsConfig:
     """Require the checkpoint's keys under `prefix` to match the backbone's exactly."""
     format: CheckpointFormat = "auto"
     """``auto`` reads the format off the path: a ``.ckpt`` file, a Distributed Checkpoint or DeepSpeed directory."""
+    safe_globals: list[str] = field(default_factory=list)
+    """Classes the checkpoint may hold besides tensors and plain containers (``argparse.Namespace``,
+    ``omegaconf.dictconfig.DictConfig``...), as import paths: checkpoints are read with ``weights_only=True``, so
+    that no code in them runs, and these are allowed through ``torch.serialization.add_safe_globals``."""
 
 
 @dataclass(kw_only=True)

@@ -79,6 +79,24 @@ def _forward(spec: Any, source: str) -> Callable[[nn.Module, Any], torch.Tensor]
     )
 
 
+def allow_globals(paths: list[str], source: str) -> None:
+    """Let ``torch.load(weights_only=True)`` build the classes the config names (``package.module.Class``)."""
+    import importlib
+
+    allowed = []
+    for path in paths:
+        module, _, name = path.replace(":", ".").rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ServiceConfigError(
+                f"{source}: weights.safe_globals entry {path!r} cannot be imported ({err}); expected an import path "
+                "such as argparse.Namespace"
+            ) from None
+    if allowed:
+        torch.serialization.add_safe_globals(allowed)
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -167,6 +185,7 @@ def evaluate_checkpoint(
         ServiceConfigError: the config is invalid or names something that cannot be built.
     """
     config = config if isinstance(config, EvalConfig) else EvalConfig.load(config)
+    allow_globals(config.weights.safe_globals, config.source)
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (deleted by the training's retention?)")

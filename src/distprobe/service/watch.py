@@ -33,7 +33,7 @@ from typing import Any, Literal
 from distprobe.cluster.config import ClusterConfig
 from distprobe.service.checkpoints import CheckpointError, detect, is_complete
 from distprobe.service.config import EvalConfig
-from distprobe.service.job import SERVICE_DIR, store_path
+from distprobe.service.job import SERVICE_DIR, allow_globals, store_path
 from distprobe.service.store import FINAL_STATES, CheckpointRecord, ResultsStore
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ class Watcher:
     def __init__(self, config: WatchConfig) -> None:
         self.config = config
         self.eval_config = EvalConfig.load(config.config_path)  # a bad config fails here, before any submission
+        allow_globals(self.eval_config.weights.safe_globals, self.eval_config.source)  # detect() reads checkpoints
         self.run_dir = config.run_dir.resolve()
         self.store = ResultsStore(store_path(self.eval_config, self.run_dir))
         cluster = config.cluster
