@@ -116,6 +116,49 @@ def load_split(cache: Path, split: str, stamp: Mapping[str, Any]) -> CachedSplit
     return CachedSplit(features=features, labels=_mapped(cache / f"{split}.labels", n, torch.int64))
 
 
+class _HostCopies:
+    """Device-to-host copies of the features, written into the cache one batch late.
+
+    On CUDA a batch's features go to a pinned buffer with a non-blocking copy, and are written into the cache only
+    after the next batch's forward is queued: the GPU never waits for the host's writes, as a ``.cpu()`` per batch
+    would make it. On the CPU the rows are written at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]] = []
+
+    def push(self, rows: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.device.type != "cuda":
+            self.pending.append((rows, index, targets, None))
+            return
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((host, index, targets, event))
+
+    def write_ready(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write every batch but the newest (on CUDA), so the newest's copy overlaps the next forward."""
+        keep = 1 if self.device.type == "cuda" else 0
+        while len(self.pending) > keep:
+            self._write(self.pending.pop(0), features, labels)
+
+    def write_all(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        while self.pending:
+            self._write(self.pending.pop(0), features, labels)
+
+    @staticmethod
+    def _write(
+        item: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any], features: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        rows, index, targets, event = item
+        if event is not None:
+            event.synchronize()
+        features[index] = rows
+        labels[index] = targets
+
+
 @torch.no_grad()
 def extract_split(
     backbone: nn.Module,
@@ -163,16 +206,17 @@ def extract_split(
     _barrier()
     features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
     labels = _mapped(cache / f"{split}.labels", n, torch.int64)
+    copies = _HostCopies(device)
     position = rank
     for inputs, targets in loader:
         with _autocast(device, autocast):
             out = forward(backbone, _to(inputs, device)) if forward is not None else backbone(_to(inputs, device))
-        rows = out.detach().flatten(1).float().cpu()
-        count = rows.shape[0]
+        count = out.shape[0]
         index = torch.arange(position, position + count * world, world)
-        features[index] = rows
-        labels[index] = targets
+        copies.push(out.detach().flatten(1).float(), index, targets)
         position += count * world
+        copies.write_ready(features, labels)
+    copies.write_all(features, labels)
     del features, labels  # unmapped: every write is in the page cache before the barrier
     _barrier()
     if rank == 0:
