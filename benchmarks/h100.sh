@@ -74,6 +74,11 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
                 --dim 768 --queries 512 --rounds 5 --storage-dtype "$d"
         done
         ;;
+    # The probing service (issue 16): its CUDA test, then extraction vs a bare loop, bank epochs, a whole job.
+    service)
+        stage service-tests $PY -m pytest -p no:cacheprovider -m gpu tests/service -q -rs
+        stage service $PY benchmarks/probing_service.py --device cuda --json "$OUT/service.json"
+        ;;
     own-data) stage own-data $PY benchmarks/own_data.py --accelerator gpu --precision bf16-mixed --batch 1024 \
         --width 2048 --rounds 5 --steps 40 ;;
     *) echo "unknown stage $what" && exit 2 ;;
