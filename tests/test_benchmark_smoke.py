@@ -51,6 +51,22 @@ def test_host_time_benchmark_smoke_prints_its_table() -> None:
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "8"]
 
 
+def test_probing_service_benchmark_smoke_writes_its_three_measurements(tmp_path: Path) -> None:
+    out = tmp_path / "service.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "probing_service.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["extraction"]["service_images_per_s"] > 0 and result["extraction"]["bare_images_per_s"] > 0
+    assert result["bank"]["heads"] == 64
+    assert result["job"]["rows"] == 64 + 1 + 1 + 2  # every head, the best, the selected head, the kNN's two k
+
+
 @pytest.mark.parametrize("script", ["multigpu.sh", "ddp_scaling.sh"])
 def test_gpu_scripts_refuse_a_world_size_that_is_not_a_number(script: str, tmp_path: Path) -> None:
     """A mistyped mode ("check") would otherwise be taken for a world size and fail later inside torchrun."""
