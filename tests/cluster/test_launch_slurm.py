@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from launch_helpers import DEMO, DEMO_ARGS, STEPS, max_probe_difference, wait_for_progress
+from tests.helpers.slurm import final_states
 
 from distprobe.cluster import ClusterConfig, submit
 from distprobe.cluster.cli import add_submit_arguments, run_submit
@@ -26,25 +27,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 # Long enough that submitit counts a USR2 as a preemption, not a timeout (it calls a job "timed out" after
 # min(80% of the limit, limit - 10 min)).
 TIME_MIN = 20
-
-
-def _sacct_states(job_id: str) -> list[str]:
-    """Every record of the job, requeued runs included (-D), oldest first."""
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, check=True
-    ).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def _wait_for_final_state(job_id: str, timeout: float = 60.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    states = _sacct_states(job_id)
-    while time.monotonic() < deadline:
-        states = _sacct_states(job_id)
-        if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
-            return states
-        time.sleep(0.5)
-    pytest.fail(f"job {job_id} did not finish in {timeout} s; sacct states: {states}")
 
 
 def _restarts(job_id: str) -> int:
@@ -58,7 +40,7 @@ def test_slurm_two_tasks_get_the_torch_distributed_environment(slurm_cluster, tm
     results = job.results()
     assert [(r["rank"], r["world_size"], r["local_rank"]) for r in results] == [(0, 2, 0), (1, 2, 1)]
     assert [r["rank_sum"] for r in results] == [1, 1]
-    assert _wait_for_final_state(job.job_id) == ["COMPLETED"]
+    assert final_states(job.job_id) == ["COMPLETED"]
 
 
 def test_slurm_submit_cli_trains_the_demo_to_completion(slurm_cluster, tmp_path, capsys, reference_weights):
@@ -88,7 +70,7 @@ def test_slurm_submit_cli_trains_the_demo_to_completion(slurm_cluster, tmp_path,
     assert len([row for row in rows if row["eval/linear_top1"]]) == DEMO_ARGS["epochs"]
     saved = json.loads((tmp_path / job_id / "demo-result.json").read_text())
     assert saved["probe_weights"] == results[0]["probe_weights"]
-    assert _wait_for_final_state(job_id) == ["COMPLETED"]
+    assert final_states(job_id) == ["COMPLETED"]
 
 
 def test_slurm_preemption_of_the_demo_checkpoints_requeues_resumes_and_matches(
@@ -101,7 +83,7 @@ def test_slurm_preemption_of_the_demo_checkpoints_requeues_resumes_and_matches(
     wait_for_progress(folder, 5, job)
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
     results = job.results()
-    states = _wait_for_final_state(job.job_id)
+    states = final_states(job.job_id)
     wall_s = time.monotonic() - start
 
     checkpoints = sorted(p.name for p in (folder / "checkpoints").glob("preempt-*.ckpt"))
@@ -140,7 +122,7 @@ def test_slurm_runs_a_rendered_template_and_refuses_a_hostile_partition(slurm_cl
     job_id = subprocess.run(
         ["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=tmp_path, check=True
     ).stdout.strip()
-    assert _wait_for_final_state(job_id, timeout=120) == ["COMPLETED"]
+    assert final_states(job_id, timeout=120) == ["COMPLETED"]
     lines = (tmp_path / "runs" / f"distprobe-{job_id}.out").read_text().splitlines()
     reports = sorted((json.loads(line) for line in lines if line.startswith("{")), key=lambda r: r["rank"])
     assert [(r["rank"], r["world_size"], r["local_rank"], r["rank_sum"]) for r in reports] == [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,23 @@ def slurm_cluster() -> Any:
     yield conf
     if started_here:
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120, check=False)
+
+
+def sacct_states(job_id: str) -> list[str]:
+    """Every record of the job, requeued runs included (-D), oldest first."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def final_states(job_id: str, timeout: float = 60.0) -> list[str]:
+    """The job's sacct records once the last one is final (accounting lags the job by a moment)."""
+    deadline = time.monotonic() + timeout
+    states = sacct_states(job_id)
+    while time.monotonic() < deadline:
+        states = sacct_states(job_id)
+        if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
+            return states
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} did not finish in {timeout} s; sacct states: {states}")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.helpers.slurm import final_states
 from tests.service.models import eval_config, pretrain
 
 from distprobe.service.job import evaluate_checkpoint
@@ -21,25 +22,6 @@ from distprobe.service.store import ResultsStore
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _sacct_states(job_id: str) -> list[str]:
-    """Every record of the job, requeued runs included (-D), oldest first."""
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, check=True
-    ).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def _final_states(job_id: str, timeout: float = 60.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    states = _sacct_states(job_id)
-    while time.monotonic() < deadline:
-        states = _sacct_states(job_id)
-        if states and states[-1] not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"):
-            return states
-        time.sleep(0.5)
-    pytest.fail(f"job {job_id} did not finish in {timeout} s; sacct states: {states}")
 
 
 def _watch(run: Path, config: Path, *options: str) -> list[str]:
@@ -88,7 +70,7 @@ def test_a_training_writes_three_checkpoints_and_each_is_evaluated_once_across_a
     job_ids = [r.job_id for r in records]
     assert len(set(job_ids)) == 3
     for job_id in job_ids:  # each job ran once and completed: no duplicate, no failed attempt
-        assert _final_states(job_id) == ["COMPLETED"]
+        assert final_states(job_id) == ["COMPLETED"]
     store = ResultsStore(run / "distprobe_eval" / "results.sqlite")
     assert {row[0] for row in store.results()} == {r.path for r in records}
     # The results reached the training's own CSV log at each checkpoint's step.
@@ -123,8 +105,8 @@ def test_a_job_killed_during_feature_extraction_is_submitted_again_and_gives_the
         watcher.kill()
     (record,) = _records(run)
     assert (record.state, record.tries) == ("done", 2)
-    assert [s.split()[0] for s in _final_states(first.job_id)] == ["CANCELLED"]  # "CANCELLED by <uid>"
-    assert _final_states(record.job_id) == ["COMPLETED"]
+    assert [s.split()[0] for s in final_states(first.job_id)] == ["CANCELLED"]  # "CANCELLED by <uid>"
+    assert final_states(record.job_id) == ["COMPLETED"]
     # The same numbers as an evaluation of the same checkpoint in this process (no delay: the same features).
     reference = evaluate_checkpoint(
         checkpoint, eval_config(tmp_path / "fast.yaml", results={"logger": "none", "store": str(tmp_path / "r.db")})
