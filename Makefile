@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean docs
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/distprobe demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks launch
-	$(BIN)/ruff format --check src tests benchmarks launch
+	$(BIN)/ruff check src tests benchmarks launch docs/_hooks
+	$(BIN)/ruff format --check src tests benchmarks launch docs/_hooks
 	$(BIN)/mypy
 
 # pytest exits 5 when it collects nothing: that must fail, not pass as "no failures".
@@ -29,8 +29,23 @@ test: lint
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The documentation site (mkdocs.yml) into site/, warnings as errors. MkDocs and mkdocstrings live in their own
+# .venv-docs (mkdocstrings reads the sources without importing them); the strategy matrix page collects the tests
+# with the main .venv.
+DOCS_VENV := .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed
+
+$(DOCS_STAMP): docs/requirements.txt
+	$(PY) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	touch $(DOCS_STAMP)
+
+docs: $(STAMP) $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 DISTPROBE_TEST_PYTHON=$(BIN)/python $(DOCS_VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) $(FLOORS_VENV) lightning_logs distprobe_runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOORS_VENV) $(DOCS_VENV) site lightning_logs distprobe_runs .pytest_cache .mypy_cache .ruff_cache
 
 # The lowest versions pyproject.toml allows, in their own environment (tests/floors/setup_floors_env.sh pins each
 # floor). The tests are the parts of the suite that reach every private torch, Lightning, torchmetrics and DeepSpeed
