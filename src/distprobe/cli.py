@@ -1,4 +1,4 @@
-"""`distprobe demo | submit | eval | watch | results`: the command-line entry point."""
+"""`distprobe demo | submit | eval | watch | results | report`: the command-line entry point."""
 
 from __future__ import annotations
 
@@ -24,6 +24,18 @@ def _demo(args: argparse.Namespace) -> int:
     if final and result["is_global_zero"]:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
         sys.stdout.write(f"final: {summary}\nlogs: {result['log_dir']}\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from distprobe.report import NoLogsError, write_report
+
+    try:
+        files = write_report(args.run_dir, args.out)
+    except (NoLogsError, ImportError) as err:  # ImportError: no tensorboard for TensorBoard logs, or no matplotlib
+        sys.stderr.write(f"{err}\n")
+        return 2
+    sys.stdout.write(f"plot: {files.plot}\nsummary: {files.summary}\n\n{files.summary.read_text()}")
     return 0
 
 
@@ -58,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     from distprobe.service.cli import add_service_commands
 
     add_service_commands(sub)
+    report = sub.add_parser(
+        "report", help="plot every probe's loss and accuracy over steps, and summarize the best heads"
+    )
+    report.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the run's directory: CSVLogger or TensorBoard logs, or the service's store"
+    )
+    report.add_argument(
+        "--out", metavar="DIR", default=None, help="where to write report.png and report.md (default: RUN_DIR)"
+    )
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -1,0 +1,104 @@
+"""The probing service's numbers: its results store, and the copies it writes into the training's log.
+
+The store (`distprobe.service.store.ResultsStore`) has every number and the head each bank selected; the service
+also writes ``distprobe_eval.csv`` beside a CSVLogger's ``metrics.csv`` and ``ckpt/*`` scalars into TensorBoard
+(`distprobe.service.training_log`), with the same numbers under the keys ``ckpt/{bank}_best_top1``,
+``ckpt/{bank}/{head}_top1`` and ``ckpt/{knn}_k20_top1``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = "results.sqlite"
+SERVICE_DIR = "distprobe_eval"
+SERVICE_CSV = "distprobe_eval.csv"
+#: The service's own TensorBoard event files end so (`distprobe.service.training_log.write_tensorboard`).
+SERVICE_EVENTS_SUFFIX = ".distprobe"
+CHECKPOINT_PREFIX = "ckpt/"
+
+# The service's logged keys (`distprobe.service.training_log.logged_key`): best, kNN k, then a bank head.
+_CKPT_BEST = re.compile(r"^ckpt/(?P<probe>[^/]+)_best_(?P<metric>[^_/]+)$")
+_CKPT_K = re.compile(r"^ckpt/(?P<probe>[^/]+)_(?P<head>k\d+)_(?P<metric>[^_/]+)$")
+_CKPT_HEAD = re.compile(r"^ckpt/(?P<probe>[^/]+)/(?P<head>.+)_(?P<metric>[^_/]+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """One number of one checkpoint's evaluation by the probing service."""
+
+    checkpoint: str
+    """The checkpoint's path (empty when only its step is known, from TensorBoard)."""
+    step: int
+    """The training's global step at the checkpoint."""
+    probe: str
+    """The bank's or kNN's name."""
+    head: str
+    """A bank head's id, ``best`` for the bank's selected head, ``k{K}`` for a kNN."""
+    metric: str
+    """``top1``..., or ``selected`` (then ``head`` names the bank's selected head)."""
+    value: float
+
+
+def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
+    """Every result of every ``distprobe_eval/results.sqlite`` under ``run``, and the stores read."""
+    from distprobe.service.store import ResultsStore
+
+    results: list[CheckpointResult] = []
+    stores = sorted(p for p in run.rglob(STORE_NAME) if p.parent.name == SERVICE_DIR and p.is_file())
+    for path in stores:
+        rows = ResultsStore(path).results()
+        hashes = {row[6] for row in rows}
+        for checkpoint, step, probe, head, metric, value, config_hash in rows:
+            if step is None:
+                log.warning(
+                    "%s: checkpoint %s has no global step; its results are left out of the plot", path, checkpoint
+                )
+                continue
+            # Two evaluation configs of one checkpoint are two different probes: keep them apart.
+            name = probe if len(hashes) == 1 else f"{probe}@{config_hash[:8]}"
+            results.append(CheckpointResult(checkpoint, int(step), name, head, metric, float(value)))
+    return results, stores
+
+
+def results_of_key(key: str, points: Mapping[int, float], checkpoint: str) -> list[CheckpointResult]:
+    """The results a ``ckpt/*`` key's points stand for (none, with a warning, for a key of another form)."""
+    for pattern in (_CKPT_BEST, _CKPT_K, _CKPT_HEAD):
+        match = pattern.match(key)
+        if match:
+            head = match.groupdict().get("head") or "best"
+            probe, metric = match["probe"], match["metric"]
+            return [CheckpointResult(checkpoint, step, probe, head, metric, value) for step, value in points.items()]
+    log.warning("Checkpoint key %r is not one the probing service writes; left out", key)
+    return []
+
+
+def read_service_csv(path: Path) -> list[CheckpointResult]:
+    """The results in one ``distprobe_eval.csv`` (``step,key,value,checkpoint`` rows)."""
+    out: list[CheckpointResult] = []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                step, value = int(row["step"]), float(row["value"])
+            except (KeyError, TypeError, ValueError):
+                log.warning("%s: row %s is not 'step,key,value,checkpoint'; left out", path, row)
+                continue
+            out += results_of_key(row.get("key") or "", {step: value}, checkpoint=row.get("checkpoint") or "")
+    return out
+
+
+def unique(results: Iterable[CheckpointResult]) -> list[CheckpointResult]:
+    """One number per (step, probe, head, metric); a named checkpoint wins over a TensorBoard step."""
+    kept: dict[tuple[int, str, str, str], CheckpointResult] = {}
+    for result in results:
+        key = (result.step, result.probe, result.head, result.metric)
+        if key not in kept or (result.checkpoint and not kept[key].checkpoint):
+            kept[key] = result
+    return list(kept.values())
