@@ -1,26 +1,27 @@
 """The main job: SimCLR on scikit-learn's 8x8 digits with live online probes, on CPU in about a minute.
 
-The dataset ships inside scikit-learn, so nothing is downloaded. The backbone never sees a label; the probes read
-its detached embedding and report how linearly decodable the digit classes are as training goes.
+The dataset ships inside scikit-learn, so nothing is downloaded. The backbone (a small convnet) never sees a label;
+the probes read its detached embedding and report how linearly decodable the digit classes are as training goes.
+Every few epochs and at the end the features are also evaluated offline (`distprobe.demo_eval`), beside a randomly
+initialised backbone and the raw pixels: on these digits both are strong, and the online probes' rise alone would
+not show whether the features improved.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -28,6 +29,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from distprobe.callbacks import OnlineProbe
+from distprobe.demo_eval import (
+    EvalSplits,
+    OfflineComparison,
+    OfflineScores,
+    compare_with_baselines,
+    frozen,
+    offline_eval,
+)
+from distprobe.demo_model import SimCLR, conv_backbone, rank_and_world_size
+from distprobe.demo_output import EpochTable, quiet_lightning, summary_lines, write_line
+
+if TYPE_CHECKING:
+    from distprobe.report import ReportFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +58,15 @@ class DemoConfig:
     """Per-process batch size."""
     devices: int = 1
     """CPU processes; more than one trains with DDP over gloo."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Backbone learning rate (AdamW)."""
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """The backbone's rate over the run: constant, or a cosine decay to 0 by the last step (as SSL recipes end, so
-    the final features are the ones the probes trained on: ``tests/bank/test_signal_quality.py``)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """The backbone's rate over the run: a cosine decay to 0 by the last step (as SSL recipes end, so the final
+    features are the ones the probes trained on: ``tests/bank/test_signal_quality.py``), or constant."""
     temperature: float = 0.2
     """InfoNCE temperature."""
+    width: int = 16
+    """Channels of the convnet's first layer (doubled at each of the next two)."""
     seed: int = 0
     """Seed of the split, the weights and the augmentations."""
     out_dir: str = "distprobe_runs/demo"
@@ -58,7 +74,19 @@ class DemoConfig:
     limit_train_batches: float | int = 1.0
     """Lightning's limit, for short test runs."""
     progress_bar: bool = True
-    """Show Lightning's progress bar."""
+    """Show Lightning's progress bar when stdout is a terminal (in a log file its redraws are noise); the table's
+    rows are written above it."""
+    offline_every: int = 10
+    """Evaluate the features offline every this many epochs and after the last (`distprobe.demo_eval`), in the
+    table's last columns; 0: not during training (`run_demo` still evaluates the final features)."""
+    random_inits: int = 3
+    """Randomly initialised backbones the final offline evaluation compares with (the first is the trained
+    backbone's own initialisation)."""
+    report: bool = True
+    """`run_demo`: write `distprobe.report`'s plot and summary of the run's logs at the end."""
+    num_threads: int | None = 1
+    """torch's intra-op threads during the fit (restored after); None: leave torch's setting. The demo's tensors are
+    small: on 2 cores shared with other work, 2 threads made an epoch 3-7 times slower than 1."""
     ckpt_path: str | None = None
     """Resume from this checkpoint."""
     extra_callbacks: list[Any] = field(default_factory=list)
@@ -66,15 +94,26 @@ class DemoConfig:
     probe_data: Literal["pretraining-labels", "labeled-subset"] = "pretraining-labels"
     """``pretraining-labels``: the probes read the labels of the pretraining batches. ``labeled-subset``: the
     pretraining stream has no labels; the probes train on a labeled subset of their own (``labeled_fraction`` of the
-    training split) and are evaluated on the labeled validation split (docs/own-data.md)."""
+    training split) and are evaluated on the labeled validation split (docs/own-data.md). The offline evaluation
+    fits on the labels the probes train on."""
     labeled_fraction: float = 0.2
     """With ``probe_data="labeled-subset"``: the share of the training split that is labeled."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "devices"):
+        for name in ("epochs", "batch_size", "devices", "width", "random_inits"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"demo: argument '{name}' got {value!r}; expected a positive int.")
+        if not isinstance(self.offline_every, int) or self.offline_every < 0:
+            raise ValueError(
+                f"demo: argument 'offline_every' got {self.offline_every!r}; expected an int >= 0 (0: not during "
+                "training)."
+            )
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(
+                f"demo: argument 'num_threads' got {self.num_threads!r}; expected a positive int, or None to leave "
+                "torch's setting."
+            )
         if self.probe_data not in ("pretraining-labels", "labeled-subset"):
             raise ValueError(
                 f"demo: argument 'probe_data' got {self.probe_data!r}; expected 'pretraining-labels' or "
@@ -116,32 +155,6 @@ class Digits(Dataset):
         if not self.labeled:
             return {"image": self.images[i], "index": i}
         return {"image": self.images[i], "label": self.labels[i], "index": i}
-
-
-def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random view of each image: shift by up to one pixel, rescale contrast, drop pixels, add noise.
-
-    Args:
-        images: ``(n, 1, 8, 8)`` images.
-        generator: the source of randomness (CPU); None draws from torch's global generator.
-    """
-    n = images.shape[0]
-    # Drawn on the CPU then moved: a CPU generator serves every device, and the draws do not depend on it.
-    dy, dx = torch.randint(0, 3, (2, n), generator=generator).to(images.device)
-    contrast = torch.empty(n, 1, 1, 1).uniform_(0.7, 1.3, generator=generator).to(images.device)
-    keep = (torch.rand(images.shape, generator=generator) > 0.1).float().to(images.device)
-    noise = torch.randn(images.shape, generator=generator).to(images.device)
-    # Every 8x8 crop of the 1-pixel-padded image, then one random crop per sample.
-    crops = F.pad(images, (1, 1, 1, 1)).unfold(2, 8, 1).unfold(3, 8, 1)  # (n, 1, 3, 3, 8, 8)
-    view = crops[torch.arange(n, device=images.device), :, dy, dx]  # (n, 1, 8, 8)
-    return (view * contrast * keep + 0.05 * noise).clamp(0, 1.5)
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the world size, from the default process group ((0, 1) without one)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class ResumableSampler(DistributedSampler):
@@ -234,68 +247,9 @@ class DigitsData(pl.LightningDataModule):
             self._pending_order = order
 
 
-class SimCLR(pl.LightningModule):
-    """A small MLP encoder trained with InfoNCE between two augmented views; labels are never used."""
-
-    def __init__(
-        self,
-        lr: float = 3e-3,
-        temperature: float = 0.2,
-        embed_dim: int = 128,
-        seed: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.backbone = nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, embed_dim)
-        )
-        self.projector = nn.Sequential(nn.Linear(embed_dim, 128), nn.GELU(), nn.Linear(128, 64))
-
-    def info_nce(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """Contrastive loss: each view must pick out its partner among the batch's other views."""
-        z = F.normalize(torch.cat([z1, z2]), dim=1)
-        sim = z @ z.T / self.hparams["temperature"]
-        sim.fill_diagonal_(float("-inf"))
-        n = z1.shape[0]
-        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-        return F.cross_entropy(sim, partner)
-
-    def augmentation_generator(self) -> torch.Generator:
-        """The augmentations' randomness, seeded by (seed, step, rank): a resumed run draws the same views."""
-        rank, world_size = rank_and_world_size()
-        step = self.trainer.global_step
-        return torch.Generator().manual_seed((self.hparams["seed"] * 1_000_003 + step) * world_size + rank)
-
-    @override
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        images = batch["image"]
-        generator = self.augmentation_generator()
-        loss = self.info_nce(
-            self.projector(self.backbone(augment(images, generator))),
-            self.projector(self.backbone(augment(images, generator))),
-        )
-        self.log("train/ssl_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
-        # The probes train on the clean image's embedding; OnlineProbe detaches it.
-        return {"loss": loss, "embedding": self.backbone(images)}
-
-    @override
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return {"embedding": self.backbone(batch["image"])}
-
-    @override
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=1e-4)
-        if self.hparams.get("lr_schedule", "constant") == "constant":
-            return optimizer
-        steps = int(self.trainer.estimated_stepping_batches)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
-
-
 def embed(pl_module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The probes' input on their own batches: the clean image's embedding (as ``training_step`` returns it)."""
-    return pl_module.backbone(batch["image"])  # type: ignore[operator]
+    return pl_module.embedding(batch["image"])  # type: ignore[operator]
 
 
 def labeled_subset(config: DemoConfig) -> dict[str, Any]:
@@ -353,56 +307,36 @@ def make_probes(module: SimCLR | None = None, own_data: dict[str, Any] | None = 
     ]
 
 
-class EpochTable(pl.Callback):
-    """Writes one line per epoch to stdout on global rank 0: the demo's own terminal output.
+@contextmanager
+def intra_op_threads(num_threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads to `num_threads` inside the block (None: unchanged), restored on exit."""
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    The line is written at the end of the training epoch, not of its validation: Lightning validates inside the
-    training epoch, before it reduces the epoch's ``on_epoch`` values, so at validation end ``train/ssl_loss_epoch``
-    does not exist yet (the first row read NaN and every later one the previous epoch's loss). As before, only an
-    epoch that was validated gets a row. Every rank reads the metrics, since reducing a ``sync_dist`` value is a
-    collective.
+
+def eval_splits(config: DemoConfig) -> EvalSplits:
+    """The offline evaluation's data: the labels the probes train on, and the validation split they are scored on.
+
+    The fit uses all of the training split, or with ``probe_data="labeled-subset"`` the probes' labeled subset.
     """
-
-    COLUMNS = ("epoch", "ssl_loss", "linear_loss", "linear_top1", "mlp_top1", "seconds")
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self._start = time.monotonic()
-        self._validated_epoch: int | None = None
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validated_epoch = trainer.current_epoch
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._validated_epoch != trainer.current_epoch:  # e.g. an epoch that a preemption stopped early
-            return
-        m = trainer.callback_metrics
-
-        def value(key: str) -> float:
-            return float(m[key]) if key in m else math.nan
-
-        row = {
-            "epoch": trainer.current_epoch,
-            "ssl_loss": value("train/ssl_loss_epoch"),
-            "linear_loss": value("train/linear_loss"),
-            "linear_top1": value("eval/linear_top1"),
-            "mlp_top1": value("eval/mlp_top1"),
-            "seconds": time.monotonic() - self._start,
-        }
-        self.rows.append(row)
-        if trainer.is_global_zero:
-            if len(self.rows) == 1:
-                _write(" | ".join(f"{c:>11}" for c in self.COLUMNS))
-            _write(" | ".join(f"{row[c]:>11.4f}" if c != "epoch" else f"{row[c]:>11d}" for c in self.COLUMNS))
+    fraction = config.labeled_fraction if config.probe_data == "labeled-subset" else 1.0
+    train, val = Digits("train", config.seed, fraction=fraction), Digits("val", config.seed)
+    return EvalSplits(train.images, train.labels, val.images, val.labels)
 
 
-def _write(line: str) -> None:
-    # The demo's table is its output, not a log message: it goes to stdout, above the progress bar.
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+def random_backbone(config: DemoConfig, seed: int) -> nn.Module:
+    """A backbone of the demo's architecture, randomly initialised from `seed` as `build_training` initialises it.
+
+    So ``seed=config.seed`` gives the trained backbone's starting weights. torch's global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return conv_backbone(config.width)
 
 
 @dataclass
@@ -414,10 +348,13 @@ class DemoTraining:
     data: DigitsData
     probes: list[OnlineProbe]
     table: EpochTable
+    num_threads: int | None = None
+    """torch's intra-op threads during `fit` (None: unchanged)."""
 
     def fit(self, ckpt_path: str | None = None) -> None:
         """``trainer.fit`` on the digits, resuming from `ckpt_path` when given."""
-        self.trainer.fit(self.module, datamodule=self.data, ckpt_path=ckpt_path)
+        with intra_op_threads(self.num_threads):
+            self.trainer.fit(self.module, datamodule=self.data, ckpt_path=ckpt_path)
 
     def probe_weights(self) -> dict[str, torch.Tensor]:
         """Each probe's parameters, flattened into one tensor per probe."""
@@ -440,10 +377,22 @@ def build_training(
         callbacks: more callbacks, after the probes and ``config.extra_callbacks``.
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    module = SimCLR(lr=config.lr, temperature=config.temperature, seed=config.seed, lr_schedule=config.lr_schedule)
+    module = SimCLR(
+        lr=config.lr,
+        temperature=config.temperature,
+        seed=config.seed,
+        lr_schedule=config.lr_schedule,
+        width=config.width,
+    )
     own_data = labeled_subset(config) if config.probe_data == "labeled-subset" else None
     probes = make_probes(module, own_data)
-    table = EpochTable()
+    splits = eval_splits(config) if config.offline_every else None
+
+    def evaluate(pl_module: nn.Module) -> OfflineScores:
+        assert splits is not None
+        return offline_eval(frozen(pl_module.get_submodule("backbone")), splits)
+
+    table = EpochTable(offline=evaluate if splits is not None else None, offline_every=config.offline_every)
     distributed = config.devices * num_nodes > 1
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -456,7 +405,7 @@ def build_training(
         logger=CSVLogger(config.out_dir, name="logs"),
         default_root_dir=config.out_dir,
         limit_train_batches=config.limit_train_batches,
-        enable_progress_bar=config.progress_bar,
+        enable_progress_bar=config.progress_bar and sys.stdout.isatty(),
         enable_model_summary=False,
         log_every_n_steps=5,
         num_sanity_val_steps=0,
@@ -467,21 +416,81 @@ def build_training(
         data=DigitsData(config.batch_size, config.seed, labeled=own_data is None),
         probes=probes,
         table=table,
+        num_threads=config.num_threads,
     )
 
 
+def final_comparison(config: DemoConfig, training: DemoTraining) -> OfflineComparison:
+    """The trained backbone's features evaluated offline, beside random initialisations and the raw pixels.
+
+    The trained features' scores are the table's last evaluation when it is of the final weights; the baselines are
+    ``config.random_inits`` random initialisations of the same architecture (`random_backbone`).
+    """
+    splits = eval_splits(config)
+    rows = training.table.rows
+    trained = training.table.offline_at(int(rows[-1]["epoch"])) if rows else None
+    if trained is None:  # not evaluated after the last epoch (offline_every=0, or a run stopped early)
+        trained = offline_eval(frozen(training.module.backbone), splits)
+    backbones = [random_backbone(config, config.seed + i) for i in range(config.random_inits)]
+    return compare_with_baselines(trained, backbones, splits)
+
+
+def write_demo_report(log_dir: str) -> ReportFiles | None:
+    """`distprobe.report.write_report` on the demo's logs; None (after a one-line note) where it cannot run."""
+    try:
+        from distprobe.report import write_report
+
+        return write_report(log_dir)
+    except ImportError as err:  # the report module, or matplotlib, is not installed
+        write_line(f"report: skipped ({err})")
+        return None
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Train, and return the final eval metrics and the per-epoch table (rank 0's view)."""
-    training = build_training(config)
-    training.fit(ckpt_path=config.ckpt_path)
+    """Train, evaluate the final features offline, write the report; return what was measured (rank 0's view).
+
+    Returns:
+        ``final`` (the online probes' last eval metrics), ``rows`` (the per-epoch table), ``offline`` (rank 0: the
+        table's offline evaluations, ``history``, and the final comparison with its baselines, ``final``; None on
+        other ranks), ``report`` (the `ReportFiles` written, or None), ``log_dir`` and ``is_global_zero``.
+    """
+    with quiet_lightning():
+        training = build_training(config)
+        training.fit(ckpt_path=config.ckpt_path)
     trainer = training.trainer
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
-    return {
+    log_dir = trainer.logger.log_dir if trainer.logger else None
+    result: dict[str, Any] = {
         "final": final,
         "rows": training.table.rows,
-        "log_dir": trainer.logger.log_dir if trainer.logger else None,
+        "offline": None,
+        "report": None,
+        "log_dir": log_dir,
         "is_global_zero": trainer.is_global_zero,
     }
+    if not trainer.is_global_zero:  # rank 0 evaluates and writes for the run
+        return result
+    comparison = final_comparison(config, training)
+    splits = eval_splits(config)
+    epochs_done = int(training.table.rows[-1]["epoch"]) + 1 if training.table.rows else 0
+    online = {key[len("eval/") : -len("_top1")]: v for key, v in final.items() if key.endswith("_top1")}
+    for line in summary_lines(
+        comparison,
+        trained_label=f"SimCLR backbone after {epochs_done} epoch{'s' if epochs_done != 1 else ''}",
+        n_train=len(splits.train_labels),
+        n_test=len(splits.test_labels),
+        online=online,
+    ):
+        write_line(line)
+    result["offline"] = {"history": training.table.offline_rows, "final": comparison.as_dict()}
+    if log_dir is None:
+        return result
+    (Path(log_dir) / "offline_eval.json").write_text(json.dumps(result["offline"], indent=1))
+    if config.report:
+        result["report"] = report = write_demo_report(log_dir)
+        if report is not None:
+            write_line(f"report: {report.plot} (summary: {report.summary})")
+    return result
 
 
 class _Pace(pl.Callback):
@@ -544,6 +553,7 @@ def train(
         out_dir=out_dir or job_folder or DemoConfig().out_dir,
         limit_train_batches=limit_train_batches,
         progress_bar=False,
+        offline_every=0,  # the job's output is its result; an offline evaluation would only slow its ranks down
     )
     pace = _Pace(step_delay_s, Path(job_folder) / "progress" if job_folder else None)
     training = build_training(
