@@ -13,16 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
-    out = tmp_path / "smoke.json"
+def _benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/{script}`` as a user would; fail with its output unless it exits 0."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--smoke", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    proc = _benchmark("overhead.py", "--smoke", "--json", str(out))
     result = json.loads(out.read_text())
     rows = {row["variant"]: row for row in result["workloads"]["tiny"]["rows"]}
     for variant in ("none", "distprobe_x1", "distprobe_x8", "paramgroup"):
@@ -39,28 +45,14 @@ def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
 
 
 def test_host_time_benchmark_smoke_prints_its_table() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--steps", "5", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _benchmark("host_time.py", "--steps", "5", "--rounds", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "8"]
 
 
 def test_probing_service_benchmark_smoke_writes_its_three_measurements(tmp_path: Path) -> None:
     out = tmp_path / "service.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "probing_service.py"), "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _benchmark("probing_service.py", "--smoke", "--json", str(out))
     result = json.loads(out.read_text())
     assert result["extraction"]["service_images_per_s"] > 0 and result["extraction"]["bare_images_per_s"] > 0
     assert result["bank"]["heads"] == 64

@@ -24,16 +24,17 @@ from pathlib import Path
 
 from distprobe.report.service_logs import (
     CHECKPOINT_PREFIX,
-    SERVICE_CSV,
-    SERVICE_DIR,
-    SERVICE_EVENTS_SUFFIX,
-    STORE_NAME,
     CheckpointResult,
     read_service_csv,
     read_stores,
     results_of_key,
     unique,
 )
+
+# The probing service's names, imported rather than copied.
+from distprobe.service.store import SERVICE_DIR, STORE_NAME
+from distprobe.service.training_log import CSV_NAME as SERVICE_CSV
+from distprobe.service.training_log import EVENTS_SUFFIX as SERVICE_EVENTS_SUFFIX
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from distprobe.service.store import SERVICE_DIR, STORE_NAME  # the service's names, imported rather than copied
+
 log = logging.getLogger(__name__)
 
-STORE_NAME = "results.sqlite"
-SERVICE_DIR = "distprobe_eval"
-SERVICE_CSV = "distprobe_eval.csv"
-#: The service's own TensorBoard event files end so (`distprobe.service.training_log.write_tensorboard`).
-SERVICE_EVENTS_SUFFIX = ".distprobe"
 CHECKPOINT_PREFIX = "ckpt/"
 
 # The service's logged keys (`distprobe.service.training_log.logged_key`): best, kNN k, then a bank head.

@@ -38,7 +38,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from distprobe.cluster.submitit_launcher import submit
     from distprobe.service.checkpoints import CheckpointError
     from distprobe.service.config import EvalConfig
-    from distprobe.service.job import SERVICE_DIR, default_run_dir, store_path
+    from distprobe.service.job import default_jobs_folder, default_run_dir, store_path
     from distprobe.service.report import render
     from distprobe.service.store import ResultsStore
     from distprobe.service.watch import ENTRY_POINT
@@ -50,7 +50,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if not checkpoint.exists():
             raise CheckpointError(f"{checkpoint}: no such checkpoint")
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(checkpoint)
-        cluster = config_from_args(args, folder=str(run_dir.resolve() / SERVICE_DIR / "jobs" / "%j"))
+        cluster = config_from_args(args, folder=default_jobs_folder(run_dir.resolve()))
     except ValueError as err:
         sys.stderr.write(f"distprobe eval: error: {err}\n")
         return 2
@@ -130,11 +130,10 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_results(args: argparse.Namespace) -> int:
     """Print the results table of a run directory."""
-    from distprobe.service.job import SERVICE_DIR
     from distprobe.service.report import render
-    from distprobe.service.store import ResultsStore
+    from distprobe.service.store import ResultsStore, default_store_path
 
-    store = Path(args.store) if args.store else Path(args.run_dir) / SERVICE_DIR / "results.sqlite"
+    store = Path(args.store) if args.store else default_store_path(Path(args.run_dir))
     if not store.is_file():
         sys.stderr.write(f"distprobe results: error: no results store at {store}; has a watcher or eval run yet?\n")
         return 2

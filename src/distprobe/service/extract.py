@@ -95,6 +95,13 @@ def _to(inputs: Any, device: torch.device) -> Any:
     return inputs
 
 
+def _features(backbone: nn.Module, forward: Forward | None, inputs: Any, device: torch.device, autocast: str) -> Any:
+    """One batch's features: ``forward(backbone, inputs)``, or ``backbone(inputs)``, under the extraction's autocast."""
+    with _autocast(device, autocast):
+        inputs = _to(inputs, device)
+        return forward(backbone, inputs) if forward is not None else backbone(inputs)
+
+
 def _mapped(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
     # shared=True: writes go to the file (and so to every rank); the file is grown to numel elements if smaller.
     return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
@@ -209,8 +216,7 @@ def extract_split(
     copies = _HostCopies(device)
     position = rank
     for inputs, targets in loader:
-        with _autocast(device, autocast):
-            out = forward(backbone, _to(inputs, device)) if forward is not None else backbone(_to(inputs, device))
+        out = _features(backbone, forward, inputs, device, autocast)
         count = out.shape[0]
         index = torch.arange(position, position + count * world, world)
         copies.push(out.detach().flatten(1).float(), index, targets)
@@ -241,8 +247,7 @@ def _feature_dim(
 ) -> int:
     """The feature size, from the split's first sample on every rank (a rank may have no samples of its own)."""
     inputs, _ = next(iter(DataLoader(first, batch_size=1, collate_fn=loader.collate_fn)))
-    with _autocast(device, autocast):
-        out = forward(backbone, _to(inputs, device)) if forward is not None else backbone(_to(inputs, device))
+    out = _features(backbone, forward, inputs, device, autocast)
     if not isinstance(out, torch.Tensor):
         raise ValueError(
             f"distprobe eval: the backbone returned a {type(out).__name__} on data.{split}; expected a tensor of "

@@ -30,14 +30,11 @@ from torch import nn
 from distprobe.service.checkpoints import CheckpointError, CheckpointInfo, detect, load_weights
 from distprobe.service.config import EvalConfig, ServiceConfigError
 from distprobe.service.extract import CachedSplit, extract_split, rank_and_world
-from distprobe.service.store import ResultsStore
+from distprobe.service.store import SERVICE_DIR, ResultsStore, default_store_path
 from distprobe.service.train import flat_values, run_probes
 from distprobe.service.training_log import write_training_log
 
 log = logging.getLogger(__name__)
-
-#: Everything the service writes in a run directory goes under this folder.
-SERVICE_DIR = "distprobe_eval"
 
 
 def default_run_dir(checkpoint: Path) -> Path:
@@ -48,7 +45,12 @@ def default_run_dir(checkpoint: Path) -> Path:
 
 def store_path(config: EvalConfig, run_dir: Path) -> Path:
     """The results store of ``run_dir`` under ``config``."""
-    return Path(config.results.store) if config.results.store else run_dir / SERVICE_DIR / "results.sqlite"
+    return Path(config.results.store) if config.results.store else default_store_path(run_dir)
+
+
+def default_jobs_folder(run_dir: Path) -> str:
+    """The submitit folder for the service's jobs of ``run_dir``: their logs live with the results."""
+    return str(run_dir / SERVICE_DIR / "jobs" / "%j")
 
 
 def _instantiate(spec: Any, what: str, source: str) -> Any:

@@ -24,6 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+SERVICE_DIR = "distprobe_eval"
+"""Everything the service writes in a run directory goes under this folder."""
+STORE_NAME = "results.sqlite"
+"""The store's file name in `SERVICE_DIR`."""
+
+
+def default_store_path(run_dir: Path) -> Path:
+    """Where a run directory's results store is, unless the config names another."""
+    return run_dir / SERVICE_DIR / STORE_NAME
+
+
 State = Literal["pending", "submitted", "done", "failed", "missing", "skipped"]
 #: States after which the watcher never submits the checkpoint again.
 FINAL_STATES: tuple[State, ...] = ("done", "failed", "missing", "skipped")

@@ -27,6 +27,8 @@ from distprobe.service.store import ResultRow
 log = logging.getLogger(__name__)
 
 CSV_NAME = "distprobe_eval.csv"
+#: The suffix of the service's own TensorBoard event files (the report reads them apart from the training's).
+EVENTS_SUFFIX = ".distprobe"
 
 
 def logged_key(row: ResultRow) -> str:
@@ -63,7 +65,7 @@ def write_tensorboard(directory: Path, step: int, rows: Iterable[ResultRow]) -> 
                 f"distprobe eval: {directory} holds TensorBoard logs, but neither tensorboard nor tensorboardX is "
                 "installed; pip install tensorboard, or set results.logger: csv or none"
             ) from None
-    writer = SummaryWriter(log_dir=str(directory), filename_suffix=".distprobe")
+    writer = SummaryWriter(log_dir=str(directory), filename_suffix=EVENTS_SUFFIX)
     try:
         for row in rows:
             if row.metric != "selected":

@@ -33,8 +33,8 @@ from typing import Any, Literal
 from distprobe.cluster.config import ClusterConfig
 from distprobe.service.checkpoints import CheckpointError, detect, is_complete
 from distprobe.service.config import EvalConfig
-from distprobe.service.job import SERVICE_DIR, allow_globals, store_path
-from distprobe.service.store import FINAL_STATES, CheckpointRecord, ResultsStore
+from distprobe.service.job import allow_globals, default_jobs_folder, store_path
+from distprobe.service.store import FINAL_STATES, SERVICE_DIR, CheckpointRecord, ResultsStore
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Watcher:
             cluster = ClusterConfig.from_dict(
                 {
                     **{f: getattr(cluster, f) for f in ClusterConfig.field_names()},
-                    "folder": str(self.run_dir / SERVICE_DIR / "jobs" / "%j"),
+                    "folder": default_jobs_folder(self.run_dir),
                 }
             )
         self.cluster = cluster
