@@ -49,6 +49,9 @@ def test_a_training_writes_three_checkpoints_and_each_is_evaluated_once_across_a
     slurm_cluster, tmp_path
 ):
     run = tmp_path / "run"
+    # The run directory exists before either process starts, as a user's would: the watcher refuses a missing one,
+    # and the training's imports may take longer than the watcher's.
+    run.mkdir()
     config = eval_config(tmp_path / "eval.yaml")
     training = subprocess.Popen(
         [sys.executable, "-m", "tests.service.models", str(run), "30", "10", "3"], cwd=REPO, stdout=subprocess.PIPE
