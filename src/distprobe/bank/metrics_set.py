@@ -21,6 +21,7 @@ from distprobe.engine.deferred import FOLD_ELEMENTS, FOLD_EVERY
 from distprobe.engine.replicate import is_distributed
 from distprobe.metrics.counters import ReasonCounter, mark_updated
 from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
+from distprobe.metrics.shape import per_row
 
 
 def logged_keys(values: Mapping[str, torch.Tensor], stage: str, name: str) -> dict[str, torch.Tensor]:
@@ -41,6 +42,7 @@ class BankMetrics:
 
     def __init__(self, config: BankConfig, num_heads: int) -> None:
         self.config = config
+        self.num_heads = num_heads
         self.train = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
         self.loss = HeadLoss(num_heads)
         self.bad_batches = ReasonCounter(REASONS)
@@ -83,7 +85,10 @@ class BankMetrics:
         names = list(self.select)
         if not names:
             return {}, None
-        computed = compute_metrics_synced([*self.select.values(), *self.report.values()], group)
+        computed = [
+            per_row(value, self.num_heads)
+            for value in compute_metrics_synced([*self.select.values(), *self.report.values()], group)
+        ]
         # Counts, not rates, are summed to get the whole set's accuracy: the states were synced alongside.
         select, report = computed[: len(names)], computed[len(names) :]
         best = select[0].nan_to_num(-1.0).argmax()
@@ -121,10 +126,11 @@ class BankMetrics:
         computed = compute_metrics_synced([*self.train.values(), self.loss, self.bad_batches], group)
         heads = self.config.heads()
         values: dict[str, torch.Tensor] = {}
-        for name, per_head in zip([*names, "loss"], computed[: len(names) + 1], strict=True):
+        per_heads = [per_row(value, self.num_heads) for value in computed[: len(names) + 1]]
+        for name, per_head in zip([*names, "loss"], per_heads, strict=True):
             for head in heads:
                 values[f"{head.head_id}_{name}"] = per_head[head.index]
-        values["loss_epoch"] = computed[len(names)].mean()
+        values["loss_epoch"] = per_heads[-1].mean()
         for reason, count in computed[-1].items():
             values[f"bad_batches/{reason}"] = count
         return values
