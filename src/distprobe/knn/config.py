@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
@@ -9,6 +10,8 @@ from typing import Any, Literal, get_args
 import torch
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
+log = logging.getLogger(__name__)
+
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -32,8 +35,9 @@ class KNNConfig:
     queue_length: int
     """Training samples kept over the whole data-parallel group; each rank holds ``ceil(queue_length / world)``."""
     k: Sequence[int] = (10, 20, 100, 200)
-    """Numbers of neighbours, all answered from one search of ``max(k)``; the first is the headline
-    (``eval/{name}_top1`` and ``{name}_preds``)."""
+    """Numbers of neighbours: one int or a non-empty sequence, all answered from one search of ``max(k)``; the first
+    is the headline (``eval/{name}_top1`` and ``{name}_preds``). A k larger than the buffer holds (``queue_length``,
+    or fewer samples early in training) votes with every sample there is."""
     temperature: float = 0.07
     """T of the neighbour weight ``exp(cosine / T)`` (DINO's eval_knn.py)."""
     storage_dtype: StorageDtype = "float32"
@@ -59,6 +63,14 @@ class KNNConfig:
             raise ValueError(f"kNN '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
         if not isinstance(self.queue_length, int) or self.queue_length < 1:
             raise ValueError(f"kNN '{name}': argument 'queue_length' got {self.queue_length!r}; expected an int >= 1.")
+        if max(ks) > self.queue_length:
+            log.warning(
+                "kNN '%s': k=%d is larger than queue_length=%d; it votes with all %d stored samples.",
+                name,
+                max(ks),
+                self.queue_length,
+                self.queue_length,
+            )
         if not self.temperature > 0:
             raise ValueError(f"kNN '{name}': argument 'temperature' got {self.temperature!r}; expected a float > 0.")
         if self.storage_dtype not in STORAGE_DTYPES:

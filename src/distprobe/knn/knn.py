@@ -24,6 +24,7 @@ from distprobe.knn.config import KNNConfig
 from distprobe.knn.metrics import KNNAccuracy
 from distprobe.knn.shard import RingShard
 from distprobe.metrics.flat_sync import compute_metrics_synced
+from distprobe.metrics.shape import per_row
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class ShardedKNN:
         ``top1`` is the first k's accuracy.
         """
         (accuracy,) = compute_metrics_synced([self.metrics], self.dp_group)
+        accuracy = per_row(accuracy, len(self.config.k))  # one k: torchmetrics returned it 0-d
         self.metrics.reset()
         values = {"top1": accuracy[0]}
         values.update({f"k{k}_top1": accuracy[i] for i, k in enumerate(self.config.k)})
