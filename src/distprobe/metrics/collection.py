@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 
 from distprobe.metrics.counters import ReasonCounter, RunningMean
+from distprobe.metrics.names import module_key, user_name
 from distprobe.metrics.sync_free import to_sync_free
 
 STAGES = ("train", "val")
@@ -17,56 +18,125 @@ STAGES = ("train", "val")
 LOG_PREFIX = {"train": "train", "val": "eval"}
 
 
-def _as_metric_dict(spec: Any, probe_name: str) -> dict[str, Metric]:
+_FORMS = (
+    "None, one Metric, a dict of Metrics, a list or tuple of Metrics, or {'train': ..., 'val': ...} whose values are "
+    "any of these"
+)
+
+
+def _plain(spec: Any) -> Any:
+    """OmegaConf containers (a Hydra config's ``metrics``) as the plain dicts and lists they hold."""
+    if type(spec).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(spec):
+            return OmegaConf.to_container(spec, resolve=True)
+    return spec
+
+
+def _checked(metric: Any, probe_name: str, where: str) -> Metric:
+    if not isinstance(metric, Metric):
+        raise ValueError(
+            f"probe '{probe_name}': argument {where} is {metric!r} of type {type(metric).__name__}; expected a "
+            "torchmetrics Metric such as MulticlassAccuracy(num_classes=10). Build the metric before passing it."
+        )
+    return metric
+
+
+def _as_metric_dict(spec: Any, probe_name: str, where: str = "'metrics'") -> dict[str, Metric]:
+    """One stage's metrics by name: a dict keeps its keys, a Metric or a list is keyed by class name."""
+    spec = _plain(spec)
     if spec is None:
         return {}
     if isinstance(spec, Metric):
         return {type(spec).__name__: spec}
     if isinstance(spec, MetricCollection):
-        return dict(spec.items(keep_base=True))
+        return {user_name(str(key)): metric for key, metric in spec.items(keep_base=True)}
     if isinstance(spec, Mapping):
-        out = {}
-        for key, metric in spec.items():
-            if not isinstance(metric, Metric):
-                raise ValueError(
-                    f"probe '{probe_name}': argument 'metrics' entry {key!r} is {type(metric).__name__}, "
-                    "expected a torchmetrics Metric."
-                )
-            out[str(key)] = metric
-        return out
+        return {str(key): _checked(metric, probe_name, f"{where} entry {key!r}") for key, metric in spec.items()}
     if isinstance(spec, Sequence) and not isinstance(spec, str):
-        out = {}
-        for metric in spec:
-            if not isinstance(metric, Metric):
-                raise ValueError(
-                    f"probe '{probe_name}': argument 'metrics' holds {type(metric).__name__}, "
-                    "expected torchmetrics Metrics."
-                )
-            key = type(metric).__name__
+        out: dict[str, Metric] = {}
+        for i, metric in enumerate(spec):
+            key = type(_checked(metric, probe_name, f"{where} item {i}")).__name__
             if key in out:
                 raise ValueError(
-                    f"probe '{probe_name}': argument 'metrics' has two {key}s; pass a dict to name them apart."
+                    f"probe '{probe_name}': argument {where} has two {key}s; pass a dict to name them apart, such "
+                    f"as {{'top1': ..., 'top5': ...}}."
                 )
             out[key] = metric
         return out
     raise ValueError(
-        f"probe '{probe_name}': argument 'metrics' got {spec!r} of type {type(spec).__name__}; expected a dict, "
-        "list, tuple, single Metric, {'train': ..., 'val': ...}, or None."
+        f"probe '{probe_name}': argument {where} got {spec!r} of type {type(spec).__name__}; expected {_FORMS}."
     )
 
 
+def _is_stage_split(spec: Any) -> bool:
+    """Whether ``spec`` gives each stage its own metrics, as stable-pretraining reads a ``{"train", "val"}`` dict.
+
+    Exactly the keys ``train`` and ``val``: a split, whatever the values. One of them alone: a split when its value
+    is a list, dict or None (a Metric under that key is a metric named ``train`` or ``val``, tracked in both stages).
+    """
+    if not isinstance(spec, Mapping) or isinstance(spec, MetricCollection) or not spec:
+        return False
+    keys = set(spec)
+    if keys == set(STAGES):
+        return True
+    return keys < set(STAGES) and not any(isinstance(value, Metric) for value in spec.values())
+
+
 def split_by_stage(spec: Any, probe_name: str) -> dict[str, dict[str, Metric]]:
-    """Per-stage metric dicts; without a ``{"train", "val"}`` split, each stage gets its own copy."""
-    if (
-        isinstance(spec, Mapping)
-        and spec
-        and set(spec) <= set(STAGES)
-        and not any(isinstance(v, Metric) for v in spec.values())
-    ):
-        return {stage: _as_metric_dict(spec.get(stage), probe_name) for stage in STAGES}
+    """The train and val metrics, by name, of a probe's ``metrics`` argument.
+
+    - ``{"train": A, "val": B}`` (each ``A``, ``B`` one Metric, a list or tuple, a dict, or None): ``A`` in train and
+      ``B`` in val, as stable-pretraining's ``format_metrics_as_dict`` reads it.
+    - None: no metric.
+    - One Metric, a dict, a list or tuple (or a MetricCollection): the same metrics in both stages, each stage its
+      own copy. stable-pretraining tracks these in val only; distprobe logs ``train/{name}_*`` for them too.
+
+    OmegaConf containers are read as the dicts and lists they hold. A Metric or a list is keyed by its class name.
+
+    Raises:
+        ValueError: for a value that is not a torchmetrics Metric (naming the probe, the key and the type).
+    """
+    spec = _plain(spec)
+    if _is_stage_split(spec):
+        by_stage = {
+            stage: _as_metric_dict(spec.get(stage), probe_name, f"'metrics' stage {stage!r}") for stage in STAGES
+        }
+        # A Metric instance given to both stages must not accumulate train and eval data together: val gets a copy.
+        in_train = {id(metric) for metric in by_stage["train"].values()}
+        by_stage["val"] = {k: m.clone() if id(m) in in_train else m for k, m in by_stage["val"].items()}
+        return by_stage
     base = _as_metric_dict(spec, probe_name)
     # Separate objects per stage: one Metric instance must never accumulate train and eval data together.
     return {stage: {k: m.clone() for k, m in base.items()} for stage in STAGES}
+
+
+class NamedMetricCollection(MetricCollection):
+    """A ``MetricCollection`` that takes any string as a metric's name (``train``, ``to``, ``a.b``).
+
+    Keys and logged names are the user's (``prefix + name``); only the submodule key of a name that would collide
+    with an attribute is escaped (`distprobe.metrics.names`).
+    """
+
+    def __init__(self, metrics: Mapping[str, Metric], prefix: str) -> None:
+        super().__init__(
+            {module_key(name): metric for name, metric in metrics.items()}, prefix=prefix, compute_groups=False
+        )
+
+    def _set_name(self, base: str) -> str:
+        return super()._set_name(user_name(base))
+
+    def __getitem__(self, key: str, copy_state: bool = True) -> Metric:
+        """A metric by its logged name (``prefix + name``), its name, or its submodule key."""
+        if key in self._modules:
+            return super().__getitem__(key, copy_state)
+        name = key.removeprefix(self.prefix or "").removesuffix(self.postfix or "")
+        return super().__getitem__(module_key(name), copy_state)
+
+    def named(self) -> list[tuple[str, Metric]]:
+        """``(name, metric)`` by the user's names, without prefix, in the collection's order."""
+        return [(user_name(key), metric) for key, metric in self.items(keep_base=True, copy_state=False)]
 
 
 class ProbeMetrics:
@@ -81,12 +151,12 @@ class ProbeMetrics:
     """
 
     def __init__(self, spec: Any, probe_name: str, reasons: Sequence[str] = ()) -> None:
-        by_stage: dict[str, dict[str, Metric | MetricCollection]] = {
-            stage: {key: to_sync_free(metric) for key, metric in metrics.items()}
+        by_stage = {
+            stage: {name: to_sync_free(metric) for name, metric in metrics.items()}
             for stage, metrics in split_by_stage(spec, probe_name).items()
         }
-        self.train = MetricCollection(by_stage["train"], prefix=f"train/{probe_name}_", compute_groups=False)
-        self.val = MetricCollection(by_stage["val"], prefix=f"eval/{probe_name}_", compute_groups=False)
+        self.train = NamedMetricCollection(by_stage["train"], prefix=f"{LOG_PREFIX['train']}/{probe_name}_")
+        self.val = NamedMetricCollection(by_stage["val"], prefix=f"{LOG_PREFIX['val']}/{probe_name}_")
         self.bad_batches = MetricCollection(
             {"bad_batches": ReasonCounter(reasons, key_prefix="bad_batches/")},
             prefix=f"train/{probe_name}_",
@@ -125,8 +195,9 @@ class ProbeMetrics:
         """The metrics as stable-pretraining lays them out: ``{"_train": {name: metric}, "_val": {name: metric}}``.
 
         For a LightningModule whose ``callbacks_metrics`` is itself an ``nn.ModuleDict`` (stable-pretraining's
-        ``spt.Module``), which takes only modules (and no key ``train``: it is ``nn.Module.train``). The
-        metrics are the same objects, not copies, under the user's names.
+        ``spt.Module``), which takes only modules. The metrics are the same objects, not copies, under the user's
+        names; a name ``nn.Module`` refuses (``train``, ``to``, ``a.b``) under its escaped key (``metric:train``,
+        `distprobe.metrics.names.module_key`).
         """
         return nn.ModuleDict(
             {
@@ -139,11 +210,11 @@ class ProbeMetrics:
         return {"train": self.train, "val": self.val, "bad_batches": self.bad_batches, "loss": self.loss}
 
     def named_metrics(self) -> list[tuple[str, Metric]]:
-        """Every metric with its checkpoint key (``"{stage}.{key}"``), in a fixed order."""
+        """Every metric with its checkpoint key (``"{stage}.{name}"``, the user's name), in a fixed order."""
         return [
-            (f"{stage}.{key}", metric)
+            (f"{stage}.{user_name(str(key))}", metric)
             for stage, collection in self._collections().items()
-            for key, metric in collection.items(keep_base=True)
+            for key, metric in collection.items(keep_base=True, copy_state=False)
         ]
 
     def set_process_group(self, group: Any) -> None:
