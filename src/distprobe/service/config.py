@@ -2,8 +2,12 @@
 
 The file names the backbone (a Hydra ``_target_`` factory), how to find its weights in a checkpoint, the labeled
 datasets, how features are extracted and cached, the probes (a bank over an lr grid, optionally a kNN) and where the
-results go. Every section is a typed dataclass; an unknown key or a bad value raises `ServiceConfigError` naming the
-file, the key, the value and the fix, before any job is submitted.
+results go. Every section is a typed dataclass, and these dataclasses are the one schema: OmegaConf builds them
+(`distprobe.service.config_schema`), each field's annotation is its type and its metadata its range. An unknown key,
+a value of the wrong type (``strict: "no"``, ``prefix: 123``, ``seed: "zero"``) or one out of range raises
+`ServiceConfigError` naming the file, the key, the value and what was expected, when the file is loaded: before
+any job is submitted. The bank's and the kNN's keys are checked against `distprobe.bank.BankConfig` and
+`distprobe.knn.KNNConfig`, the configs they become.
 
 Example file (docs/probing-service.md has the whole walk-through)::
 
@@ -22,21 +26,38 @@ Example file (docs/probing-service.md has the whole walk-through)::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
+
+from distprobe.service.config_probes import check_probe_options
+from distprobe.service.config_schema import (
+    HYDRA_TARGET,
+    ServiceConfigError,
+    at_least,
+    build,
+    check_ranges,
+    one_of,
+    refuse_unknown,
+    valid_keys,
+)
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "FeaturesConfig",
+    "ProbesConfig",
+    "ResultsConfig",
+    "ServiceConfigError",
+    "WeightsConfig",
+]
 
 Autocast = Literal["auto", "bfloat16", "float16", "none"]
 LoggerKind = Literal["auto", "tensorboard", "csv", "none"]
 CheckpointFormat = Literal["auto", "lightning", "dcp", "deepspeed"]
-
-
-class ServiceConfigError(ValueError):
-    """A bad evaluation config: the message names the file, the key, the value and what was expected."""
 
 
 @dataclass(kw_only=True)
@@ -47,29 +68,30 @@ class WeightsConfig:
     """Key prefix of the backbone in the checkpoint's state dict (``"backbone."`` for ``self.backbone``); stripped."""
     strict: bool = True
     """Require the checkpoint's keys under `prefix` to match the backbone's exactly."""
-    format: CheckpointFormat = "auto"
+    format: str = field(default="auto", metadata=one_of(CheckpointFormat))
     """``auto`` reads the format off the path: a ``.ckpt`` file, a Distributed Checkpoint or DeepSpeed directory."""
     safe_globals: list[str] = field(default_factory=list)
     """Classes the checkpoint may hold besides tensors and plain containers (``argparse.Namespace``,
     ``omegaconf.dictconfig.DictConfig``...), as import paths: checkpoints are read with ``weights_only=True``, so
-    that no code in them runs, and these are allowed through ``torch.serialization.add_safe_globals``."""
+    that no code in them runs, and these are allowed through ``torch.serialization.add_safe_globals``. One string
+    is one class (a one-element list)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     """The labeled datasets the probes train and are evaluated on."""
 
-    train: Any
+    train: Any = field(metadata=HYDRA_TARGET)
     """A Hydra config (``_target_``) of a map-style Dataset of ``(input, label)`` pairs or dicts."""
-    val: Any
+    val: Any = field(metadata=HYDRA_TARGET)
     """The same for the evaluation split."""
     input_key: str | int = 0
     """The input's key (dict items) or position (tuple items)."""
     label_key: str | int = 1
     """The label's key or position."""
-    batch_size: int = 256
+    batch_size: int = field(default=256, metadata=at_least(1))
     """Samples per extraction batch, per rank."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=at_least(0))
     """DataLoader workers per rank."""
 
 
@@ -79,7 +101,7 @@ class FeaturesConfig:
 
     forward: Any = None
     """None: ``backbone(inputs)``; else a Hydra config or ``"module:function"`` of ``f(backbone, inputs)``."""
-    autocast: Autocast = "auto"
+    autocast: str = field(default="auto", metadata=one_of(Autocast))
     """``auto``: bfloat16 autocast on CUDA, none on CPU."""
     cache_dir: str | None = None
     """Where the memory-mapped features go (default: ``RUN_DIR/distprobe_eval/cache``); a fast local disk helps."""
@@ -91,15 +113,15 @@ class FeaturesConfig:
 class ProbesConfig:
     """The probes trained on the cached features, with no backbone in the loop."""
 
-    epochs: int = 10
+    epochs: int = field(default=10, metadata=at_least(1))
     """Passes over the cached training features."""
-    batch_size: int = 256
+    batch_size: int = field(default=256, metadata=at_least(1))
     """Global batch size (split evenly over the ranks: it must divide by the world size)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=at_least(0))
     """Seed of the heads' initialisation and of the shuffling (the same for every world size)."""
-    bank: Mapping[str, Any] | None = field(default_factory=dict)
+    bank: dict[str, Any] | None = field(default_factory=dict)
     """`distprobe.bank.BankConfig` fields (``name`` defaults to ``"bank"``); None: no bank."""
-    knn: Mapping[str, Any] | None = None
+    knn: dict[str, Any] | None = None
     """`distprobe.knn.KNNConfig` fields (``name`` defaults to ``"knn"``, ``queue_length`` to the train set's size)."""
 
 
@@ -109,7 +131,7 @@ class ResultsConfig:
 
     store: str | None = None
     """SQLite results store (default: ``RUN_DIR/distprobe_eval/results.sqlite``)."""
-    logger: LoggerKind = "auto"
+    logger: str = field(default="auto", metadata=one_of(LoggerKind))
     """Also write into the training's own log directory: ``auto`` finds TensorBoard event files or a CSV log."""
     log_dir: str | None = None
     """The training's log directory (default: the newest one under RUN_DIR holding event files or metrics.csv)."""
@@ -128,9 +150,9 @@ SECTIONS: dict[str, type] = {
 class EvalConfig:
     """One evaluation protocol: the backbone, its weights, the data, the feature cache, the probes, the outputs."""
 
-    num_classes: int
+    num_classes: int = field(metadata=at_least(2))
     """Classes of the labeled datasets."""
-    backbone: Any
+    backbone: Any = field(metadata=HYDRA_TARGET)
     """A Hydra config (``_target_``) of the backbone ``nn.Module``; its weights come from the checkpoint."""
     data: DataConfig
     weights: WeightsConfig = field(default_factory=WeightsConfig)
@@ -142,36 +164,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         where = self.source
-        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 2:
-            raise ServiceConfigError(f"{where}: num_classes={self.num_classes!r}; expected an integer >= 2")
-        for key, spec in (("backbone", self.backbone), ("data.train", self.data.train), ("data.val", self.data.val)):
-            if not (isinstance(spec, Mapping) and "_target_" in spec):
-                raise ServiceConfigError(
-                    f"{where}: {key}={spec!r}; expected a Hydra config with '_target_' naming a factory, "
-                    "e.g. {_target_: mypkg.models.encoder}"
-                )
-        for key, value, minimum in (
-            ("data.batch_size", self.data.batch_size, 1),
-            ("data.num_workers", self.data.num_workers, 0),
-            ("probes.epochs", self.probes.epochs, 1),
-            ("probes.batch_size", self.probes.batch_size, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ServiceConfigError(f"{where}: {key}={value!r}; expected an integer >= {minimum}")
-        choices: tuple[tuple[str, str, Any], ...] = (
-            ("features.autocast", self.features.autocast, Autocast),
-            ("results.logger", self.results.logger, LoggerKind),
-            ("weights.format", self.weights.format, CheckpointFormat),
-        )
-        for key, choice, kind in choices:
-            if choice not in get_args(kind):
-                raise ServiceConfigError(f"{where}: {key}={choice!r}; expected one of {list(get_args(kind))}")
+        check_ranges(self, "", where)
+        _check_forward(self.features.forward, where)
         if self.probes.bank is None and self.probes.knn is None:
             raise ServiceConfigError(f"{where}: probes has neither a bank nor a knn; give at least one")
-        for key in ("bank", "knn"):
-            value = getattr(self.probes, key)
-            if value is not None and not isinstance(value, Mapping):
-                raise ServiceConfigError(f"{where}: probes.{key}={value!r}; expected a mapping of its fields or null")
+        check_probe_options(self.probes.bank, self.probes.knn, self.num_classes, where)
 
     @property
     def fingerprint(self) -> str:
@@ -183,28 +180,22 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any], source: str = "<dict>") -> EvalConfig:
-        """Build and validate a config from a plain mapping (a parsed YAML file)."""
-        options = dict(options)
-        _refuse_unknown(options, [f.name for f in dataclasses.fields(cls) if f.name != "source"], "", source)
+        """Build and validate a config from a plain mapping (a parsed YAML file).
+
+        Raises:
+            ServiceConfigError: naming ``source``, the key, the value and what was expected.
+        """
+        options = {str(k): v for k, v in options.items()}
+        refuse_unknown(options, valid_keys(cls, exclude=("source",)), "", source)
         for required in ("num_classes", "backbone", "data"):
             if required not in options:
                 raise ServiceConfigError(f"{source}: the required key '{required}' is missing")
-        sections: dict[str, Any] = {}
-        for name, section_cls in SECTIONS.items():
-            value = options.pop(name, None)
-            if value is None:
-                if name == "data":
-                    raise ServiceConfigError(f"{source}: the required key 'data' is empty")
-                continue
-            if not isinstance(value, Mapping):
-                raise ServiceConfigError(f"{source}: {name}={value!r}; expected a mapping of its keys")
-            names = [f.name for f in dataclasses.fields(section_cls)]
-            _refuse_unknown(value, names, f"{name}.", source)
-            try:
-                sections[name] = section_cls(**dict(value))
-            except TypeError as err:  # a required field is missing
-                raise ServiceConfigError(f"{source}: {name}: {err}") from None
-        return cls(**options, **sections, source=source)
+        if options["data"] is None:
+            raise ServiceConfigError(f"{source}: the required key 'data' is empty")
+        for name in SECTIONS:  # an empty section (``weights:`` alone) keeps its defaults
+            if name in options and options[name] is None:
+                del options[name]
+        return build(cls, {**options, "source": source}, source)
 
     @classmethod
     def load(cls, path: str | Path) -> EvalConfig:
@@ -225,11 +216,12 @@ class EvalConfig:
         return cls.from_dict({str(k): v for k, v in raw.items()}, source=str(path))
 
 
-def _refuse_unknown(options: Mapping[str, Any], valid: list[str], prefix: str, source: str) -> None:
-    unknown = [str(key) for key in options if key not in valid]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hints.append(f"'{prefix}{key}'" + (f" (did you mean '{prefix}{close[0]}'?)" if close else ""))
-        raise ServiceConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {valid}")
+def _check_forward(spec: Any, source: str) -> None:
+    """``features.forward``'s form; whether it imports is checked where it runs (the job's environment)."""
+    if spec is None or (isinstance(spec, Mapping) and "_target_" in spec):
+        return
+    if isinstance(spec, str) and spec.count(":") == 1 and all(spec.split(":")):
+        return
+    raise ServiceConfigError(
+        f"{source}: features.forward={spec!r}; expected null, 'module:function' or a Hydra config with _target_"
+    )
