@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distprobe import keys
 from distprobe.engine.replicate import default_group, group_rank_and_size, is_distributed
 from distprobe.knn import search
 from distprobe.knn.config import KNNConfig
@@ -174,7 +175,9 @@ class ShardedKNN:
         accuracy = per_row(accuracy, len(self.config.k))  # one k: torchmetrics returned it 0-d
         self.metrics.reset()
         values = {"top1": accuracy[0]}
-        values.update({f"k{k}_top1": accuracy[i] for i, k in enumerate(self.config.k)})
+        values.update(
+            {keys.relative_key("top1", head=keys.knn_head(k)): accuracy[i] for i, k in enumerate(self.config.k)}
+        )
         return values
 
     def reset_eval_metrics(self) -> None:
