@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from distprobe import keys
 from distprobe.service.store import ResultRow
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,8 @@ EVENTS_SUFFIX = ".distprobe"
 
 
 def logged_key(row: ResultRow) -> str:
-    """The key a result row is logged under."""
-    if row.head == "best":
-        return f"ckpt/{row.probe}_best_{row.metric}"
-    if row.head.startswith("k") and row.head[1:].isdigit():
-        return f"ckpt/{row.probe}_{row.head}_{row.metric}"
-    return f"ckpt/{row.probe}/{row.head}_{row.metric}"
+    """The key a result row is logged under (`distprobe.keys`, stage `distprobe.keys.CHECKPOINT`)."""
+    return keys.key(keys.CHECKPOINT, row.probe, row.metric, head=row.head)
 
 
 def find_log_dir(run_dir: Path) -> tuple[str, Path] | None:
@@ -68,7 +65,7 @@ def write_tensorboard(directory: Path, step: int, rows: Iterable[ResultRow]) -> 
     writer = SummaryWriter(log_dir=str(directory), filename_suffix=EVENTS_SUFFIX)
     try:
         for row in rows:
-            if row.metric != "selected":
+            if row.metric != keys.SELECTED:
                 writer.add_scalar(logged_key(row), row.value, global_step=step)
     finally:
         writer.close()
@@ -81,7 +78,7 @@ def write_csv(directory: Path, step: int, checkpoint: str, rows: Iterable[Result
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     for row in rows:
-        if row.metric != "selected":
+        if row.metric != keys.SELECTED:
             writer.writerow([step, logged_key(row), repr(row.value), checkpoint])
     with path.open("a", newline="") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
