@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.engine.replicate import default_group
 from distprobe.knn import KNNConfig, ShardedKNN
@@ -142,16 +143,16 @@ def evaluate(
         best = bank.best_head_id
         metrics = list(bank.config.top_k)
         for head in bank.head_ids:
-            rows += [ResultRow(bank.name, head, m, computed[f"{head}_{m}"]) for m in metrics]
-        rows += [ResultRow(bank.name, "best", m, computed[f"best_{m}"]) for m in metrics]
+            rows += [ResultRow(bank.name, head, m, computed[keys.relative_key(m, head=head)]) for m in metrics]
+        rows += [ResultRow(bank.name, keys.BEST, m, computed[keys.relative_key(m, head=keys.BEST)]) for m in metrics]
         if best is not None:
-            rows.append(ResultRow(bank.name, best, "selected", 1.0))
-        values.update({f"{bank.name}_{k}": v for k, v in computed.items() if k.startswith("best_")})
+            rows.append(ResultRow(bank.name, best, keys.SELECTED, 1.0))
+        values.update({f"{bank.name}_{k}": v for k, v in computed.items() if keys.split_relative(k)[0] == keys.BEST})
     if knn is not None:
         computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
         for key, value in computed.items():
-            head, _, metric = key.partition("_") if key.startswith("k") and key[1:2].isdigit() else ("", "", key)
-            rows.append(ResultRow(knn.name, head or f"k{knn.config.k[0]}", metric, value))
+            head, metric = keys.split_relative(key)  # the headline top1 is the first k's
+            rows.append(ResultRow(knn.name, head or keys.knn_head(knn.config.k[0]), metric, value))
         values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
     return ProbeResults(values=values, rows=_unique(rows), best_head=best)
 
@@ -188,4 +189,4 @@ def run_probes(config: EvalConfig, train: CachedSplit, val: CachedSplit, device:
 
 def flat_values(results: ProbeResults) -> Mapping[str, Any]:
     """The headline numbers of a run, for the job's return value and the CLI."""
-    return {**results.values, "best_head": results.best_head}
+    return {**results.values, keys.BEST_HEAD: results.best_head}
