@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +230,48 @@ class ProbeSet:
         ]
         return cls(probes, normalised, group, bank_specs, device=device, total_steps=total_steps, knns=knn_specs)
 
+    def add_probe(self, probe: Probe, *, input: str | None = None, target: str | None = None) -> None:  # noqa: A002
+        """Add a probe built elsewhere (a Lightning callback's); it trains in this set's group from the next step.
+
+        Raises:
+            ValueError: when a member of that name is already in the set.
+        """
+        self._refuse_taken(probe.name)
+        self.probes[probe.name] = probe
+        self.specs[probe.name] = ProbeSpec(config=probe.config, input=input, target=target)
+
+    def add_bank(self, spec: BankSpec | BankConfig, bank: ProbeBank | None = None) -> None:
+        """Add a bank by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
+        spec = to_bank_spec(spec)
+        name = spec.config.name
+        if name not in self.bank_specs:
+            self._refuse_taken(name)
+            self.bank_specs[name] = spec
+        if bank is not None:
+            self.banks[name] = bank
+
+    def add_knn(self, spec: KNNSpec | KNNConfig, knn: ShardedKNN | None = None) -> None:
+        """Add a kNN by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
+        spec = to_knn_spec(spec)
+        name = spec.config.name
+        if name not in self.knn_specs:
+            self._refuse_taken(name)
+            self.knn_specs[name] = spec
+        if knn is not None:
+            self.knns[name] = knn
+
+    def remove(self, name: str) -> None:
+        """Take the member ``name`` out of the set (nothing happens when it is not there)."""
+        for members in (self.probes, self.specs, self.bank_specs, self.banks, self.knn_specs, self.knns):
+            members.pop(name, None)  # type: ignore[attr-defined]
+
+    def _refuse_taken(self, name: str) -> None:
+        if name in self.probes or name in self.bank_specs or name in self.knn_specs:
+            raise ValueError(
+                f"probe '{name}': argument 'name' is already used by another probe, bank or kNN of this set; give "
+                "each a unique name."
+            )
+
     def _build_bank(self, name: str, in_features: dict[str, int]) -> ProbeBank:
         spec = self.bank_specs[name]
         bank = ProbeBank.build(
@@ -364,19 +406,85 @@ class ProbeSet:
         never an error, on every rank at once. The probes train as one `distprobe.engine.ProbeGroup`: one backward,
         and one bucketed all-reduce where their accumulation windows close together.
         """
-        inputs = self._checked_inputs(features, targets)
-        losses: dict[str, torch.Tensor] = {}
-        if inputs:
-            outs = ProbeGroup([self.probes[name] for name in inputs]).train_step(list(inputs.values()))
-            losses = {name: out.loss for name, out in zip(inputs, outs, strict=True)}
-        for name in self.bank_specs:  # a bank's loss: its heads' (K,) losses
-            xs, y = self._bank_inputs(name, features, targets)
-            losses[name] = self._bank(name, xs).train_step(xs, y).loss
-        for name in self.knn_specs:  # a kNN has no loss: its buffer takes this rank's samples
-            x, y = self._knn_inputs(name, features, targets)
+        inputs: dict[str, tuple[Any, torch.Tensor]] = dict(self._checked_inputs(features, targets))
+        for name in self.bank_specs:
+            inputs[name] = self._bank_inputs(name, features, targets)
+        for name in self.knn_specs:
+            inputs[name] = self._knn_inputs(name, features, targets)
+        outs = self.train(inputs)
+        # A bank's loss: its heads' (K,) losses; a kNN has no loss.
+        return {name: out.loss for name, out in outs.items() if out is not None}
+
+    def train(
+        self,
+        inputs: Mapping[str, tuple[Any, torch.Tensor]],
+        before_optimizer_step: Callable[[Probe], None] | None = None,
+    ) -> dict[str, Any]:
+        """One training micro-batch for the members named in ``inputs``, already routed and checked.
+
+        The probes train as one `ProbeGroup`, then each bank takes its step, then each kNN's buffer takes this
+        rank's samples (built from the first batch's sizes where they do not exist yet). `step` routes and checks
+        its tensors and calls this; the Lightning callbacks of a Trainer call it too, through their coordinator
+        (`distprobe.callbacks.coordinator`), with the features each callback read.
+
+        Args:
+            inputs: By member name: ``(features, targets)`` for a probe or a kNN, ``([features per source],
+                targets)`` for a bank.
+            before_optimizer_step: Called with each probe whose window closes, after its gradients are reduced and
+                before clipping and the optimizer step (see `ProbeGroup.train_step`).
+
+        Returns:
+            By member name: a probe's `StepOutput`, a bank's `BankStepOutput`, None for a kNN.
+        """
+        outs: dict[str, Any] = {}
+        probes = [name for name in inputs if name in self.probes]
+        if probes:
+            group = ProbeGroup([self.probes[name] for name in probes])
+            outs.update(zip(probes, group.train_step([inputs[n] for n in probes], before_optimizer_step), strict=True))
+        for name in (n for n in inputs if n in self.bank_specs):
+            xs, y = inputs[name]
+            outs[name] = self._bank(name, xs).train_step(xs, y)
+        for name in (n for n in inputs if n in self.knn_specs):
+            x, y = inputs[name]
             knn = self.knns.get(name) or self._build_knn(name, int(x[0].numel()))
             knn.update(x, y)
-        return losses
+            outs[name] = None
+        return outs
+
+    def train_values(self, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Each named probe's and bank's train metrics since the last reset, by member name (all when None).
+
+        One flat sync for every probe's states (a collective: every rank calls it with the same names); each bank
+        computes its own. Keys are the logged names (``train/{name}_top1``, ``train/{name}_loss_epoch``, ...).
+        """
+        wanted = list(self.probes) + list(self.banks) if names is None else list(names)
+        probes = [name for name in wanted if name in self.probes]
+        collections = [self.probes[name].train_collections() for name in probes]
+        flat = [c for member in collections for c in member]
+        computed = iter(compute_synced(flat, self.dp_group) if flat else [])
+        values = {
+            name: merge([next(computed) for _ in member]) for name, member in zip(probes, collections, strict=True)
+        }
+        for name in (n for n in wanted if n in self.banks):
+            values[name] = logged_keys(self.banks[name].compute_train_metrics(), "train", name)
+        return values
+
+    def eval_values(self, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Each named member's eval metrics, reduced over the group, by member name (all when None); resets nothing.
+
+        One flat sync for every probe's states; each bank and kNN computes its own (collectives: every rank calls
+        it with the same names).
+        """
+        wanted = list(self.probes) + list(self.banks) + list(self.knns) if names is None else list(names)
+        probes = [name for name in wanted if name in self.probes and len(self.probes[name].metrics.val)]
+        computed = compute_synced([self.probes[name].metrics.val for name in probes], self.dp_group) if probes else []
+        values: dict[str, dict[str, torch.Tensor]] = {name: {} for name in wanted if name in self.probes}
+        values.update(zip(probes, computed, strict=True))
+        for name in (n for n in wanted if n in self.banks):
+            values[name] = logged_keys(self.banks[name].compute_eval_metrics(), "eval", name)
+        for name in (n for n in wanted if n in self.knns):
+            values[name] = {f"eval/{name}_{key}": v for key, v in self.knns[name].compute_eval_metrics().items()}
+        return values
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:
         """Every probe's train metrics and mean loss since the last reset, and its bad-batch counts by reason.
@@ -385,11 +493,7 @@ class ProbeSet:
         epoch end, say). Keys are the logged names: ``train/{name}_top1``, ``train/{name}_loss_epoch``,
         ``train/{name}_bad_batches/{reason}``.
         """
-        collections = [c for probe in self for c in probe.train_collections()]
-        values = merge(compute_synced(collections, self.dp_group)) if collections else {}
-        for name, bank in self.banks.items():
-            values.update(logged_keys(bank.compute_train_metrics(), "train", name))
-        return values
+        return merge(list(self.train_values().values()))
 
     def reset_train_metrics(self) -> None:
         """Clear the accumulated train metrics and mean losses (call at the end of an epoch)."""
@@ -422,21 +526,14 @@ class ProbeSet:
     def compute_metrics(self) -> dict[str, torch.Tensor]:
         """Eval metrics of every probe, reduced over the data-parallel group, then reset for the next evaluation.
 
-        One flat sync for all probes' metric states (the same path as the Lightning callback), not one collective
+        One flat sync for all probes' metric states (the same path as the Lightning callbacks), not one collective
         per metric state; every rank must call it. Keys are the logged names, such as ``eval/linear_top1``.
         """
-        with_metrics = [probe for probe in self if len(probe.metrics.val)]
-        values: dict[str, torch.Tensor] = {}
-        for probe, probe_values in zip(
-            with_metrics, compute_synced([p.metrics.val for p in with_metrics], self.dp_group), strict=True
-        ):
-            values.update(probe_values)
+        values = merge(list(self.eval_values().values()))
+        for probe in self:
             probe.metrics.val.reset()
-        for name, bank in self.banks.items():
-            values.update(logged_keys(bank.compute_eval_metrics(), "eval", name))
+        for bank in self.banks.values():
             bank.start_eval_epoch()  # the next evaluation's samples count from position 0 again
-        for name, knn in self.knns.items():
-            values.update({f"eval/{name}_{key}": value for key, value in knn.compute_eval_metrics().items()})
         return values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:

@@ -17,13 +17,13 @@ from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.config import Normalization
 from distprobe.bank.metrics_set import BankMetrics, logged_keys
 from distprobe.callbacks.cadence import logs_this_step, values_already_reduced
-from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
-from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.callbacks.trainable import optimizer_steps_of_fit
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
+from distprobe.features.lookup import MissingKeyError, lookup
+from distprobe.features.tap_inputs import TapInputs, check_input_spec
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.strategies.groups import data_parallel_group
 

@@ -12,12 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from distprobe.callbacks.cadence import values_already_reduced
-from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
-from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.features.dtensor import whole
+from distprobe.features.lookup import MissingKeyError, lookup
+from distprobe.features.tap_inputs import TapInputs, check_input_spec
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
 from distprobe.knn.checks import first_batch_problem
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch

@@ -12,11 +12,11 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from distprobe.callbacks.cadence import values_already_reduced
-from distprobe.callbacks.keys import MissingKeyError, lookup
-from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.features.dtensor import whole
+from distprobe.features.lookup import MissingKeyError, lookup
+from distprobe.features.tap_inputs import TapInputs, check_input_spec
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_metrics_synced
 from distprobe.monitors.functional import occurrence_index

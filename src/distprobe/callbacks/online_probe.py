@@ -11,14 +11,14 @@ from torch import nn
 from typing_extensions import override
 
 from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step, values_already_reduced
-from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
-from distprobe.callbacks.taps import TapInputs, check_input_spec
 from distprobe.callbacks.trainable import TrainableCallback
 from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
 from distprobe.engine.factories import build_module
 from distprobe.engine.group import ProbeGroup
 from distprobe.engine.probe import StepOutput, merge
+from distprobe.features.lookup import MissingKeyError, lookup
+from distprobe.features.tap_inputs import TapInputs, check_input_spec
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_synced
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distprobe.callbacks.keys import lookup
+from distprobe.features.lookup import lookup
 from distprobe.features.own_data import (
     FeatureFn,
     OwnData,

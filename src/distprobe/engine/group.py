@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,8 +48,20 @@ class ProbeGroup:
             raise ValueError(f"ProbeGroup: a probe appears twice in {[p.name for p in probes]}; list each probe once.")
         self.probes = list(probes)
 
-    def train_step(self, inputs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[StepOutput]:
-        """Train every probe on its ``(features, targets)`` micro-batch, in order; return each probe's `StepOutput`."""
+    def train_step(
+        self,
+        inputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        before_optimizer_step: Callable[[Probe], None] | None = None,
+    ) -> list[StepOutput]:
+        """Train every probe on its ``(features, targets)`` micro-batch, in order; return each probe's `StepOutput`.
+
+        Args:
+            inputs: One ``(features, targets)`` pair per probe, in the group's order.
+            before_optimizer_step: Called with each probe whose window closes on this micro-step, once its
+                gradients are the window's reduced mean and before they are clipped and the optimizer steps (where
+                Lightning calls ``on_before_optimizer_step``). It may read the gradients; it must not change them
+                on one rank only.
+        """
         if len(inputs) != len(self.probes):
             raise ValueError(
                 f"ProbeGroup.train_step: got {len(inputs)} (features, targets) pairs for {len(self.probes)} probes "
@@ -60,7 +72,11 @@ class ProbeGroup:
             for probe, (features, targets) in zip(self.probes, inputs, strict=True)
         ]
         torch.autograd.backward([p.scaled_loss for p in pending])
-        reduce_window_grads([probe for probe, p in zip(self.probes, pending, strict=True) if p.boundary])
+        closing = [probe for probe, p in zip(self.probes, pending, strict=True) if p.boundary]
+        reduce_window_grads(closing)
+        if before_optimizer_step is not None:
+            for probe in closing:
+                before_optimizer_step(probe)
         return [probe.finish_step(p, fused_if_unset=True) for probe, p in zip(self.probes, pending, strict=True)]
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distprobe.callbacks.keys import MissingKeyError, lookup
 from distprobe.features import TapSet, TapSpec, is_tap_spec
+from distprobe.features.lookup import MissingKeyError, lookup
 from distprobe.features.names import near_names
 
 _SHARED: weakref.WeakKeyDictionary[nn.Module, TapInputs] = weakref.WeakKeyDictionary()

@@ -1,4 +1,4 @@
-"""Find a probe's input and target in a step's outputs or batch, by key or dotted path."""
+"""Find a probe's input and target in a step's outputs or batch, by key or dotted path (no Lightning)."""
 
 from __future__ import annotations
 
