@@ -1,6 +1,6 @@
 """Which logged keys belong to which probe: online probes, banks with their heads, kNNs, and the service's results.
 
-The keys are those the callbacks log (`distprobe.callbacks`):
+Keys are read through `distprobe.keys`, the module the callbacks write them with:
 
 - `OnlineProbe` ``name``: ``train/{name}_loss`` (logging steps), ``train/{name}_loss_epoch``,
   ``train/{name}_skipped_steps``, ``train/{name}_{metric}`` and ``eval/{name}_{metric}``.
@@ -17,26 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from distprobe import keys
+from distprobe.keys import BEST, BEST_HEAD, EVAL, LOSS, LOSS_EPOCH, SKIPPED_STEPS, TRAIN
 from distprobe.report.readers import RunLogs, Series
-from distprobe.report.series import accuracy_metric, last
+from distprobe.report.series import accuracy_metric, is_top_k, last
 from distprobe.report.service_logs import CheckpointResult
 
 ProbeKind = Literal["probe", "bank", "knn", "checkpoints"]
 HeadOrders = Mapping[str, tuple[Sequence[str], str]]
 """Per bank name: its head ids in the bank's order, and where that order was read."""
-
-_BANK_HEAD_KEY = re.compile(
-    r"^(?P<stage>train|eval)/(?P<bank>[^/]+)/(?P<head>.+/lr=[^/]+/wd=[^/]+/norm=(?:none|bn))_(?P<metric>[^/]+)$"
-)
-_FLAT_KEY = re.compile(r"^(?P<stage>train|eval)/(?P<rest>[^/]+)$")
-_KNN_KEY = re.compile(r"^(?P<name>.+)_(?P<head>k\d+)_(?P<metric>top\d+)$")
-_TOP_K = re.compile(r"^top\d+$")
-_KNN_HEAD = re.compile(r"^k(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -103,9 +96,17 @@ class ProbeCurves:
 # --- classification ---------------------------------------------------------------------------------------------
 
 
+def _bank_head(logged: str) -> keys.LoggedKey | None:
+    """The parts of one bank head's train or eval key, else None."""
+    parsed = keys.parse(logged)
+    if parsed is None or parsed.stage not in (TRAIN, EVAL) or parsed.head is None:
+        return None
+    return parsed if keys.parse_head_id(parsed.head) is not None else None
+
+
 def bank_names(logs: RunLogs) -> list[str]:
     """The banks that logged per-head metrics."""
-    return sorted({m["bank"] for m in map(_BANK_HEAD_KEY.match, logs.scalars) if m})
+    return sorted({parsed.probe for parsed in map(_bank_head, logs.scalars) if parsed})
 
 
 def probes_of(logs: RunLogs, head_orders: HeadOrders | None = None) -> list[ProbeCurves]:
@@ -118,16 +119,16 @@ def probes_of(logs: RunLogs, head_orders: HeadOrders | None = None) -> list[Prob
             logs keep the ids but not the order (it follows the user's lr and weight-decay lists); without it the
             best head is the one with the highest final eval accuracy.
     """
-    scalars = logs.scalars
     bank_heads: dict[str, dict[str, dict[tuple[str, str], Series]]] = {}
     flat: dict[str, Series] = {}
-    for key, series in scalars.items():
-        match = _BANK_HEAD_KEY.match(key)
-        if match:
-            heads = bank_heads.setdefault(match["bank"], {})
-            heads.setdefault(match["head"], {})[(match["stage"], match["metric"])] = series
-        elif _FLAT_KEY.match(key):
-            flat[key] = series
+    for logged, series in logs.scalars.items():
+        head = _bank_head(logged)
+        if head is not None:
+            assert head.head is not None  # a bank head's key
+            heads = bank_heads.setdefault(head.probe, {})
+            heads.setdefault(head.head, {})[(head.stage, head.metric)] = series
+        elif logged.startswith((f"{TRAIN}/", f"{EVAL}/")):
+            flat[logged] = series
     claimed: set[str] = set()
     probes: list[ProbeCurves] = []
     for name in sorted(bank_heads):
@@ -139,16 +140,28 @@ def probes_of(logs: RunLogs, head_orders: HeadOrders | None = None) -> list[Prob
     return _with_checkpoints(probes, logs.checkpoint_results)
 
 
-def _take(flat: Mapping[str, Series], claimed: set[str], key: str) -> Series:
-    if key in flat and key not in claimed:
-        claimed.add(key)
-        return flat[key]
+def _take(flat: Mapping[str, Series], claimed: set[str], logged: str) -> Series:
+    if logged in flat and logged not in claimed:
+        claimed.add(logged)
+        return flat[logged]
     return ()
 
 
+def _unclaimed(flat: Mapping[str, Series], claimed: set[str], name: str | None = None) -> Iterable[keys.LoggedKey]:
+    """The parts of every unclaimed key (of ``name``, split at it, when given)."""
+    for logged in flat:
+        parsed = keys.parse(logged, names=() if name is None else [name])
+        if parsed is not None and logged not in claimed:
+            yield parsed
+
+
+def _claim_all(flat: Mapping[str, Series], claimed: set[str], name: str) -> None:
+    """Every key of ``name``'s is its own, not another probe's (its other metrics, its skipped steps...)."""
+    claimed.update(logged for logged in flat if keys.parse(logged, names=[name]) is not None)
+
+
 def _metrics_of(flat: Mapping[str, Series], claimed: set[str], stage: str, name: str) -> set[str]:
-    prefix = f"{stage}/{name}_"
-    return {k[len(prefix) :] for k in flat if k.startswith(prefix) and k not in claimed}
+    return {p.metric for p in _unclaimed(flat, claimed, name) if p.stage == stage and p.head is None}
 
 
 def _bank(
@@ -172,14 +185,13 @@ def _bank(
         name=name,
         kind="bank",
         accuracy_metric=metric,
-        train_loss=_take(flat, claimed, f"train/{name}_loss"),
-        train_loss_epoch=_take(flat, claimed, f"train/{name}_loss_epoch"),
-        eval_accuracy=_take(flat, claimed, f"eval/{name}_best_{metric}"),
+        train_loss=_take(flat, claimed, keys.key(TRAIN, name, LOSS)),
+        train_loss_epoch=_take(flat, claimed, keys.key(TRAIN, name, LOSS_EPOCH)),
+        eval_accuracy=_take(flat, claimed, keys.key(EVAL, name, metric or "", head=BEST)),
         heads=curves,
     )
-    best_index = _take(flat, claimed, f"eval/{name}_best_head")
-    # The bank's other keys (skipped steps, best_* of other metrics) are its own, not another probe's.
-    claimed.update(k for k in flat if k.startswith((f"train/{name}_", f"eval/{name}_")))
+    best_index = _take(flat, claimed, keys.key(EVAL, name, BEST_HEAD))
+    _claim_all(flat, claimed, name)  # skipped steps, best_* of other metrics
     return dataclasses.replace(probe, best_head=_best_head(probe, best_index, order))
 
 
@@ -188,8 +200,9 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
         return None
     final = last(best_index)
     logged = sorted(h.head_id for h in bank.heads)
+    best_key = keys.key(EVAL, bank.name, BEST_HEAD)
     if final is None:
-        why_not = f"no eval/{bank.name}_best_head was logged"
+        why_not = f"no {best_key} was logged"
     elif order is None:
         why_not = "the logs keep the head ids but not the bank's order, and no checkpoint of the run holds it"
     elif sorted(order[0]) != logged:
@@ -201,12 +214,12 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
             return BestHead(
                 head_id=ids[int(value)],
                 rule=(
-                    f"selected by the bank at its last validation (step {step}): eval/{bank.name}_best_head = "
+                    f"selected by the bank at its last validation (step {step}): {best_key} = "
                     f"{int(value)}, the head at that index in the bank's order saved in {source}"
                 ),
                 selected_by_bank=True,
             )
-        why_not = f"its last eval/{bank.name}_best_head, {value}, is not an index of its {len(ids)} heads"
+        why_not = f"its last {best_key}, {value}, is not an index of its {len(ids)} heads"
 
     def final_accuracy(head: HeadCurves) -> float:
         point = last(head.eval_accuracy)
@@ -217,66 +230,59 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
         head_id=top.head_id,
         rule=(
             f"the highest final eval {bank.accuracy_metric} among the heads (the bank's own selection, "
-            f"eval/{bank.name}_best_head, could not be mapped to a head id: {why_not})"
+            f"{best_key}, could not be mapped to a head id: {why_not})"
         ),
         selected_by_bank=False,
     )
 
 
 def _knn_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
-    names = set()
-    for key in flat:
-        match = _FLAT_KEY.match(key)
-        knn = _KNN_KEY.match(match["rest"]) if match and match["stage"] == "eval" else None
-        if knn and key not in claimed:
-            names.add(knn["name"])
-    return names
+    """Names with an eval ``k{K}`` head."""
+    return {p.probe for p in _unclaimed(flat, claimed) if p.stage == EVAL and p.head and keys.knn_k(p.head)}
 
 
 def _knn(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
-    heads: dict[str, Series] = {}
-    for key in list(flat):
-        match = _KNN_KEY.match(key.removeprefix("eval/")) if key.startswith(f"eval/{name}_") else None
-        if match and match["name"] == name and match["metric"] == "top1":
-            heads[match["head"]] = _take(flat, claimed, key)
+    metric = "top1"  # a kNN's only metric
+    heads: dict[int, Series] = {}
+    for parsed in list(_unclaimed(flat, claimed, name)):
+        k = keys.knn_k(parsed.head or "")
+        if parsed.stage == EVAL and k is not None and parsed.metric == metric:
+            heads[k] = _take(flat, claimed, parsed.format())
     return ProbeCurves(
         name=name,
         kind="knn",
-        accuracy_metric="top1",
-        eval_accuracy=_take(flat, claimed, f"eval/{name}_top1"),
-        heads=tuple(HeadCurves(k, eval_accuracy=heads[k]) for k in sorted(heads, key=lambda k: int(k[1:]))),
+        accuracy_metric=metric,
+        eval_accuracy=_take(flat, claimed, keys.key(EVAL, name, metric)),
+        heads=tuple(HeadCurves(keys.knn_head(k), eval_accuracy=heads[k]) for k in sorted(heads)),
     )
 
 
 def _probe_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
+    """Names that logged skipped steps (every OnlineProbe does) or an eval top-k accuracy."""
     names = set()
-    for key in flat:
-        match = _FLAT_KEY.match(key)
-        if match is None or key in claimed:
+    for parsed in _unclaimed(flat, claimed):
+        if parsed.head is not None:
             continue
-        rest = match["rest"]
-        if match["stage"] == "train" and rest.endswith("_skipped_steps"):
-            names.add(rest.removesuffix("_skipped_steps"))
-        elif match["stage"] == "eval" and "_" in rest:
-            name, metric = rest.rsplit("_", 1)
-            if _TOP_K.match(metric):
-                names.add(name)
+        if (parsed.stage == TRAIN and parsed.metric == SKIPPED_STEPS) or (
+            parsed.stage == EVAL and is_top_k(parsed.metric)
+        ):
+            names.add(parsed.probe)
     return names
 
 
 def _probe(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
-    metric = accuracy_metric(_metrics_of(flat, claimed, "eval", name) or _metrics_of(flat, claimed, "train", name))
+    metric = accuracy_metric(_metrics_of(flat, claimed, EVAL, name) or _metrics_of(flat, claimed, TRAIN, name))
     probe = ProbeCurves(
         name=name,
         kind="probe",
         accuracy_metric=metric,
-        train_loss=_take(flat, claimed, f"train/{name}_loss"),
-        train_loss_epoch=_take(flat, claimed, f"train/{name}_loss_epoch"),
-        eval_accuracy=_take(flat, claimed, f"eval/{name}_{metric}"),
-        train_accuracy=_take(flat, claimed, f"train/{name}_{metric}"),
+        train_loss=_take(flat, claimed, keys.key(TRAIN, name, LOSS)),
+        train_loss_epoch=_take(flat, claimed, keys.key(TRAIN, name, LOSS_EPOCH)),
+        eval_accuracy=_take(flat, claimed, keys.key(EVAL, name, metric or "")),
+        train_accuracy=_take(flat, claimed, keys.key(TRAIN, name, metric or "")),
     )
     # Longer names are classified first: the rest of `name_*` is this probe's (its other metrics, skipped steps).
-    claimed.update(k for k in flat if k.startswith((f"train/{name}_", f"eval/{name}_")))
+    _claim_all(flat, claimed, name)
     return probe
 
 
@@ -290,7 +296,7 @@ def _with_checkpoints(probes: list[ProbeCurves], results: Sequence[CheckpointRes
         out.append(dataclasses.replace(probe, checkpoints=found) if found else probe)
     for name in sorted(by_probe):
         rows = tuple(by_probe[name])
-        metric = accuracy_metric(r.metric for r in rows if r.metric != "selected")
+        metric = accuracy_metric(r.metric for r in rows if r.metric != keys.SELECTED)
         out.append(ProbeCurves(name=name, kind="checkpoints", accuracy_metric=metric, checkpoints=rows))
     return out
 
@@ -298,11 +304,11 @@ def _with_checkpoints(probes: list[ProbeCurves], results: Sequence[CheckpointRes
 def checkpoint_columns(probe: ProbeCurves) -> list[str]:
     """The service's headline heads of a probe: ``best`` (a bank's selected head), then each kNN ``k``, by k."""
     heads = {r.head for r in probe.checkpoints if r.metric == probe.accuracy_metric}
-    columns = ["best"] if "best" in heads else []
-    return columns + sorted((h for h in heads if _KNN_HEAD.match(h)), key=lambda h: int(h[1:]))
+    columns = [BEST] if BEST in heads else []
+    return columns + [keys.knn_head(k) for k in sorted(k for k in map(keys.knn_k, heads) if k is not None)]
 
 
 def checkpoint_heads(probe: ProbeCurves) -> list[str]:
     """A bank's head ids among the service's results (neither ``best`` nor a kNN ``k``)."""
     heads = {r.head for r in probe.checkpoints if r.metric == probe.accuracy_metric}
-    return sorted(h for h in heads if h != "best" and not _KNN_HEAD.match(h))
+    return sorted(h for h in heads if h != BEST and keys.knn_k(h) is None)

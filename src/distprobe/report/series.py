@@ -1,15 +1,11 @@
-"""Small pure functions over a logged series and a head's id."""
+"""Small pure functions over a logged series and a metric's name."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 
 from distprobe.report.readers import Point, Series
-
-_HEAD_PARTS = re.compile(r"^(?P<source>.+)/lr=(?P<lr>[^/]+)/wd=(?P<wd>[^/]+)/norm=(?P<norm>none|bn)$")
-_TOP_K = re.compile(r"^top\d+$")
 
 
 def last(series: Series) -> Point | None:
@@ -25,15 +21,14 @@ def best(series: Series, higher: bool = True) -> Point | None:
     return max(finite, key=lambda p: (p[1] if higher else -p[1], -p[0]))
 
 
-def head_parts(head_id: str) -> dict[str, str] | None:
-    """``{"source", "lr", "wd", "norm"}`` of a bank head's id, or None if it is not one."""
-    match = _HEAD_PARTS.match(head_id)
-    return match.groupdict() if match else None
+def is_top_k(metric: str) -> bool:
+    """Whether ``metric`` is named as a top-k accuracy: ``top1``, ``top5``."""
+    return metric.startswith("top") and metric[3:].isdigit()
 
 
 def accuracy_metric(metrics: Iterable[str]) -> str | None:
     """``top1`` if logged, else the first other top-k, else the first ``acc*`` metric."""
     names = sorted(set(metrics))
-    top_k = sorted((m for m in names if _TOP_K.match(m)), key=lambda m: int(m[3:]))
+    top_k = sorted((m for m in names if is_top_k(m)), key=lambda m: int(m[3:]))
     candidates = top_k + [m for m in names if m.startswith("acc")]
     return candidates[0] if candidates else None

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from distprobe import keys
 from distprobe.service.store import SERVICE_DIR, STORE_NAME  # the service's names, imported rather than copied
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "ckpt/"
-
-# The service's logged keys (`distprobe.service.training_log.logged_key`): best, kNN k, then a bank head.
-_CKPT_BEST = re.compile(r"^ckpt/(?P<probe>[^/]+)_best_(?P<metric>[^_/]+)$")
-_CKPT_K = re.compile(r"^ckpt/(?P<probe>[^/]+)_(?P<head>k\d+)_(?P<metric>[^_/]+)$")
-_CKPT_HEAD = re.compile(r"^ckpt/(?P<probe>[^/]+)/(?P<head>.+)_(?P<metric>[^_/]+)$")
+CHECKPOINT_PREFIX = f"{keys.CHECKPOINT}/"
 
 
 @dataclass(frozen=True)
@@ -66,15 +61,19 @@ def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
 
 
 def results_of_key(key: str, points: Mapping[int, float], checkpoint: str) -> list[CheckpointResult]:
-    """The results a ``ckpt/*`` key's points stand for (none, with a warning, for a key of another form)."""
-    for pattern in (_CKPT_BEST, _CKPT_K, _CKPT_HEAD):
-        match = pattern.match(key)
-        if match:
-            head = match.groupdict().get("head") or "best"
-            probe, metric = match["probe"], match["metric"]
-            return [CheckpointResult(checkpoint, step, probe, head, metric, value) for step, value in points.items()]
-    log.warning("Checkpoint key %r is not one the probing service writes; left out", key)
-    return []
+    """The results a ``ckpt/*`` key's points stand for (none, with a warning, for a key of another form).
+
+    Every key the service writes names a head (`distprobe.service.training_log.logged_key`): `keys.BEST`, a kNN's
+    ``k{K}`` or a bank head's id.
+    """
+    parsed = keys.parse(key)
+    if parsed is None or parsed.stage != keys.CHECKPOINT or parsed.head is None:
+        log.warning("Checkpoint key %r is not one the probing service writes; left out", key)
+        return []
+    return [
+        CheckpointResult(checkpoint, step, parsed.probe, parsed.head, parsed.metric, value)
+        for step, value in points.items()
+    ]
 
 
 def read_service_csv(path: Path) -> list[CheckpointResult]:

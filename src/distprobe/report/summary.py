@@ -10,9 +10,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from distprobe import keys
 from distprobe.report.probes import ProbeCurves, checkpoint_columns, checkpoint_heads
 from distprobe.report.readers import RunLogs, Series
-from distprobe.report.series import best, head_parts, last
+from distprobe.report.series import best, last
 
 #: Heads listed per bank, best first (the plot shows them all).
 TOP_HEADS = 5
@@ -90,9 +91,9 @@ def _bank(probe: ProbeCurves, metric: str) -> list[str]:
     lines: list[str] = []
     chosen = probe.best_head
     if chosen is not None:
-        parts = head_parts(chosen.head_id)
+        parts = keys.parse_head_id(chosen.head_id)
         what = (
-            f" (source `{parts['source']}`, lr {parts['lr']}, weight decay {parts['wd']}, norm {parts['norm']})"
+            f" (source `{parts.source}`, lr {parts.lr}, weight decay {parts.weight_decay}, norm {parts.normalization})"
             if parts
             else ""
         )
@@ -119,9 +120,10 @@ def _bank(probe: ProbeCurves, metric: str) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for h in ranked:
-        parts = head_parts(h.head_id) or {"lr": "-", "wd": "-", "norm": "-"}
+        parts = keys.parse_head_id(h.head_id)
+        numbers = [parts.lr, parts.weight_decay, parts.normalization] if parts else ["-", "-", "-"]
         mark = " (best)" if h.head_id == chosen_id else ""
-        cells = [f"`{h.head_id}`{mark}", parts["lr"], parts["wd"], parts["norm"], *_cells(h.eval_accuracy)]
+        cells = [f"`{h.head_id}`{mark}", *numbers, *_cells(h.eval_accuracy)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
