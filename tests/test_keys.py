@@ -57,6 +57,7 @@ def test_the_builders_agree_with_the_grammar():
     assert keys.key(keys.TRAIN, "p", keys.bad_batches("nonfinite_targets")) == "train/p_bad_batches/nonfinite_targets"
     assert keys.stage_prefix(keys.LOG_STAGE["val"], "p") + "top1" == keys.key(keys.EVAL, "p", "top1")
     assert keys.key(keys.EVAL, "knn", "top1", head=keys.knn_head(20)) == "eval/knn_k20_top1"
+    assert keys.predictions("linear") == "linear_preds"  # put in the step's outputs, never logged
     assert keys.parse("train/p_bad_batches/nonfinite_targets").reason == "nonfinite_targets"
     assert keys.parse("train/p_loss").reason is None
     assert keys.absolute_keys({"best_top1": 1.0, f"{HEAD}_top1": 2.0}, "eval", "g") == {

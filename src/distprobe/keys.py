@@ -140,6 +140,11 @@ def head_id(source: str, lr: float, weight_decay: float, normalization: Normaliz
     return f"{source}/lr={lr:g}/wd={weight_decay:g}/norm={normalization}"
 
 
+def predictions(probe: str) -> str:
+    """The key under which a probe's predictions are put into a step's outputs and batch: ``{probe}_preds``."""
+    return f"{probe}_preds"
+
+
 def knn_head(k: int) -> str:
     """A kNN's head for ``k`` neighbours: ``k20``."""
     return f"k{k}"
