@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from distprobe import keys
 from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step, values_already_reduced
 from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.callbacks.trainable import TrainableCallback
@@ -214,16 +215,16 @@ class OnlineProbe(TrainableCallback):
         out, batch_size = _grouped_train_step(trainer, self, outputs, batch)
         if out.stepped:
             self._count_probe_step(trainer)
-        _store_preds(f"{self.name}_preds", out.preds, outputs, batch)
+        _store_preds(keys.predictions(self.name), out.preds, outputs, batch)
         if not logs_this_step(trainer, batch_idx):
             return
         self._bad_data_warnings.check(self.probe)
         values = {
-            f"train/{self.name}_loss": out.loss,
-            f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
+            keys.key(keys.TRAIN, self.name, keys.LOSS): out.loss,
+            keys.key(keys.TRAIN, self.name, keys.SKIPPED_STEPS): self.probe.skipped_steps.float(),
             # Lightning's LearningRateMonitor sees only Lightning's optimizers. A device tensor filled from the host
             # float: Lightning would turn a float into one by a copy from pageable memory, a host sync on CUDA.
-            f"hparams/lr_{self.name}": torch.full((), self.probe.current_lr(), device=out.loss.device),
+            keys.key(keys.HPARAMS, self.name, keys.LR): torch.full((), self.probe.current_lr(), device=out.loss.device),
         }
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
 
@@ -242,9 +243,9 @@ class OnlineProbe(TrainableCallback):
             return
         self._bad_data_warnings.check(self.probe)
         values = {
-            f"train/{self.name}_loss": out.loss,
-            f"train/{self.name}_skipped_steps": self.probe.skipped_steps.float(),
-            f"hparams/lr_{self.name}": torch.full((), self.probe.current_lr(), device=out.loss.device),
+            keys.key(keys.TRAIN, self.name, keys.LOSS): out.loss,
+            keys.key(keys.TRAIN, self.name, keys.SKIPPED_STEPS): self.probe.skipped_steps.float(),
+            keys.key(keys.HPARAMS, self.name, keys.LR): torch.full((), self.probe.current_lr(), device=out.loss.device),
         }
         batch_size = int(targets.shape[0]) if targets.ndim else 1
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
@@ -280,7 +281,7 @@ class OnlineProbe(TrainableCallback):
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
         num_valid = valid_in_loader_batch(loader, batch_idx, targets.shape[0])
         preds = self.probe.eval_step(features, targets, num_valid=num_valid)
-        _store_preds(f"{self.name}_preds", preds, outputs, batch)
+        _store_preds(keys.predictions(self.name), preds, outputs, batch)
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
