@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.config import Normalization
@@ -299,11 +300,11 @@ class OnlineProbeBank(Callback):
 
         features, targets = read() if self._checked_first_batch else self._first_batch(read)
         out = self.bank.train_step(features, targets)
-        _store(f"{self.name}_preds", out.preds, outputs, batch)
+        _store(keys.predictions(self.name), out.preds, outputs, batch)
         if logs_this_step(trainer, batch_idx):
             values = {
-                f"train/{self.name}_loss": out.loss.mean(),
-                f"train/{self.name}_skipped_steps": self.bank.skipped_steps.sum().float(),
+                keys.key(keys.TRAIN, self.name, keys.LOSS): out.loss.mean(),
+                keys.key(keys.TRAIN, self.name, keys.SKIPPED_STEPS): self.bank.skipped_steps.sum().float(),
             }
             pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=targets.shape[0])
 
@@ -349,7 +350,7 @@ class OnlineProbeBank(Callback):
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
         num_valid = valid_in_loader_batch(loader, batch_idx, targets.shape[0])
         preds = self._bank.eval_step(features, targets, num_valid=num_valid)
-        _store(f"{self.name}_preds", preds, outputs, batch)
+        _store(keys.predictions(self.name), preds, outputs, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
