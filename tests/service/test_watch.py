@@ -17,7 +17,7 @@ import pytest
 from tests.service.models import eval_config, pretrain
 
 from distprobe.cluster import ClusterConfig
-from distprobe.service.report import render
+from distprobe.report.results_table import render
 from distprobe.service.store import ResultsStore
 from distprobe.service.watch import WatchConfig, Watcher, candidates
 
@@ -64,7 +64,7 @@ def test_each_checkpoint_is_evaluated_once_and_a_restarted_watcher_submits_no_du
     assert len({r.job_id for r in records}) == 3
     assert {row[0] for row in store.results()} == {r.path for r in records}
     table = render(store)
-    assert "epoch=2-step=30.ckpt" in table and "trend bank/best/top1" in table
+    assert "epoch=2-step=30.ckpt" in table and "trend bank_best_top1" in table
     # A third watcher finds nothing to do.
     third = _watcher(run, config)
     assert third.poll() == (0, 0)

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR_ENV = "DISTPROBE_CHECKPOINT_DIR"
 """Set by the launcher in every task: the job's folder for preemption checkpoints."""
 
-_CHECKPOINT_NAME = re.compile(r"^preempt-(\d+)\.ckpt$")
+CHECKPOINT_NAME = re.compile(r"^preempt-(\d+)\.ckpt$")
+"""A preemption checkpoint's file name (its group: the step); the probing service matches it too."""
 COMPLETE_SUFFIX = ".complete"
 
 
@@ -91,11 +92,6 @@ class PreemptionSignal:
             # Nobody will checkpoint at a step boundary: behave as if we were not here.
             self._previous(signum, frame)
 
-    @property
-    def hands_over_to_launcher(self) -> bool:
-        """Whether a previous handler (submitit's) will requeue the job."""
-        return callable(self._previous)
-
     def requeue_and_exit(self, is_global_zero: bool) -> NoReturn:
         """After every rank saved: rank 0 lets the launcher requeue the job; every rank exits.
 
@@ -161,7 +157,7 @@ def last_checkpoint(dirpath: str | Path | None = None) -> str | None:
         return None
     steps = []
     for path in folder.iterdir():
-        match = _CHECKPOINT_NAME.match(path.name)
+        match = CHECKPOINT_NAME.match(path.name)
         if match and (folder / (path.name + COMPLETE_SUFFIX)).exists():
             steps.append(int(match.group(1)))
     if not steps:

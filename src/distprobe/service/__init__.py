@@ -2,7 +2,8 @@
 
 - `distprobe eval CHECKPOINT --config eval.yaml` evaluates one checkpoint (`distprobe.service.job`).
 - `distprobe watch RUN_DIR --config eval.yaml` submits one evaluation per new checkpoint (`distprobe.service.watch`).
-- `distprobe results RUN_DIR` prints what the results store holds (`distprobe.service.report`).
+- `distprobe results RUN_DIR` prints the results store as a table, JSON or CSV (`distprobe.report.results_table`).
+- `distprobe retry RUN_DIR --failed` puts failed checkpoints back to pending.
 
 docs/probing-service.md walks through them.
 """

@@ -17,9 +17,10 @@ tensors by itself, with no collective, whether or not ``torch.distributed`` is i
 Pickles are read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers and calls no
 other code, so reading a checkpoint from a shared run folder cannot run code planted in it. A checkpoint holding
 other objects (e.g. an ``argparse.Namespace`` or an OmegaConf config in ``hyper_parameters``) is refused with the
-names of those types; allow the ones you trust with ``torch.serialization.add_safe_globals``. Two readers are outside
-that guarantee: a DCP's own ``.metadata`` is a plain pickle that ``torch.distributed.checkpoint`` unpickles itself,
-and DeepSpeed's ZeRO-3 consolidation loads every file unrestricted (each is first vetted with ``weights_only=True``).
+names of those types; allow the ones you trust with ``torch.serialization.add_safe_globals``. A DCP's own
+``.metadata`` is a plain pickle: it is read with a restricted unpickler that builds only torch's DCP metadata
+records, sizes, dtypes and paths (`_DCP_METADATA_GLOBALS`). One reader is outside the guarantee: DeepSpeed's ZeRO-3
+consolidation loads every file unrestricted, after each file was vetted with ``weights_only=True``.
 
 Example:
     >>> info = detect("runs/a/epoch=1-step=800.ckpt")  # doctest: +SKIP
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 
 # signals.py owns the preemption checkpoints' naming: match with its own pattern, so the two never drift apart.
-from distprobe.cluster.signals import _CHECKPOINT_NAME as _PREEMPTION_NAME
+from distprobe.cluster.signals import CHECKPOINT_NAME as PREEMPTION_NAME
 from distprobe.cluster.signals import COMPLETE_SUFFIX
 
 __all__ = [
@@ -96,7 +97,7 @@ def detect(path: str | Path) -> CheckpointInfo:
     _check_complete(path, fmt)
     step = _meta(path, fmt).get("global_step")
     if not isinstance(step, int):
-        match = _STEP_IN_NAME.search(path.name) or _PREEMPTION_NAME.match(path.name)
+        match = _STEP_IN_NAME.search(path.name) or PREEMPTION_NAME.match(path.name)
         step = int(match.group(1)) if match else None
     return CheckpointInfo(path=path, format=fmt, step=step)
 
@@ -201,7 +202,7 @@ def _incomplete(path: Path, found: str, expected: str) -> CheckpointError:
 def _check_complete(path: Path, fmt: Format) -> None:
     """Raise `CheckpointError` unless everything the writer puts down last is there and whole."""
     marker = Path(str(path) + COMPLETE_SUFFIX)
-    if _PREEMPTION_NAME.match(path.name) and not marker.exists():
+    if PREEMPTION_NAME.match(path.name) and not marker.exists():
         # Rank 0 writes the marker once every rank's save returned: without it, the save may have been cut short.
         raise _incomplete(path, f"no {marker.name} beside this preemption checkpoint", f"{marker}")
     if fmt == "lightning":
@@ -319,11 +320,55 @@ def _copied(state: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
 
 
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size", "device", "layout", "memory_format"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+"""What a DCP ``.metadata`` pickle may build: torch's own metadata records, sizes, dtypes, paths; nothing that runs."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file, refusing every global outside `_DCP_METADATA_GLOBALS` (and dtypes)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = name in _DCP_METADATA_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP .metadata file")
+        return super().find_class(module, name)
+
+
+def _restricted_reader(path: Path) -> Any:
+    """A DCP ``FileSystemReader`` whose ``.metadata`` is read by `_MetadataUnpickler` instead of plain ``pickle``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class RestrictedReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            # FileSystemReader.read_metadata, with the restricted unpickler (torch 2.13's steps otherwise).
+            with (Path(self.path) / _DCP_METADATA).open("rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return RestrictedReader(path)
+
+
 def _read_dcp(path: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(path)
+    reader = _restricted_reader(path)
     try:
         entries = reader.read_metadata().state_dict_metadata
     except Exception as exc:  # noqa: BLE001 - a corrupt .metadata raises anything pickle can

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,50 @@ def _features(backbone: nn.Module, forward: Forward | None, inputs: Any, device:
 def _mapped(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
     # shared=True: writes go to the file (and so to every rank); the file is grown to numel elements if smaller.
     return torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+
+
+class CacheSpaceError(OSError):
+    """The feature cache's files could not be reserved: the message names the folder and the bytes needed."""
+
+
+def reserve(cache: Path, sizes: Mapping[str, int]) -> str | None:
+    """Create the cache's files at their full size, with their blocks allocated; an error message, or None.
+
+    The cache is memory-mapped: without a reservation, a disk that fills up during extraction kills the job with
+    SIGBUS when a page is written back, and says nothing. ``posix_fallocate`` asks for every block up front, so a
+    full disk is an error here, before any work, naming the folder and the bytes.
+    """
+    needed = sum(sizes.values())
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        for name, size in sizes.items():
+            fd = os.open(cache / name, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if size > 0:
+                    os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+    except OSError as err:
+        for name in sizes:
+            (cache / name).unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(cache if cache.exists() else cache.parent).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return (
+            f"distprobe eval: the feature cache needs {needed} bytes in {cache} ({free}): {err.strerror or err}; "
+            "fix: free space there, or set features.cache_dir to a disk with room"
+        )
+    return None
+
+
+def _agree(ok: bool, device: torch.device) -> bool:
+    """Whether every rank is ``ok`` (one all-reduce; True at once without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def load_split(cache: Path, split: str, stamp: Mapping[str, Any]) -> CachedSplit | None:
@@ -207,10 +252,13 @@ def extract_split(
     )
     backbone.eval()
     dim = _feature_dim(backbone, Subset(dataset, [0]), loader, forward, device, autocast, split)
+    error = None
     if rank == 0:  # a stale cache (another attempt, another config) must not leave rows of a larger file behind
         for suffix in ("features", "labels"):
             (cache / f"{split}.{suffix}").unlink(missing_ok=True)
-    _barrier()
+        error = reserve(cache, {f"{split}.features": n * dim * 4, f"{split}.labels": n * 8})
+    if not _agree(error is None, device):  # every rank raises, none waits for the others at a barrier
+        raise CacheSpaceError(error or f"distprobe eval: rank 0 could not reserve the {split} cache in {cache}")
     features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
     labels = _mapped(cache / f"{split}.labels", n, torch.int64)
     copies = _HostCopies(device)

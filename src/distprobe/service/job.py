@@ -1,15 +1,19 @@
-"""One evaluation job: a checkpoint in, its probe results in the store and the training's log out.
+"""One evaluation job: a checkpoint in, its probe results published and the training's log out.
 
 `evaluate_checkpoint` runs on every rank of the job (a submitit task, a ``torchrun`` process, or one process):
 
 1. build the backbone from the config and load the checkpoint's weights into it, whole, on every rank (so a sharded
    checkpoint of any world size evaluates at any other: `distprobe.service.checkpoints`);
-2. extract the train and val features once over the ranks into the memory-mapped cache (`distprobe.service.extract`);
+2. extract the train and val features once over the ranks into the job's own memory-mapped cache, its space
+   reserved first (`distprobe.service.extract`);
 3. train the bank and fill the kNN on the cached features (`distprobe.service.train`);
-4. on rank 0, write every number to the results store in one transaction and to the training's log at the
-   checkpoint's global step, then delete the cache (unless kept).
+4. on rank 0: a submitted job publishes every number as ``result.json`` in its own folder, atomically
+   (`distprobe.service.published`; the watcher or the ``eval`` command ingests it into the store), and an
+   in-process call records them in the store itself; then write them to the training's log at the checkpoint's
+   global step and delete the cache (unless kept).
 
-A job that dies at any point leaves the store as it was; its requeued run reuses the splits it had finished.
+A job that dies at any point leaves the store as it was; its requeued run (same claim, same folder) reuses the
+splits it had finished. A job that raises publishes ``error.json`` with the error, for the watcher to report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +35,8 @@ from torch import nn
 from distprobe.service.checkpoints import CheckpointError, CheckpointInfo, detect, load_weights
 from distprobe.service.config import EvalConfig, ServiceConfigError
 from distprobe.service.extract import CachedSplit, extract_split, rank_and_world
-from distprobe.service.store import SERVICE_DIR, ResultsStore, default_store_path
+from distprobe.service.published import PublishedResult, publish_error, publish_result
+from distprobe.service.store import JOBS_DIR, SERVICE_DIR, ResultsStore, default_store_path
 from distprobe.service.train import flat_values, run_probes
 from distprobe.service.training_log import write_training_log
 
@@ -48,9 +54,20 @@ def store_path(config: EvalConfig, run_dir: Path) -> Path:
     return Path(config.results.store) if config.results.store else default_store_path(run_dir)
 
 
-def default_jobs_folder(run_dir: Path) -> str:
-    """The submitit folder for the service's jobs of ``run_dir``: their logs live with the results."""
-    return str(run_dir / SERVICE_DIR / "jobs" / "%j")
+def jobs_root(run_dir: Path) -> Path:
+    """The folder of the service's job folders (one per claim) in ``run_dir``."""
+    return run_dir / SERVICE_DIR / JOBS_DIR
+
+
+def job_folder(run_dir: Path, claim: str) -> Path:
+    """The submitit folder of the job that runs ``claim``: its logs, its published result, nothing else's."""
+    return jobs_root(run_dir) / claim
+
+
+def new_claim(checkpoint: Path) -> str:
+    """A fresh claim name: the checkpoint's name (for people reading ``jobs/``), then a random part."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in checkpoint.name)[:40]
+    return f"{stem}-{uuid.uuid4().hex[:12]}"
 
 
 def _instantiate(spec: Any, what: str, source: str) -> Any:
@@ -119,11 +136,11 @@ def _init_distributed(device: torch.device) -> bool:
     return True
 
 
-def cache_dir(config: EvalConfig, run_dir: Path, info: CheckpointInfo) -> Path:
-    """The feature cache of one checkpoint under one config."""
+def cache_dir(config: EvalConfig, run_dir: Path, checkpoint: Path, claim: str) -> Path:
+    """The feature cache of one job: one checkpoint, one config, one claim (no two jobs ever share one)."""
     root = Path(config.features.cache_dir) if config.features.cache_dir else run_dir / SERVICE_DIR / "cache"
-    key = hashlib.sha256(f"{info.path.resolve()}|{config.fingerprint}".encode()).hexdigest()[:12]
-    return root / f"{info.path.name}-{key}"
+    key = hashlib.sha256(f"{checkpoint.resolve()}|{config.fingerprint}|{claim}".encode()).hexdigest()[:12]
+    return root / f"{checkpoint.name}-{key}"
 
 
 def _stamp(config: EvalConfig, info: CheckpointInfo) -> dict[str, Any]:
@@ -167,16 +184,32 @@ def extract_features(
     return splits[0], splits[1]
 
 
+def _shared_token(rank: int) -> str:
+    """A random name that every rank of the job agrees on (rank 0's)."""
+    token = [uuid.uuid4().hex[:12] if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return f"inproc-{token[0]}"
+
+
 def evaluate_checkpoint(
-    checkpoint: str | Path, config: EvalConfig | str | Path, run_dir: str | Path | None = None
+    checkpoint: str | Path,
+    config: EvalConfig | str | Path,
+    run_dir: str | Path | None = None,
+    job_dir: str | Path | None = None,
+    claim: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint on every rank of the job; rank 0 records the results.
+    """Evaluate one checkpoint on every rank of the job; rank 0 publishes (or records) the results.
 
     Args:
         checkpoint: a Lightning ``.ckpt``, a Distributed Checkpoint directory or a DeepSpeed checkpoint directory.
         config: an `EvalConfig` or the path of its YAML file.
         run_dir: the training's run directory (default: `default_run_dir` of the checkpoint): where the store, the
             cache and the training's log are found.
+        job_dir: the submitted job's own folder: rank 0 publishes ``result.json`` (or ``error.json``) there and does
+            not open the store, whose writer ingests the file. None (a call in this process): rank 0 records the
+            results in the store itself.
+        claim: the store's claim this job runs under (it names the job's cache, so a requeued run reuses it).
 
     Returns:
         ``{"checkpoint", "step", "store", "rows", "values"}``: ``values`` holds the headline numbers
@@ -185,7 +218,24 @@ def evaluate_checkpoint(
     Raises:
         CheckpointError: the checkpoint is missing, incomplete or holds no matching weights.
         ServiceConfigError: the config is invalid or names something that cannot be built.
+        CacheSpaceError: the feature cache's disk has no room for it.
     """
+    folder = Path(job_dir) if job_dir is not None else None
+    try:
+        return _evaluate(checkpoint, config, run_dir, folder, claim)
+    except Exception as err:
+        if folder is not None and rank_and_world()[0] == 0:
+            publish_error(folder, err)
+        raise
+
+
+def _evaluate(
+    checkpoint: str | Path,
+    config: EvalConfig | str | Path,
+    run_dir: str | Path | None,
+    job_dir: Path | None,
+    claim: str | None,
+) -> dict[str, Any]:
     config = config if isinstance(config, EvalConfig) else EvalConfig.load(config)
     allow_globals(config.weights.safe_globals, config.source)
     path = Path(checkpoint)
@@ -200,16 +250,21 @@ def evaluate_checkpoint(
     run = Path(run_dir) if run_dir is not None else default_run_dir(path)
     device = _device()
     joined = _init_distributed(device)
+    cache = None
     try:
         rank, world = rank_and_world()
-        cache = cache_dir(config, run, info)
+        cache = cache_dir(config, run, info.path, claim if claim is not None else _shared_token(rank))
         log.info("Evaluating %s (step %s) on %d rank(s); cache %s", path, info.step, world, cache)
         train, val = extract_features(config, info, cache, device)
         results = run_probes(config, train, val, device)
         del train, val
         store = store_path(config, run)
         if rank == 0:
-            ResultsStore(store).record_results(str(info.path), info.step, config.fingerprint, results.rows)
+            if job_dir is not None:
+                published = PublishedResult(str(info.path), info.step, config.fingerprint, claim, results.rows)
+                log.info("Published the results in %s", publish_result(job_dir, published))
+            else:
+                ResultsStore(store).record_results(str(info.path), info.step, config.fingerprint, results.rows)
             written = write_training_log(
                 config.results.logger, run, config.results.log_dir, info.step, str(info.path), results.rows
             )
@@ -219,6 +274,12 @@ def evaluate_checkpoint(
                 shutil.rmtree(cache, ignore_errors=True)
         if world > 1:
             dist.barrier()
+    except BaseException:
+        # A submitted job keeps its cache for its requeued run (the watcher deletes it when the claim ends); an
+        # in-process call has no second run.
+        if claim is None and cache is not None and rank_and_world()[0] == 0:
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
     finally:
         if joined:
             dist.destroy_process_group()

@@ -5,23 +5,32 @@ each poll:
 
 1. **finds complete checkpoints** (`distprobe.service.checkpoints.is_complete`: a ``.ckpt`` whose zip directory is
    written, a Distributed Checkpoint whose ``.metadata`` is, a DeepSpeed directory whose ``latest`` is, a preemption
-   checkpoint with its ``.complete`` marker). One it has not seen is recorded in the results store, as ``skipped``
-   when ``every`` / ``every_steps`` leave it out;
-2. **follows the jobs in flight**: a job that recorded its results made the checkpoint ``done``; a job that ended
-   without (failed, cancelled, killed) is submitted again, and after ``max_tries`` attempts the checkpoint is marked
-   ``failed`` with the job's log path. A job preempted on Slurm requeues itself (submitit's checkpointing) and keeps
-   its id. A checkpoint deleted before its turn (the training's retention) is marked ``missing``;
-3. **submits** new checkpoints, oldest step first, up to ``max_in_flight`` jobs at a time.
+   checkpoint with its ``.complete`` marker). New ones are recorded in the results store in one transaction, as
+   ``skipped`` when ``every`` / ``every_steps`` leave them out. The cost is one walk of the run directory and one
+   read of the store's known paths, then work for the new checkpoints only. An incomplete one is logged once;
+2. **follows the claims in flight** (`distprobe.service.submission`): a claim whose submitter died before it wrote
+   the job id is matched with the scheduler's job by name, or released; a job's published result is ingested with
+   ``done`` in one transaction; a job that ended without one is submitted again, and after ``max_tries`` attempts
+   the checkpoint is ``failed`` with the job's error. Job states come from the scheduler (``squeue``/``sacct``:
+   a ``PREEMPTED`` or ``REQUEUED`` job is waited for, not resubmitted) and the store, never from a pickle in the run
+   directory. A checkpoint deleted before its turn (the training's retention) is ``missing``. The caches of claims
+   that end are deleted;
+3. **submits** pending checkpoints, oldest step first, up to ``max_in_flight`` jobs at a time, each under a claim
+   taken in the store before ``sbatch`` runs.
 
-Everything it knows is in the store, so a restarted watcher submits no duplicate: it picks up the jobs in flight by
-their ids. SIGINT and SIGTERM stop it between polls; running jobs keep running and record their own results. One
-watcher per run directory: a second one exits with an error naming the first one's lock.
+A poll that fails (a locked, corrupt or full store; a failing ``sbatch``; the scheduler's commands) is logged in one
+line, and the watcher waits longer before the next one (doubling up to `MAX_BACKOFF_S`), then goes on. SIGINT and
+SIGTERM stop it between polls; running jobs keep running and publish their results for the next watcher. One
+watcher per run directory: a second one exits with an error naming the first one's lock. A watcher started before
+its training waits for the run directory to appear (`WatchConfig.wait_for_run_dir_s`).
 """
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import logging
+import math
 import os
 import signal
 import time
@@ -33,13 +42,27 @@ from typing import Any, Literal
 from distprobe.cluster.config import ClusterConfig
 from distprobe.service.checkpoints import CheckpointError, detect, is_complete
 from distprobe.service.config import EvalConfig
-from distprobe.service.job import allow_globals, default_jobs_folder, store_path
-from distprobe.service.store import FINAL_STATES, SERVICE_DIR, CheckpointRecord, ResultsStore
+from distprobe.service.job import allow_globals, store_path
+from distprobe.service.scheduler import job_state
+from distprobe.service.store import FINAL_STATES, SERVICE_DIR, ResultsStore, State
+from distprobe.service.submission import ENTRY_POINT, Submitted, Submitter
 
 log = logging.getLogger(__name__)
 
-JobState = Literal["running", "succeeded", "failed"]
-ENTRY_POINT = "distprobe.service.job:evaluate_checkpoint"
+#: The longest wait between two polls after failing ones.
+MAX_BACKOFF_S = 300.0
+
+
+def check_number(owner: str, name: str, value: Any, *, minimum: float, integer: bool, optional: bool = False) -> None:
+    """Raise a ValueError naming ``owner``'s ``name`` unless ``value`` is a finite number (an int) >= ``minimum``."""
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a finite number"
+    good = isinstance(value, int) if integer else isinstance(value, int | float) and math.isfinite(value)
+    if not good or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"{owner}: {name}={value!r}; expected {kind} >= {minimum:g}" + (" or None" if optional else "")
+        )
 
 
 @dataclass(kw_only=True)
@@ -51,7 +74,8 @@ class WatchConfig:
     config_path: Path
     """The evaluation config (YAML) every job runs."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    """Where the jobs run; its ``folder`` defaults to ``RUN_DIR/distprobe_eval/jobs/%j``."""
+    """Where the jobs run; each job's folder is ``RUN_DIR/distprobe_eval/jobs/<claim>`` (its ``folder`` is
+    replaced)."""
     max_in_flight: int = 2
     """Jobs submitted and not finished, at most."""
     max_tries: int = 3
@@ -64,18 +88,21 @@ class WatchConfig:
     """Also evaluate ``last.ckpt``-style files, which the training overwrites in place (off: they change)."""
     poll_s: float = 30.0
     """Seconds between polls."""
+    wait_for_run_dir_s: float = 600.0
+    """How long a watcher started before its training waits for the run directory to appear (a typo fails then)."""
+    store_timeout_s: float = 60.0
+    """How long a store access waits for another process's lock before the poll gives up (and backs off)."""
 
     def __post_init__(self) -> None:
+        owner = "distprobe watch"
         for name, minimum in (("max_in_flight", 1), ("max_tries", 1), ("every", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"distprobe watch: {name}={value!r}; expected an integer >= {minimum}")
-        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
-            raise ValueError(f"distprobe watch: every_steps={self.every_steps!r}; expected an integer >= 1 or None")
-        if self.poll_s <= 0:
-            raise ValueError(f"distprobe watch: poll_s={self.poll_s!r}; expected a positive number of seconds")
-        if not self.run_dir.is_dir():
-            raise ValueError(f"distprobe watch: run directory {self.run_dir} does not exist")
+            check_number(owner, name, getattr(self, name), minimum=minimum, integer=True)
+        check_number(owner, "every_steps", self.every_steps, minimum=1, integer=True, optional=True)
+        check_number(owner, "poll_s", self.poll_s, minimum=0.01, integer=False)
+        check_number(owner, "wait_for_run_dir_s", self.wait_for_run_dir_s, minimum=0, integer=False)
+        check_number(owner, "store_timeout_s", self.store_timeout_s, minimum=0, integer=False)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"{owner}: run directory {self.run_dir} is a file; expected a directory")
 
 
 def candidates(run_dir: Path, include_last: bool = False) -> Iterator[Path]:
@@ -93,55 +120,6 @@ def candidates(run_dir: Path, include_last: bool = False) -> Iterator[Path]:
                 yield here / name
 
 
-def job_state(cluster: str, folder: Path, job_id: str) -> JobState:
-    """Where a submitted job stands, from its result file, else its scheduler (or, locally, its process)."""
-    from submitit.core.utils import JobPaths, pickle_load
-
-    result = JobPaths(folder, job_id=job_id, task_id=0).result_pickle
-    if result.exists():
-        try:
-            outcome, _ = pickle_load(result)
-        except Exception:  # noqa: BLE001 - a result still being written: look again next poll
-            return "running"
-        return "succeeded" if outcome == "success" else "failed"
-    if cluster == "slurm":
-        import submitit
-
-        state = submitit.SlurmJob(folder=folder, job_id=job_id).state
-        # UNKNOWN: sacct has not caught up with a fresh job yet.
-        running = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "RESIZING", "UNKNOWN")
-        if state in running:
-            return "running"
-        return "succeeded" if state == "COMPLETED" else "failed"
-    # The local executor's job id is its process id.
-    try:
-        os.kill(int(job_id), 0)
-    except (ProcessLookupError, ValueError):
-        return "failed"
-    except PermissionError:
-        return "running"
-    return "running"
-
-
-def _error_of(folder: Path, job_id: str) -> str:
-    from submitit.core.utils import JobPaths, pickle_load
-
-    paths = JobPaths(folder, job_id=job_id, task_id=0)
-    if paths.result_pickle.exists():
-        try:
-            outcome, value = pickle_load(paths.result_pickle)
-            if outcome != "success":
-                return str(value).strip().splitlines()[-1][:500]
-        except Exception:  # noqa: BLE001 - fall back to the log
-            pass
-    for log_file in (paths.stderr, paths.stdout):
-        if log_file.exists():
-            lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-            if lines:
-                return lines[-1][:500]
-    return "the job ended without a result or a log line"
-
-
 class Watcher:
     """Polls a run directory and evaluates each new complete checkpoint once (see the module docstring)."""
 
@@ -150,39 +128,73 @@ class Watcher:
         self.eval_config = EvalConfig.load(config.config_path)  # a bad config fails here, before any submission
         allow_globals(self.eval_config.weights.safe_globals, self.eval_config.source)  # detect() reads checkpoints
         self.run_dir = config.run_dir.resolve()
-        self.store = ResultsStore(store_path(self.eval_config, self.run_dir))
-        cluster = config.cluster
-        if cluster.folder == ClusterConfig().folder:  # the default: the jobs' logs live with the results
-            cluster = ClusterConfig.from_dict(
-                {
-                    **{f: getattr(cluster, f) for f in ClusterConfig.field_names()},
-                    "folder": default_jobs_folder(self.run_dir),
-                }
-            )
-        self.cluster = cluster
+        self.store = ResultsStore(store_path(self.eval_config, self.run_dir), timeout_s=config.store_timeout_s)
+        self.cluster = config.cluster
+        self.config_hash = self.eval_config.fingerprint
+        self.submitter = Submitter(
+            self.store, self.eval_config, config.config_path, self.run_dir, self.cluster, config.max_tries
+        )
         self._stop = False
         self._lock: Any = None
+        self._reported: set[str] = set()  # incomplete checkpoints already logged
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def run(self, max_polls: int | None = None, until_idle: bool = False) -> int:
-        """Poll until SIGINT/SIGTERM (or `max_polls` polls, or nothing in flight and nothing new if `until_idle`)."""
-        self._take_lock()
+        """Poll until SIGINT/SIGTERM (or `max_polls` polls, or nothing in flight and nothing new if `until_idle`).
+
+        Raises:
+            ValueError: the run directory did not appear within ``wait_for_run_dir_s``.
+            RuntimeError: another watcher holds this run directory's lock.
+        """
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         polls = 0
         try:
+            if not self._wait_for_run_dir():
+                return 0  # stopped by a signal while waiting
+            self._take_lock()
+            failures = 0
             while not self._stop:
-                in_flight, submitted = self.poll()
+                try:
+                    in_flight, submitted = self.poll()
+                    failures = 0
+                except Exception as err:  # noqa: BLE001 - one poll's failure is logged; the next poll may work
+                    failures += 1
+                    in_flight, submitted = -1, -1
+                    log.error(
+                        "Poll failed (%s: %s); trying again in %.0f s", type(err).__name__, err, self._backoff(failures)
+                    )
+                    log.debug("The failed poll's traceback", exc_info=True)
                 polls += 1
-                if (max_polls is not None and polls >= max_polls) or (until_idle and not in_flight and not submitted):
+                if (max_polls is not None and polls >= max_polls) or (until_idle and in_flight == 0 and submitted == 0):
                     break
-                self._sleep(self.config.poll_s)
+                self._sleep(self._backoff(failures))
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._release_lock()
         log.info("Watcher stopped after %d poll(s); jobs in flight keep running", polls)
         return 0
+
+    def _backoff(self, failures: int) -> float:
+        if failures == 0:
+            return self.config.poll_s
+        return min(self.config.poll_s * 2 ** min(failures, 20), max(MAX_BACKOFF_S, self.config.poll_s))
+
+    def _wait_for_run_dir(self) -> bool:
+        if self.run_dir.is_dir():
+            return True
+        limit = self.config.wait_for_run_dir_s
+        log.info("Waiting for the run directory %s to appear (up to %.0f s: --wait-for-run-dir-s)", self.run_dir, limit)
+        deadline = time.monotonic() + limit
+        while not self._stop and not self.run_dir.is_dir():
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"distprobe watch: run directory {self.run_dir} did not appear in {limit:g} s; check the path, or "
+                    "raise --wait-for-run-dir-s"
+                )
+            self._sleep(min(self.config.poll_s, 1.0))
+        return not self._stop
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("Signal %d: stopping after this poll", signum)
@@ -224,92 +236,79 @@ class Watcher:
         self.discover()
         in_flight = self.follow()
         submitted = 0
-        for record in self.store.checkpoints(where="state = 'pending'"):
+        for record in self.store.checkpoints(where="state = 'pending'", config_hash=self.config_hash):
             if in_flight + submitted >= self.config.max_in_flight or self._stop:
                 break
-            if self.submit(record):
+            if self.submit(record.path, record.step):
                 submitted += 1
         return in_flight + submitted, submitted
 
-    def discover(self) -> None:
-        """Record each complete checkpoint not yet in the store, as pending or skipped."""
-        known = {r.path for r in self.store.checkpoints()}
-        found = []
+    def discover(self) -> int:
+        """Record each complete checkpoint not yet in the store, as pending or skipped; returns how many."""
+        known, known_steps = self.store.known(self.config_hash)
+        found: list[tuple[int, str]] = []
+        unreadable: list[tuple[str, int | None, State, str | None]] = []
         for path in candidates(self.run_dir, self.config.include_last):
-            key = str(path.resolve())
-            if key in known or not is_complete(path):
+            key = str(path)  # under the resolved run directory: resolving each path again would cost a walk
+            if key in known:
+                continue
+            if not is_complete(path):
+                if key not in self._reported:
+                    self._reported.add(key)
+                    log.warning(
+                        "%s is not a complete checkpoint (still being written, or truncated); it is "
+                        "evaluated once it is whole",
+                        key,
+                    )
                 continue
             try:
                 info = detect(path)
             except CheckpointError as err:  # complete on disk but unreadable: report once, never submit
-                self.store.mark(key, "failed", error=str(err))
                 log.error("%s", err)
+                unreadable.append((key, None, "failed", str(err)))
                 continue
             found.append((info.step if info.step is not None else -1, key))
-        for step, key in sorted(found):
-            self.store.mark(key, self._selected(step), step=step if step >= 0 else None)
+        found.sort()
+        # Every K-th by step, counted over the known and the new ones: sorted steps and a bisection, no store query
+        # per checkpoint (discovery stays linear in the new checkpoints).
+        steps = sorted(-1 if s is None else s for s in known_steps)
+        new_steps = [step for step, _ in found]
+        rows: list[tuple[str, int | None, State, str | None]] = []
+        for step, key in found:
+            earlier = bisect.bisect_left(steps, step) + bisect.bisect_left(new_steps, step)
+            rows.append((key, step if step >= 0 else None, self._selected(step, earlier), None))
+        self.store.add(self.config_hash, unreadable + rows)
+        return len(rows)
 
-    def _selected(self, step: int) -> Literal["pending", "skipped"]:
+    def _selected(self, step: int, earlier: int) -> Literal["pending", "skipped"]:
         if self.config.every_steps is not None and (step < 0 or step % self.config.every_steps):
             return "skipped"
         if self.config.every > 1:
-            earlier = len(self.store.checkpoints(where="step < ? OR step IS NULL", args=(step,)))
             return "pending" if earlier % self.config.every == 0 else "skipped"
         return "pending"
 
     def follow(self) -> int:
-        """Update the jobs in flight; returns how many are still running."""
+        """Reconcile, ingest and end this config's claims; returns how many jobs still run."""
         running = 0
-        for record in self.store.checkpoints(where="state = 'submitted'"):
-            assert record.job_id is not None and record.log_path is not None
-            state = job_state(self.cluster.cluster, Path(record.log_path).parent, record.job_id)
-            if state == "running":
+        for record in self.store.checkpoints(where="state IN ('claimed', 'submitted')", config_hash=self.config_hash):
+            if record.state == "claimed":
+                self.submitter.reconcile(record)
+                running += 1  # counted this poll either way: a picked-up job runs, a released one waits a poll
+            elif self.submitter.follow(record):
                 running += 1
-                continue
-            done = self.store.checkpoint(record.path)
-            if done is not None and done.state == "done":  # recorded between the two reads
-                continue
-            self._retry_or_fail(record, _error_of(Path(record.log_path).parent, record.job_id))
         return running
 
-    def _retry_or_fail(self, record: CheckpointRecord, error: str) -> None:
-        if not Path(record.path).exists():
-            log.warning("%s was deleted before its evaluation finished (retention?)", record.path)
-            self.store.mark(record.path, "missing", error=f"deleted before evaluation; last job said: {error}")
-        elif record.tries >= self.config.max_tries:
-            log.error("%s failed %d times; last log %s: %s", record.path, record.tries, record.log_path, error)
-            self.store.mark(record.path, "failed", error=error)
-        else:
-            log.warning("Job %s for %s ended without results (%s); submitting again", record.job_id, record.path, error)
-            self.store.mark(record.path, "pending", error=error)
-
-    def submit(self, record: CheckpointRecord) -> bool:
-        """Submit one pending checkpoint's evaluation; False if it vanished first."""
-        from distprobe.cluster.submitit_launcher import submit
-
-        if not Path(record.path).exists():
-            log.warning("%s was deleted before its turn (the training's checkpoint retention?)", record.path)
-            self.store.mark(record.path, "missing", error="deleted before its evaluation was submitted")
+    def submit(self, path: str, step: int | None) -> bool:
+        """Claim and submit one pending checkpoint's evaluation; False if it vanished first or a claim holds it."""
+        if not Path(path).exists():
+            log.warning("%s was deleted before its turn (the training's checkpoint retention?)", path)
+            self.store.mark(path, self.config_hash, "missing", "deleted before its evaluation was submitted")
             return False
-        # Positional: submit's own second parameter is called config.
-        job = submit(ENTRY_POINT, self.cluster, record.path, str(self.config.config_path.resolve()), str(self.run_dir))
-        log.info("Submitted job %s for %s (step %s, try %d)", job.job_id, record.path, record.step, record.tries + 1)
-        self.store.mark(
-            record.path,
-            "submitted",
-            tries=record.tries + 1,
-            job_id=str(job.job_id),
-            log_path=str(job.paths.stdout),
-            config_hash=self.eval_config.fingerprint,
-        )
-        if self.cluster.cluster == "debug":  # the debug executor runs the job in this process, when asked for it
-            try:
-                job.result()
-            except Exception as err:  # noqa: BLE001 - any failure of the evaluation is this checkpoint's, not ours
-                latest = self.store.checkpoint(record.path)
-                assert latest is not None
-                self._retry_or_fail(latest, f"{type(err).__name__}: {err}")
+        outcome = self.submitter.submit(path, step, allow_final=False)
+        if not isinstance(outcome, Submitted):
+            return False
+        log.info("Submitted job %s for %s (step %s); folder %s", outcome.job_id, path, step, outcome.job_dir)
         return True
 
 
-__all__ = ["FINAL_STATES", "WatchConfig", "Watcher", "candidates", "job_state"]
+__all__ = ["ENTRY_POINT", "FINAL_STATES", "WatchConfig", "Watcher", "candidates", "check_number", "job_state"]
