@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from distprobe import keys
 from distprobe.callbacks.cadence import values_already_reduced
 from distprobe.callbacks.own_data import FeatureFn, draw_features, eval_batches, own_data_of
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
@@ -243,13 +244,13 @@ class OnlineKNN(Callback):
         preds = self._knn.eval_step(features, targets, num_valid=num_valid)[:, 0]
         for container in (batch, outputs):
             if isinstance(container, MutableMapping):
-                container[f"{self.name}_preds"] = preds
+                container[keys.predictions(self.name)] = preds
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._knn is None or trainer.sanity_checking:
             return
-        values = {f"eval/{self.name}_{key}": v for key, v in self._knn.compute_eval_metrics().items()}
+        values = keys.absolute_keys(self._knn.compute_eval_metrics(), keys.EVAL, self.name)
         with values_already_reduced():
             pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
