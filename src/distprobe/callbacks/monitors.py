@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 from typing_extensions import override
 
+from distprobe import keys
 from distprobe.callbacks.cadence import values_already_reduced
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
@@ -24,7 +25,6 @@ from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
 from distprobe.strategies.groups import data_parallel_group
 
 Stage = Literal["train", "val"]
-_PREFIX: dict[str, str] = {"train": "train", "val": "eval"}
 
 
 class EmbeddingMonitor(Callback):
@@ -85,7 +85,7 @@ class EmbeddingMonitor(Callback):
                 f"monitor '{name}': argument 'metrics' got {metrics!r}; expected some of {sorted(MONITORS)}."
             )
         stages = (stage,) if isinstance(stage, str) else tuple(stage)
-        if not stages or any(s not in _PREFIX for s in stages):
+        if not stages or any(s not in keys.LOG_STAGE for s in stages):
             raise ValueError(f"monitor '{name}': argument 'stage' got {stage!r}; expected 'train', 'val' or both.")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"monitor '{name}': argument 'every_n_steps' got {every_n_steps!r}; expected an int >= 1.")
@@ -345,6 +345,6 @@ def _compute(monitors: Sequence[EmbeddingMonitor], stage: str) -> list[dict[str,
         metrics = [(m, kind, metric) for m in members for kind, metric in m.metrics.get(stage, {}).items()]
         computed = compute_metrics_synced([metric for _, _, metric in metrics], members[0]._group)
         for (member, kind, _), value in zip(metrics, computed, strict=True):
-            key = f"{_PREFIX[stage]}/{member.name}_{kind}"
-            values.setdefault(id(member), {})[key] = value.float()
+            logged = keys.key(keys.LOG_STAGE[stage], member.name, kind)
+            values.setdefault(id(member), {})[logged] = value.float()
     return [values.get(id(m), {}) for m in monitors]
