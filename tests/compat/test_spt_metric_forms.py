@@ -89,6 +89,7 @@ REFUSED_BY_SPT = {
         {"train", "eval", "to", "cuda"},
     ),
     "one_stage_list": (lambda: {"train": [acc()]}, {"MulticlassAccuracy"}, set()),
+    "one_stage_metric": (lambda: {"train": acc()}, {"train"}, {"train"}),
     "metric_collection": (lambda: MetricCollection({"top1": acc()}), {"top1"}, {"top1"}),
 }
 
