@@ -1,12 +1,29 @@
-"""A bad evaluation config fails before anything runs, with an error naming the file, the key and the fix."""
+"""A bad evaluation config fails when it is loaded, before anything runs, with an error naming the file, the key,
+the value and what was expected; valid one-value forms load as the user meant them."""
 
 from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from tests.service.models import eval_config
 
 from distprobe.service.config import EvalConfig, ServiceConfigError
+
+
+def config_with(path: Path, key: str, value: Any) -> Path:
+    """The tests' config with the dotted ``key`` set to ``value`` (sections created as needed)."""
+    options = yaml.safe_load(eval_config(path).read_text())
+    *parents, leaf = key.split(".")
+    section = options
+    for name in parents:
+        section = section.setdefault(name, {})
+    section[leaf] = copy.deepcopy(value)
+    path.write_text(yaml.safe_dump(options))
+    return path
 
 
 def test_the_tests_config_loads_with_its_sections_typed(tmp_path):
@@ -28,24 +45,198 @@ def test_the_fingerprint_changes_with_the_protocol_not_with_where_results_go(tmp
     assert base.fingerprint != other.fingerprint
 
 
+def test_the_fingerprint_of_a_valid_config_is_the_one_results_stores_already_hold(tmp_path):
+    """Stores key rows on the fingerprint: these are the values the code before the typed schema (3d24ad8) gave."""
+    assert EvalConfig.load(eval_config(tmp_path / "a.yaml")).fingerprint == "2a7e4c4052120a84"
+    varied = eval_config(
+        tmp_path / "b.yaml",
+        probes={"bank": {"lr": 0.1}, "knn": None, "seed": 3},
+        features={"autocast": "none", "forward": "a.b:c"},
+        weights={"prefix": "x", "strict": False, "safe_globals": ["argparse.Namespace"]},
+        data={"train": {"_target_": "a"}, "val": {"_target_": "b"}, "input_key": "x", "label_key": 3},
+    )
+    assert EvalConfig.load(varied).fingerprint == "371512790a43709d"
+
+
+# Every field of the config, with a value of the wrong type (or out of range), and the words its error must hold.
+BAD_VALUES = [
+    ("num_classes", "4", "num_classes='4'; expected an integer"),
+    ("num_classes", 4.0, "num_classes=4.0; expected an integer"),
+    ("num_classes", 1, "num_classes=1; expected an integer >= 2"),
+    ("backbone", "tests.service.models.encoder", "backbone='tests.service.models.encoder'; expected a Hydra"),
+    ("backbone", {"dim": 3}, "backbone={'dim': 3}; expected a Hydra config with '_target_'"),
+    ("data", ["train"], "data=['train']; expected a mapping of its keys"),
+    ("data.train", "train.csv", "data.train='train.csv'; expected a Hydra config"),
+    ("data.val", None, "data.val=None; expected a Hydra config"),
+    ("data.input_key", 1.5, "data.input_key=1.5; expected a string or an integer"),
+    ("data.label_key", [1], "data.label_key=[1]; expected a string or an integer"),
+    ("data.batch_size", "32", "data.batch_size='32'; expected an integer"),
+    ("data.batch_size", 0, "data.batch_size=0; expected an integer >= 1"),
+    ("data.num_workers", True, "data.num_workers=True; expected an integer"),
+    ("data.num_workers", -1, "data.num_workers=-1; expected an integer >= 0"),
+    ("data.shuffle", True, "unknown key(s) 'data.shuffle'; valid keys: ['train', 'val', 'input_key'"),
+    ("weights", "backbone.", "weights='backbone.'; expected a mapping of its keys ['prefix', 'strict'"),
+    ("weights.prefix", 123, "weights.prefix=123; expected a string"),
+    ("weights.strict", "no", "weights.strict='no'; expected true or false"),
+    ("weights.strict", 0, "weights.strict=0; expected true or false"),
+    ("weights.format", "ckpt", "weights.format='ckpt'; expected one of ['auto', 'lightning', 'dcp', 'deepspeed']"),
+    ("weights.safe_globals", [1], "weights.safe_globals=[1]; expected a string or a list of them"),
+    ("weights.safe_globals", {"a": 1}, "weights.safe_globals={'a': 1}; expected a string or a list of them"),
+    ("features.forward", 3, "features.forward=3; expected null, 'module:function' or a Hydra config"),
+    ("features.forward", "mypkg.forward", "features.forward='mypkg.forward'; expected null, 'module:function'"),
+    ("features.autocast", "fp8", "features.autocast='fp8'; expected one of ['auto', 'bfloat16', 'float16', 'none']"),
+    ("features.cache_dir", 5, "features.cache_dir=5; expected a string or null"),
+    ("features.keep", "false", "features.keep='false'; expected true or false"),
+    ("probes.epochs", "3", "probes.epochs='3'; expected an integer"),
+    ("probes.epochs", 0, "probes.epochs=0; expected an integer >= 1"),
+    ("probes.epoch", 3, "unknown key(s) 'probes.epoch' (did you mean 'probes.epochs'?)"),
+    ("probes.batch_size", -20, "probes.batch_size=-20; expected an integer >= 1"),
+    ("probes.seed", "zero", "probes.seed='zero'; expected an integer"),
+    ("probes.seed", -1, "probes.seed=-1; expected an integer >= 0"),
+    ("probes.bank", "SGD", "probes.bank='SGD'; expected a mapping or null"),
+    ("probes.knn", [5], "probes.knn=[5]; expected a mapping or null"),
+    ("probes.bank.name", 3, "probes.bank.name=3; expected a string"),
+    ("probes.bank.lr", "0.1", "probes.bank.lr='0.1'; expected a number or a list of them"),
+    ("probes.bank.lr", [0.1, True], "probes.bank.lr=[0.1, True]; expected a number or a list of them"),
+    ("probes.bank.lr", [-0.1], "probes.bank: bank 'bank': argument 'lr' got [-0.1]"),
+    ("probes.bank.lrs", [0.1], "unknown key(s) 'probes.bank.lrs' (did you mean 'probes.bank.lr'?)"),
+    ("probes.bank.weight_decay", [-1.0], "probes.bank: bank 'bank': argument 'weight_decay' got [-1.0]"),
+    ("probes.bank.normalization", "layernorm", "probes.bank.normalization='layernorm'; expected one of"),
+    ("probes.bank.optimizer", "Adam", "argument 'optimizer' names 'Adam'"),
+    ("probes.bank.optimizer", {"type": "SGD", "momentum": "0.9"}, "probes.bank.optimizer.momentum='0.9'; expected a"),
+    ("probes.bank.optimizer", {"type": "SGD", "mom": 0.9}, "unknown key(s) 'probes.bank.optimizer.mom'"),
+    ("probes.bank.scheduler", "Cosine", "probes.bank.scheduler='Cosine'"),
+    ("probes.bank.scheduler", {"type": "StepLR", "steps": 3}, "unexpected keyword argument 'steps'"),
+    ("probes.bank.accumulate_grad_batches", "2", "probes.bank.accumulate_grad_batches='2'; expected an integer"),
+    ("probes.bank.accumulate_grad_batches", 0, "probes.bank: bank 'bank': argument 'accumulate_grad_batches' got 0"),
+    ("probes.bank.gradient_clip_val", "1", "probes.bank.gradient_clip_val='1'; expected a number or null"),
+    ("probes.bank.gradient_clip_val", 0.0, "probes.bank: bank 'bank': argument 'gradient_clip_val' got 0.0"),
+    ("probes.bank.gradient_clip_algorithm", "l2", "probes.bank.gradient_clip_algorithm='l2'; expected one of"),
+    ("probes.bank.metrics", ["acc"], "argument 'metrics' got 'acc'"),
+    ("probes.bank.metrics", ["top5"], "probes.bank: bank 'bank': metric 'top5' asks for top-5"),
+    ("probes.bank.selection_fraction", "0.2", "probes.bank.selection_fraction='0.2'; expected a number"),
+    ("probes.bank.selection_fraction", 1.0, "probes.bank: bank 'bank': argument 'selection_fraction' got 1.0"),
+    ("probes.bank.batchnorm_eps", "tiny", "probes.bank.batchnorm_eps='tiny'; expected a number"),
+    ("probes.bank.batchnorm_momentum", True, "probes.bank.batchnorm_momentum=True; expected a number"),
+    ("probes.bank.num_classes", 4, "probes.bank.num_classes=4; it is set by the service"),
+    ("probes.bank.inputs", ["x"], "probes.bank.inputs=['x']; it is set by the service"),
+    ("probes.knn.name", 1, "probes.knn.name=1; expected a string"),
+    ("probes.knn.k", "5", "probes.knn.k='5'; expected an integer or a list of them"),
+    ("probes.knn.k", 0, "probes.knn: kNN 'knn': argument 'k' got (0,)"),
+    ("probes.knn.k", [5, 5], "probes.knn: kNN 'knn': argument 'k' got [5, 5]"),
+    ("probes.knn.temperature", "0.1", "probes.knn.temperature='0.1'; expected a number"),
+    ("probes.knn.temperature", 0, "probes.knn: kNN 'knn': argument 'temperature' got 0"),
+    ("probes.knn.storage_dtype", "int8", "probes.knn.storage_dtype='int8'; expected one of"),
+    ("probes.knn.queue_length", 0, "probes.knn: kNN 'knn': argument 'queue_length' got 0"),
+    ("probes.knn.queue_length", 10.5, "probes.knn.queue_length=10.5; expected an integer"),
+    ("probes.knn.input", 3, "probes.knn.input=3; expected a string or null"),
+    ("probes.knn.in_features", 16, "probes.knn.in_features=16; it is set by the service"),
+    ("probes.knn.neighbours", 5, "unknown key(s) 'probes.knn.neighbours'; valid keys: ['name', 'queue_length'"),
+    ("results", "out.sqlite", "results='out.sqlite'; expected a mapping of its keys"),
+    ("results.store", 1, "results.store=1; expected a string or null"),
+    ("results.logger", "wandb", "results.logger='wandb'; expected one of ['auto', 'tensorboard', 'csv', 'none']"),
+    ("results.log_dir", [], "results.log_dir=[]; expected a string or null"),
+    ("probe", {}, "unknown key(s) 'probe' (did you mean 'probes'?)"),
+    ("source", "other.yaml", "unknown key(s) 'source'; valid keys: ['num_classes', 'backbone', 'data'"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
+def test_a_bad_value_names_the_file_the_key_the_value_and_what_was_expected(tmp_path, key, value, message):
+    path = config_with(tmp_path / "eval.yaml", key, value)
+    with pytest.raises(ServiceConfigError) as err:
+        EvalConfig.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert message in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"probes": {"epoch": 3}}, "unknown key(s) 'probes.epoch' (did you mean 'probes.epochs'?)"),
-        ({"num_classes": 1}, "num_classes=1; expected an integer >= 2"),
-        ({"backbone": "tests.service.models.encoder"}, "backbone='tests.service.models.encoder'; expected a Hydra"),
-        ({"features": {"autocast": "fp8"}}, "features.autocast='fp8'; expected one of"),
-        ({"probes": {"bank": None, "knn": None}}, "probes has neither a bank nor a knn"),
-        ({"data": {"train": {"_target_": "x"}}}, "data: "),
-        ({"probe": {}}, "unknown key(s) 'probe' (did you mean 'probes'?)"),
+        ({"probes": {"bank": None, "knn": None}}, "probes has neither a bank nor a knn; give at least one"),
+        ({"data": {"train": {"_target_": "x"}}}, "the required key 'data.val' is missing"),
+        ({"data": None}, "the required key 'data' is empty"),
     ],
 )
-def test_bad_values_name_the_file_the_key_and_what_was_expected(tmp_path, override, message):
+def test_missing_parts_are_named(tmp_path, override, message):
     path = eval_config(tmp_path / "eval.yaml", **override)
     with pytest.raises(ServiceConfigError) as err:
         EvalConfig.load(path)
-    assert str(path) in str(err.value)
-    assert message in str(err.value)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_missing_required_key_is_named(tmp_path):
+    path = tmp_path / "eval.yaml"
+    options = yaml.safe_load(eval_config(path).read_text())
+    del options["num_classes"]
+    path.write_text(yaml.safe_dump(options))
+    with pytest.raises(ServiceConfigError, match="the required key 'num_classes' is missing"):
+        EvalConfig.load(path)
+
+
+# Valid values at their edges, and one value where a list is usual: loaded as the user meant them.
+GOOD_VALUES = [
+    ("num_classes", 2, lambda c: c.num_classes == 2),
+    ("weights.strict", False, lambda c: c.weights.strict is False),
+    ("features.keep", True, lambda c: c.features.keep is True),
+    ("weights.safe_globals", "argparse.Namespace", lambda c: c.weights.safe_globals == ["argparse.Namespace"]),
+    ("weights.safe_globals", ["argparse.Namespace"], lambda c: c.weights.safe_globals == ["argparse.Namespace"]),
+    ("weights.prefix", "", lambda c: c.weights.prefix == ""),
+    ("weights", None, lambda c: c.weights.prefix == "" and c.weights.strict is True),
+    ("data.input_key", "x", lambda c: c.data.input_key == "x"),
+    ("data.label_key", 0, lambda c: c.data.label_key == 0),
+    ("data.batch_size", 1, lambda c: c.data.batch_size == 1),
+    ("data.num_workers", 0, lambda c: c.data.num_workers == 0),
+    ("features.forward", "tests.service.models:encoder", lambda c: c.features.forward.endswith(":encoder")),
+    ("features.forward", {"_target_": "tests.service.models.encoder"}, lambda c: "_target_" in c.features.forward),
+    ("features.cache_dir", "/scratch/cache", lambda c: c.features.cache_dir == "/scratch/cache"),
+    ("probes.epochs", 1, lambda c: c.probes.epochs == 1),
+    ("probes.seed", 0, lambda c: c.probes.seed == 0),
+    ("probes.knn", None, lambda c: c.probes.knn is None),
+    ("probes.bank", None, lambda c: c.probes.bank is None),
+    ("probes.bank.lr", 0.1, lambda c: c.probes.bank["lr"] == 0.1),
+    ("probes.bank.lr", [0.1], lambda c: c.probes.bank["lr"] == [0.1]),
+    ("probes.bank.lr", 1, lambda c: c.probes.bank["lr"] == 1),
+    ("probes.bank.weight_decay", 0.0, lambda c: c.probes.bank["weight_decay"] == 0.0),
+    ("probes.bank.normalization", "batchnorm", lambda c: c.probes.bank["normalization"] == "batchnorm"),
+    ("probes.bank.normalization", [None, "batchnorm"], lambda c: c.probes.bank["normalization"][1] == "batchnorm"),
+    ("probes.bank.optimizer", {"type": "AdamW", "betas": [0.9, 0.95]}, lambda c: c.probes.bank["optimizer"]),
+    ("probes.bank.scheduler", "CosineAnnealingLR", lambda c: c.probes.bank["scheduler"] == "CosineAnnealingLR"),
+    ("probes.bank.gradient_clip_val", None, lambda c: c.probes.bank["gradient_clip_val"] is None),
+    ("probes.bank.metrics", ["top1", "top4"], lambda c: c.probes.bank["metrics"] == ["top1", "top4"]),
+    ("probes.knn.k", 5, lambda c: c.probes.knn["k"] == 5),
+    ("probes.knn.k", [5], lambda c: c.probes.knn["k"] == [5]),
+    ("probes.knn.k", 1, lambda c: c.probes.knn["k"] == 1),
+    ("probes.knn.temperature", 1, lambda c: c.probes.knn["temperature"] == 1),
+    ("probes.knn.storage_dtype", "bfloat16", lambda c: c.probes.knn["storage_dtype"] == "bfloat16"),
+    ("results.logger", "none", lambda c: c.results.logger == "none"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "check"), GOOD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in GOOD_VALUES])
+def test_valid_edge_values_and_single_values_load_as_meant(tmp_path, key, value, check):
+    assert check(EvalConfig.load(config_with(tmp_path / "eval.yaml", key, value)))
+
+
+def test_interpolations_are_resolved_before_the_types_are_checked(tmp_path):
+    path = tmp_path / "eval.yaml"
+    options = yaml.safe_load(eval_config(path).read_text())
+    options["batch"] = 16  # an unknown top-level key, so it is refused even when only interpolated
+    options["data"]["batch_size"] = "${batch}"
+    path.write_text(yaml.safe_dump(options))
+    with pytest.raises(ServiceConfigError, match="unknown key"):
+        EvalConfig.load(path)
+    options["probes"]["batch_size"] = options.pop("batch")
+    options["data"]["batch_size"] = "${probes.batch_size}"
+    path.write_text(yaml.safe_dump(options))
+    assert EvalConfig.load(path).data.batch_size == 16
+
+
+def test_from_dict_checks_like_load(tmp_path):
+    options = yaml.safe_load(eval_config(tmp_path / "eval.yaml").read_text())
+    options["weights"]["strict"] = "no"
+    with pytest.raises(ServiceConfigError, match=r"^benchmark: weights.strict='no'; expected true or false$"):
+        EvalConfig.from_dict(options, source="benchmark")
 
 
 def test_a_missing_file_and_broken_yaml_are_errors_naming_the_file(tmp_path):
@@ -60,3 +251,23 @@ def test_a_missing_file_and_broken_yaml_are_errors_naming_the_file(tmp_path):
     listed.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ServiceConfigError, match="expected a mapping at the top level"):
         EvalConfig.load(listed)
+
+
+def test_eval_and_watch_refuse_a_bad_config_before_submitting_anything(tmp_path, capsys):
+    """`distprobe eval` and `distprobe watch` load the config first: exit 2 with the error, no job folder made."""
+    from distprobe.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = run_dir / "checkpoints" / "step=10.ckpt"
+    checkpoint.write_bytes(b"not read: the config fails first")
+    config = config_with(tmp_path / "eval.yaml", "weights.strict", "no")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    assert (
+        main(["eval", str(checkpoint), "--config", str(config), "--cluster", "debug", "--run-dir", str(run_dir)]) == 2
+    )
+    assert f"{config}: weights.strict='no'; expected true or false" in capsys.readouterr().err
+    assert main(["watch", str(run_dir), "--config", str(config), "--cluster", "debug", "--max-polls", "1"]) == 2
+    assert f"{config}: weights.strict='no'; expected true or false" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
