@@ -85,10 +85,13 @@ class EntryPoint:
         module = importlib.import_module(module_name)
         function = getattr(module, function_name, None)
         if not callable(function):
+            exported = set(getattr(module, "__all__", ()))  # a package's own names live in its submodules
             available = sorted(
                 name
                 for name, value in vars(module).items()
-                if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == module_name
+                if callable(value)
+                and not name.startswith("_")
+                and (getattr(value, "__module__", None) == module_name or name in exported)
             )
             raise ValueError(
                 f"entry point {text!r}: module {module_name!r} has no callable {function_name!r}; "
