@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from distprobe.demo import DemoConfig, Digits, run_demo
-from distprobe.demo_eval import EvalSplits, knn_top1, offline_eval
-from distprobe.demo_output import QUIET_INFO
+from distprobe.demo.eval import EvalSplits, knn_top1, offline_eval
+from distprobe.demo.output import QUIET_INFO
 
 NOISE = (
     "srun",
@@ -25,7 +25,7 @@ NOISE = (
     "LeafSpec",
     "was configured so",
 )
-"""Pieces of the Lightning notices the demo filters (`distprobe.demo_output.quiet_lightning`)."""
+"""Pieces of the Lightning notices the demo filters (`distprobe.demo.output.quiet_lightning`)."""
 
 
 def test_demo_trains_and_the_linear_probe_beats_chance(tmp_path):

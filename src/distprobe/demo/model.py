@@ -1,6 +1,6 @@
 """The demo's self-supervised model: digit-preserving augmentations, a small convnet, SimCLR's InfoNCE.
 
-Measured on the digits with `distprobe.demo_eval` (logistic regression and kNN-20 on frozen features): the demo's
+Measured on the digits with `distprobe.demo.eval` (logistic regression and kNN-20 on frozen features): the demo's
 earlier MLP on the flattened pixels learned features worse than its own random initialisation (0.947 against
 0.975-0.981); this convnet with these augmentations learns features above several random initialisations of itself
 and above the raw pixels.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from distprobe.demo_eval import frozen
+from distprobe.demo.eval import frozen
 
 ROTATION_DEG = 12.0
 """Largest rotation of a view, either way."""

@@ -2,7 +2,7 @@
 
 The dataset ships inside scikit-learn, so nothing is downloaded. The backbone (a small convnet) never sees a label;
 the probes read its detached embedding and report how linearly decodable the digit classes are as training goes.
-Every few epochs and at the end the features are also evaluated offline (`distprobe.demo_eval`), beside a randomly
+Every few epochs and at the end the features are also evaluated offline (`distprobe.demo.eval`), beside a randomly
 initialised backbone and the raw pixels: on these digits both are strong, and the online probes' rise alone would
 not show whether the features improved.
 """
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from distprobe.callbacks import OnlineProbe
-from distprobe.demo_eval import (
+from distprobe.demo.eval import (
     EvalSplits,
     OfflineComparison,
     OfflineScores,
@@ -37,8 +37,8 @@ from distprobe.demo_eval import (
     frozen,
     offline_eval,
 )
-from distprobe.demo_model import SimCLR, conv_backbone, rank_and_world_size
-from distprobe.demo_output import EpochTable, quiet_lightning, summary_lines, write_line
+from distprobe.demo.model import SimCLR, conv_backbone, rank_and_world_size
+from distprobe.demo.output import EpochTable, quiet_lightning, summary_lines, write_line
 
 if TYPE_CHECKING:
     from distprobe.report import ReportFiles
@@ -77,7 +77,7 @@ class DemoConfig:
     """Show Lightning's progress bar when stdout is a terminal (in a log file its redraws are noise); the table's
     rows are written above it."""
     offline_every: int = 10
-    """Evaluate the features offline every this many epochs and after the last (`distprobe.demo_eval`), in the
+    """Evaluate the features offline every this many epochs and after the last (`distprobe.demo.eval`), in the
     table's last columns; 0: not during training (`run_demo` still evaluates the final features)."""
     random_inits: int = 3
     """Randomly initialised backbones the final offline evaluation compares with (the first is the trained

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 from typing_extensions import override
 
-from distprobe.demo_eval import OfflineComparison, OfflineScores
+from distprobe.demo.eval import OfflineComparison, OfflineScores
 
 QUIET_INFO = (
     "GPU available: ",
@@ -110,7 +110,7 @@ class EpochTable(pl.Callback):
     collective.
 
     Every ``offline_every`` epochs and after the last one, rank 0 also evaluates the current features offline
-    (`distprobe.demo_eval.offline_eval`: what the online probes estimate) and shows it in the row's last columns;
+    (`distprobe.demo.eval.offline_eval`: what the online probes estimate) and shows it in the row's last columns;
     the other ranks go on to the next step and wait for it there. The scores are also logged as
     ``offline/logreg_top1`` and ``offline/knn20_top1``.
 
