@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import nn
 from typing_extensions import override
 
+from distprobe import keys
 from distprobe.demo.eval import OfflineComparison, OfflineScores
 
 QUIET_INFO = (
@@ -43,9 +44,6 @@ QUIET_WARNINGS = (
     # With DDP: the probes reduce their epoch values themselves (`values_already_reduced` means to silence this, but
     # Lightning warns later, when it computes the epoch's values). Only the demo's probes' keys.
     r"It is recommended to use `self\.log\('(train|eval)/(linear|mlp)_",
-    # With DDP: torch 2.13 deprecates an argument of the probes' DDP wrapper (distprobe.engine.replicate, to be
-    # fixed there); nothing a demo user can act on.
-    r"`broadcast_buffers` is deprecated",
 )
 """Regular expressions of the warnings `quiet_lightning` ignores (matched at the start of the message)."""
 
@@ -156,10 +154,10 @@ class EpochTable(pl.Callback):
 
         row = {
             "epoch": trainer.current_epoch,
-            "ssl_loss": value("train/ssl_loss_epoch"),
-            "linear_loss": value("train/linear_loss"),
-            "linear_top1": value("eval/linear_top1"),
-            "mlp_top1": value("eval/mlp_top1"),
+            "ssl_loss": value("train/ssl_loss_epoch"),  # the model's own key (`distprobe.demo.model.SimCLR`)
+            "linear_loss": value(keys.key(keys.TRAIN, "linear", keys.LOSS)),
+            "linear_top1": value(keys.key(keys.EVAL, "linear", "top1")),
+            "mlp_top1": value(keys.key(keys.EVAL, "mlp", "top1")),
         }
         offline = None
         if trainer.is_global_zero and self._offline_due(trainer):

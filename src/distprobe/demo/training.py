@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
+from distprobe import keys
 from distprobe.callbacks import OnlineProbe
 from distprobe.demo.eval import (
     EvalSplits,
@@ -458,7 +459,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         training = build_training(config)
         training.fit(ckpt_path=config.ckpt_path)
     trainer = training.trainer
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{keys.EVAL}/")}
     log_dir = trainer.logger.log_dir if trainer.logger else None
     result: dict[str, Any] = {
         "final": final,
@@ -473,7 +474,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     comparison = final_comparison(config, training)
     splits = eval_splits(config)
     epochs_done = int(training.table.rows[-1]["epoch"]) + 1 if training.table.rows else 0
-    online = {key[len("eval/") : -len("_top1")]: v for key, v in final.items() if key.endswith("_top1")}
+    parsed = {logged: keys.parse(logged) for logged in final}
+    online = {p.probe: final[k] for k, p in parsed.items() if p and p.head is None and p.metric == "top1"}
     for line in summary_lines(
         comparison,
         trained_label=f"SimCLR backbone after {epochs_done} epoch{'s' if epochs_done != 1 else ''}",
@@ -569,7 +571,7 @@ def train(
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "global_step": trainer.global_step,
-        "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")},
+        "final": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{keys.EVAL}/")},
         "probe_weights": {name: w.tolist() for name, w in training.probe_weights().items()},
         "log_dir": trainer.logger.log_dir if trainer.logger else None,
         "resumed_from": resume,
