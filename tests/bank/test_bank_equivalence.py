@@ -108,10 +108,8 @@ def test_a_head_driven_to_inf_is_skipped_alone(optimizer):
     for i, (x, y) in enumerate(batches):
         if i == 4:  # a window's start: from here on, the broken head's gradient is never finite
             with torch.no_grad():
-                block = bank.heads.blocks[0]
-                from distprobe.bank.heads import weight_view
-
-                weight_view(bank.heads.flat, block)[1, 0, 0] = float("inf")
+                weight = bank.heads.views(bank.heads.flat)[0].parts[0]  # (K, C, D)
+                weight[1, 0, 0] = float("inf")
         bank.train_step([x], y)
         for ref in refs.values():
             ref.train_step(x, y)

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from distprobe.bank.heads import BankHeads
+from distprobe.bank.families import LinearHeads
 from distprobe.callbacks import OnlineProbeBank
 from helpers.models import RandomPoints, trainer
 from taps.models import IN_DIM, NUM_CLASSES, TokenModel
@@ -44,7 +44,7 @@ def test_tapped_bank_equals_a_bank_on_the_same_activations_and_logs_every_head()
     model, t = _fit([tapped, explicit])
     assert len(tapped.head_ids) == 16 and tapped.head_ids[0] == "backbone.blocks.1:cls+mean/lr=0.1/wd=0/norm=none"
     torch.testing.assert_close(tapped.bank.heads.flat, explicit.bank.heads.flat, rtol=0, atol=1e-6)
-    assert isinstance(model.callbacks_modules["tapped"], BankHeads)
+    assert isinstance(model.callbacks_modules["tapped"], LinearHeads)
     assert model.callbacks_metrics["tapped"] is tapped.metrics
     logged = t.callback_metrics
     for head_id in tapped.head_ids:

@@ -221,7 +221,7 @@ def test_setting_total_steps_later_equals_knowing_them_at_build(scheduler):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nonfinite_flag_is_found_inf_and_leaves_gradients_unchanged(dtype):
-    from distprobe.engine import maths
+    from distprobe.engine import functional as maths
 
     grads = [torch.randn(4, 3, dtype=dtype), torch.randn(3, dtype=dtype)]
     before = [g.clone() for g in grads]

@@ -1,6 +1,8 @@
-"""`ProbeBank`: K linear heads trained as one fused step, each with its own learning rate and weight decay.
+"""`ProbeBank`: K heads trained as one fused step, each with its own learning rate and weight decay.
 
-One train step is one batched matmul per feature source, one cross-entropy call for every head, one backward, and
+The bank knows no head's shape: a head family (`distprobe.bank.families`; linear heads today) supplies the stacked
+parameters, the batched forward, the loss and the metric kind. One train step is one forward of every head (for
+linear heads, one batched matmul per feature source), one loss for every head, one backward, and
 at the close of an accumulation window one all-reduce of the single flat gradient. That all-reduce is issued without
 waiting: the step it feeds is applied when the bank is next used (its next forward, an evaluation, a checkpoint), so
 the backbone's next forward runs while it travels. Every rank applies the same reduced gradient at the same point,
@@ -18,17 +20,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from distprobe.bank.config import BankConfig, Head
-from distprobe.bank.heads import BankHeads, Block, bias_view, weight_view
+from distprobe.bank.config import BankConfig
+from distprobe.bank.families import FAMILIES, HeadFamily
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.bank.optimizer import BankOptimizer
 from distprobe.bank.selection import global_positions, selects
-from distprobe.engine import bad_data, maths
+from distprobe.engine import bad_data, functional, maths
+from distprobe.engine.collectives import (
+    PendingMean,
+    agree_on_max,
+    broadcast_from_global_rank0,
+    default_group,
+    gather_over_group,
+    rank_and_world,
+    start_mean,
+)
 from distprobe.engine.probe import to_probe_input
-from distprobe.engine.replicate import agree_on_max, default_group, gather_over_group, group_rank_and_size
+from distprobe.engine.state import resume_window
 
 #: Bumped when the layout of `ProbeBank.state_dict` changes.
 STATE_FORMAT = 1
@@ -49,7 +59,7 @@ class BankStepOutput:
 
 
 class ProbeBank:
-    """A grid of linear heads over one or more feature sources, replicated over a data-parallel group.
+    """A grid of heads (of one family) over one or more feature sources, replicated over a data-parallel group.
 
     Build with `ProbeBank.build`; call `train_step` on every training micro-batch and `eval_step` on every
     validation batch. Every rank of the group must make the same calls (they hold collectives).
@@ -64,7 +74,7 @@ class ProbeBank:
     def __init__(
         self,
         config: BankConfig,
-        heads: BankHeads,
+        heads: HeadFamily,
         dp_group: dist.ProcessGroup | None,
         metrics: BankMetrics,
         total_steps: int | None = None,
@@ -79,7 +89,7 @@ class ProbeBank:
         self.micro_step = 0
         self._grad: torch.Tensor | None = None
         """The open window's gradient sum of this rank (autograd's own result, so no zero_grad can drop it)."""
-        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._pending: PendingMean | None = None
         """An issued all-reduce and its gradient, whose step has not been applied yet."""
         self._window_bn: list[torch.Tensor] | None = None
         self._bn_buffers = heads.statistics()
@@ -121,14 +131,11 @@ class ProbeBank:
                     )
                 sizes[source] = size
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        heads = BankHeads(config, sizes, device=device, generator=generator)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Every replica starts from global rank 0's heads (also across tensor-parallel groups, see
-            # `engine.replicate.broadcast_from_global_rank0`).
-            with torch.no_grad():
-                dist.broadcast(heads.flat.data, src=0)
+        heads = FAMILIES[config.family](config, sizes, device=device, generator=generator)  # type: ignore[call-arg]
+        # Every replica starts from global rank 0's heads (also across tensor-parallel groups).
+        broadcast_from_global_rank0([heads.flat])
         if metrics is None:
-            metrics = BankMetrics(config, heads.num_heads)
+            metrics = BankMetrics(config, heads.num_heads, kind=heads.metric_kind)
         metrics.to(heads.flat.device)
         metrics.set_process_group(dp_group)
         return cls(config, heads, dp_group, metrics, total_steps=total_steps)
@@ -156,38 +163,22 @@ class ProbeBank:
         return ids.index(head_id)
 
     def head(self, head_id: str) -> nn.Module:
-        """That head as a plain module with its current weights: an ``nn.Linear`` (behind its BatchNorm, if any)."""
+        """That head as a plain module with its current weights (linear: an ``nn.Linear``, behind its BatchNorm)."""
         self.settle()
-        head = self.heads.head_list[self.head_index(head_id)]
-        block = self._block_of(head)
-        at = head.index - block.first
-        linear = nn.Linear(block.in_features, block.num_classes, device=self.device)
-        with torch.no_grad():
-            linear.weight.copy_(weight_view(self.heads.flat, block)[at])
-            linear.bias.copy_(bias_view(self.heads.flat, block)[at])
-        if head.normalization is None:
-            return linear
-        norm = nn.BatchNorm1d(block.in_features, affine=False, eps=self.config.batchnorm_eps, device=self.device)
-        mean, var = self.heads.running_stats(block)
-        with torch.no_grad():
-            norm.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
-        return nn.Sequential(norm, linear).eval()
-
-    def _block_of(self, head: Head) -> Block:
-        return next(b for b in self.heads.blocks if b.first <= head.index < b.first + b.count)
+        return self.heads.export(self.head_index(head_id))
 
     # --- training ---------------------------------------------------------------------------------------------
 
     def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        if len(features) != len(self.heads.blocks):
+        if len(features) != len(self.config.inputs):
             raise ValueError(
-                f"bank '{self.name}': got {len(features)} feature tensors for {len(self.heads.blocks)} sources "
+                f"bank '{self.name}': got {len(features)} feature tensors for {len(self.config.inputs)} sources "
                 f"{self.config.inputs}."
             )
-        return [to_probe_input(f, self.heads.flat).flatten(1) for f in features]
+        return [to_probe_input(f, self.heads.flat) for f in features]
 
     def train_step(self, features: list[torch.Tensor], targets: torch.Tensor) -> BankStepOutput:
-        """Train every head on one micro-batch (one ``(B, D_s)`` tensor per source); step at a window's close.
+        """Train every head on one micro-batch (one ``(B, ...)`` tensor per source); step at a window's close.
 
         Bad data never raises: the batch is cleaned, its gradient poisoned, and the window skipped for every head on
         every rank. A head whose own gradient is not finite (it diverged) is skipped alone.
@@ -208,11 +199,8 @@ class ProbeBank:
         outside_autocast = torch.autocast(device_type, enabled=False) if in_autocast else contextlib.nullcontext()
         with outside_autocast, torch.enable_grad():
             logits = self.heads(xs, self.dp_group)  # (K, B, C), contiguous
-            k, b, c = logits.shape
             safe_targets, countable, in_range, finite = bad_data.check_targets(targets, logits[0], None)
-            # One cross-entropy call for every head, on contiguous rows (a strided class dimension is a slow path).
-            per_sample = F.cross_entropy(logits.reshape(k * b, c), safe_targets.repeat(k), reduction="none")
-            losses = per_sample.view(k, b).mean(dim=1)  # (K,): each head's loss, as a separate probe's mean
+            losses = self.heads.loss(logits, safe_targets)  # (K,): each head's loss, as a separate probe's
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
             total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
             (grad,) = torch.autograd.grad(total, self.heads.flat)
@@ -234,13 +222,11 @@ class ProbeBank:
         grad = self._grad
         assert grad is not None, "a window closes with a gradient"
         self._grad = None
-        _, world = group_rank_and_size(self.dp_group)
-        if world == 1:
-            self._apply(grad)
+        pending = start_mean(grad, self.dp_group)
+        if rank_and_world(self.dp_group)[1] == 1:
+            self._apply(pending.wait())
             return
-        grad.div_(world)  # as DDP does: each rank's share, then a sum
-        work = dist.all_reduce(grad, group=self.dp_group, async_op=True)
-        self._pending = (work, grad)
+        self._pending = pending
 
     def settle(self) -> None:
         """Wait for the last window's all-reduce and apply its step (a no-op when none is pending).
@@ -249,17 +235,15 @@ class ProbeBank:
         """
         if self._pending is None:
             return
-        work, grad = self._pending
-        self._pending = None
-        work.wait()
-        self._apply(grad)
+        pending, self._pending = self._pending, None
+        self._apply(pending.wait())
 
     def _apply(self, grad: torch.Tensor) -> None:
         """One optimizer step of every head from the reduced gradient (identical on every rank)."""
         finite = self.optimizer.step(grad)
         if self._window_bn is not None:
             # A window skipped for every head (bad data) leaves no trace in the running statistics either.
-            maths.restore_where(finite.logical_not().all(), self._bn_buffers, self._window_bn)
+            functional.restore_where(finite.logical_not().all(), self._bn_buffers, self._window_bn)
             self._window_bn = None
 
     # --- evaluation -------------------------------------------------------------------------------------------
@@ -296,7 +280,7 @@ class ProbeBank:
         preds = self.predict(features)
         n = targets.shape[0] if num_valid is None else num_valid
         if positions is None:
-            rank, world = group_rank_and_size(self.dp_group)
+            rank, world = rank_and_world(self.dp_group)
             positions = global_positions(self._eval_seen, n, rank, world, self.device)
         self._eval_seen += n
         keep_rows = slice(0, n)
@@ -355,7 +339,7 @@ class ProbeBank:
             "format": STATE_FORMAT,
             "name": self.name,
             "head_ids": self.head_ids,
-            "in_features": {b.source: b.in_features for b in self.heads.blocks},
+            "in_features": dict(self.heads.in_features),
             "heads": self.heads.state_dict(),
             "batchnorm": [t.clone() for t in self._bn_buffers],
             **self.optimizer.state_dict(),
@@ -382,8 +366,7 @@ class ProbeBank:
         window = state.get("window_grads_per_rank")
         self._grad = None
         if window is not None:
-            rank, size = group_rank_and_size(self.dp_group)
-            mine = window[rank] if len(window) == size else torch.stack(list(window)).mean(dim=0)
+            (mine,) = resume_window([[g] for g in window], self.dp_group)
             self._grad = mine.to(self.device).clone()
         saved_bn = state.get("window_bn")
         self._window_bn = None if saved_bn is None else [b.to(self.device) for b in saved_bn]

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from distprobe.engine.options import TrainingOptions
+
 Normalization = Literal["batchnorm"] | None
 NORMALIZATIONS: tuple[Normalization, ...] = (None, "batchnorm")
-ClipAlgorithm = Literal["norm", "value"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -112,11 +113,16 @@ class Head:
 
 
 @dataclass(kw_only=True)
-class BankConfig:
-    """Everything that defines a probe bank, before any tensor exists."""
+class BankConfig(TrainingOptions):
+    """Everything that defines a probe bank, before any tensor exists.
+
+    The scheduler (`TrainingOptions`) is as for `OnlineProbe`: each head's rate follows it from its own lr.
+    """
 
     name: str
     """Unique name; keys logs, checkpoint state and the registry entry."""
+    family: str = "linear"
+    """The kind of heads (`distprobe.bank.families.FAMILIES`): ``"linear"``."""
     inputs: Sequence[str]
     """Feature sources (keys of the step's outputs or batch, or tapped submodules)."""
     num_classes: int
@@ -129,14 +135,6 @@ class BankConfig:
     """Per head, None or ``"batchnorm"`` (a BatchNorm without affine before the head, as in MAE's protocol)."""
     optimizer: Any = "SGD"
     """``"SGD"``, ``"AdamW"``, ``"LARS"``, a ``{"type": ..., **options}`` dict, or a spec dataclass."""
-    scheduler: Any = None
-    """As for `OnlineProbe`: a name, dict, partial or None; each head's rate follows it from its own lr."""
-    accumulate_grad_batches: int = 1
-    """Micro-batches per optimizer step."""
-    gradient_clip_val: float | None = None
-    """Clip threshold of each head's gradient (its own norm, as if it were a separate probe)."""
-    gradient_clip_algorithm: ClipAlgorithm = "norm"
-    """``"norm"`` or ``"value"``."""
     metrics: Any = ("top1",)
     """Top-k accuracies to report per head: names ``"top{k}"`` (a sequence) or a ``{name: k}`` dict."""
     in_features: int | Mapping[str, int] | None = None
@@ -165,6 +163,12 @@ class BankConfig:
             raise ValueError(f"bank '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
         self._check_grid()
         self._check_training()
+        from distprobe.bank.families import FAMILIES  # the families import this module
+
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"bank '{name}': argument 'family' got {self.family!r}; expected one of {sorted(FAMILIES)}."
+            )
         self.optimizer_spec = parse_optimizer(self.optimizer, name)
         self.top_k = _parse_metrics(self.metrics, name, self.num_classes)
         if isinstance(self.in_features, Mapping):
@@ -188,20 +192,7 @@ class BankConfig:
 
     def _check_training(self) -> None:
         name = self.name
-        if not isinstance(self.accumulate_grad_batches, int) or self.accumulate_grad_batches < 1:
-            raise ValueError(
-                f"bank '{name}': argument 'accumulate_grad_batches' got {self.accumulate_grad_batches!r}; "
-                "expected an int >= 1."
-            )
-        if self.gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(
-                f"bank '{name}': argument 'gradient_clip_algorithm' got {self.gradient_clip_algorithm!r}; "
-                "expected 'norm' or 'value'."
-            )
-        if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
-            raise ValueError(
-                f"bank '{name}': argument 'gradient_clip_val' got {self.gradient_clip_val!r}; expected > 0 or None."
-            )
+        self.check_training_options(f"bank '{name}'")
         if not 0.0 < self.selection_fraction < 1.0:
             raise ValueError(
                 f"bank '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "

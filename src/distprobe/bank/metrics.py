@@ -77,6 +77,12 @@ class HeadLoss(Metric):
         self.count.add_(weight.sum())
         mark_updated(self)
 
+    def add_sums(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Add ``(K,)`` weighted loss sums and their 0-d weight (`distprobe.engine.deferred.Folded`)."""
+        self.total.add_(total)
+        self.count.add_(count)
+        mark_updated(self)
+
     def compute(self) -> torch.Tensor:
         """``(K,)`` mean losses."""
         return (self.total / self.count).float()

@@ -14,41 +14,48 @@ import torch
 import torch.distributed as dist
 from torchmetrics import Metric
 
+from distprobe import keys
 from distprobe.bank.config import BankConfig
 from distprobe.bank.metrics import HeadLoss, HeadTopK
 from distprobe.engine.bad_data import REASONS
-from distprobe.engine.deferred import FOLD_ELEMENTS, FOLD_EVERY
-from distprobe.engine.replicate import is_distributed
+from distprobe.engine.collectives import is_distributed, rank_and_world
+from distprobe.engine.deferred import DeferredSteps, Folded, add_reasons
 from distprobe.metrics.counters import ReasonCounter, mark_updated
 from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
 from distprobe.metrics.shape import per_row
 
 
 def logged_keys(values: Mapping[str, torch.Tensor], stage: str, name: str) -> dict[str, torch.Tensor]:
-    """A bank's relative keys as logged.
+    """A bank's relative keys as logged (`distprobe.keys.absolute_key`).
 
-    Per head ``{stage}/{name}/{head_id}_{metric}``; the bank-wide values (``best_*``, ``loss_epoch``,
+    Per head ``{stage}/{name}/{head_id}_{metric}``; the bank-wide values (``best_*``, ``best_head``, ``loss_epoch``,
     ``bad_batches/*``) as ``{stage}/{name}_{key}``.
     """
-    bank_wide = ("best_", "loss_epoch", "bad_batches/")
-    return {
-        (f"{stage}/{name}_{key}" if key.startswith(bank_wide) else f"{stage}/{name}/{key}"): value
-        for key, value in values.items()
-    }
+    return keys.absolute_keys(values, stage, name)
+
+
+#: The per-head metric of each metric kind a head family may name (`HeadFamily.metric_kind`).
+HEAD_METRICS = {"classification": HeadTopK}
 
 
 class BankMetrics:
     """Per-head train and validation metrics of one bank, with the run-long bad-batch counts."""
 
-    def __init__(self, config: BankConfig, num_heads: int) -> None:
+    def __init__(self, config: BankConfig, num_heads: int, kind: str = "classification") -> None:
+        if kind not in HEAD_METRICS:
+            raise ValueError(
+                f"bank '{config.name}': no per-head metrics of kind {kind!r}; kinds: {sorted(HEAD_METRICS)}"
+            )
+        metric = HEAD_METRICS[kind]
         self.config = config
         self.num_heads = num_heads
-        self.train = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
+        self.train = {m: metric(num_heads, k) for m, k in config.top_k.items()}
         self.loss = HeadLoss(num_heads)
         self.bad_batches = ReasonCounter(REASONS)
-        self.select = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
-        self.report = {m: HeadTopK(num_heads, k) for m, k in config.top_k.items()}
-        self.deferred = _Deferred(self)
+        self.select = {m: metric(num_heads, k) for m, k in config.top_k.items()}
+        self.report = {m: metric(num_heads, k) for m, k in config.top_k.items()}
+        self.deferred = DeferredSteps(self._fold, lambda: bool(self.train))
+        """The train steps' values not yet in the states (`distprobe.engine.deferred`)."""
 
     def named(self) -> list[tuple[str, Metric]]:
         """Every metric with a stable key (checkpoints key states by it, never by position)."""
@@ -97,10 +104,10 @@ class BankMetrics:
         whole = self._whole_set(group)
         for name, per_head in zip(names, whole, strict=True):
             for head in heads:
-                values[f"{head.head_id}_{name}"] = per_head[head.index]
+                values[keys.relative_key(name, head=head.head_id)] = per_head[head.index]
         for name, report_values in zip(names, report, strict=True):
-            values[f"best_{name}"] = report_values[best]
-        values["best_head"] = best.float()
+            values[keys.relative_key(name, head=keys.BEST)] = report_values[best]
+        values[keys.BEST_HEAD] = best.float()
         for metric in [*self.select.values(), *self.report.values()]:
             metric.reset()
         return values, best
@@ -127,12 +134,12 @@ class BankMetrics:
         heads = self.config.heads()
         values: dict[str, torch.Tensor] = {}
         per_heads = [per_row(value, self.num_heads) for value in computed[: len(names) + 1]]
-        for name, per_head in zip([*names, "loss"], per_heads, strict=True):
+        for name, per_head in zip([*names, keys.LOSS], per_heads, strict=True):
             for head in heads:
-                values[f"{head.head_id}_{name}"] = per_head[head.index]
-        values["loss_epoch"] = per_heads[-1].mean()
+                values[keys.relative_key(name, head=head.head_id)] = per_head[head.index]
+        values[keys.LOSS_EPOCH] = per_heads[-1].mean()
         for reason, count in computed[-1].items():
-            values[f"bad_batches/{reason}"] = count
+            values[keys.bad_batches(reason)] = count
         return values
 
     def reset_train(self) -> None:
@@ -159,62 +166,16 @@ class BankMetrics:
         self.deferred.discard()
         for key, metric in self.named():
             metric.reset()
-            if is_distributed(group) and dist.get_rank(group) != 0:
+            if rank_and_world(group)[0] != 0:
                 continue
             for attr, value in states.get(key, {}).items():
                 getattr(metric, attr).copy_(value)
             mark_updated(metric)
 
-
-class _Deferred:
-    """The train steps' values not yet in the metric states."""
-
-    def __init__(self, metrics: BankMetrics) -> None:
-        self.metrics = metrics
-        self.losses: list[torch.Tensor] = []
-        self.weights: list[torch.Tensor] = []
-        self.reasons: list[torch.Tensor] = []
-        self.predictions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.elements = 0
-
-    def add(
-        self,
-        losses: torch.Tensor,
-        bad: torch.Tensor,
-        batch_size: int,
-        reasons: torch.Tensor,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> None:
-        """Keep one micro-step's values; fold once enough have gathered."""
-        self.losses.append(losses)
-        self.weights.append(torch.where(bad, 0.0, float(batch_size)))
-        self.reasons.append(reasons)
-        if self.metrics.train:
-            self.predictions.append((logits, targets, keep))
-            self.elements += logits.numel()
-        if len(self.losses) >= FOLD_EVERY or self.elements >= FOLD_ELEMENTS:
-            self.fold()
-
-    def fold(self) -> None:
-        """Add everything kept to the states: a few ops whatever the number of steps."""
-        if not self.losses:
-            return
-        self.metrics.loss.update(torch.stack(self.losses), torch.stack(self.weights))
-        counter = self.metrics.bad_batches
-        counter.counts.add_(torch.stack(self.reasons).sum(dim=0))
-        mark_updated(counter)
-        if self.predictions:
-            logits, targets, keep = (torch.cat(parts) for parts in zip(*self.predictions, strict=True))
-            for metric in self.metrics.train.values():
-                metric.fast_update(logits, targets, keep)
-        self.discard()
-
-    def discard(self) -> None:
-        """Forget the kept values."""
-        self.losses.clear()
-        self.weights.clear()
-        self.reasons.clear()
-        self.predictions.clear()
-        self.elements = 0
+    def _fold(self, folded: Folded) -> None:
+        """Add the kept train steps' sums to the states: a few ops whatever the number of steps."""
+        self.loss.add_sums(folded.loss_total, folded.loss_count)
+        add_reasons(self.bad_batches, folded.reasons)
+        if folded.predictions is not None:
+            for metric in self.train.values():
+                metric.fast_update(*folded.predictions)

@@ -1,7 +1,7 @@
 """The bank's optimizer: every head's state, step count, skip count and scheduled rates, and the step itself.
 
 Like a torch optimizer, but over the bank's flat layout: the state tensors are flat like the parameter, and each
-source's block of heads steps as one tensor (`distprobe.bank.optim` holds the maths).
+block of heads the family's `views` cut out steps as one tensor (`distprobe.engine.functional` holds the maths).
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from typing import Any
 
 import torch
 
-from distprobe.bank import optim
 from distprobe.bank.config import AdamWSpec, BankConfig, LARSSpec
-from distprobe.bank.heads import BankHeads, bias_view, block_view, weight_view
+from distprobe.bank.families import HeadFamily
 from distprobe.bank.rates import HeadRates
+from distprobe.engine import functional
 
 
 class BankOptimizer:
     """Steps every head of ``heads`` from a reduced flat gradient, each with its own hyper-parameters."""
 
-    def __init__(self, config: BankConfig, heads: BankHeads, *, total_steps: int | None) -> None:
+    def __init__(self, config: BankConfig, heads: HeadFamily, *, total_steps: int | None) -> None:
         self.config = config
         self.heads = heads
         device = heads.flat.device
@@ -44,58 +44,62 @@ class BankOptimizer:
         ``grad`` (flat, reduced over the group) is consumed: it is cleaned, clipped and overwritten in place.
         """
         spec = self.config.optimizer_spec
-        blocks = self.heads.blocks
-        flat = self.heads.flat.data
-        grads = [block_view(grad, b) for b in blocks]
-        sums = [optim.head_sums([g]) for g in grads]
-        finite = torch.isfinite(sums[0] if len(sums) == 1 else torch.cat(sums))
+        views = self.heads.views
+        params, grads = views(self.heads.flat.data), views(grad)
+        states = {key: views(value) for key, value in self.state.items()}
+        finite = (
+            functional.finite_heads([grads[0].whole])
+            if len(grads) == 1
+            else torch.cat([functional.finite_heads([g.whole]) for g in grads])
+        )
         self.skipped_steps += finite.logical_not().long()
         lr, weight_decay, momentum, beta2 = self.rates.per_head()
         decays = self.rates.any_weight_decay  # a host fact: no pass over the parameters without weight decay
         if isinstance(spec, AdamWSpec):
             self.steps += finite.float()
-        for block, g in zip(blocks, grads, strict=True):
-            part = slice(block.first, block.first + block.count)
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            part = p.heads
             keep = finite[part]
-            optim.clean_skipped([g], keep)
-            # A head's norm over its weights and bias together: one block row, as clip_grad_norm_ sees a probe.
-            optim.clip_per_head([g], self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
+            functional.zero_skipped([g.whole], keep)
+            # A head's norm over all its elements together, as clip_grad_norm_ sees a separate probe.
+            functional.clip([g.whole], self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
             hyper = {"lr": lr[part], "weight_decay": weight_decay[part], "keep": keep}
-            if isinstance(spec, AdamWSpec):  # elementwise: weights and biases as one tensor
-                optim.adamw_update(
-                    [block_view(flat, block)],
-                    [g],
-                    [block_view(self.state["exp_avg"], block)],
-                    [block_view(self.state["exp_avg_sq"], block)],
+            if isinstance(spec, AdamWSpec):  # elementwise: every tensor of a head as one
+                functional.adamw_update(
+                    [p.whole],
+                    [g.whole],
+                    [states["exp_avg"][i].whole],
+                    [states["exp_avg_sq"][i].whole],
                     beta1=momentum[part],
                     beta2=beta2[part],
                     steps=self.steps[part],
-                    spec=spec,
+                    eps=spec.eps,
                     **hyper,
                 )
-            elif isinstance(spec, LARSSpec):  # weights and biases apart: a trust ratio per tensor, biases excluded
-                optim.lars_update(
-                    [weight_view(flat, block), bias_view(flat, block)],
-                    [weight_view(grad, block), bias_view(grad, block)],
-                    [
-                        weight_view(self.state["momentum_buffer"], block),
-                        bias_view(self.state["momentum_buffer"], block),
-                    ],
-                    [False, spec.exclude_bias_n_norm],
+            elif isinstance(spec, LARSSpec):  # tensor by tensor: a trust ratio per part, biases excluded
+                functional.lars_update(
+                    list(p.parts),
+                    list(g.parts),
+                    list(states["momentum_buffer"][i].parts),
+                    [spec.exclude_bias_n_norm and bias for bias in p.bias_like],
                     momentum=momentum[part],
-                    spec=spec,
+                    eta=spec.eta,
+                    clip_lr=spec.clip_lr,
+                    eps=spec.eps,
                     decays=decays,
                     **hyper,
                 )
             else:
-                buffer = self.state.get("momentum_buffer")
-                optim.sgd_update(
-                    [block_view(flat, block)],
-                    [g],
-                    [block_view(buffer, block)] if buffer is not None else [torch.empty(0)],
+                buffers = states.get("momentum_buffer")
+                functional.sgd_update(
+                    [p.whole],
+                    [g.whole],
+                    [buffers[i].whole] if buffers is not None else [torch.empty(0)],
                     momentum=momentum[part],
                     steps=self.steps[part],
-                    spec=spec,
+                    dampening=spec.dampening,
+                    nesterov=spec.nesterov,
+                    uses_momentum=spec.momentum != 0,
                     decays=decays,
                     **hyper,
                 )

@@ -4,7 +4,8 @@ A probe with a BatchNorm (the MAE protocol puts one without affine before the li
 batch with that rank's statistics: N ranks then train a different probe than one process on the union of their
 batches, and each rank's running statistics drift apart. torch's ``SyncBatchNorm`` fixes that on GPUs only; this
 layer does the same on any device and backend, with one all-reduce of ``(sum, sum of squares, count)`` per training
-forward (autograd flows through it, so a BatchNorm after trainable layers also gets exact gradients).
+forward (`distprobe.engine.functional.group_moments`; autograd flows through it, so a BatchNorm after trainable
+layers also gets exact gradients).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from distprobe.engine.functional.batchnorm import group_moments, update_running_stats
 
 
 class GroupBatchNorm(_BatchNorm):
@@ -35,16 +37,10 @@ class GroupBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if not self.training or self.process_group is None:
             return super().forward(input)
-        dims = [d for d in range(input.dim()) if d != 1]
-        count = torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype, device=input.device)
-        local = torch.cat([input.sum(dims), (input * input).sum(dims), count])
-        total = dist_fn.all_reduce(local, group=self.process_group)
-        channels = input.shape[1]
-        n = total[-1]
-        mean = total[:channels] / n
-        var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0)
+        mean, var, n = group_moments(input, self.process_group, differentiable=True)
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             self._update_running_stats(mean.detach(), var.detach(), n.detach())
+        channels = input.shape[1]
         shape = [1, channels] + [1] * (input.dim() - 2)
         out = (input - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
         if self.affine:
@@ -58,9 +54,7 @@ class GroupBatchNorm(_BatchNorm):
         self.num_batches_tracked.add_(1)
         # momentum=None is a cumulative average; a tensor factor keeps it on the device.
         factor = (1.0 / self.num_batches_tracked).to(mean.dtype) if self.momentum is None else self.momentum
-        unbiased = var * n / (n - 1).clamp_min(1)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        update_running_stats(self.running_mean, self.running_var, mean, var, n, factor)
 
 
 def sync_batch_norms(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:

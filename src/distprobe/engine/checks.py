@@ -1,46 +1,92 @@
-"""First-batch checks of a probe's input, decided collectively so that bad input never hangs the other ranks."""
+"""First-batch checks of every trainable kind's input, decided collectively so that bad input never hangs a rank.
+
+Each check reads the first batch once (a one-time host sync, never on later steps) and returns a message or None;
+`raise_if_any_rank_failed` then raises the same error on every rank. A probe checks its features against its own
+outputs; a bank and a kNN (`class_index_problem`) check class-index targets against ``num_classes``.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distprobe.engine.collectives import default_group, raise_if_any_rank_failed
 from distprobe.engine.probe import Probe
-from distprobe.engine.replicate import default_group
+
+__all__ = ["class_index_problem", "first_batch_problem", "raise_if_any_rank_failed", "world_check_group"]
+
+
+def _described(value: Any) -> str:
+    return f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+
+
+def label_range_problem(owner: str, targets: torch.Tensor, num_classes: int, outputs: str, fix: str) -> str | None:
+    """A message when class-index ``targets`` leave ``[0, num_classes)``; ``outputs`` and ``fix`` end it."""
+    if not targets.numel():
+        return None
+    low, high = int(targets.min()), int(targets.max())
+    if low >= 0 and high < num_classes:
+        return None
+    return (
+        f"{owner}: target labels range over [{low}, {high}] but {outputs} (valid labels 0..{num_classes - 1}); {fix}."
+    )
+
+
+def class_index_problem(
+    owner: str, inputs: Mapping[str, Any], targets: Any, num_classes: int, *, hint: str = ""
+) -> str | None:
+    """What is wrong with a first batch of ``(batch, features...)`` inputs and 1-D class-index targets, or None.
+
+    ``owner`` names the kind and its name (``"bank 'grid'"``); ``hint`` ends the message about a badly shaped input.
+    """
+    if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.is_floating_point():
+        return f"{owner}: the target must be a 1-D tensor of class indices; got {_described(targets)}."
+    for key, features in inputs.items():
+        if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != targets.shape[0]:
+            return (
+                f"{owner}: input {key!r} must be a (batch, features...) tensor with the target's batch size "
+                f"{targets.shape[0]}; got {_described(features)}.{hint}"
+            )
+    return label_range_problem(
+        owner, targets, num_classes, f"num_classes={num_classes}", "set num_classes to the number of classes"
+    )
 
 
 def first_batch_problem(probe: Probe, features: torch.Tensor, targets: torch.Tensor, *, input_key: str) -> str | None:
     """Describe what is wrong with the first batch for this probe, or return None.
 
-    It runs the probe once on two samples and reads the target range: a one-time host sync, never on later steps.
+    It runs the probe once on two samples and reads the target range against the probe's outputs.
     """
-    name = probe.name
+    owner = f"probe '{probe.name}'"
     if not isinstance(features, torch.Tensor):
-        return f"probe '{name}': input {input_key!r} is a {type(features).__name__}, expected a tensor of features."
+        return f"{owner}: input {input_key!r} is a {type(features).__name__}, expected a tensor of features."
     if not isinstance(targets, torch.Tensor):
-        return f"probe '{name}': the target is a {type(targets).__name__}, expected a tensor of labels."
+        return f"{owner}: the target is a {type(targets).__name__}, expected a tensor of labels."
     if features.ndim == 0 or targets.ndim == 0 or features.shape[0] != targets.shape[0]:
         return (
-            f"probe '{name}': input {input_key!r} has shape {tuple(features.shape)} but the target has shape "
+            f"{owner}: input {input_key!r} has shape {tuple(features.shape)} but the target has shape "
             f"{tuple(targets.shape)}; both need the same batch size in their first dimension."
         )
     try:
         preds = probe.predict(features[:2])
     except Exception as err:  # noqa: BLE001 - whatever the probe raises must reach every rank, not hang them
         return (
-            f"probe '{name}': input {input_key!r} of shape {tuple(features.shape)} does not fit the probe "
+            f"{owner}: input {input_key!r} of shape {tuple(features.shape)} does not fit the probe "
             f"({type(err).__name__}: {err}); make the probe's input size match the features' last dimension."
         )
-    is_class_index = not targets.is_floating_point() and preds.ndim == targets.ndim + 1
-    if is_class_index and targets.numel():
-        low, high = int(targets.min()), int(targets.max())
-        num_classes = preds.shape[-1]
-        if low < 0 or high >= num_classes:
-            return (
-                f"probe '{name}': target labels range over [{low}, {high}] but the probe outputs {num_classes} "
-                f"classes (valid labels 0..{num_classes - 1}); give the probe as many outputs as there are classes."
-            )
-    return None
+    if targets.is_floating_point() or preds.ndim != targets.ndim + 1:
+        return None  # soft labels or regression: no class range to check
+    num_classes = preds.shape[-1]
+    return label_range_problem(
+        owner,
+        targets,
+        num_classes,
+        f"the probe outputs {num_classes} classes",
+        "give the probe as many outputs as there are classes",
+    )
 
 
 def world_check_group() -> dist.ProcessGroup | None:
@@ -50,21 +96,3 @@ def world_check_group() -> dist.ProcessGroup | None:
     rank it meets in a collective, so all of them must raise together.
     """
     return default_group()
-
-
-def raise_if_any_rank_failed(problem: str | None, group: dist.ProcessGroup | None) -> None:
-    """Raise the same ValueError on every rank of ``group`` when any of them found a problem.
-
-    Raising on one rank alone would leave the others waiting forever in the probe's next all-reduce.
-    """
-    if group is None:
-        if problem is not None:
-            raise ValueError(problem)
-        return
-    problems: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(problems, problem, group=group)
-    if problem is not None:
-        raise ValueError(problem)
-    for rank, other in enumerate(problems):
-        if other is not None:
-            raise ValueError(f"rank {rank} of the probe's group reported: {other}")

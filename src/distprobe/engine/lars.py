@@ -1,6 +1,7 @@
 """LARS: layer-wise adaptive rate scaling, the usual optimizer for SSL linear probes.
 
-Every decision is made on the device with `torch.where`, so a step never synchronises with the host.
+The maths is `distprobe.engine.functional.lars_update`, each tensor one head; every decision is made on the device
+with `torch.where`, so a step never synchronises with the host.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+from distprobe.engine.functional.optim import lars_update
 
 
 class LARS(Optimizer):
@@ -67,32 +70,24 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                excluded = group["exclude_bias_n_norm"] and p.ndim <= 1
-                if not excluded:
-                    if group["weight_decay"]:
-                        grad = grad.add(p, alpha=group["weight_decay"])
-                    grad = grad * _trust_ratio(p, grad, group)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
                     # Zeros (not a copy of the first gradient) so that a fresh state is all zeros: a skipped
                     # non-finite step can then be undone by restoring zeros.
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(grad)
-                p.add_(buf, alpha=-group["lr"])
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            # Each tensor is one head (K = 1) of the functional update: its own trust ratio.
+            lars_update(
+                [p.detach()[None] for p in params],
+                [p.grad[None] for p in params],
+                [self.state[p]["momentum_buffer"][None] for p in params],
+                [group["exclude_bias_n_norm"] and p.ndim <= 1 for p in params],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                momentum=group["momentum"],
+                eta=group["eta"],
+                clip_lr=group["clip_lr"],
+                eps=group["eps"],
+                decays=bool(group["weight_decay"]),
+            )
         return loss
-
-
-def _trust_ratio(param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    """The factor LARS multiplies a tensor's gradient by; 1 where either norm is zero."""
-    w_norm = torch.linalg.vector_norm(param)
-    g_norm = torch.linalg.vector_norm(grad)
-    ratio = group["eta"] * w_norm / (g_norm + group["eps"])
-    if group["clip_lr"]:
-        ratio = torch.clamp(ratio / group["lr"], max=1.0)
-    usable = (w_norm > 0) & (g_norm > 0)
-    return torch.where(usable, ratio, torch.ones_like(ratio))

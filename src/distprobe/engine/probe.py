@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from distprobe.engine import bad_data, maths, skip
+from distprobe.engine import bad_data, functional, maths, skip
 from distprobe.engine.batchnorm import sync_batch_norms
 from distprobe.engine.config import ProbeConfig
 from distprobe.engine.deferred import DeferredUpdates
@@ -310,13 +310,13 @@ class Probe:
         # After the all-reduce every rank holds the same gradients, so every rank reaches the same verdict with no
         # extra collective; a non-finite value on any rank (bad data poisons its gradient) poisons the reduced
         # gradient everywhere.
-        found_inf = maths.nonfinite_flag(grads).to(self._param().device)
-        maths.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
+        found_inf = functional.nonfinite_flag(grads).to(self._param().device)
+        functional.clip_gradients(grads, self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
         skip.step_unless_nonfinite(self.optimizer, found_inf, fused_if_unset=fused_if_unset)
         if self._window_buffers is not None:
             # A skipped step leaves no trace in the running statistics either. Decided by the all-reduced verdict, the
             # same on every rank: a rank's own "bad batch" flag would restore the statistics on that rank only.
-            maths.restore_where(found_inf.bool(), self._buffers, self._window_buffers)
+            functional.restore_where(found_inf.bool(), self._buffers, self._window_buffers)
             self._window_buffers = None
         self.skipped_steps += found_inf.long()
         for p in params:  # `zero_grad(set_to_none=True)` without its per-call profiler range and hooks

@@ -1,7 +1,7 @@
 """Skipping a non-finite optimizer step on the device, with no host sync.
 
 Fused Adam, AdamW and SGD skip the update in their kernel when given GradScaler's ``found_inf``; any other optimizer
-steps, and what the step wrote is put back where the flag is set (`maths.restore_where`).
+steps, and what the step wrote is put back where the flag is set (`distprobe.engine.functional.restore_where`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from distprobe.engine import maths
+from distprobe.engine.functional import grads
 
 Snapshot = dict[tuple[int, str | None], torch.Tensor]
 
@@ -59,7 +59,7 @@ def undo_where(found_inf: torch.Tensor, optimizer: Optimizer, saved: Snapshot) -
         for key, value in _state_tensors(optimizer, p).items():
             targets.append(value)
             before.append(saved.get((id(p), key)))
-    maths.restore_where(found_inf.bool(), targets, before)
+    grads.restore_where(found_inf.bool(), targets, before)
 
 
 #: torch's optimizers whose fused kernel (CPU and CUDA) skips a step where GradScaler's ``found_inf`` is 1.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distprobe.engine.replicate import gather_over_group, group_rank_and_size, is_distributed
+from distprobe.engine.collectives import gather_over_group, is_distributed, rank_and_world
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.flat_sync import can_flat_sync, flat_sync
 
@@ -57,14 +57,22 @@ def gathered_window_grads(params: Sequence[torch.Tensor], group: dist.ProcessGro
     return gather_over_group(grads, group)
 
 
+def resume_window(per_rank: Sequence[Sequence[torch.Tensor]], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """The partial gradients this rank resumes an open window from, given every saved rank's (a probe's, a bank's).
+
+    At the saved world size each rank takes its own back, bitwise. At another, every rank starts from the saved
+    ranks' mean: the window's all-reduce (a mean) of ``mean + each rank's remaining micro-steps`` then equals the
+    saved ranks' mean plus the mean of what follows, as if the window had run on without the change.
+    """
+    rank, size = rank_and_world(group)
+    if len(per_rank) == size:
+        return list(per_rank[rank])
+    return [torch.stack(list(parts)).mean(dim=0) for parts in zip(*per_rank, strict=True)]
+
+
 def own_window_grads(state: Mapping[str, Any], group: dist.ProcessGroup | None) -> list[torch.Tensor | None] | None:
-    """The partial gradients this rank resumes its window from (None outside a window)."""
+    """The partial gradients this rank resumes its window from (None outside a window), from a probe's state."""
     per_rank = state.get("window_grads_per_rank")
     if per_rank is None:  # format 1: one rank's own gradients
         return state.get("window_grads")
-    rank, size = group_rank_and_size(group)
-    if len(per_rank) == size:
-        return list(per_rank[rank])
-    # Another world size: every rank starts from the mean partial sum, which the window's all-reduce (a mean) turns
-    # into the same gradient as the mean of the saved ranks' sums.
-    return [torch.stack(list(parts)).mean(dim=0) for parts in zip(*per_rank, strict=True)]
+    return list(resume_window(per_rank, group))

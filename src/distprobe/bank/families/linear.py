@@ -1,4 +1,4 @@
-"""The bank's K linear heads as one module: one flat parameter, one batched matmul per feature source.
+"""Linear heads, the first head family: K ``nn.Linear`` heads (each optionally behind a BatchNorm) as one module.
 
 All weights and biases live in a single flat parameter, so that their gradient is a single tensor: one collective per
 optimizer step, whatever K. A source's heads are one ``(K_s, C, D_s + 1)`` block of it, the bias as the last column:
@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distprobe.bank.config import BankConfig, Head
-from distprobe.engine.replicate import is_distributed
+from distprobe.bank.config import BankConfig
+from distprobe.bank.families.base import HeadFamily, ParamView
+from distprobe.engine.functional import group_moments, update_running_stats
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,8 @@ def layout(config: BankConfig, in_features: dict[str, int]) -> list[Block]:
     count = len(config.normalization) * config.heads_per_block
     for source in config.inputs:
         d, c = in_features[source], config.num_classes
-        blocks.append(
-            Block(
-                source=source,
-                first=first,
-                count=count,
-                in_features=d,
-                num_classes=c,
-                offset=offset,
-                batchnorm=tuple(n == "batchnorm" for n in config.normalization),
-            )
-        )
+        batchnorm = tuple(n == "batchnorm" for n in config.normalization)
+        blocks.append(Block(source, first, count, d, c, offset, batchnorm))
         offset += count * c * (d + 1)
         first += count
     return blocks
@@ -82,7 +74,7 @@ def bias_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
     return block_view(flat, block)[..., block.in_features]
 
 
-class BankHeads(nn.Module):
+class LinearHeads(HeadFamily):
     """K linear heads over one or more feature sources (what ``pl_module.callbacks_modules[name]`` holds)."""
 
     def __init__(
@@ -93,10 +85,8 @@ class BankHeads(nn.Module):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config, in_features)
         self.blocks = layout(config, in_features)
-        self.head_list: list[Head] = config.heads()
         total = sum(b.numel for b in self.blocks)
         # float32 whatever the default dtype: Lightning's *-true precisions set it while callbacks set up, and heads
         # train in their own precision (features are cast to it). Initialised on the CPU, from the CPU generator.
@@ -119,14 +109,17 @@ class BankHeads(nn.Module):
             if any(block.batchnorm)
         }
 
-    @property
-    def num_heads(self) -> int:
-        """K, over every source."""
-        return len(self.head_list)
-
-    def running_stats(self, block: Block) -> tuple[torch.Tensor, torch.Tensor]:
-        """The running mean and variance of a BatchNorm source."""
-        return self.running[block.first]
+    def views(self, flat: torch.Tensor) -> list[ParamView]:
+        """Per source: the block as one ``(K_s, C, D_s + 1)`` tensor, and its weights and biases apart."""
+        return [
+            ParamView(
+                heads=slice(b.first, b.first + b.count),
+                whole=block_view(flat, b),
+                parts=(weight_view(flat, b), bias_view(flat, b)),
+                bias_like=(False, True),
+            )
+            for b in self.blocks
+        ]
 
     def statistics(self) -> list[torch.Tensor]:
         """Every running statistic, in a fixed order (what a skipped window restores, what checkpoints keep)."""
@@ -138,22 +131,13 @@ class BankHeads(nn.Module):
         The statistics are the group's, as `distprobe.engine.batchnorm` makes a probe's, so that N ranks normalise
         like one process: one small all-reduce (2D + 1 numbers) per forward of a BatchNorm source.
         """
-        mean_buf, var_buf = self.running_stats(block)
+        mean_buf, var_buf = self.running[block.first]
         eps = self.config.batchnorm_eps
         with torch.no_grad():
             if not self.training:
                 return (x - mean_buf) / torch.sqrt(var_buf + eps)
-            count = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
-            moments = torch.cat([x.sum(dim=0), (x * x).sum(dim=0), count])
-            if is_distributed(group):
-                dist.all_reduce(moments, group=group)
-            d = x.shape[1]
-            n = moments[-1]
-            mean = moments[:d] / n
-            var = (moments[d : 2 * d] / n - mean * mean).clamp_min(0)
-            momentum = self.config.batchnorm_momentum
-            mean_buf.lerp_(mean, momentum)
-            var_buf.lerp_(var * n / (n - 1).clamp_min(1), momentum)
+            mean, var, n = group_moments(x, group)
+            update_running_stats(mean_buf, var_buf, mean, var, n, self.config.batchnorm_momentum)
             return (x - mean) / torch.sqrt(var + eps)
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -163,6 +147,7 @@ class BankHeads(nn.Module):
         parts = [self.flat] if one else list(torch.split(self.flat, [b.numel for b in self.blocks]))
         outputs = []
         for block, x, part in zip(self.blocks, features, parts, strict=True):
+            x = x.flatten(1)
             ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
             variants = [
                 torch.cat([self.normalized(x, block, group) if bn else x, ones], dim=1) for bn in block.batchnorm
@@ -175,3 +160,21 @@ class BankHeads(nn.Module):
             logits = torch.bmm(part.view(n, h * c, d), stacked.transpose(1, 2))
             outputs.append(logits.view(n * h, c, x.shape[0]).transpose(1, 2).contiguous())
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def export(self, index: int) -> nn.Module:
+        """That head as an ``nn.Linear`` with its current weights (behind its BatchNorm in eval mode, if any)."""
+        head = self.head_list[index]
+        block = next(b for b in self.blocks if b.first <= index < b.first + b.count)
+        at = index - block.first
+        device = self.flat.device
+        linear = nn.Linear(block.in_features, block.num_classes, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(weight_view(self.flat, block)[at])
+            linear.bias.copy_(bias_view(self.flat, block)[at])
+        if head.normalization is None:
+            return linear
+        norm = nn.BatchNorm1d(block.in_features, affine=False, eps=self.config.batchnorm_eps, device=device)
+        mean, var = self.running[block.first]
+        with torch.no_grad():
+            norm.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
+        return nn.Sequential(norm, linear).eval()

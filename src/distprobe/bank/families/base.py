@@ -1,0 +1,95 @@
+"""The interface between a bank's engine and a family of heads (linear today; attentive and dense next).
+
+A bank trains K heads as one: one flat parameter, one forward for every head, one loss, one backward, and at the
+close of an accumulation window one all-reduce of the flat gradient. `ProbeBank` and `BankOptimizer` do that
+(accumulation, clipping, per-head non-finite skips, the optimizer maths of `distprobe.engine.functional`, the
+overlapped all-reduce, checkpoints by head id, best-head selection, metrics) and know no head's shape. A family
+supplies what does depend on it:
+
+- **stacked parameters**: ``flat``, one ``nn.Parameter`` holding every head's weights (float32), and `views`, which
+  cuts any tensor laid out like it (the parameter, its gradient, an optimizer state) into `ParamView` blocks of
+  ``(K_s, ...)`` tensors, heads along the first dimension;
+- **a batched forward**: ``forward(features, group)`` gives ``(K, B, C)`` outputs of every head from one feature
+  tensor per source (``group`` serves statistics that span the data-parallel group, such as a BatchNorm's);
+- **its loss**: ``loss(outputs, targets)`` gives ``(K,)``, each head's loss as a separate probe's;
+- **its metric kind**: `metric_kind` names the per-head metrics the bank reports (`distprobe.bank.metrics_set`);
+- **its running statistics** (`statistics`, restored when a window is skipped, saved in checkpoints) and `export`,
+  one head as a plain module.
+
+A new family is one file of `distprobe.bank.families` holding a subclass, one entry in its ``FAMILIES``, and tests.
+The grid (`distprobe.bank.config.Head`: source, normalization, lr, weight decay) and the head ids stay the bank's.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distprobe.bank.config import BankConfig, Head
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """One block of heads inside a tensor laid out like a family's flat parameter."""
+
+    heads: slice
+    """The block's heads: their positions in the bank's order."""
+    whole: torch.Tensor
+    """``(K_s, ...)``: every element of each head, weights and biases together (elementwise maths, norms, masks)."""
+    parts: tuple[torch.Tensor, ...]
+    """``(K_s, ...)`` per kind of tensor (weight, bias): LARS takes a trust ratio per part."""
+    bias_like: tuple[bool, ...]
+    """Per part: a bias or a normalization's weight, which LARS may leave out of adaptation and weight decay."""
+
+
+class HeadFamily(nn.Module, abc.ABC):
+    """K heads of one kind over a bank's feature sources, stacked in one flat parameter (see the module docstring).
+
+    Subclasses set ``flat`` and implement `forward`, `views` and `export`; the loss and metric kind default to
+    classification by cross-entropy.
+    """
+
+    metric_kind: ClassVar[str] = "classification"
+    """The per-head metrics the bank reports: ``"classification"`` is top-k accuracy."""
+    flat: nn.Parameter
+
+    def __init__(self, config: BankConfig, in_features: dict[str, int]) -> None:
+        super().__init__()
+        self.config = config
+        self.in_features = {source: in_features[source] for source in config.inputs}
+        """Feature size per source, in the config's order (saved in checkpoints)."""
+        self.head_list: list[Head] = config.heads()
+
+    @property
+    def num_heads(self) -> int:
+        """K, over every source."""
+        return len(self.head_list)
+
+    @abc.abstractmethod
+    def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """``(K, B, C)`` outputs of every head (contiguous), from one ``(B, ...)`` tensor per source."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(K,)``: each head's mean cross-entropy over the batch, as a separate probe's ``CrossEntropyLoss``."""
+        k, b, c = outputs.shape
+        # One call for every head, on contiguous rows (a strided class dimension is a slow path).
+        per_sample = F.cross_entropy(outputs.reshape(k * b, c), targets.repeat(k), reduction="none")
+        return per_sample.view(k, b).mean(dim=1)
+
+    @abc.abstractmethod
+    def views(self, flat: torch.Tensor) -> list[ParamView]:
+        """The blocks of a tensor laid out like ``self.flat``, in the bank's head order (views, never copies)."""
+
+    def statistics(self) -> list[torch.Tensor]:
+        """Running statistics, in a fixed order: none unless the family normalises."""
+        return []
+
+    @abc.abstractmethod
+    def export(self, index: int) -> nn.Module:
+        """Head ``index`` as a plain module with its current weights (and statistics), in eval mode if it has any."""

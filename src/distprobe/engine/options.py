@@ -1,0 +1,59 @@
+"""How every trainable kind (a probe, a bank) trains: accumulation, clipping, scheduler; checked once, here.
+
+`ProbeConfig` and `BankConfig` inherit these fields, so a probe and a bank accept and refuse the same values with
+the same messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from distprobe.engine.functional.grads import ClipAlgorithm
+
+#: The values of `ClipAlgorithm`, for messages and checks.
+CLIP_ALGORITHMS: tuple[str, ...] = get_args(ClipAlgorithm)
+
+
+@dataclass(kw_only=True)
+class TrainingOptions:
+    """The training options every trainable kind shares."""
+
+    scheduler: Any = None
+    """A name, ``{"type": ...}`` dict, Hydra config, partial/class/callable, instance, or None for a constant rate."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step; gradients are not communicated on the micro-steps in between."""
+    gradient_clip_val: float | None = None
+    """Clip threshold of each head's own (all-reduced, unscaled) gradients, as for a separate probe; None: off."""
+    gradient_clip_algorithm: ClipAlgorithm = "norm"
+    """``"norm"`` clips the total gradient norm, ``"value"`` clamps each element."""
+
+    def check_training_options(self, owner: str) -> None:
+        """Raise a ValueError naming ``owner`` (``"probe 'linear'"``) for a bad accumulation or clipping option.
+
+        ``accumulate_grad_batches=True`` is refused: a bool is an int to Python, but 1 is surely not what was meant.
+        """
+        accumulate = self.accumulate_grad_batches
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int):
+            raise ValueError(
+                f"{owner}: argument 'accumulate_grad_batches' got {accumulate!r}; expected a positive int such as 1 "
+                "or 4."
+            )
+        if accumulate < 1:
+            raise ValueError(
+                f"{owner}: argument 'accumulate_grad_batches' got {accumulate}; expected a positive int (1 disables "
+                "accumulation)."
+            )
+        if self.gradient_clip_algorithm not in CLIP_ALGORITHMS:
+            raise ValueError(
+                f"{owner}: argument 'gradient_clip_algorithm' got {self.gradient_clip_algorithm!r}; expected one of "
+                f"{list(CLIP_ALGORITHMS)}."
+            )
+        clip_val = self.gradient_clip_val
+        if clip_val is not None and not (
+            isinstance(clip_val, int | float) and not isinstance(clip_val, bool) and clip_val > 0
+        ):
+            raise ValueError(
+                f"{owner}: argument 'gradient_clip_val' got {clip_val!r}; expected a positive number, or None to "
+                "disable clipping."
+            )
