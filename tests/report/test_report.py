@@ -21,6 +21,7 @@ from tests.service.models import CLASSES, DIM, IN_DIM, encoder, eval_config, lab
 from torch import nn
 from torch.utils.data import DataLoader
 
+from distprobe import keys
 from distprobe.callbacks import OnlineProbe, OnlineProbeBank
 from distprobe.callbacks.knn import OnlineKNN
 from distprobe.cli import main
@@ -198,6 +199,27 @@ def test_without_a_checkpoint_the_best_head_is_the_highest_final_accuracy_and_sa
     (line,) = [line for line in text.splitlines() if line.startswith("Best head:")]
     assert finals[line.split("`")[1]] == top
     assert "the highest final eval top1 among the heads" in text and "no checkpoint of the run holds it" in text
+
+
+def test_a_metric_renamed_in_distprobe_keys_is_still_found_by_the_report(tmp_path, monkeypatch):
+    """The callbacks write and the report reads every key through `distprobe.keys`: renaming a metric there renames
+    it for both. (With the report's own patterns, a renamed ``best_*`` or ``skipped_steps`` was silently dropped.)"""
+    monkeypatch.setattr(keys, "SKIPPED_STEPS", "steps_skipped")
+    monkeypatch.setattr(keys, "BEST", "chosen")
+    monkeypatch.setattr(keys, "BEST_HEAD", "chosen_head")
+    bank = _fit(tmp_path, max_epochs=1)
+    logged = _logged(tmp_path / "logs" / "version_0" / "metrics.csv")
+    assert {"train/linear_steps_skipped", "eval/grid_chosen_top1", "eval/grid_chosen_head"} <= set(logged)
+    assert not [k for k in logged if "skipped_steps" in k or "_best_" in k]
+
+    probes = {p.name: p for p in probes_of(read_run(tmp_path), {"grid": (bank.head_ids, "the callback")})}
+    assert {name: p.kind for name, p in probes.items()} == {"linear": "probe", "grid": "bank", "knn": "knn"}
+    grid = probes["grid"]
+    assert grid.eval_accuracy == tuple(logged["eval/grid_chosen_top1"]) and len(grid.eval_accuracy) == 1
+    assert grid.best_head is not None and grid.best_head.selected_by_bank
+    assert grid.best_head.head_id == bank.best_head_id
+    text = write_report(tmp_path, tmp_path / "out").summary.read_text()
+    assert _row("eval best_top1 (selected head, report split)", logged["eval/grid_chosen_top1"]) in text
 
 
 def test_a_resumed_run_reads_both_versions_and_a_rerun_only_the_newest(fit_run, tmp_path):

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from distprobe import keys
-from distprobe.keys import BEST, BEST_HEAD, EVAL, LOSS, LOSS_EPOCH, SKIPPED_STEPS, TRAIN
 from distprobe.report.readers import RunLogs, Series
 from distprobe.report.series import accuracy_metric, is_top_k, last
 from distprobe.report.service_logs import CheckpointResult
@@ -99,7 +98,7 @@ class ProbeCurves:
 def _bank_head(logged: str) -> keys.LoggedKey | None:
     """The parts of one bank head's train or eval key, else None."""
     parsed = keys.parse(logged)
-    if parsed is None or parsed.stage not in (TRAIN, EVAL) or parsed.head is None:
+    if parsed is None or parsed.stage not in (keys.TRAIN, keys.EVAL) or parsed.head is None:
         return None
     return parsed if keys.parse_head_id(parsed.head) is not None else None
 
@@ -127,7 +126,7 @@ def probes_of(logs: RunLogs, head_orders: HeadOrders | None = None) -> list[Prob
             assert head.head is not None  # a bank head's key
             heads = bank_heads.setdefault(head.probe, {})
             heads.setdefault(head.head, {})[(head.stage, head.metric)] = series
-        elif logged.startswith((f"{TRAIN}/", f"{EVAL}/")):
+        elif logged.startswith((f"{keys.TRAIN}/", f"{keys.EVAL}/")):
             flat[logged] = series
     claimed: set[str] = set()
     probes: list[ProbeCurves] = []
@@ -185,12 +184,12 @@ def _bank(
         name=name,
         kind="bank",
         accuracy_metric=metric,
-        train_loss=_take(flat, claimed, keys.key(TRAIN, name, LOSS)),
-        train_loss_epoch=_take(flat, claimed, keys.key(TRAIN, name, LOSS_EPOCH)),
-        eval_accuracy=_take(flat, claimed, keys.key(EVAL, name, metric or "", head=BEST)),
+        train_loss=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
+        train_loss_epoch=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
+        eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric or "", head=keys.BEST)),
         heads=curves,
     )
-    best_index = _take(flat, claimed, keys.key(EVAL, name, BEST_HEAD))
+    best_index = _take(flat, claimed, keys.key(keys.EVAL, name, keys.BEST_HEAD))
     _claim_all(flat, claimed, name)  # skipped steps, best_* of other metrics
     return dataclasses.replace(probe, best_head=_best_head(probe, best_index, order))
 
@@ -200,7 +199,7 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
         return None
     final = last(best_index)
     logged = sorted(h.head_id for h in bank.heads)
-    best_key = keys.key(EVAL, bank.name, BEST_HEAD)
+    best_key = keys.key(keys.EVAL, bank.name, keys.BEST_HEAD)
     if final is None:
         why_not = f"no {best_key} was logged"
     elif order is None:
@@ -238,7 +237,7 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
 
 def _knn_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
     """Names with an eval ``k{K}`` head."""
-    return {p.probe for p in _unclaimed(flat, claimed) if p.stage == EVAL and p.head and keys.knn_k(p.head)}
+    return {p.probe for p in _unclaimed(flat, claimed) if p.stage == keys.EVAL and p.head and keys.knn_k(p.head)}
 
 
 def _knn(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
@@ -246,13 +245,13 @@ def _knn(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurve
     heads: dict[int, Series] = {}
     for parsed in list(_unclaimed(flat, claimed, name)):
         k = keys.knn_k(parsed.head or "")
-        if parsed.stage == EVAL and k is not None and parsed.metric == metric:
+        if parsed.stage == keys.EVAL and k is not None and parsed.metric == metric:
             heads[k] = _take(flat, claimed, parsed.format())
     return ProbeCurves(
         name=name,
         kind="knn",
         accuracy_metric=metric,
-        eval_accuracy=_take(flat, claimed, keys.key(EVAL, name, metric)),
+        eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric)),
         heads=tuple(HeadCurves(keys.knn_head(k), eval_accuracy=heads[k]) for k in sorted(heads)),
     )
 
@@ -263,23 +262,24 @@ def _probe_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
     for parsed in _unclaimed(flat, claimed):
         if parsed.head is not None:
             continue
-        if (parsed.stage == TRAIN and parsed.metric == SKIPPED_STEPS) or (
-            parsed.stage == EVAL and is_top_k(parsed.metric)
+        if (parsed.stage == keys.TRAIN and parsed.metric == keys.SKIPPED_STEPS) or (
+            parsed.stage == keys.EVAL and is_top_k(parsed.metric)
         ):
             names.add(parsed.probe)
     return names
 
 
 def _probe(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
-    metric = accuracy_metric(_metrics_of(flat, claimed, EVAL, name) or _metrics_of(flat, claimed, TRAIN, name))
+    logged = _metrics_of(flat, claimed, keys.EVAL, name) or _metrics_of(flat, claimed, keys.TRAIN, name)
+    metric = accuracy_metric(logged)
     probe = ProbeCurves(
         name=name,
         kind="probe",
         accuracy_metric=metric,
-        train_loss=_take(flat, claimed, keys.key(TRAIN, name, LOSS)),
-        train_loss_epoch=_take(flat, claimed, keys.key(TRAIN, name, LOSS_EPOCH)),
-        eval_accuracy=_take(flat, claimed, keys.key(EVAL, name, metric or "")),
-        train_accuracy=_take(flat, claimed, keys.key(TRAIN, name, metric or "")),
+        train_loss=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
+        train_loss_epoch=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
+        eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric or "")),
+        train_accuracy=_take(flat, claimed, keys.key(keys.TRAIN, name, metric or "")),
     )
     # Longer names are classified first: the rest of `name_*` is this probe's (its other metrics, skipped steps).
     _claim_all(flat, claimed, name)
@@ -304,11 +304,11 @@ def _with_checkpoints(probes: list[ProbeCurves], results: Sequence[CheckpointRes
 def checkpoint_columns(probe: ProbeCurves) -> list[str]:
     """The service's headline heads of a probe: ``best`` (a bank's selected head), then each kNN ``k``, by k."""
     heads = {r.head for r in probe.checkpoints if r.metric == probe.accuracy_metric}
-    columns = [BEST] if BEST in heads else []
+    columns = [keys.BEST] if keys.BEST in heads else []
     return columns + [keys.knn_head(k) for k in sorted(k for k in map(keys.knn_k, heads) if k is not None)]
 
 
 def checkpoint_heads(probe: ProbeCurves) -> list[str]:
     """A bank's head ids among the service's results (neither ``best`` nor a kNN ``k``)."""
     heads = {r.head for r in probe.checkpoints if r.metric == probe.accuracy_metric}
-    return sorted(h for h in heads if h != BEST and keys.knn_k(h) is None)
+    return sorted(h for h in heads if h != keys.BEST and keys.knn_k(h) is None)
