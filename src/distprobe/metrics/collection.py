@@ -9,13 +9,12 @@ import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 
+from distprobe import keys
 from distprobe.metrics.counters import ReasonCounter, RunningMean
 from distprobe.metrics.names import module_key, user_name
 from distprobe.metrics.sync_free import to_sync_free
 
 STAGES = ("train", "val")
-#: Prefix of each stage's logged names; eval metrics are logged as ``eval/{name}_*`` as the reference API says.
-LOG_PREFIX = {"train": "train", "val": "eval"}
 
 
 _FORMS = (
@@ -155,15 +154,18 @@ class ProbeMetrics:
             stage: {name: to_sync_free(metric) for name, metric in metrics.items()}
             for stage, metrics in split_by_stage(spec, probe_name).items()
         }
-        self.train = NamedMetricCollection(by_stage["train"], prefix=f"{LOG_PREFIX['train']}/{probe_name}_")
-        self.val = NamedMetricCollection(by_stage["val"], prefix=f"{LOG_PREFIX['val']}/{probe_name}_")
+        # Each collection's prefix and key make the logged names (`distprobe.keys`); "{stage}.{key}" is also the
+        # metric's checkpoint key (`named_metrics`).
+        train_prefix = keys.stage_prefix(keys.TRAIN, probe_name)
+        self.train = NamedMetricCollection(by_stage["train"], prefix=train_prefix)
+        self.val = NamedMetricCollection(by_stage["val"], prefix=keys.stage_prefix(keys.EVAL, probe_name))
         self.bad_batches = MetricCollection(
-            {"bad_batches": ReasonCounter(reasons, key_prefix="bad_batches/")},
-            prefix=f"train/{probe_name}_",
+            {keys.BAD_BATCHES: ReasonCounter(reasons, key_prefix=keys.bad_batches(""))},
+            prefix=train_prefix,
             compute_groups=False,
         )
         """Micro-batches with bad data, by reason, over the whole run (``train/{name}_bad_batches/{reason}``)."""
-        self.loss = MetricCollection({"loss_epoch": RunningMean()}, prefix=f"train/{probe_name}_", compute_groups=False)
+        self.loss = MetricCollection({keys.LOSS_EPOCH: RunningMean()}, prefix=train_prefix, compute_groups=False)
         """The epoch's mean train loss over every micro-batch of every rank (``train/{name}_loss_epoch``)."""
 
     def stage(self, stage: str) -> MetricCollection:
