@@ -17,6 +17,7 @@ from typing import cast
 
 import torch
 
+from distprobe import keys
 from distprobe.metrics.collection import ProbeMetrics
 from distprobe.metrics.counters import ReasonCounter, RunningMean, mark_updated
 from distprobe.metrics.sync_free import update_collection
@@ -121,8 +122,8 @@ class DeferredUpdates(DeferredSteps):
         self.metrics = metrics
 
     def _fold_into_metrics(self, folded: Folded) -> None:
-        add_reasons(cast(ReasonCounter, self.metrics.bad_batches["bad_batches"]), folded.reasons)
-        mean = cast(RunningMean, self.metrics.loss["loss_epoch"])
+        add_reasons(cast(ReasonCounter, self.metrics.bad_batches[keys.BAD_BATCHES]), folded.reasons)
+        mean = cast(RunningMean, self.metrics.loss[keys.LOSS_EPOCH])
         mean.total.add_(folded.loss_total)
         mean.count.add_(folded.loss_count)
         mark_updated(mean)
