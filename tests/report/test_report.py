@@ -203,17 +203,21 @@ def test_without_a_checkpoint_the_best_head_is_the_highest_final_accuracy_and_sa
 
 def test_a_metric_renamed_in_distprobe_keys_is_still_found_by_the_report(tmp_path, monkeypatch):
     """The callbacks write and the report reads every key through `distprobe.keys`: renaming a metric there renames
-    it for both. (With the report's own patterns, a renamed ``best_*`` or ``skipped_steps`` was silently dropped.)"""
+    it for both. (With the report's own patterns, a renamed ``best_*`` or ``loss_epoch`` was silently dropped.)"""
+    monkeypatch.setattr(keys, "LOSS_EPOCH", "epoch_mean_loss")
     monkeypatch.setattr(keys, "SKIPPED_STEPS", "steps_skipped")
     monkeypatch.setattr(keys, "BEST", "chosen")
     monkeypatch.setattr(keys, "BEST_HEAD", "chosen_head")
     bank = _fit(tmp_path, max_epochs=1)
     logged = _logged(tmp_path / "logs" / "version_0" / "metrics.csv")
-    assert {"train/linear_steps_skipped", "eval/grid_chosen_top1", "eval/grid_chosen_head"} <= set(logged)
-    assert not [k for k in logged if "skipped_steps" in k or "_best_" in k]
+    renamed = ["train/linear_epoch_mean_loss", "train/linear_steps_skipped", "eval/grid_chosen_top1"]
+    assert {*renamed, "train/grid_epoch_mean_loss", "eval/grid_chosen_head"} <= set(logged)
+    assert not [k for k in logged if "skipped_steps" in k or "_best_" in k or "loss_epoch" in k]
 
     probes = {p.name: p for p in probes_of(read_run(tmp_path), {"grid": (bank.head_ids, "the callback")})}
     assert {name: p.kind for name, p in probes.items()} == {"linear": "probe", "grid": "bank", "knn": "knn"}
+    assert probes["linear"].train_loss_epoch == tuple(logged["train/linear_epoch_mean_loss"])
+    assert probes["grid"].train_loss_epoch == tuple(logged["train/grid_epoch_mean_loss"])
     grid = probes["grid"]
     assert grid.eval_accuracy == tuple(logged["eval/grid_chosen_top1"]) and len(grid.eval_accuracy) == 1
     assert grid.best_head is not None and grid.best_head.selected_by_bank
