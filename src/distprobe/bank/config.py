@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from distprobe import keys
 from distprobe.engine.options import TrainingOptions
 
 Normalization = Literal["batchnorm"] | None
@@ -107,9 +108,8 @@ class Head:
 
     @property
     def head_id(self) -> str:
-        """A readable id: ``"embedding/lr=0.01/wd=0/norm=none"``."""
-        norm = "none" if self.normalization is None else "bn"
-        return f"{self.source}/lr={self.lr:g}/wd={self.weight_decay:g}/norm={norm}"
+        """A readable id: ``"embedding/lr=0.01/wd=0/norm=none"`` (`distprobe.keys.head_id`)."""
+        return keys.head_id(self.source, self.lr, self.weight_decay, "none" if self.normalization is None else "bn")
 
 
 @dataclass(kw_only=True)
