@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
+from distprobe.keys import CHECKPOINT, SELECTED, parse, parse_head_id
 from distprobe.service.store import CheckpointRecord, ResultRow, ResultsStore
 from distprobe.service.training_log import logged_key
 
@@ -32,7 +33,7 @@ def rows_of(store: ResultsStore, config_hash: str | None = None) -> list[dict[st
     values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     selected: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
     for checkpoint, _, probe, head, metric, value, hash_ in store.results(config_hash=config_hash):
-        if metric == "selected":
+        if metric == SELECTED:
             selected[(checkpoint, hash_)][probe] = head
         else:
             values[(checkpoint, hash_)][logged_key(ResultRow(probe, head, metric, value))] = value
@@ -84,14 +85,14 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 def _shown(key: str) -> bool:
     """The table shows each bank's best head and each kNN's k (the JSON and CSV show every key)."""
-    name = key.removeprefix("ckpt/")
-    return "/" not in name
+    parsed = parse(key)
+    return parsed is None or parsed.head is None or parse_head_id(parsed.head) is None
 
 
 def _table(rows: list[dict[str, Any]], full_paths: bool, records: list[CheckpointRecord]) -> str:
     keys = [k for k in _value_keys(rows) if _shown(k)]
     banks = sorted({bank for row in rows for bank in row["selected"]})
-    header = ["step", "checkpoint", "config", "state"] + [k.removeprefix("ckpt/") for k in keys]
+    header = ["step", "checkpoint", "config", "state"] + [k.removeprefix(f"{CHECKPOINT}/") for k in keys]
     header += [f"{bank} head" for bank in banks]
     lines = [header]
     for row in rows:
