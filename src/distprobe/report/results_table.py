@@ -122,8 +122,9 @@ def _trend(rows: list[dict[str, Any]], keys: list[str]) -> str:
     ]
     (step0, _, v0), (step1, _, v1) = series[0], series[-1]
     peak = max(series, key=lambda s: s[2])
+    name = first.removeprefix(f"{CHECKPOINT}/")
     return (
-        f"trend {first.removeprefix('ckpt/')} (config {rows[0]['config_hash'][:_HASH_SHOWN]}): {v0:.4f} at step "
+        f"trend {name} (config {rows[0]['config_hash'][:_HASH_SHOWN]}): {v0:.4f} at step "
         f"{step0} -> {v1:.4f} at step {step1} ({v1 - v0:+.4f} over {len(series)} checkpoint(s)); best {peak[2]:.4f} "
         f"at step {peak[0]} ({peak[1]})\n"
     )
