@@ -350,9 +350,14 @@ class ProbeBank:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` saved. The grid must be the same set of heads (in any order)."""
+        """Restore what `state_dict` saved.
+
+        Raises:
+            ValueError: unless the grid is the same heads in the same order (`head_ids`): the flat parameters and
+                optimizer state are laid out in that order.
+        """
         saved_ids = list(state["head_ids"])
-        if sorted(saved_ids) != sorted(self.head_ids) or saved_ids != self.head_ids:
+        if saved_ids != self.head_ids:
             raise ValueError(
                 f"bank '{self.name}': the checkpoint holds heads {saved_ids}, but this bank's grid is "
                 f"{self.head_ids}; resume with the same grid (lr, weight_decay, normalization, input), or give "
