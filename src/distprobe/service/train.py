@@ -151,8 +151,8 @@ def evaluate(
     if knn is not None:
         computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
         for key, value in computed.items():
-            head, metric = keys.split_relative(key)  # the headline top1 is the first k's
-            rows.append(ResultRow(knn.name, head or keys.knn_head(knn.config.k[0]), metric, value))
+            k_head, metric = keys.split_relative(key)  # the headline top1 is the first k's
+            rows.append(ResultRow(knn.name, k_head or keys.knn_head(knn.config.k[0]), metric, value))
         values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
     return ProbeResults(values=values, rows=_unique(rows), best_head=best)
 
