@@ -194,6 +194,9 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="table", help="table (default), json or csv")
     parser.add_argument("--config-hash", help="only this config's rows (a prefix of the hash will do)")
     parser.add_argument("--full-paths", action="store_true", help="print checkpoints' full paths in the table")
+    parser.add_argument(
+        "--timeout-s", type=_number(float, 0), default=10.0, help="seconds to wait for a locked store (default: 10)"
+    )
 
 
 def run_results(args: argparse.Namespace) -> int:
@@ -205,7 +208,7 @@ def run_results(args: argparse.Namespace) -> int:
     store_file = _store_of(args)
     if not store_file.is_file():
         return _fail("results", f"no results store at {store_file}; has a watcher or eval run yet?")
-    store = ResultsStore(store_file, timeout_s=10.0)
+    store = ResultsStore(store_file, timeout_s=args.timeout_s)
     try:
         ingest_published(store)
         config_hash = args.config_hash

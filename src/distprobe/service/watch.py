@@ -162,7 +162,7 @@ class Watcher:
                     failures += 1
                     in_flight, submitted = -1, -1
                     log.error(
-                        "Poll failed (%s: %s); trying again in %.0f s", type(err).__name__, err, self._backoff(failures)
+                        "Poll failed (%s: %s); trying again in %.1f s", type(err).__name__, err, self._backoff(failures)
                     )
                     log.debug("The failed poll's traceback", exc_info=True)
                 polls += 1
