@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
 from distprobe.demo.eval import frozen
+from distprobe.engine.collectives import world_rank_and_size as rank_and_world_size
 
 ROTATION_DEG = 12.0
 """Largest rotation of a view, either way."""
@@ -63,13 +63,6 @@ def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> t
     noise = NOISE * torch.randn(images.shape, generator=generator)
     view = F.grid_sample(images, grid.to(images.device), mode="bilinear", padding_mode="zeros", align_corners=False)
     return (view * contrast.to(images.device) + noise.to(images.device)).clamp(0, 1.5)
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the world size, from the default process group ((0, 1) without one)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def conv_backbone(width: int = 16, embed_dim: int = 128) -> nn.Sequential:

@@ -53,6 +53,11 @@ def rank_and_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def world_rank_and_size() -> tuple[int, int]:
+    """This process's rank in the world and the world's size; ``(0, 1)`` outside torch.distributed."""
+    return rank_and_world(default_group())
+
+
 @_reduces("sum")
 def sum_over_group(
     tensor: torch.Tensor, group: dist.ProcessGroup | None, *, differentiable: bool = False

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from distprobe.engine.collectives import world_rank_and_size as rank_and_world
+
 log = logging.getLogger(__name__)
 
 Forward = Callable[[nn.Module, Any], torch.Tensor]
@@ -43,13 +45,6 @@ class CachedSplit:
     def size(self) -> int:
         """Samples in the split."""
         return int(self.labels.shape[0])
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0 and 1 without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
