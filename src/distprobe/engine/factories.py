@@ -124,29 +124,50 @@ def build_optimizer(spec: Any, params: list[nn.Parameter], *, probe_name: str) -
     if isinstance(spec, Optimizer):
         _check_owns_probe_params(spec, params, probe_name)
         return spec
+
+    def by_name(name: str, kwargs: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+        kind = _optimizer_class(name, probe_name)
+        kwargs = {**OPTIMIZER_DEFAULTS.get(name, {}), **kwargs}
+        return kind, {**_fused_default(kind, kwargs, params), **kwargs}
+
+    return _from_spec(spec, params, Optimizer, "optimizer", probe_name, by_name, "{'type': 'AdamW', 'lr': 1e-3}")
+
+
+def _from_spec(
+    spec: Any,
+    target: Any,
+    expected: type,
+    argument: str,
+    probe_name: str,
+    by_name: Callable[[str, dict[str, Any]], tuple[Callable[..., Any], dict[str, Any]]],
+    example: str,
+) -> Any:
+    """Build an ``expected`` on ``target`` from a name, a ``{"type": ...}`` dict, a Hydra config or a callable.
+
+    ``by_name`` turns a name and the dict's other keys into the class and its arguments (defaults filled in).
+    """
     if isinstance(spec, str):
         spec = {"type": spec}
     if _is_hydra_config(spec):
         factory = _instantiate(spec, _partial_=True)
-        return _checked(factory(params), Optimizer, "optimizer", probe_name)
+        return _checked(factory(target), expected, argument, probe_name)
     if isinstance(spec, Mapping):
         kwargs = dict(spec)
         kind = kwargs.pop("type", None)
         if kind is None:
             raise ValueError(
-                f"probe '{probe_name}': argument 'optimizer' dict {spec!r} has no 'type'; "
-                "write {'type': 'AdamW', 'lr': 1e-3} or pass a name."
+                f"probe '{probe_name}': argument '{argument}' dict {spec!r} has no 'type'; write {example} or pass a "
+                "name."
             )
         if isinstance(kind, str):
-            kwargs = {**OPTIMIZER_DEFAULTS.get(kind, {}), **kwargs}
-            kind = _optimizer_class(kind, probe_name)
-            kwargs = {**_fused_default(kind, kwargs, params), **kwargs}
-        return _checked(kind(params, **kwargs), Optimizer, "optimizer", probe_name)
+            kind, kwargs = by_name(kind, kwargs)
+        return _checked(kind(target, **kwargs), expected, argument, probe_name)
     if callable(spec):
-        return _checked(spec(params), Optimizer, "optimizer", probe_name)
+        return _checked(spec(target), expected, argument, probe_name)
+    takes = "parameters" if expected is Optimizer else "the optimizer"
     raise ValueError(
-        f"probe '{probe_name}': argument 'optimizer' got {spec!r} of type {type(spec).__name__}; expected a name, "
-        "a {'type': ...} dict, a partial/class/callable taking parameters, an Optimizer, or None."
+        f"probe '{probe_name}': argument '{argument}' got {spec!r} of type {type(spec).__name__}; expected a name, "
+        f"a {{'type': ...}} dict, a partial/class/callable taking {takes}, an {expected.__name__}, or None."
     )
 
 
@@ -207,34 +228,17 @@ def build_scheduler(spec: Any, optimizer: Optimizer, *, total_steps: int | None,
                 "build it on this probe's optimizer instance, or pass a name/partial."
             )
         return spec
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if _is_hydra_config(spec):
-        factory = _instantiate(spec, _partial_=True)
-        return _checked(factory(optimizer), LRScheduler, "scheduler", probe_name)
-    if isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        kind = kwargs.pop("type", None)
-        if isinstance(kind, str):
-            if kind not in scheduler_names():
-                raise ValueError(
-                    f"probe '{probe_name}': argument 'scheduler' got unknown name {kind!r}; "
-                    f"valid names: {scheduler_names()}"
-                )
-            kwargs = {**_scheduler_defaults(kind, optimizer, total_steps), **kwargs}
-            kind = getattr(torch.optim.lr_scheduler, kind)
-        if kind is None:
+
+    def by_name(name: str, kwargs: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+        if name not in scheduler_names():
             raise ValueError(
-                f"probe '{probe_name}': argument 'scheduler' dict {spec!r} has no 'type'; "
-                "write {'type': 'CosineAnnealingLR'} or pass a name."
+                f"probe '{probe_name}': argument 'scheduler' got unknown name {name!r}; "
+                f"valid names: {scheduler_names()}"
             )
-        return _checked(kind(optimizer, **kwargs), LRScheduler, "scheduler", probe_name)
-    if callable(spec):
-        return _checked(spec(optimizer), LRScheduler, "scheduler", probe_name)
-    raise ValueError(
-        f"probe '{probe_name}': argument 'scheduler' got {spec!r} of type {type(spec).__name__}; expected a name, "
-        "a {'type': ...} dict, a partial/class/callable taking the optimizer, an LRScheduler, or None."
-    )
+        kwargs = {**_scheduler_defaults(name, optimizer, total_steps), **kwargs}
+        return getattr(torch.optim.lr_scheduler, name), kwargs
+
+    return _from_spec(spec, optimizer, LRScheduler, "scheduler", probe_name, by_name, "{'type': 'CosineAnnealingLR'}")
 
 
 def _checked(obj: Any, expected: type, argument: str, probe_name: str) -> Any:
