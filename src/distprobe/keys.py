@@ -150,10 +150,21 @@ def knn_head(k: int) -> str:
     return f"k{k}"
 
 
+def ridge_head(l2: float) -> str:
+    """An OnlineRidge head, one per lambda: ``l2=0.01`` (``%g`` form), logged as ``eval/{probe}/l2=0.01_top1``."""
+    return f"l2={l2:g}"
+
+
+def episode_id(shots: int, seed: int) -> str:
+    """A few-shot episode's id: ``shots=5/seed=0`` (its draw depends on these and the class alone)."""
+    return f"shots={shots}/seed={seed}"
+
+
 # --- parsing ----------------------------------------------------------------------------------------------------
 
 _HEAD_ID = re.compile(r"^(?P<source>.+)/lr=(?P<lr>[^/]+)/wd=(?P<wd>[^/]+)/norm=(?P<norm>none|bn)$")
 _KNN_HEAD = re.compile(r"^k(\d+)$")
+_RIDGE_HEAD = re.compile(r"^l2=([^/_]+)$")
 
 
 def parse_head_id(head: str) -> HeadId | None:
@@ -169,6 +180,17 @@ def knn_k(head: str) -> int | None:
     """The k of a kNN's head (``k20`` gives 20), or None if ``head`` is not one."""
     match = _KNN_HEAD.match(head)
     return int(match[1]) if match else None
+
+
+def ridge_l2(head: str) -> float | None:
+    """The lambda of an OnlineRidge head (``l2=0.01`` gives 0.01), or None if ``head`` is not one."""
+    match = _RIDGE_HEAD.match(head)
+    if match is None:
+        return None
+    try:
+        return float(match[1])
+    except ValueError:
+        return None
 
 
 def parse(logged: str, names: Iterable[str] = ()) -> LoggedKey | None:
@@ -218,7 +240,7 @@ def split_relative(relative: str) -> tuple[str | None, str]:
             raise ValueError(f"relative key {relative!r}: expected '{{head_id}}_{{metric}}' for a bank head")
         return head, metric
     first, sep, metric = relative.partition("_")
-    if sep and metric and (first == BEST or knn_k(first) is not None):
+    if sep and metric and (first == BEST or knn_k(first) is not None or ridge_l2(first) is not None):
         return first, metric
     return None, relative
 
@@ -227,7 +249,8 @@ def _split_head(tail: str) -> tuple[str | None, str]:
     """``(head_id, metric)`` of ``{head_id}_{metric}``; ``(None, tail)`` unless it starts with a bank head's id."""
     for index in (i for i, char in enumerate(tail) if char == "_"):
         metric = tail[index + 1 :]
-        if metric and "/" not in metric and parse_head_id(tail[:index]) is not None:
+        head = tail[:index]
+        if metric and "/" not in metric and (parse_head_id(head) is not None or ridge_l2(head) is not None):
             return tail[:index], metric
     return None, tail
 

@@ -1,0 +1,47 @@
+"""Closed-form and convex probes on frozen features, few-shot protocols and bootstrap intervals (torch only).
+
+- `ridge`: exact ridge regression from summed float64 sufficient statistics, every lambda from one decomposition;
+- `logreg`: multinomial logistic regression by float64 L-BFGS (scikit-learn's objective), DINOv2/v3's C protocol;
+- `fewshot`: episodes drawn from ``(seed, shots, class)``, ridge and logreg solvers, no validation leakage;
+- `bootstrap`: seeded percentile intervals from per-sample results;
+- `spread`: whole problems spread over ranks, results gathered identically at any world size.
+
+None of it imports Lightning: `distprobe.callbacks.OnlineRidge` and the probing service are adapters over it.
+"""
+
+from distprobe.convex.bootstrap import Interval, bootstrap_interval
+from distprobe.convex.fewshot import (
+    Episode,
+    EpisodeResult,
+    ShotsSummary,
+    draw_episode,
+    draw_episodes,
+    run_fewshot,
+    solve_episode,
+    summarise,
+)
+from distprobe.convex.logreg import DINOV3_C_GRID, LinearModel, LogregResult, Standardizer, fit_logreg, logreg_grid
+from distprobe.convex.ridge import RidgeSolution, RidgeStatistics, fit_ridge, solve_centred
+
+__all__ = [
+    "DINOV3_C_GRID",
+    "Episode",
+    "EpisodeResult",
+    "Interval",
+    "LinearModel",
+    "LogregResult",
+    "RidgeSolution",
+    "RidgeStatistics",
+    "ShotsSummary",
+    "Standardizer",
+    "bootstrap_interval",
+    "draw_episode",
+    "draw_episodes",
+    "fit_logreg",
+    "fit_ridge",
+    "logreg_grid",
+    "run_fewshot",
+    "solve_centred",
+    "solve_episode",
+    "summarise",
+]

@@ -1,0 +1,239 @@
+"""Few-shot protocols: reproducible episodes, ridge and logistic-regression solvers, no validation leakage (torch only).
+
+An episode takes ``shots`` training samples of every class. Which ones depends on ``(seed, shots, class)`` alone,
+through a generator seeded from those three numbers over the class's positions in the training set: the same
+episode on any world size, after any resume, in any order of computation (torchgeo-bench #177 reports few-shot runs
+that could not be reproduced). Each episode has an id (`distprobe.keys.episode_id`) so a requeued job can redo only
+the ones it lacks.
+
+A solver's regularisation is either one fixed value or chosen by cross-validation inside the episode's own shots;
+the validation set only scores the final fit (CLIP_benchmark #125 and openai/CLIP #128 tuned it on validation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from distprobe import keys
+from distprobe.convex.logreg import LinearModel, Standardizer, fit_logreg
+from distprobe.convex.ridge import fit_ridge
+from distprobe.convex.spread import gather_rows, my_share
+
+Solver = Literal["ridge", "logreg"]
+SOLVERS: tuple[Solver, ...] = ("ridge", "logreg")
+#: Cross-validation folds inside an episode at most (fewer when there are fewer shots).
+MAX_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode: ``shots`` samples of each class, drawn with ``seed``."""
+
+    shots: int
+    seed: int
+    indices: torch.Tensor
+    """``(num_classes * shots,)`` positions in the training set, class by class, each class in its draw order."""
+
+    @property
+    def id(self) -> str:
+        """``shots={shots}/seed={seed}``."""
+        return keys.episode_id(self.shots, self.seed)
+
+    def folds(self, num_folds: int) -> torch.Tensor:
+        """``(num_classes * shots,)`` each sample's cross-validation fold: the j-th shot of every class in fold j mod k.
+
+        So every fold holds every class, whatever the number of classes.
+        """
+        return torch.arange(self.indices.numel()) % self.shots % num_folds
+
+
+def _class_seed(seed: int, shots: int, cls: int) -> int:
+    # A fixed mix of the three numbers (no Python hash(), which is salted per process).
+    return ((seed * 1_000_003 + shots) * 1_000_033 + cls) % (2**63 - 1)
+
+
+def draw_episode(labels: torch.Tensor, num_classes: int, shots: int, seed: int) -> Episode:
+    """The episode ``(seed, shots)`` over the training labels ``(N,)``."""
+    if shots < 1:
+        raise ValueError(f"fewshot: shots={shots}; expected a number of samples per class >= 1, e.g. [1, 5, 10, 25]")
+    labels = labels.detach().cpu().long()
+    picked = []
+    for cls in range(num_classes):
+        members = torch.nonzero(labels == cls).flatten()
+        if members.numel() < shots:
+            raise ValueError(
+                f"fewshot: class {cls} has {members.numel()} training samples, fewer than shots={shots}; "
+                f"drop that shot count or use a larger training set"
+            )
+        generator = torch.Generator().manual_seed(_class_seed(seed, shots, cls))
+        picked.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
+    return Episode(shots, seed, torch.cat(picked))
+
+
+def draw_episodes(
+    labels: torch.Tensor, num_classes: int, shots: Iterable[int], seeds: int | Sequence[int]
+) -> list[Episode]:
+    """Every ``(shots, seed)`` episode, shots-major; ``seeds`` a count (0..seeds-1) or the seeds themselves."""
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    return [draw_episode(labels, num_classes, s, seed) for s in shots for seed in seed_list]
+
+
+def _regularisation(solver: Solver, reg: float | Sequence[float]) -> list[float]:
+    """The candidate values, most regularised first (so a tie keeps the most regularised)."""
+    values = [float(reg)] if isinstance(reg, (int, float)) else [float(v) for v in reg]
+    if solver not in SOLVERS:
+        raise ValueError(f"fewshot: solver={solver!r}; expected one of {list(SOLVERS)}")
+    bad = [v for v in values if not (v > 0 if solver == "logreg" else v >= 0) or not math.isfinite(v)]
+    if not values or bad:
+        what = "C > 0 (scikit-learn's C)" if solver == "logreg" else "l2 >= 0"
+        raise ValueError(f"fewshot: reg={reg!r} for solver {solver!r}; expected one value or a list, each {what}")
+    # ridge: a larger lambda regularises more; logreg: a smaller C does.
+    return sorted(set(values), reverse=solver == "ridge")
+
+
+def _fit_predict(
+    solver: Solver,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    num_classes: int,
+    values: list[float],
+) -> torch.Tensor:
+    """``(len(values), B)``: predictions on ``test_x`` of one fit per value on ``(train_x, train_y)``."""
+    if solver == "ridge":
+        return fit_ridge(train_x, train_y, num_classes, values).predict(test_x)
+    scaler = Standardizer.fit(train_x)
+    fit_x, test = scaler(train_x), scaler(test_x)
+    model: LinearModel | None = None
+    out = []
+    for value in sorted(values):  # warm start from the most regularised end
+        model = fit_logreg(fit_x, train_y, num_classes, value, init=model)
+        out.append((value, model.predict(test)))
+    by_value = dict(out)
+    return torch.stack([by_value[v] for v in values])
+
+
+def choose_regularisation(
+    solver: Solver, x: torch.Tensor, y: torch.Tensor, episode: Episode, num_classes: int, values: list[float]
+) -> float:
+    """The value with the best cross-validated accuracy inside the episode's shots (ties: the most regularised)."""
+    if len(values) == 1:
+        return values[0]
+    if episode.shots < 2:
+        raise ValueError(
+            f"fewshot: {episode.id}: choosing the regularisation needs >= 2 shots per class to cross-validate inside "
+            f"the episode (never on validation); pass one fixed value for 1-shot episodes"
+        )
+    num_folds = min(episode.shots, MAX_FOLDS)
+    fold = episode.folds(num_folds).to(x.device)
+    correct = torch.zeros(len(values), dtype=torch.float64)
+    for k in range(num_folds):
+        held = fold == k
+        predictions = _fit_predict(solver, x[~held], y[~held], x[held], num_classes, values)
+        correct += (predictions == y[held]).double().sum(1).cpu()
+    return values[int(torch.argmax(correct))]
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    """One episode's outcome on the validation set."""
+
+    id: str
+    shots: int
+    seed: int
+    reg: float
+    """The regularisation used (fixed, or chosen inside the shots)."""
+    val_correct: torch.Tensor
+    """``(N_val,)`` bool, for accuracy and its bootstrap interval."""
+
+    @property
+    def top1(self) -> float:
+        """Accuracy on the validation set."""
+        return float(self.val_correct.double().mean())
+
+
+def solve_episode(
+    episode: Episode,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    *,
+    solver: Solver,
+    reg: float | Sequence[float],
+) -> EpisodeResult:
+    """Fit ``solver`` on the episode's shots (choosing ``reg`` inside them when several are given); score on val."""
+    values = _regularisation(solver, reg)
+    index = episode.indices.to(train_x.device)
+    x, y = train_x[index], train_y[index].long()
+    chosen = choose_regularisation(solver, x, y, episode, num_classes, values)
+    predictions = _fit_predict(solver, x, y, val_x, num_classes, [chosen])[0]
+    return EpisodeResult(episode.id, episode.shots, episode.seed, chosen, (predictions == val_y.long()).cpu())
+
+
+def run_fewshot(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    *,
+    shots: Sequence[int],
+    seeds: int | Sequence[int],
+    solver: Solver,
+    reg: float | Sequence[float],
+    skip: Iterable[str] = (),
+    group: dist.ProcessGroup | None = None,
+) -> list[EpisodeResult]:
+    """Every episode not in ``skip`` (ids already done), spread over the ranks of ``group``; all results on every rank.
+
+    Every rank must hold the same train and val sets. Each rank solves whole episodes; the results are gathered with
+    one sum, so they are the same at any world size.
+    """
+    # Fail before any work, on every rank alike (one rank raising inside its share would leave the others waiting).
+    if len(_regularisation(solver, reg)) > 1 and min(shots, default=2) < 2:
+        raise ValueError(
+            f"fewshot: shots={list(shots)} with reg={reg!r}: choosing the regularisation needs >= 2 shots per class "
+            f"to cross-validate inside each episode (never on validation); pass one fixed value, or drop 1-shot"
+        )
+    done = set(skip)
+    todo = [e for e in draw_episodes(train_y, num_classes, shots, seeds) if e.id not in done]
+    rows = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64)
+    for position in my_share(len(todo), group):
+        result = solve_episode(todo[position], train_x, train_y, val_x, val_y, num_classes, solver=solver, reg=reg)
+        rows[position, 0] = result.reg
+        rows[position, 1:] = result.val_correct.double()
+    rows = gather_rows(rows, group)
+    return [
+        EpisodeResult(e.id, e.shots, e.seed, float(row[0]), row[1:] > 0.5) for e, row in zip(todo, rows, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class ShotsSummary:
+    """Accuracy over the seeds of one shot count: the mean and the standard deviation (n - 1; 0 for one seed)."""
+
+    shots: int
+    mean: float
+    std: float
+    seeds: int
+
+
+def summarise(results: Iterable[EpisodeResult]) -> list[ShotsSummary]:
+    """One `ShotsSummary` per shot count, in increasing shots."""
+    by_shots: dict[int, list[float]] = {}
+    for result in results:
+        by_shots.setdefault(result.shots, []).append(result.top1)
+    out = []
+    for shots in sorted(by_shots):
+        values = torch.tensor(by_shots[shots], dtype=torch.float64)
+        std = float(values.std(unbiased=True)) if values.numel() > 1 else 0.0
+        out.append(ShotsSummary(shots, float(values.mean()), std, values.numel()))
+    return out

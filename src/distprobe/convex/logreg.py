@@ -1,0 +1,187 @@
+"""Multinomial logistic regression by float64 L-BFGS, and DINOv2/v3's protocol over a grid of C (torch only).
+
+The objective is scikit-learn's, so a C means the same in both: ``C * sum_i CE(x_i W + b, y_i) + ||W||^2 / 2`` with
+the bias unpenalised (`fit_logreg` minimises it divided by ``C n``, the same minimiser, better scaled for L-BFGS).
+
+`logreg_grid` runs the protocol: features standardised; C chosen on a held-out share of train (a hashed tenth by
+default, as DINOv2/v3 do without a validation set), never on the reported set; the chosen C refitted on all of train
+and reported on val. The grid is cut into fixed chains of consecutive C values; a rank fits whole chains, each
+warm-started along the chain from the most regularised end, so a fit is the same whichever rank runs it and the
+results are the same at any world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distprobe.convex.spread import gather_rows, my_share
+
+#: DINOv3's grid of C: 45 values log-spaced from 1e-6 to 1e5.
+DINOV3_C_GRID: tuple[float, ...] = tuple(float(c) for c in torch.logspace(-6, 5, 45, dtype=torch.float64))
+
+_GOLDEN = 2654435761  # Knuth's multiplicative hash, as in bank/selection.py: the held-out share spans every class
+_SPAN = 2**32
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """A linear classifier: ``scores = x W + b``, ``weight`` ``(D, C)``, ``bias`` ``(C,)``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` the class with the largest score."""
+        return (features.to(self.weight) @ self.weight + self.bias).argmax(-1)
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Per-feature mean and standard deviation of a training set; `__call__` standardises any set with them."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> Standardizer:
+        """The statistics of ``features`` ``(N, D)`` in float64; constant features keep a scale of 1."""
+        x = features.to(torch.float64)
+        std = x.std(0, unbiased=False)
+        return cls(x.mean(0), torch.where(std > 1e-12, std, torch.ones_like(std)))
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` standardised, float64."""
+        return (features.to(torch.float64) - self.mean) / self.std
+
+
+def held_out(num_samples: int, fraction: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(N,)`` bool: the hashed share of train (by position) that chooses C; the same for any world size."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"logreg: holdout={fraction}; expected a fraction in (0, 1), e.g. 0.1")
+    positions = torch.arange(num_samples, dtype=torch.long, device=device)
+    return (positions * _GOLDEN) % _SPAN < int(fraction * _SPAN)
+
+
+def fit_logreg(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    c: float,
+    *,
+    init: LinearModel | None = None,
+    max_iter: int = 1000,
+    tolerance: float = 1e-10,
+) -> LinearModel:
+    """Minimise scikit-learn's multinomial objective at ``c`` by L-BFGS in float64, from ``init`` or zeros.
+
+    Args:
+        features: ``(N, D)``, standardised by the caller where that is wanted.
+        labels: ``(N,)`` integer classes in ``[0, num_classes)``.
+        num_classes: C.
+        c: The inverse regularisation strength (scikit-learn's ``C``).
+        init: A warm start (the neighbouring C's solution).
+        max_iter: L-BFGS iterations at most.
+        tolerance: Stop when the largest gradient entry or the change of the objective falls below it.
+    """
+    if not c > 0:
+        raise ValueError(f"logreg: C={c}; expected C > 0 (scikit-learn's inverse regularisation strength)")
+    x = features.to(torch.float64)
+    y = labels.to(x.device).long()
+    n, dim = x.shape
+    weight = torch.zeros(dim, num_classes, dtype=torch.float64, device=x.device)
+    bias = torch.zeros(num_classes, dtype=torch.float64, device=x.device)
+    if init is not None:
+        weight.copy_(init.weight)
+        bias.copy_(init.bias)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    penalty = 1.0 / (2.0 * c * n)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tolerance,
+        tolerance_change=tolerance * 1e-2,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + penalty * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return LinearModel(weight.detach(), bias.detach())
+
+
+@dataclass(frozen=True)
+class LogregResult:
+    """The protocol's outcome: the grid's held-out accuracies, the chosen C and the refitted model's val results."""
+
+    c_grid: tuple[float, ...]
+    holdout_top1: torch.Tensor
+    """``(len(c_grid),)``: each C's accuracy on the held-out share of train."""
+    best_c: float
+    val_correct: torch.Tensor
+    """``(N_val,)`` bool: each validation sample classified right by the refitted model (for intervals)."""
+    model: LinearModel
+    standardizer: Standardizer
+
+    @property
+    def val_top1(self) -> float:
+        """The refitted model's accuracy on val."""
+        return float(self.val_correct.double().mean())
+
+
+def _chains(num_values: int, chain: int) -> list[range]:
+    return [range(start, min(start + chain, num_values)) for start in range(0, num_values, chain)]
+
+
+def logreg_grid(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    c_grid: Sequence[float] = DINOV3_C_GRID,
+    holdout: float = 0.1,
+    chain: int = 5,
+    group: dist.ProcessGroup | None = None,
+    max_iter: int = 1000,
+) -> LogregResult:
+    """DINOv2/v3's logistic-regression protocol over ``c_grid``, spread over the ranks of ``group``.
+
+    Every rank must hold the same train and val sets (the service reads them from one cache). The validation labels
+    are used once, to score the refitted model: no choice reads them.
+    """
+    grid = tuple(sorted(float(c) for c in c_grid))
+    if not grid or chain < 1:
+        raise ValueError(f"logreg: c_grid={c_grid}, chain={chain}; expected one or more C values and chain >= 1")
+    held = held_out(train_features.shape[0], holdout, train_features.device)
+    fit_x, fit_y = train_features[~held], train_labels[~held]
+    choose_x, choose_y = train_features[held], train_labels[held]
+    scaler = Standardizer.fit(fit_x)
+    fit_x, choose_x = scaler(fit_x), scaler(choose_x)
+
+    chains = _chains(len(grid), chain)
+    holdout_top1 = torch.zeros(len(grid), dtype=torch.float64, device=train_features.device)
+    for index in my_share(len(chains), group):
+        model: LinearModel | None = None
+        for position in chains[index]:
+            model = fit_logreg(fit_x, fit_y, num_classes, grid[position], init=model, max_iter=max_iter)
+            holdout_top1[position] = (model.predict(choose_x) == choose_y.to(choose_x.device)).double().mean()
+    holdout_top1 = gather_rows(holdout_top1, group)
+    # The first best wins: the most regularised of equally accurate values.
+    best_c = grid[int(torch.argmax(holdout_top1))]
+
+    full_scaler = Standardizer.fit(train_features)
+    model = fit_logreg(full_scaler(train_features), train_labels, num_classes, best_c, max_iter=max_iter)
+    val_correct = model.predict(full_scaler(val_features)) == val_labels.to(val_features.device)
+    return LogregResult(grid, holdout_top1.cpu(), best_c, val_correct.cpu(), model, full_scaler)
