@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -16,6 +18,10 @@ from distprobe.engine.collectives import (
     is_distributed,
     rank_and_world,
 )
+
+#: torch 2.13 splits DDP's ``broadcast_buffers`` into ``init_sync`` and ``forward_sync_buffers``; older releases (the
+#: floor, 2.11) only know ``broadcast_buffers`` (README.md, "Supported versions").
+_FORWARD_SYNC_BUFFERS = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
 
 #: The former name of `rank_and_world`.
 group_rank_and_size = rank_and_world
@@ -43,6 +49,8 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
         return module
     if dist.get_world_size(group) < dist.get_world_size():
         broadcast_from_global_rank0([*module.parameters(), *module.buffers()])
+    elif not _FORWARD_SYNC_BUFFERS:  # torch < 2.13: DDP(broadcast_buffers=False) does not broadcast them at build
+        broadcast_from_global_rank0(list(module.buffers()))
     if dist.get_world_size(group) == 1:
         return module
     params = list(module.parameters())
@@ -62,7 +70,7 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
         # `broadcast_buffers=False`, which also skipped the broadcast at build; buffers equal everywhere lose
         # nothing by it.)
         init_sync=True,
-        forward_sync_buffers=False,
+        **({"forward_sync_buffers": False} if _FORWARD_SYNC_BUFFERS else {"broadcast_buffers": False}),
     )
 
 
