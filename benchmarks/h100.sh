@@ -4,6 +4,8 @@
 #   bash benchmarks/h100.sh setup tests syncs vit        # first call
 #   bash benchmarks/h100.sh setup resnet strategies precision
 #   bash benchmarks/h100.sh setup gpu-tests knn own-data   # the kNN, monitors and own-data stages
+#   bash benchmarks/h100.sh setup cuda-suite floors         # the torch floor: every CUDA test + the floors' CPU tests
+#   bash benchmarks/h100.sh setup levers-vit levers-resnet  # issue 28: the bank's levers, profile and exactness
 #
 # `setup` installs the wheels carried in .whl/ (lightning, torchmetrics, deepspeed built from its source
 # distribution, stable-pretraining and the few of its dependencies the benchmark runs) into /tmp/site; distprobe
@@ -79,6 +81,34 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         stage service-tests $PY -m pytest -p no:cacheprovider -m gpu tests/service -q -rs
         stage service $PY benchmarks/probing_service.py --device cuda --json "$OUT/service.json"
         ;;
+    # The torch floor (issue 28): every CUDA-marked test of the suite, on this machine's torch.
+    cuda-suite) stage cuda-suite $PY -m pytest -p no:cacheprovider -m gpu tests/gpu tests/knn tests/monitors \
+        tests/metrics tests/service -q -rs ;;
+    # ...and `make test-floors`' selection (FLOORS_TESTS and FLOORS_SKIP, read from the Makefile) on this torch, on
+    # the CPU (CUDA hidden, as CI runs it), 8 workers; failures are run again alone to tell a real failure from a
+    # clash of parallel workers.
+    floors)
+        local_tests=$($PY -c "import re; t = open('Makefile').read().replace('\\\\\n', ' ')
+print(' '.join(re.search(r'^FLOORS_TESTS := (.*)$', t, re.M)[1].split()), '|',
+      ' '.join(re.search(r'^FLOORS_SKIP := (.*)$', t, re.M)[1].split()))")
+        stage floors env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -n 8 ${local_tests%%|*} ${local_tests#*|}
+        stage floors-rerun env CUDA_VISIBLE_DEVICES= $PY -m pytest -q --lf --lfnf=none ${local_tests%%|*} \
+            ${local_tests#*|}
+        # What the selection leaves out because CI's two environments share one torch (see the Makefile): the
+        # engine and ProbeSet on torch.distributed alone, and the repeated clean-exit runs.
+        stage floors-extra env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -n 8 -p no:cacheprovider \
+            tests/distributed/test_ddp_engine.py tests/distributed/test_real_use_engine.py tests/loop/test_probe_set.py \
+            tests/distributed/test_clean_exit.py \
+            tests/distributed/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
+        ;;
+    # Issue 28: a 64-head bank beside a plain-torch training step, each lever alone and together.
+    levers-*) stage "$what" $PY benchmarks/bank_levers.py --workload "${what#levers-}" --json "$OUT/$what.json" \
+        ${LEVERS_ARGS:-} ;;
+    # Issue 28: the Lightning table (none, 1 and 8 OnlineProbes, the 64-head bank and its lever variants).
+    table-*) stage "$what" $BENCH --workload "${what#table-}" --rounds "${ROUNDS:-3}" --steps "${STEPS:-20}" \
+        --variants "${VARIANTS:-none,distprobe_x1,distprobe_x8,distprobe_bank64plain}" --json "$OUT/$what.json" ;;
+    bank-syncs) stage bank-syncs $BENCH --sync-check --workload resnet \
+        --variants "${VARIANTS:-distprobe_x1,distprobe_x8,distprobe_bank64plain}" --json "$OUT/bank-syncs.json" ;;
     own-data) stage own-data $PY benchmarks/own_data.py --accelerator gpu --precision bf16-mixed --batch 1024 \
         --width 2048 --rounds 5 --steps 40 ;;
     *) echo "unknown stage $what" && exit 2 ;;

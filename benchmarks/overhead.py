@@ -62,6 +62,10 @@ DIAGNOSTIC = ("nolog_x1", "nolog_x8", "local_x1", "local_x8")
 #: Probe banks, run only when named: bank64 is 16 learning rates x 2 weight decays x (none, BatchNorm), SGD with
 #: momentum; bank64plain the same 64 heads without the BatchNorm half (16 lr x 4 wd).
 BANKS = ("distprobe_bank64", "distprobe_bank64plain")
+#: bank64plain with levers of issue 28 applied from outside the library (`bank_levers.LeveredBank`), run only when
+#: named: ``+side`` (a side CUDA stream from the forward's end), ``+fused`` (the compiled SGD update), ``+tf32``,
+#: ``+all``; several may be joined (``distprobe_bank64plain+side+fused``).
+LEVERED = "distprobe_bank64plain+"
 BANK_LRS = [10 ** (-4 + i * 0.25) for i in range(16)]
 BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none"}
 SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8"}
@@ -209,9 +213,14 @@ def build_variant(
     if variant == "paramgroup":
         return ParamGroupProbeModule(backbone, workload.embed_dim, workload.num_classes), []
     module = SSLModule(backbone, workload.embed_dim)
-    if variant in BANKS:
+    if variant in BANKS or variant.startswith(LEVERED):
         with_bn = variant == "distprobe_bank64"
-        bank = OnlineProbeBank(
+        bank_cls: Any = OnlineProbeBank
+        if variant.startswith(LEVERED):
+            from bank_levers import levered_bank
+
+            bank_cls = levered_bank(variant.removeprefix(LEVERED))
+        bank = bank_cls(
             None,
             name="bank",
             input="embedding",
@@ -516,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     names = (args.workload or ("tiny" if args.smoke else "vit,resnet" if cuda else "mlp")).split(",")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS + DIAGNOSTIC + BANKS]
+    unknown = [v for v in variants if v not in VARIANTS + DIAGNOSTIC + BANKS and not v.startswith(LEVERED)]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC + BANKS)}")
     local = [v for v in variants if v.startswith("local")]
