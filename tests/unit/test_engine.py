@@ -221,14 +221,14 @@ def test_setting_total_steps_later_equals_knowing_them_at_build(scheduler):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nonfinite_flag_is_found_inf_and_leaves_gradients_unchanged(dtype):
-    from distprobe.engine import functional as maths
+    from distprobe.engine import functional
 
     grads = [torch.randn(4, 3, dtype=dtype), torch.randn(3, dtype=dtype)]
     before = [g.clone() for g in grads]
-    flag = maths.nonfinite_flag(grads)
+    flag = functional.nonfinite_flag(grads)
     assert flag.dtype == torch.float32 and flag.shape == () and float(flag) == 0.0
     assert all(torch.equal(g, b) for g, b in zip(grads, before))
     for poison in (float("nan"), float("inf"), -float("inf")):
         bad = [g.clone() for g in grads]
         bad[1][2] = poison
-        assert float(maths.nonfinite_flag(bad)) == 1.0
+        assert float(functional.nonfinite_flag(bad)) == 1.0
