@@ -1,0 +1,258 @@
+"""`RidgeProbe`: an online closed-form ridge probe over a data-parallel group (torch only; no Lightning).
+
+Each rank sums the float64 sufficient statistics of its training batches (`RidgeStatistics`); at each evaluation
+one flat all-reduce gives every rank the group's sums and every rank solves the same problem exactly, for every
+lambda at once. Evaluation counts each validation sample once per lambda, and the best lambda is chosen on the
+hashed selection share of the validation set and reported on the rest, as a bank chooses its best head
+(`distprobe.bank.selection`). Nothing is gathered: memory is O(D^2 + DC) per rank, whatever the number of samples.
+
+`distprobe.callbacks.OnlineRidge` drives it from Lightning; a plain loop calls `train_step`, `start_eval_epoch`,
+`eval_step` and `compute_eval_metrics` on every rank at the same points.
+
+Example:
+    >>> probe = RidgeProbe.build(RidgeConfig(name="ridge", num_classes=3, l2=(1e-3, 1.0)), in_features=4)
+    >>> probe.train_step(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    >>> probe.start_eval_epoch()
+    True
+    >>> _ = probe.eval_step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    >>> sorted(probe.compute_eval_metrics())[:2]
+    ['best_l2', 'best_top1']
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distprobe import keys
+from distprobe.bank.selection import global_positions, selects
+from distprobe.convex.ridge import RidgeSolution, RidgeStatistics
+from distprobe.engine.bad_data import REASONS
+from distprobe.engine.collectives import rank_and_world, sum_over_group
+
+log = logging.getLogger(__name__)
+
+#: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
+DEFAULT_L2: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass(kw_only=True)
+class RidgeConfig:
+    """What an online ridge probe is."""
+
+    name: str
+    """Unique name; keys the logs and the checkpoint state."""
+    num_classes: int
+    """Number of classes (targets are class indices, one-hot encoded for the regression)."""
+    l2: Sequence[float] = DEFAULT_L2
+    """The values of lambda, each solved exactly from the same statistics."""
+    selection_fraction: float = 0.2
+    """The hashed share of validation samples that chooses the best lambda; the rest reports it."""
+    in_features: int | None = None
+    """Feature size; None: read from the first training batch."""
+    input: str | None = None
+    """Key of the features in a `distprobe.loop.ProbeSet` step's mapping."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"ridge '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 2")
+        values = (self.l2,) if isinstance(self.l2, int | float) else tuple(self.l2)
+        if not values or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(
+                f"ridge '{name}': argument 'l2' got {self.l2!r}; expected one or more finite values >= 0, "
+                "e.g. l2=(1e-4, 1e-2, 1.0)"
+            )
+        self.l2 = tuple(dict.fromkeys(float(v) for v in values))  # order kept, repeats dropped
+        if not 0.0 < self.selection_fraction < 1.0:
+            raise ValueError(
+                f"ridge '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "
+                "in (0, 1), e.g. 0.2"
+            )
+        if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
+            raise ValueError(f"ridge '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1")
+
+
+class RidgeProbe:
+    """The statistics of one training epoch, their exact solve, and exact per-lambda evaluation (see module doc)."""
+
+    def __init__(
+        self, config: RidgeConfig, in_features: int, dp_group: dist.ProcessGroup | None, device: torch.device
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.l2: tuple[float, ...] = tuple(config.l2)
+        self.in_features = in_features
+        self.dp_group = dp_group
+        self.device = device
+        self.stats = RidgeStatistics(in_features, config.num_classes, device)
+        # Run-long bad-batch counts (never reset by an epoch), in the order of engine.bad_data.REASONS.
+        self.bad_counts = torch.zeros(len(REASONS), dtype=torch.float64, device=device)
+        # Per lambda: correct on the selection split, on the report split; then the two splits' sample counts.
+        self._eval = torch.zeros(2 * len(self.l2) + 2, dtype=torch.float64, device=device)
+        self._eval_seen = 0
+        self.solution: RidgeSolution | None = None
+        self.best_index: int | None = None
+        self._warned = False
+
+    @classmethod
+    def build(
+        cls,
+        config: RidgeConfig,
+        *,
+        in_features: int,
+        dp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> RidgeProbe:
+        """A probe with empty statistics of ``in_features`` features on ``device`` (default: CPU)."""
+        return cls(config, in_features, dp_group, torch.device(device) if device is not None else torch.device("cpu"))
+
+    # --- training -----------------------------------------------------------------------------------------------
+
+    def train_step(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one training batch to this rank's statistics; a batch with bad data is dropped and counted.
+
+        No host sync: the verdict is a device tensor that weighs the batch by 0 or 1.
+        """
+        x = features.detach().reshape(features.shape[0], -1).to(self.device)
+        y = targets.detach().to(self.device).reshape(-1)
+        finite_x = torch.isfinite(x).all()
+        if y.is_floating_point():
+            finite_y = torch.isfinite(y).all()
+            y = torch.nan_to_num(y, nan=-1.0)
+            y_int = y.round().long()
+            in_range = ((y_int >= 0) & (y_int < self.config.num_classes) & (y_int == y)).all()
+        else:
+            finite_y = torch.ones((), dtype=torch.bool, device=self.device)
+            y_int = y.long()
+            in_range = ((y_int >= 0) & (y_int < self.config.num_classes)).all()
+        ok = finite_x & in_range & finite_y
+        self.bad_counts += torch.stack([~finite_x, ~in_range, ~finite_y]).double()
+        safe_x = torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)
+        safe_y = y_int.clamp(0, self.config.num_classes - 1)
+        self.stats.update(safe_x, safe_y, weight=ok.double().expand(x.shape[0]))
+
+    def reset_train(self) -> None:
+        """Start a new epoch's statistics (the run-long bad-batch counts stay)."""
+        self.stats.reset()
+
+    def compute_train_metrics(self) -> dict[str, torch.Tensor]:
+        """The bad-batch counts by reason, summed over the group (relative keys ``bad_batches/{reason}``)."""
+        counts = sum_over_group(self.bad_counts.clone(), self.dp_group)
+        self._warn_once(counts)
+        return {keys.bad_batches(reason): counts[i].float() for i, reason in enumerate(REASONS)}
+
+    def _warn_once(self, counts: torch.Tensor) -> None:
+        if self._warned or not bool(counts.any()):  # a host read at an epoch's end only
+            return
+        self._warned = True
+        found = {reason: int(counts[i]) for i, reason in enumerate(REASONS) if counts[i] > 0}
+        log.warning("ridge '%s': training batches with bad data were skipped (counts by reason: %s)", self.name, found)
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+
+    def start_eval_epoch(self) -> bool:
+        """Sum the statistics over the group (one flat all-reduce) and solve every lambda; a collective.
+
+        Returns whether there is a solution: False when no training sample was summed on any rank (the same on
+        every rank), and then `eval_step` counts nothing.
+        """
+        self._eval.zero_()
+        self._eval_seen = 0
+        total = self.stats.all_reduce(self.dp_group)
+        self.solution = total.solve(self.l2) if float(total.count) > 0 else None
+        return self.solution is not None
+
+    @torch.no_grad()
+    def eval_step(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        num_valid: int | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Count the first ``num_valid`` samples (all by default) for every lambda; return ``(B, L)`` predictions.
+
+        ``positions`` are the samples' indices in the validation set; by default they follow from this rank's
+        running count, as `DistributedSampler` without shuffle deals them. Samples with non-finite features or
+        labels out of range are not counted.
+        """
+        if self.solution is None:
+            return None
+        x = features.detach().reshape(features.shape[0], -1).to(self.device)
+        n = x.shape[0] if num_valid is None else num_valid
+        if positions is None:
+            rank, world = rank_and_world(self.dp_group)
+            positions = global_positions(self._eval_seen, n, rank, world, self.device)
+        self._eval_seen += n
+        finite = torch.isfinite(x).all(dim=1)
+        preds = self.solution.predict(torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)).T  # (B, L)
+        y = targets.detach().to(self.device).reshape(-1)[:n]
+        countable = (finite[:n] & (y >= 0) & (y < self.config.num_classes)).double()
+        correct = (preds[:n] == y[:, None].long()).double() * countable[:, None]  # (n, L)
+        select = selects(positions.to(self.device)[:n], self.config.selection_fraction).double()
+        num = len(self.l2)
+        self._eval[:num] += (correct * select[:, None]).sum(0)
+        self._eval[num : 2 * num] += (correct * (1 - select)[:, None]).sum(0)
+        self._eval[2 * num] += (countable * select).sum()
+        self._eval[2 * num + 1] += (countable * (1 - select)).sum()
+        return preds
+
+    def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
+        """Each lambda's top-1 over every counted sample, and the best one's on the report split; one all-reduce.
+
+        Relative keys (`distprobe.keys`): ``l2={l2:g}_top1`` per lambda, ``best_top1``, ``best_l2``. Empty when there
+        was no solution. The best lambda is the one most accurate on the selection split (ties: the largest).
+        """
+        if self.solution is None:
+            return {}
+        summed = sum_over_group(self._eval.clone(), self.dp_group)
+        num = len(self.l2)
+        select_correct, report_correct = summed[:num], summed[num : 2 * num]
+        select_total, report_total = summed[2 * num], summed[2 * num + 1]
+        whole = (select_correct + report_correct) / (select_total + report_total)
+        select_top1 = (select_correct / select_total).nan_to_num(-1.0)
+        # Ties go to the largest lambda: among equally accurate solutions, the most regularised.
+        order = sorted(range(num), key=lambda i: -self.l2[i])
+        best = max(order, key=lambda i: float(select_top1[i]))
+        self.best_index = best
+        values = {keys.relative_key("top1", head=keys.ridge_head(v)): whole[i].float() for i, v in enumerate(self.l2)}
+        values[keys.relative_key("top1", head=keys.BEST)] = (report_correct[best] / report_total).float()
+        values[keys.relative_key("l2", head=keys.BEST)] = torch.tensor(self.l2[best], dtype=torch.float32)
+        return values
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The group's summed statistics and bad-batch counts (a collective: every rank must call it).
+
+        Only rank 0 of the group writes a checkpoint under Lightning, so rank-local sums are reduced first.
+        """
+        stats = self.stats.all_reduce(self.dp_group).state_dict()
+        counts = sum_over_group(self.bad_counts.clone(), self.dp_group).cpu()
+        return {"in_features": self.in_features, "l2": list(self.l2), "stats": stats, "bad_counts": counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict`'s output: the group's sums go to rank 0 of the group, zeros to the others.
+
+        So the next all-reduce gives the saved sums once, on any world size.
+        """
+        if int(state["in_features"]) != self.in_features:
+            raise ValueError(
+                f"ridge '{self.name}': the checkpoint's statistics are of {state['in_features']} features, this "
+                f"probe reads {self.in_features}; resume with the same input, or drop its state"
+            )
+        rank, _ = rank_and_world(self.dp_group)
+        self.stats.load_state_dict(state["stats"])
+        counts = state.get("bad_counts")
+        if counts is not None:
+            self.bad_counts.copy_(torch.as_tensor(counts, dtype=torch.float64))
+        if rank != 0:
+            self.stats.reset()
+            self.bad_counts.zero_()
