@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,17 @@ def make_executor(config: ClusterConfig) -> submitit.AutoExecutor:
 def submit(
     entry_point: Callable[..., Any] | str | Path, config: ClusterConfig, *args: Any, **kwargs: Any
 ) -> submitit.Job:
+    """Submit `entry_point(*args, **kwargs)` to run on every task of a job described by `config` (see `submit_job`)."""
+    return submit_job(entry_point, config, (), *args, **kwargs)
+
+
+def submit_job(
+    entry_point: Callable[..., Any] | str | Path,
+    config: ClusterConfig,
+    setup: Sequence[str],
+    *args: Any,
+    **kwargs: Any,
+) -> submitit.Job:
     """Submit `entry_point(*args, **kwargs)` to run on every task of a job described by `config`.
 
     Every task gets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
@@ -122,6 +133,7 @@ def submit(
         entry_point: a picklable callable, ``"module:function"``, or the path of a ``.py`` script (then `args` are
             its command-line arguments).
         config: where and how to run.
+        setup: shell lines that the job script runs before the tasks start (Slurm and local; empty: none).
         *args: positional arguments for the entry point.
         **kwargs: keyword arguments for the entry point (not for scripts).
 
@@ -141,6 +153,8 @@ def submit(
     if entry.kind == "script" and kwargs:
         raise ValueError(f"submit: script {entry.target!r} takes command-line arguments only; got keywords {kwargs}")
     executor = make_executor(config)
+    if setup and config.cluster != "debug":  # the debug executor runs in this process: no job script
+        executor.update_parameters(**{f"{config.cluster}_setup": list(setup)})
     job = executor.submit(LaunchedTask(entry, config.folder), *args, **kwargs)
     logger.info(
         "Submitted %s as %s job %s (%d node(s) x %d task(s)); logs in %s",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -60,6 +61,22 @@ class Submitted:
     log_path: str
 
 
+def _place_pickle(job_dir: Path) -> list[str]:
+    """Job-script lines that put submitit's pickle in place when the submitter could not.
+
+    submitit dumps the job's pickle under a temporary name, runs ``sbatch``, then renames it ``<job id>_submitted.pkl``;
+    a submitter killed between the two leaves a job that waits 60 s for its pickle and fails. A claim's folder holds
+    one submission, so its one temporary pickle (a name without ``_``) is that job's: the script links it into place.
+    """
+    folder = shlex.quote(str(job_dir))
+    return [
+        "# distprobe: a submitter killed right after sbatch never renamed the pickle; link it (one per claim folder)",
+        f'if [ ! -e {folder}/"${{SLURM_JOB_ID}}_submitted.pkl" ]; then for tmp in {folder}/*.pkl; do '
+        f'case "${{tmp##*/}}" in *_*) ;; *) ln "$tmp" {folder}/"${{SLURM_JOB_ID}}_submitted.pkl" 2>/dev/null;; esac; '
+        "done; fi",
+    ]
+
+
 def _log_tail(job_dir: Path, job_id: str | None) -> str | None:
     names = [f"{job_id}_0_log.err", f"{job_id}_0_log.out"] if job_id else []
     for path in [job_dir / name for name in names] + sorted(job_dir.glob("*_log.*")) if job_dir.is_dir() else []:
@@ -99,7 +116,7 @@ class Submitter:
         Raises:
             SubmissionError: the scheduler failed; the claim is released (the checkpoint is pending again).
         """
-        from distprobe.cluster.submitit_launcher import submit
+        from distprobe.cluster.submitit_launcher import submit_job
 
         claim = new_claim(Path(checkpoint))
         job_dir = job_folder(self.run_dir, claim)
@@ -119,8 +136,15 @@ class Submitter:
         cluster = dataclasses.replace(self.cluster, folder=str(job_dir), job_name=job_name)
         try:
             # Positional: submit's own second parameter is called config.
-            job = submit(
-                ENTRY_POINT, cluster, checkpoint, str(self.config_path), str(self.run_dir), str(job_dir), claim
+            job = submit_job(
+                ENTRY_POINT,
+                cluster,
+                _place_pickle(job_dir) if cluster.cluster == "slurm" else [],
+                checkpoint,
+                str(self.config_path),
+                str(self.run_dir),
+                str(job_dir),
+                claim,
             )
         except Exception as err:
             self.store.release(checkpoint, self.config_hash, claim, "pending", f"submission failed: {err}"[:2000])
