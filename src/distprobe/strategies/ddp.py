@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from distprobe.engine.replicate import default_group
-from distprobe.strategies.exclusion import (
-    drop_from_optimizers,
-    probe_parameters,
-    probe_state_names,
-    probes_kept_out_of_precision,
-)
+from distprobe.strategies.exclusion import probe_state_names
+from distprobe.strategies.keep_out import ProbesOutOfOptimizers, ProbesOutOfPrecision, WorldProbeGroup
 
 
 def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
@@ -31,7 +24,7 @@ def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
     return names
 
 
-class ProbeDDPStrategy(DDPStrategy):
+class ProbeDDPStrategy(WorldProbeGroup, ProbesOutOfPrecision, ProbesOutOfOptimizers, DDPStrategy):
     """`DDPStrategy` that keeps parameters under ``pl_module.callbacks_modules`` out of DDP and the main optimizer.
 
     Registered as ``"distprobe_ddp"`` (and ``"distprobe_ddp_spawn"``). Every rank is a data-parallel rank, so
@@ -42,24 +35,7 @@ class ProbeDDPStrategy(DDPStrategy):
         >>> trainer = pl.Trainer(strategy="distprobe_ddp", accelerator="cpu", devices=2)  # doctest: +SKIP
     """
 
-    @property
-    def probe_process_group(self) -> dist.ProcessGroup | None:
-        """The group probes replicate over: the world group."""
-        return default_group()
-
     @override
     def _setup_model(self, model: nn.Module) -> DistributedDataParallel:
         ignore_probes_in_ddp(model)
         return super()._setup_model(model)
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        assert self.lightning_module is not None
-        with probes_kept_out_of_precision(self.precision_plugin, self.lightning_module):
-            super().setup(trainer)
-
-    @override
-    def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        super().setup_optimizers(trainer)
-        assert self.lightning_module is not None
-        drop_from_optimizers(self.optimizers, probe_parameters(self.lightning_module))

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
@@ -15,11 +14,11 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from distprobe.engine.replicate import default_group
 from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters, unregister_probes
+from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, WorldProbeGroup
 
 
-class ProbeDeepSpeedStrategy(DeepSpeedStrategy):
+class ProbeDeepSpeedStrategy(WorldProbeGroup, ProbesHiddenWhileSharding, DeepSpeedStrategy):
     """`DeepSpeedStrategy` that keeps probes out of the DeepSpeed engine and optimizer, on GPU or on CPU with gloo.
 
     Registered as ``"distprobe_deepspeed"`` (ZeRO stage 2, like Lightning's ``"deepspeed"``) and
@@ -41,11 +40,6 @@ class ProbeDeepSpeedStrategy(DeepSpeedStrategy):
 
     _reregister_probes: Callable[[], None] | None = None
 
-    @property
-    def probe_process_group(self) -> dist.ProcessGroup | None:
-        """The group probes replicate over: the world group."""
-        return default_group()
-
     @override
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
@@ -63,13 +57,6 @@ class ProbeDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
-
-    @contextmanager
-    @override
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        assert self.lightning_module is not None
-        with hidden_probes(self.lightning_module), super().model_sharded_context():
-            yield
 
     @override
     def _setup_model_and_optimizer(

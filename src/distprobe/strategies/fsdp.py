@@ -6,9 +6,7 @@ from collections.abc import Generator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import FSDPStrategy
@@ -16,13 +14,8 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from distprobe.engine.replicate import default_group
-from distprobe.strategies.exclusion import (
-    drop_from_optimizers,
-    hidden_probes,
-    probe_parameters,
-    probes_kept_out_of_precision,
-)
+from distprobe.strategies.exclusion import hidden_probes, probe_parameters
+from distprobe.strategies.keep_out import ProbesOutOfOptimizers, ProbesOutOfPrecision, WorldProbeGroup
 
 
 def full_state_dict_on_cpu(model: nn.Module) -> AbstractContextManager[Any]:
@@ -57,7 +50,7 @@ def fsdp_ignored_states(module: nn.Module, user_kwargs: dict[str, Any]) -> list[
     return list(ignored.values())
 
 
-class ProbeFSDPStrategy(FSDPStrategy):
+class ProbeFSDPStrategy(WorldProbeGroup, ProbesOutOfPrecision, ProbesOutOfOptimizers, FSDPStrategy):
     """`FSDPStrategy` that never shards probes, keeps them out of the main optimizer, and runs on CPU with gloo.
 
     Registered as ``"distprobe_fsdp"``. Over the stock strategy it adds:
@@ -75,11 +68,6 @@ class ProbeFSDPStrategy(FSDPStrategy):
         >>> import distprobe.strategies  # registers the names
         >>> trainer = pl.Trainer(strategy="distprobe_fsdp", accelerator="cpu", devices=2)  # doctest: +SKIP
     """
-
-    @property
-    def probe_process_group(self) -> dist.ProcessGroup | None:
-        """The group probes replicate over: the world group."""
-        return default_group()
 
     def _fsdp_device_id(self) -> torch.device | int | None:
         if self.root_device.type == "cpu":
@@ -136,18 +124,6 @@ class ProbeFSDPStrategy(FSDPStrategy):
             enable_wrap(wrapper_cls=FullyShardedDataParallel, **self._wrapper_kwargs(), **self.kwargs),
         ):
             yield
-
-    @override
-    def setup(self, trainer: pl.Trainer) -> None:
-        assert self.lightning_module is not None
-        with probes_kept_out_of_precision(self.precision_plugin, self.lightning_module):
-            super().setup(trainer)
-
-    @override
-    def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        super().setup_optimizers(trainer)
-        assert self.lightning_module is not None
-        drop_from_optimizers(self.optimizers, probe_parameters(self.lightning_module))
 
     def _full_on_cpu(self) -> bool:
         return self._state_dict_type == "full" and self.root_device.type == "cpu"

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from contextlib import contextmanager
-
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
-from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters
+from distprobe.strategies.exclusion import hidden_probes
+from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, ProbesOutOfOptimizers
 
 
-class ProbeModelParallelStrategy(ModelParallelStrategy):
+class ProbeModelParallelStrategy(ProbesHiddenWhileSharding, ProbesOutOfOptimizers, ModelParallelStrategy):
     """`ModelParallelStrategy` whose ``configure_model`` never sees the probes; probes replicate over the DP group.
 
     Registered as ``"distprobe_fsdp2"`` (``tensor_parallel_size=1``: every rank data-parallel, as ``fully_shard``
@@ -52,22 +50,9 @@ class ProbeModelParallelStrategy(ModelParallelStrategy):
             self._data_parallel_size = max(1, self.num_nodes * self.num_processes // self._tensor_parallel_size)
         super().setup_environment()
 
-    @contextmanager
-    @override
-    def model_sharded_context(self) -> Generator[None, None, None]:
-        assert self.lightning_module is not None
-        with hidden_probes(self.lightning_module), super().model_sharded_context():
-            yield
-
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.lightning_module is not None
         # Probes replicate in their own engine (which also aligns tensor-parallel ranks), never in the sharded model.
         with hidden_probes(self.lightning_module):
             super().setup(trainer)
-
-    @override
-    def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        super().setup_optimizers(trainer)
-        assert self.lightning_module is not None
-        drop_from_optimizers(self.optimizers, probe_parameters(self.lightning_module))

@@ -1,0 +1,63 @@
+"""What the distprobe strategies add over Lightning's, hook by hook, as mixins placed before the stock class.
+
+Each mixin overrides one hook and calls the stock one through ``super()``, so a strategy lists what it needs:
+``class ProbeDDPStrategy(WorldProbeGroup, ProbesOutOfPrecision, ProbesOutOfOptimizers, DDPStrategy)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from contextlib import contextmanager
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.pytorch.strategies import Strategy
+from typing_extensions import override
+
+from distprobe.engine.collectives import default_group
+from distprobe.strategies.exclusion import (
+    drop_from_optimizers,
+    hidden_probes,
+    probe_parameters,
+    probes_kept_out_of_precision,
+)
+
+
+class WorldProbeGroup(Strategy):
+    """Probes replicate over the world group: every rank is a data-parallel rank (DDP, FSDP, DeepSpeed)."""
+
+    @property
+    def probe_process_group(self) -> dist.ProcessGroup | None:
+        """The group probes replicate over: the world group."""
+        return default_group()
+
+
+class ProbesOutOfPrecision(Strategy):
+    """The precision plugin's casts during ``setup`` leave the probes' dtype alone."""
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        with probes_kept_out_of_precision(self.precision_plugin, self.lightning_module):
+            super().setup(trainer)
+
+
+class ProbesOutOfOptimizers(Strategy):
+    """Probe parameters that ``configure_optimizers`` named are removed from the main optimizers."""
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)
+        assert self.lightning_module is not None
+        drop_from_optimizers(self.optimizers, probe_parameters(self.lightning_module))
+
+
+class ProbesHiddenWhileSharding(Strategy):
+    """``configure_model`` (run in ``model_sharded_context``) never sees the probes, so it cannot shard them."""
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        assert self.lightning_module is not None
+        with hidden_probes(self.lightning_module), super().model_sharded_context():
+            yield
