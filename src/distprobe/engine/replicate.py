@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,8 +71,13 @@ def replicate_probe(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Mo
         # `broadcast_buffers=False`, which also skipped the broadcast at build; buffers equal everywhere lose
         # nothing by it.)
         init_sync=True,
-        **({"forward_sync_buffers": False} if _FORWARD_SYNC_BUFFERS else {"broadcast_buffers": False}),
+        **_no_buffer_sync(),
     )
+
+
+def _no_buffer_sync() -> dict[str, Any]:
+    """DDP's argument that keeps buffers from being broadcast on every forward, in this torch's spelling."""
+    return {"forward_sync_buffers": False} if _FORWARD_SYNC_BUFFERS else {"broadcast_buffers": False}
 
 
 def unshare_storage(module: nn.Module) -> None:
