@@ -48,6 +48,8 @@ def test_unknown_key_lists_the_fields_of_the_dataclass():
         ({"cluster": "debug", "tasks_per_node": 2}, "cluster='local' for several tasks"),
         ({"time_min": 1, "signal_delay_s": 60}, "signal_delay_s=60 is not shorter than time_min=1"),
         ({"mem_gb": -1}, "mem_gb=-1"),
+        ({"mem_gb": float("inf")}, "mem_gb=inf"),
+        ({"mem_gb": float("nan")}, "mem_gb=nan"),
     ],
 )
 def test_bad_values_name_the_field(options, fragment):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,8 +136,10 @@ class ClusterConfig:
                 raise ValueError(f"ClusterConfig.{name}={value!r}: expected an integer >= {minimum}")
         if self.cpus_per_task is not None and (not isinstance(self.cpus_per_task, int) or self.cpus_per_task < 1):
             raise ValueError(f"ClusterConfig.cpus_per_task={self.cpus_per_task!r}: expected an integer >= 1 or None")
-        if self.mem_gb is not None and not (isinstance(self.mem_gb, (int, float)) and self.mem_gb > 0):
-            raise ValueError(f"ClusterConfig.mem_gb={self.mem_gb!r}: expected a positive number of GB or None")
+        if self.mem_gb is not None and not (
+            isinstance(self.mem_gb, (int, float)) and math.isfinite(self.mem_gb) and self.mem_gb > 0
+        ):
+            raise ValueError(f"ClusterConfig.mem_gb={self.mem_gb!r}: expected a finite positive number of GB or None")
         if self.gpus_per_node > 0 and self.tasks_per_node > self.gpus_per_node:
             raise ValueError(
                 f"ClusterConfig.tasks_per_node={self.tasks_per_node} is more than gpus_per_node={self.gpus_per_node}: "
