@@ -122,7 +122,9 @@ class BankConfig(TrainingOptions):
     name: str
     """Unique name; keys logs, checkpoint state and the registry entry."""
     family: str = "linear"
-    """The kind of heads (`distprobe.bank.families.FAMILIES`): ``"linear"``."""
+    """The kind of heads (`distprobe.bank.families.FAMILIES`): ``"linear"`` or ``"attentive"``."""
+    head_options: Mapping[str, Any] | None = None
+    """The family's own options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``...)."""
     inputs: Sequence[str]
     """Feature sources (keys of the step's outputs or batch, or tapped submodules)."""
     num_classes: int
@@ -168,6 +170,14 @@ class BankConfig(TrainingOptions):
         if self.family not in FAMILIES:
             raise ValueError(
                 f"bank '{name}': argument 'family' got {self.family!r}; expected one of {sorted(FAMILIES)}."
+            )
+        check_options = getattr(FAMILIES[self.family], "check_options", None)
+        if check_options is not None:
+            check_options(self)
+        elif self.head_options:
+            raise ValueError(
+                f"bank '{name}': argument 'head_options' got {dict(self.head_options)!r}; head {self.family!r} "
+                "takes no options."
             )
         self.optimizer_spec = parse_optimizer(self.optimizer, name)
         self.top_k = _parse_metrics(self.metrics, name, self.num_classes)

@@ -3,10 +3,11 @@
 A new family is one file here holding a `HeadFamily` subclass, one entry in `FAMILIES`, and its tests.
 """
 
+from distprobe.bank.families.attentive import AttentiveHeads
 from distprobe.bank.families.base import HeadFamily, ParamView
 from distprobe.bank.families.linear import LinearHeads
 
 #: Each family by the name ``BankConfig.family`` gives.
-FAMILIES: dict[str, type[HeadFamily]] = {"linear": LinearHeads}
+FAMILIES: dict[str, type[HeadFamily]] = {"linear": LinearHeads, "attentive": AttentiveHeads}
 
-__all__ = ["FAMILIES", "HeadFamily", "LinearHeads", "ParamView"]
+__all__ = ["FAMILIES", "AttentiveHeads", "HeadFamily", "LinearHeads", "ParamView"]

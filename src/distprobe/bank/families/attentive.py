@@ -1,0 +1,446 @@
+"""Attentive heads: K V-JEPA-style attentive probes over frozen tokens ``(B, N, D)``, trained as one family.
+
+One head (`AttentiveProbe`, a plain module) is the attentive probe of V-JEPA and V-JEPA 2: ``num_queries`` learnable
+query tokens cross-attend over the tokens in a multi-head cross-attention block (the tokens LayerNorm'd, the
+attention's output added to the queries, then a LayerNorm'd MLP added again), after ``depth - 1`` self-attention
+blocks over the tokens; a linear classifier reads the queries, averaged when there are several.
+
+`AttentiveHeads` stacks K such heads in one flat parameter, head-major: head k's tensors are one contiguous row of
+a ``(K, P)`` block, so a head's gradient norm, skip mask and optimizer maths see it as one tensor (`views`). The
+forward splits that block once per step (one copy in the backward, not one zero-filled copy per tensor) and runs
+every head with batched matmuls over the head dimension; the heads' attention is one ``scaled_dot_product_attention``
+over ``K x B`` sequences. The first LayerNorm of the shared tokens is computed once for all heads, its per-head
+affine folded into the following projection's weights (so no ``(K, B, N, D)`` copy of the tokens exists when
+``depth`` is 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distprobe.bank.config import BankConfig
+from distprobe.bank.families.base import HeadFamily, ParamView
+
+
+@dataclass(kw_only=True, frozen=True)
+class AttentiveOptions:
+    """The architecture of every head of an attentive bank (``head_options``)."""
+
+    num_queries: int = 1
+    """Learnable query tokens; their pooled outputs are averaged before the classifier."""
+    depth: int = 1
+    """Blocks in all: ``depth - 1`` self-attention blocks over the tokens, then the cross-attention block (V-JEPA's
+    meaning: 1 is the cross-attention block alone)."""
+    num_heads: int | None = None
+    """Attention heads; None: ``D // 64`` (at least 1). Must divide D."""
+    mlp_ratio: float = 4.0
+    """The MLP's hidden size over D."""
+    qkv_bias: bool = True
+    """Biases on the query, key and value projections."""
+    init_std: float = 0.02
+    """Standard deviation of the truncated-normal initialisation of weights and query tokens."""
+
+    @classmethod
+    def parse(cls, options: Any, bank_name: str) -> AttentiveOptions:
+        """From ``head_options`` (None, a dict or an instance); unknown keys and bad values are refused."""
+        if isinstance(options, AttentiveOptions):
+            return options
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"bank '{bank_name}': argument 'head_options' got unknown option(s) {unknown} for head 'attentive'; "
+                f"valid options: {valid}."
+            )
+        parsed = cls(**options)
+        for key in ("num_queries", "depth"):
+            value = getattr(parsed, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"bank '{bank_name}': head_options['{key}'] got {value!r}; expected an int >= 1.")
+        heads = parsed.num_heads
+        if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
+            raise ValueError(
+                f"bank '{bank_name}': head_options['num_heads'] got {heads!r}; expected an int >= 1 dividing the "
+                "feature size, or None (D // 64)."
+            )
+        if not isinstance(parsed.mlp_ratio, int | float) or parsed.mlp_ratio <= 0:
+            raise ValueError(
+                f"bank '{bank_name}': head_options['mlp_ratio'] got {parsed.mlp_ratio!r}; expected a number > 0."
+            )
+        return parsed
+
+    def heads_for(self, dim: int, bank_name: str, source: str) -> int:
+        """The attention heads for feature size ``dim`` (checked to divide it)."""
+        heads = self.num_heads if self.num_heads is not None else max(1, dim // 64)
+        if dim % heads:
+            raise ValueError(
+                f"bank '{bank_name}': head_options['num_heads']={heads} does not divide the feature size {dim} of "
+                f"source {source!r}; pick a divisor of {dim}."
+            )
+        return heads
+
+    def hidden(self, dim: int) -> int:
+        """The MLP's hidden size."""
+        return int(dim * self.mlp_ratio)
+
+
+# --- one head as a plain module ---------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``fc2(GELU(fc1(x)))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(..., L, D)`` to ``(..., heads, L, D // heads)``."""
+    *lead, length, dim = x.shape
+    return x.view(*lead, length, heads, dim // heads).transpose(-3, -2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``(..., heads, L, d)`` to ``(..., L, heads * d)``."""
+    *lead, heads, length, d = x.shape
+    return x.transpose(-3, -2).reshape(*lead, length, heads * d)
+
+
+class SelfAttentionBlock(nn.Module):
+    """A pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        x = x + self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries attend over LayerNorm'd tokens: ``q + attn(q, norm1(x))``, then ``q + mlp(norm2(q))`` (V-JEPA)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, hidden)
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        k, v = (_split_heads(t, self.heads) for t in self.kv(self.norm1(x)).chunk(2, dim=-1))
+        attended = F.scaled_dot_product_attention(_split_heads(self.q(q), self.heads), k, v)
+        q = q + self.proj(_merge_heads(attended))
+        return q + self.mlp(self.norm2(q))
+
+
+class AttentiveProbe(nn.Module):
+    """One attentive probe: ``(B, N, D)`` tokens to ``(B, C)`` logits (what an attentive bank's head exports).
+
+    Example:
+        >>> probe = AttentiveProbe(64, 5)
+        >>> tuple(probe(torch.randn(2, 7, 64)).shape)
+        (2, 5)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        options: AttentiveOptions | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        bank_name: str = "attentive",
+        source: str = "tokens",
+    ) -> None:
+        super().__init__()
+        options = options or AttentiveOptions()
+        heads = options.heads_for(dim, bank_name, source)
+        hidden = options.hidden(dim)
+        self.query_tokens = nn.Parameter(torch.zeros(1, options.num_queries, dim))
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(dim, heads, hidden, options.qkv_bias) for _ in range(options.depth - 1)
+        )
+        self.cross = CrossAttentionBlock(dim, heads, hidden, options.qkv_bias)
+        self.classifier = nn.Linear(dim, num_classes)
+        self._initialise(options.init_std, generator)
+
+    @torch.no_grad()
+    def _initialise(self, std: float, generator: torch.Generator | None) -> None:
+        # V-JEPA's scheme: truncated-normal weights and query tokens, zero biases, unit LayerNorms, and each block's
+        # output projections scaled down by sqrt(2 * its depth).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=std, generator=generator)
+                nn.init.zeros_(module.bias) if module.bias is not None else None
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.query_tokens, std=std, generator=generator)
+        for layer, block in enumerate([*self.blocks, self.cross], start=1):
+            block.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` logits of ``(B, N, D)`` tokens."""
+        for block in self.blocks:
+            x = block(x)
+        queries = self.query_tokens.expand(x.shape[0], -1, -1)
+        return self.classifier(self.cross(queries, x).mean(dim=1))
+
+
+# --- K heads as one family ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """The heads of one source: ``count`` heads from ``first``, each ``per_head`` elements from ``offset``."""
+
+    source: str
+    first: int
+    count: int
+    dim: int
+    offset: int
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    heads: int
+    """Attention heads of this source's probes."""
+
+    @property
+    def sizes(self) -> list[int]:
+        """Elements of each tensor of one head."""
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def per_head(self) -> int:
+        """Elements of one head."""
+        return sum(self.sizes)
+
+    @property
+    def numel(self) -> int:
+        """Elements of the block in the flat parameter."""
+        return self.count * self.per_head
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Per head: ``x (K, ..., in) @ weight (K, out, in)^T + bias (K, out)``."""
+    k = weight.shape[0]
+    flat = x.reshape(k, -1, x.shape[-1])
+    out = torch.baddbmm(bias[:, None, :], flat, weight.transpose(1, 2)) if bias is not None else flat @ weight.mT
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def _per_head(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A ``(K, F)`` per-head vector broadcast against a ``(K, ..., F)`` tensor of ``ndim`` dimensions."""
+    return t.view(t.shape[0], *([1] * (ndim - 2)), t.shape[-1])
+
+
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Per-head LayerNorm over the last dimension of ``(K, ..., D)``."""
+    normed = F.layer_norm(x, x.shape[-1:])
+    return torch.addcmul(_per_head(bias, x.ndim), normed, _per_head(weight, x.ndim))
+
+
+def _mlp(x: torch.Tensor, p: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    hidden = F.gelu(_linear(x, p[f"{prefix}.fc1.weight"], p[f"{prefix}.fc1.bias"]))
+    return _linear(hidden, p[f"{prefix}.fc2.weight"], p[f"{prefix}.fc2.bias"])
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(K, B, L, D)`` queries over ``(K, B, N, D)`` keys and values, every head's batch as one attention call."""
+    kk, b = q.shape[:2]
+    shape = (kk * b, *q.shape[2:])
+    out = F.scaled_dot_product_attention(
+        _split_heads(q.reshape(shape), heads),
+        _split_heads(k.reshape(kk * b, *k.shape[2:]), heads),
+        _split_heads(v.reshape(kk * b, *v.shape[2:]), heads),
+    )
+    return _merge_heads(out).view(*q.shape)
+
+
+class AttentiveHeads(HeadFamily):
+    """K attentive probes over ``(B, N, D)`` token sources, stacked in one flat parameter (see the module docstring).
+
+    Only without normalization (``normalization=[None]``): the probe has its own LayerNorms.
+    """
+
+    def __init__(
+        self,
+        config: BankConfig,
+        in_features: dict[str, int],
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(config, in_features)
+        self.options = self.check_options(config)
+        self.blocks: list[Block] = []
+        rows: list[torch.Tensor] = []
+        offset = first = 0
+        count = len(config.normalization) * config.heads_per_block
+        for source in config.inputs:
+            dim = self.in_features[source]
+            heads = self.options.heads_for(dim, config.name, source)
+            for _ in range(count):
+                # Each head initialised as a separate AttentiveProbe would be, from the bank's generator.
+                probe = AttentiveProbe(
+                    dim, config.num_classes, self.options, generator=generator, bank_name=config.name, source=source
+                )
+                rows.append(torch.cat([p.detach().flatten() for p in probe.parameters()]))
+            names = tuple(n for n, _ in probe.named_parameters())
+            shapes = tuple(p.shape for p in probe.parameters())
+            block = Block(source, first, count, dim, offset, names, shapes, heads)
+            self.blocks.append(block)
+            offset += block.numel
+            first += count
+        # float32 whatever the default dtype, as for linear heads.
+        self.flat = nn.Parameter(torch.cat(rows).to(dtype=torch.float32, device=device or "cpu"))
+
+    @staticmethod
+    def check_options(config: BankConfig) -> AttentiveOptions:
+        """The parsed ``head_options``; refuses options and normalizations an attentive head cannot take."""
+        if any(n is not None for n in config.normalization):
+            raise ValueError(
+                f"bank '{config.name}': argument 'normalization' got {list(config.normalization)} with head "
+                "'attentive'; an attentive head normalises its tokens with its own LayerNorms: use [None]."
+            )
+        return AttentiveOptions.parse(config.head_options, config.name)
+
+    @staticmethod
+    def feature_size(sample: torch.Tensor) -> int:
+        """D of one sample's ``(N, D)`` tokens."""
+        return int(sample.shape[-1])
+
+    @staticmethod
+    def input_problem(source: str, features: torch.Tensor) -> str | None:
+        """Why ``features`` are not ``(B, N, D)`` tokens, or None."""
+        if features.ndim != 3:
+            return (
+                f"input {source!r} must be (batch, tokens, dim) tokens for an attentive head; got shape "
+                f"{tuple(features.shape)}. Tap a block unpooled (e.g. 'backbone.blocks.11:tokens')."
+            )
+        return None
+
+    def _block_params(self, part: torch.Tensor, block: Block) -> dict[str, torch.Tensor]:
+        """Each tensor of the block's heads as ``(K_s, *shape)``: one split of the ``(K_s, P)`` rows."""
+        rows = part.view(block.count, block.per_head)
+        chunks = torch.split(rows, block.sizes, dim=1)
+        return {
+            name: chunk.view(block.count, *shape)
+            for name, chunk, shape in zip(block.names, chunks, block.shapes, strict=True)
+        }
+
+    def views(self, flat: torch.Tensor) -> list[ParamView]:
+        """Per source: each head's row of the ``(K_s, P)`` block, and every tensor as a ``(K_s, *shape)`` part."""
+        out = []
+        for block in self.blocks:
+            whole = flat[block.offset : block.offset + block.numel].view(block.count, block.per_head)
+            parts, at = [], 0
+            for size, shape in zip(block.sizes, block.shapes, strict=True):
+                parts.append(whole[:, at : at + size].view(block.count, *shape))
+                at += size
+            out.append(
+                ParamView(
+                    heads=slice(block.first, block.first + block.count),
+                    whole=whole,
+                    parts=tuple(parts),
+                    # As the LARS optimizer tells a separate probe's: 1-D tensors are biases and norms' weights.
+                    bias_like=tuple(len(s) <= 1 for s in block.shapes),
+                )
+            )
+        return out
+
+    def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """``(K, B, C)`` logits of every head, from one ``(B, N, D_s)`` tensor per source (in the config's order)."""
+        parts = [self.flat] if len(self.blocks) == 1 else list(torch.split(self.flat, [b.numel for b in self.blocks]))
+        outputs = [
+            self._block_forward(x, self._block_params(part, block), block)
+            for block, x, part in zip(self.blocks, features, parts, strict=True)
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+    def _block_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], block: Block) -> torch.Tensor:
+        k, b, heads = block.count, x.shape[0], block.heads
+        depth = self.options.depth
+        tokens: torch.Tensor | None = None  # (K, B, N, D) once the heads' paths part
+        for i in range(depth - 1):
+            pre = f"blocks.{i}"
+            if tokens is None:
+                qkv = self._shared_norm_linear(x, p, f"{pre}.norm1", f"{pre}.qkv")
+                tokens = x.expand(k, *x.shape)
+            else:
+                normed = _layer_norm(tokens, p[f"{pre}.norm1.weight"], p[f"{pre}.norm1.bias"])
+                qkv = _linear(normed, p[f"{pre}.qkv.weight"], p.get(f"{pre}.qkv.bias"))
+            q, kk, v = qkv.chunk(3, dim=-1)
+            tokens = tokens + _linear(_attend(q, kk, v, heads), p[f"{pre}.proj.weight"], p[f"{pre}.proj.bias"])
+            normed = _layer_norm(tokens, p[f"{pre}.norm2.weight"], p[f"{pre}.norm2.bias"])
+            tokens = tokens + _mlp(normed, p, f"{pre}.mlp")
+        if tokens is None:
+            kv = self._shared_norm_linear(x, p, "cross.norm1", "cross.kv")
+        else:
+            normed = _layer_norm(tokens, p["cross.norm1.weight"], p["cross.norm1.bias"])
+            kv = _linear(normed, p["cross.kv.weight"], p.get("cross.kv.bias"))
+        keys, values = kv.chunk(2, dim=-1)
+        # The queries do not depend on the sample: project them once per head, then repeat them over the batch.
+        queries = p["query_tokens"][:, 0]  # (K, Q, D)
+        projected = _linear(queries, p["cross.q.weight"], p.get("cross.q.bias"))
+        attended = _attend(projected[:, None].expand(k, b, *projected.shape[1:]), keys, values, heads)
+        pooled = queries[:, None] + _linear(attended, p["cross.proj.weight"], p["cross.proj.bias"])
+        normed = _layer_norm(pooled, p["cross.norm2.weight"], p["cross.norm2.bias"])
+        pooled = pooled + _mlp(normed, p, "cross.mlp")
+        logits = _linear(pooled.mean(dim=2), p["classifier.weight"], p["classifier.bias"])  # (K, B, C)
+        return logits.contiguous()
+
+    @staticmethod
+    def _shared_norm_linear(x: torch.Tensor, p: dict[str, torch.Tensor], norm: str, linear: str) -> torch.Tensor:
+        """``linear_k(norm_k(x))`` for every head k of tokens ``x`` ``(B, N, D)`` shared by all heads: ``(K, B, N, O)``.
+
+        The normalisation itself is the same for every head: computed once; head k's affine ``(g_k, b_k)`` folds
+        into its projection ``(W_k, c_k)`` as ``W_k diag(g_k)`` and ``W_k b_k + c_k``, so one matmul serves all.
+        """
+        weight, gain, shift = p[f"{linear}.weight"], p[f"{norm}.weight"], p[f"{norm}.bias"]
+        bias = p.get(f"{linear}.bias")
+        folded_weight = weight * gain[:, None, :]  # (K, O, D)
+        folded_bias = torch.einsum("kod,kd->ko", weight, shift)
+        if bias is not None:
+            folded_bias = folded_bias + bias
+        k, o = weight.shape[:2]
+        normed = F.layer_norm(x, x.shape[-1:])  # (B, N, D)
+        out = torch.addmm(folded_bias.reshape(1, k * o), normed.flatten(0, 1), folded_weight.reshape(k * o, -1).T)
+        return out.view(*x.shape[:2], k, o).permute(2, 0, 1, 3)
+
+    def export(self, index: int) -> nn.Module:
+        """That head as an `AttentiveProbe` with its current weights."""
+        block = next(b for b in self.blocks if b.first <= index < b.first + b.count)
+        probe = AttentiveProbe(
+            block.dim, self.config.num_classes, self.options, bank_name=self.config.name, source=block.source
+        ).to(self.flat.device)
+        params = self._block_params(self.flat[block.offset : block.offset + block.numel].detach(), block)
+        with torch.no_grad():
+            for name, tensor in probe.named_parameters():
+                tensor.copy_(params[name][index - block.first])
+        return probe

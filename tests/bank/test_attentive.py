@@ -1,0 +1,186 @@
+"""Attentive banks: every head equals a separately trained `AttentiveProbe` in the engine's `Probe`, a diverging
+head is skipped alone, options are checked, and N gloo ranks equal one process with one all-reduce per step."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from tests.helpers.dist import run_distributed
+
+from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.families.attentive import AttentiveProbe
+from distprobe.engine import Probe, ProbeConfig
+
+D, C, B, N = 16, 3, 6, 5
+LRS = [0.05, 0.005]
+WDS = [0.0, 0.05]
+OPTIONS = {"num_heads": 2, "depth": 2, "num_queries": 2, "mlp_ratio": 2}
+
+#: AdamW at SGD's rates moves every weight by about lr per step, far beyond the 0.02-scale initialisation: the
+#: training turns chaotic and float32 rounding alone (not the fusion) decides the 1e-5 check. Its own, usual rates.
+ADAMW_LRS = [1e-3, 1e-4]
+OPTIMIZERS = {
+    "SGD": ({"type": "SGD", "momentum": 0.9}, {"momentum": 0.9, "foreach": False}),
+    "AdamW": ({"type": "AdamW", "betas": (0.9, 0.99)}, {"betas": (0.9, 0.99), "foreach": False}),
+    "LARS": ({"type": "LARS"}, {"momentum": 0.9, "eta": 0.02, "clip_lr": True, "exclude_bias_n_norm": True}),
+}
+
+
+def _config(**overrides):
+    options = dict(
+        name="att",
+        family="attentive",
+        head_options=OPTIONS,
+        inputs=["tokens"],
+        num_classes=C,
+        lr=LRS,
+        weight_decay=WDS,
+        in_features=D,
+    )
+    options.update(overrides)
+    return BankConfig(**options)
+
+
+def _batches(steps, seed=0, batch=B):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, N, D, generator=g) * 2 + 0.5, torch.randint(0, C, (batch,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+def _references(bank, bank_opt, ref_kwargs, accumulate, clip):
+    refs = {}
+    for head in bank.heads.head_list:
+        module = copy.deepcopy(bank.head(head.head_id)).train()
+        assert isinstance(module, AttentiveProbe)
+        options = {"type": bank_opt["type"], "lr": head.lr, "weight_decay": head.weight_decay, **ref_kwargs}
+        refs[head.head_id] = Probe.build(
+            ProbeConfig(
+                name=f"ref{head.index}", probe=module, optimizer=options,
+                accumulate_grad_batches=accumulate, gradient_clip_val=clip,
+            )
+        )  # fmt: skip
+    return refs
+
+
+def _assert_heads_equal(bank, refs, atol=1e-5):
+    for head_id, ref in refs.items():
+        got = dict(bank.head(head_id).named_parameters())
+        for name, want in ref.module.named_parameters():
+            torch.testing.assert_close(got[name], want.detach(), atol=atol, rtol=1e-5, msg=f"{head_id} {name}")
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize(("accumulate", "clip"), [(1, None), (2, 0.5)])
+def test_every_attentive_head_equals_a_separate_probe(optimizer, accumulate, clip):
+    bank_opt, ref_kwargs = OPTIMIZERS[optimizer]
+    lrs = ADAMW_LRS if optimizer == "AdamW" else LRS
+    bank = ProbeBank.build(
+        _config(optimizer=bank_opt, lr=lrs, accumulate_grad_batches=accumulate, gradient_clip_val=clip)
+    )  # fmt: skip
+    refs = _references(bank, bank_opt, ref_kwargs, accumulate, clip)
+    for x, y in _batches(6):
+        bank.train_step([x], y)
+        for ref in refs.values():
+            ref.train_step(x, y)
+    _assert_heads_equal(bank, refs)
+    # Checkpoints by head id: a bank built with other weights resumes to these.
+    resumed = ProbeBank.build(_config(optimizer=bank_opt, lr=lrs, accumulate_grad_batches=accumulate), seed=9)
+    resumed.load_state_dict(bank.state_dict())
+    assert torch.equal(resumed.heads.flat, bank.heads.flat)
+
+
+def test_one_query_one_block_defaults_and_export():
+    bank = ProbeBank.build(_config(head_options=None, in_features=128, lr=[0.1]))
+    probe = bank.head(bank.head_ids[0])
+    assert isinstance(probe, AttentiveProbe)
+    assert probe.query_tokens.shape == (1, 1, 128) and len(probe.blocks) == 0
+    assert probe.cross.heads == 2 and probe.cross.mlp.fc1.out_features == 512
+    x = torch.randn(3, 4, 128)
+    torch.testing.assert_close(bank.predict([x])[:, 0], probe(x), atol=1e-6, rtol=1e-5)
+
+
+def test_a_diverging_head_is_skipped_alone():
+    """A learning rate of 1e30 makes one head's gradient non-finite; the others keep equal to their probes."""
+    bank_opt, ref_kwargs = OPTIMIZERS["SGD"]
+    bank = ProbeBank.build(_config(lr=[1e30, 0.05], weight_decay=[0.0], optimizer=bank_opt))
+    refs = _references(bank, bank_opt, ref_kwargs, 1, None)
+    diverging, healthy = bank.head_ids
+    for x, y in _batches(4):
+        bank.train_step([x], y)
+        refs[healthy].train_step(x, y)
+    skipped = bank.skipped_steps.tolist()
+    assert skipped[0] > 0 and skipped[1] == 0
+    _assert_heads_equal(bank, {healthy: refs[healthy]})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"head_options": {"queries": 2}}, r"unknown option\(s\) \['queries'\] for head 'attentive'; valid options"),
+        ({"head_options": {"depth": 0}}, r"head_options\['depth'\] got 0; expected an int >= 1"),
+        ({"normalization": [None, "batchnorm"]}, r"own LayerNorms: use \[None\]"),
+        ({"family": "linear", "head_options": {"depth": 2}}, r"head 'linear' takes no options"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_bank(overrides, message):
+    with pytest.raises(ValueError, match=r"bank 'att': .*" + message):
+        _config(**overrides)
+
+
+def test_num_heads_must_divide_the_feature_size():
+    with pytest.raises(ValueError, match=r"num_heads'\]=3 does not divide the feature size 16 of source 'tokens'"):
+        ProbeBank.build(_config(head_options={"num_heads": 3}))
+
+
+# --- replicas ---------------------------------------------------------------------------------------------------
+
+STEPS = 5
+
+
+def _dist_config():
+    return _config(optimizer={"type": "AdamW"}, lr=ADAMW_LRS, accumulate_grad_batches=2, gradient_clip_val=1.0)
+
+
+def _train(bank, data, rank, world):
+    for x, y in data:
+        bank.train_step([x[rank::world]], y[rank::world])
+    bank.settle()
+
+
+def _worker(rank, world):
+    count = {"all_reduce": 0, "bytes": 0}
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        count["all_reduce"] += 1
+        count["bytes"] += tensor.numel() * tensor.element_size()
+        return original(tensor, *args, **kwargs)
+
+    bank = ProbeBank.build(_dist_config(), dp_group=dist.group.WORLD)
+    dist.all_reduce = counting
+    try:
+        _train(bank, _batches(STEPS, batch=8), rank, world)
+    finally:
+        dist.all_reduce = original
+    flat = bank.heads.flat.detach().clone()
+    everyone = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    return {"flat": flat, "identical": all(torch.equal(everyone[0], f) for f in everyone), **count}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_attentive_replicas_equal_one_process_with_one_all_reduce_per_step(world):
+    results = run_distributed(_worker, world)
+    reference = ProbeBank.build(_dist_config())
+    _train(reference, _batches(STEPS, batch=8), 0, 1)
+    for r in results:
+        assert r["identical"]
+        torch.testing.assert_close(r["flat"], reference.heads.flat.detach(), atol=1e-5, rtol=1e-5)
+        # 5 micro-steps in windows of 2: 2 optimizer steps, each one all-reduce of exactly the flat gradient.
+        assert r["all_reduce"] == 2
+        assert r["bytes"] == 2 * reference.heads.flat.numel() * 4
