@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distprobe.bank import multilabel
 from distprobe.bank.config import BankConfig
 from distprobe.bank.families import FAMILIES, HeadFamily
+from distprobe.bank.metric_kinds import build_metrics
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.bank.optimizer import BankOptimizer
 from distprobe.bank.selection import global_positions, selects
@@ -135,7 +137,7 @@ class ProbeBank:
         # Every replica starts from global rank 0's heads (also across tensor-parallel groups).
         broadcast_from_global_rank0([heads.flat])
         if metrics is None:
-            metrics = BankMetrics(config, heads.num_heads, kind=heads.metric_kind)
+            metrics = build_metrics(config, heads.num_heads)
         metrics.to(heads.flat.device)
         metrics.set_process_group(dp_group)
         return cls(config, heads, dp_group, metrics, total_steps=total_steps)
@@ -169,6 +171,14 @@ class ProbeBank:
 
     # --- training ---------------------------------------------------------------------------------------------
 
+    def _check_targets(
+        self, targets: torch.Tensor, preds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class-index targets, or (``config.multilabel``) multi-hot ones (`distprobe.bank.multilabel`)."""
+        if self.config.multilabel:
+            return multilabel.check_targets(targets, preds)
+        return bad_data.check_targets(targets, preds, None)
+
     def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if len(features) != len(self.config.inputs):
             raise ValueError(
@@ -199,7 +209,7 @@ class ProbeBank:
         outside_autocast = torch.autocast(device_type, enabled=False) if in_autocast else contextlib.nullcontext()
         with outside_autocast, torch.enable_grad():
             logits = self.heads(xs, self.dp_group)  # (K, B, C), contiguous
-            safe_targets, countable, in_range, finite = bad_data.check_targets(targets, logits[0], None)
+            safe_targets, countable, in_range, finite = self._check_targets(targets, logits[0])
             losses = self.heads.loss(logits, safe_targets)  # (K,): each head's loss, as a separate probe's
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
             total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
@@ -285,9 +295,7 @@ class ProbeBank:
         self._eval_seen += n
         keep_rows = slice(0, n)
         kept_preds = preds[keep_rows]
-        safe_targets, countable, _, _ = bad_data.check_targets(
-            targets[keep_rows].to(self.device), kept_preds[:, 0], None
-        )
+        safe_targets, countable, _, _ = self._check_targets(targets[keep_rows].to(self.device), kept_preds[:, 0])
         rows_ok = countable
         for f in features:
             rows_ok = rows_ok & bad_data.row_checks(to_probe_input(f, self.heads.flat)[keep_rows])

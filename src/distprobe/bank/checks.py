@@ -1,10 +1,17 @@
-"""First-batch checks of a bank's inputs (`distprobe.engine.checks`), decided on every rank together by the caller."""
+"""First-batch checks of a bank's inputs (`distprobe.engine.checks`), decided on every rank together by the caller.
+
+What a first batch must hold depends on the bank: linear heads read one feature vector per sample, attentive heads
+``(B, N, D)`` tokens (a family says so with ``input_problem``), and multi-label banks ``(B, C)`` multi-hot targets.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from distprobe.bank.config import BankConfig
 from distprobe.engine.checks import class_index_problem
 
 #: Ends the message about an input that is not one feature vector per sample.
@@ -12,9 +19,40 @@ POOL_HINT = " Pool token outputs first (e.g. a tapped module with ':cls')."
 
 
 def first_batch_problem(
-    name: str, inputs: Sequence[str], features: list[Any], targets: Any, num_classes: int
+    name: str,
+    inputs: Sequence[str],
+    features: list[Any],
+    targets: Any,
+    num_classes: int,
+    config: BankConfig | None = None,
 ) -> str | None:
-    """What is wrong with the first batch for this bank, or None (one host sync, on this batch only)."""
-    return class_index_problem(
-        f"bank '{name}'", dict(zip(inputs, features, strict=True)), targets, num_classes, hint=POOL_HINT
-    )
+    """What is wrong with the first batch for this bank, or None (one host sync, on this batch only).
+
+    ``config`` (when given) adds its family's input check and, for a multi-label bank, the multi-hot target check.
+    """
+    owner = f"bank '{name}'"
+    if config is not None:
+        from distprobe.bank.families import FAMILIES
+
+        input_problem = getattr(FAMILIES[config.family], "input_problem", None)
+        for source, x in zip(inputs, features, strict=True):
+            if input_problem is not None and isinstance(x, torch.Tensor):
+                problem = input_problem(source, x)
+                if problem is not None:
+                    return f"{owner}: {problem}"
+        if config.multilabel:
+            from distprobe.bank.multilabel import multi_hot_problem
+
+            return multi_hot_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
+    return class_index_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes, hint=POOL_HINT)
+
+
+def feature_sizes(config: BankConfig, features: Sequence[torch.Tensor]) -> dict[str, int]:
+    """Each source's feature size as the bank's family reads it from a first batch (linear: a sample's numel)."""
+    from distprobe.bank.families import FAMILIES
+
+    size_of = getattr(FAMILIES[config.family], "feature_size", None)
+    return {
+        source: int(size_of(x[0]) if size_of is not None else x[0].numel())
+        for source, x in zip(config.inputs, features, strict=True)
+    }

@@ -125,6 +125,8 @@ class BankConfig(TrainingOptions):
     """The kind of heads (`distprobe.bank.families.FAMILIES`): ``"linear"`` or ``"attentive"``."""
     head_options: Mapping[str, Any] | None = None
     """The family's own options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``...)."""
+    multilabel: bool = False
+    """Targets are ``(B, num_classes)`` multi-hot vectors: BCE with logits, mAP and F1 (docs/multilabel.md)."""
     inputs: Sequence[str]
     """Feature sources (keys of the step's outputs or batch, or tapped submodules)."""
     num_classes: int
@@ -180,7 +182,12 @@ class BankConfig(TrainingOptions):
                 "takes no options."
             )
         self.optimizer_spec = parse_optimizer(self.optimizer, name)
-        self.top_k = _parse_metrics(self.metrics, name, self.num_classes)
+        if self.multilabel:
+            from distprobe.bank.multilabel import parse_multilabel_metrics  # it imports this module
+
+            self.top_k = parse_multilabel_metrics(self.metrics, name)
+        else:
+            self.top_k = _parse_metrics(self.metrics, name, self.num_classes)
         if isinstance(self.in_features, Mapping):
             missing = [s for s in self.inputs if s not in self.in_features]
             if missing:

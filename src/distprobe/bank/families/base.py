@@ -76,7 +76,16 @@ class HeadFamily(nn.Module, abc.ABC):
         """``(K, B, C)`` outputs of every head (contiguous), from one ``(B, ...)`` tensor per source."""
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``(K,)``: each head's mean cross-entropy over the batch, as a separate probe's ``CrossEntropyLoss``."""
+        """``(K,)``: each head's mean cross-entropy over the batch, as a separate probe's ``CrossEntropyLoss``.
+
+        Multi-label targets (``config.multilabel``, ``(B, C)`` multi-hot): each head's mean binary cross-entropy
+        with logits over the batch and labels, as ``BCEWithLogitsLoss``.
+        """
+        if self.config.multilabel:
+            per_element = F.binary_cross_entropy_with_logits(
+                outputs, targets.to(outputs.dtype).expand_as(outputs), reduction="none"
+            )
+            return per_element.flatten(1).mean(dim=1)
         k, b, c = outputs.shape
         # One call for every head, on contiguous rows (a strided class dimension is a slow path).
         per_sample = F.cross_entropy(outputs.reshape(k * b, c), targets.repeat(k), reduction="none")
