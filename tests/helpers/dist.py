@@ -1,9 +1,15 @@
 """A small distributed harness: real processes, a real gloo process group, no fixed ports.
 
-`run_distributed(fn, world_size=2, *args)` spawns `world_size` processes, joins them through a `file://` store in a
+`run_distributed(fn, world_size=2, *args)` starts `world_size` processes, joins them through a `file://` store in a
 fresh temporary folder, calls `fn(rank, world_size, *args)` in each, and returns the per-rank return values in rank
 order. An exception on any rank is re-raised here with that rank's traceback; a rank that hangs is killed after
 `timeout` seconds, so a bug never hangs the suite.
+
+The ranks are forked from a forkserver that imported torch, Lightning, torchmetrics, DeepSpeed and distprobe once per
+pytest session. A spawned rank paid those imports itself: 5-8 s of CPU per rank, for about 150 spawned ranks in the
+suite, on 2 cores. Each rank still starts from that clean server, never from the pytest process, so no test's state
+leaks into another's ranks; it gets the test's environment variables, working directory and `sys.path` as a spawned
+rank did. `DISTPROBE_TEST_START_METHOD=spawn` goes back to plain spawn (to rule the harness out when a test fails).
 """
 
 from __future__ import annotations
@@ -19,12 +25,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+START_METHOD = os.environ.get("DISTPROBE_TEST_START_METHOD", "forkserver")
+"""How the ranks start: "forkserver" (default) or "spawn"."""
+
+PRELOAD = ["torch", "torch.distributed", "torchmetrics", "lightning.pytorch", "deepspeed", "distprobe.callbacks"]
+"""What the forkserver imports once. A module that is not installed is skipped (multiprocessing ignores it)."""
+
 
 class DistributedTestError(RuntimeError):
     """A rank failed or timed out."""
 
 
-def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn: Callable, args: tuple) -> None:
+def _worker(
+    rank: int, world_size: int, init_file: str, out_dir: str, fn: Callable, args: tuple, environ: dict[str, str]
+) -> None:
+    # A forked rank holds the forkserver's environment, not the test's: give it the test's, as spawn would.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["LOCAL_RANK"] = str(rank)
@@ -42,13 +59,21 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn: Callab
         pickle.dump(result, f)
 
 
+def _context() -> Any:
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def run_distributed(fn: Callable, world_size: int = 2, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned gloo ranks and return their results."""
+    """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks and return their results."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "store")
-        ctx = mp.get_context("spawn")
+        ctx = _context()
+        environ = dict(os.environ)
         procs = [
-            ctx.Process(target=_worker, args=(rank, world_size, init_file, tmp, fn, args), daemon=False)
+            ctx.Process(target=_worker, args=(rank, world_size, init_file, tmp, fn, args, environ), daemon=False)
             for rank in range(world_size)
         ]
         for p in procs:
