@@ -26,6 +26,7 @@ def _benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow  # a benchmark's smoke run
 def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     proc = _benchmark("overhead.py", "--smoke", "--json", str(out))
@@ -44,12 +45,14 @@ def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
     assert "| variant | median ms/step |" in proc.stdout
 
 
+@pytest.mark.slow  # a benchmark's smoke run
 def test_host_time_benchmark_smoke_prints_its_table() -> None:
     proc = _benchmark("host_time.py", "--steps", "5", "--rounds", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split("|")[1].strip() for row in rows] == ["0", "1", "8"]
 
 
+@pytest.mark.slow  # a benchmark's smoke run
 def test_probing_service_benchmark_smoke_writes_its_three_measurements(tmp_path: Path) -> None:
     out = tmp_path / "service.json"
     _benchmark("probing_service.py", "--smoke", "--json", str(out))
@@ -75,6 +78,8 @@ def test_gpu_scripts_refuse_a_world_size_that_is_not_a_number(script: str, tmp_p
     assert f"usage: {script}" in proc.stderr
 
 
+@pytest.mark.slow  # a benchmark's smoke run under torchrun
+@pytest.mark.distributed
 def test_local_variant_runs_on_two_ranks() -> None:
     """``local_x1`` gives each rank its own one-rank probe group: the subgroup collective must not hang the ranks."""
     proc = subprocess.run(

@@ -28,6 +28,7 @@ NOISE = (
 """Pieces of the Lightning notices the demo filters (`distprobe.demo.output.quiet_lightning`)."""
 
 
+@pytest.mark.slow  # a demo training
 def test_demo_trains_and_the_linear_probe_beats_chance(tmp_path):
     config = DemoConfig(
         epochs=8,
@@ -53,6 +54,7 @@ def test_demo_trains_and_the_linear_probe_beats_chance(tmp_path):
     assert [row["ssl_loss"] for row in result["rows"]] == pytest.approx([epoch_losses[e] for e in range(8)])
 
 
+@pytest.mark.slow  # a demo training
 def test_demo_evaluates_offline_every_n_epochs_and_compares_the_final_features_with_baselines(tmp_path, capsys):
     config = DemoConfig(
         epochs=3, offline_every=2, random_inits=2, out_dir=str(tmp_path), progress_bar=False, limit_train_batches=8
@@ -103,6 +105,7 @@ def test_demo_evaluates_offline_every_n_epochs_and_compares_the_final_features_w
     assert ("report: skipped" in out) == (result["report"] is None)
 
 
+@pytest.mark.slow  # a demo training
 def test_demo_cli_output_is_the_table_and_the_offline_block_without_lightning_notices(tmp_path):
     """The user's view, in a process of its own: Lightning's notices go to stderr when its logger is set up."""
     proc = subprocess.run(
@@ -171,6 +174,7 @@ def test_demo_cli_with_two_ddp_processes(tmp_path):
     assert "sync_dist=True" not in proc.stderr and "broadcast_buffers" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # a demo training
 def test_demo_with_unlabeled_pretraining_and_probes_on_a_labeled_subset(tmp_path, capsys):
     """`distprobe demo --probe-data labeled-subset`: the pretraining batches carry no label; the probes train on
     20% of the training split and are evaluated on the labeled validation split."""
