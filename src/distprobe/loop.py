@@ -23,7 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import feature_sizes
 from distprobe.bank.checks import first_batch_problem as bank_first_batch_problem
 from distprobe.bank.metrics_set import logged_keys
 from distprobe.engine import Probe, ProbeConfig, ProbeGroup, maths
@@ -236,6 +238,8 @@ class ProbeSet:
         Raises:
             ValueError: when a member of that name is already in the set.
         """
+        if self.probes.get(probe.name) is probe:
+            return
         self._refuse_taken(probe.name)
         self.probes[probe.name] = probe
         self.specs[probe.name] = ProbeSpec(config=probe.config, input=input, target=target)
@@ -263,7 +267,7 @@ class ProbeSet:
     def remove(self, name: str) -> None:
         """Take the member ``name`` out of the set (nothing happens when it is not there)."""
         for members in (self.probes, self.specs, self.bank_specs, self.banks, self.knn_specs, self.knns):
-            members.pop(name, None)  # type: ignore[attr-defined]
+            members.pop(name, None)
 
     def _refuse_taken(self, name: str) -> None:
         if name in self.probes or name in self.bank_specs or name in self.knn_specs:
@@ -299,8 +303,7 @@ class ProbeSet:
         """The bank, built from this batch's feature sizes the first time (every rank at the same step)."""
         if name in self.banks:
             return self.banks[name]
-        sources = self.bank_specs[name].config.inputs
-        return self._build_bank(name, {s: int(x[0].numel()) for s, x in zip(sources, xs, strict=True)})
+        return self._build_bank(name, feature_sizes(self.bank_specs[name].config, xs))
 
     def _build_knn(self, name: str, in_features: int) -> ShardedKNN:
         knn = ShardedKNN.build(
@@ -379,7 +382,7 @@ class ProbeSet:
                 problems.append(str(err))
                 continue
             config = bank_spec.config
-            problem = bank_first_batch_problem(name, config.inputs, xs, y, config.num_classes)
+            problem = bank_first_batch_problem(name, config.inputs, xs, y, config.num_classes, config=config)
             if problem is not None:
                 problems.append(problem)
         for name, knn_spec in self.knn_specs.items():
@@ -483,7 +486,7 @@ class ProbeSet:
         for name in (n for n in wanted if n in self.banks):
             values[name] = logged_keys(self.banks[name].compute_eval_metrics(), "eval", name)
         for name in (n for n in wanted if n in self.knns):
-            values[name] = {f"eval/{name}_{key}": v for key, v in self.knns[name].compute_eval_metrics().items()}
+            values[name] = keys.absolute_keys(self.knns[name].compute_eval_metrics(), keys.EVAL, name)
         return values
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:

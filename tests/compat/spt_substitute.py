@@ -2,10 +2,13 @@
 
 ``python -m pytest -p tests.compat.spt_substitute <stable_pretraining/tests/...>``: every way those tests reach the
 class (``stable_pretraining.callbacks.OnlineProbe``, ``...callbacks.probe.OnlineProbe``, ``stable_pretraining.
-OnlineProbe``) then yields distprobe's. The report header names the class in use, so a run can be checked.
+OnlineProbe``) then yields distprobe's, and stable-pretraining's own subclass ``OnlineImageDecoder`` is defined again
+over it. The report header names the class in use, so a run can be checked.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 from tests.compat.torchvision_cpu_ops import install
@@ -25,6 +28,10 @@ def substitute() -> type:
     callbacks.OnlineProbe = OnlineProbe
     probe.OnlineProbe = OnlineProbe
     spt.OnlineProbe = OnlineProbe  # a real attribute: the package's lazy __getattr__ is no longer asked
+    # Its subclass OnlineImageDecoder bound the class at import: defined again, it subclasses distprobe's.
+    import stable_pretraining.callbacks.image_decoder as image_decoder
+
+    callbacks.OnlineImageDecoder = importlib.reload(image_decoder).OnlineImageDecoder
     return OnlineProbe
 
 

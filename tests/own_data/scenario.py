@@ -165,6 +165,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
+def steps_a_probe(pl_module: pl.LightningModule, optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a distprobe probe's (its parameters are those of ``pl_module.callbacks_modules``)."""
+    probes = {id(p) for module in getattr(pl_module, "callbacks_modules", {}).values() for p in module.parameters()}
+    return all(id(p) in probes for group in optimizer.param_groups for p in group["params"])
+
+
 class GradRecorder(Callback):
     """The backbone's gradients before every main optimizer step (None under ZeRO-3, which partitions them)."""
 
@@ -172,6 +178,8 @@ class GradRecorder(Callback):
         self.grads: list[dict[str, torch.Tensor]] = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if steps_a_probe(pl_module, optimizer):
+            return  # a probe's optimizer step: user callbacks see those too (docs/online-probe.md)
         named = pl_module.encoder.named_parameters()
         self.grads.append({n: _full(p.grad) for n, p in named if p.grad is not None})
 

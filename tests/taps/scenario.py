@@ -78,7 +78,7 @@ class Recorder(Callback):
         model = trainer.strategy.model
         self.backbone = [_local(p) for n, p in model.named_parameters() if "callbacks_modules" not in n]
         if not self.names:
-            from distprobe.callbacks.taps import TapInputs
+            from distprobe.features.tap_inputs import TapInputs
 
             self.names = [n for n, _ in pl_module.named_modules()]
             taps = TapInputs.of(pl_module).taps._taps.values()
@@ -103,7 +103,7 @@ def _trainer(run: TapRun, callbacks: list[Callback]) -> pl.Trainer:
 
 
 def run(rank: int, world_size: int, spec: TapRun) -> dict[str, Any]:
-    from distprobe.callbacks import taps as tap_inputs
+    from distprobe.features import tap_inputs
 
     results: dict[str, Any] = {}
     probes = probe_pairs([PAIRS[i] for i in spec.pairs])

@@ -18,13 +18,19 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from torch.utils.data import DataLoader
 
 from distprobe.callbacks import OnlineProbe
-from distprobe.callbacks import taps as tap_inputs
+from distprobe.features import tap_inputs
 from helpers.models import RandomPoints, trainer
 from taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, our_hooks, probe_pairs
 
 
 def _loader(size: int = 24, seed: int = 0) -> DataLoader:
     return DataLoader(RandomPoints(size, seed, in_dim=IN_DIM, num_classes=NUM_CLASSES), batch_size=4)
+
+
+def steps_a_probe(pl_module: pl.LightningModule, optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a distprobe probe's (its parameters are those of ``pl_module.callbacks_modules``)."""
+    probes = {id(p) for module in getattr(pl_module, "callbacks_modules", {}).values() for p in module.parameters()}
+    return all(id(p) in probes for group in optimizer.param_groups for p in group["params"])
 
 
 class GradRecorder(Callback):
@@ -35,6 +41,8 @@ class GradRecorder(Callback):
         self.calls: list[int] = []
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if steps_a_probe(pl_module, optimizer):
+            return  # a probe's optimizer step: user callbacks see those too (docs/online-probe.md)
         self.grads.append([p.grad.clone() for p in pl_module.backbone.parameters()])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:

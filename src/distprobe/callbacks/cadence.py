@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
-from collections.abc import Iterator
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -39,15 +36,17 @@ def logs_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     return bool(trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False))
 
 
-@contextlib.contextmanager
-def values_already_reduced() -> Iterator[None]:
-    """Silence Lightning's advice to pass ``sync_dist=True``: distprobe's epoch values are reduced already.
+def log_reduced(pl_module: pl.LightningModule, values: dict[str, torch.Tensor], *, on_step: bool) -> None:
+    """Log values that distprobe already reduced over the data-parallel group: the same on every rank.
 
-    Reducing them again would cost one collective per value and change nothing (every rank holds the same value).
+    Reducing them again would cost one collective per value and change nothing. Lightning warns about epoch values
+    logged without ``sync_dist=True`` under torch.distributed; ``sync_dist=True`` with ``rank_zero_only=True`` says
+    what is true here: the value is synced (no advice needed) and Lightning need not sync it (its reduction is a
+    no-op under ``rank_zero_only``, `lightning.pytorch.trainer.connectors.logger_connector.result._Sync`). Every
+    rank still logs it, so ``trainer.callback_metrics`` holds it on every rank and checkpoint or early-stopping
+    monitors work everywhere.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-        yield
+    pl_module.log_dict(values, on_step=on_step, on_epoch=not on_step, sync_dist=True, rank_zero_only=True)
 
 
 class BadDataWarnings:

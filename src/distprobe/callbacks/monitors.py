@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 from typing_extensions import override
 
 from distprobe import keys
-from distprobe.callbacks.cadence import values_already_reduced
-from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
-from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
+from distprobe.callbacks.base import ProbeCallback, Stage
+from distprobe.callbacks.cadence import log_reduced
 from distprobe.features.dtensor import whole
-from distprobe.features.lookup import MissingKeyError, lookup
-from distprobe.features.tap_inputs import TapInputs, check_input_spec
+from distprobe.features.lookup import lookup
 from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_metrics_synced
 from distprobe.monitors.functional import occurrence_index
 from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
 from distprobe.strategies.groups import data_parallel_group
 
-Stage = Literal["train", "val"]
 
-
-class EmbeddingMonitor(Callback):
+class EmbeddingMonitor(ProbeCallback):
     """Log label-free measures of an embedding: RankMe and LiDAR, exact over every rank, with no feature gathered.
 
     Features are read as `OnlineProbe` reads them (a key of the step's outputs, of the batch, or a submodule tap)
@@ -60,6 +55,8 @@ class EmbeddingMonitor(Callback):
         ...                            view_key="view", stage=("train", "val"))
     """
 
+    in_probe_set = False
+
     def __init__(
         self,
         module: pl.LightningModule | None,
@@ -74,10 +71,8 @@ class EmbeddingMonitor(Callback):
         dim: int | None = None,
         centered: bool = False,
     ) -> None:
-        super().__init__()
         if not isinstance(input, str) or not input:
             raise ValueError(f"monitor '{name}': argument 'input' got {input!r}; expected a non-empty key string.")
-        check_input_spec(input, probe_name=name)
         kinds = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = [k for k in kinds if k not in MONITORS]
         if unknown or not kinds:
@@ -91,7 +86,7 @@ class EmbeddingMonitor(Callback):
             raise ValueError(f"monitor '{name}': argument 'every_n_steps' got {every_n_steps!r}; expected an int >= 1.")
         if sample_key is not None and view_key is not None:
             raise ValueError(f"monitor '{name}': got both 'sample_key' and 'view_key'; pass the one the batch holds.")
-        self.name = name
+        super().__init__(name, [input], None, None)
         self.input = input
         self.kinds = kinds
         self.sample_key = sample_key
@@ -104,16 +99,8 @@ class EmbeddingMonitor(Callback):
         self.train_batches = 0
         """Training batches seen, across epochs: the ``every_n_steps`` windows count them."""
         self._dim = dim
-        self._values: dict[str, dict[str, torch.Tensor] | None] = {"train": None, "val": None}
-        self._tap_inputs: TapInputs | None = None
         self._group: Any = None
         self._device = torch.device("cpu")
-        self._checked = False
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -136,52 +123,38 @@ class EmbeddingMonitor(Callback):
             }
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._group = data_parallel_group(trainer.strategy)
         self._device = trainer.strategy.root_device
-        settle_gloo_workers_at_exit()  # see engine/clean_exit.py
         if self._dim is not None and not self.metrics:
             self._build(self._dim)
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.to(self._device)
-        self._tap_inputs = TapInputs.of(pl_module)
-        self._tap_inputs.request(self, self.input, probe_name=self.name)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._tap_inputs is not None:
-            self._tap_inputs.release(self)
-            self._tap_inputs = None
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._tap_inputs is not None and "train" in self.stages:
-            self._tap_inputs.arm(pl_module)
-
-    @override
-    def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._tap_inputs is not None and "val" in self.stages:
-            self._tap_inputs.arm(pl_module)
+    def watches(self, stage: Stage) -> bool:
+        return stage in self.stages
 
     # --- reading a step's features ------------------------------------------------------------------------------
 
     def _read(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        if self._tap_inputs is not None:
-            features = self._tap_inputs.read(self.input, outputs, batch, probe_name=self.name)
-        else:
-            features = lookup(self.input, outputs, batch, probe_name=self.name, argument="input")
-        features = whole(features)  # a DTensor (tensor parallelism): the whole batch's features
+        assert self._source is not None, "read after setup"
+        features = whole(self._source.read(outputs, batch)[0][0])  # a DTensor (tensor parallelism): the whole batch
         sample_ids = view_ids = None
         if self.sample_key is not None:
             sample_ids = lookup(self.sample_key, outputs, batch, probe_name=self.name, argument="sample_key")
         if self.view_key is not None:
             view_ids = lookup(self.view_key, outputs, batch, probe_name=self.name, argument="view_key")
         return features, sample_ids, view_ids
+
+    @override
+    def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
+        return self._read(outputs, batch) if "train" in self.stages else None
+
+    @override
+    def first_batch_problem(self, read: Any) -> str | None:
+        return self._problem(*read)
 
     def _problem(self, features: Any, sample_ids: Any, view_ids: Any) -> str | None:
         """What is wrong with the first batch, or None (shapes only: no host sync)."""
@@ -203,22 +176,8 @@ class EmbeddingMonitor(Callback):
             return f"monitor '{self.name}': sample or view ids of shape {got}; expected one per row of {self.input!r}."
         return None
 
-    def _checked_read(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Read the step's tensors; on the first batch, check them collectively across all ranks."""
-        if self._checked:
-            return self._read(outputs, batch)
-        group = world_check_group()
-        try:
-            read = self._read(outputs, batch)
-        except MissingKeyError as err:
-            raise_if_any_rank_failed(str(err), group)
-            raise AssertionError("unreachable: the call above raises") from err
-        raise_if_any_rank_failed(self._problem(*read), group)
-        self._checked = True
-        return read
-
-    def _update(self, stage: str, outputs: Any, batch: Any, num_valid: int | None = None) -> None:
-        features, sample_ids, view_ids = self._checked_read(outputs, batch)
+    def _update(self, stage: str, read: Any, num_valid: int | None = None) -> None:
+        features, sample_ids, view_ids = read
         features = features.detach()
         if not self.metrics:
             self._dim = int(features.shape[-1])
@@ -239,41 +198,41 @@ class EmbeddingMonitor(Callback):
     # --- hooks --------------------------------------------------------------------------------------------------
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if "train" not in self.stages:
-            return
-        self._update("train", outputs, batch)
+    def train_alone(self, read: Any) -> Any:
+        self._update("train", read)
         self.train_batches += 1
-        monitors = _monitors(trainer, self)
-        if monitors[-1] is not self:
-            return
-        # The last monitor of the step computes every windowed monitor due now: all have their batch by then. The
-        # counts are the same on every rank, so every rank joins the same all-reduce.
-        due = [m for m in monitors if m.every_n_steps is not None and m.train_batches % m.every_n_steps == 0]
-        if not due:
-            return
-        values = _compute(due, "train")
-        for monitor, logged in zip(due, values, strict=True):
-            monitor._reset("train")
-            with values_already_reduced():
-                pl_module.log_dict(logged, on_step=True, on_epoch=False, sync_dist=False)
+
+    @override
+    def window_due(self) -> bool:
+        # The counts are the same on every rank, so every rank joins the same all-reduce.
+        n = self.every_n_steps
+        return n is not None and "train" in self.stages and self.train_batches > 0 and self.train_batches % n == 0
+
+    @staticmethod
+    @override
+    def values_together(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
+        monitors = [m for m in members if isinstance(m, EmbeddingMonitor)]
+        return {m.name: values for m, values in zip(monitors, _compute(monitors, stage), strict=True)}
+
+    @override
+    def takes_part(self, trainer: pl.Trainer, stage: Stage) -> bool:
+        return stage in self.stages and (stage == "val" or self.every_n_steps is None)
+
+    @override
+    def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:
+        if out:  # a window closed: its values
+            self._reset("train")
+            log_reduced(pl_module, out, on_step=True)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._values["train"] = None
+        super().on_train_epoch_start(trainer, pl_module)
         if self.every_n_steps is None:
             self._reset("train")
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "train" in self.stages and self.every_n_steps is None:
-            self._log_epoch(trainer, pl_module, "train")
-
-    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._values["val"] = None
+        super().on_validation_epoch_start(trainer, pl_module)
         self._reset("val")
 
     @override
@@ -288,28 +247,20 @@ class EmbeddingMonitor(Callback):
     ) -> None:
         if "val" not in self.stages:
             return
+        read = self._read(outputs, batch) if self.checked_first_batch else self._checked_read(trainer, outputs, batch)
         # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
         num_valid = None if self.sample_key is not None else _real_samples_in_batch(loader, batch_idx)
-        self._update("val", outputs, batch, num_valid)
+        self._update("val", read, num_valid)
+
+    def _checked_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
+        """A validation batch before any training batch (the sanity check): checked on every rank at once."""
+        assert self._coordinator is not None, "validation after setup"
+        return self._coordinator.checked_read(trainer, self, lambda: self._read(outputs, batch))
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "val" in self.stages:
-            self._log_epoch(trainer, pl_module, "val", log=not trainer.sanity_checking)
-
-    def _log_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, log: bool = True) -> None:
-        if self._values[stage] is None:
-            members = [m for m in _monitors(trainer, self, stage) if m._values[stage] is None]
-            if stage == "train":
-                members = [m for m in members if m.every_n_steps is None]
-            for member, values in zip(members, _compute(members, stage), strict=True):
-                member._values[stage] = values
-        values = self._values[stage] or {}
+    def reset_epoch(self, stage: Stage) -> None:
         self._reset(stage)
-        if values and log:
-            with values_already_reduced():
-                pl_module.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
 
     def _reset(self, stage: str) -> None:
         for metric in self.metrics.get(stage, {}).values():
@@ -326,13 +277,6 @@ def _real_samples_in_batch(loader: Any, batch_idx: int) -> int | None:
     if num_valid is None or (isinstance(batch_size, int) and num_valid >= batch_size):
         return None
     return num_valid
-
-
-def _monitors(trainer: pl.Trainer, caller: EmbeddingMonitor, stage: str = "train") -> list[EmbeddingMonitor]:
-    """The EmbeddingMonitors of ``trainer`` watching ``stage``, in callback order (the same on every rank)."""
-    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's callback connector
-    found = [cb for cb in callbacks if isinstance(cb, EmbeddingMonitor) and stage in cb.stages]
-    return found if caller in found else [*found, caller]
 
 
 def _compute(monitors: Sequence[EmbeddingMonitor], stage: str) -> list[dict[str, torch.Tensor]]:

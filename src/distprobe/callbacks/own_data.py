@@ -26,6 +26,7 @@ from distprobe.features.own_data import (
 __all__ = [
     "FeatureFn",
     "OwnData",
+    "OwnDataFeatures",
     "draw_features",
     "eval_batches",
     "model_left_alone",
@@ -133,6 +134,40 @@ def eval_batches(
             targets = lookup(target, {}, batch, probe_name=own.name, argument="target")
             num_valid = 0 if padding else valid_in_loader_batch(loader, batch_idx, targets.shape[0])
             yield features, targets, num_valid
+
+
+class OwnDataFeatures:
+    """A `distprobe.features.source.FeatureSource`: the features of the probe's own batches, by an extra forward.
+
+    Args:
+        own: The probe's `OwnData`.
+        trainer: The Lightning Trainer.
+        pl_module: The LightningModule that computes the features.
+        sources: The probe's input names.
+        target: Key of the labels in the probe's own batches.
+    """
+
+    def __init__(self, own: OwnData, trainer: Any, pl_module: nn.Module, sources: Sequence[str], target: Any) -> None:
+        self.own = own
+        self._trainer = trainer
+        self._pl_module = pl_module
+        self._sources = list(sources)
+        self._target = target
+
+    def arm(self) -> None:
+        """Nothing to do: the extra forward arms its own taps."""
+
+    def read(self, outputs: Any, batch: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Draw the probe's next own batch and return its features and targets (``outputs`` and ``batch`` unused)."""
+        return draw_features(self.own, self._trainer, self._pl_module, self._sources, self._target)
+
+    def eval_batches(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, int | None]]:
+        """Features, targets and real-sample counts of this rank's own validation batches (see `eval_batches`)."""
+        return eval_batches(self.own, self._trainer, self._pl_module, self._sources, self._target)
+
+    def release(self) -> None:
+        """Drop the own data's taps and loader iterators."""
+        self.own.release()
 
 
 def own_data_of(name: str, data: Any, val_data: Any, features: FeatureFn | None, every_n_steps: int) -> OwnData | None:

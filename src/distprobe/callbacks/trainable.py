@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from distprobe.callbacks.base import ProbeCallback, Stage
+from distprobe.callbacks.own_data import OwnData
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
 from distprobe.engine import Probe, ProbeConfig, maths
-from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
+from distprobe.engine.checks import first_batch_problem
 from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
 from distprobe.strategies.groups import data_parallel_group
@@ -26,12 +28,16 @@ class NotSetUpError(RuntimeError):
     """The callback was used before Lightning called its `setup` hook."""
 
 
-class TrainableCallback(Callback):
+class TrainableCallback(ProbeCallback):
     """Base of callbacks that train their own module with their own optimizer, outside the main model.
 
-    Subclasses give the module (`configure_model`) and call `self.probe.train_step` from their hooks. The base
-    handles registration in ``pl_module.callbacks_modules``, building the engine on the right device and
-    data-parallel group, checkpointing by name, and releasing the replica when training ends.
+    Subclasses give the module (`configure_model`). The base handles registration in ``pl_module.callbacks_modules``,
+    building the engine on the right device and data-parallel group, training it in the Trainer's probe group on the
+    ``sources`` it reads (a subclass without sources calls ``self.probe.train_step`` from its own hooks),
+    checkpointing by name, and releasing the replica when training ends.
+
+    ``__init__`` reads nothing a subclass sets: a subclass whose `configure_model` needs its own fields passes
+    ``module=None`` here, sets them, then calls ``self._attach(module)``, as `OnlineProbe` does.
 
     Args:
         module: The LightningModule being probed (None: taken at ``setup``).
@@ -41,7 +47,14 @@ class TrainableCallback(Callback):
         accumulate_grad_batches: Micro-batches per optimizer step of this module.
         gradient_clip_val: Clip threshold of this module's gradients; None disables clipping.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        loss_fn: Loss taking ``(preds, targets)``; None: cross-entropy.
+        metrics: See `OnlineProbe`.
+        sources: The input names the probe reads (none: the subclass feeds the probe itself).
+        target: Key of the targets.
+        own_data: The probe's own labeled data, or None.
     """
+
+    ticks_global_step = True
 
     def __init__(
         self,
@@ -52,26 +65,28 @@ class TrainableCallback(Callback):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        *,
+        loss_fn: Any = None,
+        metrics: Any = None,
+        sources: Sequence[str] = (),
+        target: str | None = None,
+        own_data: OwnData | None = None,
     ) -> None:
-        super().__init__()
-        self.name = name
+        super().__init__(name, sources, target, own_data)
         self.config = ProbeConfig(
             name=name,
             probe=None,
-            loss_fn=getattr(self, "loss_fn", None),
+            loss_fn=loss_fn,
             optimizer=optimizer,
             scheduler=scheduler,
             accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
-            metrics=getattr(self, "metrics_spec", None),
+            metrics=metrics,
         )
         self.module: nn.Module | None = None
         # Built now, not at setup: stable-pretraining's users read pl_module.callbacks_metrics[name] before fit.
         self.metrics = build_metrics(self.config)
-        self._probe: Probe | None = None
-        self._pending_state: dict[str, Any] | None = None
-        self._drives_global_step = False
         if module is not None:
             self._attach(module)
 
@@ -82,15 +97,9 @@ class TrainableCallback(Callback):
     @property
     def probe(self) -> Probe:
         """The engine training this callback's module (available from ``setup`` on)."""
-        if self._probe is None:
+        if self._engine is None:
             raise NotSetUpError(f"probe '{self.name}': used before Trainer called setup(); run it inside trainer.fit.")
-        return self._probe
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # Keyed by name, never by position: adding, removing or reordering probes keeps each one's state.
-        return self._generate_state_key(name=self.name)
+        return self._engine
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         modules = registry(pl_module, "callbacks_modules")
@@ -106,20 +115,16 @@ class TrainableCallback(Callback):
         metrics = registry(pl_module, "callbacks_metrics")
         metrics[self.name] = self.metrics.as_module_dict() if isinstance(metrics, nn.Module) else self.metrics
 
-    def _total_optimizer_steps(self, trainer: pl.Trainer) -> int | None:
-        return optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches)
-
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._attach(pl_module)
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
-        settle_gloo_workers_at_exit()
-        if self._probe is not None:
-            self._probe.rejoin()  # a second fit, after `teardown` released the replica
+        if self._engine is not None:
+            self._engine.rejoin()  # a second fit, after `teardown` released the replica
             return
         assert self.module is not None
         unshare_storage(self.module)
-        self._probe = Probe.build(
+        self._engine = Probe.build(
             self.config,
             module=self.module,
             dp_group=data_parallel_group(trainer.strategy),
@@ -130,53 +135,49 @@ class TrainableCallback(Callback):
             metrics=self.metrics,
         )
         if self._pending_state is not None:
-            self._probe.load_state_dict(self._pending_state)
+            self._engine.load_state_dict(self._pending_state)
             self._pending_state = None
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The train dataloader is set up (and restored) by now, so the step estimate is safe to ask for.
-        self.probe.set_total_steps(self._total_optimizer_steps(trainer))
-        _refuse_probe_in_main_optimizer(trainer, self.probe)
-        lead = next((cb for cb in trainer.callbacks if isinstance(cb, TrainableCallback)), None)  # type: ignore[attr-defined]
-        self._drives_global_step = lead is self and _without_main_optimizer(trainer)
-
-    def _count_probe_step(self, trainer: pl.Trainer) -> None:
-        """Advance ``trainer.global_step`` for a probe optimizer step when the LightningModule has no optimizer.
-
-        A frozen backbone (linear evaluation; stable-pretraining's ``Module(optim=None)``) under manual optimization
-        steps no Lightning optimizer, so ``global_step`` stays 0: ``max_steps`` never ends the fit, and step-keyed
-        logs, checkpoints and schedules all see step 0. As stable-pretraining does, the first probe's optimizer
-        steps then count as the training's steps.
-        """
-        if self._drives_global_step:
-            progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-            progress.increment_ready()
-            progress.increment_completed()
+    def add_to(self, probe_set: Any) -> None:
+        probe_set.add_probe(self.probe)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # The train dataloader is set up (and restored) by now, so the step estimate is safe to ask for.
+        self.probe.set_total_steps(optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches))
+        _refuse_probe_in_main_optimizer(trainer, self.probe)
+
+    @override
+    def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
+        if not self.sources:
+            return None  # a subclass that feeds its probe itself
+        return super().read_step(trainer, pl_module, outputs, batch)
+
+    @override
+    def first_batch_problem(self, read: Any) -> str | None:
+        features, targets = read
+        return first_batch_problem(self.probe, features, targets, input_key=self.sources[0])
+
+    @override
+    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        features, targets = read
+        return self.probe.eval_step(features, targets, num_valid=num_valid)
+
+    @override
+    def reset_epoch(self, stage: Stage) -> None:
+        if stage == "train":
+            self.probe.reset_train_metrics()
+        else:
+            self.probe.metrics.val.reset()
+
+    @override
+    def release_engine(self) -> None:
         # The replica's DDP reducer holds the process group: one left alive at interpreter exit can abort a run that
         # succeeded (SIGABRT, "terminate called without an active exception"), and Slurm then marks it FAILED.
-        if self._probe is not None:
-            self._probe.release()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        if self._probe is not None:
-            return self._probe.state_dict()
-        return dict(self._pending_state or {})
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied here, not in on_fit_start: under FSDP and DeepSpeed Lightning restores callbacks after it.
-        if self._probe is not None:
-            self._probe.load_state_dict(state_dict)
-        else:
-            self._pending_state = state_dict
-
-    def _device(self) -> torch.device:
-        return next(self.probe.module.parameters()).device
+        if self._engine is not None:
+            self._engine.release()
 
 
 def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int) -> int | None:
@@ -193,18 +194,6 @@ def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int) ->
         return None
     micro_batches = int(main_steps) * trainer.accumulate_grad_batches
     return maths.optimizer_steps(micro_batches, accumulate_grad_batches)
-
-
-def _without_main_optimizer(trainer: pl.Trainer) -> bool:
-    """Manual optimization and no real optimizer: nothing but the probes would ever advance ``global_step``.
-
-    Under automatic optimization Lightning steps its stand-in optimizer and counts the steps itself.
-    """
-    from lightning.pytorch.core.optimizer import _MockOptimizer
-
-    if trainer.lightning_module.automatic_optimization:
-        return False
-    return all(isinstance(o, _MockOptimizer) for o in trainer.optimizers)
 
 
 def _refuse_probe_in_main_optimizer(trainer: pl.Trainer, probe: Probe) -> None:

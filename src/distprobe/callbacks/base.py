@@ -1,0 +1,302 @@
+"""`ProbeCallback`: what every distprobe Lightning callback shares, so that each one keeps only what is its own.
+
+The base holds the plumbing: the Trainer's `Coordinator` (joined at setup), the feature source chosen once at setup
+(keys or taps, or the callback's own data), checkpoint state keyed by name (applied when loaded, or kept pending
+until the engine exists), predictions put where the reference puts them, and the release of hooks, loaders and
+replicas at teardown. A subclass says how to build its engine, what a first batch must look like, how it evaluates a
+batch and what it logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from distprobe import keys
+from distprobe.callbacks.cadence import log_reduced
+from distprobe.callbacks.coordinator import Coordinator
+from distprobe.callbacks.own_data import OwnData, OwnDataFeatures
+from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
+from distprobe.features.source import FeatureSource, StepFeatures
+from distprobe.features.tap_inputs import check_input_spec
+from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
+from distprobe.strategies.groups import data_parallel_group
+
+Stage = Literal["train", "val"]
+
+
+class ProbeCallback(Callback):
+    """Base of the distprobe callbacks: one member of its Trainer's `Coordinator`.
+
+    Args:
+        name: Unique name; keys logs, checkpoint state and the coordinator's member.
+        sources: The input names (keys, dotted paths or submodule specs), checked for a malformed pooling suffix now.
+        target: Key of the targets, or None.
+        own_data: The callback's own labeled data, or None to read the main batches.
+    """
+
+    in_probe_set: ClassVar[bool] = True
+    """Whether the engine trains as a member of the coordinator's `ProbeSet` (else through `train_alone`)."""
+    ticks_global_step: ClassVar[bool] = False
+    """Whether this kind's optimizer steps may stand for the training's steps (see `Coordinator._tick_global_step`)."""
+
+    def __init__(self, name: str, sources: Sequence[str], target: str | None, own_data: OwnData | None) -> None:
+        super().__init__()
+        for source in sources:
+            check_input_spec(source, probe_name=name)
+        self.name = name
+        self.sources = list(sources)
+        self.target = target
+        self.own_data = own_data
+        self.checked_first_batch = False
+        """Whether the first batch passed the collective checks (read by the coordinator)."""
+        self._engine: Any = None
+        self._pending_state: dict[str, Any] | None = None
+        self._source: FeatureSource | None = None
+        self._coordinator: Coordinator | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Keyed by name, never by position: adding, removing or reordering probes keeps each one's state.
+        return self._generate_state_key(name=self.name)
+
+    # --- what a subclass gives ----------------------------------------------------------------------------------
+
+    def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build what can be built at setup (the engine, when its sizes are known)."""
+
+    def first_batch_problem(self, read: Any) -> str | None:
+        """What is wrong with the first batch's ``read``, or None (no host sync)."""
+        return None
+
+    def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
+        """The first batch passed on every rank: build what needs its sizes."""
+        self.checked_first_batch = True
+
+    def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
+        """The engine's inputs from the source's tensors (one tensor per source, and the targets)."""
+        return features[0], targets
+
+    def train_alone(self, read: Any) -> Any:
+        """A step of an engine outside the probe set (monitors); its result is this member's step output."""
+        raise NotImplementedError(f"{type(self).__name__} trains in the probe set")
+
+    def window_due(self) -> bool:
+        """Whether values of this member are computed at this training batch (monitors' windows)."""
+        return False
+
+    @staticmethod
+    def values_together(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
+        """The values of several members of a kind outside the probe set, computed with one collective."""
+        raise NotImplementedError
+
+    def takes_part(self, trainer: pl.Trainer, stage: Stage) -> bool:
+        """Whether this member computes (and logs) values at this epoch's end."""
+        return self._engine is not None
+
+    def watches(self, stage: Stage) -> bool:
+        """Whether this member reads features in ``stage``."""
+        return True
+
+    def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:
+        """Log this member's result of a training batch (``out`` is None when it did not train on this batch)."""
+
+    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        """Evaluate one validation batch; return the predictions to store, or None."""
+        return None
+
+    def start_eval_epoch(self) -> None:
+        """Prepare the engine for a new evaluation."""
+
+    def reset_epoch(self, stage: Stage) -> None:
+        """Clear this member's states of ``stage`` once its values are computed."""
+
+    def release_engine(self) -> None:
+        """Let the engine go at the end of a stage (its process group, its pending work)."""
+
+    def engine_from_pending(self) -> None:
+        """Build the engine from a loaded state, where the state alone says how (banks, kNNs)."""
+
+    # --- set-up and teardown ------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        settle_gloo_workers_at_exit()  # see engine/clean_exit.py
+        self._coordinator = Coordinator.of(trainer)
+        self._coordinator.join(self)
+        if self._source is not None:
+            self._source.release()
+        if self.own_data is not None:
+            # Its taps watch its own forward only.
+            self.own_data.shard_over(data_parallel_group(trainer.strategy))
+            self._source = OwnDataFeatures(self.own_data, trainer, pl_module, self.sources, self.target)
+        else:
+            self._source = StepFeatures(self, self.name, self.sources, self.target, pl_module)
+        self.set_up(trainer, pl_module)
+        self.engine_built()
+
+    def engine_built(self) -> None:
+        """Hand the engine to the coordinator's probe set (called whenever the engine comes to exist)."""
+        if self._coordinator is not None and self._engine is not None and self.in_probe_set:
+            self.add_to(self._coordinator.probe_set)
+
+    def add_to(self, probe_set: Any) -> None:
+        """Add the engine to ``probe_set`` (a `distprobe.loop.ProbeSet`)."""
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._source is not None:
+            self._source.release()
+            self._source = None
+        if self._coordinator is not None:
+            self._coordinator.leave(trainer, self)
+            self._coordinator = None
+        self.release_engine()
+
+    # --- training -----------------------------------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._coordinator is not None:
+            self._coordinator.fit_started(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._source is not None and self.watches("train"):
+            self._source.arm()
+
+    def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
+        """This member's inputs for a training batch, or None when it does not train on it (read by the coordinator).
+
+        With its own data, one of its own batches every ``every_n_steps`` main batches (the same count on every
+        rank).
+        """
+        if self._source is None or not self.watches("train"):
+            return None
+        if self.own_data is not None and not self.own_data.due():
+            return None
+        return self.as_read(*self._source.read(outputs, batch))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._coordinator is None:
+            return
+        # The first distprobe callback here trains every member; the others find their results waiting.
+        self._coordinator.train_batch(trainer, pl_module, outputs, batch)
+        out = self._coordinator.step_output(self)
+        preds = getattr(out, "preds", None)
+        if preds is not None:
+            store_preds(keys.predictions(self.name), preds, outputs, batch)
+        self.after_train_batch(trainer, pl_module, batch_idx, out)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._coordinator is not None:
+            self._coordinator.epoch_started("train")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_epoch(trainer, pl_module, "train")
+
+    # --- validation ---------------------------------------------------------------------------------------------
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._coordinator is not None:
+            self._coordinator.epoch_started("val")
+        if self._engine is not None:
+            self.start_eval_epoch()
+        own = self._source if isinstance(self._source, OwnDataFeatures) else None
+        if own is not None and self._engine is not None and not trainer.sanity_checking:
+            # Before any epoch-end hook: the first one computes every member's values.
+            for features, targets, num_valid in own.eval_batches():
+                self.eval_step(self.as_read(features, targets), num_valid)
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._source is not None and self.watches("val"):
+            self._source.arm()
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.own_data is not None or self._source is None or not self.evaluates(trainer):
+            return  # its own validation data is evaluated at the epoch's start
+        read = self.as_read(*self._source.read(outputs, batch))
+        # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
+        loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
+        num_valid = valid_in_loader_batch(loader, batch_idx, read[1].shape[0])
+        preds = self.eval_step(read, num_valid)
+        if preds is not None:
+            store_preds(keys.predictions(self.name), preds, outputs, batch)
+
+    def evaluates(self, trainer: pl.Trainer) -> bool:
+        """Whether this member evaluates the main validation batches now."""
+        return self._engine is not None and self.watches("val")
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_epoch(trainer, pl_module, "val", log=not trainer.sanity_checking)
+
+    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, log: bool = True) -> None:
+        if self._coordinator is None or not self.takes_part(trainer, stage):
+            return
+        values = self._coordinator.epoch_values(trainer, stage).get(self.name, {})
+        self.reset_epoch(stage)
+        if values and log:
+            log_reduced(pl_module, values, on_step=False)
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # A collective for some engines (a kNN gathers its shards): Lightning calls it on every rank.
+        state = self._engine.state_dict() if self._engine is not None else dict(self._pending_state or {})
+        if self.own_data is not None:
+            state = {**state, "own_data": self.own_data.state_dict()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied here, not in on_fit_start: under FSDP and DeepSpeed Lightning restores callbacks after it.
+        state_dict = dict(state_dict)
+        own = state_dict.pop("own_data", None)
+        if own is not None and self.own_data is not None:
+            self.own_data.load_state_dict(own)
+        if not state_dict:
+            return
+        if self._engine is not None:
+            self._engine.load_state_dict(state_dict)
+            return
+        self._pending_state = state_dict
+        self.engine_from_pending()
+
+
+def store_preds(key: str, preds: torch.Tensor, outputs: Any, batch: Any) -> None:
+    """Store predictions in the batch (where the reference documents them) and in the step's outputs.
+
+    stable-pretraining puts them in the outputs, which Lightning hands, as one dict, to every later callback: its
+    OnlineWriter reads them there.
+    """
+    for container in (batch, outputs):
+        if isinstance(container, MutableMapping):
+            container[key] = preds
