@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.knn.reference import dense_knn, stored
-from tests.service.models import eval_config, labeled, pretrain
+from tests.service.models import eval_config, labeled
 
 from distprobe.service.checkpoints import CheckpointError
 from distprobe.service.config import EvalConfig
@@ -29,10 +29,9 @@ HEADS = 3 * 2  # the test config's lr x weight-decay grid
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A training run directory with checkpoints at steps 10 and 20."""
-    out = tmp_path_factory.mktemp("run")
-    return out, pretrain(str(out), steps=20, every_n_steps=10)
+def run(trained_run):
+    """A training run directory with checkpoints at steps 10, 20 and 30 (the session's)."""
+    return trained_run
 
 
 def _rows(store: ResultsStore, checkpoint: str) -> dict[tuple[str, str, str], float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.service.models import eval_config, pretrain
+from tests.service.models import eval_config
 
 from distprobe.cli import main
 from distprobe.cluster import ClusterConfig
@@ -34,9 +34,9 @@ LOCAL = ClusterConfig(cluster="local")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Two checkpoints of one real training, at steps 10 and 20 (copied into each test's run directory)."""
-    return pretrain(str(tmp_path_factory.mktemp("source")), steps=20, every_n_steps=10)
+def checkpoints(trained_run):
+    """Checkpoints of one real training, at steps 10, 20 and 30 (copied into each test's run directory)."""
+    return trained_run[1]
 
 
 def _run_dir(tmp_path: Path, checkpoints: list[str]) -> Path:
@@ -202,7 +202,7 @@ def test_results_json_and_csv_round_trip_by_config_and_retry_puts_checkpoints_ba
 def test_a_second_eval_while_the_first_extracts_refuses_naming_the_job_and_the_store_holds_the_lone_value(
     tmp_path, checkpoints, capsys
 ):
-    run = _run_dir(tmp_path, checkpoints[1:])
+    run = _run_dir(tmp_path, checkpoints[1:2])
     (checkpoint,) = (run / "checkpoints").iterdir()
     slow = {
         "train": {"_target_": "tests.service.models.labeled", "split": "train", "delay_s": 0.03},  # ~6 s

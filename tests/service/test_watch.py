@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tests.service.models import eval_config, pretrain
+from tests.service.models import eval_config
 
 from distprobe.cluster import ClusterConfig
 from distprobe.report.results_table import render
@@ -26,10 +26,9 @@ LOCAL = ClusterConfig(cluster="local")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(trained_run):
     """Three checkpoints of one real training, at steps 10, 20 and 30 (copied into each test's run directory)."""
-    out = tmp_path_factory.mktemp("source")
-    return pretrain(str(out), steps=30, every_n_steps=10)
+    return trained_run[1]
 
 
 def _run_dir(tmp_path: Path, checkpoints: list[str]) -> Path:
