@@ -184,3 +184,31 @@ def test_attentive_replicas_equal_one_process_with_one_all_reduce_per_step(world
         # 5 micro-steps in windows of 2: 2 optimizer steps, each one all-reduce of exactly the flat gradient.
         assert r["all_reduce"] == 2
         assert r["bytes"] == 2 * reference.heads.flat.numel() * 4
+
+
+# --- where an attentive bank is offered -------------------------------------------------------------------------
+
+
+def test_probe_set_builds_an_attentive_bank_from_the_first_batch_of_tokens():
+    from distprobe.loop import ProbeSet
+
+    bank = {"name": "att", "input": "tokens", "target": "y", "num_classes": C, "lr": [0.01], "family": "attentive"}
+    probes = ProbeSet.build([], banks=[{**bank, "head_options": {"num_heads": 4}}])
+    for x, y in _batches(2):
+        assert probes.step({"tokens": x}, {"y": y})["att"].shape == (1,)
+    assert probes.bank("att").heads.in_features == {"tokens": D}  # D of (B, N, D), not N * D
+    x, y = _batches(1, seed=1)[0]
+    assert probes.evaluate({"tokens": x}, {"y": y})["att"].shape == (B, 1, C)
+    assert float(probes.compute_metrics()["eval/att_best_head"]) == 0.0
+    flat_tokens = ProbeSet.build([], banks=[bank])
+    with pytest.raises(ValueError, match=r"bank 'att': input 'tokens' must be \(batch, tokens, dim\) tokens"):
+        flat_tokens.step({"tokens": torch.randn(B, D)}, {"y": torch.zeros(B, dtype=torch.long)})
+
+
+def test_the_tokens_tap_reads_a_block_unpooled():
+    from distprobe.features.spec import TapSpec
+
+    spec = TapSpec.parse("backbone.blocks.11:tokens")
+    assert (spec.module_path, spec.pool, spec.token_pool) == ("backbone.blocks.11", None, None)
+    with pytest.raises(ValueError, match=r"':tokens' takes no options"):
+        TapSpec.parse("backbone.blocks.11:tokens,prefix=2")

@@ -14,7 +14,8 @@ TOKEN_POOLS: tuple[TokenPool, ...] = ("cls", "mean", "cls+mean")
 _LAST = re.compile(r"last(\d+)(\+mean)?")
 _OPTIONS = ("prefix",)
 _EXPECTED = (
-    "expected 'path.to.module' (its output as is) or 'path.to.module:POOL[,prefix=K]' with POOL one of "
+    "expected 'path.to.module' (its output as is), 'path.to.module:tokens' (the same, said aloud: (B, N, D) tokens "
+    "unpooled, for attentive heads) or 'path.to.module:POOL[,prefix=K]' with POOL one of "
     "'cls', 'mean', 'cls+mean', 'last{n}', 'last{n}+mean' (e.g. 'backbone.blocks.8:cls', 'backbone.blocks:last4')"
 )
 
@@ -73,6 +74,8 @@ class TapSpec:
         if not colon:
             return cls(text=spec, module_path=path)
         pool, *options = (part.strip() for part in suffix.split(","))
+        if pool == "tokens" and not options:
+            return cls(text=spec, module_path=path)
         prefix_tokens = 1
         for option in options:
             key, equals, value = option.partition("=")
@@ -85,7 +88,7 @@ class TapSpec:
             return cls(text=spec, module_path=path, pool=pool, prefix_tokens=prefix_tokens)
         match = _LAST.fullmatch(pool)
         if match is None:
-            raise bad(f"unknown pooling {pool!r}")
+            raise bad("':tokens' takes no options" if pool == "tokens" else f"unknown pooling {pool!r}")
         last_blocks = int(match.group(1))
         if last_blocks < 1:
             raise bad("'last{n}' needs n >= 1")
