@@ -44,6 +44,8 @@ from distprobe.engine.streams import SideStream
 LRS = [10 ** (-4 + i * 0.25) for i in range(16)]
 WDS = [0.0, 1e-5, 1e-4, 1e-3]
 VARIANTS = ("none", "eager", "side", "fused", "tf32", "side+fused", "all")
+#: One entry per fused update run: shows that the patch reached the bank's optimizer.
+FUSED_CALLS: list[int] = []
 
 
 def say(*args: Any) -> None:
@@ -81,6 +83,7 @@ def fused_update(enabled: bool, compiled: bool = True) -> Iterator[None]:
     original_clean, original_sgd = getattr(ns, clean_name), ns.sgd_update
 
     def sgd(params, grads, buffers, *, lr, weight_decay, momentum, steps, keep, decays=True, **kw):
+        FUSED_CALLS.append(1)
         spec = kw.get("spec")
         (p,), (g,), (buf,) = params, grads, buffers
         fused_sgd_update(
@@ -358,11 +361,13 @@ def exactness(workload: Any, args: argparse.Namespace, device: torch.device) -> 
 
     reference = final("eager")
     out: dict[str, Any] = {}
+    FUSED_CALLS.clear()
     for v in ("side", "fused", "tf32", "all"):
         got = final(v)
         diff = (got - reference).abs().max().item()
         scale = reference.abs().max().item()
         out[v] = {"bitwise": bool(torch.equal(got, reference)), "max_abs_diff": diff, "relative": diff / scale}
+    out["fused_update_calls"] = len(FUSED_CALLS)
     return out
 
 

@@ -91,7 +91,7 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         local_tests=$($PY -c "import re; t = open('Makefile').read().replace('\\\\\n', ' ')
 print(' '.join(re.search(r'^FLOORS_TESTS := (.*)$', t, re.M)[1].split()), '|',
       ' '.join(re.search(r'^FLOORS_SKIP := (.*)$', t, re.M)[1].split()))")
-        stage floors env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -n 8 ${local_tests%%|*} ${local_tests#*|}
+        stage floors env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -n "${FLOORS_WORKERS:-8}" ${local_tests%%|*} ${local_tests#*|}
         stage floors-rerun env CUDA_VISIBLE_DEVICES= $PY -m pytest -q --lf --lfnf=none ${local_tests%%|*} \
             ${local_tests#*|}
         # What the selection leaves out because CI's two environments share one torch (see the Makefile): the

@@ -42,17 +42,19 @@ def _sgd_math(
 
     Written as out-of-place maths copied back at the end, so that the compiler sees one elementwise graph.
     """
+    # addcmul where the eager maths has it: on a CPU it is one fused multiply-add, and the eager form of this
+    # function must round as `distprobe.engine.functional.sgd_update` does.
     d_p = torch.where(keep, g, 0.0)  # a skipped head's (maybe non-finite) gradient is dropped, not multiplied
     if decays:
-        d_p = d_p + p * weight_decay
+        d_p = torch.addcmul(d_p, p, weight_decay)
     if not use_momentum:
-        p.copy_(p + d_p * neg_lr)
+        p.copy_(torch.addcmul(p, d_p, neg_lr))
         return
     d_p = d_p * grad_factor
-    new_buf = buf * momentum_eff + d_p
-    step = d_p + new_buf * momentum if nesterov else new_buf
+    new_buf = torch.addcmul(d_p, buf, momentum_eff)
+    step = torch.addcmul(d_p, new_buf, momentum) if nesterov else new_buf
     buf.copy_(new_buf)
-    p.copy_(p + step * neg_lr)
+    p.copy_(torch.addcmul(p, step, neg_lr))
 
 
 #: Set once compilation failed in this process: the eager maths is used from then on.
