@@ -16,10 +16,10 @@ from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import feature_sizes, first_batch_problem
 from distprobe.bank.config import Normalization
 from distprobe.bank.metric_kinds import build_metrics
-from distprobe.callbacks.base import ProbeCallback, Stage
+from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
 from distprobe.callbacks.cadence import logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
-from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
+from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.callbacks.trainable import optimizer_steps_of_fit
 from distprobe.strategies.groups import data_parallel_group
 
@@ -101,8 +101,7 @@ class OnlineProbeBank(ProbeCallback):
         every_n_steps: int = 1,
         features: FeatureFn | None = None,
     ) -> None:
-        if not isinstance(target, str) or not target:
-            raise ValueError(f"bank '{name}': argument 'target' got {target!r}; expected a non-empty key string.")
+        require_keys("bank", name, target=target)
         config = BankConfig(
             name=name,
             inputs=[input] if isinstance(input, str) else list(input),
@@ -179,30 +178,16 @@ class OnlineProbeBank(ProbeCallback):
             total_steps=None,
             metrics=self.metrics,
         )
-        modules = registry(self._pl_module, "callbacks_modules")
-        if self.name in modules and modules[self.name] is not bank.heads:
-            raise ValueError(
-                f"bank '{self.name}': argument 'name' is already used by another callback on "
-                f"{type(self._pl_module).__name__}; give each probe and bank a unique name."
-            )
-        modules[self.name] = bank.heads
-        self._engine = bank
-        if self._pending_state is not None:
-            bank.load_state_dict(self._pending_state)
-            self._pending_state = None
-        self.engine_built()
+        claim(self._pl_module, self.name, bank.heads)[self.name] = bank.heads
+        self.engine_ready(bank)
 
     @override
     def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pl_module = pl_module
         self._where = (data_parallel_group(trainer.strategy), trainer.strategy.root_device)
         self._register_metrics(pl_module)
-        modules = registry(pl_module, "callbacks_modules")
-        if self._engine is None and self.name in modules:
-            raise ValueError(
-                f"bank '{self.name}': argument 'name' is already used by another callback on "
-                f"{type(pl_module).__name__}; give each probe and bank a unique name."
-            )
+        if self._engine is None:
+            claim(pl_module, self.name)
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
         if self._engine is None:
             sizes = self._saved_or_configured_sizes()

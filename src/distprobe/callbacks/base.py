@@ -139,10 +139,17 @@ class ProbeCallback(Callback):
         else:
             self._source = StepFeatures(self, self.name, self.sources, self.target, pl_module)
         self.set_up(trainer, pl_module)
-        self.engine_built()
+        self._hand_over()
 
-    def engine_built(self) -> None:
-        """Hand the engine to the coordinator's probe set (called whenever the engine comes to exist)."""
+    def engine_ready(self, engine: Any) -> None:
+        """Take ``engine`` as this callback's, apply any state loaded before it existed, hand it to the probe set."""
+        self._engine = engine
+        if self._pending_state is not None:
+            engine.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         if self._coordinator is not None and self._engine is not None and self.in_probe_set:
             self.add_to(self._coordinator.probe_set)
 
@@ -183,7 +190,7 @@ class ProbeCallback(Callback):
             return None
         if self.own_data is not None and not self.own_data.due():
             return None
-        return self.as_read(*self._source.read(outputs, batch))
+        return self.read_batch(outputs, batch)
 
     @override
     def on_train_batch_end(
@@ -241,13 +248,25 @@ class ProbeCallback(Callback):
     ) -> None:
         if self.own_data is not None or self._source is None or not self.evaluates(trainer):
             return  # its own validation data is evaluated at the epoch's start
-        read = self.as_read(*self._source.read(outputs, batch))
+        read = self.eval_read(trainer, outputs, batch)
         # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
-        num_valid = valid_in_loader_batch(loader, batch_idx, read[1].shape[0])
-        preds = self.eval_step(read, num_valid)
+        preds = self.eval_step(read, self.valid_samples(loader, batch_idx, read))
         if preds is not None:
             store_preds(keys.predictions(self.name), preds, outputs, batch)
+
+    def read_batch(self, outputs: Any, batch: Any) -> Any:
+        """This member's inputs from a main batch (its features through its source, and its targets)."""
+        assert self._source is not None, "read after setup"
+        return self.as_read(*self._source.read(outputs, batch))
+
+    def eval_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
+        """This member's inputs from a validation batch."""
+        return self.read_batch(outputs, batch)
+
+    def valid_samples(self, loader: Any, batch_idx: int, read: Any) -> int | None:
+        """How many leading samples of this validation batch are real (the rest pad this rank's share)."""
+        return valid_in_loader_batch(loader, batch_idx, read[1].shape[0])
 
     def evaluates(self, trainer: pl.Trainer) -> bool:
         """Whether this member evaluates the main validation batches now."""
@@ -289,6 +308,17 @@ class ProbeCallback(Callback):
             return
         self._pending_state = state_dict
         self.engine_from_pending()
+
+
+def require_keys(kind: str, name: str, **keys: Any) -> None:
+    """Refuse a key argument (``input=...``, ``target=...``) that is not a non-empty string, naming ``kind 'name'``.
+
+    Raises:
+        ValueError: naming the callback, the argument and the value.
+    """
+    for argument, key in keys.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{kind} '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
 
 
 def store_preds(key: str, preds: torch.Tensor, outputs: Any, batch: Any) -> None:

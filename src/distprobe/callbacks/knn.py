@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from distprobe.callbacks.base import ProbeCallback, Stage
+from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.features.dtensor import whole
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
@@ -72,9 +72,7 @@ class OnlineKNN(ProbeCallback):
         every_n_steps: int = 1,
         features: FeatureFn | None = None,
     ) -> None:
-        for argument, key in (("input", input), ("target", target)):
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"kNN '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
+        require_keys("kNN", name, input=input, target=target)
         config = KNNConfig(
             name=name,
             num_classes=num_classes,
@@ -106,11 +104,7 @@ class OnlineKNN(ProbeCallback):
     def _build(self, in_features: int) -> None:
         assert self._where is not None, "built after setup"
         dp_group, device = self._where
-        self._engine = ShardedKNN.build(self.config, in_features=in_features, dp_group=dp_group, device=device)
-        if self._pending_state is not None:
-            self._engine.load_state_dict(self._pending_state)
-            self._pending_state = None
-        self.engine_built()
+        self.engine_ready(ShardedKNN.build(self.config, in_features=in_features, dp_group=dp_group, device=device))
 
     @override
     def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,11 +11,11 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from distprobe import keys
-from distprobe.callbacks.base import ProbeCallback, Stage
+from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
 from distprobe.callbacks.cadence import log_reduced
 from distprobe.features.dtensor import whole
 from distprobe.features.lookup import lookup
-from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
+from distprobe.metrics.exact import valid_in_loader_batch
 from distprobe.metrics.flat_sync import compute_metrics_synced
 from distprobe.monitors.functional import occurrence_index
 from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
@@ -71,8 +71,7 @@ class EmbeddingMonitor(ProbeCallback):
         dim: int | None = None,
         centered: bool = False,
     ) -> None:
-        if not isinstance(input, str) or not input:
-            raise ValueError(f"monitor '{name}': argument 'input' got {input!r}; expected a non-empty key string.")
+        require_keys("monitor", name, input=input)
         kinds = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = [k for k in kinds if k not in MONITORS]
         if unknown or not kinds:
@@ -149,8 +148,8 @@ class EmbeddingMonitor(ProbeCallback):
         return features, sample_ids, view_ids
 
     @override
-    def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
-        return self._read(outputs, batch) if "train" in self.stages else None
+    def read_batch(self, outputs: Any, batch: Any) -> Any:
+        return self._read(outputs, batch)
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:
@@ -236,27 +235,25 @@ class EmbeddingMonitor(ProbeCallback):
         self._reset("val")
 
     @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if "val" not in self.stages:
-            return
-        read = self._read(outputs, batch) if self.checked_first_batch else self._checked_read(trainer, outputs, batch)
-        # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
-        loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
-        num_valid = None if self.sample_key is not None else _real_samples_in_batch(loader, batch_idx)
-        self._update("val", read, num_valid)
+    def evaluates(self, trainer: pl.Trainer) -> bool:
+        return "val" in self.stages
 
-    def _checked_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
-        """A validation batch before any training batch (the sanity check): checked on every rank at once."""
+    @override
+    def eval_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
+        if self.checked_first_batch:
+            return self._read(outputs, batch)
+        # A validation batch before any training batch (the sanity check): checked on every rank at once.
         assert self._coordinator is not None, "validation after setup"
         return self._coordinator.checked_read(trainer, self, lambda: self._read(outputs, batch))
+
+    @override
+    def valid_samples(self, loader: Any, batch_idx: int, read: Any) -> int | None:
+        return None if self.sample_key is not None else _real_samples_in_batch(loader, batch_idx)
+
+    @override
+    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        self._update("val", read, num_valid)
+        return None
 
     @override
     def reset_epoch(self, stage: Stage) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from distprobe import keys
+from distprobe.callbacks.base import require_keys
 from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.trainable import TrainableCallback
@@ -99,9 +100,7 @@ class OnlineProbe(TrainableCallback):
                 "model's backward, on detached features: give 'input' and 'target' keys (the loss defaults to "
                 "cross-entropy), or subclass distprobe.callbacks.TrainableCallback for a custom training step."
             )
-        for argument, key in (("input", input), ("target", target)):
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"probe '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
+        require_keys("probe", name, input=input, target=target)
         super().__init__(
             None,
             name,

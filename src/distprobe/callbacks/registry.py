@@ -40,6 +40,21 @@ def registry(pl_module: pl.LightningModule, attr: str) -> MutableMapping[str, An
     return found  # type: ignore[return-value]
 
 
+def claim(pl_module: pl.LightningModule, name: str, module: nn.Module | None = None) -> MutableMapping[str, Any]:
+    """``pl_module.callbacks_modules``, after checking that ``name`` is free there or already holds ``module``.
+
+    Raises:
+        ValueError: when another callback's module is stored under ``name``.
+    """
+    modules = registry(pl_module, "callbacks_modules")
+    if name in modules and (module is None or modules[name] is not module):
+        raise ValueError(
+            f"probe '{name}': argument 'name' is already used by another callback on {type(pl_module).__name__}; "
+            "give each probe, bank and kNN a unique name."
+        )
+    return modules
+
+
 def registered(pl_module: pl.LightningModule, attr: str) -> bool:
     """Whether ``pl_module.<attr>`` is a registered submodule (its contents are parameters of ``pl_module``)."""
     return isinstance(pl_module._modules.get(attr), nn.Module)

@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.base import ProbeCallback, Stage
 from distprobe.callbacks.own_data import OwnData
-from distprobe.callbacks.registry import check_strategy_keeps_probes_out, registry
+from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.engine import Probe, ProbeConfig, maths
 from distprobe.engine.checks import first_batch_problem
 from distprobe.engine.probe import build_metrics
@@ -103,13 +103,9 @@ class TrainableCallback(ProbeCallback):
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         modules = registry(pl_module, "callbacks_modules")
-        if self.module is not None and self.name in modules and modules[self.name] is self.module:
+        if self.module is not None and modules.get(self.name) is self.module:
             return
-        if self.name in modules:
-            raise ValueError(
-                f"probe '{self.name}': argument 'name' is already used by another callback on "
-                f"{type(pl_module).__name__}; give each probe a unique name."
-            )
+        modules = claim(pl_module, self.name)
         self.module = self.configure_model(pl_module)
         modules[self.name] = self.module
         metrics = registry(pl_module, "callbacks_metrics")
@@ -124,7 +120,7 @@ class TrainableCallback(ProbeCallback):
             return
         assert self.module is not None
         unshare_storage(self.module)
-        self._engine = Probe.build(
+        probe = Probe.build(
             self.config,
             module=self.module,
             dp_group=data_parallel_group(trainer.strategy),
@@ -134,9 +130,7 @@ class TrainableCallback(ProbeCallback):
             total_steps=None,
             metrics=self.metrics,
         )
-        if self._pending_state is not None:
-            self._engine.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self.engine_ready(probe)
 
     @override
     def add_to(self, probe_set: Any) -> None:
