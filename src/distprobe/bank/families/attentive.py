@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -191,19 +191,28 @@ class AttentiveProbe(nn.Module):
 
     @torch.no_grad()
     def _initialise(self, std: float, generator: torch.Generator | None) -> None:
-        # V-JEPA's scheme: truncated-normal weights and query tokens, zero biases, unit LayerNorms, and each block's
-        # output projections scaled down by sqrt(2 * its depth).
-        for module in self.modules():
+        # V-JEPA's scheme for the pooler: truncated-normal weights and query tokens, zero biases, unit LayerNorms;
+        # self-attention block i's output projections scaled down by sqrt(2 (i + 1)), and the cross-attention
+        # block's MLP output by the last self-attention block's factor (sqrt(2) without one). Its classifier keeps
+        # nn.Linear's own initialisation, U(-1/sqrt(D), 1/sqrt(D)).
+        pooler = [*self.blocks, self.cross]
+        for module in (m for block in pooler for m in block.modules()):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=std, generator=generator)
-                nn.init.zeros_(module.bias) if module.bias is not None else None
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.query_tokens, std=std, generator=generator)
-        for layer, block in enumerate([*self.blocks, self.cross], start=1):
+        blocks = cast(list[SelfAttentionBlock], list(self.blocks))
+        for layer, block in enumerate(blocks, start=1):
             block.proj.weight.div_(math.sqrt(2.0 * layer))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        self.cross.mlp.fc2.weight.div_(math.sqrt(2.0 * max(1, len(self.blocks))))
+        bound = self.classifier.in_features**-0.5
+        self.classifier.weight.uniform_(-bound, bound, generator=generator)
+        self.classifier.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` logits of ``(B, N, D)`` tokens."""
