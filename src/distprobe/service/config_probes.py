@@ -20,12 +20,40 @@ KNN_SET_BY_SERVICE = ("num_classes", "in_features")
 """`KNNConfig` fields the service fills in."""
 
 
+def bank_fields(options: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``probes.bank`` as `BankConfig` fields: ``head`` names the head family (``OnlineProbeBank``'s word).
+
+    Raises `ServiceConfigError` for ``head`` and ``family`` together, and for a multi-label bank (the feature cache
+    keeps one class index per sample).
+    """
+    fields = dict(options)
+    if "head" in fields:
+        if "family" in fields:
+            raise ServiceConfigError(
+                f"{source}: probes.bank has both head={fields['head']!r} and family={fields['family']!r}; keep head"
+            )
+        fields["family"] = fields.pop("head")
+        from distprobe.bank.families import FAMILIES
+
+        if fields["family"] not in FAMILIES:
+            raise ServiceConfigError(
+                f"{source}: probes.bank.head={fields['family']!r}; expected one of {sorted(FAMILIES)}"
+            )
+    if fields.get("multilabel"):
+        raise ServiceConfigError(
+            f"{source}: probes.bank.multilabel={fields['multilabel']!r}; the service's feature cache keeps one class "
+            "index per sample, so multi-label banks run online for now (OnlineProbeBank or ProbeSet with "
+            "multilabel=True): remove it"
+        )
+    return fields
+
+
 def check_probe_options(
     bank: Mapping[str, Any] | None, knn: Mapping[str, Any] | None, num_classes: int, source: str
 ) -> None:
     """Raise `ServiceConfigError` for an unknown key, a wrong type or a value out of range in the bank or the kNN."""
     if bank is not None:
-        _check_bank(dict(bank), num_classes, source)
+        _check_bank(bank_fields(bank, source), num_classes, source)
     if knn is not None:
         _check_knn(dict(knn), num_classes, source)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -40,6 +41,8 @@ class CachedSplit:
     """``(n, dim)`` float32, memory-mapped."""
     labels: torch.Tensor
     """``(n,)`` int64, memory-mapped."""
+    sample_shape: tuple[int, ...] = ()
+    """One sample's features before they were flattened (tokens: ``(N, D)``); ``()``: ``(dim,)``."""
 
     @property
     def size(self) -> int:
@@ -160,7 +163,9 @@ def load_split(cache: Path, split: str, stamp: Mapping[str, Any]) -> CachedSplit
         return None
     n, dim = int(meta["size"]), int(meta["dim"])
     features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
-    return CachedSplit(features=features, labels=_mapped(cache / f"{split}.labels", n, torch.int64))
+    shape = tuple(int(s) for s in meta.get("shape", [dim]))  # caches written before the shape was kept: (dim,)
+    labels = _mapped(cache / f"{split}.labels", n, torch.int64)
+    return CachedSplit(features=features, labels=labels, sample_shape=shape)
 
 
 class _HostCopies:
@@ -246,7 +251,8 @@ def extract_split(
         pin_memory=device.type == "cuda",
     )
     backbone.eval()
-    dim = _feature_dim(backbone, Subset(dataset, [0]), loader, forward, device, autocast, split)
+    shape = _feature_shape(backbone, Subset(dataset, [0]), loader, forward, device, autocast, split)
+    dim = math.prod(shape)
     error = None
     if rank == 0:  # a stale cache (another attempt, another config) must not leave rows of a larger file behind
         for suffix in ("features", "labels"):
@@ -269,7 +275,7 @@ def extract_split(
     del features, labels  # unmapped: every write is in the page cache before the barrier
     _barrier()
     if rank == 0:
-        meta = {"size": n, "dim": dim, "world": world, "stamp": dict(stamp)}
+        meta = {"size": n, "dim": dim, "shape": list(shape), "world": world, "stamp": dict(stamp)}
         tmp = cache / f"{split}.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, cache / f"{split}.json")  # atomic: a reader sees no marker or a whole one
@@ -279,7 +285,7 @@ def extract_split(
     return done
 
 
-def _feature_dim(
+def _feature_shape(
     backbone: nn.Module,
     first: Dataset[Any],
     loader: DataLoader[Any],
@@ -287,8 +293,8 @@ def _feature_dim(
     device: torch.device,
     autocast: str,
     split: str,
-) -> int:
-    """The feature size, from the split's first sample on every rank (a rank may have no samples of its own)."""
+) -> tuple[int, ...]:
+    """One sample's feature shape, from the split's first sample on every rank (a rank may have none of its own)."""
     inputs, _ = next(iter(DataLoader(first, batch_size=1, collate_fn=loader.collate_fn)))
     out = _features(backbone, forward, inputs, device, autocast)
     if not isinstance(out, torch.Tensor):
@@ -296,4 +302,4 @@ def _feature_dim(
             f"distprobe eval: the backbone returned a {type(out).__name__} on data.{split}; expected a tensor of "
             "features. Set features.forward to a function (backbone, inputs) -> features."
         )
-    return int(out[0].numel())
+    return tuple(int(s) for s in out.shape[1:])

@@ -13,6 +13,7 @@ The same probes as online (`distprobe.bank.ProbeBank`, `distprobe.knn.ShardedKNN
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ import torch
 
 from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.families import FAMILIES
 from distprobe.engine.replicate import default_group
 from distprobe.knn import KNNConfig, ShardedKNN
 from distprobe.service.config import EvalConfig, ServiceConfigError
+from distprobe.service.config_probes import bank_fields
 from distprobe.service.extract import CachedSplit, rank_and_world
 from distprobe.service.store import ResultRow
 
@@ -45,7 +48,7 @@ class ProbeResults:
 
 def _on(split: CachedSplit, device: torch.device) -> CachedSplit:
     if device.type == "cuda" and split.features.numel() * 4 <= DEVICE_COPY_LIMIT:
-        return CachedSplit(features=split.features.to(device), labels=split.labels.to(device))
+        return dataclasses.replace(split, features=split.features.to(device), labels=split.labels.to(device))
     return split
 
 
@@ -54,8 +57,19 @@ def _rows(split: CachedSplit, index: torch.Tensor, device: torch.device) -> tupl
     return split.features[index].to(device, non_blocking=True), split.labels[index].to(device, non_blocking=True)
 
 
-def _bank_config(config: EvalConfig, dim: int) -> BankConfig:
-    options = dict(config.probes.bank or {})
+def _bank_config(config: EvalConfig, split: CachedSplit) -> BankConfig:
+    """The bank of ``probes.bank``, its feature size read as its head family reads a cached sample."""
+    options = bank_fields(config.probes.bank or {}, config.source)
+    family = FAMILIES.get(options.get("family", "linear"))
+    shape = split.sample_shape or tuple(split.features.shape[1:])
+    sample = torch.empty((1, *shape), device="meta")
+    if getattr(family, "input_problem", lambda source, x: None)("features", sample) is not None:
+        raise ServiceConfigError(
+            f"{config.source}: probes.bank.head={options['family']!r} reads (tokens, dim) tokens per sample, but the "
+            f"backbone's features have shape {tuple(shape)} per sample; set features.forward to return a block's "
+            "(B, N, D) tokens"
+        )
+    dim = int(getattr(family, "feature_size", lambda x: x.numel())(sample[0]))
     for reserved in ("inputs", "num_classes", "in_features"):
         if reserved in options:
             raise ServiceConfigError(
@@ -67,6 +81,13 @@ def _bank_config(config: EvalConfig, dim: int) -> BankConfig:
         return BankConfig(inputs=("features",), num_classes=config.num_classes, in_features=dim, **options)
     except (TypeError, ValueError) as err:
         raise ServiceConfigError(f"{config.source}: probes.bank: {err}") from None
+
+
+def _as_read(bank_config: BankConfig, split: CachedSplit, rows: torch.Tensor) -> torch.Tensor:
+    """Cached (flattened) rows as the bank's heads read them: token heads get their ``(B, N, D)`` shape back."""
+    if getattr(FAMILIES[bank_config.family], "reads_tokens", False) and split.sample_shape:
+        return rows.view(rows.shape[0], *split.sample_shape)
+    return rows
 
 
 def _knn_config(config: EvalConfig, dim: int, train_size: int) -> KNNConfig:
@@ -100,7 +121,7 @@ def train_bank(config: EvalConfig, train: CachedSplit, device: torch.device) -> 
     """A bank trained for ``probes.epochs`` epochs on the cached training features (a collective)."""
     rank, world = rank_and_world()
     steps = check_batching(config, train.size, world)
-    bank_config = _bank_config(config, int(train.features.shape[1]))
+    bank_config = _bank_config(config, train)
     torch.manual_seed(config.probes.seed)  # the heads' initialisation (rank 0's is broadcast to the others)
     bank = ProbeBank.build(
         bank_config, dp_group=default_group(), device=device, total_steps=config.probes.epochs * steps
@@ -110,7 +131,7 @@ def train_bank(config: EvalConfig, train: CachedSplit, device: torch.device) -> 
         order = torch.randperm(train.size, generator=torch.Generator().manual_seed(config.probes.seed + epoch))
         for step in range(steps):
             x, y = _rows(train, order[step * batch : (step + 1) * batch][rank::world], device)
-            bank.train_step([x], y)
+            bank.train_step([_as_read(bank.config, train, x)], y)
     bank.settle()
     return bank
 
@@ -132,7 +153,7 @@ def evaluate(
         padded = index if valid else torch.zeros(1, dtype=torch.long)  # an empty batch still joins the collectives
         x, y = _rows(val, padded, device)
         if bank is not None:
-            bank.eval_step([x], y, num_valid=valid, positions=padded.to(device))
+            bank.eval_step([_as_read(bank.config, val, x)], y, num_valid=valid, positions=padded.to(device))
         if knn is not None:
             knn.eval_step(x, y, num_valid=valid)
     values: dict[str, float] = {}
