@@ -41,9 +41,6 @@ QUIET_WARNINGS = (
     r"The '\w+' does not have many workers",
     # Lightning 2.6's own use of a torch 2.10+ deprecation (lightning/pytorch/utilities/_pytree.py), not the user's.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    # With DDP: the probes reduce their epoch values themselves (`values_already_reduced` means to silence this, but
-    # Lightning warns later, when it computes the epoch's values). Only the demo's probes' keys.
-    r"It is recommended to use `self\.log\('(train|eval)/(linear|mlp)_",
 )
 """Regular expressions of the warnings `quiet_lightning` ignores (matched at the start of the message)."""
 
