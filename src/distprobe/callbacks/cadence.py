@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from distprobe import keys
 from distprobe.engine import Probe
 from distprobe.engine.bad_data import REASONS
 from distprobe.metrics.counters import ReasonCounter
@@ -67,7 +68,7 @@ class BadDataWarnings:
         if len(self._warned) == len(REASONS):
             return
         probe.fold_metrics()
-        counter = cast(ReasonCounter, probe.metrics.bad_batches["bad_batches"])
+        counter = cast(ReasonCounter, probe.metrics.bad_batches[keys.BAD_BATCHES])
         counts = counter.counts
         if counts.device.type != "cuda":
             self._warn(probe, counter.reasons, counts.tolist())
@@ -89,13 +90,11 @@ class BadDataWarnings:
                 self._warned.add(reason)
                 log.warning(
                     "probe '%s': rank %d skipped %d micro-batch(es) with bad data (%s); the probe's step was skipped "
-                    "on every rank and training goes on. Counted in train/%s_bad_batches/%s and "
-                    "train/%s_skipped_steps.",
+                    "on every rank and training goes on. Counted in %s and %s.",
                     probe.name,
                     rank,
                     count,
                     reason.replace("_", " "),
-                    probe.name,
-                    reason,
-                    probe.name,
+                    keys.key(keys.TRAIN, probe.name, keys.bad_batches(reason)),
+                    keys.key(keys.TRAIN, probe.name, keys.SKIPPED_STEPS),
                 )
