@@ -1,12 +1,12 @@
 """A bank's masked per-head SGD step as one fused kernel on CUDA (``torch.compile``); the eager maths elsewhere.
 
-The eager update (`distprobe.bank.optim.clean_skipped` then `distprobe.bank.optim.sgd_update`) makes a pass over the
-gradient, the parameters and the momentum buffer per elementwise op: about a dozen passes over a 49M-parameter bank
-(0.2 GB each in float32) per step. Compiled, the same maths reads the gradient, the parameters and the buffer once
+The eager update (`distprobe.engine.functional.zero_skipped` then `distprobe.engine.functional.sgd_update`) makes a pass
+over the gradient, the parameters and the momentum buffer per elementwise op: about a dozen passes over a 49M-parameter
+bank (0.2 GB each in float32) per step. Compiled, the same maths reads the gradient, the parameters and the buffer once
 and writes the parameters and the buffer once. The update's formula is unchanged (torch.optim.SGD per head, a skipped
-head left bitwise alone); a compiled kernel may round a product-sum differently in the last bit (a fused
-multiply-add), so the compiled update is checked against the eager one to float32 rounding, and every rank runs the
-same kernel, so replicas stay bitwise identical.
+head left bitwise alone); a compiled kernel may round a product-sum differently in the last bit (a fused multiply-add),
+so the compiled update is checked against the eager one to float32 rounding, and every rank runs the same kernel, so
+replicas stay bitwise identical.
 
 CPU runs keep the eager path (`fused_sgd_available` is False there): the tests compare against it.
 """
@@ -38,7 +38,7 @@ def _sgd_math(
     use_momentum: bool,
     nesterov: bool,
 ) -> None:
-    """The SGD step of `distprobe.bank.optim` with the skip mask folded in; ``(K,)`` factors are ``(K, 1, 1)`` views.
+    """`distprobe.engine.functional.sgd_update` with the skip mask folded in; ``(K,)`` factors are ``(K, 1, 1)`` views.
 
     Written as out-of-place maths copied back at the end, so that the compiler sees one elementwise graph.
     """
@@ -89,8 +89,9 @@ def fused_sgd_update(
 ) -> None:
     """One masked SGD step of a ``(K, ...)`` block of heads, in place (the gradient is left as it was).
 
-    Same arguments as `distprobe.bank.optim.sgd_update` for one block, plus the skip mask ``keep``: the cleaning of
-    skipped heads is part of the kernel. ``compiled=False`` runs the same maths eagerly (what the tests compare).
+    Same arguments as `distprobe.engine.functional.sgd_update` for one block, plus the skip mask ``keep``: the
+    cleaning of skipped heads is part of the kernel. ``compiled=False`` runs the same maths eagerly (what the tests
+    compare).
     """
     shape = (-1,) + (1,) * (param.ndim - 1)
     keep_b = keep.view(shape)
