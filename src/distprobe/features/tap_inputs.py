@@ -1,6 +1,6 @@
-"""`TapInputs`: the feature taps of one LightningModule, shared by every callback that probes it.
+"""`TapInputs`: the feature taps of one model, shared by every probe that reads it (torch only).
 
-A callback calls, in its hooks:
+Used through `distprobe.features.source.StepFeatures`, which a Lightning callback builds at ``setup``; it calls:
 
 - ``setup``: ``TapInputs.of(pl_module).request(self, spec, probe_name=...)``;
 - ``on_train_batch_start`` / ``on_validation_batch_start``: ``.arm(pl_module)`` (idempotent within a step: every
