@@ -28,8 +28,14 @@ from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import feature_sizes
 from distprobe.bank.checks import first_batch_problem as bank_first_batch_problem
 from distprobe.bank.metrics_set import logged_keys
+from distprobe.convex.online import RidgeConfig, RidgeProbe, RidgeSpec, to_ridge_spec
 from distprobe.engine import Probe, ProbeConfig, ProbeGroup, maths
-from distprobe.engine.checks import first_batch_problem, raise_if_any_rank_failed, world_check_group
+from distprobe.engine.checks import (
+    class_index_problem,
+    first_batch_problem,
+    raise_if_any_rank_failed,
+    world_check_group,
+)
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
@@ -152,6 +158,7 @@ class ProbeSet:
         device: torch.device | str | None = None,
         total_steps: int | None = None,
         knns: Sequence[KNNSpec] = (),
+        ridges: Sequence[RidgeSpec] = (),
     ) -> None:
         assert len(probes) == len(specs)
         settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
@@ -176,6 +183,13 @@ class ProbeSet:
         for name, knn_spec in self.knn_specs.items():
             if knn_spec.config.in_features is not None:
                 self._build_knn(name, knn_spec.config.in_features)
+        self.ridge_specs: dict[str, RidgeSpec] = {r.config.name: r for r in ridges}
+        self.ridges: dict[str, RidgeProbe] = {}
+        """The ridge probes whose statistics exist: from `build` with ``in_features``, else from the first `step`."""
+        self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
+        for name, ridge_spec in self.ridge_specs.items():
+            if ridge_spec.config.in_features is not None:
+                self._build_ridge(name, ridge_spec.config.in_features)
 
     @classmethod
     def build(
@@ -187,6 +201,7 @@ class ProbeSet:
         total_steps: int | None = None,
         banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
         knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
+        ridges: Sequence[RidgeSpec | RidgeConfig | Mapping[str, Any]] = (),
     ) -> ProbeSet:
         """Build every probe, in order, and replicate each over ``dp_group``.
 
@@ -205,18 +220,22 @@ class ProbeSet:
                 else from the first `step`.
             knns: Online kNN classifiers (`distprobe.knn`), their buffers sharded over ``dp_group``: `KNNConfig`s,
                 `KNNSpec`s, or dicts of `KNNConfig` fields (``input`` among them) plus ``target``.
+            ridges: Online closed-form ridge probes (`distprobe.convex.online`), their statistics summed over
+                ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
+                sums the training batches since its last evaluation; the first `evaluate` after training solves it.
         """
         if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
             raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
         normalised = [to_spec(s) for s in specs]
         bank_specs = [to_bank_spec(b) for b in banks]
         knn_specs = [to_knn_spec(k) for k in knns]
-        if not normalised and not bank_specs and not knn_specs:
+        ridge_specs = [to_ridge_spec(r) for r in ridges]
+        if not normalised and not bank_specs and not knn_specs and not ridge_specs:
             raise ValueError(
                 "ProbeSet.build: arguments 'specs', 'banks' and 'knns' are empty; give at least one probe."
             )
         names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
-        names += [k.config.name for k in knn_specs]
+        names += [k.config.name for k in knn_specs] + [r.config.name for r in ridge_specs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
@@ -230,7 +249,16 @@ class ProbeSet:
             )
             for s in normalised
         ]
-        return cls(probes, normalised, group, bank_specs, device=device, total_steps=total_steps, knns=knn_specs)
+        return cls(
+            probes,
+            normalised,
+            group,
+            bank_specs,
+            device=device,
+            total_steps=total_steps,
+            knns=knn_specs,
+            ridges=ridge_specs,
+        )
 
     def add_probe(self, probe: Probe, *, input: str | None = None, target: str | None = None) -> None:  # noqa: A002
         """Add a probe built elsewhere (a Lightning callback's); it trains in this set's group from the next step.
@@ -264,13 +292,25 @@ class ProbeSet:
         if knn is not None:
             self.knns[name] = knn
 
+    def add_ridge(self, spec: RidgeSpec | RidgeConfig, ridge: RidgeProbe | None = None) -> None:
+        """Add a ridge probe by its spec, and its engine once built elsewhere (else the first `train` builds it)."""
+        spec = to_ridge_spec(spec)
+        name = spec.config.name
+        if name not in self.ridge_specs:
+            self._refuse_taken(name)
+            self.ridge_specs[name] = spec
+        if ridge is not None:
+            self.ridges[name] = ridge
+
     def remove(self, name: str) -> None:
         """Take the member ``name`` out of the set (nothing happens when it is not there)."""
         for members in (self.probes, self.specs, self.bank_specs, self.banks, self.knn_specs, self.knns):
             members.pop(name, None)
+        self.ridge_specs.pop(name, None)
+        self.ridges.pop(name, None)
 
     def _refuse_taken(self, name: str) -> None:
-        if name in self.probes or name in self.bank_specs or name in self.knn_specs:
+        if name in self.probes or name in self.bank_specs or name in self.knn_specs or name in self.ridge_specs:
             raise ValueError(
                 f"probe '{name}': argument 'name' is already used by another probe, bank or kNN of this set; give "
                 "each a unique name."
@@ -318,6 +358,34 @@ class ProbeSet:
         spec = self.knn_specs[name]
         x = pick(features, spec.config.input, probe_name=name, argument="input")
         return x, pick(targets, spec.target, probe_name=name, argument="target")
+
+    def _build_ridge(self, name: str, in_features: int) -> RidgeProbe:
+        config = self.ridge_specs[name].config
+        ridge = RidgeProbe.build(config, in_features=in_features, dp_group=self.dp_group, device=self._device)
+        self.ridges[name] = ridge
+        if name in self._pending_ridge_state:
+            ridge.load_state_dict(dict(self._pending_ridge_state.pop(name)))
+        return ridge
+
+    def _ridge_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.ridge_specs[name]
+        x = pick(features, spec.config.input, probe_name=name, argument="input")
+        return x, pick(targets, spec.target, probe_name=name, argument="target")
+
+    def _ridge_problems(self, features: Tensors, targets: Tensors) -> list[str]:
+        """What is wrong with the first batch of each ridge probe."""
+        problems = []
+        for name, spec in self.ridge_specs.items():
+            try:
+                x, y = self._ridge_inputs(name, features, targets)
+            except ValueError as err:
+                problems.append(str(err))
+                continue
+            inputs = {spec.config.input or "features": x}
+            problem = class_index_problem(f"ridge '{name}'", inputs, y, spec.config.num_classes)
+            if problem is not None:
+                problems.append(problem)
+        return problems
 
     def knn(self, name: str) -> ShardedKNN:
         """The kNN ``name`` (its buffer exists from `build` with ``in_features``, else from the first `step`)."""
@@ -392,9 +460,12 @@ class ProbeSet:
                 problems.append(str(err))
                 continue
             input_key = knn_spec.config.input or "features"
-            problem = knn_first_batch_problem(name, input_key, x, y, knn_spec.config.num_classes)
+            problem = knn_first_batch_problem(
+                name, input_key, x, y, knn_spec.config.num_classes, multilabel=knn_spec.config.multilabel
+            )
             if problem is not None:
                 problems.append(problem)
+        problems += self._ridge_problems(features, targets)
         # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
         raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
         self._checked_first_batch = True
@@ -414,6 +485,8 @@ class ProbeSet:
             inputs[name] = self._bank_inputs(name, features, targets)
         for name in self.knn_specs:
             inputs[name] = self._knn_inputs(name, features, targets)
+        for name in self.ridge_specs:
+            inputs[name] = self._ridge_inputs(name, features, targets)
         outs = self.train(inputs)
         # A bank's loss: its heads' (K,) losses; a kNN has no loss.
         return {name: out.loss for name, out in outs.items() if out is not None}
@@ -452,6 +525,13 @@ class ProbeSet:
             knn = self.knns.get(name) or self._build_knn(name, int(x[0].numel()))
             knn.update(x, y)
             outs[name] = None
+        for name in (n for n in inputs if n in self.ridge_specs):
+            x, y = inputs[name]
+            ridge = self.ridges.get(name) or self._build_ridge(name, int(x[0].numel()))
+            if ridge.evaluated:  # the batches since the last evaluation
+                ridge.reset_train()
+            ridge.train_step(x, y)
+            outs[name] = None
         return outs
 
     def train_values(self, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -460,7 +540,7 @@ class ProbeSet:
         One flat sync for every probe's states (a collective: every rank calls it with the same names); each bank
         computes its own. Keys are the logged names (``train/{name}_top1``, ``train/{name}_loss_epoch``, ...).
         """
-        wanted = list(self.probes) + list(self.banks) if names is None else list(names)
+        wanted = list(self.probes) + list(self.banks) + list(self.ridges) if names is None else list(names)
         probes = [name for name in wanted if name in self.probes]
         collections = [self.probes[name].train_collections() for name in probes]
         flat = [c for member in collections for c in member]
@@ -470,6 +550,8 @@ class ProbeSet:
         }
         for name in (n for n in wanted if n in self.banks):
             values[name] = logged_keys(self.banks[name].compute_train_metrics(), "train", name)
+        for name in (n for n in wanted if n in self.ridges):
+            values[name] = keys.absolute_keys(self.ridges[name].compute_train_metrics(), keys.TRAIN, name)
         return values
 
     def eval_values(self, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -478,7 +560,8 @@ class ProbeSet:
         One flat sync for every probe's states; each bank and kNN computes its own (collectives: every rank calls
         it with the same names).
         """
-        wanted = list(self.probes) + list(self.banks) + list(self.knns) if names is None else list(names)
+        everyone = list(self.probes) + list(self.banks) + list(self.knns) + list(self.ridges)
+        wanted = everyone if names is None else list(names)
         probes = [name for name in wanted if name in self.probes and len(self.probes[name].metrics.val)]
         computed = compute_synced([self.probes[name].metrics.val for name in probes], self.dp_group) if probes else []
         values: dict[str, dict[str, torch.Tensor]] = {name: {} for name in wanted if name in self.probes}
@@ -487,6 +570,8 @@ class ProbeSet:
             values[name] = logged_keys(self.banks[name].compute_eval_metrics(), "eval", name)
         for name in (n for n in wanted if n in self.knns):
             values[name] = keys.absolute_keys(self.knns[name].compute_eval_metrics(), keys.EVAL, name)
+        for name in (n for n in wanted if n in self.ridges):
+            values[name] = keys.absolute_keys(self.ridges[name].compute_eval_metrics(), keys.EVAL, name)
         return values
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:
@@ -524,6 +609,13 @@ class ProbeSet:
         for name, knn in self.knns.items():  # (B, len(k)) predictions, one column per k
             x, y = self._knn_inputs(name, features, targets)
             preds[name] = knn.eval_step(x, y, num_valid)
+        for name, ridge in self.ridges.items():  # (B, len(l2)) predictions, one column per lambda
+            if not ridge.solved:  # the first evaluation batch after training: one all-reduce, one solve
+                ridge.start_eval_epoch()
+            x, y = self._ridge_inputs(name, features, targets)
+            ridge_preds = ridge.eval_step(x, y, num_valid)  # None before any training sample
+            if ridge_preds is not None:
+                preds[name] = ridge_preds
         return preds
 
     def compute_metrics(self) -> dict[str, torch.Tensor]:
@@ -549,6 +641,7 @@ class ProbeSet:
         state = {name: probe.state_dict() for name, probe in self.probes.items()}
         state.update({name: bank.state_dict() for name, bank in self.banks.items()})
         state.update({name: knn.state_dict() for name, knn in self.knns.items()})  # rank 0's: every shard
+        state.update({name: ridge.state_dict() for name, ridge in self.ridges.items()})  # the group's sums
         return state
 
     def load_state_dict(self, state: Mapping[str, Mapping[str, Any]]) -> None:
@@ -578,6 +671,13 @@ class ProbeSet:
             else:  # the buffer from the saved size: each rank takes its own shard back
                 self._pending_knn_state[name] = state[name]
                 self._build_knn(name, int(state[name]["in_features"]))
+        for name in (n for n in self.ridge_specs if n in state):
+            if name in self.ridges:
+                self.ridges[name].load_state_dict(dict(state[name]))
+            else:  # the statistics from the saved size
+                self._pending_ridge_state[name] = state[name]
+                self._build_ridge(name, int(state[name]["in_features"]))
         extra = sorted(set(state) - set(self.probes) - set(self.bank_specs) - set(self.knn_specs))
+        extra = sorted(set(extra) - set(self.ridge_specs))
         if extra:
             log.warning("ProbeSet.load_state_dict: ignoring state of probes %s that are not in this set.", extra)

@@ -1,6 +1,7 @@
 """Closed-form and convex probes on frozen features, few-shot protocols and bootstrap intervals (torch only).
 
 - `ridge`: exact ridge regression from summed float64 sufficient statistics, every lambda from one decomposition;
+- `online`: `RidgeProbe`, the online ridge probe over a data-parallel group (`OnlineRidge`'s and `ProbeSet`'s engine);
 - `logreg`: multinomial logistic regression by float64 L-BFGS (scikit-learn's objective), DINOv2/v3's C protocol;
 - `fewshot`: episodes drawn from ``(seed, shots, class)``, ridge and logreg solvers, no validation leakage;
 - `bootstrap`: seeded percentile intervals from per-sample results;
@@ -21,16 +22,22 @@ from distprobe.convex.fewshot import (
     summarise,
 )
 from distprobe.convex.logreg import DINOV3_C_GRID, LinearModel, LogregResult, Standardizer, fit_logreg, logreg_grid
+from distprobe.convex.online import RidgeProbe
 from distprobe.convex.ridge import RidgeSolution, RidgeStatistics, fit_ridge, solve_centred
+from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec
 
 __all__ = [
+    "DEFAULT_L2",
     "DINOV3_C_GRID",
     "Episode",
     "EpisodeResult",
     "Interval",
     "LinearModel",
     "LogregResult",
+    "RidgeConfig",
+    "RidgeProbe",
     "RidgeSolution",
+    "RidgeSpec",
     "RidgeStatistics",
     "ShotsSummary",
     "Standardizer",

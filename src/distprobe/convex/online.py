@@ -22,9 +22,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,50 +30,13 @@ import torch.distributed as dist
 from distprobe import keys
 from distprobe.bank.selection import global_positions, selects
 from distprobe.convex.ridge import RidgeSolution, RidgeStatistics
+from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec, to_ridge_spec
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import rank_and_world, sum_over_group
 
+__all__ = ["DEFAULT_L2", "RidgeConfig", "RidgeProbe", "RidgeSpec", "to_ridge_spec"]
+
 log = logging.getLogger(__name__)
-
-#: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
-DEFAULT_L2: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-
-
-@dataclass(kw_only=True)
-class RidgeConfig:
-    """What an online ridge probe is."""
-
-    name: str
-    """Unique name; keys the logs and the checkpoint state."""
-    num_classes: int
-    """Number of classes (targets are class indices, one-hot encoded for the regression)."""
-    l2: Sequence[float] = DEFAULT_L2
-    """The values of lambda, each solved exactly from the same statistics."""
-    selection_fraction: float = 0.2
-    """The hashed share of validation samples that chooses the best lambda; the rest reports it."""
-    in_features: int | None = None
-    """Feature size; None: read from the first training batch."""
-    input: str | None = None
-    """Key of the features in a `distprobe.loop.ProbeSet` step's mapping."""
-
-    def __post_init__(self) -> None:
-        name = self.name
-        if not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"ridge '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 2")
-        values = (self.l2,) if isinstance(self.l2, int | float) else tuple(self.l2)
-        if not values or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
-            raise ValueError(
-                f"ridge '{name}': argument 'l2' got {self.l2!r}; expected one or more finite values >= 0, "
-                "e.g. l2=(1e-4, 1e-2, 1.0)"
-            )
-        self.l2 = tuple(dict.fromkeys(float(v) for v in values))  # order kept, repeats dropped
-        if not 0.0 < self.selection_fraction < 1.0:
-            raise ValueError(
-                f"ridge '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "
-                "in (0, 1), e.g. 0.2"
-            )
-        if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
-            raise ValueError(f"ridge '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1")
 
 
 class RidgeProbe:
@@ -100,6 +60,11 @@ class RidgeProbe:
         self.solution: RidgeSolution | None = None
         self.best_index: int | None = None
         self._warned = False
+        self.solved = False
+        """Whether the solution is of the current statistics (`start_eval_epoch` since the last training batch)."""
+        self.evaluated = False
+        """Whether an evaluation was computed since the statistics were last reset (`distprobe.loop.ProbeSet` then
+        starts new statistics at its next training batch: the batches since the last evaluation)."""
 
     @classmethod
     def build(
@@ -120,6 +85,7 @@ class RidgeProbe:
 
         No host sync: the verdict is a device tensor that weighs the batch by 0 or 1.
         """
+        self.solved = False
         x = features.detach().reshape(features.shape[0], -1).to(self.device)
         y = targets.detach().to(self.device).reshape(-1)
         finite_x = torch.isfinite(x).all()
@@ -141,6 +107,7 @@ class RidgeProbe:
     def reset_train(self) -> None:
         """Start a new epoch's statistics (the run-long bad-batch counts stay)."""
         self.stats.reset()
+        self.evaluated = False
 
     def compute_train_metrics(self) -> dict[str, torch.Tensor]:
         """The bad-batch counts by reason, summed over the group (relative keys ``bad_batches/{reason}``)."""
@@ -167,6 +134,7 @@ class RidgeProbe:
         self._eval_seen = 0
         total = self.stats.all_reduce(self.dp_group)
         self.solution = total.solve(self.l2) if float(total.count) > 0 else None
+        self.solved = True
         return self.solution is not None
 
     @torch.no_grad()
@@ -210,6 +178,7 @@ class RidgeProbe:
         Relative keys (`distprobe.keys`): ``l2={l2:g}_top1`` per lambda, ``best_top1``, ``best_l2``. Empty when there
         was no solution. The best lambda is the one most accurate on the selection split (ties: the largest).
         """
+        self.evaluated = True
         if self.solution is None:
             return {}
         summed = sum_over_group(self._eval.clone(), self.dp_group)

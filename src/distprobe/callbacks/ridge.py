@@ -1,0 +1,200 @@
+"""`OnlineRidge`: a closed-form ridge probe in a Lightning Trainer, exact under data parallelism."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from distprobe import keys
+from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
+from distprobe.callbacks.own_data import FeatureFn, own_data_of
+from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
+from distprobe.engine.checks import class_index_problem
+from distprobe.features.dtensor import whole
+from distprobe.strategies.groups import data_parallel_group
+
+
+class OnlineRidge(ProbeCallback):
+    """Ridge regression on one-hot labels, solved exactly for every lambda at each validation from summed statistics.
+
+    Each rank sums, in float64 over the current epoch's training batches, the count, the feature and label sums,
+    X^T X and X^T Y. At validation one flat all-reduce sums them over the data-parallel group and each lambda's
+    ``min (1/n)||XW + 1b - Y||^2 + lambda ||W||^2`` (bias unpenalised) is solved from one eigendecomposition.
+    No learning rate, no optimizer, nothing gathered: memory is O(D^2 + DC) per rank. Features are read as
+    `OnlineProbe` reads them (output or batch keys, submodule taps, DTensors, ZeRO-3 activations).
+
+    Args:
+        module: The LightningModule to probe (None: taken at ``setup``); kept for the reference API's shape.
+        name: Unique name; keys logs and checkpoint state.
+        input: Key of the features in the step's outputs or batch, or a submodule to tap, as for `OnlineProbe`.
+        target: Key of the class labels.
+        num_classes: Number of classes.
+        l2: The values of lambda (each solved exactly).
+        selection_fraction: The hashed share of validation samples that chooses the best lambda; the rest reports it.
+        in_features: Feature size; None: read from the first training batch.
+        data: The probe's own labeled training DataLoader (docs/own-data.md), sharded over the data-parallel ranks.
+        val_data: Its own labeled validation DataLoader.
+        every_n_steps: With ``data``: sum one own batch every this many main training batches.
+        features: With ``data``: ``features(pl_module, batch) -> tensor``, run under no_grad in eval mode.
+
+    Logs ``eval/{name}/l2={l2:g}_top1`` for each lambda over every validation sample once (a distributed sampler's
+    padding is not counted), ``eval/{name}_best_top1`` (the best lambda on the selection split, scored on the rest),
+    ``eval/{name}_best_l2``, and ``train/{name}_bad_batches/{reason}`` (training batches skipped for bad data).
+
+    Example:
+        >>> ridge = OnlineRidge(None, "ridge", input="embedding", target="label", num_classes=10, l2=(1e-3, 1.0))
+        >>> ridge.config.l2
+        (0.001, 1.0)
+    """
+
+    in_probe_set = False
+
+    def __init__(
+        self,
+        module: pl.LightningModule | None,
+        name: str,
+        input: str,  # noqa: A002 - the reference API's name
+        target: str,
+        num_classes: int,
+        l2: Sequence[float] = DEFAULT_L2,
+        *,
+        selection_fraction: float = 0.2,
+        in_features: int | None = None,
+        data: Any = None,
+        val_data: Any = None,
+        every_n_steps: int = 1,
+        features: FeatureFn | None = None,
+    ) -> None:
+        require_keys("ridge", name, input=input, target=target)
+        self.config = RidgeConfig(
+            name=name,
+            num_classes=num_classes,
+            l2=l2,
+            selection_fraction=selection_fraction,
+            in_features=in_features,
+            input=input,
+        )
+        super().__init__(name, [input], target, own_data_of(name, data, val_data, features, every_n_steps))
+        self.input = input
+        self._where: tuple[Any, torch.device] | None = None
+        self._epoch: int | None = None
+        """The training epoch the statistics belong to (kept in checkpoints: a mid-epoch resume keeps them)."""
+
+    @property
+    def ridge(self) -> RidgeProbe:
+        """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
+        if self._engine is None:
+            raise RuntimeError(
+                f"ridge '{self.name}': its statistics do not exist yet; they are created at setup when "
+                "'in_features' is given, else from the first training batch."
+            )
+        return self._engine
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+
+    def _build(self, in_features: int) -> None:
+        assert self._where is not None, "built after setup"
+        dp_group, device = self._where
+        self.engine_ready(RidgeProbe.build(self.config, in_features=in_features, dp_group=dp_group, device=device))
+
+    @override
+    def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._where = (data_parallel_group(trainer.strategy), trainer.strategy.root_device)
+        if self._engine is None:
+            if self._pending_state is not None:
+                self._build(int(self._pending_state["in_features"]))
+            elif self.config.in_features is not None:
+                self._build(self.config.in_features)
+
+    @override
+    def engine_from_pending(self) -> None:
+        if self._where is not None and self._pending_state:
+            self._build(int(self._pending_state["in_features"]))
+
+    # --- training: each batch is added to this rank's statistics ------------------------------------------------
+
+    @override
+    def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
+        return whole(features[0]), targets
+
+    @override
+    def first_batch_problem(self, read: Any) -> str | None:
+        features, targets = read
+        owner = f"ridge '{self.name}'"
+        problem = class_index_problem(owner, {self.input: features}, targets, self.config.num_classes)
+        width = int(features[0].numel())
+        if problem is None and self._engine is not None and width != self._engine.in_features:
+            return (
+                f"{owner}: input {self.input!r} has {width} features per sample, but its statistics are of "
+                f"{self._engine.in_features} (argument 'in_features', or a loaded checkpoint); fix 'in_features'."
+            )
+        return problem
+
+    @override
+    def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
+        super().first_batch_passed(trainer, read)
+        if self._engine is None:
+            self._build(int(read[0][0].numel()))
+
+    @override
+    def train_alone(self, read: Any) -> Any:
+        features, targets = read
+        self.ridge.train_step(features, targets)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        # A new epoch's statistics; a resume inside the epoch the checkpoint saved keeps them.
+        if self._engine is not None and self._epoch != trainer.current_epoch:
+            self._engine.reset_train()
+        self._epoch = trainer.current_epoch
+
+    # --- values -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    @override
+    def values_together(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
+        values = {}
+        for member in members:
+            assert isinstance(member, OnlineRidge)
+            engine = member.ridge
+            if stage == "train":
+                values[member.name] = keys.absolute_keys(engine.compute_train_metrics(), keys.TRAIN, member.name)
+            else:
+                values[member.name] = keys.absolute_keys(engine.compute_eval_metrics(), keys.EVAL, member.name)
+        return values
+
+    @override
+    def takes_part(self, trainer: pl.Trainer, stage: Stage) -> bool:
+        # The sanity check runs before any training batch of this fit (the same on every rank).
+        return self._engine is not None and not (stage == "val" and trainer.sanity_checking)
+
+    @override
+    def start_eval_epoch(self) -> None:
+        self.ridge.start_eval_epoch()  # a collective: the statistics' one all-reduce, then the solve
+
+    @override
+    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        features, targets = read
+        preds = self.ridge.eval_step(features, targets, num_valid=num_valid)
+        if preds is None:
+            return None
+        best = self.ridge.best_index
+        return preds[:, 0 if best is None else best]  # the lambda chosen at the last evaluation
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return {**state, "epoch": self._epoch} if state else state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self._epoch = state_dict.pop("epoch", None)
+        super().load_state_dict(state_dict)

@@ -1,0 +1,77 @@
+"""What an online ridge probe is (`RidgeConfig`), and how a `distprobe.loop.ProbeSet` routes it (`RidgeSpec`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+#: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
+DEFAULT_L2: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass(kw_only=True)
+class RidgeConfig:
+    """What an online ridge probe is."""
+
+    name: str
+    """Unique name; keys the logs and the checkpoint state."""
+    num_classes: int
+    """Number of classes (targets are class indices, one-hot encoded for the regression)."""
+    l2: Sequence[float] = DEFAULT_L2
+    """The values of lambda, each solved exactly from the same statistics."""
+    selection_fraction: float = 0.2
+    """The hashed share of validation samples that chooses the best lambda; the rest reports it."""
+    in_features: int | None = None
+    """Feature size; None: read from the first training batch."""
+    input: str | None = None
+    """Key of the features in a `distprobe.loop.ProbeSet` step's mapping."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"ridge '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 2")
+        values = (self.l2,) if isinstance(self.l2, int | float) else tuple(self.l2)
+        if not values or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(
+                f"ridge '{name}': argument 'l2' got {self.l2!r}; expected one or more finite values >= 0, "
+                "e.g. l2=(1e-4, 1e-2, 1.0)"
+            )
+        self.l2 = tuple(dict.fromkeys(float(v) for v in values))  # order kept, repeats dropped
+        if not 0.0 < self.selection_fraction < 1.0:
+            raise ValueError(
+                f"ridge '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "
+                "in (0, 1), e.g. 0.2"
+            )
+        if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
+            raise ValueError(f"ridge '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1")
+
+
+@dataclass(kw_only=True)
+class RidgeSpec:
+    """One ridge probe of a `distprobe.loop.ProbeSet`: its configuration (features by ``config.input``), its targets."""
+
+    config: RidgeConfig
+    """The probe's configuration."""
+    target: str | None = None
+    """Key of the labels in the targets mapping; None when one targets tensor is passed."""
+
+
+def to_ridge_spec(spec: RidgeSpec | RidgeConfig | Mapping[str, Any]) -> RidgeSpec:
+    """A `RidgeSpec` from itself, a `RidgeConfig`, or a dict of `RidgeConfig` fields plus ``target``.
+
+    Raises:
+        ValueError: for unknown keys, listing the valid ones.
+    """
+    if isinstance(spec, RidgeSpec):
+        return spec
+    if isinstance(spec, RidgeConfig):
+        return RidgeSpec(config=spec)
+    options = dict(spec)
+    valid = [f.name for f in fields(RidgeConfig)] + ["target"]
+    unknown = sorted(str(key) for key in options if key not in valid)
+    if unknown:
+        raise ValueError(f"ridge '{options.get('name', '?')}': unknown spec key(s) {unknown}; valid keys: {valid}")
+    target = options.pop("target", None)
+    return RidgeSpec(config=RidgeConfig(**options), target=target)
