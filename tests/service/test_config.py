@@ -141,6 +141,7 @@ BAD_VALUES = [
     ("probes.knn.queue_length", 0, "probes.knn: kNN 'knn': argument 'queue_length' got 0"),
     ("probes.knn.queue_length", 10.5, "probes.knn.queue_length=10.5; expected an integer"),
     ("probes.knn.input", 3, "probes.knn.input=3; expected a string or null"),
+    ("probes.knn.multilabel", True, "probes.knn.multilabel=True; the service's feature cache keeps one class index"),
     ("probes.knn.in_features", 16, "probes.knn.in_features=16; it is set by the service"),
     ("probes.knn.neighbours", 5, "unknown key(s) 'probes.knn.neighbours'; valid keys: ['name', 'queue_length'"),
     ("results", "out.sqlite", "results='out.sqlite'; expected a mapping of its keys"),

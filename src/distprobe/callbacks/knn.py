@@ -45,6 +45,8 @@ class OnlineKNN(ProbeCallback):
             validation batches (then ``batch["{name}_preds"]`` is not written).
         every_n_steps: With ``data``: push one own batch every this many main training batches.
         features: With ``data``: ``features(pl_module, batch) -> tensor``, run under no_grad in eval mode.
+        multilabel: Targets are ``(B, num_classes)`` multi-hot: neighbours vote with their label vectors, reported
+            as mAP and F1 (docs/multilabel.md).
 
     Logs ``eval/{name}_top1`` (the first k) and ``eval/{name}_k{K}_top1`` for every k, counting each validation
     sample once; puts the first k's predictions in ``batch["{name}_preds"]`` (and the outputs, when a dict).
@@ -71,6 +73,7 @@ class OnlineKNN(ProbeCallback):
         val_data: Any = None,
         every_n_steps: int = 1,
         features: FeatureFn | None = None,
+        multilabel: bool = False,
     ) -> None:
         require_keys("kNN", name, input=input, target=target)
         config = KNNConfig(
@@ -82,6 +85,7 @@ class OnlineKNN(ProbeCallback):
             storage_dtype=storage_dtype,
             in_features=in_features,
             input=input,
+            multilabel=multilabel,
         )
         super().__init__(name, [input], target, own_data_of(name, data, val_data, features, every_n_steps))
         self.input = input
@@ -133,7 +137,9 @@ class OnlineKNN(ProbeCallback):
     @override
     def first_batch_problem(self, read: Any) -> str | None:
         features, targets = read
-        return first_batch_problem(self.name, self.input, features, targets, self.config.num_classes)
+        return first_batch_problem(
+            self.name, self.input, features, targets, self.config.num_classes, multilabel=self.config.multilabel
+        )
 
     @override
     def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:

@@ -46,6 +46,9 @@ class KNNConfig:
     """Feature size; None: read from the first training batch (or a loaded state)."""
     input: str | None = field(default=None)
     """Key of the features (ProbeSet and the callback route by it); None: one tensor is passed."""
+    multilabel: bool = False
+    """Targets are ``(B, num_classes)`` multi-hot: neighbours vote with their label vectors, reported as mAP and F1
+    (`distprobe.knn.multilabel`, docs/multilabel.md)."""
 
     def __post_init__(self) -> None:
         name = self.name
@@ -90,6 +93,13 @@ class KNNConfig:
     def dtype(self) -> torch.dtype:
         """The storage dtype as a torch dtype."""
         return STORAGE_DTYPES[self.storage_dtype]
+
+    @property
+    def label_width(self) -> int:
+        """int64 words per stored label: 0 for a class index, else the packed multi-hot vector's."""
+        from distprobe.knn.multilabel import words
+
+        return words(self.num_classes) if self.multilabel else 0
 
     def shard_capacity(self, world_size: int) -> int:
         """Slots per rank: ``ceil(queue_length / world_size)``."""

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from distprobe import keys
+from distprobe.bank.multilabel import MULTILABEL_METRICS, EvalSamples, head_values
 from distprobe.engine.replicate import default_group, group_rank_and_size, is_distributed
-from distprobe.knn import search
+from distprobe.knn import multilabel, search
 from distprobe.knn.config import KNNConfig
 from distprobe.knn.metrics import KNNAccuracy
 from distprobe.knn.shard import RingShard
@@ -53,6 +54,8 @@ class ShardedKNN:
         self.dp_group = dp_group if is_distributed(dp_group) else None
         self.device = device
         self.metrics = KNNAccuracy(len(config.k)).to(device)
+        self.samples = EvalSamples().to(device)
+        """Multi-label: every counted validation sample's label scores per k, gathered at the epoch's end."""
 
     @classmethod
     def build(
@@ -70,7 +73,7 @@ class ShardedKNN:
         dp_group = dp_group if dp_group is not None else default_group()
         _, world = group_rank_and_size(dp_group)
         target = torch.device(device) if device is not None else torch.device("cpu")
-        shard = RingShard(config.shard_capacity(world), in_features, config.dtype, target)
+        shard = RingShard(config.shard_capacity(world), in_features, config.dtype, target, config.label_width)
         return cls(config, shard, dp_group, target)
 
     @property
@@ -88,7 +91,9 @@ class ShardedKNN:
     @torch.no_grad()
     def update(self, features: torch.Tensor, targets: torch.Tensor) -> None:
         """Push this rank's batch of training features (detached, normalized, cast to the storage dtype)."""
-        self.shard.push(search.normalized(features.to(self.device)), targets.to(self.device))
+        targets = targets.to(self.device)
+        labels = multilabel.pack(targets) if self.config.multilabel else targets
+        self.shard.push(search.normalized(features.to(self.device)), labels)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
@@ -123,19 +128,23 @@ class ShardedKNN:
             positions.append(p)
         value = torch.cat(values) if values else queries.new_zeros(0, k)
         position = torch.cat(positions) if positions else torch.zeros(0, k, dtype=torch.long, device=self.device)
+        valid = position >= 0 if labels.ndim == 1 else (position >= 0)[..., None]
         if labels.numel():
-            label = torch.where(position >= 0, labels[position.clamp(min=0)], 0)
+            label = torch.where(valid, labels[position.clamp(min=0)], 0)
         else:  # an empty shard: every candidate is padding (weight 0)
-            label = torch.zeros_like(position)
+            label = torch.zeros(*position.shape, *labels.shape[1:], dtype=torch.long, device=self.device)
         # Global position: rank-major, then the shard's logical order (the union buffer's order).
         global_position = torch.where(position >= 0, position + rank * self.shard.capacity, -1)
         return value, global_position, label
 
     def _merge(self, value: torch.Tensor, ids: torch.Tensor, own: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact global top-k of this rank's queries from every rank's candidates (``ids``: positions, labels)."""
+        """The exact global top-k of this rank's queries from every rank's candidates (``ids``: positions, labels).
+
+        Labels are ``ids[..., 1:]``: one class index, or a multi-label vector's packed words.
+        """
         k = self.config.max_k
         if self.dp_group is None:
-            return value[own], ids[own, :, 1]
+            return value[own], self._labels_of(ids[own])
         _, world = group_rank_and_size(self.dp_group)
         values = [torch.empty_like(value) for _ in range(world)]
         every_ids = [torch.empty_like(ids) for _ in range(world)]
@@ -143,9 +152,15 @@ class ShardedKNN:
         dist.all_gather(every_ids, ids.contiguous(), group=self.dp_group)
         # (queries, world * k) in rank order: among equal scores, lower columns are lower global positions.
         cand_values = torch.cat([v[own] for v in values], dim=1)
-        cand_labels = torch.cat([i[own, :, 1] for i in every_ids], dim=1)
+        cand_labels = torch.cat([i[own, :, 1:] for i in every_ids], dim=1)
         merged, column = search.ordered_topk(cand_values, k)
-        return merged, cand_labels.gather(1, column.clamp(min=0))
+        picked = column.clamp(min=0)[..., None].expand(-1, -1, cand_labels.shape[2])
+        return merged, self._labels_of(cand_labels.gather(1, picked), packed=True)
+
+    def _labels_of(self, ids: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """``(Q, k)`` class indices, or ``(Q, k, words)`` packed label vectors, from ``ids`` (or labels alone)."""
+        labels = ids if packed else ids[..., 1:]
+        return labels if self.config.multilabel else labels[..., 0]
 
     @torch.no_grad()
     def eval_step(self, features: torch.Tensor, targets: torch.Tensor, num_valid: int | None = None) -> torch.Tensor:
@@ -160,17 +175,27 @@ class ShardedKNN:
         value, position, label = self._local_candidates(every)
         rank, _ = group_rank_and_size(self.dp_group)
         own = slice(rank * padded, rank * padded + counts[rank])
-        scores, labels = self._merge(value, torch.stack([position, label], dim=2), own)
+        ids = torch.cat([position[..., None], label if label.ndim == 3 else label[..., None]], dim=2)
+        scores, labels = self._merge(value, ids, own)
+        valid = scores.shape[0] if num_valid is None else num_valid
+        targets = targets.to(self.device)[:valid]
+        if config.multilabel:
+            shares = multilabel.label_scores(scores, labels, tuple(config.k), config.num_classes, config.temperature)
+            keep = ((targets == 0) | (targets == 1)).all(dim=1)  # a label outside {0, 1} is not counted
+            self.samples.update(shares[:valid], targets, keep, keep)
+            return shares
         preds = search.predict(scores, labels, tuple(config.k), config.num_classes, config.temperature)
-        valid = preds.shape[0] if num_valid is None else num_valid
-        self.metrics.update(preds[:valid], targets.to(self.device)[:valid])
+        self.metrics.update(preds[:valid], targets)
         return preds
 
     def compute_eval_metrics(self) -> dict[str, torch.Tensor]:
         """``{"top1": ..., "k{K}_top1": ...}`` over the group (one flat all-reduce), then reset for the next run.
 
-        ``top1`` is the first k's accuracy.
+        ``top1`` is the first k's accuracy. Multi-label: ``mAP``, ``f1_micro``, ``f1_macro`` and ``k{K}_...`` instead
+        (torchmetrics on every rank's samples, gathered).
         """
+        if self.config.multilabel:
+            return self._multilabel_values()
         (accuracy,) = compute_metrics_synced([self.metrics], self.dp_group)
         accuracy = per_row(accuracy, len(self.config.k))  # one k: torchmetrics returned it 0-d
         self.metrics.reset()
@@ -180,9 +205,22 @@ class ShardedKNN:
         )
         return values
 
+    def _multilabel_values(self) -> dict[str, torch.Tensor]:
+        ks, c = self.config.k, self.config.num_classes
+        shares, targets, _ = self.samples.gathered(self.dp_group, len(ks), c)
+        self.samples.reset()
+        values: dict[str, torch.Tensor] = {}
+        for i, k in enumerate(ks):
+            for metric, value in head_values(shares[:, i], targets, list(MULTILABEL_METRICS)).items():
+                values[keys.relative_key(metric, head=keys.knn_head(k))] = value
+                if i == 0:
+                    values[metric] = value
+        return values
+
     def reset_eval_metrics(self) -> None:
         """Forget the counts of an evaluation (a sanity check, an interrupted run)."""
         self.metrics.reset()
+        self.samples.reset()
 
     # --- memory and checkpoints ---------------------------------------------------------------------------------
 
@@ -240,10 +278,11 @@ class ShardedKNN:
             world,
             self.shard.capacity,
         )
-        fresh = RingShard(self.shard.capacity, self.in_features, self.shard.features.dtype, self.device)
+        dtype, width = self.shard.features.dtype, self.config.label_width
+        fresh = RingShard(self.shard.capacity, self.in_features, dtype, self.device, width)
         for j in range(int(state["world_size"])):
             if j % world == rank:
-                old = RingShard(int(state["capacity"]), self.in_features, self.shard.features.dtype, "cpu")
+                old = RingShard(int(state["capacity"]), self.in_features, dtype, "cpu", width)
                 old.load(shards[j])
                 fresh.push(old.logical_features().to(self.device), old.logical_labels().to(self.device))
         self.shard = fresh

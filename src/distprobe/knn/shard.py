@@ -15,10 +15,19 @@ class RingShard:
     *logical* order (oldest first), which is the position order ties are broken by.
     """
 
-    def __init__(self, capacity: int, dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        label_width: int = 0,
+    ) -> None:
         self.capacity = capacity
         self.features = torch.zeros(capacity, dim, dtype=dtype, device=device)
-        self.labels = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        # A class index per sample, or (multi-label) `label_width` packed words (`distprobe.knn.multilabel`).
+        shape = (capacity, label_width) if label_width else (capacity,)
+        self.labels = torch.full(shape, 0 if label_width else -1, dtype=torch.long, device=device)
         self.written = 0
 
     @property
@@ -63,7 +72,7 @@ class RingShard:
         """Labels of the kept samples, oldest first (the order of `logical_scores`' columns)."""
         labels = self.labels[: self.filled]
         if self.written > self.capacity:
-            labels = labels.roll(-(self.written % self.capacity))
+            labels = labels.roll(-(self.written % self.capacity), dims=0)
         return labels
 
     def logical_features(self) -> torch.Tensor:

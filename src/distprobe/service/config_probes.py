@@ -112,6 +112,11 @@ def _check_knn(options: dict[str, Any], num_classes: int, source: str) -> None:
     from distprobe.knn.config import KNNConfig
 
     _check_keys_and_types(options, KNNConfig, KNN_SET_BY_SERVICE, "probes.knn", source)
+    if options.get("multilabel"):
+        raise ServiceConfigError(
+            f"{source}: probes.knn.multilabel={options['multilabel']!r}; the service's feature cache keeps one class "
+            "index per sample, so a multi-label kNN runs online for now (OnlineKNN or ProbeSet): remove it"
+        )
     # queue_length defaults to the train set's size, known in the job: a stand-in as large as any k, so no warning.
     stand_in = {"name": "knn", "queue_length": 2**31 - 1, **options}
     try:
