@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean docs
+.PHONY: demo test test-quick lint install clean docs
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,9 +24,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks launch docs/_hooks
 	$(BIN)/mypy
 
-# pytest exits 5 when it collects nothing: that must fail, not pass as "no failures".
+# pytest exits 5 when it collects nothing: that must fail, not pass as "no failures". The whole suite (the GPU tests
+# skip without CUDA); --durations names the slowest tests in CI's log, where the suite's time goes.
 test: lint
-	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The inner loop while changing code: no spawned process groups, nothing marked slow, no lint.
+test-quick: $(STAMP)
+	@$(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The documentation site (mkdocs.yml) into site/, warnings as errors. MkDocs and mkdocstrings live in their own
