@@ -210,17 +210,9 @@ def test_a_second_eval_while_the_first_extracts_refuses_naming_the_job_and_the_s
         "batch_size": 8,
     }
     config = eval_config(tmp_path / "eval.yaml", data=slow, results={"logger": "none"})
-    command = [
-        sys.executable,
-        "-m",
-        "distprobe",
-        "eval",
-        str(checkpoint),
-        "--config",
-        str(config),
-        "--cluster",
-        "local",
-    ]
+    # --cluster debug: the job runs inside the first eval's process (one interpreter start, not two).
+    command = [sys.executable, "-m", "distprobe", "eval", str(checkpoint), "--config", str(config)]
+    command += ["--cluster", "debug"]
     first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         cache = run / "distprobe_eval" / "cache"

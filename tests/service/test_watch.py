@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tests.service.models import eval_config
 
+from distprobe.cli import main
 from distprobe.cluster import ClusterConfig
 from distprobe.report.results_table import render
 from distprobe.service.store import ResultsStore
@@ -48,22 +49,23 @@ def _states(store: ResultsStore) -> dict[str, tuple[str, int]]:
 
 
 def test_each_checkpoint_is_evaluated_once_and_a_restarted_watcher_submits_no_duplicate(tmp_path, checkpoints):
-    run = _run_dir(tmp_path, checkpoints)
+    run = _run_dir(tmp_path, checkpoints[:2])
     config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
-    first = _watcher(run, config, max_in_flight=2)
-    first.run(max_polls=1)  # submits two jobs, then stops (as if killed): the jobs keep running
+    first = _watcher(run, config, max_in_flight=1)
+    first.run(max_polls=1)  # submits one job, then stops (as if killed): the job keeps running
     store = first.store
     submitted = {r.path: r.job_id for r in store.checkpoints(where="state != 'pending'")}
-    assert len(submitted) == 2
+    assert len(submitted) == 1
     second = _watcher(run, config, max_in_flight=2)
     second.run(until_idle=True)
     records = store.checkpoints()
-    assert [(r.step, r.state, r.tries) for r in records] == [(10, "done", 1), (20, "done", 1), (30, "done", 1)]
+    assert [(r.step, r.state, r.tries) for r in records] == [(10, "done", 1), (20, "done", 1)]
     assert {r.path: r.job_id for r in records if r.path in submitted} == submitted  # picked up, not resubmitted
-    assert len({r.job_id for r in records}) == 3
+    assert len({r.job_id for r in records}) == 2
     assert {row[0] for row in store.results()} == {r.path for r in records}
     table = render(store)
-    assert "epoch=2-step=30.ckpt" in table and "trend bank_best_top1" in table
+    assert "epoch=1-step=20.ckpt" in table and "trend bank_best_top1" in table
+    assert not any("%j" in p.name for p in (run / "distprobe_eval" / "jobs").iterdir())
     # A third watcher finds nothing to do.
     third = _watcher(run, config)
     assert third.poll() == (0, 0)
@@ -120,7 +122,7 @@ def test_incomplete_and_unreadable_checkpoints_and_failing_jobs(tmp_path, checkp
     assert "failed: " in text and failing.log_path in text
 
 
-def test_one_watcher_per_run_directory_and_sigterm_stops_it_cleanly(tmp_path, checkpoints):
+def test_one_watcher_per_run_directory_and_sigterm_stops_it_cleanly(tmp_path, checkpoints, capsys):
     run = _run_dir(tmp_path, checkpoints[:1])
     config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
     command = [sys.executable, "-m", "distprobe", "watch", str(run), "--config", str(config), "--cluster", "local"]
@@ -130,13 +132,13 @@ def test_one_watcher_per_run_directory_and_sigterm_stops_it_cleanly(tmp_path, ch
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (store.exists() and ResultsStore(store).checkpoints()):
             time.sleep(0.2)
-        second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-        assert second.returncode == 2 and "another watcher" in second.stderr
+        assert main(command[3:]) == 2  # the second watcher, the same command, in this process
+        assert "another watcher" in capsys.readouterr().err
         watcher.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=30) == 0
     finally:
         watcher.kill()
-    # The job it submitted finishes on its own and records its result; the next watcher only reads it.
+    # The job it submitted finishes on its own and publishes its result; the next watcher ingests it.
     later = _watcher(run, config)
     later.run(until_idle=True)
     assert [(r.state, r.tries) for r in later.store.checkpoints()] == [("done", 1)]
