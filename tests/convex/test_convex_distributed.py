@@ -1,6 +1,7 @@
 """The convex solvers on 1 and on 2 gloo ranks: ridge statistics summed over ranks, the logreg grid and few-shot
-episodes spread over ranks. One spawn per world size serves every check (both runs under the harness, so thread
-counts, and so float64 rounding, are the same)."""
+episodes spread over ranks, and `ProbeSet(ridges=...)` (tests/convex/test_ridge_probe_set.py's run). One spawn per
+world size serves every check (both runs under the harness, so thread counts, and so float64 rounding, are the
+same)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from distprobe.convex import RidgeStatistics, logreg_grid, run_fewshot
 from distprobe.engine.collectives import default_group
 
 from .helpers import gaussian_classes
+from .test_ridge_probe_set import check_probe_set_run, probe_set_run
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -27,12 +29,23 @@ def _everything(rank: int, world_size: int) -> dict:
         "ridge": (ridge.weight, ridge.bias, ridge.predict(vx)),
         "logreg": (logreg.holdout_top1, logreg.best_c, logreg.model.weight, logreg.val_correct),
         "fewshot": [(e.id, e.reg, e.val_correct) for e in episodes],
+        "probe_set": probe_set_run(rank, world_size),
     }
 
 
-def test_two_ranks_equal_one_process():
-    (one,) = run_distributed(_everything, 1)
-    two = run_distributed(_everything, 2)
+@pytest.fixture(scope="module")
+def one_and_two():
+    return run_distributed(_everything, 1), run_distributed(_everything, 2)
+
+
+def test_probe_set_ridge_is_exact_starts_again_after_an_evaluation_and_resumes(one_and_two):
+    for results in one_and_two:
+        for result in results:
+            check_probe_set_run(result["probe_set"])
+
+
+def test_two_ranks_equal_one_process(one_and_two):
+    (one,), two = one_and_two
     for rank_result in two:
         # Ridge: the summed statistics differ from one process's only in the order of float64 additions.
         for got, want in zip(rank_result["ridge"][:2], one["ridge"][:2], strict=True):

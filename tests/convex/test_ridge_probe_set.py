@@ -1,21 +1,19 @@
-"""`ProbeSet(ridges=...)`: the same `RidgeProbe` as `OnlineRidge`, driven from a plain loop on 1 and 2 gloo ranks.
+"""`ProbeSet(ridges=...)`: the same `RidgeProbe` as `OnlineRidge`, driven from a plain loop (run on 1 and 2 gloo ranks
+by tests/convex/test_convex_distributed.py, in its spawns).
 
 Each rank steps on every world-th batch and evaluates every world-th validation sample (the last rank's share padded
 and marked with ``num_valid``); every lambda's top-1 must equal the closed form on all training samples, the
 statistics must start again after an evaluation, and a set resumed from a mid-epoch checkpoint must log what the
-uninterrupted one did. One spawn per world size serves every check.
+uninterrupted one did.
 """
 
 import pytest
 import torch
-from tests.helpers.dist import run_distributed
 
 from distprobe.convex import fit_ridge
 from distprobe.loop import ProbeSet
 
 from .helpers import gaussian_classes
-
-pytestmark = pytest.mark.distributed
 
 L2 = (1e-3, 1.0)
 SPEC = {"name": "ridge", "num_classes": 3, "l2": L2, "input": "emb", "target": "y"}
@@ -37,7 +35,8 @@ def _evaluate(probes: ProbeSet, vx, vy, rank: int, world: int) -> dict[str, floa
     return {k: float(v) for k, v in probes.compute_metrics().items()}
 
 
-def _run(rank: int, world: int) -> dict:
+def probe_set_run(rank: int, world: int) -> dict:
+    """Two evaluations and a resume of a ProbeSet ridge on this rank's shares."""
     x, y, vx, vy = gaussian_classes(80, 23)
     probes = ProbeSet.build([], ridges=[SPEC])
     _epoch(probes, x, y, rank, world, range(0, 8))
@@ -58,12 +57,15 @@ def _expected(rows: slice) -> dict[str, float]:
     return {f"eval/ridge/l2={lam:g}_top1": float(correct[i].double().mean()) for i, lam in enumerate(L2)}
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_probe_set_ridge_is_exact_starts_again_after_an_evaluation_and_resumes(world):
-    for result in run_distributed(_run, world):
-        for name, rows in (("first", slice(0, 80)), ("second", slice(20, 60)), ("resumed", slice(20, 60))):
-            logged = result[name]
-            for key, value in _expected(rows).items():
-                assert logged[key] == pytest.approx(value, abs=1e-6), (name, key)
-            assert {"eval/ridge_best_top1", "eval/ridge_best_l2"} <= set(logged)
-        assert result["resumed"] == result["second"]
+def check_probe_set_run(result: dict) -> None:
+    """Every value of `probe_set_run` equals the closed form on the batches since the last evaluation."""
+    for name, rows in (("first", slice(0, 80)), ("second", slice(20, 60)), ("resumed", slice(20, 60))):
+        logged = result[name]
+        for key, value in _expected(rows).items():
+            assert logged[key] == pytest.approx(value, abs=1e-6), (name, key)
+        assert {"eval/ridge_best_top1", "eval/ridge_best_l2"} <= set(logged)
+    assert result["resumed"] == result["second"]
+
+
+def test_probe_set_ridge_in_one_process_without_torch_distributed():
+    check_probe_set_run(probe_set_run(0, 1))
