@@ -164,3 +164,65 @@ def test_map_on_two_ranks_with_an_uneven_validation_set_equals_torchmetrics_on_a
             torch.testing.assert_close(values[f"{head_id}_mAP"], want)
             want_f1 = multilabel_f1_score(preds[good, k], y[good], C, average="macro")
             torch.testing.assert_close(values[f"{head_id}_f1_macro"], want_f1)
+
+
+# --- in a real Trainer -------------------------------------------------------------------------------------------
+
+
+class _Tagged(torch.utils.data.Dataset):
+    """The tap tests' points with 3 multi-hot tags read off the input's signs (learnable from the tokens)."""
+
+    def __init__(self, n, seed, bad_at=None):
+        from taps.models import IN_DIM
+
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, IN_DIM, generator=g)
+        self.tags = (self.x[:, :3] > 0).long()
+        if bad_at is not None:
+            self.tags[bad_at, 0] = 2
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "tags": self.tags[i]}
+
+
+def test_lightning_banks_with_multi_hot_targets_log_map_and_f1_for_every_head():
+    from distprobe.callbacks import OnlineProbeBank
+    from helpers.models import trainer
+    from taps.models import TokenModel
+
+    common = dict(target="tags", num_classes=3, multilabel=True, lr=[0.05, 0.005], optimizer="AdamW")
+    attentive = OnlineProbeBank(
+        None, name="att", input="backbone.blocks.1:tokens", head="attentive", head_options={"num_heads": 2}, **common
+    )
+    linear = OnlineProbeBank(None, name="lin", input="b1_cls_mean", **common)
+    loader = torch.utils.data.DataLoader(_Tagged(24, 0, bad_at=5), batch_size=4)
+    val = torch.utils.data.DataLoader(_Tagged(10, 1), batch_size=4)
+    t = trainer([attentive, linear], max_epochs=2)
+    t.fit(TokenModel(seed=0), loader, val)
+    logged = t.callback_metrics
+    for bank in (attentive, linear):
+        for head_id in bank.head_ids:
+            for metric in ("mAP", "f1_micro", "f1_macro"):
+                assert 0.0 <= float(logged[f"eval/{bank.name}/{head_id}_{metric}"]) <= 1.0
+            assert 0.0 <= float(logged[f"train/{bank.name}/{head_id}_f1_macro"]) <= 1.0
+        assert bank.best_head_id == bank.head_ids[int(logged[f"eval/{bank.name}_best_head"])]
+        assert f"eval/{bank.name}_best_mAP" in logged
+        # The batch holding a tag of 2 was skipped and counted, once per epoch.
+        assert float(logged[f"train/{bank.name}_bad_batches/targets_out_of_range"]) == 2
+    assert attentive.bank.heads.in_features == {"backbone.blocks.1:tokens": 6}
+
+
+def test_lightning_refuses_class_index_targets_for_a_multilabel_bank():
+    from distprobe.callbacks import OnlineProbeBank
+    from helpers.models import RandomPoints, trainer
+    from taps.models import IN_DIM, TokenModel
+
+    bank = OnlineProbeBank(None, name="ml", input="b1_cls_mean", target="label", num_classes=3, multilabel=True)
+    loader = torch.utils.data.DataLoader(RandomPoints(8, 0, in_dim=IN_DIM, num_classes=3), batch_size=4)
+    with pytest.raises(
+        ValueError, match=r"bank 'ml': with multilabel=True the target must be a \(batch, num_classes=3"
+    ):
+        trainer([bank], max_epochs=1).fit(TokenModel(seed=0), loader)
