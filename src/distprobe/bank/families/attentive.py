@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.distributed as dist
@@ -296,6 +296,9 @@ class AttentiveHeads(HeadFamily):
 
     Only without normalization (``normalization=[None]``): the probe has its own LayerNorms.
     """
+
+    reads_tokens: ClassVar[bool] = True
+    """Its inputs are ``(B, N, D)`` tokens (a feature cache of flattened rows gives them their shape back)."""
 
     def __init__(
         self,
