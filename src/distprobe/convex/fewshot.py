@@ -205,12 +205,13 @@ def run_fewshot(
         )
     done = set(skip)
     todo = [e for e in draw_episodes(train_y, num_classes, shots, seeds) if e.id not in done]
-    rows = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64)
+    # On the data's device: NCCL reduces CUDA tensors only.
+    rows = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64, device=val_y.device)
     for position in my_share(len(todo), group):
         result = solve_episode(todo[position], train_x, train_y, val_x, val_y, num_classes, solver=solver, reg=reg)
         rows[position, 0] = result.reg
-        rows[position, 1:] = result.val_correct.double()
-    rows = gather_rows(rows, group)
+        rows[position, 1:] = result.val_correct.to(rows.device).double()
+    rows = gather_rows(rows, group).cpu()
     return [
         EpisodeResult(e.id, e.shots, e.seed, float(row[0]), row[1:] > 0.5) for e, row in zip(todo, rows, strict=True)
     ]
