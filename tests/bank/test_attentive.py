@@ -92,6 +92,28 @@ def test_every_attentive_head_equals_a_separate_probe(optimizer, accumulate, cli
     assert torch.equal(resumed.heads.flat, bank.heads.flat)
 
 
+@pytest.mark.parametrize("scheduler", [{"type": "CosineAnnealingLR", "T_max": 5, "eta_min": 1e-4}, "OneCycleLR"])
+def test_every_attentive_head_follows_the_schedule_of_a_separate_probe(scheduler):
+    bank_opt, ref_kwargs = OPTIMIZERS["AdamW"]
+    bank = ProbeBank.build(_config(optimizer=bank_opt, lr=ADAMW_LRS, scheduler=scheduler), total_steps=6)
+    refs = {}
+    for head in bank.heads.head_list:
+        options = {"type": "AdamW", "lr": head.lr, "weight_decay": head.weight_decay, **ref_kwargs}
+        probe = ProbeConfig(
+            name=f"ref{head.index}",
+            probe=copy.deepcopy(bank.head(head.head_id)),
+            optimizer=options,
+            scheduler=scheduler,
+        )
+        refs[head.head_id] = Probe.build(probe)
+        refs[head.head_id].set_total_steps(6)
+    for x, y in _batches(6, seed=4):
+        bank.train_step([x], y)
+        for ref in refs.values():
+            ref.train_step(x, y)
+    _assert_heads_equal(bank, refs)
+
+
 def test_one_query_one_block_defaults_and_export():
     bank = ProbeBank.build(_config(head_options=None, in_features=128, lr=[0.1]))
     probe = bank.head(bank.head_ids[0])
