@@ -15,9 +15,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from tests.strategies.scenario import NUM_CLASSES, Backbone, DataModule, FSDP2Backbone, Spec, _trainer
+from tests.strategies.scenario import NUM_CLASSES, Backbone, DataModule, FSDP2Backbone, Spec, TPBackbone, _trainer
 
 from distprobe.callbacks import OnlineRidge
+from distprobe.features.dtensor import whole
 
 L2 = (1e-4, 1e-2, 1.0, 30.0)
 
@@ -35,7 +36,7 @@ class RidgeRun:
 
 
 def _module_class(kind: str) -> type[Backbone]:
-    base = {"plain": Backbone, "fsdp2": FSDP2Backbone}[kind]
+    base = {"plain": Backbone, "fsdp2": FSDP2Backbone, "tp": TPBackbone}[kind]
 
     class RidgeBackbone(base):  # type: ignore[misc, valid-type]
         def __init__(self, seed: int, lr: float, nan_at: tuple[int, int, int] | None) -> None:
@@ -65,11 +66,11 @@ class Recorder(Callback):
         self.logged: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, *_: Any) -> None:
-        emb = outputs["embedding"].detach().double()
+        emb = whole(outputs["embedding"]).detach().double()
         self.train.append((trainer.current_epoch, emb.tolist(), batch["label"].tolist()))
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, *_: Any) -> None:
-        emb = outputs["embedding"].detach().double()
+        emb = whole(outputs["embedding"]).detach().double()
         self.val.append((trainer.current_epoch, emb.tolist(), batch["label"].tolist(), batch["idx"].tolist()))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:

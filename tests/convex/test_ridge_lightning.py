@@ -1,7 +1,7 @@
 """`OnlineRidge` in real `lightning.Trainer` fits: every logged value equals a float64 NumPy closed form on the union
 of the training features the ranks saw, 2 ranks equal 1 process, bad batches are skipped and counted, and a fit
-resumed between epochs logs what the uninterrupted one did; under DDP, and FSDP2 and DeepSpeed ZeRO-3 with features
-tapped from a submodule. One spawn per world size serves every check."""
+resumed between epochs logs what the uninterrupted one did; under DDP, FSDP2 and DeepSpeed ZeRO-3 with features
+tapped from a submodule, and tensor parallelism (DTensor features). One spawn per world size serves every check."""
 
 import math
 
@@ -25,6 +25,11 @@ RUNS_ON_TWO = {
     # Features tapped from a submodule (a forward hook) under sharded strategies.
     "fsdp2_tapped": RidgeRun(Spec("distprobe_fsdp2", kind="fsdp2"), input="encoder.2"),
     "zero3_tapped": RidgeRun(Spec("distprobe_deepspeed_stage_3"), input="encoder.2"),
+    # Tensor parallelism on a 1 x 2 mesh: the features are DTensors, both ranks see the same batches, and the
+    # data-parallel group is each rank alone.
+    "tp_1x2": RidgeRun(
+        Spec("distprobe_fsdp2", kind="tp", strategy_kwargs={"data_parallel_size": 1, "tensor_parallel_size": 2})
+    ),
 }
 RUNS_ON_ONE = {"frozen": RidgeRun(DDP, lr=0.0)}
 
@@ -81,8 +86,10 @@ def assert_logged(logged: dict[str, float], expected: dict[str, float]) -> None:
 @pytest.mark.parametrize("name", list(RUNS_ON_TWO))
 def test_each_lambda_equals_the_numpy_closed_form_on_the_union_of_training_features(name, two_ranks):
     whole = [per_rank[name]["whole"] for per_rank in two_ranks]
+    data_parallel = whole[:1] if name.startswith("tp_") else whole  # under TP both ranks saw the same samples
     for epoch in range(EPOCHS):
-        expected, _ = expected_values(whole, epoch)
+        expected, count = expected_values(data_parallel, epoch)
+        assert count == NUM_SAMPLES - (4 if RUNS_ON_TWO[name].nan_at == (epoch, 1, 1) else 0)
         for rank_result in whole:
             assert_logged(rank_result["logged"][epoch], expected)
 
