@@ -67,20 +67,20 @@ class RidgeStatistics:
         if x.shape[1] != self.dim:
             raise ValueError(f"RidgeStatistics: features of width {x.shape[1]}, expected {self.dim}")
         y = torch.nn.functional.one_hot(labels.to(self.flat.device).long(), self.num_classes).to(torch.float64)
-        if weight is not None:
-            w = weight.to(self.flat.device, torch.float64).reshape(-1, 1)
-            x, y = x * w.sqrt(), y * w.sqrt()
-            n = w.sum()
-            sx, sy = (x * w.sqrt()).sum(0), (y * w.sqrt()).sum(0)
-        else:
-            n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
-            sx, sy = x.sum(0), y.sum(0)
         count, sum_x, sum_y, xtx, xty = self._views()
-        count.add_(n)
-        sum_x.add_(sx)
-        sum_y.add_(sy)
-        xtx.addmm_(x.T, x)
-        xty.addmm_(x.T, y)
+        if weight is None:
+            weighted = x
+            count.add_(x.shape[0])
+            sum_y.add_(y.sum(0))
+        else:
+            # sum_i w_i x_i x_i^T = (w x)^T x: one scaled copy of the batch serves every statistic.
+            w = weight.to(self.flat.device, torch.float64).reshape(-1)
+            weighted = x * w[:, None]
+            count.add_(w.sum())
+            sum_y.addmv_(y.T, w)
+        sum_x.add_(weighted.sum(0))
+        xtx.addmm_(weighted.T, x)
+        xty.addmm_(weighted.T, y)
 
     def all_reduce(self, group: dist.ProcessGroup | None) -> RidgeStatistics:
         """A copy summed over the ranks of ``group`` (one flat all-reduce); this object is left as it was."""
