@@ -67,6 +67,7 @@ def _worker(rank, world):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_equal_one_dense_search_and_torchmetrics_on_every_sample():
     world = 2
     streams = _streams(world)
