@@ -93,6 +93,6 @@ def test_linear_heads_are_the_default_family_and_an_unknown_family_is_refused():
     bank = ProbeBank.build(BankConfig(name="g", inputs=["x"], num_classes=C, lr=LRS, in_features=D))
     assert isinstance(bank.heads, LinearHeads) and bank.heads.metric_kind == "classification"
     with pytest.raises(
-        ValueError, match=r"bank 'g': argument 'family' got 'conv'; expected one of \['attentive', 'linear'\]"
+        ValueError, match=r"bank 'g': argument 'family' got 'conv'; expected one of \['attentive', 'dense', 'linear'\]"
     ):
         BankConfig(name="g", inputs=["x"], num_classes=C, family="conv")

@@ -95,6 +95,8 @@ class ProbeBank:
         """An issued all-reduce and its gradient, whose step has not been applied yet."""
         self._window_bn: list[torch.Tensor] | None = None
         self._bn_buffers = heads.statistics()
+        self._counted = hasattr(heads, "summed_loss")
+        """The family's loss is a sum with a count (dense heads): the window's gradient carries the count last."""
         self._eval_seen = 0
         self.best_index: torch.Tensor | None = None
         """The head chosen on the selection split at the last `compute_eval_metrics` (a device tensor)."""
@@ -174,7 +176,10 @@ class ProbeBank:
     def _check_targets(
         self, targets: torch.Tensor, preds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class-index targets, or (``config.multilabel``) multi-hot ones (`distprobe.bank.multilabel`)."""
+        """Class-index targets, multi-hot ones (``config.multilabel``), or the family's own (dense masks)."""
+        family_check = getattr(self.heads, "check_targets", None)
+        if family_check is not None:
+            return family_check(targets, preds)
         if self.config.multilabel:
             return multilabel.check_targets(targets, preds)
         return bad_data.check_targets(targets, preds, None)
@@ -194,6 +199,9 @@ class ProbeBank:
         every rank. A head whose own gradient is not finite (it diverged) is skipped alone.
         """
         self.settle()
+        share = getattr(self.heads, "samples_per_step", None)
+        if share is not None:  # a fixed-size share of the batch bounds the cost (dense heads)
+            features, targets = [f[:share] for f in features], targets[:share]
         accumulate = self.config.accumulate_grad_batches
         window_start = self.micro_step % accumulate == 0
         boundary = maths.is_boundary(self.micro_step, accumulate)
@@ -210,10 +218,19 @@ class ProbeBank:
         with outside_autocast, torch.enable_grad():
             logits = self.heads(xs, self.dp_group)  # (K, B, C), contiguous
             safe_targets, countable, in_range, finite = self._check_targets(targets, logits[0])
-            losses = self.heads.loss(logits, safe_targets)  # (K,): each head's loss, as a separate probe's
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
-            total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
-            (grad,) = torch.autograd.grad(total, self.heads.flat)
+            summed = getattr(self.heads, "summed_loss", None)
+            if summed is None:
+                losses = self.heads.loss(logits, safe_targets)  # (K,): each head's loss, as a separate probe's
+                total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
+                (grad,) = torch.autograd.grad(total, self.heads.flat)
+            else:
+                # A mean over units whose number varies by sample (valid pixels): sums now, and their count rides
+                # as the gradient's last element, so the window's all-reduce also sums the global count.
+                sums, count = summed(logits, safe_targets)
+                (grad,) = torch.autograd.grad(bad_data.poison(sums.sum(), checked.bad), self.heads.flat)
+                grad = torch.cat([grad, count.to(grad.dtype).view(1)])
+                losses = sums / count
         if window_start or self._grad is None:
             self._grad = grad
         else:
@@ -250,6 +267,10 @@ class ProbeBank:
 
     def _apply(self, grad: torch.Tensor) -> None:
         """One optimizer step of every head from the reduced gradient (identical on every rank)."""
+        if self._counted:
+            # Summed losses: the mean over every counted unit of the window's global batch. No unit at all gives
+            # sums of 0, hence a zero gradient (weight decay and momentum still step, as every rank agrees).
+            grad = grad[:-1] / grad[-1].clamp(min=torch.finfo(grad.dtype).tiny)
         finite = self.optimizer.step(grad)
         if self._window_bn is not None:
             # A window skipped for every head (bad data) leaves no trace in the running statistics either.
@@ -341,7 +362,8 @@ class ProbeBank:
         in_window = self.micro_step % self.config.accumulate_grad_batches != 0
         window = None
         if in_window:
-            local = self._grad if self._grad is not None else torch.zeros_like(self.heads.flat)
+            size = self.heads.flat.numel() + int(self._counted)
+            local = self._grad if self._grad is not None else self.heads.flat.new_zeros(size)
             window = [parts[0] for parts in gather_over_group([local], self.dp_group)]
         return {
             "format": STATE_FORMAT,

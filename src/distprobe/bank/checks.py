@@ -40,6 +40,9 @@ def first_batch_problem(
                 problem = input_problem(source, x)
                 if problem is not None:
                     return f"{owner}: {problem}"
+        target_problem = getattr(FAMILIES[config.family], "target_problem", None)
+        if target_problem is not None:  # a family with targets of its own (dense heads: masks)
+            return target_problem(owner, dict(zip(inputs, features, strict=True)), targets, config)
         if config.multilabel:
             from distprobe.bank.multilabel import multi_hot_problem
 

@@ -122,7 +122,7 @@ class BankConfig(TrainingOptions):
     name: str
     """Unique name; keys logs, checkpoint state and the registry entry."""
     family: str = "linear"
-    """The kind of heads (`distprobe.bank.families.FAMILIES`): ``"linear"`` or ``"attentive"``."""
+    """The kind of heads (`distprobe.bank.families.FAMILIES`): ``"linear"``, ``"attentive"`` or ``"dense"``."""
     head_options: Mapping[str, Any] | None = None
     """The family's own options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``...)."""
     multilabel: bool = False
@@ -182,7 +182,10 @@ class BankConfig(TrainingOptions):
                 "takes no options."
             )
         self.optimizer_spec = parse_optimizer(self.optimizer, name)
-        if self.multilabel:
+        family_metrics = getattr(FAMILIES[self.family], "parse_metrics", None)
+        if family_metrics is not None:  # a family with metrics of its own (dense heads: mIoU)
+            self.top_k = family_metrics(self.metrics, name)
+        elif self.multilabel:
             from distprobe.bank.multilabel import parse_multilabel_metrics  # it imports this module
 
             self.top_k = parse_multilabel_metrics(self.metrics, name)

@@ -11,9 +11,14 @@ from __future__ import annotations
 from distprobe.bank.config import BankConfig
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.bank.multilabel import MultiLabelBankMetrics
+from distprobe.bank.segmentation import SegmentationBankMetrics
 
 #: Each kind's metrics by name.
-METRIC_KINDS: dict[str, type[BankMetrics]] = {"classification": BankMetrics, "multilabel": MultiLabelBankMetrics}
+METRIC_KINDS: dict[str, type[BankMetrics]] = {
+    "classification": BankMetrics,
+    "multilabel": MultiLabelBankMetrics,
+    "segmentation": SegmentationBankMetrics,
+}
 
 
 def metric_kind(config: BankConfig) -> str:

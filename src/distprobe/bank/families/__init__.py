@@ -5,9 +5,10 @@ A new family is one file here holding a `HeadFamily` subclass, one entry in `FAM
 
 from distprobe.bank.families.attentive import AttentiveHeads
 from distprobe.bank.families.base import HeadFamily, ParamView
+from distprobe.bank.families.dense import DenseHeads
 from distprobe.bank.families.linear import LinearHeads
 
 #: Each family by the name ``BankConfig.family`` gives.
-FAMILIES: dict[str, type[HeadFamily]] = {"linear": LinearHeads, "attentive": AttentiveHeads}
+FAMILIES: dict[str, type[HeadFamily]] = {"linear": LinearHeads, "attentive": AttentiveHeads, "dense": DenseHeads}
 
-__all__ = ["FAMILIES", "AttentiveHeads", "HeadFamily", "LinearHeads", "ParamView"]
+__all__ = ["FAMILIES", "AttentiveHeads", "DenseHeads", "HeadFamily", "LinearHeads", "ParamView"]

@@ -1,0 +1,276 @@
+"""Dense heads: K linear segmentation heads on patch tokens (DINOv3's linear head), trained as one family.
+
+One head (`DenseHead`, a plain module) is DINOv3's linear segmentation head: per patch, an optional BatchNorm
+without affine, then a linear map to C classes; its logits on the patch grid ``(h, w)`` are upsampled bilinearly to
+the target's ``(H, W)`` and trained by per-pixel cross-entropy over the pixels that are not ``ignore_index``.
+
+`DenseHeads` stacks K such heads as `distprobe.bank.families.linear` stacks linear heads (one ``(K_s, C, D + 1)``
+block per source, the bias as the last column): the forward is one batched matmul over every patch of the batch.
+Its inputs are patch tokens ``(B, N, D)`` (grid from ``head_options['grid']``, else a square N) or a feature map
+``(B, D, h, w)``. The BatchNorm's statistics are over every patch of the data-parallel group's batch, as a SyncBN's.
+
+Its loss is given as per-head sums over valid pixels and their count (`summed_loss`): the bank divides the
+all-reduced sums by the all-reduced count, so N ranks equal one process even when one rank's samples are mostly
+ignored pixels. `distprobe.bank.dense_loss` bounds its memory (a chunk of heads at a time, or a chosen resolution);
+``samples_per_step`` trains on a fixed-size share of each batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distprobe.bank import dense_loss
+from distprobe.bank.config import BankConfig
+from distprobe.bank.families.base import ParamView
+from distprobe.bank.families.linear import LinearHeads, bias_view, weight_view
+from distprobe.engine import bad_data
+from distprobe.engine.checks import label_range_problem
+
+
+def _pair(value: Any, option: str, bank_name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+        raise ValueError(
+            f"bank '{bank_name}': head_options['{option}'] got {value!r}; expected (height, width) ints >= 1, "
+            "one int, or None."
+        )
+    return (int(pair[0]), int(pair[1]))
+
+
+@dataclass(kw_only=True, frozen=True)
+class DenseOptions:
+    """How every head of a dense bank reads its inputs and computes its loss (``head_options``)."""
+
+    grid: tuple[int, int] | None = None
+    """The patch grid ``(h, w)`` of ``(B, N, D)`` tokens; None: a square N. Feature maps carry their own."""
+    ignore_index: int = 255
+    """The target label of pixels without a class: never in the loss, never in the metrics."""
+    loss_chunk_heads: int | None = 4
+    """Heads whose full-resolution logits exist at once in the loss and in validation (None: all); the values
+    are the same whatever the chunk, only the memory differs."""
+    loss_resolution: tuple[int, int] | None = None
+    """Train at this ``(H, W)`` (targets resized by nearest neighbour) instead of the target's; None: the target's
+    (DINOv3's protocol). Validation always scores at the target's resolution."""
+    samples_per_step: int | None = None
+    """Train on the first this-many samples of each rank's batch (all: None); validation sees every sample."""
+
+    @classmethod
+    def parse(cls, options: Any, bank_name: str) -> DenseOptions:
+        """From ``head_options`` (None, a dict or an instance); unknown keys and bad values are refused."""
+        if isinstance(options, DenseOptions):
+            return options
+        given = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"bank '{bank_name}': argument 'head_options' got unknown option(s) {unknown} for head 'dense'; "
+                f"valid options: {valid}."
+            )
+        for key in ("grid", "loss_resolution"):
+            given[key] = _pair(given.get(key), key, bank_name)
+        for key in ("loss_chunk_heads", "samples_per_step"):
+            value = given.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(
+                    f"bank '{bank_name}': head_options['{key}'] got {value!r}; expected an int >= 1 or None."
+                )
+        ignore = given.get("ignore_index", 255)
+        if not isinstance(ignore, int) or isinstance(ignore, bool):
+            raise ValueError(f"bank '{bank_name}': head_options['ignore_index'] got {ignore!r}; expected an int.")
+        return cls(**given)
+
+
+def patch_rows(x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(B * h * w, D)`` rows of ``(B, N, D)`` tokens or a ``(B, D, h, w)`` map, row-major over the grid."""
+    if x.ndim == 4:
+        b, d, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(b * h * w, d), (h, w)
+    b, n, d = x.shape
+    if grid is None:
+        side = math.isqrt(n)
+        grid = (side, side)
+    return x.reshape(b * n, d), grid
+
+
+class DenseHead(nn.Module):
+    """One dense head as a plain module: ``(B, N, D)`` tokens or a ``(B, D, h, w)`` map to ``(B, C, h, w)`` logits.
+
+    Upsample its output to the target's size (`distprobe.bank.dense_loss.upsample`) to score pixels.
+    """
+
+    def __init__(self, linear: nn.Linear, norm: nn.BatchNorm1d | None, grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.norm = norm
+        self.linear = linear
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits on the patch grid."""
+        rows, (h, w) = patch_rows(x, self.grid)
+        if self.norm is not None:
+            rows = self.norm(rows)
+        return self.linear(rows).view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+
+class DenseHeads(LinearHeads):
+    """K dense heads over one or more patch-token sources (the stacked weights are those of linear heads)."""
+
+    metric_kind: ClassVar[str] = "segmentation"
+    reads_tokens: ClassVar[bool] = True
+    """Its inputs keep their token shape (a feature cache gives flattened rows their shape back)."""
+
+    def __init__(
+        self,
+        config: BankConfig,
+        in_features: dict[str, int],
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(config, in_features, device=device, generator=generator)
+        self.options = self.check_options(config)
+
+    @staticmethod
+    def check_options(config: BankConfig) -> DenseOptions:
+        """The parsed ``head_options``; refuses what a dense head cannot take."""
+        if config.multilabel:
+            raise ValueError(
+                f"bank '{config.name}': argument 'multilabel' got True with head 'dense'; dense targets are "
+                "(B, H, W) class-index masks: use multilabel=False."
+            )
+        return DenseOptions.parse(config.head_options, config.name)
+
+    @staticmethod
+    def parse_metrics(spec: Any, bank_name: str) -> dict[str, int]:
+        """The metrics a dense bank reports (`distprobe.bank.segmentation`)."""
+        from distprobe.bank.segmentation import parse_segmentation_metrics
+
+        return parse_segmentation_metrics(spec, bank_name)
+
+    @staticmethod
+    def feature_size(sample: torch.Tensor) -> int:
+        """D of one sample's ``(N, D)`` tokens or ``(D, h, w)`` map."""
+        return int(sample.shape[0] if sample.ndim == 3 else sample.shape[-1])
+
+    @staticmethod
+    def input_problem(source: str, features: torch.Tensor) -> str | None:
+        """Why ``features`` are neither ``(B, N, D)`` patch tokens nor a ``(B, D, h, w)`` map, or None."""
+        if features.ndim not in (3, 4):
+            return (
+                f"input {source!r} must be (batch, patches, dim) tokens or a (batch, dim, h, w) map for a dense "
+                f"head; got shape {tuple(features.shape)}. Tap a block's patch tokens (e.g. "
+                "'backbone.blocks.11:patch')."
+            )
+        return None
+
+    @staticmethod
+    def target_problem(owner: str, inputs: Mapping[str, Any], targets: Any, config: BankConfig) -> str | None:
+        """What is wrong with a first batch's masks, or None (one host sync, on this batch only)."""
+        options = DenseOptions.parse(config.head_options, config.name)
+        if not isinstance(targets, torch.Tensor) or targets.ndim != 3 or targets.is_floating_point():
+            shape = tuple(getattr(targets, "shape", ()))
+            return (
+                f"{owner}: a dense head's target must be (batch, H, W) integer class-index masks; got "
+                f"{type(targets).__name__} {shape}."
+            )
+        for key, x in inputs.items():
+            if not isinstance(x, torch.Tensor) or x.shape[0] != targets.shape[0]:
+                return (
+                    f"{owner}: input {key!r} must have the target's batch size {targets.shape[0]}; got "
+                    f"{tuple(getattr(x, 'shape', ()))}."
+                )
+            if x.ndim == 3 and options.grid is None and math.isqrt(x.shape[1]) ** 2 != x.shape[1]:
+                return (
+                    f"{owner}: input {key!r} holds {x.shape[1]} tokens, not a square grid; set "
+                    "head_options['grid'] = (h, w), or drop prefix tokens with a ':patch' tap."
+                )
+            if x.ndim == 3 and options.grid is not None and options.grid[0] * options.grid[1] != x.shape[1]:
+                return (
+                    f"{owner}: head_options['grid']={options.grid} does not hold the {x.shape[1]} tokens of input "
+                    f"{key!r}; give the patch grid of the tokens."
+                )
+        labels = targets[targets != options.ignore_index]
+        return label_range_problem(
+            owner,
+            labels,
+            config.num_classes,
+            f"num_classes={config.num_classes} (ignore_index={options.ignore_index})",
+            "set num_classes, or head_options['ignore_index'] to the label of unlabeled pixels",
+        )
+
+    @property
+    def samples_per_step(self) -> int | None:
+        """The share of each training batch the bank trains on (None: all)."""
+        return self.options.samples_per_step
+
+    def check_targets(
+        self, targets: torch.Tensor, preds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks' labels in ``[0, C)`` or ``ignore_index`` (`distprobe.engine.bad_data.check_targets`)."""
+        return bad_data.check_targets(targets, preds, self.options.ignore_index)
+
+    def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+        """``(K, B, C, h, w)`` logits of every head on the patch grid, one input per source (same grid for all)."""
+        one = len(self.blocks) == 1
+        parts = [self.flat] if one else list(torch.split(self.flat, [b.numel for b in self.blocks]))
+        outputs = []
+        grid: tuple[int, int] | None = None
+        for block, x, part in zip(self.blocks, features, parts, strict=True):
+            rows, grid = patch_rows(x, self.options.grid)
+            ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+            variants = [
+                torch.cat([self.normalized(rows, block, group) if bn else rows, ones], dim=1) for bn in block.batchnorm
+            ]
+            n, per, c, d = len(variants), block.per_norm, block.num_classes, block.in_features + 1
+            stacked = torch.stack(variants) if n > 1 else variants[0][None]
+            logits = torch.bmm(part.view(n, per * c, d), stacked.transpose(1, 2))  # (n, per*C, B*h*w)
+            outputs.append(logits.view(n * per, c, x.shape[0], -1))
+        assert grid is not None, "a bank has at least one source"
+        out = outputs[0] if one else torch.cat(outputs, dim=0)
+        k, c, b = out.shape[:3]
+        return out.transpose(1, 2).reshape(k, b, c, *grid)
+
+    def summed_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(K,)`` each head's cross-entropy summed over this batch's valid pixels, and their count (0-d)."""
+        targets = dense_loss.resize_targets(targets, self.options.loss_resolution)
+        ignore = self.options.ignore_index
+        sums = dense_loss.chunked_pixel_sums(outputs, targets, ignore, self.options.loss_chunk_heads)
+        return sums, dense_loss.valid_pixels(targets, ignore)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(K,)`` each head's mean cross-entropy over this batch's valid pixels (NaN without any)."""
+        sums, count = self.summed_loss(outputs, targets)
+        return sums / count
+
+    def views(self, flat: torch.Tensor) -> list[ParamView]:
+        """As linear heads': per source, one ``(K_s, C, D + 1)`` block."""
+        return super().views(flat)
+
+    def export(self, index: int) -> nn.Module:
+        """That head as a `DenseHead` (BatchNorm in eval mode, if any), giving ``(B, C, h, w)`` logits."""
+        head = self.head_list[index]
+        block = next(b for b in self.blocks if b.first <= index < b.first + b.count)
+        at = index - block.first
+        device = self.flat.device
+        linear = nn.Linear(block.in_features, block.num_classes, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(weight_view(self.flat, block)[at])
+            linear.bias.copy_(bias_view(self.flat, block)[at])
+        norm = None
+        if head.normalization is not None:
+            norm = nn.BatchNorm1d(block.in_features, affine=False, eps=self.config.batchnorm_eps, device=device)
+            mean, var = self.running[block.first]
+            with torch.no_grad():
+                norm.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
+        return DenseHead(linear, norm, self.options.grid).eval()

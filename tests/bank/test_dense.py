@@ -1,0 +1,139 @@
+"""Dense banks: every head equals a separately trained segmentation module, on one process (the reference is plain
+torch: ``BatchNorm2d(affine=False)`` + a 1x1 ``Conv2d``, bilinear upsampling, ``cross_entropy(ignore_index=255)``,
+``torch.optim.SGD``); bad input is refused with a message naming the fix."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import first_batch_problem
+from distprobe.bank.dense_loss import chunked_pixel_sums, pixel_sums
+
+D, C, GRID, SIZE = 6, 4, (4, 4), (16, 16)
+LRS, WDS = [0.5, 0.05], [0.0, 0.01]
+
+
+def _batch(g, b, as_map):
+    x = torch.randn(b, D, *GRID, generator=g) * 2 + 0.5
+    targets = torch.randint(0, C, (b, *SIZE), generator=g)
+    targets[torch.rand(b, *SIZE, generator=g) < 0.3] = 255  # a third of the pixels unlabeled
+    return (x if as_map else x.flatten(2).transpose(1, 2)), targets
+
+
+class Reference(nn.Module):
+    """One dense head as a user would write it, trained with the standard recipe."""
+
+    def __init__(self, exported, batchnorm):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(D, affine=False) if batchnorm else None
+        self.conv = nn.Conv2d(D, C, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(exported.linear.weight[..., None, None])
+            self.conv.bias.copy_(exported.linear.bias)
+
+    def forward(self, x):
+        if x.ndim == 3:
+            x = x.transpose(1, 2).reshape(x.shape[0], D, *GRID)
+        return self.conv(self.norm(x) if self.norm is not None else x)
+
+
+def _reference_sum(module, x, targets, resolution):
+    """The summed pixel loss and the number of valid pixels."""
+    if resolution is not None:
+        targets = F.interpolate(targets[:, None].float(), size=resolution, mode="nearest")[:, 0].long()
+    logits = F.interpolate(module(x), size=targets.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, targets, ignore_index=255, reduction="sum"), (targets != 255).sum()
+
+
+@pytest.mark.parametrize(
+    ("options", "as_map"),
+    [
+        ({"loss_chunk_heads": 3}, False),  # chunks that do not divide K=8
+        ({"loss_chunk_heads": None, "loss_resolution": (8, 8), "samples_per_step": 3}, True),
+    ],
+)
+def test_every_dense_head_equals_a_separate_module(options, as_map):
+    config = BankConfig(
+        name="seg",
+        family="dense",
+        head_options=options,
+        inputs=["x"],
+        num_classes=C,
+        lr=LRS,
+        weight_decay=WDS,
+        normalization=[None, "batchnorm"],
+        optimizer={"type": "SGD", "momentum": 0.9},
+        accumulate_grad_batches=2,
+        in_features=D,
+    )
+    bank = ProbeBank.build(config, seed=3)
+    refs = {}
+    for head in bank.heads.head_list:
+        module = Reference(bank.head(head.head_id), head.normalization is not None)
+        sgd = torch.optim.SGD(module.parameters(), lr=head.lr, momentum=0.9, weight_decay=head.weight_decay)
+        refs[head.head_id] = (module, sgd)
+    g = torch.Generator().manual_seed(0)
+    share = options.get("samples_per_step")
+    counts = [0] * len(refs)
+    for step in range(6):
+        x, targets = _batch(g, 4, as_map)
+        out = bank.train_step([x], targets)
+        for k, (module, sgd) in enumerate(refs.values()):
+            total, count = _reference_sum(module, x[:share], targets[:share], options.get("loss_resolution"))
+            torch.testing.assert_close(out.loss[k], (total / count).detach(), rtol=1e-5, atol=1e-6)
+            total.backward()
+            counts[k] += count
+            if step % 2 == 1:
+                # An accumulation window is one batch of its micro-batches' union: the mean over all its pixels.
+                for p in module.parameters():
+                    p.grad /= counts[k]
+                sgd.step()
+                sgd.zero_grad()
+                counts[k] = 0
+    for head_id, (module, _) in refs.items():
+        got = bank.head(head_id)
+        torch.testing.assert_close(got.linear.weight, module.conv.weight[..., 0, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.linear.bias, module.conv.bias, rtol=1e-5, atol=1e-5)
+        if module.norm is not None:
+            torch.testing.assert_close(got.norm.running_mean, module.norm.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.norm.running_var, module.norm.running_var, rtol=1e-5, atol=1e-6)
+        # The exported head predicts as the reference in eval mode.
+        module.eval()
+        x, _ = _batch(g, 2, as_map)
+        torch.testing.assert_close(got(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_loss_gives_the_plain_graph_values_and_gradient():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 2, C, *GRID, generator=g, requires_grad=True)
+    _, targets = _batch(g, 2, False)
+    weights = torch.rand(5, generator=g)
+    plain = pixel_sums(logits, targets, 255)
+    (plain_grad,) = torch.autograd.grad((plain * weights).sum(), logits)
+    chunked = chunked_pixel_sums(logits, targets, 255, chunk=2)
+    (chunked_grad,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(chunked_grad, plain_grad)
+
+
+def test_first_batch_problems_name_the_fix():
+    config = BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, in_features=D)
+    _, masks = _batch(torch.Generator().manual_seed(0), 2, False)
+    tokens = torch.randn(2, 16, D)
+    assert first_batch_problem("seg", ["x"], [tokens], masks, C, config) is None
+    odd = first_batch_problem("seg", ["x"], [torch.randn(2, 17, D)], masks, C, config)
+    assert "not a square grid" in odd and "':patch' tap" in odd
+    wrong = masks.clone()
+    wrong[0, 0, 0] = C
+    assert "ignore_index=255" in first_batch_problem("seg", ["x"], [tokens], wrong, C, config)
+    assert "(batch, H, W)" in first_batch_problem("seg", ["x"], [tokens], masks[:, 0], C, config)
+    pooled = first_batch_problem("seg", ["x"], [torch.randn(2, D)], masks, C, config)
+    assert ":patch')" in pooled
+    with pytest.raises(ValueError, match="head_options\\['grid'\\] got"):
+        BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={"grid": (0, 4)})
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['chunk'\\]"):
+        BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={"chunk": 2})
+    with pytest.raises(ValueError, match="expected names among \\['mIoU', 'pixel_acc'\\]"):
+        BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, metrics=["top1", "top5"])
