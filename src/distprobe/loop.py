@@ -232,7 +232,7 @@ class ProbeSet:
         ridge_specs = [to_ridge_spec(r) for r in ridges]
         if not normalised and not bank_specs and not knn_specs and not ridge_specs:
             raise ValueError(
-                "ProbeSet.build: arguments 'specs', 'banks' and 'knns' are empty; give at least one probe."
+                "ProbeSet.build: arguments 'specs', 'banks', 'knns' and 'ridges' are empty; give at least one probe."
             )
         names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
         names += [k.config.name for k in knn_specs] + [r.config.name for r in ridge_specs]
