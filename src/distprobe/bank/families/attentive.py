@@ -441,9 +441,11 @@ class AttentiveHeads(HeadFamily):
         if bias is not None:
             folded_bias = folded_bias + bias
         k, o = weight.shape[:2]
-        normed = F.layer_norm(x, x.shape[-1:])  # (B, N, D)
-        out = torch.addmm(folded_bias.reshape(1, k * o), normed.flatten(0, 1), folded_weight.reshape(k * o, -1).T)
-        return out.view(*x.shape[:2], k, o).permute(2, 0, 1, 3)
+        normed = F.layer_norm(x, x.shape[-1:]).flatten(0, 1)  # (B * N, D), once for every head
+        # One batched matmul over the heads with the tokens broadcast (no copy): the output and its gradient come
+        # out head-major and contiguous, as the attention reads them.
+        out = torch.baddbmm(folded_bias[:, None, :], normed.expand(k, -1, -1), folded_weight.transpose(1, 2))
+        return out.view(k, *x.shape[:2], o)
 
     def export(self, index: int) -> nn.Module:
         """That head as an `AttentiveProbe` with its current weights."""
