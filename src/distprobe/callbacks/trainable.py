@@ -103,7 +103,7 @@ class TrainableCallback(ProbeCallback):
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         modules = registry(pl_module, "callbacks_modules")
-        if self.module is not None and modules.get(self.name) is self.module:
+        if self.module is not None and self.name in modules and modules[self.name] is self.module:
             return
         modules = claim(pl_module, self.name)
         self.module = self.configure_model(pl_module)
