@@ -101,7 +101,7 @@ BAD_VALUES = [
     # family is being added to BankConfig while this is written: the words hold whether it is there (a string
     # expected) or not yet (an unknown key).
     ("probes.bank.family", 3, "probes.bank.family"),
-    ("probes.bank.head", "conv", "probes.bank.head='conv'; expected one of ['attentive', 'linear']"),
+    ("probes.bank.head", "conv", "probes.bank.head='conv'; expected one of ['attentive', "),
     ("probes.bank.head_options", [2], "probes.bank.head_options=[2]; expected"),
     ("probes.bank.head_options", {"depth": 2}, "probes.bank: bank 'bank': argument 'head_options' got {'depth': 2}"),
     ("probes.bank.multilabel", True, "probes.bank.multilabel=True; the service's feature cache keeps one class index"),
