@@ -11,7 +11,7 @@ from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.dense_loss import chunked_pixel_sums, pixel_sums
 
-D, C, GRID, SIZE = 6, 4, (4, 4), (16, 16)
+D, C, GRID, SIZE = 6, 5, (4, 4), (16, 16)
 LRS, WDS = [0.5, 0.05], [0.0, 0.01]
 
 

@@ -217,8 +217,14 @@ class DenseHeads(LinearHeads):
     def check_targets(
         self, targets: torch.Tensor, preds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Masks' labels in ``[0, C)`` or ``ignore_index`` (`distprobe.engine.bad_data.check_targets`)."""
-        return bad_data.check_targets(targets, preds, self.options.ignore_index)
+        """Masks' labels in ``[0, C)`` or ``ignore_index`` (`distprobe.engine.bad_data.check_targets`).
+
+        A sample counts in metrics unless a label of its mask is out of range (ignored pixels are not counted, by
+        the metric itself, but leave the sample's other pixels countable).
+        """
+        # preds is (B, C, h, w): the check reads the classes from the last dimension.
+        safe, _, in_range, finite = bad_data.check_targets(targets, preds.movedim(1, -1), self.options.ignore_index)
+        return safe, (safe == targets).flatten(1).all(dim=1), in_range, finite
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C, h, w)`` logits of every head on the patch grid, one input per source (same grid for all)."""
