@@ -88,7 +88,7 @@ BAD_VALUES = [
     ("features.autocast", "fp8", "features.autocast='fp8'; expected one of ['auto', 'bfloat16', 'float16', 'none']"),
     ("features.cache_dir", 5, "features.cache_dir=5; expected a string or null"),
     ("features.keep", "false", "features.keep='false'; expected true or false"),
-    ("probes", 3, "probes=3; expected a mapping of its keys ['epochs', 'batch_size', 'seed', 'bank', 'knn']"),
+    ("probes", 3, "probes=3; expected a mapping of its keys ['epochs', 'batch_size', 'seed', 'bank', 'knn', 'ridge'"),
     ("probes.epochs", "3", "probes.epochs='3'; expected an integer"),
     ("probes.epochs", 0, "probes.epochs=0; expected an integer >= 1"),
     ("probes.epoch", 3, "unknown key(s) 'probes.epoch' (did you mean 'probes.epochs'?)"),
@@ -144,6 +144,33 @@ BAD_VALUES = [
     ("probes.knn.multilabel", True, "probes.knn.multilabel=True; the service's feature cache keeps one class index"),
     ("probes.knn.in_features", 16, "probes.knn.in_features=16; it is set by the service"),
     ("probes.knn.neighbours", 5, "unknown key(s) 'probes.knn.neighbours'; valid keys: ['name', 'queue_length'"),
+    ("probes.ridge", [0.1], "probes.ridge=[0.1]; expected a mapping or null"),
+    ("probes.ridge.name", 3, "probes.ridge.name=3; expected a string"),
+    ("probes.ridge.l2", "0.1", "probes.ridge.l2='0.1'; expected a number or a list of them"),
+    ("probes.ridge.l2", [-1.0], "probes.ridge: ridge 'ridge': argument 'l2' got [-1.0]"),
+    ("probes.ridge.selection_fraction", 1.5, "probes.ridge: ridge 'ridge': argument 'selection_fraction' got 1.5"),
+    ("probes.ridge.num_classes", 4, "probes.ridge.num_classes=4; it is set by the service"),
+    ("probes.ridge.input", "x", "probes.ridge.input='x'; it is set by the service"),
+    ("probes.ridge.lambdas", [1.0], "unknown key(s) 'probes.ridge.lambdas'; valid keys: ['name', 'l2'"),
+    ("probes.logreg", "lbfgs", "probes.logreg='lbfgs'; expected a mapping or null"),
+    ("probes.logreg.name", 1, "probes.logreg.name=1; expected a string"),
+    ("probes.logreg.c_grid", [0.0, 1.0], "probes.logreg: logreg 'logreg': argument 'c_grid' got [0.0, 1.0]"),
+    ("probes.logreg.c_grid", "1", "probes.logreg.c_grid='1'; expected a number or a list of them"),
+    ("probes.logreg.holdout", 1.0, "probes.logreg: logreg 'logreg': argument 'holdout' got 1.0"),
+    ("probes.logreg.chain", 0, "probes.logreg: logreg 'logreg': chain=0"),
+    ("probes.logreg.max_iter", 2.5, "probes.logreg.max_iter=2.5; expected an integer"),
+    ("probes.logreg.C", [1.0], "unknown key(s) 'probes.logreg.C'"),
+    ("probes.fewshot", [5], "probes.fewshot=[5]; expected a mapping or null"),
+    ("probes.fewshot.name", 2, "probes.fewshot.name=2; expected a string"),
+    ("probes.fewshot.shots", [0, 5], "probes.fewshot: fewshot 'fewshot': argument 'shots' got [0, 5]"),
+    ("probes.fewshot.seeds", 0, "probes.fewshot: fewshot 'fewshot': argument 'seeds' got 0"),
+    ("probes.fewshot.solver", "svm", "probes.fewshot.solver='svm'; expected one of ['ridge', 'logreg']"),
+    ("probes.fewshot.reg", [0.1, 1.0], "choosing the regularisation needs >= 2 shots per class"),
+    ("probes.fewshot.reg", "big", "probes.fewshot.reg='big'; expected a number"),
+    ("probes.intervals", 1000, "probes.intervals=1000; expected a mapping of its keys ['resamples', 'level', 'seed']"),
+    ("probes.intervals.resamples", -1, "probes.intervals.resamples=-1; expected an integer >= 0"),
+    ("probes.intervals.level", 1.5, "probes.intervals.level=1.5; expected a coverage in (0, 1)"),
+    ("probes.intervals.seed", "0", "probes.intervals.seed='0'; expected an integer"),
     ("results", "out.sqlite", "results='out.sqlite'; expected a mapping of its keys"),
     ("results.store", 1, "results.store=1; expected a string or null"),
     ("results.logger", "wandb", "results.logger='wandb'; expected one of ['auto', 'tensorboard', 'csv', 'none']"),
@@ -178,6 +205,14 @@ def test_every_field_of_the_schema_has_a_bad_value_case():
     fields |= set(SECTIONS)
     fields |= {f"probes.bank.{k}" for k in valid_keys(BankConfig, exclude=BANK_SET_BY_SERVICE)}
     fields |= {f"probes.knn.{k}" for k in valid_keys(KNNConfig, exclude=KNN_SET_BY_SERVICE)}
+    from distprobe.convex import RidgeConfig
+    from distprobe.service.config import IntervalsConfig
+    from distprobe.service.config_convex import RIDGE_SET_BY_SERVICE, FewshotOptions, LogregOptions
+
+    fields |= {f"probes.ridge.{k}" for k in valid_keys(RidgeConfig, exclude=RIDGE_SET_BY_SERVICE)}
+    fields |= {f"probes.logreg.{k}" for k in valid_keys(LogregOptions)}
+    fields |= {f"probes.fewshot.{k}" for k in valid_keys(FewshotOptions)}
+    fields |= {f"probes.intervals.{k}" for k in valid_keys(IntervalsConfig)}
     covered = {key for key, _, _ in BAD_VALUES}
     assert sorted(fields - covered) == []
 
@@ -185,7 +220,10 @@ def test_every_field_of_the_schema_has_a_bad_value_case():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"probes": {"bank": None, "knn": None}}, "probes has neither a bank nor a knn; give at least one"),
+        (
+            {"probes": {"bank": None, "knn": None}},
+            "probes has no probe; give at least one of ['bank', 'knn', 'ridge', 'logreg', 'fewshot']",
+        ),
         ({"data": {"train": {"_target_": "x"}}}, "the required key 'data.val' is missing"),
         ({"data": None}, "the required key 'data' is empty"),
     ],
@@ -242,6 +280,10 @@ GOOD_VALUES = [
     ("probes.knn.temperature", 1, lambda c: c.probes.knn["temperature"] == 1),
     ("probes.knn.storage_dtype", "bfloat16", lambda c: c.probes.knn["storage_dtype"] == "bfloat16"),
     ("results.logger", "none", lambda c: c.results.logger == "none"),
+    ("probes.ridge", {"l2": 0.1}, lambda c: c.probes.ridge == {"l2": 0.1}),
+    ("probes.logreg", {}, lambda c: c.probes.logreg == {}),
+    ("probes.fewshot", {"shots": [2, 5], "reg": [0.1, 1.0]}, lambda c: c.probes.fewshot["shots"] == [2, 5]),
+    ("probes.intervals.resamples", 0, lambda c: c.probes.intervals.resamples == 0),
 ]
 
 

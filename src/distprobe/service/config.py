@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from distprobe.service.config_convex import check_convex_options
 from distprobe.service.config_probes import check_probe_options
 from distprobe.service.config_schema import (
     HYDRA_TARGET,
@@ -49,6 +50,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "FeaturesConfig",
+    "IntervalsConfig",
     "ProbesConfig",
     "ResultsConfig",
     "ServiceConfigError",
@@ -110,6 +112,18 @@ class FeaturesConfig:
 
 
 @dataclass(kw_only=True)
+class IntervalsConfig:
+    """Bootstrap intervals of every reported number, over the validation samples (no model is run again)."""
+
+    resamples: int = field(default=1000, metadata=at_least(0))
+    """Bootstrap resamples; 0: no intervals."""
+    level: float = 0.95
+    """The interval's coverage, in (0, 1)."""
+    seed: int = field(default=0, metadata=at_least(0))
+    """Seed of the resamples (the same interval every time a number is computed)."""
+
+
+@dataclass(kw_only=True)
 class ProbesConfig:
     """The probes trained on the cached features, with no backbone in the loop."""
 
@@ -123,6 +137,14 @@ class ProbesConfig:
     """`distprobe.bank.BankConfig` fields (``name`` defaults to ``"bank"``); None: no bank."""
     knn: dict[str, Any] | None = None
     """`distprobe.knn.KNNConfig` fields (``name`` defaults to ``"knn"``, ``queue_length`` to the train set's size)."""
+    ridge: dict[str, Any] | None = None
+    """`distprobe.convex.RidgeConfig` fields (``name`` defaults to ``"ridge"``): closed-form ridge, every lambda."""
+    logreg: dict[str, Any] | None = None
+    """`distprobe.service.config_convex.LogregOptions` fields: logistic regression over a grid of C."""
+    fewshot: dict[str, Any] | None = None
+    """`distprobe.service.config_convex.FewshotOptions` fields: few-shot episodes, mean and std over seeds."""
+    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
+    """Bootstrap intervals of the reported numbers."""
 
 
 @dataclass(kw_only=True)
@@ -136,6 +158,9 @@ class ResultsConfig:
     log_dir: str | None = None
     """The training's log directory (default: the newest one under RUN_DIR holding event files or metrics.csv)."""
 
+
+PROBE_KINDS = ("bank", "knn", "ridge", "logreg", "fewshot")
+"""The probes a config may run; at least one."""
 
 SECTIONS: dict[str, type] = {
     "weights": WeightsConfig,
@@ -166,15 +191,28 @@ class EvalConfig:
         where = self.source
         check_ranges(self, "", where)
         _check_forward(self.features.forward, where)
-        if self.probes.bank is None and self.probes.knn is None:
-            raise ServiceConfigError(f"{where}: probes has neither a bank nor a knn; give at least one")
-        check_probe_options(self.probes.bank, self.probes.knn, self.num_classes, where)
+        probes = self.probes
+        if all(getattr(probes, name) is None for name in PROBE_KINDS):
+            raise ServiceConfigError(f"{where}: probes has no probe; give at least one of {list(PROBE_KINDS)}")
+        if not 0.0 < probes.intervals.level < 1.0:
+            raise ServiceConfigError(
+                f"{where}: probes.intervals.level={probes.intervals.level!r}; expected a coverage in (0, 1), e.g. 0.95"
+            )
+        check_probe_options(probes.bank, probes.knn, self.num_classes, where)
+        check_convex_options(probes.ridge, probes.logreg, probes.fewshot, self.num_classes, where)
 
     @property
     def fingerprint(self) -> str:
         """A short hash of everything that changes the results (not of where they go): rows carry it."""
         protocol = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("results", "source")}
         protocol["features"] = {k: v for k, v in protocol["features"].items() if k not in ("cache_dir", "keep")}
+        # Probes and interval settings added later count only when used: stores keep the fingerprints they hold.
+        probes = protocol["probes"]
+        for name in ("ridge", "logreg", "fewshot"):
+            if probes[name] is None:
+                del probes[name]
+        if probes["intervals"] == dataclasses.asdict(IntervalsConfig()):
+            del probes["intervals"]
         text = json.dumps(protocol, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

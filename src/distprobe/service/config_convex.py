@@ -1,0 +1,156 @@
+"""The eval config's ``probes.ridge``, ``probes.logreg``, ``probes.fewshot`` and ``probes.intervals``.
+
+The convex probes run on the cached features (`distprobe.convex`): ridge from summed statistics (`RidgeConfig`'s
+fields, the service setting ``num_classes`` and ``in_features``), DINOv2/v3's logistic-regression protocol
+(`LogregOptions`) and few-shot episodes (`FewshotOptions`). Their keys and types are these dataclasses' fields and
+annotations; their ranges are checked by the dataclasses' own ``__post_init__``, run once when the file is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from distprobe.service.config_schema import ServiceConfigError, conforms, describe, refuse_unknown, valid_keys
+
+RIDGE_SET_BY_SERVICE = ("num_classes", "in_features", "input")
+"""`distprobe.convex.RidgeConfig` fields the service fills in."""
+
+
+def _default_c_grid() -> list[float]:
+    from distprobe.convex.logreg import DINOV3_C_GRID
+
+    return list(DINOV3_C_GRID)
+
+
+@dataclass(kw_only=True)
+class LogregOptions:
+    """``probes.logreg``: multinomial logistic regression by L-BFGS over a grid of C (`convex.logreg_grid`)."""
+
+    name: str = "logreg"
+    """The probe's name in the results."""
+    c_grid: list[float] = field(default_factory=_default_c_grid)
+    """The values of C (scikit-learn's inverse regularisation strength); default DINOv3's 45, 1e-6 to 1e5."""
+    holdout: float = 0.1
+    """The hashed share of train that chooses C (never the reported validation set)."""
+    chain: int = 5
+    """Consecutive C values one rank fits in a row, each warm-started from the previous one."""
+    max_iter: int = 1000
+    """L-BFGS iterations per fit at most."""
+
+    def __post_init__(self) -> None:
+        grid = [self.c_grid] if isinstance(self.c_grid, int | float) else list(self.c_grid)
+        if not grid or not all(isinstance(c, int | float) and math.isfinite(c) and c > 0 for c in grid):
+            raise ValueError(f"logreg '{self.name}': argument 'c_grid' got {self.c_grid!r}; expected values of C > 0")
+        self.c_grid = [float(c) for c in grid]
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(
+                f"logreg '{self.name}': argument 'holdout' got {self.holdout!r}; expected a share in (0, 1), e.g. 0.1"
+            )
+        if self.chain < 1 or self.max_iter < 1:
+            raise ValueError(
+                f"logreg '{self.name}': chain={self.chain}, max_iter={self.max_iter}; expected integers >= 1"
+            )
+
+
+@dataclass(kw_only=True)
+class FewshotOptions:
+    """``probes.fewshot``: episodes of ``shots`` samples per class, ``seeds`` of each (`convex.run_fewshot`)."""
+
+    name: str = "fewshot"
+    """The probe's name in the results."""
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    """Samples per class of each episode."""
+    seeds: int = 3
+    """Episodes per shot count (seeds 0 .. seeds - 1); the mean and standard deviation are over them."""
+    solver: Literal["ridge", "logreg"] = "ridge"
+    """``ridge`` (closed form, lambda in the mean-squared-error form) or ``logreg`` (C)."""
+    reg: float | list[float] = 0.01
+    """One fixed value, or several chosen by cross-validation inside each episode's shots (>= 2 shots)."""
+
+    def __post_init__(self) -> None:
+        shots = [self.shots] if isinstance(self.shots, int) else list(self.shots)
+        if not shots or not all(isinstance(s, int) and s >= 1 for s in shots) or len(set(shots)) != len(shots):
+            raise ValueError(
+                f"fewshot '{self.name}': argument 'shots' got {self.shots!r}; expected distinct integers >= 1"
+            )
+        self.shots = shots
+        if self.seeds < 1:
+            raise ValueError(f"fewshot '{self.name}': argument 'seeds' got {self.seeds!r}; expected an integer >= 1")
+        if self.solver not in ("ridge", "logreg"):
+            raise ValueError(f"fewshot '{self.name}': argument 'solver' got {self.solver!r}; expected ridge or logreg")
+        from distprobe.convex.fewshot import _regularisation
+
+        values = _regularisation(self.solver, self.reg)  # the core's own check of the values
+        if len(values) > 1 and min(shots) < 2:
+            raise ValueError(
+                f"fewshot '{self.name}': shots={shots} with reg={self.reg!r}: choosing the regularisation needs >= 2 "
+                "shots per class (it is cross-validated inside each episode, never on validation); pass one value"
+            )
+
+
+def _check_keys_and_types(
+    options: dict[str, Any], cls: type, set_by_service: tuple[str, ...], key: str, source: str
+) -> None:
+    for reserved in set_by_service:
+        if reserved in options:
+            raise ServiceConfigError(
+                f"{source}: {key}.{reserved}={options[reserved]!r}; it is set by the service (the cached features "
+                "and the config's num_classes): remove it"
+            )
+    refuse_unknown(options, valid_keys(cls, exclude=set_by_service), f"{key}.", source)
+    hints = typing.get_type_hints(cls)
+    for name, value in options.items():
+        if not conforms(value, hints[name]):
+            raise ServiceConfigError(f"{source}: {key}.{name}={value!r}; expected {describe(hints[name])}")
+
+
+def ridge_config(options: Mapping[str, Any], num_classes: int, in_features: int | None, source: str) -> Any:
+    """``probes.ridge`` as a `distprobe.convex.RidgeConfig` (``name`` defaults to ``"ridge"``)."""
+    from distprobe.convex import RidgeConfig
+
+    fields = dict(options)
+    _check_keys_and_types(fields, RidgeConfig, RIDGE_SET_BY_SERVICE, "probes.ridge", source)
+    try:
+        return RidgeConfig(num_classes=num_classes, in_features=in_features, **{"name": "ridge", **fields})
+    except (TypeError, ValueError) as err:
+        raise ServiceConfigError(f"{source}: probes.ridge: {err}") from None
+
+
+def logreg_options(options: Mapping[str, Any], source: str) -> LogregOptions:
+    """``probes.logreg`` checked and built."""
+    fields = dict(options)
+    _check_keys_and_types(fields, LogregOptions, (), "probes.logreg", source)
+    try:
+        return LogregOptions(**fields)
+    except (TypeError, ValueError) as err:
+        raise ServiceConfigError(f"{source}: probes.logreg: {err}") from None
+
+
+def fewshot_options(options: Mapping[str, Any], source: str) -> FewshotOptions:
+    """``probes.fewshot`` checked and built."""
+    fields = dict(options)
+    _check_keys_and_types(fields, FewshotOptions, (), "probes.fewshot", source)
+    try:
+        return FewshotOptions(**fields)
+    except (TypeError, ValueError) as err:
+        raise ServiceConfigError(f"{source}: probes.fewshot: {err}") from None
+
+
+def check_convex_options(
+    ridge: Mapping[str, Any] | None,
+    logreg: Mapping[str, Any] | None,
+    fewshot: Mapping[str, Any] | None,
+    num_classes: int,
+    source: str,
+) -> None:
+    """Raise `ServiceConfigError` for an unknown key, a wrong type or a value out of range in a convex probe."""
+    if ridge is not None:
+        ridge_config(ridge, num_classes, None, source)
+    if logreg is not None:
+        logreg_options(logreg, source)
+    if fewshot is not None:
+        fewshot_options(fewshot, source)
