@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 import torch
 
-TokenPool = Literal["cls", "mean", "cls+mean"]
-"""Pools of one module's output (``last{n}`` combines several modules' ``cls``, and the last one's ``mean``)."""
+TokenPool = Literal["cls", "mean", "cls+mean", "patch"]
+"""Pools of one module's output (``last{n}`` combines several modules' ``cls``, and the last one's ``mean``;
+``patch`` keeps the patch tokens unpooled, for dense heads)."""
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -51,8 +52,15 @@ def patch_mean(x: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
     return x[:, prefix_tokens:].mean(dim=1)
 
 
+def patch_tokens(x: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+    """The patch tokens ``x[:, prefix_tokens:]`` of a ``(B, N, D)`` output, as a new ``(B, N - prefix, D)`` tensor."""
+    return x[:, prefix_tokens:].contiguous()
+
+
 def pool_tokens(x: torch.Tensor, pool: TokenPool, prefix_tokens: int = 1) -> torch.Tensor:
     """Pool one ``(B, N, D)`` output: ``cls`` and ``mean`` give ``(B, D)``, ``cls+mean`` gives ``(B, 2D)``.
+
+    ``patch`` gives the ``(B, N - prefix_tokens, D)`` patch tokens themselves (dense heads).
 
     Example:
         >>> x = torch.arange(12.0).reshape(1, 3, 4)
@@ -66,6 +74,8 @@ def pool_tokens(x: torch.Tensor, pool: TokenPool, prefix_tokens: int = 1) -> tor
         return cls_token(x)
     if pool == "mean":
         return patch_mean(x, prefix_tokens)
+    if pool == "patch":
+        return patch_tokens(x, prefix_tokens)
     return torch.cat([cls_token(x), patch_mean(x, prefix_tokens)], dim=-1)
 
 

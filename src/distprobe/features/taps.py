@@ -237,7 +237,7 @@ class TapSet:
             if len(children) < spec.last_blocks:
                 raise missing(f"{spec.module_path!r} has {len(children)} child modules, fewer than {spec.pool!r} reads")
             last = children[-spec.last_blocks :]
-            targets = [(name, module, ("cls", spec.prefix_tokens)) for name, module in last]
+            targets = [(name, module, (spec.token_pool, spec.prefix_tokens)) for name, module in last]
             if spec.with_mean:
                 targets.append((last[-1][0], last[-1][1], ("mean", spec.prefix_tokens)))
         route = []
