@@ -1,0 +1,42 @@
+"""Dense banks under DDP and FSDP2 on tapped patch tokens (2 gloo ranks, `bank.dense_scenario.run`).
+
+A bank reading ``backbone.blocks.1:patch`` equals its twin reading the same patch tokens from ``training_step``,
+replicas agree, a fit resumed from a mid-window checkpoint ends where the uninterrupted one did, and the backbone
+trains bitwise as without the banks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bank.dense_scenario import run
+from helpers.dist import run_distributed
+from taps.scenario import TapRun
+
+RUNS = {"ddp": TapRun("distprobe_ddp"), "fsdp2": TapRun("distprobe_fsdp2", kind="fsdp2")}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_dense_bank_on_tapped_patch_tokens_rides_the_strategy_and_resumes_mid_window(name, tmp_path):
+    ranks = run_distributed(run, 2, RUNS[name], str(tmp_path), timeout=300.0)
+    first = ranks[0]["probed"]
+    per_epoch = first["micro_step"]["tapped"] // 2
+    assert per_epoch % 2 == 1 and first["micro_step"] == {"tapped": 2 * per_epoch, "explicit": 2 * per_epoch}
+    assert int(first["skipped"]["tapped"].sum()) == 0
+    for result in ranks:
+        probed, resumed = result["probed"], result["resumed"]
+        torch.testing.assert_close(probed["flat"]["tapped"], probed["flat"]["explicit"], rtol=0, atol=1e-6)
+        for key, value in probed["eval"].items():
+            if key.startswith("eval/tapped"):
+                twin = key.replace("tapped", "explicit", 1).replace("backbone.blocks.1:patch", "b1_patch")
+                assert probed["eval"][twin] == pytest.approx(value), key
+        assert torch.equal(probed["flat"]["tapped"], first["flat"]["tapped"])  # replicas agree
+        for bank in ("tapped", "explicit"):
+            assert torch.equal(resumed["flat"][bank], probed["flat"][bank]), bank
+            assert resumed["micro_step"][bank] == probed["micro_step"][bank]
+        assert torch.equal(probed["backbone"], result["no_bank"])  # the backbone trains as without the banks
+    assert any(k.endswith("_best_mIoU") for k in first["eval"]), first["eval"]
+    assert any(k.endswith("_pixel_acc") for k in first["eval"]), first["eval"]
