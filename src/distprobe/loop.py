@@ -274,33 +274,25 @@ class ProbeSet:
 
     def add_bank(self, spec: BankSpec | BankConfig, bank: ProbeBank | None = None) -> None:
         """Add a bank by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
-        spec = to_bank_spec(spec)
-        name = spec.config.name
-        if name not in self.bank_specs:
-            self._refuse_taken(name)
-            self.bank_specs[name] = spec
-        if bank is not None:
-            self.banks[name] = bank
+        bank_spec = to_bank_spec(spec)
+        self._add(bank_spec.config.name, bank_spec, bank, self.bank_specs, self.banks)
 
     def add_knn(self, spec: KNNSpec | KNNConfig, knn: ShardedKNN | None = None) -> None:
         """Add a kNN by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
-        spec = to_knn_spec(spec)
-        name = spec.config.name
-        if name not in self.knn_specs:
-            self._refuse_taken(name)
-            self.knn_specs[name] = spec
-        if knn is not None:
-            self.knns[name] = knn
+        knn_spec = to_knn_spec(spec)
+        self._add(knn_spec.config.name, knn_spec, knn, self.knn_specs, self.knns)
 
     def add_ridge(self, spec: RidgeSpec | RidgeConfig, ridge: RidgeProbe | None = None) -> None:
         """Add a ridge probe by its spec, and its engine once built elsewhere (else the first `train` builds it)."""
-        spec = to_ridge_spec(spec)
-        name = spec.config.name
-        if name not in self.ridge_specs:
+        ridge_spec = to_ridge_spec(spec)
+        self._add(ridge_spec.config.name, ridge_spec, ridge, self.ridge_specs, self.ridges)
+
+    def _add(self, name: str, spec: Any, engine: Any, specs: dict[str, Any], engines: dict[str, Any]) -> None:
+        if name not in specs:
             self._refuse_taken(name)
-            self.ridge_specs[name] = spec
-        if ridge is not None:
-            self.ridges[name] = ridge
+            specs[name] = spec
+        if engine is not None:
+            engines[name] = engine
 
     def remove(self, name: str) -> None:
         """Take the member ``name`` out of the set (nothing happens when it is not there)."""
