@@ -137,3 +137,22 @@ def test_first_batch_problems_name_the_fix():
         BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={"chunk": 2})
     with pytest.raises(ValueError, match="expected names among \\['mIoU', 'pixel_acc'\\]"):
         BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, metrics=["top1", "top5"])
+
+
+def test_probe_set_builds_a_dense_bank_from_the_first_batch_and_refuses_bad_masks():
+    from distprobe.loop import ProbeSet
+
+    bank = {"name": "seg", "input": "patch", "target": "mask", "num_classes": C, "lr": [0.1], "family": "dense"}
+    probes = ProbeSet.build([], banks=[bank])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, masks = _batch(g, 4, False)
+        assert probes.step({"patch": x}, {"mask": masks})["seg"].shape == (1,)
+    assert probes.bank("seg").heads.in_features == {"patch": D}  # D of (B, N, D)
+    x, masks = _batch(g, 4, False)
+    assert probes.evaluate({"patch": x}, {"mask": masks})["seg"].shape == (4, 1, C, *GRID)
+    metrics = probes.compute_metrics()
+    assert 0.0 <= float(metrics["eval/seg_best_mIoU"]) <= 1.0 and float(metrics["eval/seg_best_head"]) == 0.0
+    wrong = ProbeSet.build([], banks=[bank])
+    with pytest.raises(ValueError, match=r"bank 'seg': a dense head's target must be \(batch, H, W\)"):
+        wrong.step({"patch": x}, {"mask": masks[:, 0, 0]})
