@@ -39,6 +39,12 @@ def bank_fields(options: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise ServiceConfigError(
                 f"{source}: probes.bank.head={fields['family']!r}; expected one of {sorted(FAMILIES)}"
             )
+    if fields.get("family") == "dense":
+        raise ServiceConfigError(
+            f"{source}: probes.bank.head='dense'; the service's feature cache keeps one class index per sample, not "
+            "masks, so dense banks run online for now (OnlineProbeBank(head='dense') or a ProbeSet bank with "
+            "family='dense', docs/dense.md): use head 'linear' or 'attentive' here"
+        )
     if fields.get("multilabel"):
         raise ServiceConfigError(
             f"{source}: probes.bank.multilabel={fields['multilabel']!r}; the service's feature cache keeps one class "
