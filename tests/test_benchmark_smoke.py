@@ -107,6 +107,7 @@ def test_local_variant_runs_on_two_ranks() -> None:
     assert float(row[2]) > 0, row
 
 
+@pytest.mark.slow  # starts the benchmark (torch and Lightning imports) before it refuses
 def test_local_variant_refuses_a_strategy_it_cannot_change() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--smoke", "--variants", "none,local_x8"],
