@@ -17,6 +17,7 @@ import pytest
 import torch
 from tests.knn.reference import dense_knn, stored
 from tests.service.models import eval_config, labeled
+from tests.service.test_convex_service import convex_probes
 
 from distprobe.service.checkpoints import CheckpointError
 from distprobe.service.config import EvalConfig
@@ -120,7 +121,8 @@ def test_cli_eval_as_a_two_task_local_job_equals_one_process(run, tmp_path):
     for where in (one, two):
         where.mkdir()
         shutil.copy(checkpoints[1], where / "last-epoch.ckpt")
-    config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
+    # The convex probes too: ridge's statistics, logreg's C grid and the few-shot episodes are spread over the ranks.
+    config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"}, probes=convex_probes())
     in_process = evaluate_checkpoint(one / "last-epoch.ckpt", config)
     command = [
         sys.executable,
@@ -147,6 +149,13 @@ def test_cli_eval_as_a_two_task_local_job_equals_one_process(run, tmp_path):
         # The same global batches on 1 and 2 ranks: the heads differ by the all-reduce's rounding only.
         assert two_ranks[key] == pytest.approx(value, abs=1e-6), key
     assert EvalConfig.load(config).fingerprint == local.results()[0][-1]
+    # The bootstrap intervals come from per-sample results gathered over the ranks: the same ones.
+    intervals = {
+        name: {(r.probe, r.head, r.metric): (r.low, r.high) for *_, r in store.result_rows()}
+        for name, store in (("one", reference), ("two", local))
+    }
+    assert intervals["one"] == intervals["two"]
+    assert sum(low is not None for low, _ in intervals["one"].values()) >= 10
 
 
 def test_a_checkpoint_holding_objects_needs_them_named_in_weights_safe_globals(run, tmp_path):

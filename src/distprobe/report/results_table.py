@@ -3,9 +3,13 @@
 - ``table``: for a bank, the selected head's accuracy on the report split (``best``) and which head it is; for a
   kNN, each k's accuracy; the config hash of each row. Checkpoints that failed or went missing are listed with why,
   and a trend line per config says how the first metric moved from the first evaluated checkpoint to the last.
-- ``json``: a list of rows ``{"checkpoint", "step", "state", "config_hash", "values", "selected"}``; ``values`` maps
-  each logged key (``ckpt/bank_best_top1``...) to its number, ``selected`` each bank to its selected head.
-- ``csv``: the same rows, one column per logged key.
+- ``json``: a list of rows ``{"checkpoint", "step", "state", "config_hash", "values", "intervals", "selected"}``;
+  ``values`` maps each logged key (``ckpt/bank_best_top1``...) to its number, ``intervals`` each key that has one to
+  its bootstrap interval ``[low, high]``, ``selected`` each bank to its selected head.
+- ``csv``: the same rows, one column per logged key, and ``{key}_low`` / ``{key}_high`` columns for intervals.
+
+The table shows a number with an interval as ``0.7100 [0.7000, 0.7200]``; few-shot episodes (``shots=5/seed=0``)
+appear in the JSON and CSV, their shot counts' means in the table.
 
 Rows of several configs are never mixed: each row carries its config hash, and ``config_hash`` picks one.
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distprobe.keys import CHECKPOINT, SELECTED, parse, parse_head_id
-from distprobe.service.store import CheckpointRecord, ResultRow, ResultsStore
+from distprobe.service.store import CheckpointRecord, ResultsStore
 from distprobe.service.training_log import logged_key
 
 Format = Literal["table", "json", "csv"]
@@ -31,12 +35,16 @@ _HASH_SHOWN = 8  # characters of the config hash in the table (the JSON and CSV 
 def rows_of(store: ResultsStore, config_hash: str | None = None) -> list[dict[str, Any]]:
     """One dict per (checkpoint, config): its path, step, state, config hash, values, selected heads, tries, error."""
     values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    intervals: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(dict)
     selected: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-    for checkpoint, _, probe, head, metric, value, hash_ in store.results(config_hash=config_hash):
-        if metric == SELECTED:
-            selected[(checkpoint, hash_)][probe] = head
-        else:
-            values[(checkpoint, hash_)][logged_key(ResultRow(probe, head, metric, value))] = value
+    for checkpoint, _, hash_, result in store.result_rows(config_hash=config_hash):
+        if result.metric == SELECTED:
+            selected[(checkpoint, hash_)][result.probe] = result.head
+            continue
+        logged = logged_key(result)
+        values[(checkpoint, hash_)][logged] = result.value
+        if result.low is not None and result.high is not None:
+            intervals[(checkpoint, hash_)][logged] = [result.low, result.high]
     rows = []
     for record in store.checkpoints(config_hash=config_hash):
         key = (record.path, record.config_hash)
@@ -47,6 +55,7 @@ def rows_of(store: ResultsStore, config_hash: str | None = None) -> list[dict[st
                 "state": record.state,
                 "config_hash": record.config_hash,
                 "values": values.get(key, {}),
+                "intervals": intervals.get(key, {}),
                 "selected": selected.get(key, {}),
                 "tries": record.tries,
                 "error": record.error,
@@ -75,16 +84,22 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     keys = _value_keys(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["checkpoint", "step", "state", "config_hash", *keys])
+    with_interval = sorted({key for row in rows for key in row["intervals"]})
+    bounds = [f"{k}_{end}" for k in with_interval for end in ("low", "high")]
+    writer.writerow(["checkpoint", "step", "state", "config_hash", *keys, *bounds])
     for row in rows:
         step = "" if row["step"] is None else row["step"]
         cells = [repr(row["values"][k]) if k in row["values"] else "" for k in keys]
+        for k in with_interval:
+            cells += [repr(v) for v in row["intervals"][k]] if k in row["intervals"] else ["", ""]
         writer.writerow([row["checkpoint"], step, row["state"], row["config_hash"], *cells])
     return buffer.getvalue()
 
 
 def _shown(key: str) -> bool:
-    """The table shows each bank's best head and each kNN's k (the JSON and CSV show every key)."""
+    """The table shows each bank's best head, each kNN's k, each few-shot shot count (JSON and CSV: every key)."""
+    if "/seed=" in key:  # one few-shot episode: its shot count's mean over seeds is shown
+        return False
     parsed = parse(key)
     return parsed is None or parsed.head is None or parse_head_id(parsed.head) is None
 
@@ -98,7 +113,7 @@ def _table(rows: list[dict[str, Any]], full_paths: bool, records: list[Checkpoin
     for row in rows:
         name = row["checkpoint"] if full_paths else Path(row["checkpoint"]).name
         line = ["-" if row["step"] is None else str(row["step"]), name, row["config_hash"][:_HASH_SHOWN], row["state"]]
-        line += [f"{row['values'][k]:.4f}" if k in row["values"] else "" for k in keys]
+        line += [_cell(row, k) for k in keys]
         line += [row["selected"].get(bank, "") for bank in banks]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -110,6 +125,17 @@ def _table(rows: list[dict[str, Any]], full_paths: bool, records: list[Checkpoin
             text += f"; log {record.log_path}\n" if record.log_path else "\n"
     for config_hash in sorted({row["config_hash"] for row in rows}):
         text += _trend([row for row in rows if row["config_hash"] == config_hash], keys)
+    return text
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    """``0.7100``, or ``0.7100 [0.7000, 0.7200]`` with its bootstrap interval; empty when there is no number."""
+    if key not in row["values"]:
+        return ""
+    text = f"{row['values'][key]:.4f}"
+    if key in row["intervals"]:
+        low, high = row["intervals"][key]
+        text += f" [{low:.4f}, {high:.4f}]"
     return text
 
 

@@ -256,7 +256,7 @@ def _evaluate(
         cache = cache_dir(config, run, info.path, claim if claim is not None else _shared_token(rank))
         log.info("Evaluating %s (step %s) on %d rank(s); cache %s", path, info.step, world, cache)
         train, val = extract_features(config, info, cache, device)
-        results = run_probes(config, train, val, device)
+        results = run_probes(config, train, val, device, job_dir)
         del train, val
         store = store_path(config, run)
         if rank == 0:

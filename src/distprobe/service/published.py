@@ -59,12 +59,24 @@ def publish_result(job_dir: Path, result: PublishedResult) -> Path:
         "step": result.step,
         "config_hash": result.config_hash,
         "claim": result.claim,
-        "rows": [[r.probe, r.head, r.metric, float(r.value)] for r in result.rows],
+        "rows": [_row(r) for r in result.rows],
     }
     path = job_dir / RESULT_NAME
     job_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(path, json.dumps(payload))
     return path
+
+
+def _row(row: ResultRow) -> list[str | float]:
+    """A row as JSON: ``[probe, head, metric, value]``, then ``low, high`` when it has an interval."""
+    out: list[str | float] = [row.probe, row.head, row.metric, float(row.value)]
+    if row.low is not None and row.high is not None:
+        out += [float(row.low), float(row.high)]
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def publish_error(job_dir: Path, error: BaseException) -> Path:
@@ -110,10 +122,12 @@ def read_result(job_dir: Path) -> PublishedResult | None:
         _require(step is None or (isinstance(step, int) and not isinstance(step, bool)))
         _require(claim is None or isinstance(claim, str))
         rows = []
-        for probe, head, metric, value in data["rows"]:
+        for row in data["rows"]:
+            _require(isinstance(row, list) and len(row) in (4, 6))
+            probe, head, metric, *numbers = row
             _require(isinstance(probe, str) and isinstance(head, str) and isinstance(metric, str))
-            _require(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value))
-            rows.append(ResultRow(probe, head, metric, float(value)))
+            _require(all(_number(v) for v in numbers))
+            rows.append(ResultRow(probe, head, metric, *(float(v) for v in numbers)))
     except (KeyError, TypeError, ValueError):
         raise PublishedFileError(f"{path}: not a distprobe result file (format {FORMAT})") from None
     return PublishedResult(checkpoint=checkpoint, step=step, config_hash=config_hash, claim=claim, rows=rows)

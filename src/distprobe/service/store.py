@@ -77,9 +77,13 @@ CREATE TABLE IF NOT EXISTS results (
     value REAL NOT NULL,
     config_hash TEXT NOT NULL,
     created REAL NOT NULL,
+    low REAL,
+    high REAL,
     PRIMARY KEY (checkpoint, config_hash, probe, head, metric)
 );
 """
+#: Columns added to ``results`` after its first release: a store written before gets them, null, when opened.
+_ADDED_RESULT_COLUMNS = {"low": "REAL", "high": "REAL"}
 _COLUMNS = (
     "checkpoint, step, state, tries, job_id, log_path, config_hash, error, claim, owner, job_dir, job_name, updated"
 )
@@ -100,6 +104,10 @@ class ResultRow:
     metric: str
     """``top1``, ``top5``... (for ``best``: also ``head_index``; ``selected``: the selected head, in ``head``)."""
     value: float
+    low: float | None = None
+    """The lower end of ``value``'s bootstrap interval over the validation samples; None: no interval."""
+    high: float | None = None
+    """Its upper end."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,10 @@ class ResultsStore:
         db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
             db.executescript(_SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+            for column, kind in _ADDED_RESULT_COLUMNS.items():
+                if column not in present:  # a store of an older release: its rows keep null intervals
+                    db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
         finally:
             db.close()
         self._ready = True
@@ -251,6 +263,24 @@ class ResultsStore:
             return db.execute(
                 query + " ORDER BY step IS NULL, step, checkpoint, config_hash, probe, head, metric", args
             ).fetchall()
+
+    def result_rows(
+        self, checkpoint: str | None = None, config_hash: str | None = None
+    ) -> list[tuple[str, int | None, str, ResultRow]]:
+        """``(checkpoint, step, config_hash, row)`` with each row's interval (None where there is none), by step."""
+        query = "SELECT checkpoint, step, config_hash, probe, head, metric, value, low, high FROM results WHERE 1"
+        args: list[object] = []
+        if checkpoint is not None:
+            query += " AND checkpoint = ?"
+            args.append(checkpoint)
+        if config_hash is not None:
+            query += " AND config_hash = ?"
+            args.append(config_hash)
+        with self._connection() as db:
+            found = db.execute(
+                query + " ORDER BY step IS NULL, step, checkpoint, config_hash, probe, head, metric", args
+            ).fetchall()
+        return [(path, step, hash_, ResultRow(*rest)) for path, step, hash_, *rest in found]
 
     # --- writing: discovery and claims -------------------------------------------------------------------------
 
@@ -358,8 +388,12 @@ class ResultsStore:
                     return False
             db.execute("DELETE FROM results WHERE checkpoint = ? AND config_hash = ?", (checkpoint, config_hash))
             db.executemany(
-                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(checkpoint, step, r.probe, r.head, r.metric, float(r.value), config_hash, now) for r in rows],
+                "INSERT INTO results (checkpoint, step, probe, head, metric, value, config_hash, created, low, high)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (checkpoint, step, r.probe, r.head, r.metric, float(r.value), config_hash, now, r.low, r.high)
+                    for r in rows
+                ],
             )
             db.execute(
                 "INSERT INTO evaluations (checkpoint, config_hash, step, state, tries, updated)"

@@ -9,6 +9,9 @@ The same probes as online (`distprobe.bank.ProbeBank`, `distprobe.knn.ShardedKNN
 - **Evaluation.** Rank ``r`` scores the validation rows it extracted (``r, r + N, ...``) and tells the bank each
   row's index in the validation set, so the split that selects the best head is the same at every world size.
 - **kNN.** Its buffer holds the whole training set, sharded: rank ``r`` inserts the rows it extracted.
+- **Convex probes** (ridge, logistic regression, few-shot): `distprobe.service.train_convex`.
+- **Intervals.** Every top-1 gets a seeded bootstrap interval from per-sample results gathered over the ranks
+  (`distprobe.service.intervals`); a bank's best head's over the report split it is scored on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,12 +28,15 @@ import torch
 from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.families import FAMILIES
+from distprobe.bank.selection import selects
 from distprobe.engine.replicate import default_group
 from distprobe.knn import KNNConfig, ShardedKNN
-from distprobe.service.config import EvalConfig, ServiceConfigError
+from distprobe.service.config import EvalConfig, IntervalsConfig, ServiceConfigError
 from distprobe.service.config_probes import bank_fields
 from distprobe.service.extract import CachedSplit, rank_and_world
+from distprobe.service.intervals import PerSample, with_interval
 from distprobe.service.store import ResultRow
+from distprobe.service.train_convex import run_fewshot_episodes, run_logreg, run_ridge
 
 #: Rows per kNN insert and per evaluation batch.
 CHUNK = 4096
@@ -147,35 +154,80 @@ def _eval_batches(size: int) -> list[torch.Tensor]:
 def evaluate(
     config: EvalConfig, bank: ProbeBank | None, knn: ShardedKNN | None, val: CachedSplit, device: torch.device
 ) -> ProbeResults:
-    """Score the bank's heads and the kNN on every validation sample once (collectives)."""
+    """Score the bank's heads and the kNN on every validation sample once (collectives).
+
+    Each top-1 gets its bootstrap interval from the per-sample results, gathered over the ranks.
+    """
+    heads = len(bank.head_ids) if bank is not None else 0
+    ks = len(knn.config.k) if knn is not None else 0
+    correct = PerSample(val.size, heads + ks, device)
+    classifies = True  # a dense (segmentation) bank predicts per pixel: no per-sample top-1
     for index in _eval_batches(val.size):
         valid = int(index.numel())
         padded = index if valid else torch.zeros(1, dtype=torch.long)  # an empty batch still joins the collectives
         x, y = _rows(val, padded, device)
         if bank is not None:
-            bank.eval_step([_as_read(bank.config, val, x)], y, num_valid=valid, positions=padded.to(device))
+            logits = bank.eval_step([_as_read(bank.config, val, x)], y, num_valid=valid, positions=padded.to(device))
+            classifies = classifies and logits.ndim == 3 and y.ndim == 1
+            if classifies:
+                correct.fill(index, (logits.argmax(-1) == y[:, None]).double())
         if knn is not None:
-            knn.eval_step(x, y, num_valid=valid)
+            correct.fill(index, (knn.eval_step(x, y, num_valid=valid) == y[:, None]).double(), first_column=heads)
+    per_sample = correct.gathered()
+    spec = config.probes.intervals
     values: dict[str, float] = {}
     rows: list[ResultRow] = []
     best = None
     if bank is not None:
         computed = {k: float(v) for k, v in bank.compute_eval_metrics().items()}
         best = bank.best_head_id
-        metrics = list(bank.config.top_k)
-        for head in bank.head_ids:
-            rows += [ResultRow(bank.name, head, m, computed[keys.relative_key(m, head=head)]) for m in metrics]
-        rows += [ResultRow(bank.name, keys.BEST, m, computed[keys.relative_key(m, head=keys.BEST)]) for m in metrics]
-        if best is not None:
-            rows.append(ResultRow(bank.name, best, keys.SELECTED, 1.0))
+        rows += _bank_rows(bank, computed, per_sample if classifies else None, spec)
         values.update({f"{bank.name}_{k}": v for k, v in computed.items() if keys.split_relative(k)[0] == keys.BEST})
     if knn is not None:
         computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
-        for key, value in computed.items():
-            k_head, metric = keys.split_relative(key)  # the headline top1 is the first k's
-            rows.append(ResultRow(knn.name, k_head or keys.knn_head(knn.config.k[0]), metric, value))
+        rows += _knn_rows(knn, computed, per_sample[:, heads:], spec)
         values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
     return ProbeResults(values=values, rows=_unique(rows), best_head=best)
+
+
+def _bank_rows(
+    bank: ProbeBank, computed: dict[str, float], per_sample: torch.Tensor | None, spec: IntervalsConfig
+) -> list[ResultRow]:
+    """Every head's and the best head's metrics; top-1 with its interval (the best's over the report split)."""
+
+    def row(head: str, metric: str, samples: torch.Tensor | None) -> ResultRow:
+        out = ResultRow(bank.name, head, metric, computed[keys.relative_key(metric, head=head)])
+        return with_interval(out, samples, spec) if metric == "top1" and samples is not None else out
+
+    best = bank.best_head_id
+    metrics = list(bank.config.top_k)
+    rows = []
+    for i, head in enumerate(bank.head_ids):
+        rows += [row(head, m, per_sample[:, i] if per_sample is not None else None) for m in metrics]
+    best_samples = None
+    if per_sample is not None and best is not None:
+        report = ~selects(torch.arange(per_sample.shape[0]), bank.config.selection_fraction)
+        best_samples = per_sample[report, bank.head_index(best)]
+    rows += [row(keys.BEST, m, best_samples) for m in metrics]
+    if best is not None:
+        rows.append(ResultRow(bank.name, best, keys.SELECTED, 1.0))
+    return rows
+
+
+def _knn_rows(
+    knn: ShardedKNN, computed: dict[str, float], per_sample: torch.Tensor, spec: IntervalsConfig
+) -> list[ResultRow]:
+    """Each k's metrics; top-1 with its interval (``per_sample`` holds one column per k)."""
+    rows = []
+    for key, value in computed.items():
+        k_head, metric = keys.split_relative(key)  # the headline top1 is the first k's
+        head = k_head or keys.knn_head(knn.config.k[0])
+        row = ResultRow(knn.name, head, metric, value)
+        k = keys.knn_k(head)
+        if metric == "top1" and k is not None and k in knn.config.k:
+            row = with_interval(row, per_sample[:, list(knn.config.k).index(k)], spec)
+        rows.append(row)
+    return rows
 
 
 def _unique(rows: list[ResultRow]) -> list[ResultRow]:
@@ -200,12 +252,31 @@ def fill_knn(config: EvalConfig, train: CachedSplit, device: torch.device) -> Sh
     return knn
 
 
-def run_probes(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device) -> ProbeResults:
-    """Train the bank and fill the kNN on the cached training features, then score both on the validation set."""
+def run_probes(
+    config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device, job_dir: Path | None = None
+) -> ProbeResults:
+    """Train the bank and fill the kNN on the cached training features, then score both on the validation set.
+
+    The convex probes (`distprobe.service.train_convex`) follow; ``job_dir`` (a submitted job's folder) keeps the
+    few-shot episodes a requeued run need not redo.
+    """
     train, val = _on(train, device), _on(val, device)
     bank = train_bank(config, train, device) if config.probes.bank is not None else None
     knn = fill_knn(config, train, device) if config.probes.knn is not None else None
-    return evaluate(config, bank, knn, val, device)
+    results = evaluate(config, bank, knn, val, device) if bank is not None or knn is not None else None
+    rows = list(results.rows) if results is not None else []
+    values = dict(results.values) if results is not None else {}
+    convex = []
+    if config.probes.ridge is not None:
+        convex += run_ridge(config, train, val, device)
+    if config.probes.logreg is not None:
+        convex += run_logreg(config, train, val, device)
+    if config.probes.fewshot is not None:
+        convex += run_fewshot_episodes(config, train, val, device, job_dir)
+    for row in convex:
+        if row.head == keys.BEST or row.head.startswith("shots=") and "/" not in row.head:
+            values[f"{row.probe}_{keys.relative_key(row.metric, head=row.head)}"] = row.value
+    return ProbeResults(values=values, rows=rows + convex, best_head=results.best_head if results else None)
 
 
 def flat_values(results: ProbeResults) -> Mapping[str, Any]:

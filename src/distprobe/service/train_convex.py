@@ -1,0 +1,200 @@
+"""The convex probes on cached features: ridge, logistic regression over a C grid, few-shot episodes.
+
+- **Ridge** (`distprobe.convex.RidgeProbe`): rank ``r`` of ``N`` adds training rows ``r, r + N, ...`` to its
+  statistics; one all-reduce sums them, so every rank solves the problem of the whole training set, every lambda at
+  once. Evaluation tells the probe each validation row's index, so the split choosing the best lambda is the same at
+  any world size.
+- **Logistic regression** (`distprobe.convex.logreg_grid`): every rank holds the whole cached training set; the C grid
+  is spread over the ranks, whole fits per rank.
+- **Few-shot** (`distprobe.convex.run_fewshot`): episodes spread over the ranks, a rank's share at a time. Rank 0
+  writes each finished episode's per-sample results into the job's folder atomically, so a requeued job (same
+  folder) reads them back and redoes only the episodes it lacks.
+
+Every number gets its bootstrap interval over the validation samples (`distprobe.service.intervals`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distprobe import keys
+from distprobe.bank.selection import selects
+from distprobe.convex import EpisodeResult, RidgeProbe, logreg_grid, run_fewshot, summarise
+from distprobe.engine.replicate import default_group
+from distprobe.service.config import EvalConfig
+from distprobe.service.config_convex import fewshot_options, logreg_options, ridge_config
+from distprobe.service.extract import CachedSplit, rank_and_world
+from distprobe.service.intervals import PerSample, with_interval
+from distprobe.service.published import write_atomically
+from distprobe.service.store import ResultRow
+
+#: Rows per ridge update and per evaluation batch.
+CHUNK = 4096
+EPISODES_DIR = "episodes"
+"""The folder, in a job's folder, of its finished few-shot episodes (one JSON file each)."""
+_EPISODE_FORMAT = 1
+
+
+def _own_batches(size: int) -> list[torch.Tensor]:
+    """This rank's rows (``r, r + N, ...``) in batches; every rank gets the same number of batches."""
+    rank, world = rank_and_world()
+    own = torch.arange(rank, size, world)
+    count = math.ceil(math.ceil(size / world) / CHUNK)
+    return [own[i * CHUNK : (i + 1) * CHUNK] for i in range(count)]
+
+
+def _rows(split: CachedSplit, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    index = index.to(split.features.device)
+    return split.features[index].to(device), split.labels[index].to(device)
+
+
+def run_ridge(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device) -> list[ResultRow]:
+    """Ridge on the whole cached training set, every lambda scored on every validation sample (collectives)."""
+    dim = int(train.features.shape[1])
+    ridge = ridge_config(config.probes.ridge or {}, config.num_classes, dim, config.source)
+    probe = RidgeProbe.build(ridge, in_features=dim, dp_group=default_group(), device=device)
+    for index in _own_batches(train.size):
+        if index.numel():
+            probe.train_step(*_rows(train, index, device))
+    probe.start_eval_epoch()
+    correct = PerSample(val.size, len(probe.l2), device)
+    for index in _own_batches(val.size):
+        padded = index if index.numel() else torch.zeros(1, dtype=torch.long)
+        x, y = _rows(val, padded, device)
+        preds = probe.eval_step(x, y, num_valid=int(index.numel()), positions=padded.to(device))
+        if preds is not None:
+            correct.fill(index, (preds == y[:, None]).double())
+    per_sample = correct.gathered()
+    computed = {k: float(v) for k, v in probe.compute_eval_metrics().items()}
+    spec = config.probes.intervals
+    rows = []
+    for i, l2 in enumerate(probe.l2):
+        head = keys.ridge_head(l2)
+        value = computed[keys.relative_key("top1", head=head)]
+        rows.append(with_interval(ResultRow(probe.name, head, "top1", value), per_sample[:, i], spec))
+    if probe.best_index is not None:
+        report = ~selects(torch.arange(val.size), ridge.selection_fraction)
+        best = ResultRow(probe.name, keys.BEST, "top1", computed[keys.relative_key("top1", head=keys.BEST)])
+        rows.append(with_interval(best, per_sample[report, probe.best_index], spec))
+        # The grid's own value: the probe's logged one is float32.
+        rows.append(ResultRow(probe.name, keys.BEST, "l2", probe.l2[probe.best_index]))
+    return rows
+
+
+def _whole(split: CachedSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return split.features.to(device), split.labels.to(device)
+
+
+def run_logreg(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device) -> list[ResultRow]:
+    """DINOv2/v3's protocol: C chosen on a held-out share of train, refitted on all of it, reported on val."""
+    options = logreg_options(config.probes.logreg or {}, config.source)
+    train_x, train_y = _whole(train, device)
+    val_x, val_y = _whole(val, device)
+    result = logreg_grid(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        config.num_classes,
+        c_grid=options.c_grid,
+        holdout=options.holdout,
+        chain=options.chain,
+        group=default_group(),
+        max_iter=options.max_iter,
+    )
+    top1 = ResultRow(options.name, keys.BEST, "top1", result.val_top1)
+    return [
+        with_interval(top1, result.val_correct.double(), config.probes.intervals),
+        ResultRow(options.name, keys.BEST, "C", result.best_c),
+    ]
+
+
+def episode_file(job_dir: Path, probe: str, episode: str) -> Path:
+    """Where a job keeps one finished episode: ``{job_dir}/episodes/{probe}/shots=5_seed=0.json``."""
+    return job_dir / EPISODES_DIR / probe / f"{episode.replace('/', '_')}.json"
+
+
+def write_episode(job_dir: Path, probe: str, result: EpisodeResult) -> Path:
+    """Keep one finished episode's per-sample results, atomically (a reader sees no file or a whole one)."""
+    path = episode_file(job_dir, probe, result.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bits = "".join("1" if v else "0" for v in result.val_correct.tolist())
+    payload = {"format": _EPISODE_FORMAT, "id": result.id, "shots": result.shots, "seed": result.seed}
+    write_atomically(path, json.dumps({**payload, "reg": result.reg, "correct": bits}))
+    return path
+
+
+def read_episodes(job_dir: Path, probe: str, wanted: list[str], val_size: int) -> dict[str, EpisodeResult]:
+    """The finished episodes among ``wanted`` in ``job_dir``; a file that is not a whole episode is ignored."""
+    found = {}
+    for episode in wanted:
+        path = episode_file(job_dir, probe, episode)
+        try:
+            data = json.loads(path.read_text())
+            bits = data["correct"]
+            ok = data.get("format") == _EPISODE_FORMAT and data["id"] == episode and len(bits) == val_size
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if ok and set(bits) <= {"0", "1"}:
+            correct = torch.tensor([b == "1" for b in bits], dtype=torch.bool)
+            found[episode] = EpisodeResult(episode, int(data["shots"]), int(data["seed"]), float(data["reg"]), correct)
+    return found
+
+
+def run_fewshot_episodes(
+    config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device, job_dir: Path | None
+) -> list[ResultRow]:
+    """Every episode (those already in ``job_dir`` read back), then each episode's and each shot count's rows."""
+    options = fewshot_options(config.probes.fewshot or {}, config.source)
+    rank, world = rank_and_world()
+    wanted = [keys.episode_id(s, seed) for s in options.shots for seed in range(options.seeds)]
+    done: dict[str, EpisodeResult] = {}
+    if job_dir is not None and rank == 0:
+        done = read_episodes(job_dir, options.name, wanted, val.size)
+    if world > 1:  # rank 0's reading is every rank's: one view of which episodes are left
+        shared = [done]
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
+    train_x, train_y = _whole(train, device)
+    val_x, val_y = _whole(val, device)
+    todo = [e for e in wanted if e not in done]
+    for start in range(0, len(todo), world):  # one episode per rank at a time, kept as soon as it is done
+        share = set(todo[start : start + world])
+        for result in run_fewshot(
+            train_x,
+            train_y,
+            val_x,
+            val_y,
+            config.num_classes,
+            shots=options.shots,
+            seeds=options.seeds,
+            solver=options.solver,
+            reg=options.reg,
+            skip=[e for e in wanted if e not in share],
+            group=default_group(),
+        ):
+            done[result.id] = result
+            if job_dir is not None and rank == 0:
+                write_episode(job_dir, options.name, result)
+    return fewshot_rows(options.name, [done[e] for e in wanted], config)
+
+
+def fewshot_rows(name: str, results: list[EpisodeResult], config: EvalConfig) -> list[ResultRow]:
+    """Each episode's top-1, and per shot count the mean and standard deviation over seeds, with intervals.
+
+    A shot count's interval is the bootstrap of its seeds' mean accuracy: the per-sample results averaged over the
+    seeds, resampled over the validation samples.
+    """
+    spec = config.probes.intervals
+    rows = [with_interval(ResultRow(name, r.id, "top1", r.top1), r.val_correct.double(), spec) for r in results]
+    for summary in summarise(results):
+        head = f"shots={summary.shots}"
+        per_sample = torch.stack([r.val_correct.double() for r in results if r.shots == summary.shots]).mean(0)
+        rows.append(with_interval(ResultRow(name, head, "top1", summary.mean), per_sample, spec))
+        rows.append(ResultRow(name, head, "top1_std", summary.std))
+    return rows
