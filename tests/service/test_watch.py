@@ -22,6 +22,9 @@ from distprobe.report.results_table import render
 from distprobe.service.store import ResultsStore
 from distprobe.service.watch import WatchConfig, Watcher, candidates
 
+# Each test runs submitit local jobs: real processes that import Lightning (31-75 s a test on 2 loaded cores).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = ClusterConfig(cluster="local")
 
