@@ -48,13 +48,13 @@ def _reference_sum(module, x, targets, resolution):
 
 
 @pytest.mark.parametrize(
-    ("options", "as_map"),
+    ("options", "as_map", "optimizer", "clip"),
     [
-        ({"loss_chunk_heads": 3}, False),  # chunks that do not divide K=8
-        ({"loss_chunk_heads": None, "loss_resolution": (8, 8), "samples_per_step": 3}, True),
+        ({"loss_chunk_heads": 3}, False, "SGD", None),  # chunks that do not divide K=8
+        ({"loss_chunk_heads": None, "loss_resolution": (8, 8), "samples_per_step": 3}, True, "AdamW", 0.05),
     ],
 )
-def test_every_dense_head_equals_a_separate_module(options, as_map):
+def test_every_dense_head_equals_a_separate_module(options, as_map, optimizer, clip):
     config = BankConfig(
         name="seg",
         family="dense",
@@ -64,15 +64,19 @@ def test_every_dense_head_equals_a_separate_module(options, as_map):
         lr=LRS,
         weight_decay=WDS,
         normalization=[None, "batchnorm"],
-        optimizer={"type": "SGD", "momentum": 0.9},
+        optimizer={"type": "SGD", "momentum": 0.9} if optimizer == "SGD" else {"type": "AdamW"},
         accumulate_grad_batches=2,
+        gradient_clip_val=clip,
         in_features=D,
     )
     bank = ProbeBank.build(config, seed=3)
     refs = {}
     for head in bank.heads.head_list:
         module = Reference(bank.head(head.head_id), head.normalization is not None)
-        sgd = torch.optim.SGD(module.parameters(), lr=head.lr, momentum=0.9, weight_decay=head.weight_decay)
+        if optimizer == "SGD":
+            sgd = torch.optim.SGD(module.parameters(), lr=head.lr, momentum=0.9, weight_decay=head.weight_decay)
+        else:
+            sgd = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
         refs[head.head_id] = (module, sgd)
     g = torch.Generator().manual_seed(0)
     share = options.get("samples_per_step")
@@ -89,6 +93,8 @@ def test_every_dense_head_equals_a_separate_module(options, as_map):
                 # An accumulation window is one batch of its micro-batches' union: the mean over all its pixels.
                 for p in module.parameters():
                     p.grad /= counts[k]
+                if clip is not None:  # each head's gradient norm over its weights and bias together
+                    nn.utils.clip_grad_norm_(module.parameters(), clip)
                 sgd.step()
                 sgd.zero_grad()
                 counts[k] = 0

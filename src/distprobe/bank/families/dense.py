@@ -29,7 +29,6 @@ from torch import nn
 
 from distprobe.bank import dense_loss
 from distprobe.bank.config import BankConfig
-from distprobe.bank.families.base import ParamView
 from distprobe.bank.families.linear import LinearHeads, bias_view, weight_view
 from distprobe.engine import bad_data
 from distprobe.engine.checks import label_range_problem
@@ -258,10 +257,6 @@ class DenseHeads(LinearHeads):
         """``(K,)`` each head's mean cross-entropy over this batch's valid pixels (NaN without any)."""
         sums, count = self.summed_loss(outputs, targets)
         return sums / count
-
-    def views(self, flat: torch.Tensor) -> list[ParamView]:
-        """As linear heads': per source, one ``(K_s, C, D + 1)`` block."""
-        return super().views(flat)
 
     def export(self, index: int) -> nn.Module:
         """That head as a `DenseHead` (BatchNorm in eval mode, if any), giving ``(B, C, h, w)`` logits."""
