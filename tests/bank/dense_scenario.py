@@ -100,8 +100,15 @@ def _trainer(run: TapRun, callbacks: list[Callback], **kwargs: Any) -> pl.Traine
 
 
 def _weights(model: TokenModel) -> torch.Tensor:
-    """Every backbone weight, whole (FSDP2's shards gathered: a collective, in the same order on every rank)."""
-    return torch.cat([full(p.detach()).float().reshape(-1) for p in model.parameters()])
+    """Every backbone weight (FSDP2's and ZeRO-3's shards gathered: collectives, in the same order on every rank;
+    FSDP1's flat parameters are this rank's shard)."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return torch.cat([p.detach().float().reshape(-1).clone() for p in params])
+    return torch.cat([full(p.detach()).float().reshape(-1) for p in params])
 
 
 def _state(banks: list[OnlineProbeBank], trainer: pl.Trainer, model: TokenModel) -> dict[str, Any]:
