@@ -158,3 +158,19 @@ def test_a_store_written_before_intervals_gets_null_intervals_and_takes_new_rows
     assert found["old.ckpt"] == ResultRow("knn", "k5", "top1", 0.5)
     assert found["new.ckpt"] == ResultRow("knn", "k5", "top1", 0.6, 0.55, 0.65)
     assert "0.6000 [0.5500, 0.6500]" in render(store, "table")
+
+
+def test_columns_resampled_together_get_the_intervals_each_would_get_alone():
+    """The service resamples a table's columns together (one draw of indices): the same draws as one column alone."""
+    from distprobe.convex import bootstrap_interval
+    from distprobe.service.config import IntervalsConfig
+    from distprobe.service.intervals import interval_columns
+
+    generator = torch.Generator().manual_seed(0)
+    table = (torch.rand(3000, 5, generator=generator) < torch.linspace(0.1, 0.9, 5)).double()
+    spec = IntervalsConfig(resamples=400, level=0.9, seed=7)
+    together = interval_columns(table, spec)
+    for column in range(5):
+        alone = bootstrap_interval(table[:, column], resamples=400, level=0.9, seed=7)
+        assert together[column] == pytest.approx((alone.low, alone.high), abs=1e-12)
+    assert interval_columns(table, IntervalsConfig(resamples=0)) is None

@@ -4,6 +4,11 @@ Rank ``r`` of ``N`` scores validation rows ``r, r + N, ...``. Each rank writes i
 right answer, 0 for a wrong one) into a zero-filled ``(N_val, columns)`` tensor and one sum over the group gives
 every rank every row (`distprobe.convex.spread.gather_rows`): the same tensor at any world size. The interval is the
 seeded percentile bootstrap of `distprobe.convex.bootstrap_interval`; no model is run again.
+
+Only rank 0 publishes rows, so only rank 0 computes intervals. The columns of one table share their resamples:
+drawing the resample indices is the cost (1,000 x N of them), so a bank's heads and a kNN's k's are resampled
+together, each resample's means for every column as one product of its counts with the table. The draws are
+`bootstrap_interval`'s own (same generator, same order), so each column's interval is the one it would give alone.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import dataclasses
 
 import torch
 
-from distprobe.convex import bootstrap_interval
+from distprobe.convex.bootstrap import _CHUNK  # the same chunks, so the same draws, as bootstrap_interval
 from distprobe.convex.spread import gather_rows
+from distprobe.engine.collectives import rank_and_world
 from distprobe.engine.replicate import default_group
 from distprobe.service.config import IntervalsConfig
 from distprobe.service.store import ResultRow
@@ -39,9 +45,37 @@ class PerSample:
         return gather_rows(self.table, default_group()).cpu()
 
 
-def with_interval(row: ResultRow, per_sample: torch.Tensor, spec: IntervalsConfig) -> ResultRow:
-    """``row`` with the bootstrap interval of ``per_sample`` ``(n,)`` (unchanged when intervals are off or n = 0)."""
-    if spec.resamples < 1 or per_sample.numel() == 0:
+def interval_columns(table: torch.Tensor, spec: IntervalsConfig) -> list[tuple[float, float]] | None:
+    """Each column's bootstrap interval of the mean of ``table`` ``(N, columns)``, resamples shared by the columns.
+
+    None when intervals are off (``resamples: 0``), on ranks other than 0 (their rows are not published), or when
+    there are no samples or no columns.
+    """
+    if spec.resamples < 1 or 0 in table.shape or rank_and_world(default_group())[0] != 0:
+        return None
+    values = table.detach().to(torch.float64).cpu()
+    n = values.shape[0]
+    generator = torch.Generator().manual_seed(spec.seed)
+    means = torch.empty(spec.resamples, values.shape[1], dtype=torch.float64)
+    per_chunk = max(1, _CHUNK // n)
+    for start in range(0, spec.resamples, per_chunk):
+        count = min(per_chunk, spec.resamples - start)
+        index = torch.randint(0, n, (count, n), generator=generator)
+        counts = torch.zeros(count, n, dtype=torch.float64).scatter_add_(1, index, torch.ones(count, n).double())
+        means[start : start + count] = counts @ values / n
+    tail = (1.0 - spec.level) / 2
+    bounds = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=0)  # (2, columns)
+    return [(float(low), float(high)) for low, high in bounds.T.tolist()]
+
+
+def attach(row: ResultRow, bounds: list[tuple[float, float]] | None, column: int) -> ResultRow:
+    """``row`` with column ``column``'s interval of `interval_columns`'s output (unchanged when it is None)."""
+    if bounds is None:
         return row
-    interval = bootstrap_interval(per_sample, resamples=spec.resamples, level=spec.level, seed=spec.seed)
-    return dataclasses.replace(row, low=interval.low, high=interval.high)
+    low, high = bounds[column]
+    return dataclasses.replace(row, low=low, high=high)
+
+
+def with_interval(row: ResultRow, per_sample: torch.Tensor, spec: IntervalsConfig) -> ResultRow:
+    """``row`` with the bootstrap interval of ``per_sample`` ``(n,)`` (see `interval_columns`)."""
+    return attach(row, interval_columns(per_sample.reshape(-1, 1), spec), 0)

@@ -34,7 +34,7 @@ from distprobe.knn import KNNConfig, ShardedKNN
 from distprobe.service.config import EvalConfig, IntervalsConfig, ServiceConfigError
 from distprobe.service.config_probes import bank_fields
 from distprobe.service.extract import CachedSplit, rank_and_world
-from distprobe.service.intervals import PerSample, with_interval
+from distprobe.service.intervals import PerSample, attach, interval_columns, with_interval
 from distprobe.service.store import ResultRow
 from distprobe.service.train_convex import run_fewshot_episodes, run_logreg, run_ridge
 
@@ -175,49 +175,57 @@ def evaluate(
             correct.fill(index, (knn.eval_step(x, y, num_valid=valid) == y[:, None]).double(), first_column=heads)
     per_sample = correct.gathered()
     spec = config.probes.intervals
+    if not classifies:
+        per_sample = per_sample[:, heads:]
+    bounds = interval_columns(per_sample, spec)  # every column at once: the heads' and the k's
     values: dict[str, float] = {}
     rows: list[ResultRow] = []
     best = None
     if bank is not None:
         computed = {k: float(v) for k, v in bank.compute_eval_metrics().items()}
         best = bank.best_head_id
-        rows += _bank_rows(bank, computed, per_sample if classifies else None, spec)
+        rows += _bank_rows(bank, computed, (per_sample, bounds) if classifies else None, spec)
         values.update({f"{bank.name}_{k}": v for k, v in computed.items() if keys.split_relative(k)[0] == keys.BEST})
     if knn is not None:
         computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
-        rows += _knn_rows(knn, computed, per_sample[:, heads:], spec)
+        rows += _knn_rows(knn, computed, bounds, heads if classifies else 0)
         values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
     return ProbeResults(values=values, rows=_unique(rows), best_head=best)
 
 
 def _bank_rows(
-    bank: ProbeBank, computed: dict[str, float], per_sample: torch.Tensor | None, spec: IntervalsConfig
+    bank: ProbeBank,
+    computed: dict[str, float],
+    per_sample: tuple[torch.Tensor, list[tuple[float, float]] | None] | None,
+    spec: IntervalsConfig,
 ) -> list[ResultRow]:
-    """Every head's and the best head's metrics; top-1 with its interval (the best's over the report split)."""
+    """Every head's and the best head's metrics; top-1 with its interval (the best's over the report split).
 
-    def row(head: str, metric: str, samples: torch.Tensor | None) -> ResultRow:
-        out = ResultRow(bank.name, head, metric, computed[keys.relative_key(metric, head=head)])
-        return with_interval(out, samples, spec) if metric == "top1" and samples is not None else out
-
+    ``per_sample``: the per-sample table (a column per head first) and its columns' intervals; None: no top-1.
+    """
     best = bank.best_head_id
     metrics = list(bank.config.top_k)
     rows = []
     for i, head in enumerate(bank.head_ids):
-        rows += [row(head, m, per_sample[:, i] if per_sample is not None else None) for m in metrics]
-    best_samples = None
-    if per_sample is not None and best is not None:
-        report = ~selects(torch.arange(per_sample.shape[0]), bank.config.selection_fraction)
-        best_samples = per_sample[report, bank.head_index(best)]
-    rows += [row(keys.BEST, m, best_samples) for m in metrics]
+        for m in metrics:
+            row = ResultRow(bank.name, head, m, computed[keys.relative_key(m, head=head)])
+            rows.append(attach(row, per_sample[1], i) if m == "top1" and per_sample is not None else row)
+    for m in metrics:
+        row = ResultRow(bank.name, keys.BEST, m, computed[keys.relative_key(m, head=keys.BEST)])
+        if m == "top1" and per_sample is not None and best is not None:
+            table = per_sample[0]
+            report = ~selects(torch.arange(table.shape[0]), bank.config.selection_fraction)
+            row = with_interval(row, table[report, bank.head_index(best)], spec)
+        rows.append(row)
     if best is not None:
         rows.append(ResultRow(bank.name, best, keys.SELECTED, 1.0))
     return rows
 
 
 def _knn_rows(
-    knn: ShardedKNN, computed: dict[str, float], per_sample: torch.Tensor, spec: IntervalsConfig
+    knn: ShardedKNN, computed: dict[str, float], bounds: list[tuple[float, float]] | None, first: int
 ) -> list[ResultRow]:
-    """Each k's metrics; top-1 with its interval (``per_sample`` holds one column per k)."""
+    """Each k's metrics; top-1 with its interval (``bounds``' columns ``first`` onwards: one per k)."""
     rows = []
     for key, value in computed.items():
         k_head, metric = keys.split_relative(key)  # the headline top1 is the first k's
@@ -225,7 +233,7 @@ def _knn_rows(
         row = ResultRow(knn.name, head, metric, value)
         k = keys.knn_k(head)
         if metric == "top1" and k is not None and k in knn.config.k:
-            row = with_interval(row, per_sample[:, list(knn.config.k).index(k)], spec)
+            row = attach(row, bounds, first + list(knn.config.k).index(k))
         rows.append(row)
     return rows
 

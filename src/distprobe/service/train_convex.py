@@ -29,7 +29,7 @@ from distprobe.engine.replicate import default_group
 from distprobe.service.config import EvalConfig
 from distprobe.service.config_convex import fewshot_options, logreg_options, ridge_config
 from distprobe.service.extract import CachedSplit, rank_and_world
-from distprobe.service.intervals import PerSample, with_interval
+from distprobe.service.intervals import PerSample, attach, interval_columns, with_interval
 from distprobe.service.published import write_atomically
 from distprobe.service.store import ResultRow
 
@@ -72,11 +72,12 @@ def run_ridge(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: 
     per_sample = correct.gathered()
     computed = {k: float(v) for k, v in probe.compute_eval_metrics().items()}
     spec = config.probes.intervals
+    bounds = interval_columns(per_sample, spec)
     rows = []
     for i, l2 in enumerate(probe.l2):
         head = keys.ridge_head(l2)
         value = computed[keys.relative_key("top1", head=head)]
-        rows.append(with_interval(ResultRow(probe.name, head, "top1", value), per_sample[:, i], spec))
+        rows.append(attach(ResultRow(probe.name, head, "top1", value), bounds, i))
     if probe.best_index is not None:
         report = ~selects(torch.arange(val.size), ridge.selection_fraction)
         best = ResultRow(probe.name, keys.BEST, "top1", computed[keys.relative_key("top1", head=keys.BEST)])
