@@ -21,7 +21,6 @@ from distprobe.callbacks.cadence import logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.callbacks.trainable import optimizer_steps_of_fit
-from distprobe.strategies.groups import data_parallel_group
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +124,6 @@ class OnlineProbeBank(ProbeCallback):
         self.config = config
         self.metrics = build_metrics(self.config)
         self._pl_module: pl.LightningModule | None = None
-        self._where: tuple[Any, torch.device] | None = None
-        """The data-parallel group and device, from setup on."""
         if module is not None:
             self._register_metrics(module)
 
@@ -165,12 +162,13 @@ class OnlineProbeBank(ProbeCallback):
         else:
             metrics[self.name] = self.metrics
 
-    def _build(self, in_features: dict[str, int]) -> None:
+    @override
+    def build_engine(self, size: Any) -> None:
         assert self._where is not None and self._pl_module is not None, "built after setup"
         dp_group, device = self._where
         bank = ProbeBank.build(
             self.config,
-            in_features=in_features,
+            in_features=dict(size),
             dp_group=dp_group,
             device=device,
             # Lengths come later (`set_total_steps`): Lightning's step estimate loads the train dataloader, and asked
@@ -184,28 +182,19 @@ class OnlineProbeBank(ProbeCallback):
     @override
     def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pl_module = pl_module
-        self._where = (data_parallel_group(trainer.strategy), trainer.strategy.root_device)
         self._register_metrics(pl_module)
         if self._engine is None:
             claim(pl_module, self.name)
         check_strategy_keeps_probes_out(trainer, pl_module, self.name)
-        if self._engine is None:
-            sizes = self._saved_or_configured_sizes()
-            if sizes is not None:
-                self._build(sizes)
-
-    def _saved_or_configured_sizes(self) -> dict[str, int] | None:
-        if self._pending_state is not None:
-            return dict(self._pending_state["in_features"])
-        sizes = {s: self.config.in_features_of(s) for s in self.config.inputs}
-        if any(v is None for v in sizes.values()):
-            return None
-        return {s: int(v) for s, v in sizes.items() if v is not None}
 
     @override
-    def engine_from_pending(self) -> None:
-        if self._where is not None and self._pending_state:
-            self._build(dict(self._pending_state["in_features"]))
+    def known_size(self) -> Any:
+        sizes = {s: self.config.in_features_of(s) for s in self.config.inputs}
+        return None if any(v is None for v in sizes.values()) else {s: int(v) for s, v in sizes.items() if v}
+
+    @override
+    def size_of(self, read: Any) -> Any:
+        return feature_sizes(self.config, read[0])
 
     @override
     def add_to(self, probe_set: Any) -> None:
@@ -233,10 +222,9 @@ class OnlineProbeBank(ProbeCallback):
 
     @override
     def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
+        built_now = self._engine is None
         super().first_batch_passed(trainer, read)
-        if self._engine is None:
-            features, _ = read
-            self._build(feature_sizes(self.config, features))
+        if built_now:
             # Built after on_train_start: the schedule's length now (a collective, every rank at this first batch).
             self.bank.set_total_steps(optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches))
 

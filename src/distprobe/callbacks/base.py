@@ -59,6 +59,8 @@ class ProbeCallback(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._source: FeatureSource | None = None
         self._coordinator: Coordinator | None = None
+        self._where: tuple[Any, torch.device] | None = None
+        """The data-parallel group and device, from setup on."""
 
     @property
     @override
@@ -76,8 +78,23 @@ class ProbeCallback(Callback):
         return None
 
     def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
-        """The first batch passed on every rank: build what needs its sizes."""
+        """The first batch passed on every rank: build the engine from its sizes if it does not exist yet."""
         self.checked_first_batch = True
+        size = None if self._engine is not None else self.size_of(read)
+        if size is not None:
+            self.build_engine(size)
+
+    def known_size(self) -> Any:
+        """The engine's feature size(s) when configured, so that it is built at setup; None: from the first batch."""
+        return None
+
+    def size_of(self, read: Any) -> Any:
+        """The engine's feature size(s) from the first batch's ``read`` (None: this kind builds no engine then)."""
+        return None
+
+    def build_engine(self, size: Any) -> None:
+        """Build the engine for feature size(s) ``size`` (known, saved or first seen) and pass it to `engine_ready`."""
+        raise NotImplementedError(f"{type(self).__name__} builds its engine at setup")
 
     def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
         """The engine's inputs from the source's tensors (one tensor per source, and the targets)."""
@@ -121,7 +138,9 @@ class ProbeCallback(Callback):
         """Let the engine go at the end of a stage (its process group, its pending work)."""
 
     def engine_from_pending(self) -> None:
-        """Build the engine from a loaded state, where the state alone says how (banks, kNNs)."""
+        """Build the engine from a state loaded after setup: the state says its feature size(s)."""
+        if self._where is not None and self._pending_state:
+            self.build_engine(self._pending_state["in_features"])
 
     # --- set-up and teardown ------------------------------------------------------------------------------------
 
@@ -138,7 +157,12 @@ class ProbeCallback(Callback):
             self._source = OwnDataFeatures(self.own_data, trainer, pl_module, self.sources, self.target)
         else:
             self._source = StepFeatures(self, self.name, self.sources, self.target, pl_module)
+        self._where = (data_parallel_group(trainer.strategy), trainer.strategy.root_device)
         self.set_up(trainer, pl_module)
+        if self._engine is None:
+            size = self._pending_state["in_features"] if self._pending_state else self.known_size()
+            if size is not None:
+                self.build_engine(size)
         self._hand_over()
 
     def engine_ready(self, engine: Any) -> None:

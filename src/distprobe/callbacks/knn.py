@@ -15,7 +15,6 @@ from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.features.dtensor import whole
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
 from distprobe.knn.checks import first_batch_problem
-from distprobe.strategies.groups import data_parallel_group
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,6 @@ class OnlineKNN(ProbeCallback):
         super().__init__(name, [input], target, own_data_of(name, data, val_data, features, every_n_steps))
         self.input = input
         self.config = config
-        self._where: tuple[Any, torch.device] | None = None
-        """The data-parallel group and device, from setup on."""
 
     @property
     def knn(self) -> ShardedKNN:
@@ -105,24 +102,19 @@ class OnlineKNN(ProbeCallback):
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
-    def _build(self, in_features: int) -> None:
+    @override
+    def known_size(self) -> Any:
+        return self.config.in_features
+
+    @override
+    def size_of(self, read: Any) -> Any:
+        return int(read[0][0].numel())
+
+    @override
+    def build_engine(self, size: Any) -> None:
         assert self._where is not None, "built after setup"
         dp_group, device = self._where
-        self.engine_ready(ShardedKNN.build(self.config, in_features=in_features, dp_group=dp_group, device=device))
-
-    @override
-    def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._where = (data_parallel_group(trainer.strategy), trainer.strategy.root_device)
-        if self._engine is None:
-            if self._pending_state is not None:
-                self._build(int(self._pending_state["in_features"]))
-            elif self.config.in_features is not None:
-                self._build(self.config.in_features)
-
-    @override
-    def engine_from_pending(self) -> None:
-        if self._where is not None and self._pending_state:
-            self._build(int(self._pending_state["in_features"]))
+        self.engine_ready(ShardedKNN.build(self.config, in_features=int(size), dp_group=dp_group, device=device))
 
     @override
     def add_to(self, probe_set: Any) -> None:
@@ -140,12 +132,6 @@ class OnlineKNN(ProbeCallback):
         return first_batch_problem(
             self.name, self.input, features, targets, self.config.num_classes, multilabel=self.config.multilabel
         )
-
-    @override
-    def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
-        super().first_batch_passed(trainer, read)
-        if self._engine is None:
-            self._build(int(read[0][0].numel()))
 
     # --- validation ---------------------------------------------------------------------------------------------
 
