@@ -36,6 +36,10 @@ KINDS = [
     ("ckpt/grid_best_top1", LoggedKey("ckpt", "grid", "top1", keys.BEST)),
     ("ckpt/grid/embedding/lr=0.01/wd=1e-05/norm=none_top1", LoggedKey("ckpt", "grid", "top1", HEAD)),
     ("ckpt/knn_k5_top1", LoggedKey("ckpt", "knn", "top1", "k5")),
+    ("eval/ridge/l2=0.01_top1", LoggedKey("eval", "ridge", "top1", keys.ridge_head(0.01))),
+    ("eval/ridge_best_l2", LoggedKey("eval", "ridge", "l2", keys.BEST)),
+    ("ckpt/fewshot/shots=5/seed=0_top1", LoggedKey("ckpt", "fewshot", "top1", keys.episode_id(5, 0))),
+    ("ckpt/fewshot/shots=5_top1_std", LoggedKey("ckpt", "fewshot", "top1_std", "shots=5")),
 ]
 
 

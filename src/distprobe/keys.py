@@ -165,6 +165,7 @@ def episode_id(shots: int, seed: int) -> str:
 _HEAD_ID = re.compile(r"^(?P<source>.+)/lr=(?P<lr>[^/]+)/wd=(?P<wd>[^/]+)/norm=(?P<norm>none|bn)$")
 _KNN_HEAD = re.compile(r"^k(\d+)$")
 _RIDGE_HEAD = re.compile(r"^l2=([^/_]+)$")
+_SETTING = re.compile(r"^[A-Za-z][A-Za-z0-9]*=[^/_=]+$")
 
 
 def parse_head_id(head: str) -> HeadId | None:
@@ -191,6 +192,15 @@ def ridge_l2(head: str) -> float | None:
         return float(match[1])
     except ValueError:
         return None
+
+
+def is_setting_head(head: str) -> bool:
+    """Whether ``head`` is named by its settings, ``name=value`` parts joined by ``/``.
+
+    A ridge lambda (``l2=0.01``), a few-shot episode (``shots=5/seed=0``) or its shots (``shots=5``). Such a head is
+    logged under the probe's name as a path, as a bank head is.
+    """
+    return all(_SETTING.match(part) for part in head.split("/"))
 
 
 def parse(logged: str, names: Iterable[str] = ()) -> LoggedKey | None:
@@ -240,17 +250,20 @@ def split_relative(relative: str) -> tuple[str | None, str]:
             raise ValueError(f"relative key {relative!r}: expected '{{head_id}}_{{metric}}' for a bank head")
         return head, metric
     first, sep, metric = relative.partition("_")
-    if sep and metric and (first == BEST or knn_k(first) is not None or ridge_l2(first) is not None):
+    if sep and metric and (first == BEST or knn_k(first) is not None or is_setting_head(first)):
         return first, metric
     return None, relative
 
 
 def _split_head(tail: str) -> tuple[str | None, str]:
-    """``(head_id, metric)`` of ``{head_id}_{metric}``; ``(None, tail)`` unless it starts with a bank head's id."""
+    """``(head, metric)`` of ``{head}_{metric}``: a bank head's id or a head of settings (`is_setting_head`) first.
+
+    ``(None, tail)`` for any other tail.
+    """
     for index in (i for i, char in enumerate(tail) if char == "_"):
         metric = tail[index + 1 :]
         head = tail[:index]
-        if metric and "/" not in metric and (parse_head_id(head) is not None or ridge_l2(head) is not None):
+        if metric and "/" not in metric and (parse_head_id(head) is not None or is_setting_head(head)):
             return tail[:index], metric
     return None, tail
 
