@@ -137,12 +137,7 @@ class OnlineProbeBank(ProbeCallback):
     @property
     def bank(self) -> ProbeBank:
         """The engine (from ``setup`` on with ``in_features``, else from the first training batch)."""
-        if self._engine is None:
-            raise RuntimeError(
-                f"bank '{self.name}': its heads do not exist yet; they are created at setup when 'in_features' is "
-                "given, else from the first training batch."
-            )
-        return self._engine
+        return self.sized_engine("bank", "heads do")
 
     def head(self, head_id: str) -> nn.Module:
         """That head as a plain module with its current weights (an ``nn.Linear`` when it has no normalization)."""

@@ -68,6 +68,20 @@ class ProbeCallback(Callback):
         # Keyed by name, never by position: adding, removing or reordering probes keeps each one's state.
         return self._generate_state_key(name=self.name)
 
+    def sized_engine(self, kind: str, what: str) -> Any:
+        """The engine of a kind built from its feature sizes, or a RuntimeError saying when it will exist.
+
+        Args:
+            kind: The callback's kind in messages ("bank", "kNN").
+            what: What the engine holds ("heads", "buffer").
+        """
+        if self._engine is None:
+            raise RuntimeError(
+                f"{kind} '{self.name}': its {what} not exist yet; created at setup when 'in_features' is given, else "
+                "from the first training batch."
+            )
+        return self._engine
+
     # --- what a subclass gives ----------------------------------------------------------------------------------
 
     def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

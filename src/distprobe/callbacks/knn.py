@@ -93,12 +93,7 @@ class OnlineKNN(ProbeCallback):
     @property
     def knn(self) -> ShardedKNN:
         """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
-        if self._engine is None:
-            raise RuntimeError(
-                f"kNN '{self.name}': its buffer does not exist yet; it is created at setup when 'in_features' is "
-                "given, else from the first training batch."
-            )
-        return self._engine
+        return self.sized_engine("kNN", "buffer does")
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
