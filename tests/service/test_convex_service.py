@@ -174,3 +174,27 @@ def test_columns_resampled_together_get_the_intervals_each_would_get_alone():
         alone = bootstrap_interval(table[:, column], resamples=400, level=0.9, seed=7)
         assert together[column] == pytest.approx((alone.low, alone.high), abs=1e-12)
     assert interval_columns(table, IntervalsConfig(resamples=0)) is None
+
+
+def test_distprobe_report_draws_the_intervals_as_bars_and_a_band(tmp_path):
+    """`distprobe report` reads the store's intervals: a bar at each checkpoint and a band through them."""
+    pytest.importorskip("matplotlib")
+    from distprobe.report.plot import figure
+    from distprobe.report.probes import probes_of
+    from distprobe.report.readers import read_run
+    from distprobe.service.store import ResultRow
+
+    store = ResultsStore(tmp_path / "distprobe_eval" / "results.sqlite")
+    points = {10: (0.5, 0.45, 0.56), 20: (0.6, 0.55, 0.66), 30: (0.7, 0.64, 0.75)}
+    for step, (value, low, high) in points.items():
+        rows = [ResultRow("ridge", "best", "top1", value, low, high), ResultRow("ridge", "best", "l2", 0.01)]
+        store.record_results(f"step={step}.ckpt", step, "hash", rows)
+    (axes,) = figure(probes_of(read_run(tmp_path)), "test").axes
+    (band,) = [c for c in axes.collections if c.get_label() == "checkpoints: best head, interval"]
+    corners = {tuple(v) for v in band.get_paths()[0].vertices.tolist()}
+    ends = {(s, low) for s, (_, low, _) in points.items()} | {(s, high) for s, (_, _, high) in points.items()}
+    assert ends <= corners
+    (bars,) = [c for c in axes.collections if c.get_label() == "_best head interval bars"]
+    assert [segment.tolist() for segment in bars.get_segments()] == [
+        [[s, low], [s, high]] for s, (_, low, high) in points.items()
+    ]

@@ -3,7 +3,7 @@
 One row per probe: a loss panel and an accuracy panel (a kNN, and a probe only the service evaluated, have no loss:
 one wide accuracy panel). A bank draws each head as a thin grey line, its best head thick and labelled, and its
 selected head's report-split accuracy (``best_*``); the probing service's checkpoint results are markers at their
-checkpoints' steps on the same accuracy axes.
+checkpoints' steps on the same accuracy axes, with their bootstrap intervals as error bars and a band between them.
 
 The figure is drawn on a bare `matplotlib.figure.Figure` with the Agg canvas, never through ``pyplot``: the caller's
 backend (a notebook's, a GUI's) is left alone and no window opens.
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from distprobe.report.probes import ProbeCurves, checkpoint_columns, checkpoint_heads
 from distprobe.report.readers import Series
+from distprobe.report.service_logs import CheckpointResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -194,6 +195,17 @@ def _checkpoint_markers(ax: Axes, probe: ProbeCurves, metric: str) -> None:
         if probe.kind == "checkpoints":
             ax.plot(*_xy(series), color=color, linewidth=1.0, alpha=0.7)
         ax.scatter(*_xy(series), marker=marker, color=color, label=f"checkpoints: {label}", **style)
+        _interval_band(ax, [r for r in rows if r.head == column], color, label)
+
+
+def _interval_band(ax: Axes, rows: Sequence[CheckpointResult], color: str, label: str) -> None:
+    """The rows' bootstrap intervals: a bar at each checkpoint, and a band through them over steps."""
+    bounded = sorted((r.step, r.low, r.high) for r in rows if r.low is not None and r.high is not None)
+    if not bounded:
+        return
+    steps, lows, highs = [s for s, _, _ in bounded], [lo for _, lo, _ in bounded], [hi for _, _, hi in bounded]
+    ax.vlines(steps, lows, highs, color=color, linewidth=1.2, zorder=4, label=f"_{label} interval bars")
+    ax.fill_between(steps, lows, highs, color=color, alpha=0.15, linewidth=0, label=f"checkpoints: {label}, interval")
 
 
 def _last_selected(probe: ProbeCurves) -> str | None:

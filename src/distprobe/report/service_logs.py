@@ -37,6 +37,10 @@ class CheckpointResult:
     metric: str
     """``top1``..., or ``selected`` (then ``head`` names the bank's selected head)."""
     value: float
+    low: float | None = None
+    """The lower end of the value's bootstrap interval (only from the store; None without one)."""
+    high: float | None = None
+    """Its upper end."""
 
 
 def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
@@ -46,17 +50,21 @@ def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
     results: list[CheckpointResult] = []
     stores = sorted(p for p in run.rglob(STORE_NAME) if p.parent.name == SERVICE_DIR and p.is_file())
     for path in stores:
-        rows = ResultsStore(path).results()
-        hashes = {row[6] for row in rows}
-        for checkpoint, step, probe, head, metric, value, config_hash in rows:
+        rows = ResultsStore(path).result_rows()
+        hashes = {row[2] for row in rows}
+        for checkpoint, step, config_hash, result in rows:
             if step is None:
                 log.warning(
                     "%s: checkpoint %s has no global step; its results are left out of the plot", path, checkpoint
                 )
                 continue
             # Two evaluation configs of one checkpoint are two different probes: keep them apart.
-            name = probe if len(hashes) == 1 else f"{probe}@{config_hash[:8]}"
-            results.append(CheckpointResult(checkpoint, int(step), name, head, metric, float(value)))
+            name = result.probe if len(hashes) == 1 else f"{result.probe}@{config_hash[:8]}"
+            results.append(
+                CheckpointResult(
+                    checkpoint, int(step), name, result.head, result.metric, result.value, result.low, result.high
+                )
+            )
     return results, stores
 
 
