@@ -49,9 +49,11 @@ class OnlineProbeBank(ProbeCallback):
         metrics: Top-k accuracies per head: ``("top1", "top5")`` or a ``{name: k}`` dict.
         in_features: Feature size (one int, or per source); None: read from the first batch.
         selection_fraction: Share of validation samples that choose the best head; the rest report it.
-        head: The head family: ``"linear"`` or ``"attentive"`` (V-JEPA's attentive probe over ``(B, N, D)`` tokens,
-            docs/attentive.md).
-        head_options: The family's options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``).
+        head: The head family: ``"linear"``, ``"attentive"`` (V-JEPA's attentive probe over ``(B, N, D)`` tokens,
+            docs/attentive.md) or ``"dense"`` (linear segmentation heads on patch tokens, ``(B, H, W)`` mask
+            targets, mIoU; docs/dense.md).
+        head_options: The family's options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``;
+            dense: ``grid``, ``ignore_index``, ``loss_chunk_heads``, ``loss_resolution``, ``samples_per_step``).
         multilabel: Targets are ``(B, num_classes)`` multi-hot: BCE, mAP and F1 (docs/multilabel.md).
         data: A labeled DataLoader of the bank's own, as for `OnlineProbe` (docs/own-data.md).
         val_data: The bank's own validation DataLoader, evaluated exactly at each validation epoch.
