@@ -32,6 +32,7 @@ def test_strategy_of_a_parameter_id(param_id, strategy):
     assert matrix.strategy_of(param_id) == strategy
 
 
+@pytest.mark.slow  # a pytest subprocess collects two test files (17 s on 2 loaded cores)
 def test_the_matrix_counts_the_collected_tests_of_each_feature_and_strategy():
     ids = matrix.collect(["tests/knn/test_knn_lightning.py", "tests/strategies/test_lightning_strategies.py"])
     table = matrix.render(ids)
