@@ -198,3 +198,21 @@ def test_distprobe_report_draws_the_intervals_as_bars_and_a_band(tmp_path):
     assert [segment.tolist() for segment in bars.get_segments()] == [
         [[s, low], [s, high]] for s, (_, low, high) in points.items()
     ]
+
+
+def test_a_config_of_convex_probes_alone_runs_without_intervals_when_they_are_off(trained_run, tmp_path):
+    out, checkpoints = trained_run
+    config = eval_config(
+        tmp_path / "eval.yaml",
+        probes={"bank": None, "knn": None, "ridge": {"l2": 0.01}, "intervals": {"resamples": 0}},
+        results={"logger": "none", "store": str(tmp_path / "store.sqlite")},
+    )
+    summary = evaluate_checkpoint(checkpoints[1], config, run_dir=out)
+    rows = [row for *_, row in ResultsStore(summary["store"]).result_rows(checkpoints[1])]
+    assert {(r.probe, r.head, r.metric) for r in rows} == {
+        ("ridge", "l2=0.01", "top1"),
+        ("ridge", "best", "top1"),
+        ("ridge", "best", "l2"),
+    }
+    assert all(r.low is None and r.high is None for r in rows)
+    assert summary["values"]["ridge_best_l2"] == 0.01 and summary["values"]["best_head"] is None
