@@ -2,6 +2,7 @@
 
 Each ``name>=X`` of ``[project] dependencies`` and of the tested extras becomes ``name==X`` in the floors environment
 (tests/floors/setup_floors_env.sh, ``make test-floors``), so pyproject.toml is the one place where a floor is written.
+One exception, `CI_PINS`: a floor that CI cannot install is tested elsewhere, and CI pins the lowest release it can.
 
     python tests/floors/declared.py [pyproject.toml]   # prints a pip constraints file: one ``name==X`` per floor
 """
@@ -12,6 +13,11 @@ import re
 import sys
 from pathlib import Path
 
+try:  # a fresh venv (tests/floors/setup_floors_env.sh) has no packaging yet: pip vendors it
+    from packaging.version import Version
+except ModuleNotFoundError:
+    from pip._vendor.packaging.version import Version
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pip vendors the same parser
@@ -20,6 +26,11 @@ except ModuleNotFoundError:  # Python 3.10: pip vendors the same parser
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 #: Extras whose floors are tested with the runtime dependencies; demo, bench and dev are tools, not distprobe's API.
 TESTED_EXTRAS = ("deepspeed",)
+#: Floors CI cannot install, and the release CI pins instead. torch 2.11.0's only Linux x86-64 build on PyPI is the
+#: CUDA one (about 4 GB with its nvidia-* wheels); the CPU builds come from PyTorch's own index, which CI cannot reach.
+#: The 2.11 floor is proven on the GPU machine's torch 2.11.0+cu130: the CUDA suite and this environment's test
+#: selection (docs/benchmarks.md, "The torch floor"). CI keeps torch 2.13.0, the CPU build on local disk.
+CI_PINS = {"torch": "2.13.0"}
 _FLOOR = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*>=\s*([0-9][0-9A-Za-z.]*)")
 
 
@@ -45,6 +56,15 @@ def declared_floors(pyproject: Path = PYPROJECT) -> dict[str, str]:
     return floors
 
 
+def ci_pins(pyproject: Path = PYPROJECT) -> dict[str, str]:
+    """What the floors environment installs: every floor, bar those of `CI_PINS` that lie below what CI can install."""
+    floors = declared_floors(pyproject)
+    for name, pin in CI_PINS.items():
+        if name in floors and Version(floors[name]) < Version(pin):
+            floors[name] = pin
+    return floors
+
+
 if __name__ == "__main__":
-    for name, version in declared_floors(Path(sys.argv[1]) if len(sys.argv) > 1 else PYPROJECT).items():
+    for name, version in ci_pins(Path(sys.argv[1]) if len(sys.argv) > 1 else PYPROJECT).items():
         print(f"{name}=={version}")

@@ -16,7 +16,8 @@ BIN="$VENV/bin"
 CONSTRAINTS="$VENV/floors.txt"
 "$BIN/python" "$ROOT/tests/floors/declared.py" "$ROOT/pyproject.toml" >"$CONSTRAINTS"
 echo "floors: $(tr '\n' ' ' <"$CONSTRAINTS")"
-# torch's floor is 2.13.0, the CPU build on local disk (any other torch release is a multi-GB CUDA build).
+# torch: CI pins 2.13.0, the CPU build on local disk, where the floor lies below it (tests/floors/declared.py, CI_PINS:
+# any other torch release on PyPI is a multi-GB CUDA build; the lower floor is proven on the GPU machine).
 "$BIN/python" -m pip install -q -r "$CONSTRAINTS"
 # distprobe without its dependencies (pinned above), then the test tools, constrained so that none moves a floor.
 "$BIN/python" -m pip install -q --no-deps -e "$ROOT"
