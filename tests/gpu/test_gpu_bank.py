@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distprobe.bank import BankConfig, ProbeBank
+from distprobe.engine import fused_update
 from distprobe.engine.fused_update import fused_sgd_available, fused_sgd_update
 from distprobe.engine.streams import SideStream
 
@@ -131,6 +132,7 @@ def test_the_compiled_update_is_sgd_per_head_deterministic_and_equals_its_eager_
         return p, buf
 
     compiled_p, compiled_buf = run(True)
+    assert not fused_update._BROKEN, "torch.compile failed here: the eager form ran instead"
     again_p, again_buf = run(True)
     eager_p, eager_buf = run(False)
     assert torch.equal(compiled_p, again_p) and torch.equal(compiled_buf, again_buf)
