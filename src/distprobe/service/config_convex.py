@@ -9,12 +9,11 @@ annotations; their ranges are checked by the dataclasses' own ``__post_init__``,
 from __future__ import annotations
 
 import math
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from distprobe.service.config_schema import ServiceConfigError, conforms, describe, refuse_unknown, valid_keys
+from distprobe.service.config_schema import build_section
 
 RIDGE_SET_BY_SERVICE = ("num_classes", "in_features", "input")
 """`distprobe.convex.RidgeConfig` fields the service fills in."""
@@ -92,52 +91,23 @@ class FewshotOptions:
             )
 
 
-def _check_keys_and_types(
-    options: dict[str, Any], cls: type, set_by_service: tuple[str, ...], key: str, source: str
-) -> None:
-    for reserved in set_by_service:
-        if reserved in options:
-            raise ServiceConfigError(
-                f"{source}: {key}.{reserved}={options[reserved]!r}; it is set by the service (the cached features "
-                "and the config's num_classes): remove it"
-            )
-    refuse_unknown(options, valid_keys(cls, exclude=set_by_service), f"{key}.", source)
-    hints = typing.get_type_hints(cls)
-    for name, value in options.items():
-        if not conforms(value, hints[name]):
-            raise ServiceConfigError(f"{source}: {key}.{name}={value!r}; expected {describe(hints[name])}")
-
-
 def ridge_config(options: Mapping[str, Any], num_classes: int, in_features: int | None, source: str) -> Any:
     """``probes.ridge`` as a `distprobe.convex.RidgeConfig` (``name`` defaults to ``"ridge"``)."""
     from distprobe.convex import RidgeConfig
 
-    fields = dict(options)
-    _check_keys_and_types(fields, RidgeConfig, RIDGE_SET_BY_SERVICE, "probes.ridge", source)
-    try:
-        return RidgeConfig(num_classes=num_classes, in_features=in_features, **{"name": "ridge", **fields})
-    except (TypeError, ValueError) as err:
-        raise ServiceConfigError(f"{source}: probes.ridge: {err}") from None
+    ridge = {"name": "ridge", **options}
+    service = {"num_classes": num_classes, "in_features": in_features}
+    return build_section(RidgeConfig, ridge, "probes.ridge", source, RIDGE_SET_BY_SERVICE, **service)
 
 
 def logreg_options(options: Mapping[str, Any], source: str) -> LogregOptions:
     """``probes.logreg`` checked and built."""
-    fields = dict(options)
-    _check_keys_and_types(fields, LogregOptions, (), "probes.logreg", source)
-    try:
-        return LogregOptions(**fields)
-    except (TypeError, ValueError) as err:
-        raise ServiceConfigError(f"{source}: probes.logreg: {err}") from None
+    return build_section(LogregOptions, options, "probes.logreg", source)
 
 
 def fewshot_options(options: Mapping[str, Any], source: str) -> FewshotOptions:
     """``probes.fewshot`` checked and built."""
-    fields = dict(options)
-    _check_keys_and_types(fields, FewshotOptions, (), "probes.fewshot", source)
-    try:
-        return FewshotOptions(**fields)
-    except (TypeError, ValueError) as err:
-        raise ServiceConfigError(f"{source}: probes.fewshot: {err}") from None
+    return build_section(FewshotOptions, options, "probes.fewshot", source)
 
 
 def check_convex_options(

@@ -8,11 +8,10 @@ built with placeholder feature sizes (the job knows the real ones only after ext
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Mapping
 from typing import Any
 
-from distprobe.service.config_schema import ServiceConfigError, conforms, describe, refuse_unknown, valid_keys
+from distprobe.service.config_schema import ServiceConfigError, check_keys_and_types
 
 BANK_SET_BY_SERVICE = ("inputs", "num_classes", "in_features")
 """`BankConfig` fields the service fills in (the cached features and the config's num_classes)."""
@@ -64,30 +63,14 @@ def check_probe_options(
         _check_knn(dict(knn), num_classes, source)
 
 
-def _check_keys_and_types(
-    options: dict[str, Any], cls: type, set_by_service: tuple[str, ...], key: str, source: str
-) -> None:
-    for reserved in set_by_service:
-        if reserved in options:
-            raise ServiceConfigError(
-                f"{source}: {key}.{reserved}={options[reserved]!r}; it is set by the service (the cached features "
-                "and the config's num_classes): remove it"
-            )
-    refuse_unknown(options, valid_keys(cls, exclude=set_by_service), f"{key}.", source)
-    hints = typing.get_type_hints(cls)
-    for name, value in options.items():
-        if not conforms(value, hints[name]):
-            raise ServiceConfigError(f"{source}: {key}.{name}={value!r}; expected {describe(hints[name])}")
-
-
 def _check_bank(options: dict[str, Any], num_classes: int, source: str) -> None:
     from distprobe.bank.config import OPTIMIZERS, BankConfig
 
-    _check_keys_and_types(options, BankConfig, BANK_SET_BY_SERVICE, "probes.bank", source)
+    check_keys_and_types(options, BankConfig, BANK_SET_BY_SERVICE, "probes.bank", source)
     optimizer = options.get("optimizer")
     if isinstance(optimizer, Mapping) and optimizer.get("type") in OPTIMIZERS:  # the optimizer's own options' types
         spec_options = {k: v for k, v in optimizer.items() if k != "type"}
-        _check_keys_and_types(spec_options, OPTIMIZERS[optimizer["type"]], (), "probes.bank.optimizer", source)
+        check_keys_and_types(spec_options, OPTIMIZERS[optimizer["type"]], (), "probes.bank.optimizer", source)
     try:
         BankConfig(inputs=("features",), num_classes=num_classes, in_features=1, **{"name": "bank", **options})
     except (TypeError, ValueError) as err:
@@ -117,7 +100,7 @@ def _check_scheduler(spec: Any, source: str) -> None:
 def _check_knn(options: dict[str, Any], num_classes: int, source: str) -> None:
     from distprobe.knn.config import KNNConfig
 
-    _check_keys_and_types(options, KNNConfig, KNN_SET_BY_SERVICE, "probes.knn", source)
+    check_keys_and_types(options, KNNConfig, KNN_SET_BY_SERVICE, "probes.knn", source)
     if options.get("multilabel"):
         raise ServiceConfigError(
             f"{source}: probes.knn.multilabel={options['multilabel']!r}; the service's feature cache keeps one class "

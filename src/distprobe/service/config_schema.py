@@ -120,6 +120,27 @@ def refuse_unknown(options: Mapping[str, Any], valid: list[str], prefix: str, so
         raise ServiceConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {valid}")
 
 
+def check_keys_and_types(
+    options: Mapping[str, Any], cls: type, set_by_service: Sequence[str], key: str, source: str
+) -> None:
+    """Refuse a key the service fills in, an unknown key, and a value of the wrong type in section ``key``.
+
+    The section's keys and types are ``cls``'s fields and annotations, less ``set_by_service`` (the cached features
+    and the config's num_classes fill those in).
+    """
+    for reserved in set_by_service:
+        if reserved in options:
+            raise ServiceConfigError(
+                f"{source}: {key}.{reserved}={options[reserved]!r}; it is set by the service (the cached features "
+                "and the config's num_classes): remove it"
+            )
+    refuse_unknown(options, valid_keys(cls, exclude=set_by_service), f"{key}.", source)
+    hints = typing.get_type_hints(cls)
+    for name, value in options.items():
+        if not conforms(value, hints[name]):
+            raise ServiceConfigError(f"{source}: {key}.{name}={value!r}; expected {describe(hints[name])}")
+
+
 def check_types(options: dict[str, Any], cls: type, prefix: str, source: str) -> None:
     """Refuse values whose type differs from ``cls``'s annotations; recurse into nested dataclass sections.
 
@@ -163,6 +184,26 @@ def check_ranges(obj: Any, prefix: str, source: str) -> None:
 
 
 T = typing.TypeVar("T")
+
+
+def build_section(
+    cls: type[T],
+    options: Mapping[str, Any],
+    key: str,
+    source: str,
+    set_by_service: Sequence[str] = (),
+    **service: Any,
+) -> T:
+    """Section ``key`` checked (`check_keys_and_types`) and built as ``cls(**service, **options)``.
+
+    ``cls``'s own ``__post_init__`` checks the ranges; its ``TypeError`` or ``ValueError`` comes back as a
+    `ServiceConfigError` naming the file and the section.
+    """
+    check_keys_and_types(options, cls, set_by_service, key, source)
+    try:
+        return cls(**service, **options)
+    except (TypeError, ValueError) as err:
+        raise ServiceConfigError(f"{source}: {key}: {err}") from None
 
 
 def build(cls: type[T], options: dict[str, Any], source: str) -> T:
