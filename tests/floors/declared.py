@@ -29,7 +29,7 @@ TESTED_EXTRAS = ("deepspeed",)
 #: Floors CI cannot install, and the release CI pins instead. torch 2.11.0's only Linux x86-64 build on PyPI is the
 #: CUDA one (about 4 GB with its nvidia-* wheels); the CPU builds come from PyTorch's own index, which CI cannot reach.
 #: The 2.11 floor is proven on the GPU machine's torch 2.11.0+cu130: the CUDA suite and this environment's test
-#: selection (docs/benchmarks.md, "The torch floor"). CI keeps torch 2.13.0, the CPU build on local disk.
+#: selection (docs/benchmarks.md, "Session H"). CI keeps torch 2.13.0, the CPU build on local disk.
 CI_PINS = {"torch": "2.13.0"}
 _FLOOR = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*>=\s*([0-9][0-9A-Za-z.]*)")
 
