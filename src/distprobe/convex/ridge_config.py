@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from distprobe.specs import TargetSpec
 
 #: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
 DEFAULT_L2: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -49,13 +51,11 @@ class RidgeConfig:
 
 
 @dataclass(kw_only=True)
-class RidgeSpec:
+class RidgeSpec(TargetSpec[RidgeConfig]):
     """One ridge probe of a `distprobe.loop.ProbeSet`: its configuration (features by ``config.input``), its targets."""
 
-    config: RidgeConfig
-    """The probe's configuration."""
-    target: str | None = None
-    """Key of the labels in the targets mapping; None when one targets tensor is passed."""
+    config_type = RidgeConfig
+    kind = "ridge"
 
 
 def to_ridge_spec(spec: RidgeSpec | RidgeConfig | Mapping[str, Any]) -> RidgeSpec:
@@ -64,14 +64,4 @@ def to_ridge_spec(spec: RidgeSpec | RidgeConfig | Mapping[str, Any]) -> RidgeSpe
     Raises:
         ValueError: for unknown keys, listing the valid ones.
     """
-    if isinstance(spec, RidgeSpec):
-        return spec
-    if isinstance(spec, RidgeConfig):
-        return RidgeSpec(config=spec)
-    options = dict(spec)
-    valid = [f.name for f in fields(RidgeConfig)] + ["target"]
-    unknown = sorted(str(key) for key in options if key not in valid)
-    if unknown:
-        raise ValueError(f"ridge '{options.get('name', '?')}': unknown spec key(s) {unknown}; valid keys: {valid}")
-    target = options.pop("target", None)
-    return RidgeSpec(config=RidgeConfig(**options), target=target)
+    return RidgeSpec.of(spec)

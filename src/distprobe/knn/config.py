@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
+
+from distprobe.specs import TargetSpec
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 log = logging.getLogger(__name__)
@@ -107,13 +109,11 @@ class KNNConfig:
 
 
 @dataclass(kw_only=True)
-class KNNSpec:
+class KNNSpec(TargetSpec[KNNConfig]):
     """One kNN of a `distprobe.loop.ProbeSet`: its configuration (features by ``config.input``) and its target key."""
 
-    config: KNNConfig
-    """The kNN's configuration."""
-    target: str | None = None
-    """Key of the labels in the targets mapping; None when one targets tensor is passed."""
+    config_type = KNNConfig
+    kind = "kNN"
 
 
 def to_knn_spec(spec: KNNSpec | KNNConfig | Mapping[str, Any]) -> KNNSpec:
@@ -122,14 +122,4 @@ def to_knn_spec(spec: KNNSpec | KNNConfig | Mapping[str, Any]) -> KNNSpec:
     Raises:
         ValueError: for unknown keys, listing the valid ones.
     """
-    if isinstance(spec, KNNSpec):
-        return spec
-    if isinstance(spec, KNNConfig):
-        return KNNSpec(config=spec)
-    options = dict(spec)
-    valid = [f.name for f in fields(KNNConfig)] + ["target"]
-    unknown = sorted(str(key) for key in options if key not in valid)
-    if unknown:
-        raise ValueError(f"kNN '{options.get('name', '?')}': unknown spec key(s) {unknown}; valid keys: {valid}")
-    target = options.pop("target", None)
-    return KNNSpec(config=KNNConfig(**options), target=target)
+    return KNNSpec.of(spec)
