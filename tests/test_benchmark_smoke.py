@@ -46,6 +46,20 @@ def test_overhead_benchmark_smoke_runs_every_variant(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # a benchmark's smoke run
+def test_bank_levers_smoke_reaches_the_bank_optimizer_and_matches_the_eager_step(tmp_path: Path) -> None:
+    """On a CPU every lever is off but the fused update's eager form, which must be bitwise the bank's own update.
+
+    The fused calls count shows that the benchmark's patch still reaches the bank optimizer's SGD maths (a refactor
+    that bypassed it would time nothing).
+    """
+    out = tmp_path / "levers.json"
+    _benchmark("bank_levers.py", "--smoke", "--skip-timing", "--json", str(out))
+    exactness = json.loads(out.read_text())["exactness"]
+    assert exactness["fused_update_calls"] > 0
+    assert all(exactness[v]["bitwise"] for v in ("side", "fused", "tf32", "all"))
+
+
+@pytest.mark.slow  # a benchmark's smoke run
 def test_host_time_benchmark_smoke_prints_its_table() -> None:
     proc = _benchmark("host_time.py", "--steps", "5", "--rounds", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
