@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 SERVICE_DIR = "distprobe_eval"
 """Everything the service writes in a run directory goes under this folder."""
@@ -251,7 +251,21 @@ class ResultsStore:
         self, checkpoint: str | None = None, config_hash: str | None = None
     ) -> list[tuple[str, int | None, str, str, str, float, str]]:
         """``(checkpoint, step, probe, head, metric, value, config_hash)`` rows, by step."""
-        query = "SELECT checkpoint, step, probe, head, metric, value, config_hash FROM results WHERE 1"
+        return self._select_results(
+            "checkpoint, step, probe, head, metric, value, config_hash", checkpoint, config_hash
+        )
+
+    def result_rows(
+        self, checkpoint: str | None = None, config_hash: str | None = None
+    ) -> list[tuple[str, int | None, str, ResultRow]]:
+        """``(checkpoint, step, config_hash, row)`` with each row's interval (None where there is none), by step."""
+        columns = "checkpoint, step, config_hash, probe, head, metric, value, low, high"
+        found = self._select_results(columns, checkpoint, config_hash)
+        return [(path, step, hash_, ResultRow(*rest)) for path, step, hash_, *rest in found]
+
+    def _select_results(self, columns: str, checkpoint: str | None, config_hash: str | None) -> list[Any]:
+        """``columns`` of the results of one checkpoint and/or config (all when None), by step."""
+        query = f"SELECT {columns} FROM results WHERE 1"
         args: list[object] = []
         if checkpoint is not None:
             query += " AND checkpoint = ?"
@@ -263,24 +277,6 @@ class ResultsStore:
             return db.execute(
                 query + " ORDER BY step IS NULL, step, checkpoint, config_hash, probe, head, metric", args
             ).fetchall()
-
-    def result_rows(
-        self, checkpoint: str | None = None, config_hash: str | None = None
-    ) -> list[tuple[str, int | None, str, ResultRow]]:
-        """``(checkpoint, step, config_hash, row)`` with each row's interval (None where there is none), by step."""
-        query = "SELECT checkpoint, step, config_hash, probe, head, metric, value, low, high FROM results WHERE 1"
-        args: list[object] = []
-        if checkpoint is not None:
-            query += " AND checkpoint = ?"
-            args.append(checkpoint)
-        if config_hash is not None:
-            query += " AND config_hash = ?"
-            args.append(config_hash)
-        with self._connection() as db:
-            found = db.execute(
-                query + " ORDER BY step IS NULL, step, checkpoint, config_hash, probe, head, metric", args
-            ).fetchall()
-        return [(path, step, hash_, ResultRow(*rest)) for path, step, hash_, *rest in found]
 
     # --- writing: discovery and claims -------------------------------------------------------------------------
 
