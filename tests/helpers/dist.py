@@ -5,7 +5,7 @@ fresh temporary folder, calls `fn(rank, world_size, *args)` in each, and returns
 order. An exception on any rank is re-raised here with that rank's traceback; a rank that hangs is killed after
 `timeout` seconds, so a bug never hangs the suite.
 
-The ranks are forked from a forkserver that imported torch, Lightning, torchmetrics, DeepSpeed and distprobe once per
+The ranks are forked from a forkserver that imported torch, Lightning, torchmetrics and DeepSpeed once per
 pytest session. A spawned rank paid those imports itself: 5-8 s of CPU per rank, for about 150 spawned ranks in the
 suite, on 2 cores. Each rank still starts from that clean server, never from the pytest process, so no test's state
 leaks into another's ranks; it gets the test's environment variables, working directory and `sys.path` as a spawned
@@ -28,8 +28,12 @@ import torch.multiprocessing as mp
 START_METHOD = os.environ.get("DISTPROBE_TEST_START_METHOD", "forkserver")
 """How the ranks start: "forkserver" (default) or "spawn"."""
 
-PRELOAD = ["torch", "torch.distributed", "torchmetrics", "lightning.pytorch", "deepspeed", "distprobe.callbacks"]
-"""What the forkserver imports once. A module that is not installed is skipped (multiprocessing ignores it)."""
+PRELOAD = ["torch", "torch.distributed", "torchmetrics", "lightning.pytorch", "deepspeed"]
+"""What the forkserver imports once. A module that is not installed is skipped (multiprocessing ignores it).
+
+distprobe itself is left out (0.5 s a rank): each rank imports the current sources, and a broken module fails in the
+rank with its own traceback. Any error but ImportError in a preload kills the forkserver, and then every rank of the
+session fails with a bare EOFError (seen with a distprobe module left half-edited)."""
 
 
 class DistributedTestError(RuntimeError):
