@@ -15,32 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distprobe import keys
-from distprobe.service.store import SERVICE_DIR, STORE_NAME  # the service's names, imported rather than copied
+from distprobe.service.store import SERVICE_DIR, STORE_NAME, ResultRow  # the service's names, imported, not copied
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = f"{keys.CHECKPOINT}/"
 
 
-@dataclass(frozen=True)
-class CheckpointResult:
-    """One number of one checkpoint's evaluation by the probing service."""
+@dataclass(frozen=True, kw_only=True)
+class CheckpointResult(ResultRow):
+    """One number of one checkpoint's evaluation by the probing service: the store's `ResultRow` and where it stands.
+
+    Read from TensorBoard or the CSV copy, ``low`` and ``high`` are None (only the store keeps intervals); with
+    several evaluation configs of one run, ``probe`` is ``{name}@{config hash}``.
+    """
 
     checkpoint: str
     """The checkpoint's path (empty when only its step is known, from TensorBoard)."""
     step: int
     """The training's global step at the checkpoint."""
-    probe: str
-    """The bank's or kNN's name."""
-    head: str
-    """A bank head's id, ``best`` for the bank's selected head, ``k{K}`` for a kNN."""
-    metric: str
-    """``top1``..., or ``selected`` (then ``head`` names the bank's selected head)."""
-    value: float
-    low: float | None = None
-    """The lower end of the value's bootstrap interval (only from the store; None without one)."""
-    high: float | None = None
-    """Its upper end."""
 
 
 def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
@@ -62,7 +55,14 @@ def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
             name = result.probe if len(hashes) == 1 else f"{result.probe}@{config_hash[:8]}"
             results.append(
                 CheckpointResult(
-                    checkpoint, int(step), name, result.head, result.metric, result.value, result.low, result.high
+                    name,
+                    result.head,
+                    result.metric,
+                    result.value,
+                    result.low,
+                    result.high,
+                    checkpoint=checkpoint,
+                    step=int(step),
                 )
             )
     return results, stores
@@ -79,7 +79,9 @@ def results_of_key(key: str, points: Mapping[int, float], checkpoint: str) -> li
         log.warning("Checkpoint key %r is not one the probing service writes; left out", key)
         return []
     return [
-        CheckpointResult(checkpoint, step, parsed.probe, parsed.head, parsed.metric, value)
+        CheckpointResult(
+            probe=parsed.probe, head=parsed.head, metric=parsed.metric, value=value, checkpoint=checkpoint, step=step
+        )
         for step, value in points.items()
     ]
 
