@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from distprobe import keys
 from distprobe.report.readers import RunLogs, Series
@@ -180,18 +180,32 @@ def _bank(
         )
         for head_id, values in sorted(heads.items())
     )
-    probe = ProbeCurves(
-        name=name,
-        kind="bank",
-        accuracy_metric=metric,
-        train_loss=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
-        train_loss_epoch=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
+    probe = _trained(
+        name,
+        "bank",
+        metric,
+        flat,
+        claimed,
         eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric or "", head=keys.BEST)),
         heads=curves,
     )
     best_index = _take(flat, claimed, keys.key(keys.EVAL, name, keys.BEST_HEAD))
     _claim_all(flat, claimed, name)  # skipped steps, best_* of other metrics
     return dataclasses.replace(probe, best_head=_best_head(probe, best_index, order))
+
+
+def _trained(
+    name: str, kind: ProbeKind, metric: str | None, flat: Mapping[str, Series], claimed: set[str], **curves: Any
+) -> ProbeCurves:
+    """A trained probe's or bank's curves: the train loss per step and per epoch, which both log under one key."""
+    return ProbeCurves(
+        name=name,
+        kind=kind,
+        accuracy_metric=metric,
+        train_loss=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
+        train_loss_epoch=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
+        **curves,
+    )
 
 
 def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str], str] | None) -> BestHead | None:
@@ -272,12 +286,12 @@ def _probe_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
 def _probe(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
     logged = _metrics_of(flat, claimed, keys.EVAL, name) or _metrics_of(flat, claimed, keys.TRAIN, name)
     metric = accuracy_metric(logged)
-    probe = ProbeCurves(
-        name=name,
-        kind="probe",
-        accuracy_metric=metric,
-        train_loss=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
-        train_loss_epoch=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
+    probe = _trained(
+        name,
+        "probe",
+        metric,
+        flat,
+        claimed,
         eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric or "")),
         train_accuracy=_take(flat, claimed, keys.key(keys.TRAIN, name, metric or "")),
     )
