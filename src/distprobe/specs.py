@@ -6,7 +6,6 @@ itself, their config alone, or a dict of the config's fields plus ``target``. `T
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -16,7 +15,10 @@ SpecT = TypeVar("SpecT", bound="TargetSpec[Any]")
 
 @dataclass(kw_only=True)
 class TargetSpec(Generic[ConfigT]):
-    """A config and the key of its labels; subclasses name their config class and their kind's word in errors."""
+    """A config and the key of its labels; a subclass names its config class and its kind's word in errors.
+
+    Example: ``class KNNSpec(TargetSpec[KNNConfig], config_type=KNNConfig, kind="kNN")``.
+    """
 
     config_type: ClassVar[type]
     """The config dataclass a dict of fields builds."""
@@ -27,6 +29,12 @@ class TargetSpec(Generic[ConfigT]):
     """The configuration."""
     target: str | None = None
     """Key of the labels in the targets mapping; None when one targets tensor is passed."""
+
+    def __init_subclass__(cls, *, config_type: type | None = None, kind: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if config_type is not None:
+            cls.config_type = config_type
+            cls.kind = kind
 
     @classmethod
     def of(cls: type[SpecT], spec: Any) -> SpecT:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from distprobe.specs import TargetSpec
 
@@ -50,18 +49,9 @@ class RidgeConfig:
             raise ValueError(f"ridge '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1")
 
 
-@dataclass(kw_only=True)
-class RidgeSpec(TargetSpec[RidgeConfig]):
+class RidgeSpec(TargetSpec[RidgeConfig], config_type=RidgeConfig, kind="ridge"):
     """One ridge probe of a `distprobe.loop.ProbeSet`: its configuration (features by ``config.input``), its targets."""
 
-    config_type = RidgeConfig
-    kind = "ridge"
 
-
-def to_ridge_spec(spec: RidgeSpec | RidgeConfig | Mapping[str, Any]) -> RidgeSpec:
-    """A `RidgeSpec` from itself, a `RidgeConfig`, or a dict of `RidgeConfig` fields plus ``target``.
-
-    Raises:
-        ValueError: for unknown keys, listing the valid ones.
-    """
-    return RidgeSpec.of(spec)
+to_ridge_spec = RidgeSpec.of
+"""A `RidgeSpec` from itself, a `RidgeConfig`, or a dict of its fields plus ``target`` (ValueError: unknown keys)."""

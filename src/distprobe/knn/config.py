@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -108,18 +108,9 @@ class KNNConfig:
         return -(-self.queue_length // world_size)
 
 
-@dataclass(kw_only=True)
-class KNNSpec(TargetSpec[KNNConfig]):
+class KNNSpec(TargetSpec[KNNConfig], config_type=KNNConfig, kind="kNN"):
     """One kNN of a `distprobe.loop.ProbeSet`: its configuration (features by ``config.input``) and its target key."""
 
-    config_type = KNNConfig
-    kind = "kNN"
 
-
-def to_knn_spec(spec: KNNSpec | KNNConfig | Mapping[str, Any]) -> KNNSpec:
-    """A `KNNSpec` from itself, a `KNNConfig`, or a dict of `KNNConfig` fields plus ``target``.
-
-    Raises:
-        ValueError: for unknown keys, listing the valid ones.
-    """
-    return KNNSpec.of(spec)
+to_knn_spec = KNNSpec.of
+"""A `KNNSpec` from itself, a `KNNConfig`, or a dict of its fields plus ``target`` (ValueError: unknown keys)."""
