@@ -10,16 +10,16 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
+from distprobe.callbacks.base import Stage, require_keys
+from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
-from distprobe.features.dtensor import whole
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
 from distprobe.knn.checks import first_batch_problem
 
 log = logging.getLogger(__name__)
 
 
-class OnlineKNN(ProbeCallback):
+class OnlineKNN(FlatInputCallback):
     """Classify validation samples by a weighted vote of their nearest recent training samples (cosine similarity).
 
     Each neighbour votes for its class with weight ``exp(cosine / temperature)`` (DINO's ``eval_knn.py``). The
@@ -56,6 +56,8 @@ class OnlineKNN(ProbeCallback):
         (10, 20, 100, 200)
     """
 
+    engine_type = ShardedKNN
+
     def __init__(
         self,
         module: pl.LightningModule | None,
@@ -86,9 +88,7 @@ class OnlineKNN(ProbeCallback):
             input=input,
             multilabel=multilabel,
         )
-        super().__init__(name, [input], target, own_data_of(name, data, val_data, features, every_n_steps))
-        self.input = input
-        self.config = config
+        super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
 
     @property
     def knn(self) -> ShardedKNN:
@@ -98,28 +98,10 @@ class OnlineKNN(ProbeCallback):
     # --- set-up -------------------------------------------------------------------------------------------------
 
     @override
-    def known_size(self) -> Any:
-        return self.config.in_features
-
-    @override
-    def size_of(self, read: Any) -> Any:
-        return int(read[0][0].numel())
-
-    @override
-    def build_engine(self, size: Any) -> None:
-        assert self._where is not None, "built after setup"
-        dp_group, device = self._where
-        self.engine_ready(ShardedKNN.build(self.config, in_features=int(size), dp_group=dp_group, device=device))
-
-    @override
     def add_to(self, probe_set: Any) -> None:
         probe_set.add_knn(self.config, self.knn)
 
     # --- training: the coordinator pushes each batch into the buffer --------------------------------------------
-
-    @override
-    def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
-        return whole(features[0]), targets
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:

@@ -11,14 +11,13 @@ from typing_extensions import override
 
 from distprobe import keys
 from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
+from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
 from distprobe.engine.checks import class_index_problem
-from distprobe.features.dtensor import whole
-from distprobe.strategies.groups import data_parallel_group
 
 
-class OnlineRidge(ProbeCallback):
+class OnlineRidge(FlatInputCallback):
     """Ridge regression on one-hot labels, solved exactly for every lambda at each validation from summed statistics.
 
     Each rank sums, in float64 over the current epoch's training batches, the count, the feature and label sums,
@@ -52,6 +51,7 @@ class OnlineRidge(ProbeCallback):
     """
 
     in_probe_set = False
+    engine_type = RidgeProbe
 
     def __init__(
         self,
@@ -70,7 +70,7 @@ class OnlineRidge(ProbeCallback):
         features: FeatureFn | None = None,
     ) -> None:
         require_keys("ridge", name, input=input, target=target)
-        self.config = RidgeConfig(
+        config = RidgeConfig(
             name=name,
             num_classes=num_classes,
             l2=l2,
@@ -78,48 +78,16 @@ class OnlineRidge(ProbeCallback):
             in_features=in_features,
             input=input,
         )
-        super().__init__(name, [input], target, own_data_of(name, data, val_data, features, every_n_steps))
-        self.input = input
-        self._where: tuple[Any, torch.device] | None = None
+        super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
         self._epoch: int | None = None
         """The training epoch the statistics belong to (kept in checkpoints: a mid-epoch resume keeps them)."""
 
     @property
     def ridge(self) -> RidgeProbe:
         """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
-        if self._engine is None:
-            raise RuntimeError(
-                f"ridge '{self.name}': its statistics do not exist yet; they are created at setup when "
-                "'in_features' is given, else from the first training batch."
-            )
-        return self._engine
-
-    # --- set-up -------------------------------------------------------------------------------------------------
-
-    def _build(self, in_features: int) -> None:
-        assert self._where is not None, "built after setup"
-        dp_group, device = self._where
-        self.engine_ready(RidgeProbe.build(self.config, in_features=in_features, dp_group=dp_group, device=device))
-
-    @override
-    def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._where = (data_parallel_group(trainer.strategy), trainer.strategy.root_device)
-        if self._engine is None:
-            if self._pending_state is not None:
-                self._build(int(self._pending_state["in_features"]))
-            elif self.config.in_features is not None:
-                self._build(self.config.in_features)
-
-    @override
-    def engine_from_pending(self) -> None:
-        if self._where is not None and self._pending_state:
-            self._build(int(self._pending_state["in_features"]))
+        return self.sized_engine("ridge", "statistics do")
 
     # --- training: each batch is added to this rank's statistics ------------------------------------------------
-
-    @override
-    def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
-        return whole(features[0]), targets
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:
@@ -133,12 +101,6 @@ class OnlineRidge(ProbeCallback):
                 f"{self._engine.in_features} (argument 'in_features', or a loaded checkpoint); fix 'in_features'."
             )
         return problem
-
-    @override
-    def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
-        super().first_batch_passed(trainer, read)
-        if self._engine is None:
-            self._build(int(read[0][0].numel()))
 
     @override
     def train_alone(self, read: Any) -> Any:
