@@ -16,7 +16,6 @@ affine folded into the following projection's weights (so no ``(K, B, N, D)`` co
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distprobe.bank.config import BankConfig
-from distprobe.bank.families.base import HeadFamily, ParamView
+from distprobe.bank.families.base import HeadFamily, ParamView, head_option_fields
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -53,15 +52,7 @@ class AttentiveOptions:
         """From ``head_options`` (None, a dict or an instance); unknown keys and bad values are refused."""
         if isinstance(options, AttentiveOptions):
             return options
-        options = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"bank '{bank_name}': argument 'head_options' got unknown option(s) {unknown} for head 'attentive'; "
-                f"valid options: {valid}."
-            )
-        parsed = cls(**options)
+        parsed = cls(**head_option_fields(cls, options, bank_name, "attentive"))
         for key in ("num_queries", "depth"):
             value = getattr(parsed, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -23,8 +23,9 @@ The grid (`distprobe.bank.config.Head`: source, normalization, lr, weight decay)
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -102,3 +103,20 @@ class HeadFamily(nn.Module, abc.ABC):
     @abc.abstractmethod
     def export(self, index: int) -> nn.Module:
         """Head ``index`` as a plain module with its current weights (and statistics), in eval mode if it has any."""
+
+
+def head_option_fields(cls: type, options: Any, bank_name: str, head: str) -> dict[str, Any]:
+    """``head_options`` (None or a mapping) as a dict of family options class ``cls``'s fields.
+
+    Raises:
+        ValueError: for an unknown key, naming the bank and the head family and listing the valid options.
+    """
+    given = dict(options or {})
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"bank '{bank_name}': argument 'head_options' got unknown option(s) {unknown} for head '{head}'; "
+            f"valid options: {valid}."
+        )
+    return given

@@ -163,6 +163,11 @@ class LinearHeads(HeadFamily):
 
     def export(self, index: int) -> nn.Module:
         """That head as an ``nn.Linear`` with its current weights (behind its BatchNorm in eval mode, if any)."""
+        linear, norm = self.export_parts(index)
+        return linear if norm is None else nn.Sequential(norm, linear).eval()
+
+    def export_parts(self, index: int) -> tuple[nn.Linear, nn.BatchNorm1d | None]:
+        """That head's ``nn.Linear`` with its current weights, and its BatchNorm (running statistics) or None."""
         head = self.head_list[index]
         block = next(b for b in self.blocks if b.first <= index < b.first + b.count)
         at = index - block.first
@@ -172,9 +177,9 @@ class LinearHeads(HeadFamily):
             linear.weight.copy_(weight_view(self.flat, block)[at])
             linear.bias.copy_(bias_view(self.flat, block)[at])
         if head.normalization is None:
-            return linear
+            return linear, None
         norm = nn.BatchNorm1d(block.in_features, affine=False, eps=self.config.batchnorm_eps, device=device)
         mean, var = self.running[block.first]
         with torch.no_grad():
             norm.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
-        return nn.Sequential(norm, linear).eval()
+        return linear, norm
