@@ -7,6 +7,8 @@ bank's metrics sync in one flat all-reduce (`distprobe.metrics.flat_sync`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import Metric
 
@@ -86,3 +88,30 @@ class HeadLoss(Metric):
     def compute(self) -> torch.Tensor:
         """``(K,)`` mean losses."""
         return (self.total / self.count).float()
+
+
+def parse_named_metrics(spec: Any, bank_name: str, metrics: tuple[str, ...], kind: str) -> dict[str, int]:
+    """The metrics a bank of a named-metric kind reports: ``metrics[0]`` first (it chooses the best head).
+
+    The class-index default ``("top1",)`` (or None) means all of them.
+
+    Args:
+        spec: The bank's ``metrics`` argument: None, a name or a sequence of names.
+        bank_name: The bank's name, for the error.
+        metrics: The kind's metric names, its selection metric first.
+        kind: What makes the bank this kind, for the error (``multilabel=True``, ``head 'dense'``).
+
+    Raises:
+        ValueError: for an unknown name or an empty list, listing the valid ones.
+    """
+    if spec is None or spec == ("top1",) or spec == ["top1"]:
+        return dict.fromkeys(metrics, 0)
+    names = [spec] if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in metrics]
+    selector = metrics[0]
+    if unknown or not names:
+        raise ValueError(
+            f"bank '{bank_name}': argument 'metrics' got {spec!r} with {kind}; expected names among "
+            f"{list(metrics)} ({selector} chooses the best head whatever is reported)."
+        )
+    return dict.fromkeys([selector, *[n for n in names if n != selector]], 0)

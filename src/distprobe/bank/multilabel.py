@@ -30,7 +30,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from distprobe import keys
 from distprobe.bank.config import BankConfig
-from distprobe.bank.metrics import HeadLoss
+from distprobe.bank.metrics import HeadLoss, parse_named_metrics
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import is_distributed
@@ -46,16 +46,7 @@ _TRAIN_METRICS = ("f1_micro", "f1_macro")
 
 def parse_multilabel_metrics(spec: Any, bank_name: str) -> dict[str, int]:
     """The metrics a multi-label bank reports (the class-index default ``("top1",)`` means all of them)."""
-    if spec is None or spec == ("top1",) or spec == ["top1"]:
-        return dict.fromkeys(MULTILABEL_METRICS, 0)
-    names = [spec] if isinstance(spec, str) else list(spec)
-    unknown = [n for n in names if n not in MULTILABEL_METRICS]
-    if unknown or not names:
-        raise ValueError(
-            f"bank '{bank_name}': argument 'metrics' got {spec!r} with multilabel=True; expected names among "
-            f"{list(MULTILABEL_METRICS)} (mAP chooses the best head whatever is reported)."
-        )
-    return dict.fromkeys(["mAP", *[n for n in names if n != "mAP"]], 0)
+    return parse_named_metrics(spec, bank_name, MULTILABEL_METRICS, "multilabel=True")
 
 
 def check_targets(
