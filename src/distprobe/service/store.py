@@ -334,22 +334,23 @@ class ResultsStore:
 
     def set_job(self, checkpoint: str, config_hash: str, claim: str, job_id: str, log_path: str) -> bool:
         """The claim's job id, once the scheduler answered (counts a try); False if the claim is not live."""
-        with self._write() as db:
-            cursor = db.execute(
-                "UPDATE evaluations SET state = 'submitted', job_id = ?, log_path = ?, tries = tries + 1, updated = ?"
-                " WHERE checkpoint = ? AND config_hash = ? AND claim = ? AND state IN ('claimed', 'submitted')",
-                (job_id, log_path, time.time(), checkpoint, config_hash, claim),
-            )
-            return cursor.rowcount == 1
+        changes = "state = 'submitted', job_id = ?, log_path = ?, tries = tries + 1"
+        return self._update_live_claim(checkpoint, config_hash, claim, changes, (job_id, log_path))
 
     def release(self, checkpoint: str, config_hash: str, claim: str, state: State, error: str | None) -> bool:
         """End a live claim without results (``pending`` to try again, ``failed``, ``missing``)."""
         assert state not in IN_FLIGHT and state != "done", state
+        return self._update_live_claim(checkpoint, config_hash, claim, "state = ?, error = ?", (state, error))
+
+    def _update_live_claim(
+        self, checkpoint: str, config_hash: str, claim: str, changes: str, values: tuple[object, ...]
+    ) -> bool:
+        """Apply ``changes`` (SQL ``SET`` terms, ``values`` their parameters) while ``claim`` is live; False if not."""
         with self._write() as db:
             cursor = db.execute(
-                "UPDATE evaluations SET state = ?, error = ?, updated = ? WHERE checkpoint = ? AND config_hash = ?"
+                f"UPDATE evaluations SET {changes}, updated = ? WHERE checkpoint = ? AND config_hash = ?"
                 " AND claim = ? AND state IN ('claimed', 'submitted')",
-                (state, error, time.time(), checkpoint, config_hash, claim),
+                (*values, time.time(), checkpoint, config_hash, claim),
             )
             return cursor.rowcount == 1
 
