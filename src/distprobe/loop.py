@@ -133,6 +133,14 @@ def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -
     return tensors[key]
 
 
+def _one_input(
+    spec: KNNSpec | RidgeSpec, name: str, features: Tensors, targets: Tensors
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features (by ``config.input``) and the targets (by ``target``) of a member reading one input."""
+    x = pick(features, spec.config.input, probe_name=name, argument="input")
+    return x, pick(targets, spec.target, probe_name=name, argument="target")
+
+
 class ProbeSet:
     """Probes trained on detached features from your own training loop, each replicated over the data-parallel group.
 
@@ -180,16 +188,21 @@ class ProbeSet:
         self.knns: dict[str, ShardedKNN] = {}
         """The kNNs whose buffers exist: from `build` with ``in_features``, else from the first `step`."""
         self._pending_knn_state: dict[str, Mapping[str, Any]] = {}
-        for name, knn_spec in self.knn_specs.items():
-            if knn_spec.config.in_features is not None:
-                self._build_knn(name, knn_spec.config.in_features)
         self.ridge_specs: dict[str, RidgeSpec] = {r.config.name: r for r in ridges}
         self.ridges: dict[str, RidgeProbe] = {}
         """The ridge probes whose statistics exist: from `build` with ``in_features``, else from the first `step`."""
         self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
-        for name, ridge_spec in self.ridge_specs.items():
-            if ridge_spec.config.in_features is not None:
-                self._build_ridge(name, ridge_spec.config.in_features)
+        for members, _, _, build in self._sized_kinds():
+            for name, member in members.items():
+                if member.config.in_features is not None:
+                    build(name, member.config.in_features)
+
+    def _sized_kinds(self) -> tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any], ...]:
+        """``(specs, engines, pending states, build)`` of each kind built from one input's size (kNNs, ridges)."""
+        return (
+            (self.knn_specs, self.knns, self._pending_knn_state, self._build_knn),
+            (self.ridge_specs, self.ridges, self._pending_ridge_state, self._build_ridge),
+        )
 
     @classmethod
     def build(
@@ -338,31 +351,34 @@ class ProbeSet:
         return self._build_bank(name, feature_sizes(self.bank_specs[name].config, xs))
 
     def _build_knn(self, name: str, in_features: int) -> ShardedKNN:
-        knn = ShardedKNN.build(
-            self.knn_specs[name].config, in_features=in_features, dp_group=self.dp_group, device=self._device
-        )
-        self.knns[name] = knn
-        if name in self._pending_knn_state:
-            knn.load_state_dict(self._pending_knn_state.pop(name))
-        return knn
-
-    def _knn_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.knn_specs[name]
-        x = pick(features, spec.config.input, probe_name=name, argument="input")
-        return x, pick(targets, spec.target, probe_name=name, argument="target")
+        return self._build_sized(ShardedKNN, name, in_features, self.knn_specs, self.knns, self._pending_knn_state)
 
     def _build_ridge(self, name: str, in_features: int) -> RidgeProbe:
-        config = self.ridge_specs[name].config
-        ridge = RidgeProbe.build(config, in_features=in_features, dp_group=self.dp_group, device=self._device)
-        self.ridges[name] = ridge
-        if name in self._pending_ridge_state:
-            ridge.load_state_dict(dict(self._pending_ridge_state.pop(name)))
-        return ridge
+        ridges, pending = self.ridges, self._pending_ridge_state
+        return self._build_sized(RidgeProbe, name, in_features, self.ridge_specs, ridges, pending)
+
+    def _build_sized(
+        self,
+        engine_type: type[ShardedKNN] | type[RidgeProbe],
+        name: str,
+        in_features: int,
+        specs: Mapping[str, KNNSpec] | Mapping[str, RidgeSpec],
+        engines: dict[str, Any],
+        pending: dict[str, Mapping[str, Any]],
+    ) -> Any:
+        """Build member ``name``'s engine for ``in_features`` and apply any state loaded before it existed."""
+        config: Any = specs[name].config
+        engine = engine_type.build(config, in_features=in_features, dp_group=self.dp_group, device=self._device)
+        engines[name] = engine
+        if name in pending:
+            engine.load_state_dict(dict(pending.pop(name)))
+        return engine
+
+    def _knn_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        return _one_input(self.knn_specs[name], name, features, targets)
 
     def _ridge_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        spec = self.ridge_specs[name]
-        x = pick(features, spec.config.input, probe_name=name, argument="input")
-        return x, pick(targets, spec.target, probe_name=name, argument="target")
+        return _one_input(self.ridge_specs[name], name, features, targets)
 
     def _ridge_problems(self, features: Tensors, targets: Tensors) -> list[str]:
         """What is wrong with the first batch of each ridge probe."""
@@ -655,20 +671,13 @@ class ProbeSet:
             else:  # heads from the saved sizes, so that a resumed set needs no first batch to exist
                 self._pending_bank_state[name] = state[name]
                 self._build_bank(name, dict(state[name]["in_features"]))
-        for name in self.knn_specs:
-            if name not in state:
-                continue
-            if name in self.knns:
-                self.knns[name].load_state_dict(state[name])
-            else:  # the buffer from the saved size: each rank takes its own shard back
-                self._pending_knn_state[name] = state[name]
-                self._build_knn(name, int(state[name]["in_features"]))
-        for name in (n for n in self.ridge_specs if n in state):
-            if name in self.ridges:
-                self.ridges[name].load_state_dict(dict(state[name]))
-            else:  # the statistics from the saved size
-                self._pending_ridge_state[name] = state[name]
-                self._build_ridge(name, int(state[name]["in_features"]))
+        for specs, engines, pending, build in self._sized_kinds():
+            for name in (n for n in specs if n in state):
+                if name in engines:
+                    engines[name].load_state_dict(dict(state[name]))
+                else:  # a kNN's buffer (each rank takes its own shard back), a ridge's statistics: the saved size
+                    pending[name] = state[name]
+                    build(name, int(state[name]["in_features"]))
         extra = sorted(set(state) - set(self.probes) - set(self.bank_specs) - set(self.knn_specs))
         extra = sorted(set(extra) - set(self.ridge_specs))
         if extra:
