@@ -141,6 +141,23 @@ def _one_input(
     return x, pick(targets, spec.target, probe_name=name, argument="target")
 
 
+def _first_batch_problems(
+    members: Mapping[str, Any], read: Callable[[str, Any], Any], check: Callable[[str, Any, Any], str | None]
+) -> list[str]:
+    """What is wrong with the first batch of each member of one kind: its inputs' routing (``read``), then ``check``."""
+    problems = []
+    for name, spec in members.items():
+        try:
+            inputs = read(name, spec)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        problem = check(name, spec, inputs)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
 class ProbeSet:
     """Probes trained on detached features from your own training loop, each replicated over the data-parallel group.
 
@@ -380,21 +397,6 @@ class ProbeSet:
     def _ridge_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         return _one_input(self.ridge_specs[name], name, features, targets)
 
-    def _ridge_problems(self, features: Tensors, targets: Tensors) -> list[str]:
-        """What is wrong with the first batch of each ridge probe."""
-        problems = []
-        for name, spec in self.ridge_specs.items():
-            try:
-                x, y = self._ridge_inputs(name, features, targets)
-            except ValueError as err:
-                problems.append(str(err))
-                continue
-            inputs = {spec.config.input or "features": x}
-            problem = class_index_problem(f"ridge '{name}'", inputs, y, spec.config.num_classes)
-            if problem is not None:
-                problems.append(problem)
-        return problems
-
     def knn(self, name: str) -> ShardedKNN:
         """The kNN ``name`` (its buffer exists from `build` with ``in_features``, else from the first `step`)."""
         if name not in self.knns:
@@ -438,42 +440,46 @@ class ProbeSet:
         """Route the tensors; on the first batch, check them on every rank and fail on all ranks together."""
         if self._checked_first_batch:
             return self._inputs(features, targets)
-        problems: list[str] = []
         inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, spec in self.specs.items():
-            try:
-                x = pick(features, spec.input, probe_name=name, argument="input")
-                y = pick(targets, spec.target, probe_name=name, argument="target")
-            except ValueError as err:
-                problems.append(str(err))
-                continue
-            problem = first_batch_problem(self.probes[name], x, y, input_key=spec.input or "features")
-            if problem is not None:
-                problems.append(problem)
-            inputs[name] = (x, y)
-        for name, bank_spec in self.bank_specs.items():
-            try:
-                xs, y = self._bank_inputs(name, features, targets)
-            except ValueError as err:
-                problems.append(str(err))
-                continue
-            config = bank_spec.config
-            problem = bank_first_batch_problem(name, config.inputs, xs, y, config.num_classes, config=config)
-            if problem is not None:
-                problems.append(problem)
-        for name, knn_spec in self.knn_specs.items():
-            try:
-                x, y = self._knn_inputs(name, features, targets)
-            except ValueError as err:
-                problems.append(str(err))
-                continue
-            input_key = knn_spec.config.input or "features"
-            problem = knn_first_batch_problem(
-                name, input_key, x, y, knn_spec.config.num_classes, multilabel=knn_spec.config.multilabel
-            )
-            if problem is not None:
-                problems.append(problem)
-        problems += self._ridge_problems(features, targets)
+
+        def probe_problem(name: str, spec: ProbeSpec, read: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+            inputs[name] = read
+            return first_batch_problem(self.probes[name], read[0], read[1], input_key=spec.input or "features")
+
+        problems = _first_batch_problems(
+            self.specs,
+            lambda name, spec: (
+                pick(features, spec.input, probe_name=name, argument="input"),
+                pick(targets, spec.target, probe_name=name, argument="target"),
+            ),
+            probe_problem,
+        )
+        problems += _first_batch_problems(
+            self.bank_specs,
+            lambda name, _: self._bank_inputs(name, features, targets),
+            lambda name, spec, read: bank_first_batch_problem(
+                name, spec.config.inputs, read[0], read[1], spec.config.num_classes, config=spec.config
+            ),
+        )
+        problems += _first_batch_problems(
+            self.knn_specs,
+            lambda name, _: self._knn_inputs(name, features, targets),
+            lambda name, spec, read: knn_first_batch_problem(
+                name,
+                spec.config.input or "features",
+                read[0],
+                read[1],
+                spec.config.num_classes,
+                multilabel=spec.config.multilabel,
+            ),
+        )
+        problems += _first_batch_problems(
+            self.ridge_specs,
+            lambda name, _: self._ridge_inputs(name, features, targets),
+            lambda name, spec, read: class_index_problem(
+                f"ridge '{name}'", {spec.config.input or "features": read[0]}, read[1], spec.config.num_classes
+            ),
+        )
         # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
         raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
         self._checked_first_batch = True
