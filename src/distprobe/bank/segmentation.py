@@ -24,7 +24,7 @@ from torchmetrics import Metric
 from distprobe import keys
 from distprobe.bank.config import BankConfig
 from distprobe.bank.dense_loss import upsample
-from distprobe.bank.metrics import HeadLoss
+from distprobe.bank.metrics import HeadLoss, parse_named_metrics
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import is_distributed
@@ -38,16 +38,7 @@ SEGMENTATION_METRICS = ("mIoU", "pixel_acc")
 
 def parse_segmentation_metrics(spec: Any, bank_name: str) -> dict[str, int]:
     """The metrics a dense bank reports (the class-index default ``("top1",)`` means all of them)."""
-    if spec is None or spec == ("top1",) or spec == ["top1"]:
-        return dict.fromkeys(SEGMENTATION_METRICS, 0)
-    names = [spec] if isinstance(spec, str) else list(spec)
-    unknown = [n for n in names if n not in SEGMENTATION_METRICS]
-    if unknown or not names:
-        raise ValueError(
-            f"bank '{bank_name}': argument 'metrics' got {spec!r} with head 'dense'; expected names among "
-            f"{list(SEGMENTATION_METRICS)} (mIoU chooses the best head whatever is reported)."
-        )
-    return dict.fromkeys(["mIoU", *[n for n in names if n != "mIoU"]], 0)
+    return parse_named_metrics(spec, bank_name, SEGMENTATION_METRICS, "head 'dense'")
 
 
 def miou_and_accuracy(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

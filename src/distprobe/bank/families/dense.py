@@ -17,7 +17,6 @@ ignored pixels. `distprobe.bank.dense_loss` bounds its memory (a chunk of heads 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from torch import nn
 
 from distprobe.bank import dense_loss
 from distprobe.bank.config import BankConfig
-from distprobe.bank.families.linear import LinearHeads, bias_view, weight_view
+from distprobe.bank.families.base import head_option_fields
+from distprobe.bank.families.linear import LinearHeads
 from distprobe.engine import bad_data
 from distprobe.engine.checks import label_range_problem
 
@@ -68,14 +68,7 @@ class DenseOptions:
         """From ``head_options`` (None, a dict or an instance); unknown keys and bad values are refused."""
         if isinstance(options, DenseOptions):
             return options
-        given = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(given) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"bank '{bank_name}': argument 'head_options' got unknown option(s) {unknown} for head 'dense'; "
-                f"valid options: {valid}."
-            )
+        given = head_option_fields(cls, options, bank_name, "dense")
         for key in ("grid", "loss_resolution"):
             given[key] = _pair(given.get(key), key, bank_name)
         for key in ("loss_chunk_heads", "samples_per_step"):
@@ -260,18 +253,5 @@ class DenseHeads(LinearHeads):
 
     def export(self, index: int) -> nn.Module:
         """That head as a `DenseHead` (BatchNorm in eval mode, if any), giving ``(B, C, h, w)`` logits."""
-        head = self.head_list[index]
-        block = next(b for b in self.blocks if b.first <= index < b.first + b.count)
-        at = index - block.first
-        device = self.flat.device
-        linear = nn.Linear(block.in_features, block.num_classes, device=device)
-        with torch.no_grad():
-            linear.weight.copy_(weight_view(self.flat, block)[at])
-            linear.bias.copy_(bias_view(self.flat, block)[at])
-        norm = None
-        if head.normalization is not None:
-            norm = nn.BatchNorm1d(block.in_features, affine=False, eps=self.config.batchnorm_eps, device=device)
-            mean, var = self.running[block.first]
-            with torch.no_grad():
-                norm.load_state_dict({"running_mean": mean, "running_var": var}, strict=False)
+        linear, norm = self.export_parts(index)
         return DenseHead(linear, norm, self.options.grid).eval()
