@@ -27,8 +27,8 @@ lint: $(STAMP)
 # The repeated runs that check that processes exit cleanly (24 runs of 2 spawned ranks, 5 ddp_spawn fits): a rare
 # SIGABRT at interpreter exit needs many real exits to show, and each pays torch's imports again: the suite's two
 # costliest tests. CI runs them as a stage of their own (`make test-exits` in .ci/run), so `make test` keeps its 15 min.
-EXIT_CHECKS := tests/distributed/test_clean_exit.py \
-	tests/distributed/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
+EXIT_CHECKS := tests/engine/test_clean_exit.py \
+	tests/strategies/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
 
 # pytest exits 5 when it collects nothing: that must fail, not pass as "no failures". The whole suite but
 # EXIT_CHECKS (the GPU tests skip without CUDA); --durations names the slowest tests in CI's log.
@@ -68,15 +68,15 @@ clean:
 # internal distprobe uses (README.md, "Supported versions"); about 1 min to build the environment, 3.5-4.5 min to run.
 FLOORS_VENV := .venv-floors
 FLOORS_STAMP := $(FLOORS_VENV)/.installed
-FLOORS_TESTS := tests/floors tests/unit tests/callbacks tests/metrics tests/strategies tests/loop tests/distributed
+FLOORS_TESTS := tests/floors tests/engine tests/callbacks tests/metrics tests/strategies tests/loop
 # Left out: a benchmark's smoke run (tests/metrics/test_metric_flat_sync.py reaches the same internals), the tests of
 # the engine and ProbeSet on torch.distributed alone, and the repeated runs that check clean process exits (the
-# repeated ddp_spawn fits and tests/distributed/test_clean_exit.py; torch is 2.13.0 in both environments; revisit if
+# repeated ddp_spawn fits and tests/engine/test_clean_exit.py; CI pins torch 2.13.0 in both environments, tests/floors/declared.py; revisit if
 # its floor moves).
-FLOORS_SKIP := --ignore=tests/metrics/test_metric_benchmark.py --ignore=tests/distributed/test_ddp_engine.py \
-	--ignore=tests/distributed/test_real_use_engine.py --ignore=tests/loop/test_probe_set.py \
-	--ignore=tests/distributed/test_clean_exit.py \
-	--deselect=tests/distributed/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
+FLOORS_SKIP := --ignore=tests/metrics/test_metric_benchmark.py --ignore=tests/engine/test_probe_ddp.py \
+	--ignore=tests/engine/test_probe_real_use.py --ignore=tests/loop/test_probe_set.py \
+	--ignore=tests/engine/test_clean_exit.py \
+	--deselect=tests/strategies/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
 
 .PHONY: test-floors
 

@@ -43,7 +43,7 @@ for what in "$@"; do
         $PY -c "import torch, lightning, torchmetrics, distprobe; print(torch.__version__, lightning.__version__,
 torchmetrics.__version__, torch.cuda.get_device_name())"
         ;;
-    tests) stage tests $PY -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rs ;;
+    tests) stage tests $PY -m pytest -p no:cacheprovider -m gpu tests/engine tests/bank -q -rs ;;
     syncs) stage syncs $BENCH --sync-check --workload resnet --json "$OUT/syncs.json" ;;
     vit) stage vit $BENCH --workload vit --json "$OUT/vit.json" ;;
     resnet) stage resnet $BENCH --workload resnet --rounds 10 --steps 50 --json "$OUT/resnet.json" ;;
@@ -67,7 +67,7 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         ;;
     multigpu) stage multigpu bash benchmarks/multigpu.sh checks 1 ;;
     # Every CUDA-marked test: the probe, the kNN buffer, the monitors, the exact metrics (issue 14).
-    gpu-tests) stage gpu-tests $PY -m pytest -p no:cacheprovider -m gpu tests/gpu tests/knn tests/monitors tests/metrics \
+    gpu-tests) stage gpu-tests $PY -m pytest -p no:cacheprovider -m gpu tests/engine tests/bank tests/knn tests/monitors tests/metrics \
         -q -rs ;;
     # The sharded kNN against an all-gather kNN on one GPU, up to 1M x 768 (docs/benchmarks.md, "Sharded kNN").
     knn)
@@ -82,7 +82,7 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         stage service $PY benchmarks/probing_service.py --device cuda --json "$OUT/service.json"
         ;;
     # The torch floor (issue 28): every CUDA-marked test of the suite, on this machine's torch.
-    cuda-suite) stage cuda-suite $PY -m pytest -p no:cacheprovider -m gpu tests/gpu tests/knn tests/monitors \
+    cuda-suite) stage cuda-suite $PY -m pytest -p no:cacheprovider -m gpu tests/engine tests/bank tests/knn tests/monitors \
         tests/metrics tests/service -q -rs ;;
     # ...and `make test-floors`' selection (FLOORS_TESTS and FLOORS_SKIP, read from the Makefile) on this torch, on
     # the CPU (CUDA hidden, as CI runs it), 8 workers; failures are run again alone to tell a real failure from a
@@ -97,9 +97,9 @@ print(' '.join(re.search(r'^FLOORS_TESTS := (.*)$', t, re.M)[1].split()), '|',
         # What the selection leaves out because CI's two environments share one torch (see the Makefile): the
         # engine and ProbeSet on torch.distributed alone, and the repeated clean-exit runs.
         stage floors-extra env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -n 8 -p no:cacheprovider \
-            tests/distributed/test_ddp_engine.py tests/distributed/test_real_use_engine.py tests/loop/test_probe_set.py \
-            tests/distributed/test_clean_exit.py \
-            tests/distributed/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
+            tests/engine/test_probe_ddp.py tests/engine/test_probe_real_use.py tests/loop/test_probe_set.py \
+            tests/engine/test_clean_exit.py \
+            tests/strategies/test_ddp_spawn.py::test_repeated_ddp_spawn_fits_with_a_probe_all_exit_cleanly
         ;;
     # Issue 28: a 64-head bank beside a plain-torch training step, each lever alone and together.
     levers-*) stage "$what" $PY benchmarks/bank_levers.py --workload "${what#levers-}" --json "$OUT/$what.json" \

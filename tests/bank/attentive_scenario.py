@@ -1,6 +1,6 @@
 """One spawned run per strategy for attentive banks: tapped tokens, an explicit twin, a mid-window resume.
 
-Each rank runs two real `lightning.Trainer` fits of the tap tests' token model (`taps.models.TokenModel`):
+Each rank runs two real `lightning.Trainer` fits of the tap tests' token model (`features.taps.models.TokenModel`):
 
 - ``probed``: two epochs with two attentive banks, one reading ``backbone.blocks.1:tokens`` through a tap, its twin
   reading the same ``(B, N, D)`` activation returned from ``training_step``; a checkpoint after epoch 0. Each bank
@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
 
 from distprobe.callbacks import OnlineProbeBank
+from features.taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel
+from features.taps.scenario import TapRun, _dp, _strategy
 from helpers.models import RandomPoints
-from taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel
-from taps.scenario import TapRun, _dp, _strategy
 
 #: An odd number of train batches per rank per epoch: 3 on 2 data-parallel ranks, 5 on one (tensor parallel 1x2).
 #: An odd validation set: the sampler pads one rank.

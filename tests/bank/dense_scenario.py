@@ -17,9 +17,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from distprobe.callbacks import OnlineProbeBank
+from features.taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel, full
+from features.taps.scenario import TapRun, _dp, _strategy
 from helpers.models import RandomPoints
-from taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel, full
-from taps.scenario import TapRun, _dp, _strategy
 
 TRAIN, VAL, BATCH, SIDE = 20, 7, 4, 8
 BANK: dict[str, Any] = dict(

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from distprobe.bank.families import LinearHeads
 from distprobe.callbacks import OnlineProbeBank
+from features.taps.models import IN_DIM, NUM_CLASSES, TokenModel
 from helpers.models import RandomPoints, trainer
-from taps.models import IN_DIM, NUM_CLASSES, TokenModel
 
 GRID: dict[str, Any] = dict(
     target="label",

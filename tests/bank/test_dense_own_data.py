@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from bank.dense_scenario import BANK, Masked, PatchModel
 from distprobe.callbacks import OnlineProbeBank
+from features.taps.models import IN_DIM, NUM_CLASSES
 from helpers.models import RandomPoints
-from taps.models import IN_DIM, NUM_CLASSES
 
 
 def _fit(callbacks):

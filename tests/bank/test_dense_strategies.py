@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bank.dense_scenario import run
+from features.taps.scenario import TapRun
 from helpers.dist import run_distributed
-from taps.scenario import TapRun
 
 RUNS = {
     "ddp": TapRun("distprobe_ddp"),

@@ -173,7 +173,7 @@ class _Tagged(torch.utils.data.Dataset):
     """The tap tests' points with 3 multi-hot tags read off the input's signs (learnable from the tokens)."""
 
     def __init__(self, n, seed, bad_at=None):
-        from taps.models import IN_DIM
+        from features.taps.models import IN_DIM
 
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, IN_DIM, generator=g)
@@ -190,8 +190,8 @@ class _Tagged(torch.utils.data.Dataset):
 
 def test_lightning_banks_with_multi_hot_targets_log_map_and_f1_for_every_head():
     from distprobe.callbacks import OnlineProbeBank
+    from features.taps.models import TokenModel
     from helpers.models import trainer
-    from taps.models import TokenModel
 
     common = dict(target="tags", num_classes=3, multilabel=True, lr=[0.05, 0.005], optimizer="AdamW")
     attentive = OnlineProbeBank(
@@ -217,8 +217,8 @@ def test_lightning_banks_with_multi_hot_targets_log_map_and_f1_for_every_head():
 
 def test_lightning_refuses_class_index_targets_for_a_multilabel_bank():
     from distprobe.callbacks import OnlineProbeBank
+    from features.taps.models import IN_DIM, TokenModel
     from helpers.models import RandomPoints, trainer
-    from taps.models import IN_DIM, TokenModel
 
     bank = OnlineProbeBank(None, name="ml", input="b1_cls_mean", target="label", num_classes=3, multilabel=True)
     loader = torch.utils.data.DataLoader(RandomPoints(8, 0, in_dim=IN_DIM, num_classes=3), batch_size=4)

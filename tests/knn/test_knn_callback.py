@@ -6,8 +6,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from distprobe.callbacks import OnlineKNN
+from features.taps.models import IN_DIM, NUM_CLASSES, TokenModel
 from helpers.models import RandomPoints, trainer
-from taps.models import IN_DIM, NUM_CLASSES, TokenModel
 
 
 def _loader(size, seed):

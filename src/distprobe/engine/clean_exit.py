@@ -10,7 +10,7 @@ exception" and dies of SIGABRT after a run that succeeded.
 The backtrace of such a core, seen on these machines (torch 2.13.0+cpu, Python 3.11): ``take_gil`` ->
 ``PyThread_exit_thread`` -> ``pthread_exit`` from ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` ->
 ``TensorImpl::decref_pyobject``. Plain torch shows it with no distprobe and no Lightning: two spawned ranks that
-run a gloo all-reduce and exit abort about 1 time in 8 (tests/distributed/test_clean_exit.py). Slurm marks such a job
+run a gloo all-reduce and exit abort about 1 time in 8 (tests/engine/test_clean_exit.py). Slurm marks such a job
 FAILED, and Lightning's ``ddp_spawn`` raises ``ProcessExitedException`` from ``fit``.
 
 ``destroy_process_group`` alone does not prevent it. The group it drops may still be held elsewhere (a DDP reducer

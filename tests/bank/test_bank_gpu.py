@@ -5,7 +5,7 @@
 - The compiled SGD update equals `torch.optim.SGD` per head (its own rate, weight decay, a skipped head untouched),
   equals the same maths run eagerly to float32 rounding, and is deterministic (every replica runs the same kernel).
 
-Run on a GPU machine with ``pytest -m gpu tests/gpu``; without CUDA every test here is skipped by the conftest.
+Run on a GPU machine with ``pytest -m gpu tests``; without CUDA every test here is skipped by the conftest.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader
 
+from features.taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, probe_pairs
 from helpers.models import RandomPoints, trainer
-from taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, probe_pairs
 
 
 class CompiledModel(TokenModel):

@@ -50,7 +50,7 @@ def test_optimizer_forms(spec):
 
 
 def test_named_optimizers_stay_unfused_on_cpu_and_keep_the_users_implementation_choice():
-    """`fused=True` is a CUDA default (tests/gpu checks it); on CPU, and whenever the user picks, torch decides."""
+    """`fused=True` is a CUDA default (a GPU test checks it); on CPU, and whenever the user picks, torch decides."""
     assert not build_optimizer("AdamW", params(), probe_name="p").defaults.get("fused")
     chosen = build_optimizer({"type": "AdamW", "foreach": False}, params(), probe_name="p")
     assert chosen.defaults["foreach"] is False and not chosen.defaults.get("fused")

@@ -1,6 +1,6 @@
 """Tapped probes under DDP, FSDP1 (wrapped and checkpointed blocks), FSDP2, tensor parallel and DeepSpeed ZeRO-3.
 
-Each strategy is one spawned run on 2 gloo ranks (see `taps.scenario.run`). In it every tap spec has a twin probe
+Each strategy is one spawned run on 2 gloo ranks (see `scenario.run` here). In it every tap spec has a twin probe
 reading the same activation returned explicitly from ``training_step``: after training the two must hold the same
 weights and report the same validation accuracy. The same fit without any probe must train the backbone bitwise
 identically (same losses, same local parameters on every rank), and no tap hook may be left after fit.
@@ -13,8 +13,8 @@ import importlib.util
 import pytest
 import torch
 
+from features.taps.scenario import TapRun, run
 from helpers.dist import run_distributed
-from taps.scenario import TapRun, run
 
 RUNS = {
     "ddp": TapRun("distprobe_ddp"),

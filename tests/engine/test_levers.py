@@ -1,4 +1,4 @@
-"""The GPU levers of issue 28 on the CPU: what CI can check of them (their CUDA forms: tests/gpu/test_gpu_bank.py).
+"""The GPU levers of issue 28 on the CPU: what CI can check of them (their CUDA forms: tests/bank/test_bank_gpu.py).
 
 - `fused_sgd_update`'s eager form is bitwise the bank's eager SGD maths (cleaning of skipped heads included) and is
   `torch.optim.SGD` per head, so the compiled form on CUDA has an exact reference to be compared with.

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from distprobe.callbacks import OnlineProbe
 from distprobe.features import tap_inputs
+from features.taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, our_hooks, probe_pairs
 from helpers.models import RandomPoints, trainer
-from taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, our_hooks, probe_pairs
 
 
 def _loader(size: int = 24, seed: int = 0) -> DataLoader:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distprobe.callbacks.own_data import OwnData
-from own_data.scenario import OWN_BATCH, Spec, labeled, run
+from features.own_data.scenario import OWN_BATCH, Spec, labeled, run
 
 
 def _assert_same_backbone(a: dict, b: dict, strict: bool = True) -> None:
@@ -76,7 +76,7 @@ def test_own_data_cycles_and_restores_its_position():
 
 def test_a_tap_as_input_reads_the_probes_own_forward():
     """``input="encoder"`` (a submodule tap) with ``features`` only running the model gives the probe of the key."""
-    from own_data.scenario import Recorder, fit, own_loaders, probe
+    from features.own_data.scenario import Recorder, fit, own_loaders, probe
 
     spec = Spec("auto")
     finals = []

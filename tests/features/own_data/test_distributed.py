@@ -1,6 +1,6 @@
 """A probe (and a bank) on its own labeled data on 2 gloo ranks: DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-1/2/3.
 
-Tensor parallelism: tests/own_data/test_tensor_parallel.py."""
+Tensor parallelism: tests/features/own_data/test_tensor_parallel.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from features.own_data.scenario import Spec, run, run_many
 from helpers.dist import run_distributed
-from own_data.scenario import Spec, run, run_many
 
 pytestmark = pytest.mark.distributed
 

@@ -1,6 +1,6 @@
 """The probe on a real CUDA device: no host sync in the step, mixed precision, sharded strategies on one GPU.
 
-Run on a GPU machine with ``pytest -m gpu tests/gpu``; without CUDA every test here is skipped by the conftest.
+Run on a GPU machine with ``pytest -m gpu tests``; without CUDA every test here is skipped by the conftest.
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from gpu_helpers import (
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+import distprobe.strategies  # noqa: F401 - registers the distprobe_* names
+from distprobe.callbacks import OnlineProbe
+from distprobe.engine import Probe, ProbeConfig
+from helpers.gpu import (
     EMBED_DIM,
     NUM_CLASSES,
     Backbone,
@@ -22,12 +28,6 @@ from gpu_helpers import (
     reference_sgd_step,
     trainer_kwargs,
 )
-from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-
-import distprobe.strategies  # noqa: F401 - registers the distprobe_* names
-from distprobe.callbacks import OnlineProbe
-from distprobe.engine import Probe, ProbeConfig
 from helpers.optimizers import optimizer_tensor_ids
 
 pytestmark = pytest.mark.gpu

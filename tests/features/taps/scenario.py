@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
+from features.taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, our_hooks, probe_pairs
 from helpers.models import RandomPoints
-from taps.models import IN_DIM, NUM_CLASSES, PAIRS, TokenModel, flat, our_hooks, probe_pairs
 
 
 @dataclass
@@ -27,7 +27,7 @@ def _strategy(run: TapRun) -> Any:
 
     if run.strategy == "fsdp1_wrapped":
         from distprobe.strategies.fsdp import ProbeFSDPStrategy
-        from taps.models import Block
+        from features.taps.models import Block
 
         # Every block wrapped by FSDP1 and by an activation-checkpointing wrapper: the names gain
         # `_fsdp_wrapped_module` and `_checkpoint_wrapped_module`, and each block is recomputed in the backward.

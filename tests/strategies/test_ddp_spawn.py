@@ -13,7 +13,7 @@ from distprobe.callbacks import OnlineProbe
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # 5 fits, 10 worker exits. CI at 2f26ba7 saw one SIGABRT at exit in 30 fits (0 in 60 on a dev machine); see
-# distprobe/engine/clean_exit.py for its cause and cure (tests/distributed/test_clean_exit.py reproduces it).
+# distprobe/engine/clean_exit.py for its cause and cure (tests/engine/test_clean_exit.py reproduces it).
 REPEATS = 5
 
 
