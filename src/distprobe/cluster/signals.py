@@ -104,6 +104,10 @@ class PreemptionSignal:
             SystemExit: always (it is how the job ends); an exception from the launcher's handler (e.g. submitit's
                 ``UncompletedJobError`` when the job timed out too many times) propagates instead.
         """
+        # The job is leaving: a SIGTERM now (Slurm sends one to every task once `scontrol requeue` cancels this run)
+        # carries nothing new, and Lightning's SIGTERM handler would broadcast to ranks that already exited, turning
+        # this exit into a gloo "connection closed by peer" error that submitit reports as a failed job.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if is_global_zero and callable(self._previous):
             try:
                 self._previous(self.signum, None)
