@@ -20,3 +20,9 @@ def trained_run(tmp_path_factory) -> tuple[Path, list[str]]:
     """
     out = tmp_path_factory.mktemp("trained_run")
     return out, pretrain(str(out), steps=30, every_n_steps=10)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(trained_run):
+    """Checkpoints of one real training, at steps 10, 20 and 30 (copied into each test's run directory)."""
+    return trained_run[1]

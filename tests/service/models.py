@@ -5,6 +5,7 @@ Evaluation configs name these by import path (``tests.service.models.encoder``),
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,20 @@ if __name__ == "__main__":  # python -m tests.service.models OUT_DIR STEPS EVERY
     import sys
 
     print("\n".join(pretrain(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))), flush=True)
+
+
+def run_dir_with(tmp_path: Path, checkpoints: list[str]) -> Path:
+    """A run directory under `tmp_path` holding copies of `checkpoints` in its ``checkpoints/`` folder."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for path in checkpoints:
+        shutil.copy(path, run / "checkpoints" / Path(path).name)
+    return run
+
+
+def local_watcher(run: Path, config: Path, **options: Any) -> Any:
+    """A `Watcher` of `run` submitting local (submitit) jobs; `options` are `WatchConfig` fields."""
+    from distprobe.cluster import ClusterConfig
+    from distprobe.service.watch import WatchConfig, Watcher
+
+    return Watcher(WatchConfig(run_dir=run, config_path=config, cluster=ClusterConfig(cluster="local"), **options))

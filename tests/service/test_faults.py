@@ -8,6 +8,7 @@ requeued job) on the real local Slurm.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import sqlite3
@@ -19,36 +20,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.service.models import eval_config
+from tests.service.models import eval_config, local_watcher, run_dir_with
 
 from distprobe.cli import main
-from distprobe.cluster import ClusterConfig
 from distprobe.service.checkpoints import CheckpointError, detect, load_backbone_state
 from distprobe.service.config import EvalConfig
 from distprobe.service.job import evaluate_checkpoint
 from distprobe.service.store import ResultsStore
-from distprobe.service.watch import WatchConfig, Watcher
+from distprobe.service.watch import WatchConfig
 
 REPO = Path(__file__).resolve().parents[2]
-LOCAL = ClusterConfig(cluster="local")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(trained_run):
-    """Checkpoints of one real training, at steps 10, 20 and 30 (copied into each test's run directory)."""
-    return trained_run[1]
-
-
-def _run_dir(tmp_path: Path, checkpoints: list[str]) -> Path:
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    for path in checkpoints:
-        shutil.copy(path, run / "checkpoints" / Path(path).name)
-    return run
-
-
-def _watcher(run: Path, config: Path, **options) -> Watcher:
-    return Watcher(WatchConfig(run_dir=run, config_path=config, cluster=LOCAL, **{"poll_s": 0.2, **options}))
+# Polls fast: these tests wait on real local jobs.
+_watcher = functools.partial(local_watcher, poll_s=0.2)
 
 
 @contextlib.contextmanager
@@ -73,7 +58,7 @@ def _values(store: ResultsStore, checkpoint: str) -> dict[tuple[str, str, str], 
 
 
 def test_a_full_cache_disk_is_a_clear_error_the_cache_is_cleaned_and_retry_evaluates_it_again(tmp_path, checkpoints):
-    run = _run_dir(tmp_path, checkpoints[:1])
+    run = run_dir_with(tmp_path, checkpoints[:1])
     with _tmpfs(tmp_path / "cache", "8k") as cache:  # the train split needs 200 x 16 x 4 + 200 x 8 = 14,400 bytes
         config = eval_config(tmp_path / "eval.yaml", features={"cache_dir": str(cache)}, results={"logger": "none"})
         watcher = _watcher(run, config, max_tries=1)
@@ -96,7 +81,7 @@ def test_a_full_cache_disk_is_a_clear_error_the_cache_is_cleaned_and_retry_evalu
 def test_a_locked_a_full_and_a_corrupt_store_are_said_in_one_line_and_the_watcher_goes_on(
     tmp_path, checkpoints, caplog, capsys
 ):
-    run = _run_dir(tmp_path, checkpoints[:1])
+    run = run_dir_with(tmp_path, checkpoints[:1])
     with _tmpfs(tmp_path / "store", "256k") as folder:
         path = folder / "results.sqlite"
         config = eval_config(tmp_path / "eval.yaml", results={"logger": "none", "store": str(path)})
@@ -202,7 +187,7 @@ def test_results_json_and_csv_round_trip_by_config_and_retry_puts_checkpoints_ba
 def test_a_second_eval_while_the_first_extracts_refuses_naming_the_job_and_the_store_holds_the_lone_value(
     tmp_path, checkpoints, capsys
 ):
-    run = _run_dir(tmp_path, checkpoints[1:2])
+    run = run_dir_with(tmp_path, checkpoints[1:2])
     (checkpoint,) = (run / "checkpoints").iterdir()
     slow = {
         "train": {"_target_": "tests.service.models.labeled", "split": "train", "delay_s": 0.03},  # ~6 s
@@ -257,7 +242,7 @@ class _Planted:
 def test_nothing_planted_in_the_run_directory_is_unpickled_by_the_watcher_or_the_job(tmp_path, checkpoints):
     import pickle
 
-    run = _run_dir(tmp_path, checkpoints[:1])
+    run = run_dir_with(tmp_path, checkpoints[:1])
     config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
     watcher = _watcher(run, config, max_tries=1)
     watcher.discover()
@@ -316,7 +301,7 @@ def test_watch_waits_for_its_run_directory_and_commands_check_their_numbers(tmp_
 
 
 def test_a_truncated_checkpoint_is_logged_once_with_its_path(tmp_path, checkpoints, caplog):
-    run = _run_dir(tmp_path, [])
+    run = run_dir_with(tmp_path, [])
     data = Path(checkpoints[0]).read_bytes()
     truncated = run / "checkpoints" / "epoch=3-step=40.ckpt"
     truncated.write_bytes(data[: len(data) // 2])

@@ -5,6 +5,7 @@ tests/service/test_watch_slurm.py runs the same service against the real local S
 
 from __future__ import annotations
 
+import functools
 import shutil
 import signal
 import subprocess
@@ -14,37 +15,21 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tests.service.models import eval_config
+from tests.service.models import eval_config, local_watcher, run_dir_with
 
 from distprobe.cli import main
-from distprobe.cluster import ClusterConfig
 from distprobe.report.results_table import render
 from distprobe.service.store import ResultsStore
-from distprobe.service.watch import WatchConfig, Watcher, candidates
+from distprobe.service.watch import candidates
 
 # Each test runs submitit local jobs: real processes that import Lightning (31-75 s a test on 2 loaded cores).
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-LOCAL = ClusterConfig(cluster="local")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(trained_run):
-    """Three checkpoints of one real training, at steps 10, 20 and 30 (copied into each test's run directory)."""
-    return trained_run[1]
-
-
-def _run_dir(tmp_path: Path, checkpoints: list[str]) -> Path:
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    for path in checkpoints:
-        shutil.copy(path, run / "checkpoints" / Path(path).name)
-    return run
-
-
-def _watcher(run: Path, config: Path, **options) -> Watcher:
-    return Watcher(WatchConfig(run_dir=run, config_path=config, cluster=LOCAL, poll_s=0.3, **options))
+# Polls fast: these tests wait on real local jobs.
+_watcher = functools.partial(local_watcher, poll_s=0.3)
 
 
 def _states(store: ResultsStore) -> dict[str, tuple[str, int]]:
@@ -52,7 +37,7 @@ def _states(store: ResultsStore) -> dict[str, tuple[str, int]]:
 
 
 def test_each_checkpoint_is_evaluated_once_and_a_restarted_watcher_submits_no_duplicate(tmp_path, checkpoints):
-    run = _run_dir(tmp_path, checkpoints[:2])
+    run = run_dir_with(tmp_path, checkpoints[:2])
     config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
     first = _watcher(run, config, max_in_flight=1)
     first.run(max_polls=1)  # submits one job, then stops (as if killed): the job keeps running
@@ -75,7 +60,7 @@ def test_each_checkpoint_is_evaluated_once_and_a_restarted_watcher_submits_no_du
 
 
 def test_every_k_and_every_steps_skip_checkpoints_and_deleted_ones_are_reported_missing(tmp_path, checkpoints):
-    run = _run_dir(tmp_path, checkpoints)
+    run = run_dir_with(tmp_path, checkpoints)
     config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
     every_other = _watcher(run, config, every=2, max_in_flight=1)
     every_other.discover()
@@ -101,7 +86,7 @@ def test_every_k_and_every_steps_skip_checkpoints_and_deleted_ones_are_reported_
 
 
 def test_incomplete_and_unreadable_checkpoints_and_failing_jobs(tmp_path, checkpoints):
-    run = _run_dir(tmp_path, checkpoints[:1])
+    run = run_dir_with(tmp_path, checkpoints[:1])
     folder = run / "checkpoints"
     data = Path(checkpoints[1]).read_bytes()
     (folder / "epoch=1-step=20.ckpt").write_bytes(data[: len(data) // 3])  # still being written
@@ -126,7 +111,7 @@ def test_incomplete_and_unreadable_checkpoints_and_failing_jobs(tmp_path, checkp
 
 
 def test_one_watcher_per_run_directory_and_sigterm_stops_it_cleanly(tmp_path, checkpoints, capsys):
-    run = _run_dir(tmp_path, checkpoints[:1])
+    run = run_dir_with(tmp_path, checkpoints[:1])
     config = eval_config(tmp_path / "eval.yaml", results={"logger": "none"})
     command = [sys.executable, "-m", "distprobe", "watch", str(run), "--config", str(config), "--cluster", "local"]
     watcher = subprocess.Popen([*command, "--poll-s", "0.5"], cwd=REPO, stderr=subprocess.PIPE, text=True)
