@@ -19,12 +19,10 @@ D, C, LRS = 6, 3, [0.2, 0.02]
 class BiasFreeHeads(HeadFamily):
     """K ``nn.Linear(D, C, bias=False)`` heads over one source."""
 
-    def __init__(self, config, in_features, *, device=None, generator=None):
-        super().__init__(config, in_features)
+    def initial_flat(self, generator, device):
         (d,) = self.in_features.values()
-        self.shape = (self.num_heads, config.num_classes, d)
-        flat = torch.empty(self.shape).uniform_(-(d**-0.5), d**-0.5, generator=generator)
-        self.flat = nn.Parameter(flat.flatten().to(device or "cpu"))
+        self.shape = (self.num_heads, self.config.num_classes, d)
+        return torch.empty(self.shape).uniform_(-(d**-0.5), d**-0.5, generator=generator).flatten()
 
     def views(self, flat):
         weights = flat.view(self.shape)

@@ -135,7 +135,7 @@ class ProbeBank:
                     )
                 sizes[source] = size
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        heads = FAMILIES[config.family](config, sizes, device=device, generator=generator)  # type: ignore[call-arg]
+        heads = FAMILIES[config.family](config, sizes, device=device, generator=generator)
         # Every replica starts from global rank 0's heads (also across tensor-parallel groups).
         broadcast_from_global_rank0([heads.flat])
         if metrics is None:

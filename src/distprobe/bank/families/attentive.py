@@ -291,15 +291,9 @@ class AttentiveHeads(HeadFamily):
     reads_tokens: ClassVar[bool] = True
     """Its inputs are ``(B, N, D)`` tokens (a feature cache of flattened rows gives them their shape back)."""
 
-    def __init__(
-        self,
-        config: BankConfig,
-        in_features: dict[str, int],
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(config, in_features)
+    def initial_flat(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Each head's parameters as a separate `AttentiveProbe` would draw them, one row per head."""
+        config = self.config
         self.options = self.check_options(config)
         self.blocks: list[Block] = []
         rows: list[torch.Tensor] = []
@@ -320,8 +314,7 @@ class AttentiveHeads(HeadFamily):
             self.blocks.append(block)
             offset += block.numel
             first += count
-        # float32 whatever the default dtype, as for linear heads.
-        self.flat = nn.Parameter(torch.cat(rows).to(dtype=torch.float32, device=device or "cpu"))
+        return torch.cat(rows)
 
     @staticmethod
     def check_options(config: BankConfig) -> AttentiveOptions:

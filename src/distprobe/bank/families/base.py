@@ -52,20 +52,45 @@ class ParamView:
 class HeadFamily(nn.Module, abc.ABC):
     """K heads of one kind over a bank's feature sources, stacked in one flat parameter (see the module docstring).
 
-    Subclasses set ``flat`` and implement `forward`, `views` and `export`; the loss and metric kind default to
-    classification by cross-entropy.
+    Subclasses implement `initial_flat` (which lays the heads out), `forward`, `views` and `export`; the loss and
+    metric kind default to classification by cross-entropy.
+
+    Args:
+        config: The bank's configuration (its grid of heads, ``head_options``).
+        in_features: Feature size per source.
+        device: Where the heads live (None: the CPU).
+        generator: The CPU generator their initial weights are drawn from.
     """
 
     metric_kind: ClassVar[str] = "classification"
     """The per-head metrics the bank reports: ``"classification"`` is top-k accuracy."""
-    flat: nn.Parameter
 
-    def __init__(self, config: BankConfig, in_features: dict[str, int]) -> None:
+    def __init__(
+        self,
+        config: BankConfig,
+        in_features: dict[str, int],
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.in_features = {source: in_features[source] for source in config.inputs}
         """Feature size per source, in the config's order (saved in checkpoints)."""
         self.head_list: list[Head] = config.heads()
+        device = torch.device(device or "cpu")
+        # float32 whatever the default dtype: Lightning's *-true precisions set it while callbacks set up, and heads
+        # train in their own precision (features are cast to it).
+        self.flat = nn.Parameter(self.initial_flat(generator, device).to(dtype=torch.float32, device=device))
+        """Every head's parameters, in the layout `views` cuts."""
+
+    @abc.abstractmethod
+    def initial_flat(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Lay the heads out; return every head's initial parameters as one flat tensor, drawn from ``generator``.
+
+        Called once, from ``__init__``, which makes it the ``flat`` parameter (float32, on ``device``). Anything else
+        a family keeps on ``device`` (a BatchNorm's running statistics) is built here too.
+        """
 
     @property
     def num_heads(self) -> int:

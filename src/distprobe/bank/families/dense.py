@@ -122,16 +122,10 @@ class DenseHeads(LinearHeads):
     reads_tokens: ClassVar[bool] = True
     """Its inputs keep their token shape (a feature cache gives flattened rows their shape back)."""
 
-    def __init__(
-        self,
-        config: BankConfig,
-        in_features: dict[str, int],
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(config, in_features, device=device, generator=generator)
-        self.options = self.check_options(config)
+    def initial_flat(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Linear heads' weights, once ``head_options`` are checked."""
+        self.options = self.check_options(self.config)
+        return super().initial_flat(generator, device)
 
     @staticmethod
     def check_options(config: BankConfig) -> DenseOptions:

@@ -77,37 +77,27 @@ def bias_view(flat: torch.Tensor, block: Block) -> torch.Tensor:
 class LinearHeads(HeadFamily):
     """K linear heads over one or more feature sources (what ``pl_module.callbacks_modules[name]`` holds)."""
 
-    def __init__(
-        self,
-        config: BankConfig,
-        in_features: dict[str, int],
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__(config, in_features)
-        self.blocks = layout(config, in_features)
-        total = sum(b.numel for b in self.blocks)
-        # float32 whatever the default dtype: Lightning's *-true precisions set it while callbacks set up, and heads
-        # train in their own precision (features are cast to it). Initialised on the CPU, from the CPU generator.
-        flat = torch.empty(total, dtype=torch.float32)
+    def initial_flat(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Each block initialised as ``nn.Linear`` (on the CPU, from the CPU generator); BatchNorm statistics."""
+        self.blocks = layout(self.config, self.in_features)
+        flat = torch.empty(sum(b.numel for b in self.blocks), dtype=torch.float32)
         for block in self.blocks:
             # nn.Linear's initialisation, head by head: U(-1/sqrt(D), 1/sqrt(D)) for weights and biases.
             bound = block.in_features**-0.5
             weight_view(flat, block).uniform_(-bound, bound, generator=generator)
             bias_view(flat, block).uniform_(-bound, bound, generator=generator)
-        self.flat = nn.Parameter(flat.to(device or "cpu"))
         # BatchNorm running statistics per source, as plain tensors rather than module buffers: a strategy's
         # buffer casts (FSDP's buffer_dtype, a *-true precision) walk the LightningModule's buffers, and these must
         # stay float32 and the bank's own.
         self.running: dict[int, tuple[torch.Tensor, torch.Tensor]] = {
             block.first: (
-                torch.zeros(block.in_features, dtype=torch.float32, device=self.flat.device),
-                torch.ones(block.in_features, dtype=torch.float32, device=self.flat.device),
+                torch.zeros(block.in_features, dtype=torch.float32, device=device),
+                torch.ones(block.in_features, dtype=torch.float32, device=device),
             )
             for block in self.blocks
             if any(block.batchnorm)
         }
+        return flat
 
     def views(self, flat: torch.Tensor) -> list[ParamView]:
         """Per source: the block as one ``(K_s, C, D_s + 1)`` tensor, and its weights and biases apart."""
