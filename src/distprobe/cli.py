@@ -5,21 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 
 def _demo(args: argparse.Namespace) -> int:
     from distprobe.demo import DemoConfig, run_demo
 
-    config = DemoConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        devices=args.devices,
-        seed=args.seed,
-        out_dir=args.out_dir,
-        progress_bar=not args.no_progress_bar,
-        probe_data=args.probe_data,
-    )
-    result = run_demo(config)
+    # The demo's options are named as DemoConfig's fields and only the given ones are in `args` (their default is
+    # SUPPRESS): DemoConfig holds the one copy of the defaults.
+    given = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if hasattr(args, f.name)}
+    result = run_demo(DemoConfig(**given))
     final = result["final"]
     if final and result["is_global_zero"]:
         summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
@@ -41,21 +36,22 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand."""
-    from distprobe.demo import DemoConfig
-
     parser = argparse.ArgumentParser(prog="distprobe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="SimCLR on 8x8 digits with live online probes (CPU, about a minute)")
-    demo.add_argument("--epochs", type=int, default=DemoConfig().epochs)
-    demo.add_argument("--batch-size", type=int, default=DemoConfig().batch_size)
-    demo.add_argument("--devices", type=int, default=1, help="CPU processes; >1 trains with DDP over gloo")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out-dir", default="distprobe_runs/demo")
-    demo.add_argument("--no-progress-bar", action="store_true")
+    demo = sub.add_parser(
+        "demo",
+        help="SimCLR on 8x8 digits with live online probes (CPU, about a minute)",
+        argument_default=argparse.SUPPRESS,  # an option not given keeps DemoConfig's default
+    )
+    demo.add_argument("--epochs", type=int)
+    demo.add_argument("--batch-size", type=int)
+    demo.add_argument("--devices", type=int, help="CPU processes; >1 trains with DDP over gloo")
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--out-dir")
+    demo.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
     demo.add_argument(
         "--probe-data",
         choices=["pretraining-labels", "labeled-subset"],
-        default="pretraining-labels",
         help="labeled-subset: pretrain on unlabeled digits, probes train on a labeled subset of their own",
     )
     demo.set_defaults(run=_demo)
