@@ -6,6 +6,7 @@
 #   bash benchmarks/h100.sh setup gpu-tests knn own-data   # the kNN, monitors and own-data stages
 #   bash benchmarks/h100.sh setup cuda-suite floors         # the torch floor: every CUDA test + the floors' CPU tests
 #   bash benchmarks/h100.sh setup levers-vit levers-resnet  # issue 28: the bank's levers, profile and exactness
+#   bash benchmarks/h100.sh setup families                  # issues 25, 26: attentive and dense head families
 #
 # `setup` installs the wheels carried in .whl/ (lightning, torchmetrics, deepspeed built from its source
 # distribution, stable-pretraining and the few of its dependencies the benchmark runs) into /tmp/site; distprobe
@@ -104,6 +105,9 @@ print(' '.join(re.search(r'^FLOORS_TESTS := (.*)$', t, re.M)[1].split()), '|',
     # Issue 28: a 64-head bank beside a plain-torch training step, each lever alone and together.
     levers-*) stage "$what" $PY benchmarks/bank_levers.py --workload "${what#levers-}" --json "$OUT/$what.json" \
         ${LEVERS_ARGS:-} ;;
+    # Issues 25 and 26: attentive heads (bank, 16 probes, bare floor), the dense bank online, the dense service epoch.
+    families) stage families $PY benchmarks/head_families.py --workload attentive,dense,dense-epoch \
+        --json "$OUT/families.json" ${FAMILIES_ARGS:-} ;;
     # Issue 28: the Lightning table (none, 1 and 8 OnlineProbes, the 64-head bank and its lever variants).
     table-*) stage "$what" $BENCH --workload "${what#table-}" --rounds "${ROUNDS:-3}" --steps "${STEPS:-20}" \
         --variants "${VARIANTS:-none,distprobe_x1,distprobe_x8,distprobe_bank64plain}" --json "$OUT/$what.json" ;;

@@ -76,6 +76,19 @@ def test_probing_service_benchmark_smoke_writes_its_three_measurements(tmp_path:
     assert result["job"]["rows"] == 64 + 1 + 1 + 2  # every head, the best, the selected head, the kNN's two k
 
 
+@pytest.mark.slow  # a benchmark's smoke run
+def test_head_families_benchmark_smoke_times_every_variant_and_the_dense_epoch(tmp_path: Path) -> None:
+    out = tmp_path / "families.json"
+    _benchmark("head_families.py", "--workload", "attentive,dense,dense-epoch", "--smoke", "--json", str(out))
+    workloads = json.loads(out.read_text())["workloads"]
+    for workload, variants in (("attentive", ["none", "bank16", "probes16", "bare16"]), ("dense", ["none", "dense16"])):
+        rows = workloads[workload]["rows"]
+        assert all(rows[v]["ms_per_step"] > 0 and "error" not in rows[v] for v in variants), rows
+    assert set(workloads["attentive"]["checks"]) == {"bank_vs_probes", "bank_vs_bare"}
+    epoch = workloads["dense-epoch"]
+    assert epoch["steps_per_epoch"] == epoch["timed_steps"] == 4 and epoch["s_per_epoch"] > 0
+
+
 @pytest.mark.parametrize("script", ["multigpu.sh", "ddp_scaling.sh"])
 def test_gpu_scripts_refuse_a_world_size_that_is_not_a_number(script: str, tmp_path: Path) -> None:
     """A mistyped mode ("check") would otherwise be taken for a world size and fail later inside torchrun."""
