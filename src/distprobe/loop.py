@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,7 @@ from distprobe.engine.checks import (
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
+from distprobe.engine.streams import SideStream, tensors_in
 from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
 from distprobe.knn.checks import first_batch_problem as knn_first_batch_problem
 from distprobe.metrics.flat_sync import compute_synced
@@ -184,8 +187,14 @@ class ProbeSet:
         total_steps: int | None = None,
         knns: Sequence[KNNSpec] = (),
         ridges: Sequence[RidgeSpec] = (),
+        overlap: bool | None = None,
     ) -> None:
         assert len(probes) == len(specs)
+        if overlap is None:  # on unless the environment turns it off (an A/B, or a driver bug to rule out)
+            overlap = os.environ.get("DISTPROBE_OVERLAP", "1") != "0"
+        self._overlap = overlap
+        self._side: SideStream | None = None
+        """The side CUDA stream of the probe work (`distprobe.engine.streams`), made on the first CUDA step."""
         settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
         self.probes: dict[str, Probe] = {p.name: p for p in probes}
         self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
@@ -485,6 +494,49 @@ class ProbeSet:
         self._checked_first_batch = True
         return inputs
 
+    def _side_stream(self, tensors: Sequence[torch.Tensor] = ()) -> SideStream | None:
+        """The side stream, made for the device of ``tensors`` (else the set's device) the first time one is CUDA."""
+        if self._side is None and self._overlap:
+            device = next((t.device for t in tensors if t.is_cuda), None)
+            if device is None and self._device is not None and torch.device(self._device).type == "cuda":
+                device = torch.device(self._device)
+            if device is not None:
+                self._side = SideStream(device)
+        return self._side
+
+    def mark(self) -> None:
+        """Mark, on the training's CUDA stream, where this step's features are ready; a no-op on a CPU.
+
+        Call it right after the forward that made the features (Lightning's callbacks call it in
+        ``on_before_backward``). The next `step` then runs on a side stream that waits for that point only, so the
+        probes' kernels overlap the backward and the optimizer step instead of queueing behind them. Without a mark
+        the side stream waits for everything queued so far (still exact, with less overlap).
+        """
+        side = self._side_stream()
+        if side is not None:
+            side.mark()
+
+    def forget_mark(self) -> None:
+        """Drop the mark: this step's features were computed after it (see `SideStream.forget_mark`)."""
+        if self._side is not None:
+            self._side.forget_mark()
+
+    @contextlib.contextmanager
+    def overlapped(self, inputs: Iterable[torch.Tensor] = ()) -> Iterator[list[Any]]:
+        """Enqueue the body's probe work on the side stream; the training's stream waits for it at the end.
+
+        The waiting is on the device (an event), never the host. Append the body's results to the yielded list:
+        their tensors are kept for the training's stream, which reads them next. Kernels run in the same order as on
+        the training's stream, so a step's result is bitwise the same; on a CPU the body runs as it always did.
+        """
+        tensors = list(inputs)
+        side = self._side_stream(tensors)
+        if side is None:
+            yield []
+            return
+        with side.run(tensors) as outputs:
+            yield outputs
+
     def step(self, features: Tensors, targets: Tensors) -> dict[str, torch.Tensor]:
         """Train every probe on one micro-batch of detached features; return each probe's loss by name.
 
@@ -526,6 +578,16 @@ class ProbeSet:
         Returns:
             By member name: a probe's `StepOutput`, a bank's `BankStepOutput`, None for a kNN.
         """
+        with self.overlapped(tensors_in(list(inputs.values()))) as results:
+            outs = self._train(inputs, before_optimizer_step)
+            results.append(outs)
+        return outs
+
+    def _train(
+        self,
+        inputs: Mapping[str, tuple[Any, torch.Tensor]],
+        before_optimizer_step: Callable[[Probe], None] | None,
+    ) -> dict[str, Any]:
         outs: dict[str, Any] = {}
         probes = [name for name in inputs if name in self.probes]
         if probes:

@@ -14,6 +14,7 @@ from distprobe.bank.config import AdamWSpec, BankConfig, LARSSpec
 from distprobe.bank.families import HeadFamily
 from distprobe.bank.rates import HeadRates
 from distprobe.engine import functional
+from distprobe.engine.fused_update import fused_sgd_available, fused_sgd_update
 
 
 class BankOptimizer:
@@ -57,10 +58,14 @@ class BankOptimizer:
         decays = self.rates.any_weight_decay  # a host fact: no pass over the parameters without weight decay
         if isinstance(spec, AdamWSpec):
             self.steps += finite.float()
+        # On CUDA the plain SGD step of a block is one compiled kernel that also drops skipped heads' gradients
+        # (`distprobe.engine.fused_update`); a skipped head's non-finite norm stays its own under per-head clipping.
+        fused = not isinstance(spec, AdamWSpec | LARSSpec) and fused_sgd_available(self.heads.flat.device)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             part = p.heads
             keep = finite[part]
-            functional.zero_skipped([g.whole], keep)
+            if not fused:
+                functional.zero_skipped([g.whole], keep)
             # A head's norm over all its elements together, as clip_grad_norm_ sees a separate probe.
             functional.clip([g.whole], self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
             hyper = {"lr": lr[part], "weight_decay": weight_decay[part], "keep": keep}
@@ -86,6 +91,20 @@ class BankOptimizer:
                     eta=spec.eta,
                     clip_lr=spec.clip_lr,
                     eps=spec.eps,
+                    decays=decays,
+                    **hyper,
+                )
+            elif fused:
+                buffers = states.get("momentum_buffer")
+                fused_sgd_update(
+                    p.whole,
+                    g.whole,
+                    buffers[i].whole if buffers is not None else None,
+                    momentum=momentum[part],
+                    steps=self.steps[part],
+                    spec_momentum=spec.momentum,
+                    dampening=spec.dampening,
+                    nesterov=spec.nesterov,
                     decays=decays,
                     **hyper,
                 )

@@ -218,6 +218,14 @@ class ProbeCallback(Callback):
         if self._source is not None and self.watches("train"):
             self._source.arm()
 
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # The step's outputs exist once the loss does, under automatic optimization: the probes' side stream may
+        # start there and overlap the backward. A manual training step may still compute what it returns after its
+        # backward (a teacher's forward after the step), so there the probes wait for the whole step.
+        if self._coordinator is not None and pl_module.automatic_optimization:
+            self._coordinator.mark()
+
     def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
         """This member's inputs for a training batch, or None when it does not train on it (read by the coordinator).
 

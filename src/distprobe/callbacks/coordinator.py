@@ -105,17 +105,32 @@ class Coordinator:
             return
         self._step_key = key
         self._step_outputs = {}
-        reads = self._read_all(trainer, pl_module, outputs, batch)
-        before_step = self._before_optimizer_step(trainer) if self._user_hooks else None
-        in_set = {m.name: read for m, read in reads.items() if m.in_probe_set}
-        self._step_outputs = self.probe_set.train(in_set, before_step)
-        for member, read in reads.items():
-            if not member.in_probe_set:
-                self._step_outputs[member.name] = member.train_alone(read)
+        # The members' work goes on the probe set's side CUDA stream, after the point `mark` recorded before the
+        # backward, reads included (taps' pooling, gathers of sharded features). A probe's own labeled batch is
+        # different: its forward runs here, after the backward and the model's optimizer step, so it is read on the
+        # training's stream and the side stream waits for all of it.
+        own_data = any(m.own_data is not None for m in self.members)
+        if own_data:
+            self.probe_set.forget_mark()
+            reads = self._read_all(trainer, pl_module, outputs, batch)
+        with self.probe_set.overlapped() as results:
+            if not own_data:
+                reads = self._read_all(trainer, pl_module, outputs, batch)
+            before_step = self._before_optimizer_step(trainer) if self._user_hooks else None
+            in_set = {m.name: read for m, read in reads.items() if m.in_probe_set}
+            self._step_outputs = self.probe_set.train(in_set, before_step)
+            for member, read in reads.items():
+                if not member.in_probe_set:
+                    self._step_outputs[member.name] = member.train_alone(read)
+            results.append(self._step_outputs)
         self._tick_global_step(trainer)
         due = [m for m in self.members if m.window_due()]
         if due:
             self._step_outputs.update(_values_of(due, "train"))
+
+    def mark(self) -> None:
+        """Where this batch's features are ready on the training's stream (``on_before_backward``; CUDA only)."""
+        self.probe_set.mark()
 
     def step_output(self, member: ProbeCallback) -> Any:
         """``member``'s result of this batch: a `StepOutput`, a `BankStepOutput`, window values, or None."""

@@ -19,7 +19,9 @@ bitwise the same result there.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -65,6 +67,9 @@ class SideStream:
             return
         assert self.stream is not None
         main = torch.cuda.current_stream(self.device)
+        if main == self.stream:  # nested (the coordinator's reads, then ProbeSet.train): already on the side stream
+            yield
+            return
         if self._features is not None:
             self.stream.wait_event(self._features)
             self._features = None
@@ -79,6 +84,28 @@ class SideStream:
             done.record(self.stream)
         self._done = done
 
+    def forget_mark(self) -> None:
+        """Make the next launch wait for everything queued on the training's stream so far, not the marked point.
+
+        For a step whose inputs are computed after the mark (a probe's own labeled batch, run through the model in
+        the batch-end hook): they, and the optimizer step that changes the model, come after it.
+        """
+        self._features = None
+
+    @contextlib.contextmanager
+    def run(self, inputs: Iterable[torch.Tensor]) -> Iterator[list[Any]]:
+        """`launch` the body, then `join` at its end: the training's stream waits for the body's kernels.
+
+        The body appends what it returns to the yielded list; every tensor in it (through dataclasses, mappings and
+        sequences) is kept for the training's stream, which reads it next (logging, predictions in the batch).
+        """
+        outputs: list[Any] = []
+        nested = self.active and torch.cuda.current_stream(self.device) == self.stream
+        with self.launch(inputs):
+            yield outputs
+        if not nested:
+            self.join(tensors_in(outputs))
+
     def join(self, outputs: Iterable[torch.Tensor] = ()) -> None:
         """Make the current stream wait for the side stream's last launch (on the device; the host goes on).
 
@@ -91,3 +118,20 @@ class SideStream:
         for tensor in outputs:
             if tensor.device.type == "cuda":
                 tensor.record_stream(current)
+
+
+def tensors_in(value: Any, depth: int = 4) -> Iterator[torch.Tensor]:
+    """The tensors held by ``value``: itself, or inside its dataclass fields, mapping values and sequence items."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth == 0 or value is None or isinstance(value, (str, bytes, int, float, bool)):
+        return
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            yield from tensors_in(getattr(value, field.name), depth - 1)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from tensors_in(item, depth - 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item, depth - 1)
