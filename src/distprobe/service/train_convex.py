@@ -87,20 +87,18 @@ def run_ridge(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: 
     return rows
 
 
-def _whole(split: CachedSplit, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return split.features.to(device), split.labels.to(device)
+def _on_device(
+    train: CachedSplit, val: CachedSplit, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train features and labels, then val's, whole on ``device``: the convex solvers' first four arguments."""
+    return train.features.to(device), train.labels.to(device), val.features.to(device), val.labels.to(device)
 
 
 def run_logreg(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device) -> list[ResultRow]:
     """DINOv2/v3's protocol: C chosen on a held-out share of train, refitted on all of it, reported on val."""
     options = logreg_options(config.probes.logreg or {}, config.source)
-    train_x, train_y = _whole(train, device)
-    val_x, val_y = _whole(val, device)
     result = logreg_grid(
-        train_x,
-        train_y,
-        val_x,
-        val_y,
+        *_on_device(train, val, device),
         config.num_classes,
         c_grid=options.c_grid,
         holdout=options.holdout,
@@ -161,16 +159,12 @@ def run_fewshot_episodes(
         shared = [done]
         dist.broadcast_object_list(shared, src=0)
         done = shared[0]
-    train_x, train_y = _whole(train, device)
-    val_x, val_y = _whole(val, device)
+    splits = _on_device(train, val, device)
     todo = [e for e in wanted if e not in done]
     for start in range(0, len(todo), world):  # one episode per rank at a time, kept as soon as it is done
         share = set(todo[start : start + world])
         for result in run_fewshot(
-            train_x,
-            train_y,
-            val_x,
-            val_y,
+            *splits,
             config.num_classes,
             shots=options.shots,
             seeds=options.seeds,
