@@ -84,7 +84,7 @@ torchmetrics.__version__, torch.cuda.get_device_name())"
         ;;
     # The torch floor (issue 28): every CUDA-marked test of the suite, on this machine's torch.
     cuda-suite) stage cuda-suite $PY -m pytest -p no:cacheprovider -m gpu tests/engine tests/bank tests/knn tests/monitors \
-        tests/metrics tests/service -q -rs ;;
+        tests/metrics tests/service tests/callbacks -q -rs ;;
     # ...and `make test-floors`' selection (FLOORS_TESTS and FLOORS_SKIP, read from the Makefile) on this torch, on
     # the CPU (CUDA hidden, as CI runs it), 8 workers; failures are run again alone to tell a real failure from a
     # clash of parallel workers.

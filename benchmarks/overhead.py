@@ -67,8 +67,13 @@ BANKS = ("distprobe_bank64", "distprobe_bank64plain")
 #: ``+all``; several may be joined (``distprobe_bank64plain+side+fused``).
 LEVERED = "distprobe_bank64plain+"
 BANK_LRS = [10 ** (-4 + i * 0.25) for i in range(16)]
-BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none"}
-SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8"}
+BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none", "spt_bank64": "spt_none"}
+#: spt_bank64: stable-pretraining's AutoLinearClassifier with the same 64 heads (16 lr scalings x 4 weight decays),
+#: trained as its docs show: inside the Module's forward, its loss added to the backbone's, by the Module's optimizer.
+SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8", "spt_bank64"}
+#: A suffix for any distprobe variant: its probes' work on the training's stream (``DISTPROBE_OVERLAP=0``), the
+#: serial path that the side stream replaces on CUDA.
+SERIAL = "@serial"
 
 
 def rank() -> int:
@@ -204,6 +209,11 @@ def build_variant(
     with device:
         backbone = workload.make_backbone()
     count = probe_count(variant)
+    if variant == "spt_bank64":
+        from peers import spt_auto_linear_module
+
+        lr_scaling = [lr / BANK_LRS[8] for lr in BANK_LRS]  # the same 16 rates around the Module's own
+        return spt_auto_linear_module(spt, backbone, workload, lr_scaling, [0.0, 1e-5, 1e-4, 1e-3]), []
     if variant in SPT_VARIANTS:
         from peers import spt_callbacks, spt_module
 
@@ -288,6 +298,12 @@ def run_variant(
 
     ``extra(probe_callbacks)`` may return callbacks to place before the probes, right after them, and last.
     """
+    serial = variant.endswith(SERIAL)
+    variant = variant.removesuffix(SERIAL)
+    if serial:
+        os.environ["DISTPROBE_OVERLAP"] = "0"
+    else:
+        os.environ.pop("DISTPROBE_OVERLAP", None)
     module, probes = build_variant(variant, workload, device, spt)
     timer = StepTimer(workload.warmup, workload.steps, device)
     before: list[Callback] = []
@@ -525,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     names = (args.workload or ("tiny" if args.smoke else "vit,resnet" if cuda else "mlp")).split(",")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS + DIAGNOSTIC + BANKS and not v.startswith(LEVERED)]
+    known = VARIANTS + DIAGNOSTIC + BANKS + ("spt_bank64",)
+    unknown = [v for v in variants if v.removesuffix(SERIAL) not in known and not v.startswith(LEVERED)]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC + BANKS)}")
     local = [v for v in variants if v.startswith("local")]

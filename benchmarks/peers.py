@@ -161,3 +161,50 @@ def spt_callbacks(spt: Any, module: Any, count: int, embed_dim: int, num_classes
             )
         )
     return callbacks
+
+
+def spt_auto_linear_module(
+    spt: Any, backbone: Any, workload: Any, lr_scaling: list[float], weight_decay: list[float]
+) -> Any:
+    """A ``stable_pretraining.Module`` whose forward also trains an ``AutoLinearClassifier`` grid, as its docs show.
+
+    The grid (one head per lr scaling x weight decay, no normalization, dropout or label smoothing, so that it has
+    the heads of distprobe's plain bank) reads the detached embedding; its summed loss joins the backbone's, and the
+    Module's one AdamW trains both (with the grid's lr-scaling hooks on the heads' gradients).
+    """
+    from functools import partial
+
+    import torch
+    from stable_pretraining.backbone import AutoLinearClassifier
+    from torch import nn
+
+    def forward(self: Any, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        embedding = self.backbone(batch["image"])
+        out = {"embedding": embedding}
+        if stage == "fit":
+            probe_loss = self.grid(embedding.detach(), batch["label"], self)
+            out["loss"] = self.projector(embedding).float().pow(2).mean() + probe_loss
+        return out
+
+    grid = AutoLinearClassifier(
+        "grid",
+        workload.embed_dim,
+        workload.num_classes,
+        weight_decay=weight_decay,
+        lr_scaling=lr_scaling,
+        normalization=["none"],
+        dropout=[0],
+        label_smoothing=[0],
+    )
+    return spt.Module(
+        forward=forward,
+        backbone=backbone,
+        projector=nn.Linear(workload.embed_dim, 256),
+        grid=grid,
+        optim={
+            "optimizer": partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05),
+            "scheduler": "ConstantLR",
+            "interval": "step",
+        },
+        hparams={},
+    )
