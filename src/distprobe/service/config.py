@@ -31,10 +31,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from distprobe.service.config_convex import check_convex_options
-from distprobe.service.config_probes import check_probe_options
+from distprobe.service.config_probes import check_probe_options, check_target_kinds
 from distprobe.service.config_schema import (
     HYDRA_TARGET,
     ServiceConfigError,
@@ -45,6 +45,9 @@ from distprobe.service.config_schema import (
     refuse_unknown,
     valid_keys,
 )
+
+if TYPE_CHECKING:
+    from distprobe.service.targets import TargetCodec
 
 __all__ = [
     "DataConfig",
@@ -199,7 +202,15 @@ class EvalConfig:
                 f"{where}: probes.intervals.level={probes.intervals.level!r}; expected a coverage in (0, 1), e.g. 0.95"
             )
         check_probe_options(probes.bank, probes.knn, self.num_classes, where)
+        check_target_kinds(probes, where)
         check_convex_options(probes.ridge, probes.logreg, probes.fewshot, self.num_classes, where)
+
+    @property
+    def targets(self) -> TargetCodec:
+        """What the probes read as targets (class indices, multi-hot vectors or masks), and how the cache keeps them."""
+        from distprobe.service.targets import TargetCodec  # torch: not needed to load a config
+
+        return TargetCodec.of(self.probes.bank, self.probes.knn, self.num_classes)
 
     @property
     def fingerprint(self) -> str:

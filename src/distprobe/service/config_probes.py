@@ -22,8 +22,7 @@ KNN_SET_BY_SERVICE = ("num_classes", "in_features")
 def bank_fields(options: Mapping[str, Any], source: str) -> dict[str, Any]:
     """``probes.bank`` as `BankConfig` fields: ``head`` names the head family (``OnlineProbeBank``'s word).
 
-    Raises `ServiceConfigError` for ``head`` and ``family`` together, and for a multi-label bank (the feature cache
-    keeps one class index per sample).
+    Raises `ServiceConfigError` for ``head`` and ``family`` together, and for an unknown head family.
     """
     fields = dict(options)
     if "head" in fields:
@@ -38,19 +37,38 @@ def bank_fields(options: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise ServiceConfigError(
                 f"{source}: probes.bank.head={fields['family']!r}; expected one of {sorted(FAMILIES)}"
             )
-    if fields.get("family") == "dense":
-        raise ServiceConfigError(
-            f"{source}: probes.bank.head='dense'; the service's feature cache keeps one class index per sample, not "
-            "masks, so dense banks run online for now (OnlineProbeBank(head='dense') or a ProbeSet bank with "
-            "family='dense', docs/dense.md): use head 'linear' or 'attentive' here"
-        )
-    if fields.get("multilabel"):
-        raise ServiceConfigError(
-            f"{source}: probes.bank.multilabel={fields['multilabel']!r}; the service's feature cache keeps one class "
-            "index per sample, so multi-label banks run online for now (OnlineProbeBank or ProbeSet with "
-            "multilabel=True): remove it"
-        )
     return fields
+
+
+def check_target_kinds(probes: Any, source: str) -> None:
+    """Refuse probes that read different kinds of targets in one config (the cache keeps one kind per sample).
+
+    A dense bank reads masks, a multi-label bank or kNN multi-hot vectors (`distprobe.service.targets`); the kNN and
+    the convex probes classify whole samples, so they run beside a dense bank in a second config only.
+    """
+    bank = bank_fields(probes.bank, source) if probes.bank is not None else None
+    dense = bank is not None and bank.get("family") == "dense"
+    bank_multilabel = bool(bank is not None and bank.get("multilabel"))
+    knn_multilabel = bool(probes.knn is not None and probes.knn.get("multilabel"))
+    if dense and probes.knn is not None:
+        raise ServiceConfigError(
+            f"{source}: probes.knn is set with probes.bank.head='dense'; a kNN classifies whole samples but a dense "
+            "bank's targets are (H, W) masks; fix: remove probes.knn here and run it with a second config"
+        )
+    if bank is not None and probes.knn is not None and bank_multilabel != knn_multilabel:
+        raise ServiceConfigError(
+            f"{source}: probes.bank.multilabel={bank_multilabel} but probes.knn.multilabel={knn_multilabel}; the "
+            "cache keeps one kind of target for both; fix: set both to true (multi-hot targets) or both to false"
+        )
+    if not (dense or bank_multilabel or knn_multilabel):
+        return
+    reads = "probes.bank.head='dense' makes them (H, W) masks" if dense else "multilabel makes them multi-hot vectors"
+    for name in ("ridge", "logreg", "fewshot"):
+        if getattr(probes, name, None) is not None:
+            raise ServiceConfigError(
+                f"{source}: probes.{name} reads one class index per sample as its target, but {reads}; fix: remove "
+                f"probes.{name} here and run it with a second config"
+            )
 
 
 def check_probe_options(
@@ -101,11 +119,6 @@ def _check_knn(options: dict[str, Any], num_classes: int, source: str) -> None:
     from distprobe.knn.config import KNNConfig
 
     check_keys_and_types(options, KNNConfig, KNN_SET_BY_SERVICE, "probes.knn", source)
-    if options.get("multilabel"):
-        raise ServiceConfigError(
-            f"{source}: probes.knn.multilabel={options['multilabel']!r}; the service's feature cache keeps one class "
-            "index per sample, so a multi-label kNN runs online for now (OnlineKNN or ProbeSet): remove it"
-        )
     # queue_length defaults to the train set's size, known in the job: a stand-in as large as any k, so no warning.
     stand_in = {"name": "knn", "queue_length": 2**31 - 1, **options}
     try:

@@ -2,7 +2,8 @@
 
 Rank ``r`` of ``N`` extracts the samples ``r, r + N, r + 2N, ...``: every sample exactly once, with no padding (the
 split a `DistributedSampler` without shuffle makes, minus its repeats). Each rank writes its rows straight into two
-files shared by all ranks, ``{split}.features`` (float32, ``(n, dim)``) and ``{split}.labels`` (int64), opened with
+files shared by all ranks, ``{split}.features`` (float32, ``(n, dim)``) and ``{split}.labels`` (class indices,
+multi-hot vectors or masks, stored compactly: `distprobe.service.targets`), opened with
 ``torch.from_file(shared=True)``: the page cache holds them, not the process, and training reads them back the same
 way. A split is complete when rank 0 has written ``{split}.json`` after every rank's rows (a barrier); a requeued job
 reuses a complete split of the same checkpoint and config, and redoes an incomplete one from the start.
@@ -27,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from distprobe.engine.collectives import world_rank_and_size as rank_and_world
+from distprobe.service.targets import CLASS_INDICES, TargetCodec
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,17 @@ Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 @dataclass(frozen=True)
 class CachedSplit:
-    """One split's features and labels, memory-mapped from the cache."""
+    """One split's features and targets, memory-mapped from the cache."""
 
     features: torch.Tensor
     """``(n, dim)`` float32, memory-mapped."""
     labels: torch.Tensor
-    """``(n,)`` int64, memory-mapped."""
+    """``(n, *target shape)`` as stored, memory-mapped: int64 class indices, or ``codec``'s compact multi-hot
+    vectors or masks (read them through ``codec.decode``)."""
     sample_shape: tuple[int, ...] = ()
     """One sample's features before they were flattened (tokens: ``(N, D)``); ``()``: ``(dim,)``."""
+    codec: TargetCodec = CLASS_INDICES
+    """The kind of the targets and how they are stored."""
 
     @property
     def size(self) -> int:
@@ -66,13 +71,15 @@ def _item_part(item: Any, key: str | int, what: str, split: str) -> Any:
         ) from None
 
 
-def _collate(key_input: str | int, key_label: str | int, split: str) -> Callable[[list[Any]], tuple[Any, Any]]:
+def _collate(
+    key_input: str | int, key_label: str | int, split: str, codec: TargetCodec
+) -> Callable[[list[Any]], tuple[Any, Any]]:
     from torch.utils.data import default_collate
 
     def collate(items: list[Any]) -> tuple[Any, Any]:
         inputs = [_item_part(item, key_input, "input", split) for item in items]
         labels = [_item_part(item, key_label, "label", split) for item in items]
-        return default_collate(inputs), torch.as_tensor(labels, dtype=torch.long)
+        return default_collate(inputs), codec.encode(labels, split)
 
     return collate
 
@@ -150,7 +157,9 @@ def _agree(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def load_split(cache: Path, split: str, stamp: Mapping[str, Any]) -> CachedSplit | None:
+def load_split(
+    cache: Path, split: str, stamp: Mapping[str, Any], codec: TargetCodec = CLASS_INDICES
+) -> CachedSplit | None:
     """The cached split, if it is complete and was extracted for the same ``stamp`` (checkpoint and config)."""
     marker = cache / f"{split}.json"
     if not marker.is_file():
@@ -159,13 +168,15 @@ def load_split(cache: Path, split: str, stamp: Mapping[str, Any]) -> CachedSplit
         meta = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("stamp") != dict(stamp):
+    targets = meta.get("targets", {"kind": "class", "shape": []})  # caches written before: class indices
+    if meta.get("stamp") != dict(stamp) or targets["kind"] != codec.kind:
         return None
     n, dim = int(meta["size"]), int(meta["dim"])
     features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
     shape = tuple(int(s) for s in meta.get("shape", [dim]))  # caches written before the shape was kept: (dim,)
-    labels = _mapped(cache / f"{split}.labels", n, torch.int64)
-    return CachedSplit(features=features, labels=labels, sample_shape=shape)
+    target_shape = tuple(int(s) for s in targets["shape"])
+    labels = _mapped(cache / f"{split}.labels", n * math.prod(target_shape), codec.dtype).view(n, *target_shape)
+    return CachedSplit(features=features, labels=labels, sample_shape=shape, codec=codec)
 
 
 class _HostCopies:
@@ -226,13 +237,15 @@ def extract_split(
     num_workers: int,
     device: torch.device,
     autocast: str = "auto",
+    targets: TargetCodec = CLASS_INDICES,
 ) -> CachedSplit:
     """Extract ``dataset``'s features on every rank (each sample once) into ``cache``; a collective.
 
     The backbone runs in eval mode under ``no_grad`` (and bf16 autocast on CUDA by default); features are flattened to
-    ``(batch, dim)`` and stored in float32.
+    ``(batch, dim)`` and stored in float32; ``targets`` says what the labels are and how they are stored. A label of
+    the wrong shape raises ValueError on every rank (one all-reduce decides), never on one rank alone.
     """
-    cached = load_split(cache, split, stamp)
+    cached = load_split(cache, split, stamp, targets)
     if cached is not None:
         log.info("Reusing the complete %s features in %s", split, cache)
         return cached
@@ -247,42 +260,76 @@ def extract_split(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=_collate(input_key, label_key, split),
+        collate_fn=_collate(input_key, label_key, split, targets),
         pin_memory=device.type == "cuda",
     )
     backbone.eval()
-    shape = _feature_shape(backbone, Subset(dataset, [0]), loader, forward, device, autocast, split)
-    dim = math.prod(shape)
+    shape, target_shape = _feature_shape(backbone, Subset(dataset, [0]), loader, forward, device, autocast, split)
+    dim, per_target = math.prod(shape), math.prod(target_shape)
     error = None
     if rank == 0:  # a stale cache (another attempt, another config) must not leave rows of a larger file behind
         for suffix in ("features", "labels"):
             (cache / f"{split}.{suffix}").unlink(missing_ok=True)
-        error = reserve(cache, {f"{split}.features": n * dim * 4, f"{split}.labels": n * 8})
+        label_bytes = n * per_target * targets.dtype.itemsize
+        error = reserve(cache, {f"{split}.features": n * dim * 4, f"{split}.labels": label_bytes})
     if not _agree(error is None, device):  # every rank raises, none waits for the others at a barrier
         raise CacheSpaceError(error or f"distprobe eval: rank 0 could not reserve the {split} cache in {cache}")
     features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
-    labels = _mapped(cache / f"{split}.labels", n, torch.int64)
-    copies = _HostCopies(device)
-    position = rank
-    for inputs, targets in loader:
-        out = _features(backbone, forward, inputs, device, autocast)
-        count = out.shape[0]
-        index = torch.arange(position, position + count * world, world)
-        copies.push(out.detach().flatten(1).float(), index, targets)
-        position += count * world
-        copies.write_ready(features, labels)
-    copies.write_all(features, labels)
+    labels = _mapped(cache / f"{split}.labels", n * per_target, targets.dtype).view(n, *target_shape)
+    problem = _extract_rows(backbone, loader, forward, device, autocast, features, labels, target_shape)
     del features, labels  # unmapped: every write is in the page cache before the barrier
+    if not _agree(problem is None, device):
+        raise ValueError(problem or f"distprobe eval: another rank of the job could not extract data.{split}")
     _barrier()
     if rank == 0:
-        meta = {"size": n, "dim": dim, "shape": list(shape), "world": world, "stamp": dict(stamp)}
+        meta = {
+            "size": n,
+            "dim": dim,
+            "shape": list(shape),
+            "targets": {"kind": targets.kind, "shape": list(target_shape)},
+            "world": world,
+            "stamp": dict(stamp),
+        }
         tmp = cache / f"{split}.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, cache / f"{split}.json")  # atomic: a reader sees no marker or a whole one
     _barrier()
-    done = load_split(cache, split, stamp)
+    done = load_split(cache, split, stamp, targets)
     assert done is not None, f"the {split} cache in {cache} is incomplete after extraction"
     return done
+
+
+def _extract_rows(
+    backbone: nn.Module,
+    loader: DataLoader[Any],
+    forward: Forward | None,
+    device: torch.device,
+    autocast: str,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    target_shape: tuple[int, ...],
+) -> str | None:
+    """Write this rank's rows into the mapped cache; a label problem's message (the caller decides with all ranks)."""
+    _, world = rank_and_world()
+    copies = _HostCopies(device)
+    position = rank_and_world()[0]
+    try:
+        for inputs, targets in loader:
+            if tuple(targets.shape[1:]) != target_shape:
+                return (
+                    f"distprobe eval: targets of shape {tuple(targets.shape[1:])} per sample after the first "
+                    f"sample's {target_shape}; the cache holds one size; fix: give every sample targets of one size"
+                )
+            out = _features(backbone, forward, inputs, device, autocast)
+            count = out.shape[0]
+            index = torch.arange(position, position + count * world, world)
+            copies.push(out.detach().flatten(1).float(), index, targets)
+            position += count * world
+            copies.write_ready(features, labels)
+    except ValueError as err:  # a label of the wrong shape or kind (`TargetCodec.encode`)
+        return str(err)
+    copies.write_all(features, labels)
+    return None
 
 
 def _feature_shape(
@@ -293,13 +340,16 @@ def _feature_shape(
     device: torch.device,
     autocast: str,
     split: str,
-) -> tuple[int, ...]:
-    """One sample's feature shape, from the split's first sample on every rank (a rank may have none of its own)."""
-    inputs, _ = next(iter(DataLoader(first, batch_size=1, collate_fn=loader.collate_fn)))
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One sample's feature and target shapes, from the split's first sample on every rank.
+
+    (A rank may have no sample of its own.)
+    """
+    inputs, targets = next(iter(DataLoader(first, batch_size=1, collate_fn=loader.collate_fn)))
     out = _features(backbone, forward, inputs, device, autocast)
     if not isinstance(out, torch.Tensor):
         raise ValueError(
             f"distprobe eval: the backbone returned a {type(out).__name__} on data.{split}; expected a tensor of "
             "features. Set features.forward to a function (backbone, inputs) -> features."
         )
-    return tuple(int(s) for s in out.shape[1:])
+    return tuple(int(s) for s in out.shape[1:]), tuple(int(s) for s in targets.shape[1:])

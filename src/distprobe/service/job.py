@@ -176,6 +176,7 @@ def extract_features(
                 num_workers=config.data.num_workers,
                 device=device,
                 autocast=config.features.autocast,
+                targets=config.targets,
             )
         )
     del backbone

@@ -9,14 +9,20 @@ The same probes as online (`distprobe.bank.ProbeBank`, `distprobe.knn.ShardedKNN
 - **Evaluation.** Rank ``r`` scores the validation rows it extracted (``r, r + N, ...``) and tells the bank each
   row's index in the validation set, so the split that selects the best head is the same at every world size.
 - **kNN.** Its buffer holds the whole training set, sharded: rank ``r`` inserts the rows it extracted.
+- **Targets** (`distprobe.service.targets`): class indices, multi-hot vectors (a multi-label bank and kNN: BCE, mAP
+  and F1, the best head by mAP) or full-resolution masks (a dense bank: per-pixel cross-entropy at the masks'
+  resolution, DINOv3's protocol, mIoU and pixel accuracy, the best head by mIoU). Each batch's targets are decoded
+  from the cache's compact form into exactly what the online probes receive, so bad labels are skipped and counted
+  as online. A dense bank is scored in batches sized to bound the memory of its full-resolution logits.
 - **Convex probes** (ridge, logistic regression, few-shot): `distprobe.service.train_convex`.
-- **Intervals.** Every top-1 gets a seeded bootstrap interval from per-sample results gathered over the ranks
-  (`distprobe.service.intervals`); a bank's best head's over the report split it is scored on.
+- **Intervals.** Every top-1 (class-index targets) gets a seeded bootstrap interval from per-sample results gathered
+  over the ranks (`distprobe.service.intervals`); a bank's best head's over the report split it is scored on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ import torch
 
 from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.families import FAMILIES
 from distprobe.bank.selection import selects
 from distprobe.engine.replicate import default_group
@@ -38,10 +45,14 @@ from distprobe.service.intervals import PerSample, attach, interval_columns, wit
 from distprobe.service.store import ResultRow
 from distprobe.service.train_convex import run_fewshot_episodes, run_logreg, run_ridge
 
+log = logging.getLogger(__name__)
+
 #: Rows per kNN insert and per evaluation batch.
 CHUNK = 4096
 #: A split smaller than this is copied to the GPU once rather than indexed from the host every batch.
 DEVICE_COPY_LIMIT = 8 * 2**30
+#: The bytes of one chunk of a dense bank's full-resolution validation logits (heads x rows x C x H x W, float32).
+DENSE_EVAL_BYTES = 2**30
 
 
 @dataclass
@@ -54,14 +65,16 @@ class ProbeResults:
 
 
 def _on(split: CachedSplit, device: torch.device) -> CachedSplit:
-    if device.type == "cuda" and split.features.numel() * 4 <= DEVICE_COPY_LIMIT:
+    size = split.features.numel() * 4 + split.labels.numel() * split.labels.element_size()
+    if device.type == "cuda" and size <= DEVICE_COPY_LIMIT:
         return dataclasses.replace(split, features=split.features.to(device), labels=split.labels.to(device))
     return split
 
 
 def _rows(split: CachedSplit, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     index = index.to(split.features.device)
-    return split.features[index].to(device, non_blocking=True), split.labels[index].to(device, non_blocking=True)
+    targets = split.codec.decode(split.labels[index].to(device, non_blocking=True))
+    return split.features[index].to(device, non_blocking=True), targets
 
 
 def _bank_config(config: EvalConfig, split: CachedSplit) -> BankConfig:
@@ -71,10 +84,10 @@ def _bank_config(config: EvalConfig, split: CachedSplit) -> BankConfig:
     shape = split.sample_shape or tuple(split.features.shape[1:])
     sample = torch.empty((1, *shape), device="meta")
     if getattr(family, "input_problem", lambda source, x: None)("features", sample) is not None:
+        reads, returns = _READS.get(options["family"], _READS["attentive"])
         raise ServiceConfigError(
-            f"{config.source}: probes.bank.head={options['family']!r} reads (tokens, dim) tokens per sample, but the "
-            f"backbone's features have shape {tuple(shape)} per sample; set features.forward to return a block's "
-            "(B, N, D) tokens"
+            f"{config.source}: probes.bank.head={options['family']!r} reads {reads} per sample, but the "
+            f"backbone's features have shape {tuple(shape)} per sample; set features.forward to return {returns}"
         )
     dim = int(getattr(family, "feature_size", lambda x: x.numel())(sample[0]))
     for reserved in ("inputs", "num_classes", "in_features"):
@@ -85,9 +98,28 @@ def _bank_config(config: EvalConfig, split: CachedSplit) -> BankConfig:
             )
     options.setdefault("name", "bank")
     try:
-        return BankConfig(inputs=("features",), num_classes=config.num_classes, in_features=dim, **options)
+        bank_config = BankConfig(inputs=("features",), num_classes=config.num_classes, in_features=dim, **options)
     except (TypeError, ValueError) as err:
         raise ServiceConfigError(f"{config.source}: probes.bank: {err}") from None
+    # The first-batch checks of the online bank, on the cached shapes: targets of zeros stand in for the labels,
+    # whose values are checked per batch (a bad one is skipped and counted, not raised).
+    stand_in = torch.zeros((1, *split.labels.shape[1:]), dtype=torch.long)
+    problem = first_batch_problem(
+        bank_config.name, ("features",), [sample], split.codec.decode(stand_in), config.num_classes, bank_config
+    )
+    if problem is not None:
+        raise ServiceConfigError(f"{config.source}: probes.bank: {problem}")
+    return bank_config
+
+
+#: What a token-reading head family reads per sample, and what ``features.forward`` should return for it.
+_READS = {
+    "attentive": ("(tokens, dim) tokens", "a block's (B, N, D) tokens"),
+    "dense": (
+        "(patches, dim) patch tokens or a (dim, h, w) feature map",
+        "a block's (B, N, D) patch tokens without prefix tokens, or a (B, D, h, w) map",
+    ),
+}
 
 
 def _as_read(bank_config: BankConfig, split: CachedSplit, rows: torch.Tensor) -> torch.Tensor:
@@ -143,12 +175,21 @@ def train_bank(config: EvalConfig, train: CachedSplit, device: torch.device) -> 
     return bank
 
 
-def _eval_batches(size: int) -> list[torch.Tensor]:
+def _eval_batches(size: int, rows: int = CHUNK) -> list[torch.Tensor]:
     """This rank's validation rows in batches; every rank gets the same number of batches (some may be empty)."""
     rank, world = rank_and_world()
     own = torch.arange(rank, size, world)
-    count = math.ceil(math.ceil(size / world) / CHUNK)
-    return [own[i * CHUNK : (i + 1) * CHUNK] for i in range(count)]
+    count = math.ceil(math.ceil(size / world) / rows)
+    return [own[i * rows : (i + 1) * rows] for i in range(count)]
+
+
+def _eval_rows(bank: ProbeBank | None, val: CachedSplit) -> int:
+    """Rows per validation batch: `CHUNK`, or fewer for full-resolution masks (`DENSE_EVAL_BYTES` of logits)."""
+    if bank is None or val.codec.kind != "mask":
+        return CHUNK
+    chunk = getattr(getattr(bank.heads, "options", None), "loss_chunk_heads", None) or len(bank.head_ids)
+    per_row = chunk * bank.config.num_classes * math.prod(val.labels.shape[1:]) * 4
+    return max(1, min(CHUNK, DENSE_EVAL_BYTES // per_row))
 
 
 def evaluate(
@@ -158,25 +199,25 @@ def evaluate(
 
     Each top-1 gets its bootstrap interval from the per-sample results, gathered over the ranks.
     """
-    heads = len(bank.head_ids) if bank is not None else 0
-    ks = len(knn.config.k) if knn is not None else 0
+    # Multi-hot vectors and masks have no per-sample right or wrong answer: their mAP and mIoU get no interval.
+    classifies = val.codec.kind == "class"
+    heads = len(bank.head_ids) if bank is not None and classifies else 0
+    ks = len(knn.config.k) if knn is not None and classifies else 0
     correct = PerSample(val.size, heads + ks, device)
-    classifies = True  # a dense (segmentation) bank predicts per pixel: no per-sample top-1
-    for index in _eval_batches(val.size):
+    for index in _eval_batches(val.size, _eval_rows(bank, val)):
         valid = int(index.numel())
         padded = index if valid else torch.zeros(1, dtype=torch.long)  # an empty batch still joins the collectives
         x, y = _rows(val, padded, device)
         if bank is not None:
             logits = bank.eval_step([_as_read(bank.config, val, x)], y, num_valid=valid, positions=padded.to(device))
-            classifies = classifies and logits.ndim == 3 and y.ndim == 1
             if classifies:
                 correct.fill(index, (logits.argmax(-1) == y[:, None]).double())
         if knn is not None:
-            correct.fill(index, (knn.eval_step(x, y, num_valid=valid) == y[:, None]).double(), first_column=heads)
+            predicted = knn.eval_step(x, y, num_valid=valid)
+            if classifies:
+                correct.fill(index, (predicted == y[:, None]).double(), first_column=heads)
     per_sample = correct.gathered()
     spec = config.probes.intervals
-    if not classifies:
-        per_sample = per_sample[:, heads:]
     bounds = interval_columns(per_sample, spec)  # every column at once: the heads' and the k's
     values: dict[str, float] = {}
     rows: list[ResultRow] = []
@@ -186,11 +227,27 @@ def evaluate(
         best = bank.best_head_id
         rows += _bank_rows(bank, computed, (per_sample, bounds) if classifies else None, spec)
         values.update({f"{bank.name}_{k}": v for k, v in computed.items() if keys.split_relative(k)[0] == keys.BEST})
+        values.update(_bad_batches(bank))
     if knn is not None:
         computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
-        rows += _knn_rows(knn, computed, bounds, heads if classifies else 0)
+        rows += _knn_rows(knn, computed, bounds, heads)
         values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
     return ProbeResults(values=values, rows=_unique(rows), best_head=best)
+
+
+def _bad_batches(bank: ProbeBank) -> dict[str, float]:
+    """The training's skipped bad batches by reason (``bank_bad_batches/targets_out_of_range``), those above 0.
+
+    A collective (the bank's one flat sync). Bad labels are skipped and counted as online; a job logs the counts.
+    """
+    counts = {
+        f"{bank.name}_{key}": float(value)
+        for key, value in bank.compute_train_metrics().items()
+        if key.startswith(keys.BAD_BATCHES) and float(value) > 0
+    }
+    if counts:
+        log.warning("bank '%s' skipped training batches holding bad data: %s", bank.name, counts)
+    return counts
 
 
 def _bank_rows(
