@@ -25,7 +25,8 @@ head's defaults: one query, one cross-attention block, 12 attention heads, MLP r
 
 ``dense`` (issue 26): patch tokens ``(128, 196, 768)`` (grid 14 x 14), 150 classes, ``(128, 224, 224)`` int64
 masks with ignored pixels (255); ``dense16`` is a 16-head dense bank at the library's default ``head_options``
-(printed), ``dense16-s32`` the same with ``samples_per_step=32`` (docs/dense.md's example).
+(printed); ``dense16-s32`` the same with ``samples_per_step=32`` (docs/dense.md's example), ``dense16-s32-c1`` also
+with ``loss_chunk_heads=1``, and ``dense16-custom`` (not run by default) with ``--dense-options``.
 
 ``dense-epoch`` (issue 26): no backbone (the service trains on cached features): synthetic ViT-B/16 patch tokens at
 512 px (32 x 32 x 768) and 512 x 512 masks are made on the device, and a 16-head dense bank at full resolution
@@ -44,6 +45,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from bench_models import ViT
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.families.attentive import AttentiveProbe
@@ -67,8 +70,13 @@ GRID = [(lr, wd) for lr in LRS for wd in WDS]
 """The 16 heads' (lr, weight decay), in a bank's order (lr-major)."""
 OPTIMIZER = {"type": "AdamW"}
 ATTENTIVE_VARIANTS = ("none", "bank16", "probes16", "bare16")
-DENSE_VARIANTS = ("none", "dense16", "dense16-s32")
-DENSE_OPTIONS = {"dense16": {}, "dense16-s32": {"samples_per_step": 32}}
+DENSE_VARIANTS = ("none", "dense16", "dense16-s32", "dense16-s32-c1")
+DENSE_OPTIONS: dict[str, dict[str, Any]] = {
+    "dense16": {},  # the library's defaults
+    "dense16-s32": {"samples_per_step": 32},  # docs/dense.md's example
+    "dense16-s32-c1": {"samples_per_step": 32, "loss_chunk_heads": 1},  # the least memory at full resolution
+    "dense16-custom": {},  # --dense-options
+}
 
 
 def say(*args: Any) -> None:
@@ -167,7 +175,10 @@ class BareAttentive:
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
         params = dict(zip(self.names, (torch.stack(ps) for ps in zip(*(h.parameters() for h in self.heads)))))
-        logits = self.forward(params, tokens)  # (K, B, C)
+        # The math attention: vmap batches its matmuls over the heads, where a fused kernel without a batching rule
+        # would fall back to a loop over the heads (CPU flash attention has none). One query: its cost is small.
+        with sdpa_kernel([SDPBackend.MATH]):
+            logits = self.forward(params, tokens.float())  # (K, B, C)
         k, b, c = logits.shape
         loss = F.cross_entropy(logits.reshape(k * b, c), labels.repeat(k), reduction="none").view(k, b).mean(1).sum()
         loss.backward()
@@ -228,7 +239,7 @@ def make_prober(variant: str, shapes: Shapes, device: torch.device) -> Any:
             head_options=DENSE_OPTIONS[variant],
         )
         return InSet(ProbeSet.build([], banks=[bank], device=device))
-    raise SystemExit(f"unknown variant {variant!r}; valid: {ATTENTIVE_VARIANTS + DENSE_VARIANTS[1:]}")
+    raise AssertionError(f"variant {variant!r} was not checked by chosen()")
 
 
 # --- the training step -----------------------------------------------------------------------------------------------
@@ -301,6 +312,13 @@ class Clock:
         return (time.perf_counter() - self.t0) * 1e3
 
 
+def failure(err: BaseException) -> str:
+    """One line for a failed run (out of memory, or anything else with its traceback on stderr)."""
+    if not isinstance(err, torch.cuda.OutOfMemoryError):
+        traceback.print_exc()
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+
+
 def fresh_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -328,8 +346,8 @@ def run_once(
             trainer.step(prober)
         ms = clock.stop() / args.steps
         return {"ms": ms, "peak_gib": peak_gib(device)}
-    except torch.cuda.OutOfMemoryError as err:
-        return {"ms": math.nan, "peak_gib": peak_gib(device), "error": f"out of memory: {str(err).splitlines()[0]}"}
+    except Exception as err:  # noqa: BLE001  (one failed variant must not cost the GPU run the others)
+        return {"ms": math.nan, "peak_gib": peak_gib(device), "error": failure(err)}
     finally:
         trainer = prober = None  # type: ignore[assignment]
         fresh_memory(device)
@@ -364,8 +382,8 @@ def sync_check(workload: str, variant: str, shapes: Shapes, args: argparse.Names
             trainer.step(prober)
         features, targets = trainer.backbone_step()
         return host_syncs(lambda: prober.step(features, targets), device)
-    except torch.cuda.OutOfMemoryError:
-        return {"count": None, "note": "out of memory"}
+    except Exception as err:  # noqa: BLE001
+        return {"count": None, "note": failure(err)}
     finally:
         trainer = prober = None  # type: ignore[assignment]
         fresh_memory(device)
@@ -446,8 +464,17 @@ def check(name: str, value: float | None, limit: float | None, text: str) -> dic
 # --- the workloads ---------------------------------------------------------------------------------------------------
 
 
+def chosen(args: argparse.Namespace, default: tuple[str, ...], valid: tuple[str, ...]) -> list[str]:
+    """``--variants`` (else ``default``), refused before any run when one is not of this workload."""
+    variants = args.variants.split(",") if args.variants else list(default)
+    unknown = [v for v in variants if v not in valid]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown} for workload {args.workload!r}; valid: {list(valid)}")
+    return variants
+
+
 def attentive(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    variants = args.variants.split(",") if args.variants else list(ATTENTIVE_VARIANTS)
+    variants = chosen(args, ATTENTIVE_VARIANTS, ATTENTIVE_VARIANTS)
     say(
         f"tokens ({shapes.batch}, {shapes.grid**2 + 1}, {shapes.dim}), {shapes.attentive_classes} classes, "
         f"16 heads: lr {LRS} x wd {WDS}, AdamW, head defaults (num_queries=1, depth=1, num_heads=D//64, mlp_ratio=4)"
@@ -476,7 +503,7 @@ def attentive(shapes: Shapes, args: argparse.Namespace, device: torch.device) ->
 
 
 def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    variants = args.variants.split(",") if args.variants else list(DENSE_VARIANTS)
+    variants = chosen(args, DENSE_VARIANTS, ("none", *DENSE_OPTIONS))
     defaults = dataclasses.asdict(DenseOptions())
     say(
         f"patch tokens ({shapes.batch}, {shapes.grid**2}, {shapes.dim}) grid {shapes.grid}x{shapes.grid}, "
@@ -568,9 +595,9 @@ def dense_epoch(shapes: Shapes, args: argparse.Namespace, device: torch.device) 
         x, y = cache[0]
         out["host_syncs"] = host_syncs(lambda: bank.train_step([x], y), device)
         say(f"host syncs of the bank's step (sync debug 'warn'): {json.dumps(out['host_syncs'])}")
-    except torch.cuda.OutOfMemoryError as err:
-        out.update(error=f"out of memory: {str(err).splitlines()[0]}", peak_gib=peak_gib(device))
-        say(f"dense-epoch: {out['error']}; try --epoch-batch smaller or --loss-chunk-heads 1")
+    except Exception as err:  # noqa: BLE001
+        out.update(error=failure(err), peak_gib=peak_gib(device))
+        say(f"dense-epoch: {out['error']} (out of memory: try a smaller --epoch-batch or --loss-chunk-heads 1)")
     finally:
         bank = cache = None  # type: ignore[assignment]
         fresh_memory(device)
@@ -596,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         help="dense-epoch: steps timed, the epoch's time extrapolated (0: the whole epoch)",
     )
     p.add_argument("--loss-chunk-heads", type=int, help="dense-epoch: head_options['loss_chunk_heads'] (default 4)")
+    p.add_argument(
+        "--dense-options", type=json.loads, default={}, help="dense: head_options of variant dense16-custom (JSON)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every variant once")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -606,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants and len(workloads) > 1:
         raise SystemExit("--variants names one workload's variants: give one --workload with it")
     shapes = SMOKE if args.smoke else FULL
+    DENSE_OPTIONS["dense16-custom"] = dict(args.dense_options)
     if args.smoke:
         args.rounds, args.steps, args.warmup, args.epoch_steps = 1, 2, 1, 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -621,15 +652,22 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(args).items() if k != "json"},
         "workloads": {},
     }
+    failed = []
     for w in workloads:
         say(f"### {w}")
         t0 = time.perf_counter()
-        results["workloads"][w] = WORKLOADS[w](shapes, args, device)
+        try:
+            results["workloads"][w] = WORKLOADS[w](shapes, args, device)
+        except Exception as err:  # noqa: BLE001  (the next workload still runs)
+            results["workloads"][w] = {"error": failure(err)}
+            failed.append(w)
         results["workloads"][w]["wall_s"] = time.perf_counter() - t0
         say(f"### {w}: {results['workloads'][w]['wall_s']:.0f} s")
         if args.json:  # after each workload: a later one that fails leaves the earlier results
             args.json.write_text(json.dumps(results, indent=2, default=str))
-    return 0
+    if failed:
+        say(f"failed workloads: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
