@@ -502,6 +502,13 @@ def attentive(shapes: Shapes, args: argparse.Namespace, device: torch.device) ->
     return out
 
 
+def loss_gib(options: DenseOptions, samples: int, classes: int, grid: int, image: int) -> float:
+    """docs/dense.md's memory of the loss: ``3 x chunk x B x C x H x W`` + ``2 x K x B x C x h x w`` float32."""
+    chunk = min(16, options.loss_chunk_heads or 16)
+    size = options.loss_resolution or (image, image)
+    return (3 * chunk * samples * classes * size[0] * size[1] + 2 * 16 * samples * classes * grid * grid) * 4 / 2**30
+
+
 def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     variants = chosen(args, DENSE_VARIANTS, ("none", *DENSE_OPTIONS))
     defaults = dataclasses.asdict(DenseOptions())
@@ -510,9 +517,20 @@ def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dic
         f"{shapes.dense_classes} classes, masks ({shapes.batch}, {shapes.image}, {shapes.image}) with ~10% ignored; "
         f"16 heads lr {LRS} x wd {WDS}, AdamW; default head_options {defaults}"
     )
+    estimates = {}
+    for v in (v for v in variants if v != "none"):
+        options = DenseOptions.parse(DENSE_OPTIONS[v], "seg")
+        samples = min(shapes.batch, options.samples_per_step or shapes.batch)
+        estimates[v] = loss_gib(options, samples, shapes.dense_classes, shapes.grid, shapes.image)
+        say(f"{v}: head_options {DENSE_OPTIONS[v]}, loss memory by docs/dense.md's formula {estimates[v]:.2f} GiB")
     rows = time_variants("dense", variants, shapes, args, device)
     print_table(rows)
-    out: dict[str, Any] = {"default_head_options": defaults, "variant_head_options": DENSE_OPTIONS, "rows": rows}
+    out: dict[str, Any] = {
+        "default_head_options": defaults,
+        "variant_head_options": {v: DENSE_OPTIONS[v] for v in variants if v != "none"},
+        "loss_gib_estimate": estimates,
+        "rows": rows,
+    }
     if "dense16" in rows and "none" in rows:
         out["checks"] = {
             "overhead": check("dense16 overhead", rows["dense16"].get("overhead"), 0.03, "step overhead <= +3%"),
@@ -543,11 +561,13 @@ def dense_epoch(shapes: Shapes, args: argparse.Namespace, device: torch.device) 
         in_features=shapes.dim,
         head_options=options,
     )
-    head_options = dataclasses.asdict(DenseOptions.parse(options, "seg"))
+    parsed = DenseOptions.parse(options, "seg")
+    head_options = dataclasses.asdict(parsed)
     say(
         f"{images} images of {size} px: patch tokens ({batch}, {grid * grid}, {shapes.dim}), masks ({batch}, {size}, "
         f"{size}), {shapes.dense_classes} classes, 16 heads, batch {batch}: {steps_per_epoch} steps per epoch "
-        f"({timed} timed); head_options {head_options}"
+        f"({timed} timed); head_options {head_options}; loss memory by docs/dense.md's formula "
+        f"{loss_gib(parsed, batch, shapes.dense_classes, grid, size):.2f} GiB"
     )
     fresh_memory(device)
     g = torch.Generator().manual_seed(0)
