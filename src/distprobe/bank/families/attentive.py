@@ -372,7 +372,7 @@ class AttentiveHeads(HeadFamily):
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C)`` logits of every head, from one ``(B, N, D_s)`` tensor per source (in the config's order)."""
-        parts = [self.flat] if len(self.blocks) == 1 else list(torch.split(self.flat, [b.numel for b in self.blocks]))
+        parts = self.flat_parts([b.numel for b in self.blocks])
         outputs = [
             self._block_forward(x, self._block_params(part, block), block)
             for block, x, part in zip(self.blocks, features, parts, strict=True)

@@ -97,6 +97,13 @@ class HeadFamily(nn.Module, abc.ABC):
         """K, over every source."""
         return len(self.head_list)
 
+    def flat_parts(self, sizes: list[int]) -> list[torch.Tensor]:
+        """``flat`` cut into consecutive parts of ``sizes`` elements (a family's blocks, in order), for a forward.
+
+        One part is the parameter itself: a view's backward is free, while split's would copy the gradient.
+        """
+        return [self.flat] if len(sizes) == 1 else list(torch.split(self.flat, sizes))
+
     @abc.abstractmethod
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C)`` outputs of every head (contiguous), from one ``(B, ...)`` tensor per source."""

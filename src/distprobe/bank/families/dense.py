@@ -214,8 +214,7 @@ class DenseHeads(LinearHeads):
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C, h, w)`` logits of every head on the patch grid, one input per source (same grid for all)."""
-        one = len(self.blocks) == 1
-        parts = [self.flat] if one else list(torch.split(self.flat, [b.numel for b in self.blocks]))
+        parts = self.flat_parts([b.numel for b in self.blocks])
         outputs = []
         grid: tuple[int, int] | None = None
         for block, x, part in zip(self.blocks, features, parts, strict=True):
@@ -229,7 +228,7 @@ class DenseHeads(LinearHeads):
             logits = torch.bmm(part.view(n, per * c, d), stacked.transpose(1, 2))  # (n, per*C, B*h*w)
             outputs.append(logits.view(n * per, c, x.shape[0], -1))
         assert grid is not None, "a bank has at least one source"
-        out = outputs[0] if one else torch.cat(outputs, dim=0)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         k, c, b = out.shape[:3]
         return out.transpose(1, 2).reshape(k, b, c, *grid)
 

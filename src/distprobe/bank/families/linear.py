@@ -132,9 +132,7 @@ class LinearHeads(HeadFamily):
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C)`` logits of every head, from one ``(B, D_s)`` tensor per source (in the config's order)."""
-        # One block: the flat parameter itself (a view's backward is free; split's would copy).
-        one = len(self.blocks) == 1
-        parts = [self.flat] if one else list(torch.split(self.flat, [b.numel for b in self.blocks]))
+        parts = self.flat_parts([b.numel for b in self.blocks])
         outputs = []
         for block, x, part in zip(self.blocks, features, parts, strict=True):
             x = x.flatten(1)
