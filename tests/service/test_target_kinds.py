@@ -10,6 +10,10 @@ by a brute-force cosine search.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +33,7 @@ from distprobe.service.train import train_bank
 
 TRAIN_BAD, VAL_BAD = 3, 2  # multi-hot samples holding a 2: skipped and counted in training, never scored
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _data(target: str, **options):
@@ -249,3 +254,38 @@ def test_pooled_features_and_class_labels_are_refused_for_a_dense_bank(checkpoin
             probes=probes,
             features={"forward": "tests.service.target_kinds:pooled"},
         )
+
+
+def _two_rank_job(tmp_path, job, name):
+    """``distprobe eval`` of ``job``'s checkpoint and config as a 2-task local (submitit) job with its own store."""
+    import yaml
+
+    folder, summary = job[0], job[1]
+    options = yaml.safe_load((folder / "eval.yaml").read_text())
+    where = tmp_path / name
+    where.mkdir()
+    options["results"]["store"] = str(where / "results.sqlite")
+    options["features"]["cache_dir"] = str(where / "cache")
+    (where / "eval.yaml").write_text(yaml.safe_dump(options))
+    checkpoint = where / Path(summary["checkpoint"]).name
+    shutil.copy(summary["checkpoint"], checkpoint)
+    command = [sys.executable, "-m", "distprobe", "eval", str(checkpoint), "--config", str(where / "eval.yaml")]
+    command += ["--cluster", "local", "--tasks-per-node", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return process, where / "results.sqlite"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_with_an_uneven_validation_set_equal_one_process(multilabel_job, dense_job, tmp_path):
+    """75 multi-label and 11 segmentation validation samples on 2 ranks: every stored number as in one process."""
+    jobs = [_two_rank_job(tmp_path, job, name) for job, name in ((multilabel_job, "ml"), (dense_job, "dense"))]
+    for (process, store), job in zip(jobs, (multilabel_job, dense_job), strict=True):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        two = {(p, h, m): v for _, _, p, h, m, v, _ in ResultsStore(store).results()}
+        one = job[-1]
+        assert two.keys() == one.keys()
+        for key, value in one.items():
+            # The same global batches on 1 and 2 ranks: the heads differ by the all-reduce's rounding only.
+            assert two[key] == pytest.approx(value, abs=1e-5), key
