@@ -30,7 +30,10 @@ with ``loss_chunk_heads=1``, and ``dense16-custom`` (not run by default) with ``
 
 ``dense-epoch`` (issue 26): no backbone (the service trains on cached features): synthetic ViT-B/16 patch tokens at
 512 px (32 x 32 x 768) and 512 x 512 masks are made on the device, and a 16-head dense bank at full resolution
-(the defaults: no ``samples_per_step``, no ``loss_resolution``) trains one epoch of ``--images`` images.
+(the defaults: no ``samples_per_step``, no ``loss_resolution``) trains one epoch of ``--images`` images, timed over
+``--epoch-steps`` of its steps (0: all) and extrapolated, at each ``--epoch-batch``: 256 (the service's default
+``probes.batch_size``; its full-resolution loss needs ~455 GiB by docs/dense.md's formula, so expect an out-of-memory
+line) and 16 (DINOv3's linear segmentation batch).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ class Shapes:
     dense_classes: int = 150
     epoch_image: int = 512
     """dense-epoch: the image size (its grid is ``epoch_image // patch``)."""
-    epoch_batch: int = 16
+    epoch_batches: tuple[int, ...] = (256, 16)
+    """dense-epoch: the service's default ``probes.batch_size``, then DINOv3's linear head's batch."""
     epoch_images: int = 20_000
 
     @property
@@ -116,7 +120,7 @@ SMOKE = Shapes(
     attentive_classes=10,
     dense_classes=5,
     epoch_image=64,
-    epoch_batch=4,
+    epoch_batches=(4,),
     epoch_images=16,
 )
 
@@ -132,11 +136,13 @@ class TokenViT(ViT):
         return self.norm(x)
 
 
-def masks(batch: int, size: int, classes: int, generator: torch.Generator) -> torch.Tensor:
+def masks(
+    batch: int, size: int, classes: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``(B, size, size)`` int64 masks: blocks of classes, about 10% of the pixels ignored (255)."""
-    coarse = torch.randint(0, classes, (batch, 1, size // 8, size // 8), generator=generator).float()
-    out = F.interpolate(coarse, size=(size, size), mode="nearest")[:, 0].long()
-    out[torch.rand(out.shape, generator=generator) < 0.1] = 255
+    coarse = torch.randint(0, classes, (batch, 1, size // 8, size // 8), generator=generator, device=device)
+    out = F.interpolate(coarse.float(), size=(size, size), mode="nearest")[:, 0].long()
+    out[torch.rand(out.shape, generator=generator, device=device) < 0.1] = 255
     return out
 
 
@@ -543,42 +549,20 @@ def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dic
 
 
 def dense_epoch(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """One epoch of a 16-head dense bank at full resolution on synthetic cached features (no backbone)."""
-    batch = args.epoch_batch or shapes.epoch_batch
+    """One epoch of a 16-head dense bank at full resolution on synthetic cached features, per batch size."""
+    batches = [int(b) for b in args.epoch_batch.split(",")] if args.epoch_batch else list(shapes.epoch_batches)
+    runs = {str(batch): epoch_run(batch, shapes, args, device) for batch in batches}
+    return {"runs": runs}
+
+
+def epoch_run(batch: int, shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """An epoch of ``--images`` at batch size ``batch`` (timed over ``--epoch-steps`` of it), with no backbone."""
     images = args.images or shapes.epoch_images
     grid, size = shapes.epoch_image // shapes.patch, shapes.epoch_image
     steps_per_epoch = images // batch  # the service drops the last partial batch
     timed = steps_per_epoch if not args.epoch_steps else min(args.epoch_steps, steps_per_epoch)
     options = {} if args.loss_chunk_heads is None else {"loss_chunk_heads": args.loss_chunk_heads}
-    config = BankConfig(
-        name="seg",
-        family="dense",
-        inputs=["patch"],
-        num_classes=shapes.dense_classes,
-        lr=LRS,
-        weight_decay=WDS,
-        optimizer=OPTIMIZER,
-        in_features=shapes.dim,
-        head_options=options,
-    )
     parsed = DenseOptions.parse(options, "seg")
-    head_options = dataclasses.asdict(parsed)
-    say(
-        f"{images} images of {size} px: patch tokens ({batch}, {grid * grid}, {shapes.dim}), masks ({batch}, {size}, "
-        f"{size}), {shapes.dense_classes} classes, 16 heads, batch {batch}: {steps_per_epoch} steps per epoch "
-        f"({timed} timed); head_options {head_options}; loss memory by docs/dense.md's formula "
-        f"{loss_gib(parsed, batch, shapes.dense_classes, grid, size):.2f} GiB"
-    )
-    fresh_memory(device)
-    g = torch.Generator().manual_seed(0)
-    cache = [
-        (
-            torch.randn(batch, grid * grid, shapes.dim, generator=g).to(device),
-            masks(batch, size, shapes.dense_classes, g).to(device),
-        )
-        for _ in range(4)
-    ]
-    bank = ProbeBank.build(config, device=device)
     out: dict[str, Any] = {
         "images": images,
         "batch": batch,
@@ -586,40 +570,65 @@ def dense_epoch(shapes: Shapes, args: argparse.Namespace, device: torch.device) 
         "grid": grid,
         "steps_per_epoch": steps_per_epoch,
         "timed_steps": timed,
-        "head_options": head_options,
+        "head_options": dataclasses.asdict(parsed),
+        "loss_gib_estimate": loss_gib(parsed, batch, shapes.dense_classes, grid, size),
     }
+    say(
+        f"{images} images of {size} px: patch tokens ({batch}, {grid * grid}, {shapes.dim}), masks ({batch}, {size}, "
+        f"{size}), {shapes.dense_classes} classes, 16 heads, batch {batch}: {steps_per_epoch} steps per epoch "
+        f"({timed} timed); head_options {out['head_options']}; loss memory by docs/dense.md's formula "
+        f"{out['loss_gib_estimate']:.2f} GiB"
+    )
+    fresh_memory(device)
+    cache = bank = None
     try:
+        if steps_per_epoch < 1:
+            raise ValueError(f"--images {images} is fewer than one batch of {batch}")
+        g = torch.Generator(device=device).manual_seed(0)
+        cache = [
+            (
+                torch.randn(batch, grid * grid, shapes.dim, generator=g, device=device),
+                masks(batch, size, shapes.dense_classes, g, device),
+            )
+            for _ in range(4)
+        ]
+        bank = ProbeBank.build(
+            BankConfig(
+                name="seg",
+                family="dense",
+                inputs=["patch"],
+                num_classes=shapes.dense_classes,
+                lr=LRS,
+                weight_decay=WDS,
+                optimizer=OPTIMIZER,
+                in_features=shapes.dim,
+                head_options=options,
+            ),
+            device=device,
+        )
         for i in range(args.warmup):
             bank.train_step([cache[i % 4][0]], cache[i % 4][1])
         bank.settle()
-        fresh_peak = peak_gib(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         clock = Clock(device)
         clock.start()
         for i in range(timed):
             bank.train_step([cache[i % 4][0]], cache[i % 4][1])
         bank.settle()
         ms = clock.stop() / timed
-        out.update(
-            ms_per_step=ms,
-            s_per_epoch=ms * steps_per_epoch / 1e3,
-            peak_gib=peak_gib(device),
-            warmup_peak_gib=fresh_peak,
-        )
+        out.update(ms_per_step=ms, s_per_epoch=ms * steps_per_epoch / 1e3, peak_gib=peak_gib(device))
         scope = "measured" if timed == steps_per_epoch else f"{timed} steps timed, x {steps_per_epoch}"
         say(
-            f"dense-epoch: {ms:.2f} ms/step, {out['s_per_epoch']:.1f} s/epoch ({scope}), peak "
-            f"{fmt(out['peak_gib'], '.2f')} GiB (features and masks cache included)"
+            f"dense-epoch batch {batch}: {ms:.2f} ms/step, {out['s_per_epoch']:.1f} s/epoch ({scope}), peak "
+            f"{fmt(out['peak_gib'], '.2f')} GiB (the 4 cached batches included)"
         )
         x, y = cache[0]
         out["host_syncs"] = host_syncs(lambda: bank.train_step([x], y), device)
         say(f"host syncs of the bank's step (sync debug 'warn'): {json.dumps(out['host_syncs'])}")
     except Exception as err:  # noqa: BLE001
         out.update(error=failure(err), peak_gib=peak_gib(device))
-        say(f"dense-epoch: {out['error']} (out of memory: try a smaller --epoch-batch or --loss-chunk-heads 1)")
+        say(f"dense-epoch batch {batch}: {out['error']}")
     finally:
-        bank = cache = None  # type: ignore[assignment]
+        bank = cache = None
         fresh_memory(device)
     return out
 
@@ -635,7 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per run (dense-epoch: see --epoch-steps)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--images", type=int, help="dense-epoch: images per epoch (default 20000)")
-    p.add_argument("--epoch-batch", type=int, help="dense-epoch: batch size (default 16, DINOv3's linear head's)")
+    p.add_argument(
+        "--epoch-batch",
+        help="dense-epoch: batch sizes, comma-separated (default 256,16: the service's default, DINOv3's)",
+    )
     p.add_argument(
         "--epoch-steps",
         type=int,

@@ -85,7 +85,7 @@ def test_head_families_benchmark_smoke_times_every_variant_and_the_dense_epoch(t
         rows = workloads[workload]["rows"]
         assert all(rows[v]["ms_per_step"] > 0 and "error" not in rows[v] for v in variants), rows
     assert set(workloads["attentive"]["checks"]) == {"bank_vs_probes", "bank_vs_bare"}
-    epoch = workloads["dense-epoch"]
+    epoch = workloads["dense-epoch"]["runs"]["4"]
     assert epoch["steps_per_epoch"] == epoch["timed_steps"] == 4 and epoch["s_per_epoch"] > 0
 
 
