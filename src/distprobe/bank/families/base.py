@@ -6,9 +6,9 @@ close of an accumulation window one all-reduce of the flat gradient. `ProbeBank`
 overlapped all-reduce, checkpoints by head id, best-head selection, metrics) and know no head's shape. A family
 supplies what does depend on it:
 
-- **stacked parameters**: ``flat``, one ``nn.Parameter`` holding every head's weights (float32), and `views`, which
-  cuts any tensor laid out like it (the parameter, its gradient, an optimizer state) into `ParamView` blocks of
-  ``(K_s, ...)`` tensors, heads along the first dimension;
+- **stacked parameters**: `initial_flat`, every head's initial weights as one tensor (the base class makes it
+  ``flat``, one float32 ``nn.Parameter``), and `views`, which cuts any tensor laid out like it (the parameter, its
+  gradient, an optimizer state) into `ParamView` blocks of ``(K_s, ...)`` tensors, heads along the first dimension;
 - **a batched forward**: ``forward(features, group)`` gives ``(K, B, C)`` outputs of every head from one feature
   tensor per source (``group`` serves statistics that span the data-parallel group, such as a BatchNorm's);
 - **its loss**: ``loss(outputs, targets)`` gives ``(K,)``, each head's loss as a separate probe's;
