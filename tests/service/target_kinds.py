@@ -45,9 +45,24 @@ def multilabel(split: str, bad: int = 0) -> MultiHotPoints:
     return MultiHotPoints(split, bad)
 
 
-def shapes(split: str, n: int) -> ShapesSegmentation:
-    """A ShapesSegmentation split (train and val differ by seed)."""
-    return ShapesSegmentation(n, size=SIZE, num_classes=SEG_CLASSES, seed={"train": 0, "val": 1}[split])
+class CroppedMasks(ShapesSegmentation):
+    """ShapesSegmentation whose masks from sample ``crop_from`` on are cropped to 28 x 28 (images unchanged)."""
+
+    def __init__(self, n: int, seed: int, crop_from: int) -> None:
+        super().__init__(n, size=SIZE, num_classes=SEG_CLASSES, seed=seed)
+        self.crop_from = crop_from
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = super().__getitem__(index)
+        return image, mask[:28, :28] if index >= self.crop_from else mask
+
+
+def shapes(split: str, n: int, crop_from: int | None = None) -> ShapesSegmentation:
+    """A ShapesSegmentation split (train and val differ by seed); `CroppedMasks` when ``crop_from`` is given."""
+    seed = {"train": 0, "val": 1}[split]
+    if crop_from is not None:
+        return CroppedMasks(n, seed, crop_from)
+    return ShapesSegmentation(n, size=SIZE, num_classes=SEG_CLASSES, seed=seed)
 
 
 def patch_encoder() -> nn.Module:

@@ -256,6 +256,28 @@ def test_pooled_features_and_class_labels_are_refused_for_a_dense_bank(checkpoin
         )
 
 
+@pytest.mark.parametrize(
+    ("crop_from", "message"),
+    [
+        (20, r"data.train has a torch.int64 mask of shape \(28, 28\) beside one of \(32, 32\); .* resize or crop"),
+        (16, r"data.train has targets of shape \(28, 28\) per sample after the first sample's \(32, 32\); the cache"),
+    ],
+)
+def test_masks_of_another_size_are_refused_with_the_fix(tmp_path, crop_from, message):
+    """Within one batch (the codec) and in a later batch than the first (the extraction: every rank raises)."""
+    with pytest.raises(ValueError, match=message):
+        _run(
+            tmp_path,
+            patch_checkpoint(tmp_path),
+            tmp_path,
+            num_classes=SEG_CLASSES,
+            backbone={"_target_": "tests.service.target_kinds.patch_encoder"},
+            data=_data("shapes", train={"n": 24, "crop_from": crop_from}, val={"n": 4}),
+            probes={"batch_size": 4, "bank": {"head": "dense", "lr": [0.1]}, "knn": None},
+            features={"forward": "tests.service.target_kinds:patch_tokens"},
+        )
+
+
 def _two_rank_job(tmp_path, job, name):
     """``distprobe eval`` of ``job``'s checkpoint and config as a 2-task local (submitit) job with its own store."""
     import yaml

@@ -276,7 +276,7 @@ def extract_split(
         raise CacheSpaceError(error or f"distprobe eval: rank 0 could not reserve the {split} cache in {cache}")
     features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
     labels = _mapped(cache / f"{split}.labels", n * per_target, targets.dtype).view(n, *target_shape)
-    problem = _extract_rows(backbone, loader, forward, device, autocast, features, labels, target_shape)
+    problem = _extract_rows(backbone, loader, forward, device, autocast, features, labels, split)
     del features, labels  # unmapped: every write is in the page cache before the barrier
     if not _agree(problem is None, device):
         raise ValueError(problem or f"distprobe eval: another rank of the job could not extract data.{split}")
@@ -307,18 +307,18 @@ def _extract_rows(
     autocast: str,
     features: torch.Tensor,
     labels: torch.Tensor,
-    target_shape: tuple[int, ...],
+    split: str,
 ) -> str | None:
     """Write this rank's rows into the mapped cache; a label problem's message (the caller decides with all ranks)."""
-    _, world = rank_and_world()
+    position, world = rank_and_world()  # this rank's first sample
     copies = _HostCopies(device)
-    position = rank_and_world()[0]
     try:
         for inputs, targets in loader:
-            if tuple(targets.shape[1:]) != target_shape:
+            if targets.shape[1:] != labels.shape[1:]:
                 return (
-                    f"distprobe eval: targets of shape {tuple(targets.shape[1:])} per sample after the first "
-                    f"sample's {target_shape}; the cache holds one size; fix: give every sample targets of one size"
+                    f"distprobe eval: data.{split} has targets of shape {tuple(targets.shape[1:])} per sample after "
+                    f"the first sample's {tuple(labels.shape[1:])}; the cache holds one size; fix: give every sample "
+                    "targets of one size (resize or crop masks in the dataset)"
                 )
             out = _features(backbone, forward, inputs, device, autocast)
             count = out.shape[0]
