@@ -341,6 +341,9 @@ def run_once(
 ) -> dict[str, Any]:
     """One variant from a fresh backbone: ms/step over ``--steps`` after ``--warmup``, and its peak memory."""
     fresh_memory(device)
+    if device.type == "cuda" and torch.cuda.memory_allocated(device) > 2**28:
+        # Left over by an earlier run: it would count in this run's peak.
+        say(f"  warning: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB still allocated before {variant}")
     try:
         trainer = Trainer(workload, shapes, device)
         prober = make_prober(variant, shapes, device)
@@ -671,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     DENSE_OPTIONS["dense16-custom"] = dict(args.dense_options)
     if args.smoke:
         args.rounds, args.steps, args.warmup, args.epoch_steps = 1, 2, 1, 0
+        say("smoke: tiny shapes, 2 steps a variant; the times and checks below mean nothing")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     say(
