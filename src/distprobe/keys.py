@@ -160,11 +160,27 @@ def episode_id(shots: int, seed: int) -> str:
     return f"shots={shots}/seed={seed}"
 
 
+def fewshot_shots(head: str) -> tuple[int, int | None] | None:
+    """The shots and seed of a few-shot head: ``shots=5/seed=0`` gives ``(5, 0)``, ``shots=5`` ``(5, None)``.
+
+    ``shots=5`` is a shot count's head (its mean over seeds); any other head gives None.
+
+    Example:
+        >>> fewshot_shots("shots=5/seed=2"), fewshot_shots("shots=5"), fewshot_shots("l2=0.1")
+        ((5, 2), (5, None), None)
+    """
+    match = _FEWSHOT_HEAD.match(head)
+    if match is None:
+        return None
+    return int(match["shots"]), None if match["seed"] is None else int(match["seed"])
+
+
 # --- parsing ----------------------------------------------------------------------------------------------------
 
 _HEAD_ID = re.compile(r"^(?P<source>.+)/lr=(?P<lr>[^/]+)/wd=(?P<wd>[^/]+)/norm=(?P<norm>none|bn)$")
 _KNN_HEAD = re.compile(r"^k(\d+)$")
 _RIDGE_HEAD = re.compile(r"^l2=([^/_]+)$")
+_FEWSHOT_HEAD = re.compile(r"^shots=(?P<shots>\d+)(?:/seed=(?P<seed>\d+))?$")
 _SETTING = re.compile(r"^[A-Za-z][A-Za-z0-9]*=[^/_=]+$")
 
 

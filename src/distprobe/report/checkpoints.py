@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from distprobe.report.probes import HeadOrders
+from distprobe.report.curves import HeadOrders
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
 """The report's figure: per probe, its train loss and its accuracy over steps, in one PNG.
 
-One row per probe: a loss panel and an accuracy panel (a kNN, and a probe only the service evaluated, have no loss:
-one wide accuracy panel). A bank draws each head as a thin grey line, its best head thick and labelled, and its
-selected head's report-split accuracy (``best_*``); the probing service's checkpoint results are markers at their
-checkpoints' steps on the same accuracy axes, with their bootstrap intervals as error bars and a band between them.
+One row per probe: a loss panel and a metric panel (a kNN, a ridge, and a probe only the service evaluated, have no
+loss: one wide metric panel). The metric panel draws the probe's headline metric: accuracy for a classifier, macro
+mAP for a multi-label bank or kNN, mIoU for a dense bank, each labelled with its own name. A bank draws each head as a
+thin grey line, its best head thick and labelled, and its selected head's report-split value (``best_*``); a ridge
+and the service's few-shot results are drawn as `distprobe.report.plot_convex` says (each lambda's curve, the
+chosen one annotated; a mean over seeds with a std band). The probing service's checkpoint results are markers at
+their checkpoints' steps on the same axes, with their bootstrap intervals as error bars and a band between them.
 
 The figure is drawn on a bare `matplotlib.figure.Figure` with the Agg canvas, never through ``pyplot``: the caller's
 backend (a notebook's, a GUI's) is left alone and no window opens.
@@ -16,8 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distprobe.report.probes import ProbeCurves, checkpoint_columns, checkpoint_heads
-from distprobe.report.readers import Series
+from distprobe.report.curves import ProbeCurves
+from distprobe.report.fewshot import fewshot_curves
+from distprobe.report.plot_convex import fewshot_lines, ridge_panel
+from distprobe.report.plot_convex import xy as _xy
+from distprobe.report.probes import checkpoint_columns, checkpoint_heads
+from distprobe.report.series import axis_label
 from distprobe.report.service_logs import CheckpointResult
 
 if TYPE_CHECKING:
@@ -69,16 +76,18 @@ def save(probes: Sequence[ProbeCurves], path: Path, title: str) -> Path:
     return path
 
 
-def _xy(series: Series) -> tuple[list[int], list[float]]:
-    return [s for s, _ in series], [v for _, v in series]
-
-
 def _kind_label(probe: ProbeCurves) -> str:
     if probe.kind == "bank":
         return f"bank, {len(probe.heads)} heads"
     if probe.kind == "checkpoints":
-        return "checkpoint evaluation"
+        return "few-shot, checkpoint evaluation" if _fewshot(probe) else "checkpoint evaluation"
+    if probe.kind == "ridge":
+        return f"ridge, {len(probe.heads)} lambdas"
     return {"probe": "online probe", "knn": "kNN"}[probe.kind]
+
+
+def _fewshot(probe: ProbeCurves) -> list[Any]:
+    return fewshot_curves(probe.checkpoints, probe.headline_metric or "top1") if probe.checkpoints else []
 
 
 def _finish(ax: Axes, title: str, ylabel: str) -> None:
@@ -122,9 +131,11 @@ def _loss_panel(ax: Axes, probe: ProbeCurves) -> None:
 
 
 def _accuracy_panel(ax: Axes, probe: ProbeCurves) -> None:
-    metric = probe.accuracy_metric or "accuracy"
+    metric = probe.headline_metric or "accuracy"
     if probe.kind == "bank":
         _bank_accuracy(ax, probe, metric)
+    elif probe.kind == "ridge":
+        ridge_panel(ax, probe, metric)
     elif probe.kind == "knn":
         for i, head in enumerate(probe.heads):
             ax.plot(
@@ -141,7 +152,7 @@ def _accuracy_panel(ax: Axes, probe: ProbeCurves) -> None:
             ax.plot(*_xy(probe.train_accuracy), color="C0", linestyle="--", linewidth=1.0, label=f"train {metric}")
     _checkpoint_markers(ax, probe, metric)
     where = "eval and checkpoint " if probe.checkpoints and probe.kind != "checkpoints" else ""
-    _finish(ax, f"{probe.name} ({_kind_label(probe)}): {where}{metric}", "accuracy")
+    _finish(ax, f"{probe.name} ({_kind_label(probe)}): {where}{metric}", axis_label(probe.headline_metric))
 
 
 def _bank_accuracy(ax: Axes, probe: ProbeCurves, metric: str) -> None:
@@ -172,6 +183,7 @@ def _checkpoint_markers(ax: Axes, probe: ProbeCurves, metric: str) -> None:
     if not probe.checkpoints:
         return
     rows = [r for r in probe.checkpoints if r.metric == metric]
+    fewshot_lines(ax, _fewshot(probe))
     if probe.kind == "checkpoints":
         # The only curves of this probe: its heads as thin lines, so the markers read as a trend.
         heads = checkpoint_heads(probe)

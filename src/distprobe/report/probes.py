@@ -8,6 +8,11 @@ Keys are read through `distprobe.keys`, the module the callbacks write them with
   ``train/{name}_loss`` (mean over heads), ``train/{name}_loss_epoch``, ``eval/{name}_best_{metric}`` and
   ``eval/{name}_best_head`` (the selected head's index in the bank's order).
 - `OnlineKNN` ``name``: ``eval/{name}_top1`` (the first k) and ``eval/{name}_k{K}_top1``.
+- `OnlineRidge` ``name``: ``eval/{name}/l2={l2:g}_top1`` per lambda, ``eval/{name}_best_top1`` (the lambda chosen on
+  the selection split, on the rest) and ``eval/{name}_best_l2`` (that lambda).
+
+A multi-label bank or kNN is drawn by its macro ``mAP``, a dense bank by its ``mIoU``, where a classifier's
+``top1`` would be (`distprobe.report.series.headline_metric`).
 
 A name is an online probe when it logs ``train/{name}_skipped_steps`` or an eval top-k accuracy; the model's own
 keys (``train/ssl_loss_epoch``...) belong to no probe and are not reported.
@@ -17,80 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from distprobe import keys
+from distprobe.report.claims import claim_all, metrics_of, take, unclaimed
+from distprobe.report.curves import BestHead, HeadCurves, HeadOrders, ProbeCurves, ProbeKind
+from distprobe.report.fewshot import is_fewshot
 from distprobe.report.readers import RunLogs, Series
-from distprobe.report.series import accuracy_metric, is_top_k, last
+from distprobe.report.ridge import ridge_curves, ridge_names
+from distprobe.report.series import headline_metric, is_top_k, last
 from distprobe.report.service_logs import CheckpointResult
-
-ProbeKind = Literal["probe", "bank", "knn", "checkpoints"]
-HeadOrders = Mapping[str, tuple[Sequence[str], str]]
-"""Per bank name: its head ids in the bank's order, and where that order was read."""
-
-
-@dataclass(frozen=True)
-class HeadCurves:
-    """One head of a bank (or one k of a kNN)."""
-
-    head_id: str
-    """``embedding/lr=0.01/wd=0/norm=none`` in a bank, ``k20`` in a kNN."""
-    eval_accuracy: Series = ()
-    """Its accuracy on all validation samples."""
-    train_accuracy: Series = ()
-    """Its accuracy on the train epoch's batches."""
-    train_loss: Series = ()
-    """Its train epoch's mean loss."""
-
-
-@dataclass(frozen=True)
-class BestHead:
-    """A bank's best head and the rule that picked it."""
-
-    head_id: str
-    """The head's id."""
-    rule: str
-    """How it was chosen, in words (for the summary)."""
-    selected_by_bank: bool
-    """True: the bank's own selection (``best_head``); False: the highest final eval accuracy among the heads."""
-
-
-@dataclass(frozen=True)
-class ProbeCurves:
-    """Everything the report shows of one probe."""
-
-    name: str
-    """The probe's name."""
-    kind: ProbeKind
-    """``probe``, ``bank``, ``knn``, or ``checkpoints`` (evaluated by the probing service only)."""
-    accuracy_metric: str | None
-    """The metric drawn as accuracy: ``top1`` when logged, else another top-k or ``acc*`` metric."""
-    train_loss: Series = ()
-    """Train loss on logging steps (a bank's: the mean over its heads)."""
-    train_loss_epoch: Series = ()
-    """Train loss, the epoch's mean."""
-    eval_accuracy: Series = ()
-    """A probe's eval accuracy; a bank's selected head's on the report split (``best_*``); a kNN's first k's."""
-    train_accuracy: Series = ()
-    """A probe's train accuracy."""
-    heads: tuple[HeadCurves, ...] = ()
-    """A bank's heads, or a kNN's k's."""
-    best_head: BestHead | None = None
-    """A bank's best head."""
-    checkpoints: tuple[CheckpointResult, ...] = ()
-    """The probing service's results for this name."""
-
-    @property
-    def has_loss(self) -> bool:
-        """Whether any train loss was logged (a kNN has none)."""
-        return bool(self.train_loss or self.train_loss_epoch or any(h.train_loss for h in self.heads))
-
-    def head(self, head_id: str) -> HeadCurves | None:
-        """The head with that id, if logged."""
-        return next((h for h in self.heads if h.head_id == head_id), None)
-
 
 # --- classification ---------------------------------------------------------------------------------------------
 
@@ -132,35 +74,13 @@ def probes_of(logs: RunLogs, head_orders: HeadOrders | None = None) -> list[Prob
     probes: list[ProbeCurves] = []
     for name in sorted(bank_heads):
         probes.append(_bank(name, bank_heads[name], flat, claimed, (head_orders or {}).get(name)))
+    for name in sorted(ridge_names(flat, claimed)):
+        probes.append(ridge_curves(name, flat, claimed))
     for name in sorted(_knn_names(flat, claimed)):
         probes.append(_knn(name, flat, claimed))
     singles = [_probe(name, flat, claimed) for name in sorted(_probe_names(flat, claimed), key=len, reverse=True)]
     probes = sorted(singles, key=lambda p: p.name) + probes
     return _with_checkpoints(probes, logs.checkpoint_results)
-
-
-def _take(flat: Mapping[str, Series], claimed: set[str], logged: str) -> Series:
-    if logged in flat and logged not in claimed:
-        claimed.add(logged)
-        return flat[logged]
-    return ()
-
-
-def _unclaimed(flat: Mapping[str, Series], claimed: set[str], name: str | None = None) -> Iterable[keys.LoggedKey]:
-    """The parts of every unclaimed key (of ``name``, split at it, when given)."""
-    for logged in flat:
-        parsed = keys.parse(logged, names=() if name is None else [name])
-        if parsed is not None and logged not in claimed:
-            yield parsed
-
-
-def _claim_all(flat: Mapping[str, Series], claimed: set[str], name: str) -> None:
-    """Every key of ``name``'s is its own, not another probe's (its other metrics, its skipped steps...)."""
-    claimed.update(logged for logged in flat if keys.parse(logged, names=[name]) is not None)
-
-
-def _metrics_of(flat: Mapping[str, Series], claimed: set[str], stage: str, name: str) -> set[str]:
-    return {p.metric for p in _unclaimed(flat, claimed, name) if p.stage == stage and p.head is None}
 
 
 def _bank(
@@ -170,7 +90,7 @@ def _bank(
     claimed: set[str],
     order: tuple[Sequence[str], str] | None,
 ) -> ProbeCurves:
-    metric = accuracy_metric(m for per_head in heads.values() for (stage, m) in per_head if stage == "eval")
+    metric = headline_metric(m for per_head in heads.values() for (stage, m) in per_head if stage == "eval")
     curves = tuple(
         HeadCurves(
             head_id=head_id,
@@ -186,11 +106,11 @@ def _bank(
         metric,
         flat,
         claimed,
-        eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric or "", head=keys.BEST)),
+        eval_accuracy=take(flat, claimed, keys.key(keys.EVAL, name, metric or "", head=keys.BEST)),
         heads=curves,
     )
-    best_index = _take(flat, claimed, keys.key(keys.EVAL, name, keys.BEST_HEAD))
-    _claim_all(flat, claimed, name)  # skipped steps, best_* of other metrics
+    best_index = take(flat, claimed, keys.key(keys.EVAL, name, keys.BEST_HEAD))
+    claim_all(flat, claimed, name)  # skipped steps, best_* of other metrics
     return dataclasses.replace(probe, best_head=_best_head(probe, best_index, order))
 
 
@@ -201,9 +121,9 @@ def _trained(
     return ProbeCurves(
         name=name,
         kind=kind,
-        accuracy_metric=metric,
-        train_loss=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
-        train_loss_epoch=_take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
+        headline_metric=metric,
+        train_loss=take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS)),
+        train_loss_epoch=take(flat, claimed, keys.key(keys.TRAIN, name, keys.LOSS_EPOCH)),
         **curves,
     )
 
@@ -242,7 +162,7 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
     return BestHead(
         head_id=top.head_id,
         rule=(
-            f"the highest final eval {bank.accuracy_metric} among the heads (the bank's own selection, "
+            f"the highest final eval {bank.headline_metric} among the heads (the bank's own selection, "
             f"{best_key}, could not be mapped to a head id: {why_not})"
         ),
         selected_by_bank=False,
@@ -251,21 +171,22 @@ def _best_head(bank: ProbeCurves, best_index: Series, order: tuple[Sequence[str]
 
 def _knn_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
     """Names with an eval ``k{K}`` head."""
-    return {p.probe for p in _unclaimed(flat, claimed) if p.stage == keys.EVAL and p.head and keys.knn_k(p.head)}
+    return {p.probe for p in unclaimed(flat, claimed) if p.stage == keys.EVAL and p.head and keys.knn_k(p.head)}
 
 
 def _knn(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
-    metric = "top1"  # a kNN's only metric
+    found = [p for p in unclaimed(flat, claimed, name) if p.stage == keys.EVAL and keys.knn_k(p.head or "")]
+    metric = headline_metric(p.metric for p in found) or "top1"  # top1; a multi-label kNN's mAP
     heads: dict[int, Series] = {}
-    for parsed in list(_unclaimed(flat, claimed, name)):
+    for parsed in found:
         k = keys.knn_k(parsed.head or "")
-        if parsed.stage == keys.EVAL and k is not None and parsed.metric == metric:
-            heads[k] = _take(flat, claimed, parsed.format())
+        if k is not None and parsed.metric == metric:
+            heads[k] = take(flat, claimed, parsed.format())
     return ProbeCurves(
         name=name,
         kind="knn",
-        accuracy_metric=metric,
-        eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric)),
+        headline_metric=metric,
+        eval_accuracy=take(flat, claimed, keys.key(keys.EVAL, name, metric)),
         heads=tuple(HeadCurves(keys.knn_head(k), eval_accuracy=heads[k]) for k in sorted(heads)),
     )
 
@@ -273,7 +194,7 @@ def _knn(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurve
 def _probe_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
     """Names that logged skipped steps (every OnlineProbe does) or an eval top-k accuracy."""
     names = set()
-    for parsed in _unclaimed(flat, claimed):
+    for parsed in unclaimed(flat, claimed):
         if parsed.head is not None:
             continue
         if (parsed.stage == keys.TRAIN and parsed.metric == keys.SKIPPED_STEPS) or (
@@ -284,19 +205,19 @@ def _probe_names(flat: Mapping[str, Series], claimed: set[str]) -> set[str]:
 
 
 def _probe(name: str, flat: Mapping[str, Series], claimed: set[str]) -> ProbeCurves:
-    logged = _metrics_of(flat, claimed, keys.EVAL, name) or _metrics_of(flat, claimed, keys.TRAIN, name)
-    metric = accuracy_metric(logged)
+    logged = metrics_of(flat, claimed, keys.EVAL, name) or metrics_of(flat, claimed, keys.TRAIN, name)
+    metric = headline_metric(logged)
     probe = _trained(
         name,
         "probe",
         metric,
         flat,
         claimed,
-        eval_accuracy=_take(flat, claimed, keys.key(keys.EVAL, name, metric or "")),
-        train_accuracy=_take(flat, claimed, keys.key(keys.TRAIN, name, metric or "")),
+        eval_accuracy=take(flat, claimed, keys.key(keys.EVAL, name, metric or "")),
+        train_accuracy=take(flat, claimed, keys.key(keys.TRAIN, name, metric or "")),
     )
     # Longer names are classified first: the rest of `name_*` is this probe's (its other metrics, skipped steps).
-    _claim_all(flat, claimed, name)
+    claim_all(flat, claimed, name)
     return probe
 
 
@@ -310,19 +231,24 @@ def _with_checkpoints(probes: list[ProbeCurves], results: Sequence[CheckpointRes
         out.append(dataclasses.replace(probe, checkpoints=found) if found else probe)
     for name in sorted(by_probe):
         rows = tuple(by_probe[name])
-        metric = accuracy_metric(r.metric for r in rows if r.metric != keys.SELECTED)
-        out.append(ProbeCurves(name=name, kind="checkpoints", accuracy_metric=metric, checkpoints=rows))
+        metric = headline_metric(r.metric for r in rows if r.metric != keys.SELECTED)
+        out.append(ProbeCurves(name=name, kind="checkpoints", headline_metric=metric, checkpoints=rows))
     return out
+
+
+def _heads(probe: ProbeCurves) -> set[str]:
+    """The heads of the service's results for the headline metric; few-shot heads are drawn apart (`fewshot`)."""
+    return {r.head for r in probe.checkpoints if r.metric == probe.headline_metric and not is_fewshot(r.head)}
 
 
 def checkpoint_columns(probe: ProbeCurves) -> list[str]:
     """The service's headline heads of a probe: ``best`` (a bank's selected head), then each kNN ``k``, by k."""
-    heads = {r.head for r in probe.checkpoints if r.metric == probe.accuracy_metric}
+    heads = _heads(probe)
     columns = [keys.BEST] if keys.BEST in heads else []
     return columns + [keys.knn_head(k) for k in sorted(k for k in map(keys.knn_k, heads) if k is not None)]
 
 
 def checkpoint_heads(probe: ProbeCurves) -> list[str]:
-    """A bank's head ids among the service's results (neither ``best`` nor a kNN ``k``)."""
-    heads = {r.head for r in probe.checkpoints if r.metric == probe.accuracy_metric}
+    """A bank's (or a ridge's) heads among the service's results: neither ``best``, a kNN ``k`` nor few-shot."""
+    heads = _heads(probe)
     return sorted(h for h in heads if h != keys.BEST and keys.knn_k(h) is None)

@@ -26,9 +26,24 @@ def is_top_k(metric: str) -> bool:
     return metric.startswith("top") and metric[3:].isdigit()
 
 
-def accuracy_metric(metrics: Iterable[str]) -> str | None:
-    """``top1`` if logged, else the first other top-k, else the first ``acc*`` metric."""
+#: Headline metrics that are not accuracies, in the order the report prefers them: a multi-label bank's or kNN's
+#: macro mAP (`distprobe.bank.multilabel`), a dense bank's mIoU (`distprobe.bank.segmentation`).
+SCORE_METRICS = ("mAP", "mIoU")
+
+
+def headline_metric(metrics: Iterable[str]) -> str | None:
+    """The metric a probe is drawn and ranked by; None if it logged none of these.
+
+    ``top1`` if logged, else the first other top-k, else the first ``acc*`` metric, else ``mAP``, else ``mIoU``.
+    """
     names = sorted(set(metrics))
     top_k = sorted((m for m in names if is_top_k(m)), key=lambda m: int(m[3:]))
-    candidates = top_k + [m for m in names if m.startswith("acc")]
+    candidates = top_k + [m for m in names if m.startswith("acc")] + [m for m in SCORE_METRICS if m in names]
     return candidates[0] if candidates else None
+
+
+def axis_label(metric: str | None) -> str:
+    """The y label of a metric's panel: ``accuracy`` for a top-k or ``acc*`` metric, else the metric's own name."""
+    if metric is None or is_top_k(metric) or metric.startswith("acc"):
+        return "accuracy"
+    return metric

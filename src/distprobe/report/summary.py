@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distprobe import keys
-from distprobe.report.probes import ProbeCurves, checkpoint_columns, checkpoint_heads
+from distprobe.report.curves import ProbeCurves
+from distprobe.report.fewshot import fewshot_curves
+from distprobe.report.probes import checkpoint_columns, checkpoint_heads
 from distprobe.report.readers import RunLogs, Series
 from distprobe.report.series import best, last
 
@@ -65,10 +67,11 @@ def _section(probe: ProbeCurves) -> list[str]:
         "probe": "online probe",
         "bank": f"probe bank, {len(probe.heads)} heads",
         "knn": "online kNN",
+        "ridge": f"online ridge, {len(probe.heads)} lambdas",
         "checkpoints": "probing service only",
     }[probe.kind]
     lines = [f"## `{probe.name}` ({title})", ""]
-    metric = probe.accuracy_metric or "accuracy"
+    metric = probe.headline_metric or "accuracy"
     if probe.kind == "probe":
         lines += _TABLE_HEAD
         lines.append(_row(f"eval {metric}", probe.eval_accuracy))
@@ -82,6 +85,8 @@ def _section(probe: ProbeCurves) -> list[str]:
         lines += _TABLE_HEAD
         lines.append(_row(f"eval {metric} (the first k)", probe.eval_accuracy))
         lines += [_row(f"eval {head.head_id} {metric}", head.eval_accuracy) for head in probe.heads]
+    elif probe.kind == "ridge":
+        lines += _ridge(probe, metric)
     if probe.checkpoints:
         lines += ([""] if lines[-1] else []) + _checkpoints(probe, metric)
     return lines
@@ -128,14 +133,58 @@ def _bank(probe: ProbeCurves, metric: str) -> list[str]:
     return lines
 
 
+def _ridge(probe: ProbeCurves, metric: str) -> list[str]:
+    lines: list[str] = []
+    chosen = probe.best_head
+    if chosen is not None:
+        lines += [f"Chosen lambda: `{chosen.head_id}`.", f"Rule: {chosen.rule}.", ""]
+    lines += _TABLE_HEAD
+    lines.append(_row(f"eval best_{metric} (chosen lambda, report split)", probe.eval_accuracy))
+    head = probe.head(chosen.head_id) if chosen else None
+    if head is not None:
+        lines.append(_row(f"eval {metric} of the chosen lambda (all validation samples)", head.eval_accuracy))
+    lines += ["", f"Every lambda, eval {metric} on all validation samples:", ""]
+    lines += [f"| lambda | final {metric} | at step | best {metric} | at step |", "|---|---|---|---|---|"]
+    for h in probe.heads:
+        mark = " (chosen)" if chosen is not None and h.head_id == chosen.head_id else ""
+        lines.append("| " + " | ".join([f"`{h.head_id}`{mark}", *_cells(h.eval_accuracy)]) + " |")
+    return lines
+
+
+def _fewshot(probe: ProbeCurves, metric: str) -> list[str]:
+    curves = fewshot_curves(probe.checkpoints, metric)
+    if not curves:
+        return []
+    steps = sorted({p.step for c in curves for p in c.points})
+    lines = [f"Few-shot {metric}, mean +- std over seeds per shot count [bootstrap interval of the mean]:", ""]
+    header = ["step", *(f"shots={c.shots}" for c in curves)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for step in steps:
+        cells = [str(step)]
+        for curve in curves:
+            point = next((p for p in curve.points if p.step == step), None)
+            if point is None:
+                cells.append("-")
+                continue
+            text = f"{_value(point.mean)} +- {_value(point.std)}" + (f" ({point.seeds} seeds)" if point.seeds else "")
+            if point.low is not None and point.high is not None:
+                text += f" [{_value(point.low)}, {_value(point.high)}]"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _checkpoints(probe: ProbeCurves, metric: str) -> list[str]:
+    fewshot = _fewshot(probe, metric)
+    if fewshot and not checkpoint_columns(probe) and not checkpoint_heads(probe):
+        return fewshot
     rows = [r for r in probe.checkpoints if r.metric == metric]
     steps = sorted({(r.step, r.checkpoint) for r in rows})
     columns = checkpoint_columns(probe)
     selected = {(r.step, r.checkpoint): r.head for r in probe.checkpoints if r.metric == "selected"}
     heads = checkpoint_heads(probe)
     values = {(r.step, r.checkpoint, r.head): r.value for r in rows}
-    lines = [f"Checkpoint evaluations by the probing service ({_count(len(steps), 'checkpoint')}):", ""]
+    lines = [*fewshot, f"Checkpoint evaluations by the probing service ({_count(len(steps), 'checkpoint')}):", ""]
     header = ["step", "checkpoint", *(f"{'best head' if c == 'best' else c} {metric}" for c in columns)]
     if heads:
         header.append("best head" if selected else f"best head (highest {metric})")
