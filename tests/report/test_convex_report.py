@@ -24,6 +24,7 @@ from tests.service.models import CLASSES, DIM, eval_config, labeled, pretrain
 from torch.utils.data import DataLoader, Dataset
 
 from distprobe.callbacks import OnlineProbeBank, OnlineRidge
+from distprobe.callbacks.knn import OnlineKNN
 from distprobe.report import write_report
 from distprobe.report.plot import figure
 from distprobe.report.probes import probes_of
@@ -79,7 +80,11 @@ def convex_run(tmp_path_factory):
             None, "tags", input="embedding", target="tags", num_classes=CLASSES, multilabel=True, **banks
         ),
         "seg": OnlineProbeBank(None, "seg", input="patches", target="mask", num_classes=CLASSES, head="dense", **banks),
-    }
+        "near": OnlineKNN(
+            None, "near", input="embedding", target="tags", num_classes=CLASSES, queue_length=200, k=(5, 20),
+            multilabel=True,
+        ),
+    }  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -105,7 +110,8 @@ def test_a_ridge_draws_each_lambda_and_annotates_the_chosen_one(convex_run, tmp_
     run, callbacks = convex_run
     logged = _logged(run / "logs" / "version_0" / "metrics.csv")
     probes = {p.name: p for p in probes_of(read_run(run))}
-    assert {name: p.kind for name, p in probes.items()} == {"ridge": "ridge", "tags": "bank", "seg": "bank"}
+    kinds = {"ridge": "ridge", "tags": "bank", "seg": "bank", "near": "knn"}
+    assert {name: p.kind for name, p in probes.items()} == kinds
     fig = figure(list(probes.values()), "test")
     (ax,) = [a for a in fig.axes if a.get_title().startswith("ridge")]
     assert ax.get_title() == "ridge (ridge, 3 lambdas): top1" and ax.get_ylabel() == "accuracy"
@@ -159,6 +165,16 @@ def test_multilabel_map_and_dense_miou_get_panels_of_their_own_metric(convex_run
     (other,) = [h for h in heads if h != best]
     (grey,) = [line for line in ax.get_lines() if line.get_label() == "other heads (1)"]
     assert list(zip(*grey.get_data(), strict=True)) == logged[f"eval/{bank}/{other}_{metric}"]
+
+
+def test_a_multilabel_knn_draws_each_ks_map(convex_run):
+    run, _ = convex_run
+    logged = _logged(run / "logs" / "version_0" / "metrics.csv")
+    fig = figure(probes_of(read_run(run)), "test")
+    (ax,) = [a for a in fig.axes if a.get_title().startswith("near")]
+    assert (ax.get_title(), ax.get_ylabel()) == ("near (kNN): mAP", "mAP")
+    assert _lines(ax) == {f"k{k}": logged[f"eval/near_k{k}_mAP"] for k in (5, 20)}
+    assert len(logged["eval/near_k20_mAP"]) == EPOCHS
 
 
 SHOTS, SEEDS = [1, 5], 3
