@@ -106,7 +106,9 @@ class BankOptimizer:
                     dampening=spec.dampening,
                     nesterov=spec.nesterov,
                     decays=decays,
-                    **hyper,
+                    lr=hyper["lr"],
+                    weight_decay=hyper["weight_decay"],
+                    keep=keep,
                 )
             else:
                 buffers = states.get("momentum_buffer")
