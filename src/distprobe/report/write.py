@@ -56,8 +56,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         read = ", ".join(str(path) for path, _ in logs.sources)
         raise NoLogsError(
             f"distprobe report: the logs under '{logs.run_dir}' ({read}) hold no probe's metrics: expected keys "
-            "such as 'eval/{name}_top1' logged by OnlineProbe, OnlineProbeBank or OnlineKNN, or the probing "
-            "service's results; pass the directory of a run trained with distprobe's callbacks."
+            "such as 'eval/{name}_top1' logged by OnlineProbe, OnlineProbeBank, OnlineKNN or OnlineRidge, or the "
+            "probing service's results; pass the directory of a run trained with distprobe's callbacks."
         )
     out = Path(out_dir) if out_dir is not None else logs.run_dir
     out.mkdir(parents=True, exist_ok=True)
