@@ -145,8 +145,10 @@ def test_a_ridge_draws_each_lambda_and_annotates_the_chosen_one(convex_run, tmp_
         assert f"| `l2={v:g}`{mark} | {final:.4f} | {final_step} |" in text
 
 
-@pytest.mark.parametrize(("bank", "metric"), [("tags", "mAP"), ("seg", "mIoU")])
-def test_multilabel_map_and_dense_miou_get_panels_of_their_own_metric(convex_run, bank, metric):
+@pytest.mark.parametrize(
+    ("bank", "metric", "others"), [("tags", "mAP", ["f1_macro", "f1_micro"]), ("seg", "mIoU", ["pixel_acc"])]
+)
+def test_multilabel_map_and_dense_miou_get_panels_of_their_own_metric(convex_run, tmp_path, bank, metric, others):
     run, callbacks = convex_run
     logged = _logged(run / "logs" / "version_0" / "metrics.csv")
     heads = callbacks[bank].head_ids
@@ -165,6 +167,13 @@ def test_multilabel_map_and_dense_miou_get_panels_of_their_own_metric(convex_run
     (other,) = [h for h in heads if h != best]
     (grey,) = [line for line in ax.get_lines() if line.get_label() == "other heads (1)"]
     assert list(zip(*grey.get_data(), strict=True)) == logged[f"eval/{bank}/{other}_{metric}"]
+
+    # The selected head's other metrics are in the summary, each from its own best_* key.
+    assert [name for name, _ in probe.other_best] == others
+    text = write_report(run, tmp_path).summary.read_text()
+    for name in [metric, *others]:
+        step, value = logged[f"eval/{bank}_best_{name}"][-1]
+        assert f"| eval best_{name} (selected head, report split) | {value:.4f} | {step} |" in text
 
 
 def test_a_multilabel_knn_draws_each_ks_map(convex_run):

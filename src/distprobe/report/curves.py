@@ -66,6 +66,9 @@ class ProbeCurves:
     """A bank's best head; a ridge's last chosen lambda."""
     best_l2: Series = ()
     """A ridge's chosen lambda at each validation (``eval/{name}_best_l2``)."""
+    other_best: tuple[tuple[str, Series], ...] = ()
+    """A bank's selected head's other metrics on the report split, by name: a multi-label bank's ``f1_micro`` and
+    ``f1_macro``, a dense bank's ``pixel_acc``, a classifier's ``top5`` (``eval/{name}_best_{metric}``)."""
     checkpoints: tuple[CheckpointResult, ...] = ()
     """The probing service's results for this name."""
 

@@ -110,8 +110,12 @@ def _bank(
         heads=curves,
     )
     best_index = take(flat, claimed, keys.key(keys.EVAL, name, keys.BEST_HEAD))
-    claim_all(flat, claimed, name)  # skipped steps, best_* of other metrics
-    return dataclasses.replace(probe, best_head=_best_head(probe, best_index, order))
+    others = sorted({m for per_head in heads.values() for (stage, m) in per_head if stage == "eval"} - {metric})
+    other_best = tuple(
+        (m, series) for m in others if (series := take(flat, claimed, keys.key(keys.EVAL, name, m, head=keys.BEST)))
+    )
+    claim_all(flat, claimed, name)  # skipped steps, bad batches
+    return dataclasses.replace(probe, best_head=_best_head(probe, best_index, order), other_best=other_best)
 
 
 def _trained(

@@ -108,6 +108,7 @@ def _bank(probe: ProbeCurves, metric: str) -> list[str]:
     head = probe.head(chosen.head_id) if chosen else None
     if head is not None:
         lines.append(_row(f"eval {metric} of the best head (all validation samples)", head.eval_accuracy))
+    lines += [_row(f"eval best_{name} (selected head, report split)", series) for name, series in probe.other_best]
     if probe.train_loss_epoch:
         lines.append(_row("train loss, epoch mean over heads (best: lowest)", probe.train_loss_epoch, higher=False))
 
