@@ -92,22 +92,39 @@ def _section(probe: ProbeCurves) -> list[str]:
     return lines
 
 
-def _bank(probe: ProbeCurves, metric: str) -> list[str]:
-    lines: list[str] = []
+def _chosen(probe: ProbeCurves, metric: str, chosen_as: str, selected_as: str, detail: str = "") -> list[str]:
+    """A grid's chosen head (a bank's head, a ridge's lambda) and its rule, then a table of its values.
+
+    The table's rows: ``best_*``, the value of the head selected at each validation on the report split, and the
+    chosen head's own curve on all validation samples.
+
+    Args:
+        probe: A bank or a ridge.
+        metric: The headline metric.
+        chosen_as: What the chosen head is called (``best head``, ``chosen lambda``).
+        selected_as: What the head selected at each validation is called in the ``best_*`` row.
+        detail: Said after the chosen head's id (a bank's head parameters).
+    """
     chosen = probe.best_head
-    if chosen is not None:
-        parts = keys.parse_head_id(chosen.head_id)
-        what = (
-            f" (source `{parts.source}`, lr {parts.lr}, weight decay {parts.weight_decay}, norm {parts.normalization})"
-            if parts
-            else ""
-        )
-        lines += [f"Best head: `{chosen.head_id}`{what}.", f"Rule: {chosen.rule}.", ""]
+    lines = [f"{chosen_as.capitalize()}: `{chosen.head_id}`{detail}.", f"Rule: {chosen.rule}.", ""] if chosen else []
     lines += _TABLE_HEAD
-    lines.append(_row(f"eval best_{metric} (selected head, report split)", probe.eval_accuracy))
+    lines.append(_row(f"eval best_{metric} ({selected_as}, report split)", probe.eval_accuracy))
     head = probe.head(chosen.head_id) if chosen else None
     if head is not None:
-        lines.append(_row(f"eval {metric} of the best head (all validation samples)", head.eval_accuracy))
+        lines.append(_row(f"eval {metric} of the {chosen_as} (all validation samples)", head.eval_accuracy))
+    return lines
+
+
+def _bank(probe: ProbeCurves, metric: str) -> list[str]:
+    chosen = probe.best_head
+    parts = keys.parse_head_id(chosen.head_id) if chosen else None
+    detail = (
+        f" (source `{parts.source}`, lr {parts.lr}, weight decay {parts.weight_decay}, norm {parts.normalization})"
+        if parts
+        else ""
+    )
+    lines = _chosen(probe, metric, "best head", "selected head", detail)
+    head = probe.head(chosen.head_id) if chosen else None
     lines += [_row(f"eval best_{name} (selected head, report split)", series) for name, series in probe.other_best]
     if probe.train_loss_epoch:
         lines.append(_row("train loss, epoch mean over heads (best: lowest)", probe.train_loss_epoch, higher=False))
@@ -135,15 +152,8 @@ def _bank(probe: ProbeCurves, metric: str) -> list[str]:
 
 
 def _ridge(probe: ProbeCurves, metric: str) -> list[str]:
-    lines: list[str] = []
     chosen = probe.best_head
-    if chosen is not None:
-        lines += [f"Chosen lambda: `{chosen.head_id}`.", f"Rule: {chosen.rule}.", ""]
-    lines += _TABLE_HEAD
-    lines.append(_row(f"eval best_{metric} (chosen lambda, report split)", probe.eval_accuracy))
-    head = probe.head(chosen.head_id) if chosen else None
-    if head is not None:
-        lines.append(_row(f"eval {metric} of the chosen lambda (all validation samples)", head.eval_accuracy))
+    lines = _chosen(probe, metric, "chosen lambda", "chosen lambda")
     lines += ["", f"Every lambda, eval {metric} on all validation samples:", ""]
     lines += [f"| lambda | final {metric} | at step | best {metric} | at step |", "|---|---|---|---|---|"]
     for h in probe.heads:
