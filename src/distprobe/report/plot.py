@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from distprobe.report.curves import ProbeCurves
 from distprobe.report.fewshot import fewshot_curves
 from distprobe.report.plot_convex import fewshot_lines, ridge_panel
-from distprobe.report.plot_convex import xy as _xy
+from distprobe.report.plot_lines import CHOSEN, chosen_line, selected_line
+from distprobe.report.plot_lines import xy as _xy
 from distprobe.report.probes import checkpoint_columns, checkpoint_heads
 from distprobe.report.series import axis_label
 from distprobe.report.service_logs import CheckpointResult
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 _ROW_HEIGHT_IN = 3.4
 _WIDTH_IN = 14.0
 _OTHER_HEADS: dict[str, Any] = {"color": "0.6", "linewidth": 0.7, "alpha": 0.5}
-_BEST: dict[str, Any] = {"color": "C0", "linewidth": 2.4}
 # Losses of a grid's heads span decades (a too-small lr hardly moves): past this ratio a log axis keeps them apart.
 _LOG_SCALE_RATIO = 20.0
 
@@ -114,7 +114,7 @@ def _loss_panel(ax: Axes, probe: ProbeCurves) -> None:
         drawn += [v for _, v in head.train_loss]
     chosen = probe.head(best) if best else None
     if chosen is not None and chosen.train_loss:
-        ax.plot(*_xy(chosen.train_loss), marker="o", markersize=3, label=f"best: {best}, epoch mean", **_BEST)
+        ax.plot(*_xy(chosen.train_loss), marker="o", markersize=3, label=f"best: {best}, epoch mean", **CHOSEN)
         drawn += [v for _, v in chosen.train_loss]
     step_label = "mean over heads, logging steps" if probe.kind == "bank" else "logging steps"
     if probe.train_loss:
@@ -163,20 +163,13 @@ def _bank_accuracy(ax: Axes, probe: ProbeCurves, metric: str) -> None:
         ax.plot(*_xy(head.eval_accuracy), label=label, **_OTHER_HEADS)
     chosen = probe.head(best) if best else None
     if chosen is not None:
-        ax.plot(*_xy(chosen.eval_accuracy), marker="o", markersize=4, label=f"best: {best}", **_BEST)
+        chosen_line(ax, chosen.eval_accuracy, f"best: {best}")
         if chosen.train_accuracy:
             ax.plot(
                 *_xy(chosen.train_accuracy), color="C0", linestyle="--", linewidth=1.0, label=f"best, train {metric}"
             )
     if probe.eval_accuracy:
-        ax.plot(
-            *_xy(probe.eval_accuracy),
-            color="C1",
-            marker="s",
-            markersize=4,
-            linewidth=1.4,
-            label=f"best_{metric} (selected head, report split)",
-        )
+        selected_line(ax, probe.eval_accuracy, metric, "selected head")
 
 
 def _checkpoint_markers(ax: Axes, probe: ProbeCurves, metric: str) -> None:
@@ -195,7 +188,7 @@ def _checkpoint_markers(ax: Axes, probe: ProbeCurves, metric: str) -> None:
             ax.plot(*_xy(series), marker=".", markersize=3, label=label, **_OTHER_HEADS)
         if chosen in heads:
             series = tuple(sorted((r.step, r.value) for r in rows if r.head == chosen))
-            ax.plot(*_xy(series), marker="o", markersize=4, label=f"selected at the last checkpoint: {chosen}", **_BEST)
+            chosen_line(ax, series, f"selected at the last checkpoint: {chosen}")
     style: dict[str, Any] = {"s": 46, "zorder": 5, "edgecolors": "black", "linewidths": 0.6}
     for i, column in enumerate(checkpoint_columns(probe)):
         series = tuple(sorted((r.step, r.value) for r in rows if r.head == column))

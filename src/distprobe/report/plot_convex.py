@@ -13,18 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from distprobe.report.curves import ProbeCurves
 from distprobe.report.fewshot import ShotsCurve
-from distprobe.report.readers import Series
+from distprobe.report.plot_lines import chosen_line, selected_line, xy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 _LAMBDA: dict[str, Any] = {"linewidth": 0.9, "alpha": 0.8}
-_CHOSEN: dict[str, Any] = {"color": "C0", "linewidth": 2.4}
-
-
-def xy(series: Series) -> tuple[list[int], list[float]]:
-    """Steps and values of a series, for ``plot``."""
-    return [s for s, _ in series], [v for _, v in series]
 
 
 def ridge_panel(ax: Axes, probe: ProbeCurves, metric: str) -> None:
@@ -39,16 +33,9 @@ def ridge_panel(ax: Axes, probe: ProbeCurves, metric: str) -> None:
         ax.plot(*xy(head.eval_accuracy), color=colour, marker=".", markersize=3, label=head.head_id, **_LAMBDA)
     chosen_curves = probe.head(chosen) if chosen else None
     if chosen_curves is not None:
-        ax.plot(*xy(chosen_curves.eval_accuracy), marker="o", markersize=4, label=f"chosen: {chosen}", **_CHOSEN)
+        chosen_line(ax, chosen_curves.eval_accuracy, f"chosen: {chosen}")
     if probe.eval_accuracy:
-        ax.plot(
-            *xy(probe.eval_accuracy),
-            color="C1",
-            marker="s",
-            markersize=5,
-            linewidth=1.4,
-            label=f"best_{metric} (chosen lambda, report split)",
-        )
+        selected_line(ax, probe.eval_accuracy, metric, "chosen lambda")
         ax.margins(y=0.12)  # room above the top points for their annotations
         chosen_at = dict(probe.best_l2)
         for step, value in probe.eval_accuracy:
