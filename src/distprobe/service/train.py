@@ -35,6 +35,7 @@ from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import first_batch_problem
 from distprobe.bank.families import FAMILIES
+from distprobe.bank.families.dense import FULL_RESOLUTION
 from distprobe.bank.selection import selects
 from distprobe.engine.replicate import default_group
 from distprobe.knn import KNNConfig, ShardedKNN
@@ -80,6 +81,8 @@ def _rows(split: CachedSplit, index: torch.Tensor, device: torch.device) -> tupl
 def _bank_config(config: EvalConfig, split: CachedSplit) -> BankConfig:
     """The bank of ``probes.bank``, its feature size read as its head family reads a cached sample."""
     options = bank_fields(config.probes.bank or {}, config.source)
+    if options.get("family") == "dense":  # DINOv3's protocol unless the config says otherwise, not the online defaults
+        options["head_options"] = {**FULL_RESOLUTION, **(options.get("head_options") or {})}
     family = FAMILIES.get(options.get("family", "linear"))
     shape = split.sample_shape or tuple(split.features.shape[1:])
     sample = torch.empty((1, *shape), device="meta")

@@ -11,7 +11,7 @@ Its inputs are patch tokens ``(B, N, D)`` (grid from ``head_options['grid']``, e
 
 Its loss is given as per-head sums over valid pixels and their count (`summed_loss`): the bank divides the
 all-reduced sums by the all-reduced count, so N ranks equal one process even when one rank's samples are mostly
-ignored pixels. `distprobe.bank.dense_loss` bounds its memory (a chunk of heads at a time, or a chosen resolution);
+ignored pixels. `distprobe.bank.dense_loss` bounds its memory (chunks of heads x samples, or a chosen resolution);
 ``samples_per_step`` trains on a fixed-size share of each batch.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,11 @@ def _pair(value: Any, option: str, bank_name: str) -> tuple[int, int] | None:
     return (int(pair[0]), int(pair[1]))
 
 
+#: The ``head_options`` of DINOv3's protocol, which the probing service applies under the user's: every sample of a
+#: batch, the loss at the masks' own resolution (the memory stays bounded by ``loss_chunk_elements``).
+FULL_RESOLUTION: Mapping[str, Any] = MappingProxyType({"samples_per_step": None, "loss_grid_scale": None})
+
+
 @dataclass(kw_only=True, frozen=True)
 class DenseOptions:
     """How every head of a dense bank reads its inputs and computes its loss (``head_options``)."""
@@ -55,11 +61,18 @@ class DenseOptions:
     ignore_index: int = 255
     """The target label of pixels without a class: never in the loss, never in the metrics."""
     loss_chunk_heads: int | None = 4
-    """Heads whose full-resolution logits exist at once in the loss and in validation (None: all); the values
+    """Most heads whose full-resolution logits exist at once in the loss and in validation (None: all); the values
     are the same whatever the chunk, only the memory differs."""
+    loss_chunk_elements: int | None = dense_loss.CHUNK_ELEMENTS
+    """Most upsampled logits (heads x samples x C x H x W) the loss holds at once (2**27: 512 MiB of float32), by
+    chunking the heads and the samples; at least one head x one sample. None: chunks of heads only. The values are
+    the same whatever the chunk."""
     loss_resolution: tuple[int, int] | None = None
-    """Train at this ``(H, W)`` (targets resized by nearest neighbour) instead of the target's; None: the target's
-    (DINOv3's protocol). Validation always scores at the target's resolution."""
+    """Train at this ``(H, W)`` (targets resized by nearest neighbour); None: see ``loss_grid_scale``. Validation
+    always scores at the target's resolution."""
+    loss_grid_scale: int | None = None
+    """Without ``loss_resolution``: train at this many times the patch grid (never above the target's size); None:
+    at the target's own resolution (DINOv3's protocol)."""
     samples_per_step: int | None = None
     """Train on the first this-many samples of each rank's batch (all: None); validation sees every sample."""
 
@@ -71,7 +84,7 @@ class DenseOptions:
         given = head_option_fields(cls, options, bank_name, "dense")
         for key in ("grid", "loss_resolution"):
             given[key] = _pair(given.get(key), key, bank_name)
-        for key in ("loss_chunk_heads", "samples_per_step"):
+        for key in ("loss_chunk_heads", "loss_chunk_elements", "loss_grid_scale", "samples_per_step"):
             value = given.get(key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(
@@ -81,6 +94,23 @@ class DenseOptions:
         if not isinstance(ignore, int) or isinstance(ignore, bool):
             raise ValueError(f"bank '{bank_name}': head_options['ignore_index'] got {ignore!r}; expected an int.")
         return cls(**given)
+
+    def loss_cost(
+        self, num_heads: int, batch: int, num_classes: int, grid: tuple[int, int], mask_size: tuple[int, int]
+    ) -> dense_loss.LossCost:
+        """A training step's loss memory and time under these options (`distprobe.bank.dense_loss.loss_cost`)."""
+        return dense_loss.loss_cost(
+            num_heads,
+            batch,
+            num_classes,
+            grid,
+            mask_size,
+            samples_per_step=self.samples_per_step,
+            resolution=self.loss_resolution,
+            grid_scale=self.loss_grid_scale,
+            max_heads=self.loss_chunk_heads,
+            max_elements=self.loss_chunk_elements,
+        )
 
 
 def patch_rows(x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -234,9 +264,12 @@ class DenseHeads(LinearHeads):
 
     def summed_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K,)`` each head's cross-entropy summed over this batch's valid pixels, and their count (0-d)."""
-        targets = dense_loss.resize_targets(targets, self.options.loss_resolution)
-        ignore = self.options.ignore_index
-        sums = dense_loss.chunked_pixel_sums(outputs, targets, ignore, self.options.loss_chunk_heads)
+        o = self.options
+        grid, mask = (outputs.shape[-2], outputs.shape[-1]), (targets.shape[-2], targets.shape[-1])
+        size = dense_loss.loss_size(grid, mask, o.loss_resolution, o.loss_grid_scale)
+        targets = dense_loss.resize_targets(targets, size)
+        ignore = o.ignore_index
+        sums = dense_loss.chunked_pixel_sums(outputs, targets, ignore, o.loss_chunk_heads, o.loss_chunk_elements)
         return sums, dense_loss.valid_pixels(targets, ignore)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
