@@ -71,9 +71,9 @@ BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none", "spt_bank64": "spt_none"
 #: spt_bank64: stable-pretraining's AutoLinearClassifier with the same 64 heads (16 lr scalings x 4 weight decays),
 #: trained as its docs show: inside the Module's forward, its loss added to the backbone's, by the Module's optimizer.
 SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8", "spt_bank64"}
-#: A suffix for any distprobe variant: its probes' work on the training's stream (``DISTPROBE_OVERLAP=0``), the
-#: serial path that the side stream replaces on CUDA.
-SERIAL = "@serial"
+#: A suffix for any distprobe variant: its probes' work on the set's side CUDA stream (``DISTPROBE_OVERLAP=1``,
+#: opt-in); without it the serial path, as released.
+SIDE = "@side"
 
 
 def rank() -> int:
@@ -298,10 +298,10 @@ def run_variant(
 
     ``extra(probe_callbacks)`` may return callbacks to place before the probes, right after them, and last.
     """
-    serial = variant.endswith(SERIAL)
-    variant = variant.removesuffix(SERIAL)
-    if serial:
-        os.environ["DISTPROBE_OVERLAP"] = "0"
+    side = variant.endswith(SIDE)
+    variant = variant.removesuffix(SIDE)
+    if side:
+        os.environ["DISTPROBE_OVERLAP"] = "1"
     else:
         os.environ.pop("DISTPROBE_OVERLAP", None)
     module, probes = build_variant(variant, workload, device, spt)
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     names = (args.workload or ("tiny" if args.smoke else "vit,resnet" if cuda else "mlp")).split(",")
     variants = [v for v in args.variants.split(",") if v]
     known = VARIANTS + DIAGNOSTIC + BANKS + ("spt_bank64",)
-    unknown = [v for v in variants if v.removesuffix(SERIAL) not in known and not v.startswith(LEVERED)]
+    unknown = [v for v in variants if v.removesuffix(SIDE) not in known and not v.startswith(LEVERED)]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC + BANKS)}")
     local = [v for v in variants if v.startswith("local")]
