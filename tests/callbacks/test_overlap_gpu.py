@@ -70,7 +70,9 @@ def probes() -> list[Callback]:
             accumulate_grad_batches=2,
             metrics=("top1", "top2"),
         ),
-        OnlineKNN(None, name="knn", input="embedding", target="label", num_classes=NUM_CLASSES, k=[1, 3], queue_length=64),
+        OnlineKNN(
+            None, name="knn", input="embedding", target="label", num_classes=NUM_CLASSES, k=[1, 3], queue_length=64
+        ),
     ]
 
 
