@@ -7,6 +7,7 @@ written once per session, gives the checkpoints that the local tests copy into t
 from pathlib import Path
 
 import pytest
+import torch
 from tests.helpers.slurm import slurm_cluster  # noqa: F401 - the fixture
 from tests.service.models import pretrain
 
@@ -26,3 +27,13 @@ def trained_run(tmp_path_factory) -> tuple[Path, list[str]]:
 def checkpoints(trained_run):
     """Checkpoints of one real training, at steps 10, 20 and 30 (copied into each test's run directory)."""
     return trained_run[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_safe_globals():
+    """A job run in the test's process allows its config's ``weights.safe_globals`` for the whole process, as a real
+    job does; put torch's allow-list back afterwards so that a later test's checkpoint refusal still sees it empty."""
+    saved = list(torch.serialization.get_safe_globals())
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
