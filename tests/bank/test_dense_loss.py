@@ -139,3 +139,46 @@ def test_bad_chunk_options_are_refused_naming_the_option():
     for key in ("loss_chunk_elements", "loss_grid_scale"):
         with pytest.raises(ValueError, match=rf"head_options\['{key}'\] got 0; expected an int >= 1 or None"):
             BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={key: 0})
+
+
+def test_the_issue_online_case_by_the_default_options_fits_the_budget():
+    """16 heads, 150 classes, ViT-B/16 224 px (14 x 14 patches), batch 128: <= 4 GiB and ~1.5 ms at 3 TB/s."""
+    online = DenseOptions().loss_cost(16, 128, 150, (14, 14), (224, 224))
+    assert (online.samples, online.size) == (16, (56, 56))  # docs/dense.md's online defaults
+    s = online.samples
+    h, w = online.size
+    heads, samples = online.chunk
+    assert online.full_elements == 16 * s * 150 * h * w
+    assert online.grid_elements == 16 * s * 150 * 14 * 14
+    assert online.chunk_elements == heads * samples * 150 * h * w <= CHUNK_ELEMENTS
+    assert online.partial_elements == heads * samples * 150 * 14 * w
+    assert online.peak_elements == 3 * online.chunk_elements + online.partial_elements + 2 * online.grid_elements
+    assert online.peak_bytes <= 4 * 2**30
+    assert online.seconds() <= 1.6e-3  # about +3% of a 54 ms H100 step
+
+
+@pytest.mark.parametrize(
+    ("head_options", "expected"),
+    [(None, (None, None, 4)), ({"samples_per_step": 8, "loss_chunk_heads": 2}, (8, None, 2))],
+)
+def test_the_service_trains_dense_banks_at_full_resolution_unless_its_config_says_otherwise(head_options, expected):
+    """The service's bank config from a cache of (N, D) patch tokens and masks (the eval config is a stand-in
+    namespace with the three fields `_bank_config` reads; the cache split is real)."""
+    from types import SimpleNamespace
+
+    from distprobe.service.extract import CachedSplit
+    from distprobe.service.targets import TargetCodec
+    from distprobe.service.train import _bank_config
+
+    bank = {"head": "dense", "lr": [0.1], "head_options": head_options}
+    config = SimpleNamespace(probes=SimpleNamespace(bank=bank), source="eval.yaml", num_classes=C)
+    codec = TargetCodec.of(bank, None, C)
+    split = CachedSplit(
+        features=torch.zeros(2, 16 * 6),
+        labels=torch.zeros(2, 32, 32, dtype=codec.dtype),
+        sample_shape=(16, 6),
+        codec=codec,
+    )
+    options = DenseOptions.parse(_bank_config(config, split).head_options, "bank")
+    assert (options.samples_per_step, options.loss_grid_scale, options.loss_chunk_heads) == expected
+    assert DenseOptions().samples_per_step == 16  # online: a share of each batch

@@ -53,7 +53,8 @@ class OnlineProbeBank(ProbeCallback):
             docs/attentive.md) or ``"dense"`` (linear segmentation heads on patch tokens, ``(B, H, W)`` mask
             targets, mIoU; docs/dense.md).
         head_options: The family's options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``;
-            dense: ``grid``, ``ignore_index``, ``loss_chunk_heads``, ``loss_resolution``, ``samples_per_step``).
+            dense: ``grid``, ``ignore_index``, ``loss_chunk_heads``, ``loss_chunk_elements``, ``loss_resolution``,
+            ``loss_grid_scale``, ``samples_per_step``; online defaults bound the cost, docs/dense.md).
         multilabel: Targets are ``(B, num_classes)`` multi-hot: BCE, mAP and F1 (docs/multilabel.md).
         data: A labeled DataLoader of the bank's own, as for `OnlineProbe` (docs/own-data.md).
         val_data: The bank's own validation DataLoader, evaluated exactly at each validation epoch.

@@ -70,11 +70,12 @@ class DenseOptions:
     loss_resolution: tuple[int, int] | None = None
     """Train at this ``(H, W)`` (targets resized by nearest neighbour); None: see ``loss_grid_scale``. Validation
     always scores at the target's resolution."""
-    loss_grid_scale: int | None = None
-    """Without ``loss_resolution``: train at this many times the patch grid (never above the target's size); None:
-    at the target's own resolution (DINOv3's protocol)."""
-    samples_per_step: int | None = None
-    """Train on the first this-many samples of each rank's batch (all: None); validation sees every sample."""
+    loss_grid_scale: int | None = 4
+    """Without ``loss_resolution``: train at this many times the patch grid (never above the target's size; 4: 56 x 56
+    for a 14 x 14 grid); None: at the target's own resolution (DINOv3's protocol, the service's default)."""
+    samples_per_step: int | None = 16
+    """Train on the first this-many samples of each rank's batch (None: all, the service's default); validation sees
+    every sample. With ``loss_grid_scale`` it bounds the online cost (docs/dense.md, "Cost control")."""
 
     @classmethod
     def parse(cls, options: Any, bank_name: str) -> DenseOptions:
