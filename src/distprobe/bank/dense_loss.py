@@ -101,7 +101,8 @@ def upsampled_rows(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     Bilinear upsampling is separable: two matrix products (`bilinear_weights` along w, then along h). They give
     `upsample`'s numbers up to float rounding, but as fast matmuls whose backward is matmuls too, and with the classes
     contiguous for the cross-entropy's softmax. (``F.interpolate`` on ``(N, C, H, W)`` runs one GPU thread per output
-    pixel looping over ``N x C``: measured ~12 to 35 times slower than memory-bound on an H100.)
+    pixel looping over ``N x C``: measured ~12 to 35 times slower than memory-bound on an H100.) Where float32
+    matmuls run in TF32 (``torch.set_float32_matmul_precision("high")``), so do these, as the heads' own matmul.
     """
     k, b, c, h, w = logits.shape
     rows = logits.permute(0, 1, 3, 4, 2)  # (k, B, h, w, C): a copy of the small patch-grid logits
