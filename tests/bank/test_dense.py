@@ -162,10 +162,3 @@ def test_probe_set_builds_a_dense_bank_from_the_first_batch_and_refuses_bad_mask
     wrong = ProbeSet.build([], banks=[bank])
     with pytest.raises(ValueError, match=r"bank 'seg': a dense head's target must be \(batch, H, W\)"):
         wrong.step({"patch": x}, {"mask": masks[:, 0, 0]})
-
-
-def test_the_service_refuses_a_dense_bank_naming_where_it_runs():
-    from distprobe.service.config_probes import bank_fields
-
-    with pytest.raises(ValueError, match="probes.bank.head='dense'; the service's feature cache keeps one class"):
-        bank_fields({"head": "dense"}, "run.yaml")
