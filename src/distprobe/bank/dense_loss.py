@@ -9,7 +9,8 @@ gradient for one chunk of heads x samples at a time inside its forward, keeps on
 chunk of full-resolution tensors alive at a time. A chunk holds at most ``max_heads`` heads and, where one head and
 one sample fit, at most ``max_elements`` upsampled logits (`CHUNK_ELEMENTS`, 512 MiB of float32): the memory no
 longer grows with the batch or the resolution. Chunking over samples is exact: a head's loss is a sum over samples,
-and each sample's gradient is its own term's (only the order of the float sums changes).
+and each sample's gradient is its own term's (only the order of the float sums changes). Validation upsamples in the
+same chunks (`upsampled_chunks`, no graph) to score pixels at the masks' resolution.
 
 The loss is returned as per-head *sums* over the valid pixels, with the count of those pixels: the bank divides the
 all-reduced sums by the all-reduced count, so that N ranks take the mean over every valid pixel of the global batch,
@@ -153,6 +154,29 @@ def _chunks(logits: torch.Tensor, heads: int, samples: int) -> Iterator[tuple[sl
     for h in range(0, logits.shape[0], heads):
         for s in range(0, logits.shape[1], samples):
             yield slice(h, h + heads), slice(s, s + samples)
+
+
+def upsampled_chunks(
+    logits: torch.Tensor, size: tuple[int, int], max_heads: int | None, max_elements: int | None
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """Every chunk of ``(K, B, C, h, w)`` logits upsampled to ``size``, one chunk at a time (no graph kept).
+
+    Yields ``(head slice, sample slice, values)`` with ``values`` the chunk's `upsampled_rows` as
+    ``(heads, samples, H, W, C)``; a chunk holds at most ``max_heads`` heads and ``max_elements`` upsampled logits
+    (`chunk_shape`), as the loss's. Drop each chunk's values before taking the next (``del``): two chunks alive at
+    once would double the peak. Validation's confusion matrices score pixels through it
+    (`distprobe.bank.segmentation`).
+
+    Example:
+        >>> logits = torch.arange(2 * 3 * 2 * 1 * 1.0).view(2, 3, 2, 1, 1)  # 2 heads, 3 samples, 2 classes, 1 x 1
+        >>> [(hs.start, ss.start, tuple(v.shape)) for hs, ss, v in upsampled_chunks(logits, (2, 2), 1, 2 * 2 * 2 * 2)]
+        [(0, 0, (1, 2, 2, 2, 2)), (0, 2, (1, 1, 2, 2, 2)), (1, 0, (1, 2, 2, 2, 2)), (1, 2, (1, 1, 2, 2, 2))]
+    """
+    k, b, c = logits.shape[:3]
+    heads, samples = chunk_shape(k, b, c * size[0] * size[1], max_heads, max_elements)
+    for hs, ss in _chunks(logits, heads, samples):
+        part = logits[hs, ss]
+        yield hs, ss, upsampled_rows(part, size).view(part.shape[0], part.shape[1], size[0], size[1], c)
 
 
 class _ChunkedPixelSums(torch.autograd.Function):

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torchmetrics import Metric
 
 from distprobe import keys
+from distprobe.bank import dense_loss
 from distprobe.bank.config import BankConfig
-from distprobe.bank.dense_loss import upsample
 from distprobe.bank.metrics import HeadLoss, parse_named_metrics
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.engine.bad_data import REASONS
@@ -60,32 +60,42 @@ def miou_and_accuracy(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 class HeadConfusion(Metric):
-    """Every head's pixel confusion matrix ``(K, C, C)``, from ``(B, K, C, h, w)`` logits and ``(B, H, W)`` masks."""
+    """Every head's pixel confusion matrix ``(K, C, C)``, from ``(B, K, C, h, w)`` logits and ``(B, H, W)`` masks.
+
+    The logits are upsampled to the masks' size as the loss upsamples them, in the same chunks of heads x samples
+    (`distprobe.bank.dense_loss.upsampled_chunks`: at most ``max_heads`` heads and ``max_elements`` upsampled
+    logits at once), so validation's memory is bounded as training's. The counts are the same whatever the chunks:
+    each pixel's prediction depends on its own sample and head only.
+    """
 
     full_state_update = False
     confusion: torch.Tensor
 
-    def __init__(self, num_heads: int, num_classes: int, ignore_index: int, chunk: int | None) -> None:
+    def __init__(
+        self, num_heads: int, num_classes: int, ignore_index: int, max_heads: int | None, max_elements: int | None
+    ) -> None:
         super().__init__(sync_on_compute=True)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.chunk = chunk
+        self.max_heads = max_heads
+        self.max_elements = max_elements
         self.add_state("confusion", torch.zeros(num_heads, num_classes, num_classes, dtype=torch.long), "sum")
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> None:
         """Count the valid pixels of the ``keep`` samples, the logits upsampled bilinearly to the masks' size."""
-        k, c = logits.shape[1], self.num_classes
+        c = self.num_classes
         size = (targets.shape[-2], targets.shape[-1])
         valid = (targets != self.ignore_index) & keep.view(-1, 1, 1)
-        safe = torch.where(valid, targets, 0).long()
-        step = self.chunk or k
+        # Rows of the flat (K * C * C) matrix: target class, scaled, per pixel (invalid pixels add 0 to class 0).
+        rows = torch.where(valid, targets, 0).long() * c
         flat = self.confusion.view(-1)
-        for start in range(0, k, step):
-            part = logits[:, start : start + step].transpose(0, 1)  # (k_c, B, C, h, w)
-            predicted = upsample(part, size).argmax(dim=1).view(part.shape[0], *targets.shape)
-            heads = torch.arange(start, start + part.shape[0], device=flat.device).view(-1, 1, 1, 1)
-            index = (heads * c + safe[None]) * c + predicted
-            flat.scatter_add_(0, index.flatten(), valid[None].expand_as(index).flatten().long())
+        by_head = logits.transpose(0, 1)  # (K, B, C, h, w): a view, chunks are copied by the upsampling
+        for heads, samples, values in dense_loss.upsampled_chunks(by_head, size, self.max_heads, self.max_elements):
+            predicted = values.argmax(dim=-1)  # (k_c, s_c, H, W)
+            del values  # the next chunk's upsampling must not find this one alive
+            first = torch.arange(heads.start, heads.start + predicted.shape[0], device=flat.device)
+            index = (first.view(-1, 1, 1, 1) * c * c + rows[samples]) + predicted
+            flat.scatter_add_(0, index.flatten(), valid[samples].expand_as(index).flatten().long())
         mark_updated(self)
 
     def compute(self) -> torch.Tensor:
@@ -106,7 +116,9 @@ class SegmentationBankMetrics(BankMetrics):
         self.train: dict[str, Any] = {}
         self.loss = HeadLoss(num_heads)
         self.bad_batches = ReasonCounter(REASONS)
-        args = (num_heads, config.num_classes, options.ignore_index, options.loss_chunk_heads)
+        # Validation upsamples in the loss's chunks (heads x samples), so its memory is bounded as training's.
+        chunks = (options.loss_chunk_heads, options.loss_chunk_elements)
+        args = (num_heads, config.num_classes, options.ignore_index, *chunks)
         # One confusion matrix per split gives every reported value: mIoU and pixel accuracy alike.
         self.select: dict[str, Any] = {"confusion": HeadConfusion(*args)}
         self.report: dict[str, Any] = {"confusion": HeadConfusion(*args)}
