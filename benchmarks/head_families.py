@@ -24,16 +24,17 @@ head's defaults: one query, one cross-attention block, 12 attention heads, MLP r
   metrics.
 
 ``dense`` (issue 26): patch tokens ``(128, 196, 768)`` (grid 14 x 14), 150 classes, ``(128, 224, 224)`` int64
-masks with ignored pixels (255); ``dense16`` is a 16-head dense bank at the library's default ``head_options``
-(printed); ``dense16-s32`` the same with ``samples_per_step=32`` (docs/dense.md's example), ``dense16-s32-c1`` also
-with ``loss_chunk_heads=1``, and ``dense16-custom`` (not run by default) with ``--dense-options``.
+masks with ignored pixels (255); ``dense16`` is a 16-head dense bank at the library's online default
+``head_options`` (printed); ``dense16-s32`` the same with ``samples_per_step=32`` (docs/dense.md's example),
+``dense16-s32-c1`` also with ``loss_chunk_heads=1``, and ``dense16-custom`` (not run by default) with
+``--dense-options``. Each prints its loss's peak memory by `DenseOptions.loss_cost` (docs/dense.md, "Cost control").
 
 ``dense-epoch`` (issue 26): no backbone (the service trains on cached features): synthetic ViT-B/16 patch tokens at
-512 px (32 x 32 x 768) and 512 x 512 masks are made on the device, and a 16-head dense bank at full resolution
-(the defaults: no ``samples_per_step``, no ``loss_resolution``) trains one epoch of ``--images`` images, timed over
-``--epoch-steps`` of its steps (0: all) and extrapolated, at each ``--epoch-batch``: 256 (the service's default
-``probes.batch_size``; its full-resolution loss needs ~455 GiB by docs/dense.md's formula, so expect an out-of-memory
-line) and 16 (DINOv3's linear segmentation batch).
+512 px (32 x 32 x 768) and 512 x 512 masks are made on the device, and a 16-head dense bank with the service's
+``head_options`` (`FULL_RESOLUTION`: every sample, the loss at the masks' resolution) trains one epoch of
+``--images`` images, timed over ``--epoch-steps`` of its steps (0: all) and extrapolated, at each
+``--epoch-batch``: 256 (the service's default ``probes.batch_size``; chunks of 3 heads x 1 sample, 7.0 GiB by
+`DenseOptions.loss_cost`) and 16 (DINOv3's linear segmentation batch).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.families.attentive import AttentiveProbe
-from distprobe.bank.families.dense import DenseOptions
+from distprobe.bank.families.dense import FULL_RESOLUTION, DenseOptions
 from distprobe.engine import ProbeConfig
 from distprobe.loop import ProbeSet
 
@@ -77,7 +78,7 @@ DENSE_VARIANTS = ("none", "dense16", "dense16-s32", "dense16-s32-c1")
 DENSE_OPTIONS: dict[str, dict[str, Any]] = {
     "dense16": {},  # the library's defaults
     "dense16-s32": {"samples_per_step": 32},  # docs/dense.md's example
-    "dense16-s32-c1": {"samples_per_step": 32, "loss_chunk_heads": 1},  # the least memory at full resolution
+    "dense16-s32-c1": {"samples_per_step": 32, "loss_chunk_heads": 1},  # chunks of one head: the least memory
     "dense16-custom": {},  # --dense-options
 }
 
@@ -511,11 +512,9 @@ def attentive(shapes: Shapes, args: argparse.Namespace, device: torch.device) ->
     return out
 
 
-def loss_gib(options: DenseOptions, samples: int, classes: int, grid: int, image: int) -> float:
-    """docs/dense.md's memory of the loss: ``3 x chunk x B x C x H x W`` + ``2 x K x B x C x h x w`` float32."""
-    chunk = min(16, options.loss_chunk_heads or 16)
-    size = options.loss_resolution or (image, image)
-    return (3 * chunk * samples * classes * size[0] * size[1] + 2 * 16 * samples * classes * grid * grid) * 4 / 2**30
+def loss_gib(options: DenseOptions, batch: int, classes: int, grid: int, image: int) -> float:
+    """The loss's peak memory of a 16-head step on ``batch`` samples by `DenseOptions.loss_cost` (docs/dense.md)."""
+    return options.loss_cost(len(GRID), batch, classes, (grid, grid), (image, image)).peak_bytes / 2**30
 
 
 def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -529,9 +528,8 @@ def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dic
     estimates = {}
     for v in (v for v in variants if v != "none"):
         options = DenseOptions.parse(DENSE_OPTIONS[v], "seg")
-        samples = min(shapes.batch, options.samples_per_step or shapes.batch)
-        estimates[v] = loss_gib(options, samples, shapes.dense_classes, shapes.grid, shapes.image)
-        say(f"{v}: head_options {DENSE_OPTIONS[v]}, loss memory by docs/dense.md's formula {estimates[v]:.2f} GiB")
+        estimates[v] = loss_gib(options, shapes.batch, shapes.dense_classes, shapes.grid, shapes.image)
+        say(f"{v}: head_options {DENSE_OPTIONS[v]}, loss memory by DenseOptions.loss_cost {estimates[v]:.3g} GiB")
     rows = time_variants("dense", variants, shapes, args, device)
     print_table(rows)
     out: dict[str, Any] = {
@@ -564,7 +562,10 @@ def epoch_run(batch: int, shapes: Shapes, args: argparse.Namespace, device: torc
     grid, size = shapes.epoch_image // shapes.patch, shapes.epoch_image
     steps_per_epoch = images // batch  # the service drops the last partial batch
     timed = steps_per_epoch if not args.epoch_steps else min(args.epoch_steps, steps_per_epoch)
-    options = {} if args.loss_chunk_heads is None else {"loss_chunk_heads": args.loss_chunk_heads}
+    # The service's protocol (not the online defaults): every sample, the loss at the masks' resolution.
+    options = dict(FULL_RESOLUTION)
+    if args.loss_chunk_heads is not None:
+        options["loss_chunk_heads"] = args.loss_chunk_heads
     parsed = DenseOptions.parse(options, "seg")
     out: dict[str, Any] = {
         "images": images,
@@ -579,8 +580,8 @@ def epoch_run(batch: int, shapes: Shapes, args: argparse.Namespace, device: torc
     say(
         f"{images} images of {size} px: patch tokens ({batch}, {grid * grid}, {shapes.dim}), masks ({batch}, {size}, "
         f"{size}), {shapes.dense_classes} classes, 16 heads, batch {batch}: {steps_per_epoch} steps per epoch "
-        f"({timed} timed); head_options {out['head_options']}; loss memory by docs/dense.md's formula "
-        f"{out['loss_gib_estimate']:.2f} GiB"
+        f"({timed} timed); head_options {out['head_options']}; loss memory by DenseOptions.loss_cost "
+        f"{out['loss_gib_estimate']:.3g} GiB"
     )
     fresh_memory(device)
     cache = bank = None
