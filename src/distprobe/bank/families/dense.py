@@ -64,9 +64,9 @@ class DenseOptions:
     """Most heads whose full-resolution logits exist at once in the loss and in validation (None: all); the values
     are the same whatever the chunk, only the memory differs."""
     loss_chunk_elements: int | None = dense_loss.CHUNK_ELEMENTS
-    """Most upsampled logits (heads x samples x C x H x W) the loss holds at once (2**27: 512 MiB of float32), by
-    chunking the heads and the samples; at least one head x one sample. None: chunks of heads only. The values are
-    the same whatever the chunk."""
+    """Most upsampled logits (heads x samples x C x H x W) the loss, and validation, hold at once (2**27: 512 MiB of
+    float32), by chunking the heads and the samples; at least one head x one sample. None: chunks of heads only. The
+    values are the same whatever the chunk."""
     loss_resolution: tuple[int, int] | None = None
     """Train at this ``(H, W)`` (targets resized by nearest neighbour); None: see ``loss_grid_scale``. Validation
     always scores at the target's resolution."""
