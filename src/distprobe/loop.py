@@ -15,11 +15,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,120 +43,19 @@ from distprobe.engine.streams import SideStream, tensors_in
 from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
 from distprobe.knn.checks import first_batch_problem as knn_first_batch_problem
 from distprobe.metrics.flat_sync import compute_synced
+from distprobe.routing import (  # noqa: F401 - ProbeSpec, BankSpec and to_spec are part of this module's API
+    ROUTING_KEYS,
+    BankSpec,
+    ProbeSpec,
+    Tensors,
+    first_batch_problems_of,
+    one_input,
+    pick,
+    to_bank_spec,
+    to_spec,
+)
 
 log = logging.getLogger(__name__)
-
-#: Keys a dict spec may hold besides the fields of `ProbeConfig`.
-ROUTING_KEYS = ("input", "target")
-
-Tensors = torch.Tensor | Mapping[str, torch.Tensor]
-"""One tensor shared by every probe, or named tensors that each probe picks by its ``input``/``target`` key."""
-
-
-@dataclass(kw_only=True)
-class ProbeSpec:
-    """One probe of a `ProbeSet`: what it is, and which features and targets it reads."""
-
-    config: ProbeConfig
-    """The probe's engine configuration."""
-    input: str | None = None
-    """Key of the probe's features when `ProbeSet.step` gets a dict; None: the features are one tensor."""
-    target: str | None = None
-    """Key of the probe's targets when `ProbeSet.step` gets a dict; None: the targets are one tensor."""
-
-    def __post_init__(self) -> None:
-        for argument, key in (("input", self.input), ("target", self.target)):
-            if key is not None and (not isinstance(key, str) or not key):
-                raise ValueError(
-                    f"probe '{self.config.name}': argument '{argument}' got {key!r}; expected a non-empty key "
-                    "string, or None when a single tensor is passed."
-                )
-
-
-def to_spec(spec: ProbeSpec | ProbeConfig | Mapping[str, Any]) -> ProbeSpec:
-    """Normalise a `ProbeSpec`, a `ProbeConfig`, or a dict of `ProbeConfig` fields plus ``input``/``target``."""
-    if isinstance(spec, ProbeSpec):
-        return spec
-    if isinstance(spec, ProbeConfig):
-        return ProbeSpec(config=spec)
-    if isinstance(spec, Mapping):
-        fields = [f.name for f in dataclasses.fields(ProbeConfig)]
-        valid = fields + list(ROUTING_KEYS)
-        unknown = sorted(str(k) for k in spec if k not in valid)
-        name = spec.get("name", "?")
-        if unknown:
-            raise ValueError(f"probe '{name}': unknown spec key(s) {unknown}; valid keys: {valid}")
-        config = ProbeConfig(**{k: v for k, v in spec.items() if k in fields})
-        return ProbeSpec(config=config, input=spec.get("input"), target=spec.get("target"))
-    raise ValueError(
-        f"ProbeSet: a spec got {spec!r} of type {type(spec).__name__}; expected a ProbeConfig, a ProbeSpec, or a "
-        f"dict of ProbeConfig fields plus {list(ROUTING_KEYS)}."
-    )
-
-
-@dataclass(kw_only=True)
-class BankSpec:
-    """One probe bank of a `ProbeSet`: its grid, and which targets it reads (its sources are ``config.inputs``)."""
-
-    config: BankConfig
-    target: str | None = None
-    """Key of the labels in the targets mapping; None when `step` gets one targets tensor."""
-
-
-def to_bank_spec(spec: BankSpec | BankConfig | Mapping[str, Any]) -> BankSpec:
-    """A `BankSpec` from itself, a `BankConfig`, or a dict of `BankConfig` fields plus ``input``/``target``."""
-    if isinstance(spec, BankSpec):
-        return spec
-    if isinstance(spec, BankConfig):
-        return BankSpec(config=spec)
-    options = dict(spec)
-    target = options.pop("target", None)
-    if "input" in options:
-        options["inputs"] = options.pop("input")
-    return BankSpec(config=BankConfig(**options), target=target)
-
-
-def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -> torch.Tensor:
-    """The tensor a probe reads: the single tensor given, or the entry named by its ``input``/``target`` key.
-
-    Raises:
-        ValueError: naming the probe, the argument, and the keys that are there.
-    """
-    if not isinstance(tensors, Mapping):
-        return tensors
-    if key is None:
-        raise ValueError(
-            f"probe '{probe_name}': the {argument}s are a dict with keys {sorted(tensors)} but the probe has no "
-            f"'{argument}' key; add '{argument}': <key> to its spec."
-        )
-    if key not in tensors:
-        raise ValueError(f"probe '{probe_name}': {argument} key {key!r} not found; available keys: {sorted(tensors)}")
-    return tensors[key]
-
-
-def _one_input(
-    spec: KNNSpec | RidgeSpec, name: str, features: Tensors, targets: Tensors
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features (by ``config.input``) and the targets (by ``target``) of a member reading one input."""
-    x = pick(features, spec.config.input, probe_name=name, argument="input")
-    return x, pick(targets, spec.target, probe_name=name, argument="target")
-
-
-def _first_batch_problems(
-    members: Mapping[str, Any], read: Callable[[str, Any], Any], check: Callable[[str, Any, Any], str | None]
-) -> list[str]:
-    """What is wrong with the first batch of each member of one kind: its inputs' routing (``read``), then ``check``."""
-    problems = []
-    for name, spec in members.items():
-        try:
-            inputs = read(name, spec)
-        except ValueError as err:
-            problems.append(str(err))
-            continue
-        problem = check(name, spec, inputs)
-        if problem is not None:
-            problems.append(problem)
-    return problems
 
 
 class ProbeSet:
@@ -404,10 +301,10 @@ class ProbeSet:
         return engine
 
     def _knn_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        return _one_input(self.knn_specs[name], name, features, targets)
+        return one_input(self.knn_specs[name], name, features, targets)
 
     def _ridge_inputs(self, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-        return _one_input(self.ridge_specs[name], name, features, targets)
+        return one_input(self.ridge_specs[name], name, features, targets)
 
     def knn(self, name: str) -> ShardedKNN:
         """The kNN ``name`` (its buffer exists from `build` with ``in_features``, else from the first `step`)."""
@@ -458,7 +355,7 @@ class ProbeSet:
             inputs[name] = read
             return first_batch_problem(self.probes[name], read[0], read[1], input_key=spec.input or "features")
 
-        problems = _first_batch_problems(
+        problems = first_batch_problems_of(
             self.specs,
             lambda name, spec: (
                 pick(features, spec.input, probe_name=name, argument="input"),
@@ -466,14 +363,14 @@ class ProbeSet:
             ),
             probe_problem,
         )
-        problems += _first_batch_problems(
+        problems += first_batch_problems_of(
             self.bank_specs,
             lambda name, _: self._bank_inputs(name, features, targets),
             lambda name, spec, read: bank_first_batch_problem(
                 name, spec.config.inputs, read[0], read[1], spec.config.num_classes, config=spec.config
             ),
         )
-        problems += _first_batch_problems(
+        problems += first_batch_problems_of(
             self.knn_specs,
             lambda name, _: self._knn_inputs(name, features, targets),
             lambda name, spec, read: knn_first_batch_problem(
@@ -485,7 +382,7 @@ class ProbeSet:
                 multilabel=spec.config.multilabel,
             ),
         )
-        problems += _first_batch_problems(
+        problems += first_batch_problems_of(
             self.ridge_specs,
             lambda name, _: self._ridge_inputs(name, features, targets),
             lambda name, spec, read: class_index_problem(
