@@ -42,7 +42,7 @@ class Reference(nn.Module):
 def _reference_sum(module, x, targets, resolution):
     """The summed pixel loss and the number of valid pixels."""
     if resolution is not None:
-        targets = F.interpolate(targets[:, None].float(), size=resolution, mode="nearest")[:, 0].long()
+        targets = F.interpolate(targets[:, None].float(), size=resolution, mode="nearest-exact")[:, 0].long()
     logits = F.interpolate(module(x), size=targets.shape[-2:], mode="bilinear", align_corners=False)
     return F.cross_entropy(logits, targets, ignore_index=255, reduction="sum"), (targets != 255).sum()
 

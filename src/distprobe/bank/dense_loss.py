@@ -69,10 +69,15 @@ def loss_size(
 
 
 def resize_targets(targets: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """``(B, H, W)`` class-index masks at ``size`` by nearest neighbour (None or the same size: unchanged)."""
+    """``(B, H, W)`` class-index masks at ``size`` by nearest neighbour (None or the same size: unchanged).
+
+    ``nearest-exact`` samples each output pixel's centre, where the bilinear upsampling of the logits
+    (``align_corners=False``) evaluates them too; plain ``nearest`` takes the top-left pixel of each block, 1.5 px
+    off the centre at a 4x reduction.
+    """
     if size is None or tuple(targets.shape[-2:]) == tuple(size):
         return targets
-    resized = F.interpolate(targets[:, None].float(), size=size, mode="nearest")
+    resized = F.interpolate(targets[:, None].float(), size=size, mode="nearest-exact")
     return resized[:, 0].to(targets.dtype)
 
 
