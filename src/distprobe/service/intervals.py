@@ -3,12 +3,12 @@
 Rank ``r`` of ``N`` scores validation rows ``r, r + N, ...``. Each rank writes its rows' per-sample results (1 for a
 right answer, 0 for a wrong one) into a zero-filled ``(N_val, columns)`` tensor and one sum over the group gives
 every rank every row (`distprobe.convex.spread.gather_rows`): the same tensor at any world size. The interval is the
-seeded percentile bootstrap of `distprobe.convex.bootstrap_interval`; no model is run again.
+seeded percentile bootstrap of `distprobe.convex.bootstrap_bounds`; no model is run again.
 
 Only rank 0 publishes rows, so only rank 0 computes intervals. The columns of one table share their resamples:
 drawing the resample indices is the cost (1,000 x N of them), so a bank's heads and a kNN's k's are resampled
 together, each resample's means for every column as one product of its counts with the table. The draws are
-`bootstrap_interval`'s own (same generator, same order), so each column's interval is the one it would give alone.
+`bootstrap_interval`'s own (both call `bootstrap_bounds`), so each column's interval is the one it would give alone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from distprobe.convex.bootstrap import _CHUNK  # the same chunks, so the same draws, as bootstrap_interval
+from distprobe.convex.bootstrap import Reducer, bootstrap_bounds
 from distprobe.convex.spread import gather_rows
 from distprobe.engine.collectives import rank_and_world
 from distprobe.engine.replicate import default_group
@@ -54,18 +54,13 @@ def interval_columns(table: torch.Tensor, spec: IntervalsConfig) -> list[tuple[f
     if spec.resamples < 1 or 0 in table.shape or rank_and_world(default_group())[0] != 0:
         return None
     values = table.detach().to(torch.float64).cpu()
-    n = values.shape[0]
-    generator = torch.Generator().manual_seed(spec.seed)
-    means = torch.empty(spec.resamples, values.shape[1], dtype=torch.float64)
-    per_chunk = max(1, _CHUNK // n)
-    for start in range(0, spec.resamples, per_chunk):
-        count = min(per_chunk, spec.resamples - start)
-        index = torch.randint(0, n, (count, n), generator=generator)
-        counts = torch.zeros(count, n, dtype=torch.float64).scatter_add_(1, index, torch.ones(count, n).double())
-        means[start : start + count] = counts @ values / n
-    tail = (1.0 - spec.level) / 2
-    bounds = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64), dim=0)  # (2, columns)
+    bounds = resampled(values.shape[0], lambda counts: counts @ values / values.shape[0], spec)
     return [(float(low), float(high)) for low, high in bounds.T.tolist()]
+
+
+def resampled(n: int, reduce: Reducer, spec: IntervalsConfig) -> torch.Tensor:
+    """`bootstrap_bounds` ``(2, columns)`` of ``reduce`` over ``n`` samples: the config's resamples, level, seed."""
+    return bootstrap_bounds(n, reduce, resamples=spec.resamples, level=spec.level, seed=spec.seed)
 
 
 def attach(row: ResultRow, bounds: list[tuple[float, float]] | None, column: int) -> ResultRow:

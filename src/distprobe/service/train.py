@@ -16,7 +16,8 @@ The same probes as online (`distprobe.bank.ProbeBank`, `distprobe.knn.ShardedKNN
   as online. A dense bank is scored in batches sized to bound the memory of its full-resolution logits.
 - **Convex probes** (ridge, logistic regression, few-shot): `distprobe.service.train_convex`.
 - **Intervals.** Every top-1 (class-index targets) gets a seeded bootstrap interval from per-sample results gathered
-  over the ranks (`distprobe.service.intervals`); a bank's best head's over the report split it is scored on.
+  over the ranks (`distprobe.service.intervals`); a bank's best head's over the report split it is scored on. mAP,
+  F1, mIoU and pixel accuracy are resampled from per-sample statistics (`distprobe.service.target_intervals`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from distprobe.service.config_probes import bank_fields
 from distprobe.service.extract import CachedSplit, rank_and_world
 from distprobe.service.intervals import PerSample, attach, interval_columns, with_interval
 from distprobe.service.store import ResultRow
+from distprobe.service.target_intervals import TargetSamples
 from distprobe.service.train_convex import run_fewshot_episodes, run_logreg, run_ridge
 
 log = logging.getLogger(__name__)
@@ -202,11 +204,13 @@ def evaluate(
 
     Each top-1 gets its bootstrap interval from the per-sample results, gathered over the ranks.
     """
-    # Multi-hot vectors and masks have no per-sample right or wrong answer: their mAP and mIoU get no interval.
+    # Multi-hot vectors and masks have no per-sample right or wrong answer: their mAP, F1, mIoU and pixel accuracy
+    # are resampled from per-sample statistics instead (`distprobe.service.target_intervals`).
     classifies = val.codec.kind == "class"
     heads = len(bank.head_ids) if bank is not None and classifies else 0
     ks = len(knn.config.k) if knn is not None and classifies else 0
     correct = PerSample(val.size, heads + ks, device)
+    samples = None if classifies else _target_samples(bank, knn, val, config.probes.intervals, device)
     for index in _eval_batches(val.size, _eval_rows(bank, val)):
         valid = int(index.numel())
         padded = index if valid else torch.zeros(1, dtype=torch.long)  # an empty batch still joins the collectives
@@ -215,10 +219,14 @@ def evaluate(
             logits = bank.eval_step([_as_read(bank.config, val, x)], y, num_valid=valid, positions=padded.to(device))
             if classifies:
                 correct.fill(index, (logits.argmax(-1) == y[:, None]).double())
+            elif samples is not None:
+                samples.fill_bank(index, x, logits, y, bank)
         if knn is not None:
             predicted = knn.eval_step(x, y, num_valid=valid)
             if classifies:
                 correct.fill(index, (predicted == y[:, None]).double(), first_column=heads)
+            elif samples is not None:
+                samples.fill_knn(index, predicted, y)
     per_sample = correct.gathered()
     spec = config.probes.intervals
     bounds = interval_columns(per_sample, spec)  # every column at once: the heads' and the k's
@@ -235,7 +243,23 @@ def evaluate(
         computed = {k: float(v) for k, v in knn.compute_eval_metrics().items()}
         rows += _knn_rows(knn, computed, bounds, heads)
         values.update({f"{knn.name}_{k}": v for k, v in computed.items()})
+    if samples is not None:
+        bank_info = (bank.head_ids, best, bank.config.selection_fraction) if bank is not None else None
+        knn_ks = list(knn.config.k) if knn is not None else []
+        names = (bank.name if bank is not None else None, knn.name if knn is not None else None)
+        rows = samples.intervals(rows, *names, bank_info, knn_ks, spec)
     return ProbeResults(values=values, rows=_unique(rows), best_head=best)
+
+
+def _target_samples(
+    bank: ProbeBank | None, knn: ShardedKNN | None, val: CachedSplit, spec: IntervalsConfig, device: torch.device
+) -> TargetSamples | None:
+    """The per-sample statistics of multi-hot or mask targets' intervals (None when intervals are off)."""
+    heads = len(bank.head_ids) if bank is not None else 0
+    ks = len(knn.config.k) if knn is not None and val.codec.kind == "multilabel" else 0
+    if heads + ks == 0 or spec.resamples < 1:  # the config's, so every rank skips the gather alike
+        return None
+    return TargetSamples.build(val.codec.kind, val.size, val.codec.num_classes, heads, ks, device)
 
 
 def _bad_batches(bank: ProbeBank) -> dict[str, float]:
