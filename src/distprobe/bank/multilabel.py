@@ -167,8 +167,9 @@ def head_values(probs: torch.Tensor, targets: torch.Tensor, names: list[str]) ->
     num_labels = targets.shape[1]
     out: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
-        # A label without positives in a split is common (rare labels, the small selection split); torchmetrics'
-        # macro average already leaves it out, and its warning would repeat every epoch for every head.
+        # A label without positives in a split is common (rare labels, the small selection split). torchmetrics
+        # (1.9) scores its AP as 0 and keeps it in the macro mean, which is what is reported (the service's
+        # intervals resample the same number); its warning would repeat every epoch for every head.
         warnings.filterwarnings("ignore", message=".*[Nn]o positive samples.*")
         _fill(out, probs, targets, names, num_labels)
     return {k: v.float() for k, v in out.items()}
