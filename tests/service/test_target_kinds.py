@@ -311,3 +311,18 @@ def test_two_ranks_with_an_uneven_validation_set_equal_one_process(multilabel_jo
         for key, value in one.items():
             # The same global batches on 1 and 2 ranks: the heads differ by the all-reduce's rounding only.
             assert two[key] == pytest.approx(value, abs=1e-5), key
+        # The intervals too: the per-sample statistics are gathered back into the samples' order, so the seeded
+        # resamples draw the same samples at any world size.
+        bounds_two, bounds_one = (_bounds(path) for path in (store, job[1]["store"]))
+        assert bounds_one and bounds_two.keys() == bounds_one.keys()
+        for key, (low, high) in bounds_one.items():
+            assert bounds_two[key] == pytest.approx((low, high), abs=1e-4), key
+
+
+def _bounds(store):
+    """``{(probe, head, metric): (low, high)}`` of the rows of ``store`` that have an interval."""
+    return {
+        (row.probe, row.head, row.metric): (row.low, row.high)
+        for *_, row in ResultsStore(store).result_rows()
+        if row.low is not None
+    }
