@@ -73,8 +73,23 @@ def fused_update(enabled: bool, compiled: bool = True) -> Iterator[None]:
     """Route the bank optimizer's SGD maths through `fused_sgd_update` (the cleaning of skipped heads included).
 
     Patches the maths module the bank optimizer calls (``bank.optim`` before the engine's functional layer,
-    ``engine.functional`` after it), so that this benchmark measures either layout.
+    ``engine.functional`` after it), so that this benchmark measures either layout. The bank's own choice of the
+    compiled update on CUDA (``fused_sgd_available``) is turned off either way: the variant decides, so ``eager``
+    stays the eager maths.
     """
+    gate = getattr(bank_optimizer, "fused_sgd_available", None)
+    if gate is not None:
+        bank_optimizer.fused_sgd_available = lambda device: False
+    try:
+        with _routed_to_fused(enabled, compiled):
+            yield
+    finally:
+        if gate is not None:
+            bank_optimizer.fused_sgd_available = gate
+
+
+@contextlib.contextmanager
+def _routed_to_fused(enabled: bool, compiled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return

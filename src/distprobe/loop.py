@@ -429,7 +429,8 @@ class ProbeSet:
         their tensors are kept for the training's stream, which reads them next. Kernels run in the same order as on
         the training's stream, so a step's result is bitwise the same; on a CPU the body runs as it always did.
         """
-        tensors = list(inputs)
+        # Off (the default) or on a CPU: no walk over the inputs, which runs on every step.
+        tensors = list(inputs) if self._overlap else []
         side = self._side_stream(tensors)
         if side is None:
             yield []
@@ -478,7 +479,7 @@ class ProbeSet:
         Returns:
             By member name: a probe's `StepOutput`, a bank's `BankStepOutput`, None for a kNN.
         """
-        with self.overlapped(tensors_in(list(inputs.values()))) as results:
+        with self.overlapped(tensors_in(inputs)) as results:
             outs = self._train(inputs, before_optimizer_step)
             results.append(outs)
         return outs

@@ -66,10 +66,10 @@ class SideStream:
             yield
             return
         assert self.stream is not None
-        main = torch.cuda.current_stream(self.device)
-        if main == self.stream:  # nested (the coordinator's reads, then ProbeSet.train): already on the side stream
+        if self.in_use():  # nested (the coordinator's reads, then ProbeSet.train): already on the side stream
             yield
             return
+        main = torch.cuda.current_stream(self.device)
         if self._features is not None:
             self.stream.wait_event(self._features)
             self._features = None
@@ -83,6 +83,10 @@ class SideStream:
             done = torch.cuda.Event()
             done.record(self.stream)
         self._done = done
+
+    def in_use(self) -> bool:
+        """Whether the current stream is this side stream (inside a `launch`)."""
+        return self.active and torch.cuda.current_stream(self.device) == self.stream
 
     def forget_mark(self) -> None:
         """Make the next launch wait for everything queued on the training's stream so far, not the marked point.
@@ -100,7 +104,7 @@ class SideStream:
         sequences) is kept for the training's stream, which reads it next (logging, predictions in the batch).
         """
         outputs: list[Any] = []
-        nested = self.active and torch.cuda.current_stream(self.device) == self.stream
+        nested = self.in_use()
         with self.launch(inputs):
             yield outputs
         if not nested:
