@@ -139,6 +139,10 @@ def test_first_batch_problems_name_the_fix():
     assert ":patch')" in pooled
     with pytest.raises(ValueError, match="head_options\\['grid'\\] got"):
         BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={"grid": (0, 4)})
+    for key in ("loss_chunk_heads", "loss_chunk_elements", "loss_grid_scale", "samples_per_step"):
+        for bad in (0, 2.5, True):
+            with pytest.raises(ValueError, match=rf"bank 'seg': head_options\['{key}'\] got {bad!r}; expected an int"):
+                BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={key: bad})
     with pytest.raises(ValueError, match="unknown option\\(s\\) \\['chunk'\\]"):
         BankConfig(name="seg", family="dense", inputs=["x"], num_classes=C, head_options={"chunk": 2})
     with pytest.raises(ValueError, match="expected names among \\['mIoU', 'pixel_acc'\\]"):
