@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,6 +97,7 @@ def _hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
     return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
+@dataclass(eq=False, kw_only=True)
 class Probe:
     """A trainable probe replicated over a data-parallel group.
 
@@ -111,35 +112,34 @@ class Probe:
         True
     """
 
-    def __init__(
-        self,
-        *,
-        config: ProbeConfig,
-        module: nn.Module,
-        replica: nn.Module,
-        optimizer: Optimizer,
-        scheduler: LRScheduler,
-        loss_fn: Callable[..., Any],
-        metrics: ProbeMetrics,
-        dp_group: dist.ProcessGroup | None,
-        hyperparameters: list[dict[str, Any]] | None = None,
-    ) -> None:
-        self.config = config
-        self.module = module
-        self.replica = replica
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_fn = loss_fn
-        self.metrics = metrics
-        self.dp_group = dp_group
+    config: ProbeConfig
+    """The probe's specification."""
+    module: nn.Module = field(repr=False)
+    """The probe's own module (its parameters never join the main model's)."""
+    replica: nn.Module = field(repr=False)
+    """What trains: the module's DistributedDataParallel over ``dp_group``, or the module itself (one replica)."""
+    optimizer: Optimizer = field(repr=False)
+    """The optimizer of the module's trainable parameters."""
+    scheduler: LRScheduler = field(repr=False)
+    """Its learning-rate scheduler (rebuilt by `set_total_steps` until training begins)."""
+    loss_fn: Callable[..., Any] = field(repr=False)
+    """The training loss, ``loss_fn(preds, targets)``."""
+    metrics: ProbeMetrics = field(repr=False)
+    """The train, validation, loss and bad-data metric collections."""
+    dp_group: dist.ProcessGroup | None
+    """The data-parallel group the probe is replicated over (None: a single replica)."""
+    hyperparameters: InitVar[list[dict[str, Any]] | None] = None
+    """The optimizer's rates before any scheduler touched them (OneCycleLR and CyclicLR rewrite ``lr`` when built);
+    None: read from ``optimizer`` now."""
+
+    def __post_init__(self, hyperparameters: list[dict[str, Any]] | None) -> None:
         # Looked up once: the Parameter objects never change (loading and unsharing keep them), and a generator per
         # step is host time the step pays on every probe.
-        self._first_param = next(module.parameters())
-        # The optimizer's rates before any scheduler touched them: OneCycleLR and CyclicLR rewrite `lr` when built.
-        self._hyperparameters = hyperparameters if hyperparameters is not None else _hyperparameters(optimizer)
+        self._first_param = next(self.module.parameters())
+        self._hyperparameters = hyperparameters if hyperparameters is not None else _hyperparameters(self.optimizer)
         self._scheduler_restored = False
-        self._ignore_index = bad_data.ignore_index_of(loss_fn)
-        self._buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self._ignore_index = bad_data.ignore_index_of(self.loss_fn)
+        self._buffers = [b for b in self.module.buffers() if b.is_floating_point()]
         self._window_buffers: list[torch.Tensor] | None = None
         """The running statistics (BatchNorm) as the open window found them."""
         self.micro_step = 0
@@ -148,7 +148,7 @@ class Probe:
         """The open window's gradient tensors, held so that nothing outside can drop them between micro-steps."""
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=self._param().device)
         """Optimizer steps skipped because a gradient was not finite (a device tensor, never read on the host)."""
-        self.deferred = DeferredUpdates(metrics)
+        self.deferred = DeferredUpdates(self.metrics)
         """The train steps' loss, bad-data counts and metric inputs not yet in ``metrics`` (see `fold_metrics`)."""
 
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -112,6 +113,7 @@ def _set_epoch(loader: DataLoader, epoch: int) -> None:
             return
 
 
+@dataclass(eq=False)
 class OwnData:
     """Where a probe's own labeled batches come from, when it trains on them, and how far it has got.
 
@@ -133,43 +135,40 @@ class OwnData:
         [False, True, False, True]
     """
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        data: DataLoader,
-        val_data: DataLoader | None,
-        features: FeatureFn,
-        every_n_steps: int = 1,
-        seed: int = 0,
-    ) -> None:
-        if not isinstance(data, DataLoader):
-            raise ValueError(f"probe '{name}': argument 'data' got {type(data).__name__}; expected a DataLoader.")
-        if val_data is not None and not isinstance(val_data, DataLoader):
+    name: str
+    _: KW_ONLY
+    data: DataLoader
+    val_data: DataLoader | None
+    features: FeatureFn
+    every_n_steps: int = 1
+    seed: int = 0
+    batches_seen: int = field(default=0, init=False)
+    """Main training batches seen (the same on every rank)."""
+    draws: int = field(default=0, init=False)
+    """Probe batches drawn (the same on every rank)."""
+    taps: TapSet = field(default_factory=TapSet, init=False, repr=False)
+    """The hooks on submodules that this probe's own forward reads (see `tap`)."""
+
+    def __post_init__(self) -> None:
+        name = self.name
+        if not isinstance(self.data, DataLoader):
+            raise ValueError(f"probe '{name}': argument 'data' got {type(self.data).__name__}; expected a DataLoader.")
+        if self.val_data is not None and not isinstance(self.val_data, DataLoader):
             raise ValueError(
-                f"probe '{name}': argument 'val_data' got {type(val_data).__name__}; expected a DataLoader or None."
+                f"probe '{name}': argument 'val_data' got {type(self.val_data).__name__}; expected a DataLoader or "
+                "None."
             )
-        if not callable(features):
+        if not callable(self.features):
             raise ValueError(
-                f"probe '{name}': argument 'features' got {features!r}; expected a callable "
+                f"probe '{name}': argument 'features' got {self.features!r}; expected a callable "
                 "features(pl_module, batch) -> tensor that runs the model on the probe's own batch."
             )
+        every_n_steps = self.every_n_steps
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"probe '{name}': argument 'every_n_steps' got {every_n_steps!r}; expected an int >= 1.")
-        self.name = name
-        self.data = data
-        self.val_data = val_data
-        self.features = features
-        self.every_n_steps = every_n_steps
-        self.seed = seed
-        self.batches_seen = 0
-        """Main training batches seen (the same on every rank)."""
-        self.draws = 0
-        """Probe batches drawn (the same on every rank)."""
         self._iterator: Iterator[Any] | None = None
         self._epoch = 0
         self._batch = 0
-        self.taps = TapSet()
         self._sharded = False
         self._located = True
 
