@@ -253,11 +253,6 @@ class OnlineProbeBank(ProbeCallback):
         self.bank.start_eval_epoch()
 
     @override
-    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        features, targets = read
-        return self.bank.eval_step(features, targets, num_valid=num_valid)
-
-    @override
     def release_engine(self) -> None:
         if self._engine is not None:
             self.bank.settle()

@@ -139,8 +139,12 @@ class ProbeCallback(Callback):
         """Log this member's result of a training batch (``out`` is None when it did not train on this batch)."""
 
     def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        """Evaluate one validation batch; return the predictions to store, or None."""
-        return None
+        """Evaluate one validation batch; return the predictions to store, or None.
+
+        By default the engine's own ``eval_step(features, targets, num_valid=...)`` (probes and banks).
+        """
+        features, targets = read
+        return self._engine.eval_step(features, targets, num_valid=num_valid)
 
     def start_eval_epoch(self) -> None:
         """Prepare the engine for a new evaluation."""

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 from typing_extensions import override
 
@@ -153,11 +152,6 @@ class TrainableCallback(ProbeCallback):
     def first_batch_problem(self, read: Any) -> str | None:
         features, targets = read
         return first_batch_problem(self.probe, features, targets, input_key=self.sources[0])
-
-    @override
-    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        features, targets = read
-        return self.probe.eval_step(features, targets, num_valid=num_valid)
 
     @override
     def reset_epoch(self, stage: Stage) -> None:
