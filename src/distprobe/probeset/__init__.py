@@ -1,0 +1,18 @@
+"""`ProbeSet`, the plain-torch API (public as `distprobe.loop.ProbeSet`), one job per file.
+
+- `probe_set.py`: `ProbeSet`, the public methods; each is a short call into one of the files below;
+- `members.py`: `Members`, who is in the set: build, add, remove and look up probes, banks, kNNs and ridge probes, and
+  their engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
+- `inputs.py`: how a step's tensors reach each member, and the first batch's checks, decided on every rank at once;
+- `training.py`: one micro-batch: the probes as one group, then the banks, the kNN buffers and the ridge statistics;
+- `side_stream.py`: the GPU side stream the training may run on (opt-in);
+- `values.py`: evaluation batches, and every member's metric values with one flat sync for the probes;
+- `checkpoint.py`: `state_dict` / `load_state_dict`, keyed by member name.
+
+The files here take the set's `Members` and may use its underscored helpers (its engines built on demand, the state
+waiting for them): those are this package's, not the API.
+"""
+
+from distprobe.probeset.probe_set import ProbeSet
+
+__all__ = ["ProbeSet"]

@@ -1,0 +1,135 @@
+"""How a step's tensors reach each member of a `ProbeSet`, and the first batch's checks, decided on every rank at once.
+
+Each member picks its features and targets from the step's tensors by its ``input``/``target`` keys
+(`distprobe.routing.pick`); a bank reads one tensor per source. The first training batch is checked for every member
+before anything trains, and one collective raises the problems on every rank together instead of hanging the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from distprobe.bank.checks import first_batch_problem as bank_first_batch_problem
+from distprobe.engine.checks import (
+    class_index_problem,
+    first_batch_problem,
+    raise_if_any_rank_failed,
+    world_check_group,
+)
+from distprobe.knn.checks import first_batch_problem as knn_first_batch_problem
+from distprobe.probeset.members import Members
+from distprobe.routing import ProbeSpec, Tensors, first_batch_problems_of, one_input, pick
+
+
+def probe_inputs(members: Members, features: Tensors, targets: Tensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each probe's ``(features, targets)``, by name."""
+    return {
+        name: (
+            pick(features, spec.input, probe_name=name, argument="input"),
+            pick(targets, spec.target, probe_name=name, argument="target"),
+        )
+        for name, spec in members.specs.items()
+    }
+
+
+def bank_inputs(
+    members: Members, name: str, features: Tensors, targets: Tensors
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Bank ``name``'s features, one tensor per source, and its targets."""
+    spec = members.bank_specs[name]
+    sources = spec.config.inputs
+    xs = [
+        pick(features, source if isinstance(features, Mapping) else None, probe_name=name, argument="input")
+        for source in sources
+    ]
+    return xs, pick(targets, spec.target, probe_name=name, argument="target")
+
+
+def knn_inputs(members: Members, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """KNN ``name``'s features and targets."""
+    return one_input(members.knn_specs[name], name, features, targets)
+
+
+def ridge_inputs(members: Members, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge probe ``name``'s features and targets."""
+    return one_input(members.ridge_specs[name], name, features, targets)
+
+
+def step_inputs(
+    members: Members, features: Tensors, targets: Tensors, *, first_batch: bool
+) -> dict[str, tuple[Any, torch.Tensor]]:
+    """Every member's ``(features, targets)`` for one training step, by name (a bank's features: one per source).
+
+    Args:
+        members: The set's members.
+        features: A tensor, or named tensors picked by each member's input keys.
+        targets: A tensor, or named tensors picked by each member's ``target`` key.
+        first_batch: Check every member's first batch before routing (a collective: every rank checks at once).
+    """
+    routed = (
+        checked_probe_inputs(members, features, targets) if first_batch else probe_inputs(members, features, targets)
+    )
+    inputs: dict[str, tuple[Any, torch.Tensor]] = dict(routed)
+    for name in members.bank_specs:
+        inputs[name] = bank_inputs(members, name, features, targets)
+    for name in members.knn_specs:
+        inputs[name] = knn_inputs(members, name, features, targets)
+    for name in members.ridge_specs:
+        inputs[name] = ridge_inputs(members, name, features, targets)
+    return inputs
+
+
+def checked_probe_inputs(
+    members: Members, features: Tensors, targets: Tensors
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each probe's ``(features, targets)``, once every member's first batch is checked on every rank.
+
+    Raises:
+        ValueError: on every rank together, naming each member whose inputs are wrong on any rank.
+    """
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def probe_problem(name: str, spec: ProbeSpec, read: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+        inputs[name] = read
+        return first_batch_problem(members.probes[name], read[0], read[1], input_key=spec.input or "features")
+
+    problems = first_batch_problems_of(
+        members.specs,
+        lambda name, spec: (
+            pick(features, spec.input, probe_name=name, argument="input"),
+            pick(targets, spec.target, probe_name=name, argument="target"),
+        ),
+        probe_problem,
+    )
+    problems += first_batch_problems_of(
+        members.bank_specs,
+        lambda name, _: bank_inputs(members, name, features, targets),
+        lambda name, spec, read: bank_first_batch_problem(
+            name, spec.config.inputs, read[0], read[1], spec.config.num_classes, config=spec.config
+        ),
+    )
+    problems += first_batch_problems_of(
+        members.knn_specs,
+        lambda name, _: knn_inputs(members, name, features, targets),
+        lambda name, spec, read: knn_first_batch_problem(
+            name,
+            spec.config.input or "features",
+            read[0],
+            read[1],
+            spec.config.num_classes,
+            multilabel=spec.config.multilabel,
+        ),
+    )
+    problems += first_batch_problems_of(
+        members.ridge_specs,
+        lambda name, _: ridge_inputs(members, name, features, targets),
+        lambda name, spec, read: class_index_problem(
+            f"ridge '{name}'", {spec.config.input or "features": read[0]}, read[1], spec.config.num_classes
+        ),
+    )
+    # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
+    raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
+    return inputs

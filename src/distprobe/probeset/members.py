@@ -1,0 +1,264 @@
+"""Who is in a `ProbeSet`: its members by name, how they are built, added, removed and looked up.
+
+A probe's engine exists from the start. A bank's, a kNN's and a ridge probe's engines are sized by their inputs, so
+each exists from `Members.build` when its config gives ``in_features``, else from the first step's features, or from a
+checkpoint's saved sizes; state loaded before an engine exists waits until it is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Self
+
+import torch
+import torch.distributed as dist
+
+from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import feature_sizes
+from distprobe.convex.online import RidgeConfig, RidgeProbe, RidgeSpec, to_ridge_spec
+from distprobe.engine import Probe, ProbeConfig, maths
+from distprobe.engine.replicate import default_group
+from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
+from distprobe.routing import BankSpec, ProbeSpec, to_bank_spec, to_spec
+
+
+class Members:
+    """The probes, banks, kNNs and ridge probes of a set, by name, and their engines once built.
+
+    The base of `ProbeSet`, which adds the training, the values and the checkpoints over these members.
+    """
+
+    def __init__(
+        self,
+        probes: Sequence[Probe],
+        specs: Sequence[ProbeSpec],
+        dp_group: dist.ProcessGroup | None,
+        banks: Sequence[BankSpec] = (),
+        device: torch.device | str | None = None,
+        total_steps: int | None = None,
+        knns: Sequence[KNNSpec] = (),
+        ridges: Sequence[RidgeSpec] = (),
+    ) -> None:
+        self.probes: dict[str, Probe] = {p.name: p for p in probes}
+        self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
+        self.dp_group = dp_group
+        self.bank_specs: dict[str, BankSpec] = {b.config.name: b for b in banks}
+        self.banks: dict[str, ProbeBank] = {}
+        """The banks whose heads exist: from `build` with ``in_features``, else from the first `step`."""
+        self._device = device
+        self._total_steps = total_steps
+        self._pending_bank_state: dict[str, Mapping[str, Any]] = {}
+        for name, bank_spec in self.bank_specs.items():
+            sizes = {s: bank_spec.config.in_features_of(s) for s in bank_spec.config.inputs}
+            if all(v is not None for v in sizes.values()):
+                self._build_bank(name, {s: int(v) for s, v in sizes.items() if v is not None})
+        self.knn_specs: dict[str, KNNSpec] = {k.config.name: k for k in knns}
+        self.knns: dict[str, ShardedKNN] = {}
+        """The kNNs whose buffers exist: from `build` with ``in_features``, else from the first `step`."""
+        self._pending_knn_state: dict[str, Mapping[str, Any]] = {}
+        self.ridge_specs: dict[str, RidgeSpec] = {r.config.name: r for r in ridges}
+        self.ridges: dict[str, RidgeProbe] = {}
+        """The ridge probes whose statistics exist: from `build` with ``in_features``, else from the first `step`."""
+        self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
+        for members, _, _, build in self._sized_kinds():
+            for name, member in members.items():
+                if member.config.in_features is not None:
+                    build(name, member.config.in_features)
+
+    def _sized_kinds(self) -> tuple[tuple[dict[str, Any], dict[str, Any], dict[str, Any], Any], ...]:
+        """``(specs, engines, pending states, build)`` of each kind built from one input's size (kNNs, ridges)."""
+        return (
+            (self.knn_specs, self.knns, self._pending_knn_state, self._build_knn),
+            (self.ridge_specs, self.ridges, self._pending_ridge_state, self._build_ridge),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        specs: Sequence[ProbeSpec | ProbeConfig | Mapping[str, Any]],
+        *,
+        dp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        total_steps: int | None = None,
+        banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
+        knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
+        ridges: Sequence[RidgeSpec | RidgeConfig | Mapping[str, Any]] = (),
+    ) -> Self:
+        """Build every probe, in order, and replicate each over ``dp_group``.
+
+        Building broadcasts rank 0's probe weights to the group, so ranks may initialise their probes differently.
+
+        Args:
+            specs: `ProbeConfig`s, `ProbeSpec`s, or dicts of `ProbeConfig` fields plus ``input``/``target`` keys.
+            dp_group: The data-parallel group; None: the world group when torch.distributed is initialised, else a
+                single process. Under tensor parallelism pass the mesh's data-parallel group: the probes then start
+                from global rank 0's weights on every rank (one more broadcast) and replicate over that group.
+            device: Where the probes live (default: where their parameters are).
+            total_steps: How many times `step` will be called, for scheduler defaults such as ``T_max`` (each probe
+                divides it by its ``accumulate_grad_batches``).
+            banks: Probe banks (`distprobe.bank`): `BankConfig`s, `BankSpec`s, or dicts of `BankConfig` fields plus
+                ``input`` (a key or a list of keys) and ``target``. Heads exist from here with ``in_features``,
+                else from the first `step`.
+            knns: Online kNN classifiers (`distprobe.knn`), their buffers sharded over ``dp_group``: `KNNConfig`s,
+                `KNNSpec`s, or dicts of `KNNConfig` fields (``input`` among them) plus ``target``.
+            ridges: Online closed-form ridge probes (`distprobe.convex.online`), their statistics summed over
+                ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
+                sums the training batches since its last evaluation; the first `evaluate` after training solves it.
+        """
+        if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
+            raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
+        normalised = [to_spec(s) for s in specs]
+        bank_specs = [to_bank_spec(b) for b in banks]
+        knn_specs = [to_knn_spec(k) for k in knns]
+        ridge_specs = [to_ridge_spec(r) for r in ridges]
+        if not normalised and not bank_specs and not knn_specs and not ridge_specs:
+            raise ValueError(
+                "ProbeSet.build: arguments 'specs', 'banks', 'knns' and 'ridges' are empty; give at least one probe."
+            )
+        names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
+        names += [k.config.name for k in knn_specs] + [r.config.name for r in ridge_specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
+        group = dp_group if dp_group is not None else default_group()
+        probes = [
+            Probe.build(
+                s.config,
+                dp_group=group,
+                device=device,
+                total_steps=maths.optimizer_steps(total_steps, s.config.accumulate_grad_batches),
+            )
+            for s in normalised
+        ]
+        return cls(
+            probes,
+            normalised,
+            group,
+            bank_specs,
+            device=device,
+            total_steps=total_steps,
+            knns=knn_specs,
+            ridges=ridge_specs,
+        )
+
+    def add_probe(self, probe: Probe, *, input: str | None = None, target: str | None = None) -> None:  # noqa: A002
+        """Add a probe built elsewhere (a Lightning callback's); it trains in this set's group from the next step.
+
+        Raises:
+            ValueError: when a member of that name is already in the set.
+        """
+        if self.probes.get(probe.name) is probe:
+            return
+        self._refuse_taken(probe.name)
+        self.probes[probe.name] = probe
+        self.specs[probe.name] = ProbeSpec(config=probe.config, input=input, target=target)
+
+    def add_bank(self, spec: BankSpec | BankConfig, bank: ProbeBank | None = None) -> None:
+        """Add a bank by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
+        bank_spec = to_bank_spec(spec)
+        self._add(bank_spec.config.name, bank_spec, bank, self.bank_specs, self.banks)
+
+    def add_knn(self, spec: KNNSpec | KNNConfig, knn: ShardedKNN | None = None) -> None:
+        """Add a kNN by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
+        knn_spec = to_knn_spec(spec)
+        self._add(knn_spec.config.name, knn_spec, knn, self.knn_specs, self.knns)
+
+    def add_ridge(self, spec: RidgeSpec | RidgeConfig, ridge: RidgeProbe | None = None) -> None:
+        """Add a ridge probe by its spec, and its engine once built elsewhere (else the first `train` builds it)."""
+        ridge_spec = to_ridge_spec(spec)
+        self._add(ridge_spec.config.name, ridge_spec, ridge, self.ridge_specs, self.ridges)
+
+    def _add(self, name: str, spec: Any, engine: Any, specs: dict[str, Any], engines: dict[str, Any]) -> None:
+        if name not in specs:
+            self._refuse_taken(name)
+            specs[name] = spec
+        if engine is not None:
+            engines[name] = engine
+
+    def remove(self, name: str) -> None:
+        """Take the member ``name`` out of the set (nothing happens when it is not there)."""
+        for members in (self.probes, self.specs, self.bank_specs, self.banks, self.knn_specs, self.knns):
+            members.pop(name, None)
+        self.ridge_specs.pop(name, None)
+        self.ridges.pop(name, None)
+
+    def _refuse_taken(self, name: str) -> None:
+        if name in self.probes or name in self.bank_specs or name in self.knn_specs or name in self.ridge_specs:
+            raise ValueError(
+                f"probe '{name}': argument 'name' is already used by another probe, bank or kNN of this set; give "
+                "each a unique name."
+            )
+
+    def _build_bank(self, name: str, in_features: dict[str, int]) -> ProbeBank:
+        spec = self.bank_specs[name]
+        bank = ProbeBank.build(
+            spec.config,
+            in_features=in_features,
+            dp_group=self.dp_group,
+            device=self._device,
+            total_steps=maths.optimizer_steps(self._total_steps, spec.config.accumulate_grad_batches),
+        )
+        self.banks[name] = bank
+        if name in self._pending_bank_state:
+            bank.load_state_dict(dict(self._pending_bank_state.pop(name)))
+        return bank
+
+    def _bank(self, name: str, xs: list[torch.Tensor]) -> ProbeBank:
+        """The bank, built from this batch's feature sizes the first time (every rank at the same step)."""
+        if name in self.banks:
+            return self.banks[name]
+        return self._build_bank(name, feature_sizes(self.bank_specs[name].config, xs))
+
+    def _build_knn(self, name: str, in_features: int) -> ShardedKNN:
+        return self._build_sized(ShardedKNN, name, in_features, self.knn_specs, self.knns, self._pending_knn_state)
+
+    def _build_ridge(self, name: str, in_features: int) -> RidgeProbe:
+        ridges, pending = self.ridges, self._pending_ridge_state
+        return self._build_sized(RidgeProbe, name, in_features, self.ridge_specs, ridges, pending)
+
+    def _build_sized(
+        self,
+        engine_type: type[ShardedKNN] | type[RidgeProbe],
+        name: str,
+        in_features: int,
+        specs: Mapping[str, KNNSpec] | Mapping[str, RidgeSpec],
+        engines: dict[str, Any],
+        pending: dict[str, Mapping[str, Any]],
+    ) -> Any:
+        """Build member ``name``'s engine for ``in_features`` and apply any state loaded before it existed."""
+        config: Any = specs[name].config
+        engine = engine_type.build(config, in_features=in_features, dp_group=self.dp_group, device=self._device)
+        engines[name] = engine
+        if name in pending:
+            engine.load_state_dict(dict(pending.pop(name)))
+        return engine
+
+    def knn(self, name: str) -> ShardedKNN:
+        """The kNN ``name`` (its buffer exists from `build` with ``in_features``, else from the first `step`)."""
+        if name not in self.knns:
+            state = "not built yet (no step so far)" if name in self.knn_specs else "not in this set"
+            raise KeyError(f"kNN {name!r}: {state}; kNNs: {list(self.knn_specs)}")
+        return self.knns[name]
+
+    @property
+    def names(self) -> list[str]:
+        """The probes' names, in build order (the order of their collectives)."""
+        return list(self.probes)
+
+    def __getitem__(self, name: str) -> Probe:
+        if name not in self.probes:
+            raise KeyError(f"no probe named {name!r}; probes: {self.names}, banks: {list(self.bank_specs)}")
+        return self.probes[name]
+
+    def bank(self, name: str) -> ProbeBank:
+        """The bank ``name`` (its heads exist from `build` with ``in_features``, else from the first `step`)."""
+        if name not in self.banks:
+            state = "not built yet (no step so far)" if name in self.bank_specs else "not in this set"
+            raise KeyError(f"bank {name!r}: {state}; banks: {list(self.bank_specs)}")
+        return self.banks[name]
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self.probes.values())
+
+    def __len__(self) -> int:
+        return len(self.probes)

@@ -1,0 +1,91 @@
+"""Evaluation batches and metric values of a `ProbeSet`'s members, reduced over the data-parallel group.
+
+Every probe's metric states go through one flat sync (`distprobe.metrics.flat_sync.compute_synced`), not one
+collective per state; each bank, kNN and ridge probe computes its own. Keys are the logged names (`distprobe.keys`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from distprobe import keys
+from distprobe.bank.metrics_set import logged_keys
+from distprobe.engine.probe import merge
+from distprobe.metrics.flat_sync import compute_synced
+from distprobe.probeset.inputs import bank_inputs, knn_inputs, probe_inputs, ridge_inputs
+from distprobe.probeset.members import Members
+from distprobe.routing import Tensors
+
+
+def train_values(members: Members, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Each named probe's, bank's and ridge probe's train metrics since the last reset (all when None)."""
+    wanted = list(members.probes) + list(members.banks) + list(members.ridges) if names is None else list(names)
+    probes = [name for name in wanted if name in members.probes]
+    collections = [members.probes[name].train_collections() for name in probes]
+    flat = [c for member in collections for c in member]
+    computed = iter(compute_synced(flat, members.dp_group) if flat else [])
+    values = {name: merge([next(computed) for _ in member]) for name, member in zip(probes, collections, strict=True)}
+    for name in (n for n in wanted if n in members.banks):
+        values[name] = logged_keys(members.banks[name].compute_train_metrics(), "train", name)
+    for name in (n for n in wanted if n in members.ridges):
+        values[name] = keys.absolute_keys(members.ridges[name].compute_train_metrics(), keys.TRAIN, name)
+    return values
+
+
+def eval_values(members: Members, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Each named member's eval metrics (all when None); resets nothing."""
+    everyone = list(members.probes) + list(members.banks) + list(members.knns) + list(members.ridges)
+    wanted = everyone if names is None else list(names)
+    probes = [name for name in wanted if name in members.probes and len(members.probes[name].metrics.val)]
+    computed = compute_synced([members.probes[name].metrics.val for name in probes], members.dp_group) if probes else []
+    values: dict[str, dict[str, torch.Tensor]] = {name: {} for name in wanted if name in members.probes}
+    values.update(zip(probes, computed, strict=True))
+    for name in (n for n in wanted if n in members.banks):
+        values[name] = logged_keys(members.banks[name].compute_eval_metrics(), "eval", name)
+    for name in (n for n in wanted if n in members.knns):
+        values[name] = keys.absolute_keys(members.knns[name].compute_eval_metrics(), keys.EVAL, name)
+    for name in (n for n in wanted if n in members.ridges):
+        values[name] = keys.absolute_keys(members.ridges[name].compute_eval_metrics(), keys.EVAL, name)
+    return values
+
+
+def evaluate_batch(
+    members: Members, features: Tensors, targets: Tensors, num_valid: int | None
+) -> dict[str, torch.Tensor]:
+    """Update every member's eval metrics with one batch; return each member's predictions by name."""
+    preds = {
+        name: members.probes[name].eval_step(x, y, num_valid)
+        for name, (x, y) in probe_inputs(members, features, targets).items()
+    }
+    for name, bank in members.banks.items():
+        xs, y = bank_inputs(members, name, features, targets)
+        preds[name] = bank.eval_step(xs, y, num_valid)
+    for name, knn in members.knns.items():  # (B, len(k)) predictions, one column per k
+        x, y = knn_inputs(members, name, features, targets)
+        preds[name] = knn.eval_step(x, y, num_valid)
+    for name, ridge in members.ridges.items():  # (B, len(l2)) predictions, one column per lambda
+        if not ridge.solved:  # the first evaluation batch after training: one all-reduce, one solve
+            ridge.start_eval_epoch()
+        x, y = ridge_inputs(members, name, features, targets)
+        ridge_preds = ridge.eval_step(x, y, num_valid)  # None before any training sample
+        if ridge_preds is not None:
+            preds[name] = ridge_preds
+    return preds
+
+
+def reset_train(members: Members) -> None:
+    """Clear every probe's and bank's accumulated train metrics and mean losses."""
+    for probe in members:
+        probe.reset_train_metrics()
+    for bank in members.banks.values():
+        bank.reset_train_metrics()
+
+
+def reset_eval(members: Members) -> None:
+    """Clear every probe's eval metrics, and start each bank's next evaluation."""
+    for probe in members:
+        probe.metrics.val.reset()
+    for bank in members.banks.values():
+        bank.start_eval_epoch()  # the next evaluation's samples count from position 0 again
