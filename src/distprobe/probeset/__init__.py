@@ -1,8 +1,9 @@
 """`ProbeSet`, the plain-torch API (public as `distprobe.loop.ProbeSet`), one job per file.
 
-- `probe_set.py`: `ProbeSet`, the public methods; each is a short call into one of the files below;
-- `members.py`: `Members`, who is in the set: build, add, remove and look up probes, banks, kNNs and ridge probes, and
-  their engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
+- `probe_set.py`: `ProbeSet`, its constructors (`ProbeSet.build` from specs) and public methods; each method is a
+  short call into one of the files below;
+- `members.py`: `Members`, who is in the set: add, remove and look up probes, banks, kNNs and ridge probes, and build
+  the engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
 - `inputs.py`: how a step's tensors reach each member, and the first batch's checks, decided on every rank at once;
 - `training.py`: one micro-batch: the probes as one group, then the banks, the kNN buffers and the ridge statistics;
 - `side_stream.py`: the GPU side stream the training may run on (opt-in);

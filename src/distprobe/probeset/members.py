@@ -1,14 +1,14 @@
-"""Who is in a `ProbeSet`: its members by name, how they are built, added, removed and looked up.
+"""Who is in a `ProbeSet`: its members by name, how they are added, removed and looked up, and their engines built.
 
 A probe's engine exists from the start. A bank's, a kNN's and a ridge probe's engines are sized by their inputs, so
-each exists from `Members.build` when its config gives ``in_features``, else from the first step's features, or from a
+each exists from the start when its config gives ``in_features``, else from the first step's features, or from a
 checkpoint's saved sizes; state loaded before an engine exists waits until it is built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,10 +16,9 @@ import torch.distributed as dist
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import feature_sizes
 from distprobe.convex.online import RidgeConfig, RidgeProbe, RidgeSpec, to_ridge_spec
-from distprobe.engine import Probe, ProbeConfig, maths
-from distprobe.engine.replicate import default_group
+from distprobe.engine import Probe, maths
 from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
-from distprobe.routing import BankSpec, ProbeSpec, to_bank_spec, to_spec
+from distprobe.routing import BankSpec, ProbeSpec, to_bank_spec
 
 
 class Members:
@@ -30,36 +29,46 @@ class Members:
 
     def __init__(
         self,
-        probes: Sequence[Probe],
-        specs: Sequence[ProbeSpec],
         dp_group: dist.ProcessGroup | None,
-        banks: Sequence[BankSpec] = (),
         device: torch.device | str | None = None,
         total_steps: int | None = None,
-        knns: Sequence[KNNSpec] = (),
-        ridges: Sequence[RidgeSpec] = (),
     ) -> None:
-        self.probes: dict[str, Probe] = {p.name: p for p in probes}
-        self.specs: dict[str, ProbeSpec] = {s.config.name: s for s in specs}
+        self.probes: dict[str, Probe] = {}
+        self.specs: dict[str, ProbeSpec] = {}
         self.dp_group = dp_group
-        self.bank_specs: dict[str, BankSpec] = {b.config.name: b for b in banks}
+        self.bank_specs: dict[str, BankSpec] = {}
         self.banks: dict[str, ProbeBank] = {}
         """The banks whose heads exist: from `build` with ``in_features``, else from the first `step`."""
         self._device = device
         self._total_steps = total_steps
         self._pending_bank_state: dict[str, Mapping[str, Any]] = {}
+        self.knn_specs: dict[str, KNNSpec] = {}
+        self.knns: dict[str, ShardedKNN] = {}
+        """The kNNs whose buffers exist: from `build` with ``in_features``, else from the first `step`."""
+        self._pending_knn_state: dict[str, Mapping[str, Any]] = {}
+        self.ridge_specs: dict[str, RidgeSpec] = {}
+        self.ridges: dict[str, RidgeProbe] = {}
+        """The ridge probes whose statistics exist: from `build` with ``in_features``, else from the first `step`."""
+        self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
+
+    def _join(
+        self,
+        probes: Sequence[Probe],
+        specs: Sequence[ProbeSpec],
+        banks: Sequence[BankSpec],
+        knns: Sequence[KNNSpec],
+        ridges: Sequence[RidgeSpec],
+    ) -> None:
+        """Take the members a set starts with; build the engines whose configs give their input sizes."""
+        self.probes.update({p.name: p for p in probes})
+        self.specs.update({s.config.name: s for s in specs})
+        self.bank_specs.update({b.config.name: b for b in banks})
         for name, bank_spec in self.bank_specs.items():
             sizes = {s: bank_spec.config.in_features_of(s) for s in bank_spec.config.inputs}
             if all(v is not None for v in sizes.values()):
                 self._build_bank(name, {s: int(v) for s, v in sizes.items() if v is not None})
-        self.knn_specs: dict[str, KNNSpec] = {k.config.name: k for k in knns}
-        self.knns: dict[str, ShardedKNN] = {}
-        """The kNNs whose buffers exist: from `build` with ``in_features``, else from the first `step`."""
-        self._pending_knn_state: dict[str, Mapping[str, Any]] = {}
-        self.ridge_specs: dict[str, RidgeSpec] = {r.config.name: r for r in ridges}
-        self.ridges: dict[str, RidgeProbe] = {}
-        """The ridge probes whose statistics exist: from `build` with ``in_features``, else from the first `step`."""
-        self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
+        self.knn_specs.update({k.config.name: k for k in knns})
+        self.ridge_specs.update({r.config.name: r for r in ridges})
         for members, _, _, build in self._sized_kinds():
             for name, member in members.items():
                 if member.config.in_features is not None:
@@ -70,75 +79,6 @@ class Members:
         return (
             (self.knn_specs, self.knns, self._pending_knn_state, self._build_knn),
             (self.ridge_specs, self.ridges, self._pending_ridge_state, self._build_ridge),
-        )
-
-    @classmethod
-    def build(
-        cls,
-        specs: Sequence[ProbeSpec | ProbeConfig | Mapping[str, Any]],
-        *,
-        dp_group: dist.ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-        total_steps: int | None = None,
-        banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
-        knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
-        ridges: Sequence[RidgeSpec | RidgeConfig | Mapping[str, Any]] = (),
-    ) -> Self:
-        """Build every probe, in order, and replicate each over ``dp_group``.
-
-        Building broadcasts rank 0's probe weights to the group, so ranks may initialise their probes differently.
-
-        Args:
-            specs: `ProbeConfig`s, `ProbeSpec`s, or dicts of `ProbeConfig` fields plus ``input``/``target`` keys.
-            dp_group: The data-parallel group; None: the world group when torch.distributed is initialised, else a
-                single process. Under tensor parallelism pass the mesh's data-parallel group: the probes then start
-                from global rank 0's weights on every rank (one more broadcast) and replicate over that group.
-            device: Where the probes live (default: where their parameters are).
-            total_steps: How many times `step` will be called, for scheduler defaults such as ``T_max`` (each probe
-                divides it by its ``accumulate_grad_batches``).
-            banks: Probe banks (`distprobe.bank`): `BankConfig`s, `BankSpec`s, or dicts of `BankConfig` fields plus
-                ``input`` (a key or a list of keys) and ``target``. Heads exist from here with ``in_features``,
-                else from the first `step`.
-            knns: Online kNN classifiers (`distprobe.knn`), their buffers sharded over ``dp_group``: `KNNConfig`s,
-                `KNNSpec`s, or dicts of `KNNConfig` fields (``input`` among them) plus ``target``.
-            ridges: Online closed-form ridge probes (`distprobe.convex.online`), their statistics summed over
-                ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
-                sums the training batches since its last evaluation; the first `evaluate` after training solves it.
-        """
-        if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
-            raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
-        normalised = [to_spec(s) for s in specs]
-        bank_specs = [to_bank_spec(b) for b in banks]
-        knn_specs = [to_knn_spec(k) for k in knns]
-        ridge_specs = [to_ridge_spec(r) for r in ridges]
-        if not normalised and not bank_specs and not knn_specs and not ridge_specs:
-            raise ValueError(
-                "ProbeSet.build: arguments 'specs', 'banks', 'knns' and 'ridges' are empty; give at least one probe."
-            )
-        names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
-        names += [k.config.name for k in knn_specs] + [r.config.name for r in ridge_specs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
-        group = dp_group if dp_group is not None else default_group()
-        probes = [
-            Probe.build(
-                s.config,
-                dp_group=group,
-                device=device,
-                total_steps=maths.optimizer_steps(total_steps, s.config.accumulate_grad_batches),
-            )
-            for s in normalised
-        ]
-        return cls(
-            probes,
-            normalised,
-            group,
-            bank_specs,
-            device=device,
-            total_steps=total_steps,
-            knns=knn_specs,
-            ridges=ridge_specs,
         )
 
     def add_probe(self, probe: Probe, *, input: str | None = None, target: str | None = None) -> None:  # noqa: A002

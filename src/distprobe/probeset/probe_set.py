@@ -1,8 +1,9 @@
 """`ProbeSet`: the plain-torch API, a set of probes trained from your own loop (and the core of the Lightning adapter).
 
-The class is its members (`distprobe.probeset.members.Members`: build, add, remove, look up) and the operations on
-them, each a short call into the file that does that job: `inputs` (routing and the first-batch checks), `training`
-(one micro-batch), `side_stream` (the GPU side stream), `values` (evaluation and metric values) and `checkpoint`.
+The class is its members (`distprobe.probeset.members.Members`: add, remove, look up, engines built on demand), its
+constructors (`ProbeSet.build` from specs), and the operations on them, each a short call into the file that does
+that job: `inputs` (routing and the first-batch checks), `training` (one micro-batch), `side_stream` (the GPU side
+stream), `values` (evaluation and metric values) and `checkpoint`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distprobe.convex.online import RidgeSpec
-from distprobe.engine import Probe
+from distprobe.bank import BankConfig
+from distprobe.convex.online import RidgeConfig, RidgeSpec, to_ridge_spec
+from distprobe.engine import Probe, ProbeConfig, maths
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.engine.probe import merge
+from distprobe.engine.replicate import default_group
 from distprobe.engine.streams import tensors_in
-from distprobe.knn import KNNSpec
+from distprobe.knn import KNNConfig, KNNSpec, to_knn_spec
 from distprobe.probeset import checkpoint, values
 from distprobe.probeset.inputs import step_inputs
 from distprobe.probeset.members import Members
 from distprobe.probeset.side_stream import LazySideStream
 from distprobe.probeset.training import train_members
-from distprobe.routing import BankSpec, ProbeSpec, Tensors
+from distprobe.routing import BankSpec, ProbeSpec, Tensors, to_bank_spec, to_spec
 
 
 class ProbeSet(Members):
@@ -63,7 +66,77 @@ class ProbeSet(Members):
         self._stream = LazySideStream(overlap, device)
         settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
         self._checked_first_batch = False
-        super().__init__(probes, specs, dp_group, banks, device, total_steps, knns, ridges)
+        super().__init__(dp_group, device, total_steps)
+        self._join(probes, specs, banks, knns, ridges)
+
+    @classmethod
+    def build(
+        cls,
+        specs: Sequence[ProbeSpec | ProbeConfig | Mapping[str, Any]],
+        *,
+        dp_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        total_steps: int | None = None,
+        banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
+        knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
+        ridges: Sequence[RidgeSpec | RidgeConfig | Mapping[str, Any]] = (),
+    ) -> ProbeSet:
+        """Build every probe, in order, and replicate each over ``dp_group``.
+
+        Building broadcasts rank 0's probe weights to the group, so ranks may initialise their probes differently.
+
+        Args:
+            specs: `ProbeConfig`s, `ProbeSpec`s, or dicts of `ProbeConfig` fields plus ``input``/``target`` keys.
+            dp_group: The data-parallel group; None: the world group when torch.distributed is initialised, else a
+                single process. Under tensor parallelism pass the mesh's data-parallel group: the probes then start
+                from global rank 0's weights on every rank (one more broadcast) and replicate over that group.
+            device: Where the probes live (default: where their parameters are).
+            total_steps: How many times `step` will be called, for scheduler defaults such as ``T_max`` (each probe
+                divides it by its ``accumulate_grad_batches``).
+            banks: Probe banks (`distprobe.bank`): `BankConfig`s, `BankSpec`s, or dicts of `BankConfig` fields plus
+                ``input`` (a key or a list of keys) and ``target``. Heads exist from here with ``in_features``,
+                else from the first `step`.
+            knns: Online kNN classifiers (`distprobe.knn`), their buffers sharded over ``dp_group``: `KNNConfig`s,
+                `KNNSpec`s, or dicts of `KNNConfig` fields (``input`` among them) plus ``target``.
+            ridges: Online closed-form ridge probes (`distprobe.convex.online`), their statistics summed over
+                ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
+                sums the training batches since its last evaluation; the first `evaluate` after training solves it.
+        """
+        if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
+            raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
+        normalised = [to_spec(s) for s in specs]
+        bank_specs = [to_bank_spec(b) for b in banks]
+        knn_specs = [to_knn_spec(k) for k in knns]
+        ridge_specs = [to_ridge_spec(r) for r in ridges]
+        if not normalised and not bank_specs and not knn_specs and not ridge_specs:
+            raise ValueError(
+                "ProbeSet.build: arguments 'specs', 'banks', 'knns' and 'ridges' are empty; give at least one probe."
+            )
+        names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
+        names += [k.config.name for k in knn_specs] + [r.config.name for r in ridge_specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
+        group = dp_group if dp_group is not None else default_group()
+        probes = [
+            Probe.build(
+                s.config,
+                dp_group=group,
+                device=device,
+                total_steps=maths.optimizer_steps(total_steps, s.config.accumulate_grad_batches),
+            )
+            for s in normalised
+        ]
+        return cls(
+            probes,
+            normalised,
+            group,
+            bank_specs,
+            device=device,
+            total_steps=total_steps,
+            knns=knn_specs,
+            ridges=ridge_specs,
+        )
 
     def mark(self) -> None:
         """Mark, on the training's CUDA stream, where this step's features are ready; a no-op on a CPU.
