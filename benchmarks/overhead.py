@@ -71,8 +71,8 @@ BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none", "spt_bank64": "spt_none"
 #: spt_bank64: stable-pretraining's AutoLinearClassifier with the same 64 heads (16 lr scalings x 4 weight decays),
 #: trained as its docs show: inside the Module's forward, its loss added to the backbone's, by the Module's optimizer.
 SPT_VARIANTS = {"spt_none", "spt_x1", "spt_x8", "spt_bank64"}
-#: A suffix for any distprobe variant: its probes' work on the set's side CUDA stream (``DISTPROBE_OVERLAP=1``,
-#: opt-in); without it the serial path, as released.
+#: A suffix for any distprobe variant: its probes' work on the set's side CUDA stream (the default since Session J);
+#: without it the serial path (``DISTPROBE_OVERLAP=0``), as released before.
 SIDE = "@side"
 
 
@@ -300,10 +300,7 @@ def run_variant(
     """
     side = variant.endswith(SIDE)
     variant = variant.removesuffix(SIDE)
-    if side:
-        os.environ["DISTPROBE_OVERLAP"] = "1"
-    else:
-        os.environ.pop("DISTPROBE_OVERLAP", None)
+    os.environ["DISTPROBE_OVERLAP"] = "1" if side else "0"
     module, probes = build_variant(variant, workload, device, spt)
     timer = StepTimer(workload.warmup, workload.steps, device)
     before: list[Callback] = []

@@ -1,9 +1,9 @@
 """Probes off the training's critical path on CUDA (issue 28): the side stream changes when, never what.
 
 A Lightning fit with separate probes, a bank and a kNN, in bf16-mixed precision, with gradient accumulation and a
-non-finite batch, runs twice: with the probe work on the side stream (``DISTPROBE_OVERLAP=1``, opt-in) and on the
-training's stream (the default). Every probe's state, every logged value and the predictions put into the batch are
-bitwise the same, and the backbone is bitwise the backbone of a fit without any probe.
+non-finite batch, runs twice: with the probe work on the side stream (the default; ``DISTPROBE_OVERLAP=1``) and on
+the training's stream (``DISTPROBE_OVERLAP=0``). Every probe's state, every logged value and the predictions put into
+the batch are bitwise the same, and the backbone is bitwise the backbone of a fit without any probe.
 
 Run on a GPU machine with ``pytest -m gpu tests``; without CUDA every test here is skipped by the conftest.
 """

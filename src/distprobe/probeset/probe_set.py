@@ -80,6 +80,7 @@ class ProbeSet(Members):
         banks: Sequence[BankSpec | BankConfig | Mapping[str, Any]] = (),
         knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
         ridges: Sequence[RidgeSpec | RidgeConfig | Mapping[str, Any]] = (),
+        overlap: bool | None = None,
     ) -> ProbeSet:
         """Build every probe, in order, and replicate each over ``dp_group``.
 
@@ -101,6 +102,8 @@ class ProbeSet(Members):
             ridges: Online closed-form ridge probes (`distprobe.convex.online`), their statistics summed over
                 ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
                 sums the training batches since its last evaluation; the first `evaluate` after training solves it.
+            overlap: Run `step`'s work on a side CUDA stream (`mark`, `overlapped`). None: on, unless the environment
+                sets ``DISTPROBE_OVERLAP=0``. Exact either way; it has no effect on a CPU.
         """
         if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
             raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
@@ -136,6 +139,7 @@ class ProbeSet(Members):
             total_steps=total_steps,
             knns=knn_specs,
             ridges=ridge_specs,
+            overlap=overlap,
         )
 
     def mark(self) -> None:

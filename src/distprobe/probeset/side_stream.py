@@ -1,7 +1,7 @@
 """Where a `ProbeSet`'s GPU work runs: a side CUDA stream (`distprobe.engine.streams`), made at the first CUDA step.
 
-The side stream is opt-in (``overlap=True``, or ``DISTPROBE_OVERLAP=1``); when it is off, or on a CPU, the work runs on
-the training's stream as it always did.
+The side stream is on by default on CUDA; ``overlap=False`` (or ``DISTPROBE_OVERLAP=0`` for every set, the Lightning
+callbacks' included) turns it off. When it is off, or on a CPU, the work runs on the training's stream.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ class LazySideStream:
 
     def __init__(self, overlap: bool | None, device: torch.device | str | None) -> None:
         if overlap is None:
-            # Opt-in for now: the side stream was measured and checked bitwise around a bank step on an H100, but
-            # this integrated path (reads, groups, banks, kNNs on the side stream) has not run on a GPU yet
-            # (tests/callbacks/test_overlap_gpu.py); it becomes the default once it has.
-            overlap = os.environ.get("DISTPROBE_OVERLAP", "0") == "1"
+            # On by default: on an H200 the integrated path gave bitwise the serial probes and left the backbone
+            # bitwise alone (tests/callbacks/test_overlap_gpu.py), and cost less on every workload measured
+            # (docs/benchmarks.md, "Session J"). The variable is the switch for Lightning users, who build no set.
+            overlap = os.environ.get("DISTPROBE_OVERLAP", "1") != "0"
         self._overlap = overlap
         self._device = device
         self._side: SideStream | None = None
@@ -54,7 +54,7 @@ class LazySideStream:
     @contextlib.contextmanager
     def overlapped(self, inputs: Iterable[torch.Tensor] = ()) -> Iterator[list[Any]]:
         """Run the body on the side stream when there is one (see `ProbeSet.overlapped`)."""
-        # Off (the default) or on a CPU: no walk over the inputs, which runs on every step.
+        # Off: no walk over the inputs, which runs on every step.
         tensors = list(inputs) if self._overlap else []
         side = self.get(tensors)
         if side is None:
