@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 import distprobe.strategies  # noqa: F401 - registers the distprobe_* strategy names
-from distprobe.callbacks import OnlineProbe, OnlineProbeBank
+from distprobe.callbacks import OnlineProbe, OnlineProbeBank, OnlineRidge
 
 VARIANTS = ("none", "distprobe_x1", "distprobe_x8", "spt_none", "spt_x1", "spt_x8", "paramgroup")
 #: Diagnostic variants, run only when named. nolog: distprobe's probe step and metric update without Lightning's
@@ -66,6 +66,9 @@ BANKS = ("distprobe_bank64", "distprobe_bank64plain")
 #: named: ``+side`` (a side CUDA stream from the forward's end), ``+fused`` (the compiled SGD update), ``+tf32``,
 #: ``+all``; several may be joined (``distprobe_bank64plain+side+fused``).
 LEVERED = "distprobe_bank64plain+"
+#: Issue 27's online closed-form probe, run only when named: an `OnlineRidge` with its default lambdas, float64
+#: statistics of the embedding (X^T X, X^T Y) summed on every step, solved at validation.
+RIDGE = "distprobe_ridge"
 BANK_LRS = [10 ** (-4 + i * 0.25) for i in range(16)]
 BASELINE = {"spt_x1": "spt_none", "spt_x8": "spt_none", "spt_bank64": "spt_none"}
 #: spt_bank64: stable-pretraining's AutoLinearClassifier with the same 64 heads (16 lr scalings x 4 weight decays),
@@ -223,6 +226,16 @@ def build_variant(
     if variant == "paramgroup":
         return ParamGroupProbeModule(backbone, workload.embed_dim, workload.num_classes), []
     module = SSLModule(backbone, workload.embed_dim)
+    if variant == RIDGE:
+        ridge = OnlineRidge(
+            None,
+            "ridge",
+            input="embedding",
+            target="label",
+            num_classes=workload.num_classes,
+            in_features=workload.embed_dim,
+        )
+        return module, [ridge]
     if variant in BANKS or variant.startswith(LEVERED):
         with_bn = variant == "distprobe_bank64"
         bank_cls: Any = OnlineProbeBank
@@ -538,10 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     names = (args.workload or ("tiny" if args.smoke else "vit,resnet" if cuda else "mlp")).split(",")
     variants = [v for v in args.variants.split(",") if v]
-    known = VARIANTS + DIAGNOSTIC + BANKS + ("spt_bank64",)
+    known = VARIANTS + DIAGNOSTIC + BANKS + ("spt_bank64", RIDGE)
     unknown = [v for v in variants if v.removesuffix(SIDE) not in known and not v.startswith(LEVERED)]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; valid: {list(VARIANTS + DIAGNOSTIC + BANKS)}")
+        raise SystemExit(f"unknown variants {unknown}; valid: {list(known)}")
     local = [v for v in variants if v.startswith("local")]
     if local and args.strategy not in StrategyRegistry:
         raise SystemExit(
