@@ -2,6 +2,7 @@
 head is skipped alone, options are checked, and N gloo ranks equal one process with one all-reduce per step."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from tests.helpers.dist import run_distributed
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.families.attentive import AttentiveProbe
 from distprobe.engine import Probe, ProbeConfig
+from distprobe.service.config import ServiceConfigError
+from distprobe.service.config_probes import check_probe_options
 
 D, C, B, N = 16, 3, 6, 5
 LRS = [0.05, 0.005]
@@ -114,6 +117,85 @@ def test_every_attentive_head_follows_the_schedule_of_a_separate_probe(scheduler
     _assert_heads_equal(bank, refs)
 
 
+# --- compute_dtype="bfloat16" -----------------------------------------------------------------------------------
+
+BF16_OPTIONS = {**OPTIONS, "compute_dtype": "bfloat16"}
+
+
+def _max_distance(modules, others):
+    return max(
+        (a - b).abs().max().item()
+        for one, other in zip(modules, others, strict=True)
+        for a, b in zip(one.parameters(), other.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer):
+    """Under bf16 autocast the bank and a probe round the same maths in different orders (the bank folds a
+    LayerNorm's affine into the next projection and batches its matmuls), so they agree to bf16's precision, not to
+    float32's. bf16 keeps 8 significant bits (a relative rounding of 2^-9): the gradients differ at about that level,
+    and AdamW turns such a difference into up to lr per step. Measured after 6 micro-batches in windows of 2 (the
+    largest parameter difference): AdamW 1.6e-4, SGD 1.5e-6, LARS 5e-9; atol 5e-4 is 3x the largest. So that the
+    check cannot pass by bf16 changing nothing, the same probes also train in float32: the bank's heads must be at
+    least 5x closer to the bf16 probes than those are to the float32 ones (measured: 13x AdamW, 44x SGD)."""
+    bank_opt, ref_kwargs = OPTIMIZERS[optimizer]
+    lrs = ADAMW_LRS if optimizer == "AdamW" else LRS
+    config = _config(optimizer=bank_opt, lr=lrs, head_options=BF16_OPTIONS, accumulate_grad_batches=2)
+    bank = ProbeBank.build(config)
+    refs = _references(bank, bank_opt, ref_kwargs, 2, None)
+    assert all(ref.module.options.compute_dtype == "bfloat16" for ref in refs.values())  # export carries it
+    float32_refs = _references(bank, bank_opt, ref_kwargs, 2, None)
+    for ref in float32_refs.values():
+        ref.module.options = dataclasses.replace(ref.module.options, compute_dtype="float32")
+    for x, y in _batches(6):
+        out = bank.train_step([x], y)
+        assert out.preds.dtype == torch.float32 and out.loss.dtype == torch.float32
+        for ref in [*refs.values(), *float32_refs.values()]:
+            ref.train_step(x, y)
+    # Parameters, gradient and optimizer state stay float32: only the forward's matmuls and attention are bf16.
+    assert bank.heads.flat.dtype == torch.float32 and bank.heads.flat.grad is None
+    states = [v for v in bank.optimizer.state_dict().values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert all(t.dtype == torch.float32 for t in states)
+    exported = [bank.head(head_id) for head_id in refs]
+    bf16_error = _max_distance(exported, [ref.module for ref in refs.values()])
+    bf16_vs_float32 = _max_distance([ref.module for ref in refs.values()], [r.module for r in float32_refs.values()])
+    assert bf16_error <= 5e-4, (bf16_error, bf16_vs_float32)
+    assert bf16_error * 5 <= bf16_vs_float32, (bf16_error, bf16_vs_float32)
+
+
+def test_bfloat16_resumes_from_a_checkpoint_and_passes_through_the_configs():
+    config = _config(optimizer={"type": "AdamW"}, lr=ADAMW_LRS, head_options=BF16_OPTIONS, accumulate_grad_batches=2)
+    bank = ProbeBank.build(config)
+    data = _batches(5)
+    for x, y in data[:3]:  # mid-window: the saved state holds half a window's gradient
+        bank.train_step([x], y)
+    resumed = ProbeBank.build(config, seed=9)
+    resumed.load_state_dict(bank.state_dict())
+    for x, y in data[3:]:
+        bank.train_step([x], y)
+        resumed.train_step([x], y)
+    assert torch.equal(resumed.heads.flat, bank.heads.flat)
+    assert resumed.heads.options.compute_dtype == "bfloat16"
+    # The service passes probes.bank.head_options to BankConfig, which checks them.
+    check_probe_options({"head": "attentive", "head_options": {"compute_dtype": "bfloat16"}}, None, C, "eval.yaml")
+    with pytest.raises(ServiceConfigError, match=r"head_options\['compute_dtype'\] got 'float16'"):
+        check_probe_options({"head": "attentive", "head_options": {"compute_dtype": "float16"}}, None, C, "eval.yaml")
+
+
+def test_a_bfloat16_probe_is_faithful_to_its_float32_self():
+    """The option changes the precision, not the head: same weights, logits within bf16's rounding."""
+    x = torch.randn(B, N, D)
+    probe = AttentiveProbe(D, C, OPTIONS, generator=torch.Generator().manual_seed(0))
+    bf16 = AttentiveProbe(D, C, BF16_OPTIONS, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(probe.parameters(), bf16.parameters(), strict=True))
+    logits = bf16(x)
+    assert logits.dtype == torch.float32 and not torch.equal(logits, probe(x))
+    torch.testing.assert_close(logits, probe(x), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match=r"head_options\['compute_dtype'\] got torch.bfloat16; expected one of"):
+        AttentiveProbe(D, C, {"compute_dtype": torch.bfloat16})
+
+
 def test_one_query_one_block_defaults_and_export():
     bank = ProbeBank.build(_config(head_options=None, in_features=128, lr=[0.1]))
     probe = bank.head(bank.head_ids[0])
@@ -143,6 +225,10 @@ def test_a_diverging_head_is_skipped_alone():
     [
         ({"head_options": {"queries": 2}}, r"unknown option\(s\) \['queries'\] for head 'attentive'; valid options"),
         ({"head_options": {"depth": 0}}, r"head_options\['depth'\] got 0; expected an int >= 1"),
+        (
+            {"head_options": {"compute_dtype": "bf16"}},
+            r"head_options\['compute_dtype'\] got 'bf16'; expected one of \['float32', 'bfloat16'\]",
+        ),
         ({"normalization": [None, "batchnorm"]}, r"own LayerNorms: use \[None\]"),
         ({"family": "linear", "head_options": {"depth": 2}}, r"head 'linear' takes no options"),
     ],

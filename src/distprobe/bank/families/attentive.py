@@ -12,13 +12,19 @@ every head with batched matmuls over the head dimension; the heads' attention is
 over ``K x B`` sequences. The first LayerNorm of the shared tokens is computed once for all heads, its per-head
 affine folded into the following projection's weights (so no ``(K, B, N, D)`` copy of the tokens exists when
 ``depth`` is 1).
+
+``compute_dtype="bfloat16"`` runs a head's matmuls and attention under ``torch.autocast(dtype=torch.bfloat16)`` (as
+V-JEPA's evaluation runs its probe), on float32 parameters: the optimizer's maths, its state and the gradient's
+all-reduce stay float32, and the logits come out float32 for the loss.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast, get_args
 
 import torch
 import torch.distributed as dist
@@ -27,6 +33,9 @@ from torch import nn
 
 from distprobe.bank.config import BankConfig
 from distprobe.bank.families.base import HeadFamily, ParamView, head_option_fields
+
+ComputeDtype = Literal["float32", "bfloat16"]
+"""The precision of a head's matmuls and attention (its parameters are float32 either way)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -46,12 +55,16 @@ class AttentiveOptions:
     """Biases on the query, key and value projections."""
     init_std: float = 0.02
     """Standard deviation of the truncated-normal initialisation of weights and query tokens."""
+    compute_dtype: ComputeDtype = "float32"
+    """``"float32"``: exact, no autocast of the head's own. ``"bfloat16"``: the matmuls and attention under
+    ``torch.autocast(dtype=torch.bfloat16)`` (V-JEPA's protocol; faster on a GPU, about 3 significant digits);
+    parameters, optimizer state, the gradient's all-reduce and the returned logits stay float32."""
 
     @classmethod
     def parse(cls, options: Any, bank_name: str) -> AttentiveOptions:
         """From ``head_options`` (None, a dict or an instance); unknown keys and bad values are refused."""
-        if isinstance(options, AttentiveOptions):
-            return options
+        if isinstance(options, AttentiveOptions):  # checked too: a dataclass takes any value
+            options = dataclasses.asdict(options)
         parsed = cls(**head_option_fields(cls, options, bank_name, "attentive"))
         for key in ("num_queries", "depth"):
             value = getattr(parsed, key)
@@ -67,7 +80,19 @@ class AttentiveOptions:
             raise ValueError(
                 f"bank '{bank_name}': head_options['mlp_ratio'] got {parsed.mlp_ratio!r}; expected a number > 0."
             )
+        choices = get_args(ComputeDtype)
+        if parsed.compute_dtype not in choices:
+            raise ValueError(
+                f"bank '{bank_name}': head_options['compute_dtype'] got {parsed.compute_dtype!r}; expected one of "
+                f"{list(choices)}."
+            )
         return parsed
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager[Any]:
+        """Where a head's forward runs: bfloat16 autocast on ``device_type``, or as it is for float32."""
+        if self.compute_dtype == "bfloat16":
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def heads_for(self, dim: int, bank_name: str, source: str) -> int:
         """The attention heads for feature size ``dim`` (checked to divide it)."""
@@ -152,24 +177,29 @@ class CrossAttentionBlock(nn.Module):
 class AttentiveProbe(nn.Module):
     """One attentive probe: ``(B, N, D)`` tokens to ``(B, C)`` logits (what an attentive bank's head exports).
 
+    ``options`` are an attentive bank's ``head_options`` (an `AttentiveOptions` or a dict of its fields), so a
+    separately trained probe can match a bank's head, ``compute_dtype`` included.
+
     Example:
-        >>> probe = AttentiveProbe(64, 5)
-        >>> tuple(probe(torch.randn(2, 7, 64)).shape)
-        (2, 5)
+        >>> probe = AttentiveProbe(64, 5, {"compute_dtype": "bfloat16"})
+        >>> logits = probe(torch.randn(2, 7, 64))
+        >>> tuple(logits.shape), logits.dtype
+        ((2, 5), torch.float32)
     """
 
     def __init__(
         self,
         dim: int,
         num_classes: int,
-        options: AttentiveOptions | None = None,
+        options: AttentiveOptions | dict[str, Any] | None = None,
         *,
         generator: torch.Generator | None = None,
         bank_name: str = "attentive",
         source: str = "tokens",
     ) -> None:
         super().__init__()
-        options = options or AttentiveOptions()
+        options = AttentiveOptions.parse(options, bank_name)
+        self.options = options
         heads = options.heads_for(dim, bank_name, source)
         hidden = options.hidden(dim)
         self.query_tokens = nn.Parameter(torch.zeros(1, options.num_queries, dim))
@@ -206,11 +236,13 @@ class AttentiveProbe(nn.Module):
         self.classifier.bias.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` logits of ``(B, N, D)`` tokens."""
-        for block in self.blocks:
-            x = block(x)
-        queries = self.query_tokens.expand(x.shape[0], -1, -1)
-        return self.classifier(self.cross(queries, x).mean(dim=1))
+        """``(B, C)`` logits of ``(B, N, D)`` tokens (float32 with ``compute_dtype="bfloat16"`` too)."""
+        with self.options.autocast(x.device.type):
+            for block in self.blocks:
+                x = block(x)
+            queries = self.query_tokens.expand(x.shape[0], -1, -1)
+            logits = self.classifier(self.cross(queries, x).mean(dim=1))
+        return logits if self.options.compute_dtype == "float32" else logits.float()
 
 
 # --- K heads as one family ----------------------------------------------------------------------------------------
@@ -373,11 +405,13 @@ class AttentiveHeads(HeadFamily):
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C)`` logits of every head, from one ``(B, N, D_s)`` tensor per source (in the config's order)."""
         parts = self.flat_parts([b.numel for b in self.blocks])
-        outputs = [
-            self._block_forward(x, self._block_params(part, block), block)
-            for block, x, part in zip(self.blocks, features, parts, strict=True)
-        ]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        with self.options.autocast(self.flat.device.type):  # the bank calls this outside the training's autocast
+            outputs = [
+                self._block_forward(x, self._block_params(part, block), block)
+                for block, x, part in zip(self.blocks, features, parts, strict=True)
+            ]
+        logits = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        return logits.float()  # the loss and metrics in float32 (a no-op in float32)
 
     def _block_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], block: Block) -> torch.Tensor:
         k, b, heads = block.count, x.shape[0], block.heads
@@ -426,6 +460,9 @@ class AttentiveHeads(HeadFamily):
             folded_bias = folded_bias + bias
         k, o = weight.shape[:2]
         normed = F.layer_norm(x, x.shape[-1:]).flatten(0, 1)  # (B * N, D), once for every head
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast once here: autocast would cast the expanded operand below, a (K, B * N, D) copy.
+            normed = normed.to(torch.get_autocast_dtype(x.device.type))
         # One batched matmul over the heads with the tokens broadcast (no copy): the output and its gradient come
         # out head-major and contiguous, as the attention reads them.
         out = torch.baddbmm(folded_bias[:, None, :], normed.expand(k, -1, -1), folded_weight.transpose(1, 2))
