@@ -12,6 +12,10 @@ the same step. Variants run in rotated order every round, each from a fresh back
 median over rounds of (variant / ``none`` of the same round) - 1, its time added the median of the differences, its
 memory added its peak ``max_memory_allocated`` minus ``none``'s.
 
+Every ``ProbeSet`` is built with ``overlap=False`` (the probe work on the training's stream, after its step) unless
+the variant ends in ``@side``: then with ``overlap=True``, and the loop calls ``probes.mark()`` right after the
+backbone's forward, so the probes' kernels can overlap its backward and optimizer step (`ProbeSet.mark`).
+
 ``attentive`` (issue 25): tokens ``(128, 197, 768)``, 1000 classes, 16 heads (4 lr x 4 weight decays, AdamW, the
 head's defaults: one query, one cross-attention block, 12 attention heads, MLP ratio 4):
 
@@ -21,13 +25,19 @@ head's defaults: one query, one cross-attention block, 12 attention heads, MLP r
   ``ProbeGroup``, one optimizer per probe);
 - ``bare16``: the floor: the same 16 heads as stacked parameters through ``torch.func.vmap`` of one head's
   ``functional_call``, ``torch.optim.AdamW(fused=True)`` with a parameter group per head; no bad-data checks, no
-  metrics.
+  metrics;
+- ``bank16-bf16``, ``probes16-bf16``, ``bare16-bf16``: the same three with ``compute_dtype="bfloat16"`` (the heads'
+  matmuls and attention under bf16 autocast, as V-JEPA's probe evaluation runs; float32 parameters and optimizer),
+  the bare loop's forward under the same autocast;
+- ``bank16@side``, ``probes16@side``, ``bank16-bf16@side``, ``probes16-bf16@side`` (not run by default): on the side
+  stream.
 
 ``dense`` (issue 26): patch tokens ``(128, 196, 768)`` (grid 14 x 14), 150 classes, ``(128, 224, 224)`` int64
 masks with ignored pixels (255); ``dense16`` is a 16-head dense bank at the library's online default
-``head_options`` (printed); ``dense16-s32`` the same with ``samples_per_step=32`` (docs/dense.md's example),
-``dense16-s32-c1`` also with ``loss_chunk_heads=1``, and ``dense16-custom`` (not run by default) with
-``--dense-options``. Each prints its loss's peak memory by `DenseOptions.loss_cost` (docs/dense.md, "Cost control").
+``head_options`` (printed), ``dense16@side`` the same on the side stream; ``dense16-s32`` the same with
+``samples_per_step=32`` (docs/dense.md's example); not run by default: ``dense16-s32-c1`` also with
+``loss_chunk_heads=1``, ``dense16-custom`` with ``--dense-options``, and any of them with ``@side``. Each prints
+its loss's peak memory by `DenseOptions.loss_cost` (docs/dense.md, "Cost control").
 
 ``dense-epoch`` (issue 26): no backbone (the service trains on cached features): synthetic ViT-B/16 patch tokens at
 512 px (32 x 32 x 768) and 512 x 512 masks are made on the device, and a 16-head dense bank with the service's
@@ -73,8 +83,18 @@ WDS = [0.0, 1e-4, 1e-2, 5e-2]
 GRID = [(lr, wd) for lr in LRS for wd in WDS]
 """The 16 heads' (lr, weight decay), in a bank's order (lr-major)."""
 OPTIMIZER = {"type": "AdamW"}
-ATTENTIVE_VARIANTS = ("none", "bank16", "probes16", "bare16")
-DENSE_VARIANTS = ("none", "dense16", "dense16-s32", "dense16-s32-c1")
+SIDE = "@side"
+"""A suffix of a variant in a ``ProbeSet``: built with ``overlap=True``, marked after the backbone's forward."""
+BF16 = "-bf16"
+"""A suffix of an attentive variant: ``compute_dtype="bfloat16"``."""
+ATTENTIVE_VARIANTS = ("none", "bank16", "probes16", "bare16", "bank16-bf16", "probes16-bf16", "bare16-bf16")
+"""The default attentive variants."""
+ATTENTIVE_VALID = (
+    *ATTENTIVE_VARIANTS,
+    *(f"{v}{SIDE}" for v in ("bank16", "probes16", "bank16-bf16", "probes16-bf16")),
+)
+DENSE_VARIANTS = ("none", "dense16", f"dense16{SIDE}", "dense16-s32")
+"""The default dense variants."""
 DENSE_OPTIONS: dict[str, dict[str, Any]] = {
     "dense16": {},  # the library's defaults
     "dense16-s32": {"samples_per_step": 32},  # docs/dense.md's example
@@ -163,7 +183,8 @@ class BareAttentive:
     under ``torch.func.vmap`` over the head dimension, the tokens shared.
     """
 
-    def __init__(self, dim: int, classes: int, device: torch.device) -> None:
+    def __init__(self, dim: int, classes: int, device: torch.device, bf16: bool) -> None:
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         g = torch.Generator().manual_seed(0)
         self.heads = [AttentiveProbe(dim, classes, generator=g).to(device) for _ in GRID]
         self.base = copy.deepcopy(self.heads[0]).to("meta")
@@ -184,8 +205,8 @@ class BareAttentive:
         params = dict(zip(self.names, (torch.stack(ps) for ps in zip(*(h.parameters() for h in self.heads)))))
         # The math attention: vmap batches its matmuls over the heads, where a fused kernel without a batching rule
         # would fall back to a loop over the heads (CPU flash attention has none). One query: its cost is small.
-        with sdpa_kernel([SDPBackend.MATH]):
-            logits = self.forward(params, tokens.float())  # (K, B, C)
+        with sdpa_kernel([SDPBackend.MATH]), self.autocast:
+            logits = self.forward(params, tokens.float()).float()  # (K, B, C), the loss in float32
         k, b, c = logits.shape
         loss = F.cross_entropy(logits.reshape(k * b, c), labels.repeat(k), reduction="none").view(k, b).mean(1).sum()
         loss.backward()
@@ -194,10 +215,20 @@ class BareAttentive:
 
 
 class InSet:
-    """Probes or a bank in a `ProbeSet`, fed the detached tokens (what a torchrun user's loop runs)."""
+    """Probes or a bank in a `ProbeSet`, fed the detached tokens (what a torchrun user's loop runs).
 
-    def __init__(self, probes: ProbeSet) -> None:
-        self.probes = probes
+    ``side``: the set runs on its side stream, and `after_forward` marks where the features are ready.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        side: bool,
+        specs: list[ProbeConfig] | None = None,
+        banks: list[BankConfig] | None = None,
+    ) -> None:
+        self.probes = ProbeSet.build(specs or [], banks=banks or [], device=device, overlap=side)
+        self.after_forward = self.probes.mark if side else None
 
     def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> None:
         self.probes.step(tokens, targets)
@@ -206,9 +237,12 @@ class InSet:
 def make_prober(variant: str, shapes: Shapes, device: torch.device) -> Any:
     """The probe work of ``variant``: an object with ``step(features, targets)``, or None for ``none``."""
     d = shapes.dim
-    if variant == "none":
+    name, side = variant.removesuffix(SIDE), variant.endswith(SIDE)
+    name, bf16 = name.removesuffix(BF16), name.endswith(BF16)
+    attentive_options = {"compute_dtype": "bfloat16"} if bf16 else {}
+    if name == "none":
         return None
-    if variant == "bank16":
+    if name == "bank16":
         bank = BankConfig(
             name="bank",
             family="attentive",
@@ -218,22 +252,23 @@ def make_prober(variant: str, shapes: Shapes, device: torch.device) -> Any:
             weight_decay=WDS,
             optimizer=OPTIMIZER,
             in_features=d,
+            head_options=attentive_options,
         )
-        return InSet(ProbeSet.build([], banks=[bank], device=device))
-    if variant == "probes16":
+        return InSet(device, side, banks=[bank])
+    if name == "probes16":
         g = torch.Generator().manual_seed(0)
         specs = [
             ProbeConfig(
                 name=f"attentive{i}",
-                probe=AttentiveProbe(d, shapes.attentive_classes, generator=g),
+                probe=AttentiveProbe(d, shapes.attentive_classes, attentive_options, generator=g),
                 optimizer={**OPTIMIZER, "lr": lr, "weight_decay": wd},
             )
             for i, (lr, wd) in enumerate(GRID)
         ]
-        return InSet(ProbeSet.build(specs, device=device))
-    if variant == "bare16":
-        return BareAttentive(d, shapes.attentive_classes, device)
-    if variant in DENSE_OPTIONS:
+        return InSet(device, side, specs=specs)
+    if name == "bare16":
+        return BareAttentive(d, shapes.attentive_classes, device, bf16)
+    if name in DENSE_OPTIONS:
         bank = BankConfig(
             name="seg",
             family="dense",
@@ -243,9 +278,9 @@ def make_prober(variant: str, shapes: Shapes, device: torch.device) -> Any:
             weight_decay=WDS,
             optimizer=OPTIMIZER,
             in_features=d,
-            head_options=DENSE_OPTIONS[variant],
+            head_options=DENSE_OPTIONS[name],
         )
-        return InSet(ProbeSet.build([], banks=[bank], device=device))
+        return InSet(device, side, banks=[bank])
     raise AssertionError(f"variant {variant!r} was not checked by chosen()")
 
 
@@ -280,12 +315,14 @@ class Trainer:
         self.device = device
         self.i = 0
 
-    def backbone_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def backbone_step(self, after_forward: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             tokens = self.backbone(x)
             loss = self.projector(tokens[:, 0]).float().pow(2).mean()
+        if after_forward is not None:  # a side stream's mark: the features are ready, the backward not queued yet
+            after_forward()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -293,7 +330,7 @@ class Trainer:
         return (tokens[:, 1:] if self.dense else tokens), y
 
     def step(self, prober: Any) -> None:
-        features, targets = self.backbone_step()
+        features, targets = self.backbone_step(getattr(prober, "after_forward", None))
         if prober is not None:
             prober.step(features, targets)
 
@@ -317,6 +354,25 @@ class Clock:
             sync(self.device)
             return self.begin.elapsed_time(self.end)
         return (time.perf_counter() - self.t0) * 1e3
+
+
+def time_steps(
+    step: Callable[[int], None],
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    finish: Callable[[], None] = lambda: None,
+) -> float:
+    """Milliseconds per ``step(i)`` over ``steps`` calls after ``warmup`` untimed ones (``finish`` after each part)."""
+    for i in range(warmup):
+        step(i)
+    finish()
+    clock = Clock(device)
+    clock.start()
+    for i in range(steps):
+        step(i)
+    finish()
+    return clock.stop() / steps
 
 
 def failure(err: BaseException) -> str:
@@ -348,13 +404,7 @@ def run_once(
     try:
         trainer = Trainer(workload, shapes, device)
         prober = make_prober(variant, shapes, device)
-        for _ in range(args.warmup):
-            trainer.step(prober)
-        clock = Clock(device)
-        clock.start()
-        for _ in range(args.steps):
-            trainer.step(prober)
-        ms = clock.stop() / args.steps
+        ms = time_steps(lambda _: trainer.step(prober), args.warmup, args.steps, device)
         return {"ms": ms, "peak_gib": peak_gib(device)}
     except Exception as err:  # noqa: BLE001  (one failed variant must not cost the GPU run the others)
         return {"ms": math.nan, "peak_gib": peak_gib(device), "error": failure(err)}
@@ -390,7 +440,7 @@ def sync_check(workload: str, variant: str, shapes: Shapes, args: argparse.Names
         prober = make_prober(variant, shapes, device)
         for _ in range(2):  # the first batch's checks sync once, by design
             trainer.step(prober)
-        features, targets = trainer.backbone_step()
+        features, targets = trainer.backbone_step(getattr(prober, "after_forward", None))
         return host_syncs(lambda: prober.step(features, targets), device)
     except Exception as err:  # noqa: BLE001
         return {"count": None, "note": failure(err)}
@@ -484,7 +534,7 @@ def chosen(args: argparse.Namespace, default: tuple[str, ...], valid: tuple[str,
 
 
 def attentive(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    variants = chosen(args, ATTENTIVE_VARIANTS, ATTENTIVE_VARIANTS)
+    variants = chosen(args, ATTENTIVE_VARIANTS, ATTENTIVE_VALID)
     say(
         f"tokens ({shapes.batch}, {shapes.grid**2 + 1}, {shapes.dim}), {shapes.attentive_classes} classes, "
         f"16 heads: lr {LRS} x wd {WDS}, AdamW, head defaults (num_queries=1, depth=1, num_heads=D//64, mlp_ratio=4)"
@@ -492,20 +542,22 @@ def attentive(shapes: Shapes, args: argparse.Namespace, device: torch.device) ->
     rows = time_variants("attentive", variants, shapes, args, device)
     print_table(rows)
     out: dict[str, Any] = {"rows": rows, "checks": {}}
-    if {"none", "bank16", "probes16"} <= set(rows):
-        out["checks"]["bank_vs_probes"] = check(
-            "bank16 vs probes16",
-            rows["bank16"]["overhead"],
-            rows["probes16"]["overhead"] / 3,
-            "bank overhead <= 1/3 of 16 separate probes' overhead",
-        )
-    if {"none", "bank16", "bare16"} <= set(rows):
-        out["checks"]["bank_vs_bare"] = check(
-            "bank16 vs bare16",
-            rows["bank16"]["ms_added"],
-            rows["bare16"]["ms_added"] * 1.25,
-            "bank ms added <= 1.25 x the bare fused loop's ms added",
-        )
+    for suffix in ("", BF16):  # like with like: float32 heads against float32 ones, bf16 against bf16
+        bank, probes, bare = (f"{v}{suffix}" for v in ("bank16", "probes16", "bare16"))
+        if {"none", bank, probes} <= set(rows):
+            out["checks"][f"bank_vs_probes{suffix}"] = check(
+                f"{bank} vs {probes}",
+                rows[bank]["overhead"],
+                rows[probes]["overhead"] / 3,
+                "bank overhead <= 1/3 of 16 separate probes' overhead",
+            )
+        if {"none", bank, bare} <= set(rows):
+            out["checks"][f"bank_vs_bare{suffix}"] = check(
+                f"{bank} vs {bare}",
+                rows[bank]["ms_added"],
+                rows[bare]["ms_added"] * 1.25,
+                "bank ms added <= 1.25 x the bare fused loop's ms added",
+            )
     out["host_syncs"] = {v: sync_check("attentive", v, shapes, args, device) for v in variants if v != "none"}
     for v, found in out["host_syncs"].items():
         say(f"host syncs of {v}'s step (sync debug 'warn'): {json.dumps(found)}")
@@ -518,7 +570,7 @@ def loss_gib(options: DenseOptions, batch: int, classes: int, grid: int, image: 
 
 
 def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    variants = chosen(args, DENSE_VARIANTS, ("none", *DENSE_OPTIONS))
+    variants = chosen(args, DENSE_VARIANTS, ("none", *DENSE_OPTIONS, *(f"{v}{SIDE}" for v in DENSE_OPTIONS)))
     defaults = dataclasses.asdict(DenseOptions())
     say(
         f"patch tokens ({shapes.batch}, {shapes.grid**2}, {shapes.dim}) grid {shapes.grid}x{shapes.grid}, "
@@ -527,22 +579,28 @@ def dense(shapes: Shapes, args: argparse.Namespace, device: torch.device) -> dic
     )
     estimates = {}
     for v in (v for v in variants if v != "none"):
-        options = DenseOptions.parse(DENSE_OPTIONS[v], "seg")
+        head_options = DENSE_OPTIONS[v.removesuffix(SIDE)]
+        options = DenseOptions.parse(head_options, "seg")
         estimates[v] = loss_gib(options, shapes.batch, shapes.dense_classes, shapes.grid, shapes.image)
-        say(f"{v}: head_options {DENSE_OPTIONS[v]}, loss memory by DenseOptions.loss_cost {estimates[v]:.3g} GiB")
+        say(f"{v}: head_options {head_options}, loss memory by DenseOptions.loss_cost {estimates[v]:.3g} GiB")
     rows = time_variants("dense", variants, shapes, args, device)
     print_table(rows)
     out: dict[str, Any] = {
         "default_head_options": defaults,
-        "variant_head_options": {v: DENSE_OPTIONS[v] for v in variants if v != "none"},
+        "variant_head_options": {v: DENSE_OPTIONS[v.removesuffix(SIDE)] for v in variants if v != "none"},
         "loss_gib_estimate": estimates,
         "rows": rows,
     }
-    if "dense16" in rows and "none" in rows:
-        out["checks"] = {
-            "overhead": check("dense16 overhead", rows["dense16"].get("overhead"), 0.03, "step overhead <= +3%"),
-            "memory": check("dense16 memory", rows["dense16"].get("peak_added_gib"), 4.0, "peak memory added <= 4 GiB"),
-        }
+    out["checks"] = {}
+    for suffix in ("", SIDE):
+        v = f"dense16{suffix}"
+        if v in rows and "none" in rows:
+            out["checks"][f"overhead{suffix}"] = check(
+                f"{v} overhead", rows[v].get("overhead"), 0.03, "step overhead <= +3%"
+            )
+            out["checks"][f"memory{suffix}"] = check(
+                f"{v} memory", rows[v].get("peak_added_gib"), 4.0, "peak memory added <= 4 GiB"
+            )
     out["host_syncs"] = {v: sync_check("dense", v, shapes, args, device) for v in variants if v != "none"}
     for v, found in out["host_syncs"].items():
         say(f"host syncs of {v}'s step (sync debug 'warn'): {json.dumps(found)}")
@@ -584,7 +642,9 @@ def epoch_run(batch: int, shapes: Shapes, args: argparse.Namespace, device: torc
         f"{out['loss_gib_estimate']:.3g} GiB"
     )
     fresh_memory(device)
-    cache = bank = None
+    # Any: both are None again in `finally` (their memory freed before the next batch size), never inside `try`.
+    cache: Any = None
+    bank: Any = None
     try:
         if steps_per_epoch < 1:
             raise ValueError(f"--images {images} is fewer than one batch of {batch}")
@@ -610,15 +670,9 @@ def epoch_run(batch: int, shapes: Shapes, args: argparse.Namespace, device: torc
             ),
             device=device,
         )
-        for i in range(args.warmup):
-            bank.train_step([cache[i % 4][0]], cache[i % 4][1])
-        bank.settle()
-        clock = Clock(device)
-        clock.start()
-        for i in range(timed):
-            bank.train_step([cache[i % 4][0]], cache[i % 4][1])
-        bank.settle()
-        ms = clock.stop() / timed
+        ms = time_steps(
+            lambda i: bank.train_step([cache[i % 4][0]], cache[i % 4][1]), args.warmup, timed, device, bank.settle
+        )
         out.update(ms_per_step=ms, s_per_epoch=ms * steps_per_epoch / 1e3, peak_gib=peak_gib(device))
         scope = "measured" if timed == steps_per_epoch else f"{timed} steps timed, x {steps_per_epoch}"
         say(

@@ -81,10 +81,12 @@ def test_head_families_benchmark_smoke_times_every_variant_and_the_dense_epoch(t
     out = tmp_path / "families.json"
     _benchmark("head_families.py", "--workload", "attentive,dense,dense-epoch", "--smoke", "--json", str(out))
     workloads = json.loads(out.read_text())["workloads"]
-    for workload, variants in (("attentive", ["none", "bank16", "probes16", "bare16"]), ("dense", ["none", "dense16"])):
+    attentive = ["none", "bank16", "probes16", "bare16", "bank16-bf16", "probes16-bf16", "bare16-bf16"]
+    for workload, variants in (("attentive", attentive), ("dense", ["none", "dense16", "dense16@side"])):
         rows = workloads[workload]["rows"]
         assert all(rows[v]["ms_per_step"] > 0 and "error" not in rows[v] for v in variants), rows
-    assert set(workloads["attentive"]["checks"]) == {"bank_vs_probes", "bank_vs_bare"}
+    checks = {"bank_vs_probes", "bank_vs_bare", "bank_vs_probes-bf16", "bank_vs_bare-bf16"}
+    assert set(workloads["attentive"]["checks"]) == checks
     epoch = workloads["dense-epoch"]["runs"]["4"]
     assert epoch["steps_per_epoch"] == epoch["timed_steps"] == 4 and epoch["s_per_epoch"] > 0
 
