@@ -53,7 +53,7 @@ def _batches(steps, seed=0, batch=B):
     ]
 
 
-def _references(bank, bank_opt, ref_kwargs, accumulate, clip):
+def _references(bank, bank_opt, ref_kwargs, accumulate, clip, device=None):
     refs = {}
     for head in bank.heads.head_list:
         module = copy.deepcopy(bank.head(head.head_id)).train()
@@ -63,7 +63,8 @@ def _references(bank, bank_opt, ref_kwargs, accumulate, clip):
             ProbeConfig(
                 name=f"ref{head.index}", probe=module, optimizer=options,
                 accumulate_grad_batches=accumulate, gradient_clip_val=clip,
-            )
+            ),
+            device=device,
         )  # fmt: skip
     return refs
 
@@ -130,8 +131,9 @@ def _max_distance(modules, others):
     )
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer):
+def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer, device):
     """Under bf16 autocast the bank and a probe round the same maths in different orders (the bank folds a
     LayerNorm's affine into the next projection and batches its matmuls), so they agree to bf16's precision, not to
     float32's. bf16 keeps 8 significant bits (a relative rounding of 2^-9): the gradients differ at about that level,
@@ -142,21 +144,22 @@ def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer):
     bank_opt, ref_kwargs = OPTIMIZERS[optimizer]
     lrs = ADAMW_LRS if optimizer == "AdamW" else LRS
     config = _config(optimizer=bank_opt, lr=lrs, head_options=BF16_OPTIONS, accumulate_grad_batches=2)
-    bank = ProbeBank.build(config)
-    refs = _references(bank, bank_opt, ref_kwargs, 2, None)
+    bank = ProbeBank.build(config, device=device)
+    refs = _references(bank, bank_opt, ref_kwargs, 2, None, device)
     assert all(ref.module.options.compute_dtype == "bfloat16" for ref in refs.values())  # export carries it
-    float32_refs = _references(bank, bank_opt, ref_kwargs, 2, None)
+    float32_refs = _references(bank, bank_opt, ref_kwargs, 2, None, device)
     for ref in float32_refs.values():
         ref.module.options = dataclasses.replace(ref.module.options, compute_dtype="float32")
     for x, y in _batches(6):
+        x, y = x.to(device), y.to(device)
         out = bank.train_step([x], y)
         assert out.preds.dtype == torch.float32 and out.loss.dtype == torch.float32
         for ref in [*refs.values(), *float32_refs.values()]:
             ref.train_step(x, y)
     # Parameters, gradient and optimizer state stay float32: only the forward's matmuls and attention are bf16.
     assert bank.heads.flat.dtype == torch.float32 and bank.heads.flat.grad is None
-    states = [v for v in bank.optimizer.state_dict().values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    assert all(t.dtype == torch.float32 for t in states)
+    states = bank.optimizer.state_dict()["optimizer"]  # momentum, or AdamW's moments
+    assert states and all(t.dtype == torch.float32 for t in states.values()), states.keys()
     exported = [bank.head(head_id) for head_id in refs]
     bf16_error = _max_distance(exported, [ref.module for ref in refs.values()])
     bf16_vs_float32 = _max_distance([ref.module for ref in refs.values()], [r.module for r in float32_refs.values()])
