@@ -13,9 +13,9 @@ over ``K x B`` sequences. The first LayerNorm of the shared tokens is computed o
 affine folded into the following projection's weights (so no ``(K, B, N, D)`` copy of the tokens exists when
 ``depth`` is 1).
 
-``compute_dtype="bfloat16"`` runs a head's matmuls and attention under ``torch.autocast(dtype=torch.bfloat16)`` (as
-V-JEPA's evaluation runs its probe), on float32 parameters: the optimizer's maths, its state and the gradient's
-all-reduce stay float32, and the logits come out float32 for the loss.
+``compute_dtype="bfloat16"`` runs a head's matmuls and attention under ``torch.autocast(dtype=torch.bfloat16)`` (in
+16 bits, as V-JEPA's evaluation runs its probes; it uses float16 with loss scaling), on float32 parameters: the
+optimizer's maths, its state and the gradient's all-reduce stay float32, and the logits come out float32 for the loss.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class AttentiveOptions:
     """Standard deviation of the truncated-normal initialisation of weights and query tokens."""
     compute_dtype: ComputeDtype = "float32"
     """``"float32"``: exact, no autocast of the head's own. ``"bfloat16"``: the matmuls and attention under
-    ``torch.autocast(dtype=torch.bfloat16)`` (V-JEPA's protocol; faster on a GPU, about 3 significant digits);
+    ``torch.autocast(dtype=torch.bfloat16)`` (16 bits as in V-JEPA's protocol; faster on a GPU, 8 significant bits);
     parameters, optimizer state, the gradient's all-reduce and the returned logits stay float32."""
 
     @classmethod
