@@ -245,7 +245,6 @@ def test_map_intervals_cover_the_true_map_about_95_percent_of_the_time():
     _assert_covers_about_95_percent(_multilabel_coverage(COMMON, 400, draws, ("mAP",)), draws)
 
 
-@pytest.mark.slow
 def test_bias_correction_lifts_map_coverage_over_rare_labels():
     """8 labels of 12 positives: each label's AP is biased upwards (by about +0.045) and the bias adds up in the mean.
 
