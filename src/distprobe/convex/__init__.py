@@ -4,7 +4,7 @@
 - `online`: `RidgeProbe`, the online ridge probe over a data-parallel group (`OnlineRidge`'s and `ProbeSet`'s engine);
 - `logreg`: multinomial logistic regression by float64 L-BFGS (scikit-learn's objective), DINOv2/v3's C protocol;
 - `fewshot`: episodes drawn from ``(seed, shots, class)``, ridge and logreg solvers, no validation leakage;
-- `bootstrap`: seeded percentile intervals from per-sample results;
+- `bootstrap`: seeded bias-corrected percentile intervals from per-sample results;
 - `spread`: whole problems spread over ranks, results gathered identically at any world size.
 
 None of it imports Lightning: `distprobe.callbacks.OnlineRidge` and the probing service are adapters over it.

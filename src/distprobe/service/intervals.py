@@ -3,7 +3,7 @@
 Rank ``r`` of ``N`` scores validation rows ``r, r + N, ...``. Each rank writes its rows' per-sample results (1 for a
 right answer, 0 for a wrong one) into a zero-filled ``(N_val, columns)`` tensor and one sum over the group gives
 every rank every row (`distprobe.convex.spread.gather_rows`): the same tensor at any world size. The interval is the
-seeded percentile bootstrap of `distprobe.convex.bootstrap_bounds`; no model is run again.
+seeded bias-corrected percentile bootstrap of `distprobe.convex.bootstrap_bounds`; no model is run again.
 
 Only rank 0 publishes rows, so only rank 0 computes intervals. The columns of one table share their resamples:
 drawing the resample indices is the cost (1,000 x N of them), so a bank's heads and a kNN's k's are resampled
