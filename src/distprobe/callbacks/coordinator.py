@@ -1,14 +1,15 @@
 """`Coordinator`: the distprobe callbacks of one Trainer, trained and synced as one `distprobe.loop.ProbeSet`.
 
 Every distprobe callback joins its Trainer's coordinator in ``setup`` (in callback order, the same on every rank)
-and hands over its engine: a probe, a bank or a kNN becomes a member of the coordinator's `ProbeSet`, the object a
-torchrun user drives by hand. Monitors join as members of their own kind. The callbacks never look for each other:
+and hands over its engine: a probe, a bank, a kNN or a ridge probe becomes a member of the coordinator's `ProbeSet`,
+the object a torchrun user drives by hand. Monitors join as members of their own kind. The callbacks never look for
+each other:
 
 - **a training batch**: the first distprobe callback whose ``on_train_batch_end`` runs calls `train_batch`; it reads
   every member's features (each through the source it chose at setup), checks the first batch of each with one
-  collective, and runs `ProbeSet.train` (the probes as one group, then banks, then kNNs) and the monitors' updates.
-  Each callback then takes its own result with `step_output` in its own hook. A user's subclass that overrides the
-  hook stays a member: its probe trains in the group whichever hook runs first;
+  collective, and runs `ProbeSet.train` (the probes as one group, then banks, kNNs and ridge probes) and the monitors'
+  updates. Each callback then takes its own result with `step_output` in its own hook. A user's subclass that
+  overrides the hook stays a member: its probe trains in the group whichever hook runs first;
 - **an epoch end**: the first callback to reach it computes every member's values (one flat sync for the probes,
   one for the monitors) with `epoch_values`; each callback logs its own and resets its own states;
 - **user callbacks**: each probe optimizer step calls the Trainer's callbacks' ``on_before_optimizer_step`` with the
@@ -44,7 +45,7 @@ _COORDINATORS: weakref.WeakKeyDictionary[pl.Trainer, Coordinator] = weakref.Weak
 
 
 class Coordinator:
-    """The members of one Trainer: a `ProbeSet` for probes, banks and kNNs, and the monitors beside it.
+    """The members of one Trainer: a `ProbeSet` for probes, banks, kNNs and ridge probes, and the monitors beside it.
 
     It holds no reference to the Trainer (the weak dictionary's key): every method that needs it takes it.
     """
@@ -207,8 +208,8 @@ class Coordinator:
     def epoch_values(self, trainer: pl.Trainer, stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
         """Every member's epoch values, by member name, computed at the first call of the epoch.
 
-        One flat sync for all probes, one for all monitors, and each bank's and kNN's own: a collective, reached by
-        every rank at the first distprobe callback's epoch-end hook.
+        One flat sync for all probes, one for all monitors, and each bank's, kNN's and ridge probe's own: a collective,
+        reached by every rank at the first distprobe callback's epoch-end hook.
         """
         values = self._epoch_values[stage]
         if values is None:

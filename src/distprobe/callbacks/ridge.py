@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from distprobe import keys
-from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
+from distprobe.callbacks.base import Stage, require_keys
 from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
@@ -50,7 +49,6 @@ class OnlineRidge(FlatInputCallback):
         (0.001, 1.0)
     """
 
-    in_probe_set = False
     engine_type = RidgeProbe
 
     def __init__(
@@ -77,6 +75,9 @@ class OnlineRidge(FlatInputCallback):
             selection_fraction=selection_fraction,
             in_features=in_features,
             input=input,
+            # The callback starts the statistics at each training epoch, not the set after each evaluation: a
+            # validation inside an epoch, or a resume inside it, keeps the epoch's sums.
+            reset_statistics="by_owner",
         )
         super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
         self._epoch: int | None = None
@@ -87,7 +88,13 @@ class OnlineRidge(FlatInputCallback):
         """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
         return self.sized_engine("ridge", "statistics do")
 
-    # --- training: each batch is added to this rank's statistics ------------------------------------------------
+    # --- set-up -------------------------------------------------------------------------------------------------
+
+    @override
+    def add_to(self, probe_set: Any) -> None:
+        probe_set.add_ridge(self.config, self.ridge)
+
+    # --- training: the coordinator adds each batch to this rank's statistics ------------------------------------
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:
@@ -103,11 +110,6 @@ class OnlineRidge(FlatInputCallback):
         return problem
 
     @override
-    def train_alone(self, read: Any) -> Any:
-        features, targets = read
-        self.ridge.train_step(features, targets)
-
-    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         # A new epoch's statistics; a resume inside the epoch the checkpoint saved keeps them.
@@ -115,20 +117,7 @@ class OnlineRidge(FlatInputCallback):
             self._engine.reset_train()
         self._epoch = trainer.current_epoch
 
-    # --- values -------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    @override
-    def values_together(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
-        values = {}
-        for member in members:
-            assert isinstance(member, OnlineRidge)
-            engine = member.ridge
-            if stage == "train":
-                values[member.name] = keys.absolute_keys(engine.compute_train_metrics(), keys.TRAIN, member.name)
-            else:
-                values[member.name] = keys.absolute_keys(engine.compute_eval_metrics(), keys.EVAL, member.name)
-        return values
+    # --- values: the coordinator's probe set computes them ------------------------------------------------------
 
     @override
     def takes_part(self, trainer: pl.Trainer, stage: Stage) -> bool:

@@ -64,7 +64,8 @@ class RidgeProbe:
         """Whether the solution is of the current statistics (`start_eval_epoch` since the last training batch)."""
         self.evaluated = False
         """Whether an evaluation was computed since the statistics were last reset (`distprobe.loop.ProbeSet` then
-        starts new statistics at its next training batch: the batches since the last evaluation)."""
+        starts new statistics at its next training batch, when ``config.reset_statistics`` is
+        ``"after_evaluation"``)."""
 
     @classmethod
     def build(

@@ -5,11 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from distprobe.specs import TargetSpec
 
 #: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
 DEFAULT_L2: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+StatisticsReset = Literal["after_evaluation", "by_owner"]
+"""Who starts a ridge probe's statistics anew: its `distprobe.loop.ProbeSet` at the first training batch after an
+evaluation, or the code that owns the probe (it calls `RidgeProbe.reset_train` itself)."""
 
 
 @dataclass(kw_only=True)
@@ -28,6 +33,11 @@ class RidgeConfig:
     """Feature size; None: read from the first training batch."""
     input: str | None = None
     """Key of the features in a `distprobe.loop.ProbeSet` step's mapping."""
+    reset_statistics: StatisticsReset = "after_evaluation"
+    """When the statistics start anew. ``"after_evaluation"``: the `distprobe.loop.ProbeSet` resets them at the first
+    training batch after an evaluation, so each evaluation solves the batches since the last one. ``"by_owner"``: the
+    set never resets them; the owner calls `RidgeProbe.reset_train` (`distprobe.callbacks.OnlineRidge` does at each
+    training epoch's start, and keeps them over a resume inside the epoch)."""
 
     def __post_init__(self) -> None:
         name = self.name
@@ -47,6 +57,11 @@ class RidgeConfig:
             )
         if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
             raise ValueError(f"ridge '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1")
+        if self.reset_statistics not in get_args(StatisticsReset):
+            raise ValueError(
+                f"ridge '{name}': argument 'reset_statistics' got {self.reset_statistics!r}; expected one of "
+                f"{list(get_args(StatisticsReset))}"
+            )
 
 
 class RidgeSpec(TargetSpec[RidgeConfig], config_type=RidgeConfig, kind="ridge"):

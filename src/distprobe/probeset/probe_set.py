@@ -101,7 +101,8 @@ class ProbeSet(Members):
                 `KNNSpec`s, or dicts of `KNNConfig` fields (``input`` among them) plus ``target``.
             ridges: Online closed-form ridge probes (`distprobe.convex.online`), their statistics summed over
                 ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
-                sums the training batches since its last evaluation; the first `evaluate` after training solves it.
+                sums the training batches since its last evaluation (``reset_statistics="by_owner"``: until your code
+                calls its ``reset_train``); the first `evaluate` after training solves it.
             overlap: Run `step`'s work on a side CUDA stream (`mark`, `overlapped`). None: on, unless the environment
                 sets ``DISTPROBE_OVERLAP=0``. Exact either way; it has no effect on a CPU.
         """

@@ -2,7 +2,8 @@
 
 The probes first, as one `distprobe.engine.ProbeGroup` (one backward, one bucketed all-reduce where their accumulation
 windows close together); then each bank's step; then each kNN's buffer takes this rank's samples; then each ridge
-probe sums its statistics. A bank, kNN or ridge probe without an engine yet is built from this batch's sizes.
+probe sums its statistics (started anew after an evaluation, unless its config leaves that to its owner). A bank, kNN
+or ridge probe without an engine yet is built from this batch's sizes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def train_members(
     for name in (n for n in inputs if n in members.ridge_specs):
         x, y = inputs[name]
         ridge = members.ridges.get(name) or members._build_ridge(name, int(x[0].numel()))
-        if ridge.evaluated:  # the batches since the last evaluation
+        if ridge.evaluated and ridge.config.reset_statistics == "after_evaluation":  # batches since the last one
             ridge.reset_train()
         ridge.train_step(x, y)
         outs[name] = None
