@@ -165,7 +165,7 @@ def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer, device):
     bf16_vs_float32 = _max_distance([ref.module for ref in refs.values()], [r.module for r in float32_refs.values()])
     # cuBLAS's bf16 kernels pick their accumulation order by shape, so the bank's batched matmuls and a probe's single
     # ones round differently on CUDA: one H100 run (torch 2.11) measured AdamW 1.0e-3 against 2.1e-3 from float32,
-    # SGD 2.3e-5 against 6.5e-5, LARS 2.1e-5 against 6.5e-5. There the bank is still nearer the bf16 probes than
+    # SGD 2.1e-5 against 6.5e-5, LARS 2.3e-5 against 6.5e-5. There the bank is still nearer the bf16 probes than
     # bf16 is to float32, with the margins below; on the CPU the orders are closer and the bounds tighter.
     atol, closer_by = (5e-4, 5.0) if device == "cpu" else (3e-3, 1.5)
     assert bf16_error <= atol, (bf16_error, bf16_vs_float32)
