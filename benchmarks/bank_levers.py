@@ -9,7 +9,8 @@ its stand-in SSL loss, backward and AdamW step, then one `ProbeBank.train_step` 
 (16 learning rates x 4 weight decays), SGD with momentum 0.9, top-1 and top-5. Variants, interleaved in rotated order
 every round; the overhead is the median over rounds of (variant / ``none`` of the same round) - 1:
 
-- ``none``: no bank; ``eager``: the bank on the training's stream (the current default);
+- ``none``: no bank; ``eager``: the bank on the training's stream (the serial path, the library's default
+  until Session J);
 - ``side``: the bank's step on a side CUDA stream that waits for the features only (`distprobe.engine.streams`);
 - ``fused``: the SGD update as one compiled kernel (`distprobe.engine.fused_update`);
 - ``tf32``: the logits' matmuls in TF32 (float32 weights kept);
