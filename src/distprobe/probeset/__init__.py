@@ -6,7 +6,7 @@
   the engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
 - `inputs.py`: how a step's tensors reach each member, and the first batch's checks, decided on every rank at once;
 - `training.py`: one micro-batch: the probes as one group, then the banks, the kNN buffers and the ridge statistics;
-- `side_stream.py`: the GPU side stream the probe work runs on (on by default on CUDA);
+- `side_stream.py`: the GPU side stream the probe work runs on (on by default for one process on CUDA);
 - `values.py`: evaluation batches, and every member's metric values with one flat sync for the probes;
 - `checkpoint.py`: `state_dict` / `load_state_dict`, keyed by member name.
 
