@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,15 +128,17 @@ class Probe:
     """The train, validation, loss and bad-data metric collections."""
     dp_group: dist.ProcessGroup | None
     """The data-parallel group the probe is replicated over (None: a single replica)."""
-    hyperparameters: InitVar[list[dict[str, Any]] | None] = None
-    """The optimizer's rates before any scheduler touched them (OneCycleLR and CyclicLR rewrite ``lr`` when built);
-    None: read from ``optimizer`` now."""
+    initial_hyperparameters: list[dict[str, Any]] | None = field(default=None, repr=False)
+    """Each param group's settings (``params`` left out) before any scheduler touched them: OneCycleLR and CyclicLR
+    rewrite ``lr`` when built, and the scheduler rebuilt for the run's length starts from these. None: read from
+    ``optimizer`` at construction."""
 
-    def __post_init__(self, hyperparameters: list[dict[str, Any]] | None) -> None:
+    def __post_init__(self) -> None:
         # Looked up once: the Parameter objects never change (loading and unsharing keep them), and a generator per
         # step is host time the step pays on every probe.
         self._first_param = next(self.module.parameters())
-        self._hyperparameters = hyperparameters if hyperparameters is not None else _hyperparameters(self.optimizer)
+        if self.initial_hyperparameters is None:
+            self.initial_hyperparameters = _hyperparameters(self.optimizer)
         self._scheduler_restored = False
         self._ignore_index = bad_data.ignore_index_of(self.loss_fn)
         self._buffers = [b for b in self.module.buffers() if b.is_floating_point()]
@@ -199,7 +201,7 @@ class Probe:
             loss_fn=config.make_loss_fn(),
             metrics=metrics,
             dp_group=dp_group,
-            hyperparameters=hyperparameters,
+            initial_hyperparameters=hyperparameters,
         )
 
     @property
@@ -353,7 +355,8 @@ class Probe:
             return
         # Undo what building the first scheduler wrote into the optimizer (OneCycleLR, CyclicLR set `lr`, LinearLR
         # applies its start factor, cycling schedulers also set momenta): the rebuild starts from the user's rates.
-        for group, hyperparameters in zip(self.optimizer.param_groups, self._hyperparameters, strict=True):
+        assert self.initial_hyperparameters is not None, "set by __post_init__"
+        for group, hyperparameters in zip(self.optimizer.param_groups, self.initial_hyperparameters, strict=True):
             for key in [k for k in group if k != "params"]:
                 del group[key]
             group.update(hyperparameters)
