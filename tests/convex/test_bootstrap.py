@@ -46,3 +46,15 @@ def test_bad_arguments_are_refused():
         bootstrap_interval(torch.tensor([]))
     with pytest.raises(ValueError, match="resamples=0, level=0.95"):
         bootstrap_interval(torch.ones(3), resamples=0)
+
+
+def test_the_plain_percentile_interval_is_one_argument_away():
+    # A skewed sample (90% right): the bias correction moves the lower end; the plain percentiles stay available.
+    values = (torch.rand(200, generator=torch.Generator().manual_seed(0)) < 0.9).double()
+    corrected = bootstrap_interval(values, resamples=1000)
+    plain = bootstrap_interval(values, resamples=1000, method="percentile")
+    assert corrected.value == plain.value
+    assert (corrected.low, corrected.high) != (plain.low, plain.high)
+    assert plain.low <= plain.value <= plain.high
+    with pytest.raises(ValueError, match="method 'bias_corrected' or 'percentile'"):
+        bootstrap_interval(values, method="bca")  # type: ignore[arg-type]

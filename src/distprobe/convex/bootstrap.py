@@ -39,9 +39,14 @@ class Interval:
 
 
 def bootstrap_interval(
-    per_sample: torch.Tensor, *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+    per_sample: torch.Tensor,
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    method: Method = "bias_corrected",
 ) -> Interval:
-    """The mean of ``per_sample`` ``(N,)`` and its bias-corrected percentile bootstrap interval at ``level``.
+    """The mean of ``per_sample`` ``(N,)`` and its bootstrap interval at ``level`` (``method``: see `bootstrap_bounds`).
 
     Example:
         >>> interval = bootstrap_interval(torch.tensor([1.0, 0.0, 1.0, 1.0]), resamples=200)
@@ -57,7 +62,7 @@ def bootstrap_interval(
         )
     n = values.numel()
     mean = lambda counts: counts @ values[:, None] / n  # noqa: E731
-    low, high = bootstrap_bounds(n, mean, resamples=resamples, level=level, seed=seed)[:, 0]
+    low, high = bootstrap_bounds(n, mean, resamples=resamples, level=level, seed=seed, method=method)[:, 0]
     return Interval(float(values.mean()), float(low), float(high), level, resamples)
 
 
