@@ -39,17 +39,17 @@ def test_embedding_monitor_step_runs_with_no_host_sync():
     from distprobe.callbacks.monitors import EmbeddingMonitor
 
     monitor = EmbeddingMonitor(None, "m", input="rows", metrics=("rankme", "lidar"), view_key="view_ids")
-    monitor._device = torch.device("cuda")  # what setup takes from the strategy
+    monitor.monitor.place(None, torch.device("cuda"))  # what setup takes from the strategy
     rows = low_rank_views(n=16, q=2, d=8).transpose(0, 1).reshape(-1, 8).cuda()
-    # What the coordinator hands the monitor each step: its read of (features, sample ids, view ids).
+    # What the coordinator hands the monitor's engine each step, through its ProbeSet: (features, sample ids, views).
     read = (rows, None, torch.arange(2, device="cuda").repeat_interleave(16))
     assert monitor.first_batch_problem(read) is None
-    monitor.train_alone(read)  # first batch: builds the metrics
+    monitor.monitor.train_step(*read)  # first batch: builds the metrics
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            monitor.train_alone(read)
+            monitor.monitor.train_step(*read)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert monitor.metrics["train"]["lidar"].num_samples.item() == 64

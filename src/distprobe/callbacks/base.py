@@ -40,8 +40,6 @@ class ProbeCallback(Callback):
         own_data: The callback's own labeled data, or None to read the main batches.
     """
 
-    in_probe_set: ClassVar[bool] = True
-    """Whether the engine trains as a member of the coordinator's `ProbeSet` (else through `train_alone`)."""
     ticks_global_step: ClassVar[bool] = False
     """Whether this kind's optimizer steps may stand for the training's steps (see `Coordinator._tick_global_step`)."""
 
@@ -114,19 +112,6 @@ class ProbeCallback(Callback):
         """The engine's inputs from the source's tensors (one tensor per source, and the targets)."""
         return features[0], targets
 
-    def train_alone(self, read: Any) -> Any:
-        """A step of an engine outside the probe set (monitors); its result is this member's step output."""
-        raise NotImplementedError(f"{type(self).__name__} trains in the probe set")
-
-    def window_due(self) -> bool:
-        """Whether values of this member are computed at this training batch (monitors' windows)."""
-        return False
-
-    @staticmethod
-    def values_together(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
-        """The values of several members of a kind outside the probe set, computed with one collective."""
-        raise NotImplementedError
-
     def takes_part(self, trainer: pl.Trainer, stage: Stage) -> bool:
         """Whether this member computes (and logs) values at this epoch's end."""
         return self._engine is not None
@@ -192,7 +177,7 @@ class ProbeCallback(Callback):
         self._hand_over()
 
     def _hand_over(self) -> None:
-        if self._coordinator is not None and self._engine is not None and self.in_probe_set:
+        if self._coordinator is not None and self._engine is not None:
             self.add_to(self._coordinator.probe_set)
 
     def add_to(self, probe_set: Any) -> None:

@@ -1,15 +1,14 @@
 """`Coordinator`: the distprobe callbacks of one Trainer, trained and synced as one `distprobe.loop.ProbeSet`.
 
 Every distprobe callback joins its Trainer's coordinator in ``setup`` (in callback order, the same on every rank)
-and hands over its engine: a probe, a bank, a kNN or a ridge probe becomes a member of the coordinator's `ProbeSet`,
-the object a torchrun user drives by hand. Monitors join as members of their own kind. The callbacks never look for
-each other:
+and hands over its engine: a probe, a bank, a kNN, a ridge probe or a monitor becomes a member of the coordinator's
+`ProbeSet`, the object a torchrun user drives by hand. The callbacks never look for each other:
 
 - **a training batch**: the first distprobe callback whose ``on_train_batch_end`` runs calls `train_batch`; it reads
   every member's features (each through the source it chose at setup), checks the first batch of each with one
-  collective, and runs `ProbeSet.train` (the probes as one group, then banks, kNNs and ridge probes) and the monitors'
-  updates. Each callback then takes its own result with `step_output` in its own hook. A user's subclass that
-  overrides the hook stays a member: its probe trains in the group whichever hook runs first;
+  collective, and runs `ProbeSet.train` (the probes as one group, then banks, kNNs, ridge probes and monitors, whose
+  closing windows are computed there). Each callback then takes its own result with `step_output` in its own hook.
+  A user's subclass that overrides the hook stays a member: its probe trains in the group whichever hook runs first;
 - **an epoch end**: the first callback to reach it computes every member's values (one flat sync for the probes,
   one for the monitors) with `epoch_values`; each callback logs its own and resets its own states;
 - **user callbacks**: each probe optimizer step calls the Trainer's callbacks' ``on_before_optimizer_step`` with the
@@ -23,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
@@ -45,7 +44,7 @@ _COORDINATORS: weakref.WeakKeyDictionary[pl.Trainer, Coordinator] = weakref.Weak
 
 
 class Coordinator:
-    """The members of one Trainer: a `ProbeSet` for probes, banks, kNNs and ridge probes, and the monitors beside it.
+    """The members of one Trainer, and their engines as one `ProbeSet`.
 
     It holds no reference to the Trainer (the weak dictionary's key): every method that needs it takes it.
     """
@@ -118,16 +117,9 @@ class Coordinator:
             if not own_data:
                 reads = self._read_all(trainer, pl_module, outputs, batch)
             before_step = self._before_optimizer_step(trainer) if self._user_hooks else None
-            in_set = {m.name: read for m, read in reads.items() if m.in_probe_set}
-            self._step_outputs = self.probe_set.train(in_set, before_step)
-            for member, read in reads.items():
-                if not member.in_probe_set:
-                    self._step_outputs[member.name] = member.train_alone(read)
+            self._step_outputs = self.probe_set.train({m.name: read for m, read in reads.items()}, before_step)
             results.append(self._step_outputs)
         self._tick_global_step(trainer)
-        due = [m for m in self.members if m.window_due()]
-        if due:
-            self._step_outputs.update(_values_of(due, "train"))
 
     def mark(self) -> None:
         """Where this batch's features are ready on the training's stream (``on_before_backward``; CUDA only)."""
@@ -214,23 +206,9 @@ class Coordinator:
         values = self._epoch_values[stage]
         if values is None:
             members = [m for m in self.members if m.takes_part(trainer, stage)]
-            names = [m.name for m in members if m.in_probe_set]
             compute = self.probe_set.train_values if stage == "train" else self.probe_set.eval_values
-            values = compute(names)
-            values.update(_values_of([m for m in members if not m.in_probe_set], stage))
-            self._epoch_values[stage] = values
+            values = self._epoch_values[stage] = compute([m.name for m in members])
         return values
-
-
-def _values_of(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
-    """The values of members outside the probe set (monitors), computed together by their own kind."""
-    values: dict[str, dict[str, torch.Tensor]] = {}
-    by_kind: dict[Any, list[ProbeCallback]] = {}
-    for member in members:
-        by_kind.setdefault(type(member).values_together, []).append(member)
-    for compute, same in by_kind.items():
-        values.update(compute(same, stage))
-    return values
 
 
 def _first_read(member: ProbeCallback, read: Callable[[], Any]) -> tuple[Any, str | None]:

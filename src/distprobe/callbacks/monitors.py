@@ -10,15 +10,12 @@ import torch
 from torchmetrics import Metric
 from typing_extensions import override
 
-from distprobe import keys
 from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
 from distprobe.callbacks.cadence import log_reduced
 from distprobe.features.dtensor import whole
 from distprobe.features.lookup import lookup
 from distprobe.metrics.exact import valid_in_loader_batch
-from distprobe.metrics.flat_sync import compute_metrics_synced
-from distprobe.monitors.functional import occurrence_index
-from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
+from distprobe.monitors.member import EmbeddingMonitorEngine, MonitorConfig, MonitorRead
 from distprobe.strategies.groups import data_parallel_group
 
 
@@ -27,7 +24,9 @@ class EmbeddingMonitor(ProbeCallback):
 
     Features are read as `OnlineProbe` reads them (a key of the step's outputs, of the batch, or a submodule tap)
     and summed on their device with no host sync. At each epoch's end (or every ``every_n_steps`` training
-    batches) the monitors of every `EmbeddingMonitor` of the trainer are computed with one flat all-reduce.
+    batches) the monitors of every `EmbeddingMonitor` of the trainer are computed with one flat all-reduce. The
+    engine (`distprobe.monitors.member.EmbeddingMonitorEngine`) is a member of the Trainer's `distprobe.loop.ProbeSet`,
+    the one a torchrun loop builds with ``ProbeSet.build(monitors=...)``.
 
     Args:
         module: The LightningModule to monitor (None: taken at ``setup``); kept for the reference API's shape.
@@ -55,8 +54,6 @@ class EmbeddingMonitor(ProbeCallback):
         ...                            view_key="view", stage=("train", "val"))
     """
 
-    in_probe_set = False
-
     def __init__(
         self,
         module: pl.LightningModule | None,
@@ -72,79 +69,64 @@ class EmbeddingMonitor(ProbeCallback):
         centered: bool = False,
     ) -> None:
         require_keys("monitor", name, input=input)
-        kinds = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-        unknown = [k for k in kinds if k not in MONITORS]
-        if unknown or not kinds:
-            raise ValueError(
-                f"monitor '{name}': argument 'metrics' got {metrics!r}; expected some of {sorted(MONITORS)}."
-            )
-        stages = (stage,) if isinstance(stage, str) else tuple(stage)
-        if not stages or any(s not in keys.LOG_STAGE for s in stages):
-            raise ValueError(f"monitor '{name}': argument 'stage' got {stage!r}; expected 'train', 'val' or both.")
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"monitor '{name}': argument 'every_n_steps' got {every_n_steps!r}; expected an int >= 1.")
-        if sample_key is not None and view_key is not None:
-            raise ValueError(f"monitor '{name}': got both 'sample_key' and 'view_key'; pass the one the batch holds.")
+        config = MonitorConfig(
+            name=name,
+            input=input,
+            metrics=metrics,
+            sample_key=sample_key,
+            view_key=view_key,
+            stage=stage,
+            every_n_steps=every_n_steps,
+            dim=dim,
+            centered=centered,
+        )
         super().__init__(name, [input], None, None)
         self.input = input
-        self.kinds = kinds
-        self.sample_key = sample_key
-        self.view_key = view_key
-        self.stages = stages
-        self.every_n_steps = every_n_steps
-        self.centered = centered
-        self.metrics: dict[str, dict[str, Metric]] = {}
+        self.config = config
+        # The engine exists from the start: its metrics are built from ``dim`` or the first batch, on the device
+        # `set_up` gives it.
+        self._engine = EmbeddingMonitorEngine(config)
+
+    @property
+    def monitor(self) -> EmbeddingMonitorEngine:
+        """The engine: a member of the Trainer's `distprobe.loop.ProbeSet` from ``setup`` on."""
+        engine: EmbeddingMonitorEngine = self._engine
+        return engine
+
+    @property
+    def metrics(self) -> dict[str, dict[str, Metric]]:
         """Per stage, the monitors by name (built at setup when ``dim`` is given, else at the first batch)."""
-        self.train_batches = 0
+        return self.monitor.metrics
+
+    @property
+    def train_batches(self) -> int:
         """Training batches seen, across epochs: the ``every_n_steps`` windows count them."""
-        self._dim = dim
-        self._group: Any = None
-        self._device = torch.device("cpu")
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        # The summed states are rank-local and only rank 0's state is written: a resumed run starts a new epoch's
-        # (or window's) sums, keeping only where the windows fall.
-        return {"train_batches": self.train_batches}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.train_batches = int(state_dict.get("train_batches", 0))
+        return self.monitor.train_batches
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
-    def _build(self, dim: int) -> None:
-        for stage in self.stages:
-            options = {"centered": self.centered}
-            self.metrics[stage] = {
-                kind: build_monitor(kind, dim, **(options if kind == "rankme" else {})).to(self._device)
-                for kind in self.kinds
-            }
-
     @override
     def set_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._group = data_parallel_group(trainer.strategy)
-        self._device = trainer.strategy.root_device
-        if self._dim is not None and not self.metrics:
-            self._build(self._dim)
-        for metrics in self.metrics.values():
-            for metric in metrics.values():
-                metric.to(self._device)
+        self.monitor.place(data_parallel_group(trainer.strategy), trainer.strategy.root_device)
+
+    @override
+    def add_to(self, probe_set: Any) -> None:
+        probe_set.add_monitor(self.monitor)
 
     @override
     def watches(self, stage: Stage) -> bool:
-        return stage in self.stages
+        return self.monitor.watches(stage)
 
     # --- reading a step's features ------------------------------------------------------------------------------
 
-    def _read(self, outputs: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _read(self, outputs: Any, batch: Any) -> MonitorRead:
         assert self._source is not None, "read after setup"
         features = whole(self._source.read(outputs, batch)[0][0])  # a DTensor (tensor parallelism): the whole batch
         sample_ids = view_ids = None
-        if self.sample_key is not None:
-            sample_ids = lookup(self.sample_key, outputs, batch, probe_name=self.name, argument="sample_key")
-        if self.view_key is not None:
-            view_ids = lookup(self.view_key, outputs, batch, probe_name=self.name, argument="view_key")
+        if self.config.sample_key is not None:
+            sample_ids = lookup(self.config.sample_key, outputs, batch, probe_name=self.name, argument="sample_key")
+        if self.config.view_key is not None:
+            view_ids = lookup(self.config.view_key, outputs, batch, probe_name=self.name, argument="view_key")
         return features, sample_ids, view_ids
 
     @override
@@ -153,90 +135,34 @@ class EmbeddingMonitor(ProbeCallback):
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:
-        return self._problem(*read)
+        return self.monitor.problem(*read, input_key=self.input)
 
-    def _problem(self, features: Any, sample_ids: Any, view_ids: Any) -> str | None:
-        """What is wrong with the first batch, or None (shapes only: no host sync)."""
-        where = f"monitor '{self.name}': input {self.input!r}"
-        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-            return f"{where} is a {type(features).__name__}; expected a floating-point tensor of features."
-        if features.ndim not in (2, 3):
-            return f"{where} has shape {tuple(features.shape)}; expected (batch, dim) or (batch, views, dim)."
-        if self._dim is not None and features.shape[-1] != self._dim:
-            return f"{where} has {features.shape[-1]} features; the monitor was built with dim={self._dim}."
-        ids = sample_ids if sample_ids is not None else view_ids
-        if "lidar" in self.kinds and features.ndim == 2 and ids is None:
-            return (
-                f"{where} holds (rows, dim) features and LiDAR has no way to group them: pass sample_key (each row's "
-                "source-sample id) or view_key (each row's view index), or return (samples, views, dim) features."
-            )
-        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.numel() != features.shape[0]):
-            got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            return f"monitor '{self.name}': sample or view ids of shape {got}; expected one per row of {self.input!r}."
-        return None
-
-    def _update(self, stage: str, read: Any, num_valid: int | None = None) -> None:
-        features, sample_ids, view_ids = read
-        features = features.detach()
-        if not self.metrics:
-            self._dim = int(features.shape[-1])
-            self._build(self._dim)
-        if view_ids is not None:
-            sample_ids = occurrence_index(view_ids.to(features.device))
-        if num_valid is not None and sample_ids is None:
-            features = features[:num_valid]
-        elif num_valid is not None and sample_ids is not None:
-            keep = sample_ids < num_valid  # a boolean index: one host sync, only on a padded last batch
-            features, sample_ids = features[keep], sample_ids[keep]
-        for metric in self.metrics[stage].values():
-            if isinstance(metric, LiDAR):
-                metric.update(features, sample_ids)
-            else:
-                metric.update(features)
-
-    # --- hooks --------------------------------------------------------------------------------------------------
-
-    @override
-    def train_alone(self, read: Any) -> Any:
-        self._update("train", read)
-        self.train_batches += 1
-
-    @override
-    def window_due(self) -> bool:
-        # The counts are the same on every rank, so every rank joins the same all-reduce.
-        n = self.every_n_steps
-        return n is not None and "train" in self.stages and self.train_batches > 0 and self.train_batches % n == 0
-
-    @staticmethod
-    @override
-    def values_together(members: Sequence[ProbeCallback], stage: Stage) -> dict[str, dict[str, torch.Tensor]]:
-        monitors = [m for m in members if isinstance(m, EmbeddingMonitor)]
-        return {m.name: values for m, values in zip(monitors, _compute(monitors, stage), strict=True)}
+    # --- training: the coordinator's probe set updates the metrics and closes the windows -----------------------
 
     @override
     def takes_part(self, trainer: pl.Trainer, stage: Stage) -> bool:
-        return stage in self.stages and (stage == "val" or self.every_n_steps is None)
+        return self.monitor.per_epoch(stage)
 
     @override
     def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:
-        if out:  # a window closed: its values
-            self._reset("train")
+        if out:  # a window closed: its values (the probe set has started the next window's sums)
             log_reduced(pl_module, out, on_step=True)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        if self.every_n_steps is None:
-            self._reset("train")
+        if self.config.every_n_steps is None:
+            self.monitor.reset("train")
+
+    # --- validation ---------------------------------------------------------------------------------------------
 
     @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_epoch_start(trainer, pl_module)
-        self._reset("val")
+    def start_eval_epoch(self) -> None:
+        self.monitor.reset("val")
 
     @override
     def evaluates(self, trainer: pl.Trainer) -> bool:
-        return "val" in self.stages
+        return self.monitor.watches("val")
 
     @override
     def eval_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
@@ -248,20 +174,17 @@ class EmbeddingMonitor(ProbeCallback):
 
     @override
     def valid_samples(self, loader: Any, batch_idx: int, read: Any) -> int | None:
-        return None if self.sample_key is not None else _real_samples_in_batch(loader, batch_idx)
+        return None if self.config.sample_key is not None else _real_samples_in_batch(loader, batch_idx)
 
     @override
     def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        self._update("val", read, num_valid)
+        features, sample_ids, view_ids = read
+        self.monitor.update("val", features, sample_ids, view_ids, num_valid=num_valid)
         return None
 
     @override
     def reset_epoch(self, stage: Stage) -> None:
-        self._reset(stage)
-
-    def _reset(self, stage: str) -> None:
-        for metric in self.metrics.get(stage, {}).values():
-            metric.reset()
+        self.monitor.reset(stage)
 
 
 def _real_samples_in_batch(loader: Any, batch_idx: int) -> int | None:
@@ -274,18 +197,3 @@ def _real_samples_in_batch(loader: Any, batch_idx: int) -> int | None:
     if num_valid is None or (isinstance(batch_size, int) and num_valid >= batch_size):
         return None
     return num_valid
-
-
-def _compute(monitors: Sequence[EmbeddingMonitor], stage: str) -> list[dict[str, torch.Tensor]]:
-    """Each monitor's logged values, with one flat all-reduce per data-parallel group for all of them."""
-    by_group: dict[int, list[EmbeddingMonitor]] = {}
-    for monitor in monitors:
-        by_group.setdefault(id(monitor._group), []).append(monitor)
-    values: dict[int, dict[str, torch.Tensor]] = {}
-    for members in by_group.values():
-        metrics = [(m, kind, metric) for m in members for kind, metric in m.metrics.get(stage, {}).items()]
-        computed = compute_metrics_synced([metric for _, _, metric in metrics], members[0]._group)
-        for (member, kind, _), value in zip(metrics, computed, strict=True):
-            logged = keys.key(keys.LOG_STAGE[stage], member.name, kind)
-            values.setdefault(id(member), {})[logged] = value.float()
-    return [values.get(id(m), {}) for m in monitors]

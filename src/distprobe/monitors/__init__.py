@@ -14,17 +14,22 @@ all-reduce::
     values = compute_metrics_synced([rankme, lidar], group)  # one all-reduce, the same values on every rank
     rankme.reset(); lidar.reset()
 
-See docs/monitors.md.
+Or give `distprobe.loop.ProbeSet.build` their `MonitorConfig`s (``monitors=``): the set checks, updates, windows and
+computes them with its other members. See docs/monitors.md.
 """
 
 from distprobe.monitors.functional import effective_rank, lidar_from_sums, per_sample_statistics, rankme_from_sums
+from distprobe.monitors.member import EmbeddingMonitorEngine, MonitorConfig, compute_monitors
 from distprobe.monitors.metrics import MONITORS, LiDAR, RankMe, build_monitor
 
 __all__ = [
     "MONITORS",
+    "EmbeddingMonitorEngine",
     "LiDAR",
+    "MonitorConfig",
     "RankMe",
     "build_monitor",
+    "compute_monitors",
     "effective_rank",
     "lidar_from_sums",
     "per_sample_statistics",

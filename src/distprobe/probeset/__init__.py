@@ -2,10 +2,11 @@
 
 - `probe_set.py`: `ProbeSet`, its constructors (`ProbeSet.build` from specs) and public methods; each method is a
   short call into one of the files below;
-- `members.py`: `Members`, who is in the set: add, remove and look up probes, banks, kNNs and ridge probes, and build
-  the engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
+- `members.py`: `Members`, who is in the set: add, remove and look up probes, banks, kNNs, ridge probes and monitors,
+  and build the engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
 - `inputs.py`: how a step's tensors reach each member, and the first batch's checks, decided on every rank at once;
-- `training.py`: one micro-batch: the probes as one group, then the banks, the kNN buffers and the ridge statistics;
+- `training.py`: one micro-batch: the probes as one group, then the banks, the kNN buffers, the ridge statistics and
+  the monitors (closing their due windows);
 - `side_stream.py`: the GPU side stream the probe work runs on (on by default for one process on CUDA);
 - `values.py`: evaluation batches, and every member's metric values with one flat sync for the probes;
 - `checkpoint.py`: `state_dict` / `load_state_dict`, keyed by member name.

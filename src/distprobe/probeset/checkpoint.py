@@ -22,6 +22,7 @@ def state_of(members: Members) -> dict[str, dict[str, Any]]:
     state.update({name: bank.state_dict() for name, bank in members.banks.items()})
     state.update({name: knn.state_dict() for name, knn in members.knns.items()})  # rank 0's: every shard
     state.update({name: ridge.state_dict() for name, ridge in members.ridges.items()})  # the group's sums
+    state.update({name: monitor.state_dict() for name, monitor in members.monitors.items()})  # where windows fall
     return state
 
 
@@ -48,6 +49,8 @@ def load_state(members: Members, state: Mapping[str, Mapping[str, Any]]) -> None
                 pending[name] = state[name]
                 build(name, int(state[name]["in_features"]))
     extra = sorted(set(state) - set(members.probes) - set(members.bank_specs) - set(members.knn_specs))
-    extra = sorted(set(extra) - set(members.ridge_specs))
+    for name in (n for n in members.monitors if n in state):
+        members.monitors[name].load_state_dict(state[name])
+    extra = sorted(set(extra) - set(members.ridge_specs) - set(members.monitors))
     if extra:
         log.warning("ProbeSet.load_state_dict: ignoring state of probes %s that are not in this set.", extra)

@@ -20,6 +20,7 @@ from distprobe.engine.checks import (
     world_check_group,
 )
 from distprobe.knn.checks import first_batch_problem as knn_first_batch_problem
+from distprobe.monitors.member import MonitorRead
 from distprobe.probeset.members import Members
 from distprobe.routing import ProbeSpec, Tensors, first_batch_problems_of, one_input, pick
 
@@ -58,9 +59,34 @@ def ridge_inputs(members: Members, name: str, features: Tensors, targets: Tensor
     return one_input(members.ridge_specs[name], name, features, targets)
 
 
+def monitor_inputs(members: Members, name: str, features: Tensors, targets: Tensors) -> MonitorRead:
+    """Monitor ``name``'s features (by ``input``) and each row's sample id or view index, or None.
+
+    The ids are found by ``sample_key`` or ``view_key`` in the features' mapping, then in the targets'.
+    """
+    config = members.monitors[name].config
+    x = pick(features, config.input, probe_name=name, argument="input")
+    ids = {"sample_key": config.sample_key, "view_key": config.view_key}
+    found = {argument: _id_tensor(name, argument, key, features, targets) for argument, key in ids.items()}
+    return x, found["sample_key"], found["view_key"]
+
+
+def _id_tensor(name: str, argument: str, key: str | None, features: Tensors, targets: Tensors) -> torch.Tensor | None:
+    if key is None:
+        return None
+    for tensors in (features, targets):
+        if isinstance(tensors, Mapping) and key in tensors:
+            return tensors[key]
+    available = sorted(k for t in (features, targets) if isinstance(t, Mapping) for k in t)
+    raise ValueError(
+        f"monitor '{name}': {argument} {key!r} not found in the step's features or targets; available keys: "
+        f"{available}; pass the ids in one of the two mappings."
+    )
+
+
 def step_inputs(
     members: Members, features: Tensors, targets: Tensors, *, first_batch: bool
-) -> dict[str, tuple[Any, torch.Tensor]]:
+) -> dict[str, tuple[Any, ...]]:
     """Every member's ``(features, targets)`` for one training step, by name (a bank's features: one per source).
 
     Args:
@@ -72,13 +98,16 @@ def step_inputs(
     routed = (
         checked_probe_inputs(members, features, targets) if first_batch else probe_inputs(members, features, targets)
     )
-    inputs: dict[str, tuple[Any, torch.Tensor]] = dict(routed)
+    inputs: dict[str, tuple[Any, ...]] = dict(routed)
     for name in members.bank_specs:
         inputs[name] = bank_inputs(members, name, features, targets)
     for name in members.knn_specs:
         inputs[name] = knn_inputs(members, name, features, targets)
     for name in members.ridge_specs:
         inputs[name] = ridge_inputs(members, name, features, targets)
+    for name, monitor in members.monitors.items():
+        if monitor.watches("train"):
+            inputs[name] = monitor_inputs(members, name, features, targets)
     return inputs
 
 
@@ -129,6 +158,11 @@ def checked_probe_inputs(
         lambda name, spec, read: class_index_problem(
             f"ridge '{name}'", {spec.config.input or "features": read[0]}, read[1], spec.config.num_classes
         ),
+    )
+    problems += first_batch_problems_of(
+        {name: m for name, m in members.monitors.items() if m.watches("train")},
+        lambda name, _: monitor_inputs(members, name, features, targets),
+        lambda name, monitor, read: monitor.problem(*read),
     )
     # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
     raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())

@@ -1,8 +1,9 @@
 """Who is in a `ProbeSet`: its members by name, how they are added, removed and looked up, and their engines built.
 
-A probe's engine exists from the start. A bank's, a kNN's and a ridge probe's engines are sized by their inputs, so
-each exists from the start when its config gives ``in_features``, else from the first step's features, or from a
-checkpoint's saved sizes; state loaded before an engine exists waits until it is built.
+A probe's and a monitor's engines exist from the start (a monitor builds its metrics from its first batch). A bank's, a
+kNN's and a ridge probe's engines are sized by their inputs, so each exists from the start when its config gives
+``in_features``, else from the first step's features, or from a checkpoint's saved sizes; state loaded before an engine
+exists waits until it is built.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from distprobe.bank.checks import feature_sizes
 from distprobe.convex.online import RidgeConfig, RidgeProbe, RidgeSpec, to_ridge_spec
 from distprobe.engine import Probe, maths
 from distprobe.knn import KNNConfig, KNNSpec, ShardedKNN, to_knn_spec
+from distprobe.monitors.member import EmbeddingMonitorEngine, MonitorConfig, to_monitor_config
 from distprobe.routing import BankSpec, ProbeSpec, to_bank_spec
 
 
 class Members:
-    """The probes, banks, kNNs and ridge probes of a set, by name, and their engines once built.
+    """The probes, banks, kNNs, ridge probes and embedding monitors of a set, by name, and their engines once built.
 
     The base of `ProbeSet`, which adds the training, the values and the checkpoints over these members.
     """
@@ -50,6 +52,8 @@ class Members:
         self.ridges: dict[str, RidgeProbe] = {}
         """The ridge probes whose statistics exist: from `build` with ``in_features``, else from the first `step`."""
         self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
+        self.monitors: dict[str, EmbeddingMonitorEngine] = {}
+        """The embedding monitors (their metrics are built from ``dim``, else from the first batch they read)."""
 
     def _join(
         self,
@@ -58,6 +62,7 @@ class Members:
         banks: Sequence[BankSpec],
         knns: Sequence[KNNSpec],
         ridges: Sequence[RidgeSpec],
+        monitors: Sequence[MonitorConfig] = (),
     ) -> None:
         """Take the members a set starts with; build the engines whose configs give their input sizes."""
         self.probes.update({p.name: p for p in probes})
@@ -69,6 +74,8 @@ class Members:
                 self._build_bank(name, {s: int(v) for s, v in sizes.items() if v is not None})
         self.knn_specs.update({k.config.name: k for k in knns})
         self.ridge_specs.update({r.config.name: r for r in ridges})
+        for config in monitors:
+            self.monitors[config.name] = EmbeddingMonitorEngine(config, self.dp_group, self._device)
         for members, _, _, build in self._sized_kinds():
             for name, member in members.items():
                 if member.config.in_features is not None:
@@ -108,6 +115,15 @@ class Members:
         ridge_spec = to_ridge_spec(spec)
         self._add(ridge_spec.config.name, ridge_spec, ridge, self.ridge_specs, self.ridges)
 
+    def add_monitor(self, monitor: EmbeddingMonitorEngine | MonitorConfig | Mapping[str, Any]) -> None:
+        """Add an embedding monitor: its engine (a Lightning callback's), or a config it is built from."""
+        if not isinstance(monitor, EmbeddingMonitorEngine):
+            monitor = EmbeddingMonitorEngine(to_monitor_config(monitor), self.dp_group, self._device)
+        if self.monitors.get(monitor.name) is monitor:
+            return
+        self._refuse_taken(monitor.name)
+        self.monitors[monitor.name] = monitor
+
     def _add(self, name: str, spec: Any, engine: Any, specs: dict[str, Any], engines: dict[str, Any]) -> None:
         if name not in specs:
             self._refuse_taken(name)
@@ -121,12 +137,14 @@ class Members:
             members.pop(name, None)
         self.ridge_specs.pop(name, None)
         self.ridges.pop(name, None)
+        self.monitors.pop(name, None)
 
     def _refuse_taken(self, name: str) -> None:
-        if name in self.probes or name in self.bank_specs or name in self.knn_specs or name in self.ridge_specs:
+        taken = (self.probes, self.bank_specs, self.knn_specs, self.ridge_specs, self.monitors)
+        if any(name in members for members in taken):
             raise ValueError(
-                f"probe '{name}': argument 'name' is already used by another probe, bank or kNN of this set; give "
-                "each a unique name."
+                f"probe '{name}': argument 'name' is already used by another probe, bank, kNN, ridge or monitor of "
+                "this set; give each a unique name."
             )
 
     def _build_bank(self, name: str, in_features: dict[str, int]) -> ProbeBank:

@@ -23,6 +23,7 @@ from distprobe.engine.probe import merge
 from distprobe.engine.replicate import default_group
 from distprobe.engine.streams import tensors_in
 from distprobe.knn import KNNConfig, KNNSpec, to_knn_spec
+from distprobe.monitors.member import MonitorConfig, to_monitor_config
 from distprobe.probeset import checkpoint, values
 from distprobe.probeset.inputs import step_inputs
 from distprobe.probeset.members import Members
@@ -61,13 +62,16 @@ class ProbeSet(Members):
         knns: Sequence[KNNSpec] = (),
         ridges: Sequence[RidgeSpec] = (),
         overlap: bool | None = None,
+        monitors: Sequence[MonitorConfig] = (),
     ) -> None:
         assert len(probes) == len(specs)
         self._stream = LazySideStream(overlap, device)
         settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
         self._checked_first_batch = False
         super().__init__(dp_group, device, total_steps)
-        self._join(probes, specs, banks, knns, ridges)
+        self._join(probes, specs, banks, knns, ridges, monitors)
+        self.window_values: dict[str, torch.Tensor] = {}
+        """The values of the monitor windows (``every_n_steps``) that closed at the last `step`, by logged key."""
 
     @classmethod
     def build(
@@ -81,6 +85,7 @@ class ProbeSet(Members):
         knns: Sequence[KNNSpec | KNNConfig | Mapping[str, Any]] = (),
         ridges: Sequence[RidgeSpec | RidgeConfig | Mapping[str, Any]] = (),
         overlap: bool | None = None,
+        monitors: Sequence[MonitorConfig | Mapping[str, Any]] = (),
     ) -> ProbeSet:
         """Build every probe, in order, and replicate each over ``dp_group``.
 
@@ -103,6 +108,10 @@ class ProbeSet(Members):
                 ``dp_group``: `RidgeConfig`s, `RidgeSpec`s, or dicts of `RidgeConfig` fields plus ``target``. Each
                 sums the training batches since its last evaluation (``reset_statistics="by_owner"``: until your code
                 calls its ``reset_train``); the first `evaluate` after training solves it.
+            monitors: Label-free embedding monitors (`distprobe.monitors.member`: RankMe, LiDAR): `MonitorConfig`s or
+                dicts of its fields; ``sample_key``/``view_key`` are looked up in the step's features, then targets.
+                Their values: per epoch with `compute_train_metrics` / `compute_metrics`, or, with
+                ``every_n_steps``, in `window_values` after the `step` that closes a window.
             overlap: Run `step`'s work on a side CUDA stream (`mark`, `overlapped`). None: on, unless the environment
                 sets ``DISTPROBE_OVERLAP=0``. Exact either way; it has no effect on a CPU.
         """
@@ -112,12 +121,15 @@ class ProbeSet(Members):
         bank_specs = [to_bank_spec(b) for b in banks]
         knn_specs = [to_knn_spec(k) for k in knns]
         ridge_specs = [to_ridge_spec(r) for r in ridges]
-        if not normalised and not bank_specs and not knn_specs and not ridge_specs:
+        monitor_configs = [to_monitor_config(m) for m in monitors]
+        if not normalised and not bank_specs and not knn_specs and not ridge_specs and not monitor_configs:
             raise ValueError(
-                "ProbeSet.build: arguments 'specs', 'banks', 'knns' and 'ridges' are empty; give at least one probe."
+                "ProbeSet.build: arguments 'specs', 'banks', 'knns', 'ridges' and 'monitors' are empty; give at least "
+                "one probe."
             )
         names = [s.config.name for s in normalised] + [b.config.name for b in bank_specs]
         names += [k.config.name for k in knn_specs] + [r.config.name for r in ridge_specs]
+        names += [m.name for m in monitor_configs]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
@@ -141,6 +153,7 @@ class ProbeSet(Members):
             knns=knn_specs,
             ridges=ridge_specs,
             overlap=overlap,
+            monitors=monitor_configs,
         )
 
     def mark(self) -> None:
@@ -178,12 +191,13 @@ class ProbeSet(Members):
         inputs = step_inputs(self, features, targets, first_batch=not self._checked_first_batch)
         self._checked_first_batch = True
         outs = self.train(inputs)
-        # A bank's loss: its heads' (K,) losses; a kNN has no loss.
-        return {name: out.loss for name, out in outs.items() if out is not None}
+        self.window_values = {k: v for name in self.monitors for k, v in (outs.get(name) or {}).items()}
+        # A bank's loss: its heads' (K,) losses; a kNN, a ridge probe and a monitor have no loss.
+        return {name: out.loss for name, out in outs.items() if out is not None and name not in self.monitors}
 
     def train(
         self,
-        inputs: Mapping[str, tuple[Any, torch.Tensor]],
+        inputs: Mapping[str, tuple[Any, ...]],
         before_optimizer_step: Callable[[Probe], None] | None = None,
     ) -> dict[str, Any]:
         """One training micro-batch for the members named in ``inputs``, already routed and checked.
@@ -194,13 +208,14 @@ class ProbeSet(Members):
         (`distprobe.callbacks.coordinator`), with the features each callback read.
 
         Args:
-            inputs: By member name: ``(features, targets)`` for a probe or a kNN, ``([features per source],
-                targets)`` for a bank.
+            inputs: By member name: ``(features, targets)`` for a probe, a kNN or a ridge probe, ``([features per
+                source], targets)`` for a bank, ``(features, sample ids, view ids)`` for a monitor.
             before_optimizer_step: Called with each probe whose window closes, after its gradients are reduced and
                 before clipping and the optimizer step (see `ProbeGroup.train_step`).
 
         Returns:
-            By member name: a probe's `StepOutput`, a bank's `BankStepOutput`, None for a kNN.
+            By member name: a probe's `StepOutput`, a bank's `BankStepOutput`, None for a kNN or a ridge probe; for a
+            monitor, its window's values by logged key when its ``every_n_steps`` window closed here, else None.
         """
         with self.overlapped(tensors_in(inputs)) as results:
             outs = train_members(self, inputs, before_optimizer_step)

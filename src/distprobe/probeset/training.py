@@ -2,8 +2,9 @@
 
 The probes first, as one `distprobe.engine.ProbeGroup` (one backward, one bucketed all-reduce where their accumulation
 windows close together); then each bank's step; then each kNN's buffer takes this rank's samples; then each ridge
-probe sums its statistics (started anew after an evaluation, unless its config leaves that to its owner). A bank, kNN
-or ridge probe without an engine yet is built from this batch's sizes.
+probe sums its statistics (started anew after an evaluation, unless its config leaves that to its owner); then each
+embedding monitor adds the batch, and the monitors whose ``every_n_steps`` window closes compute their values together
+(one flat all-reduce). A bank, kNN or ridge probe without an engine yet is built from this batch's sizes.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-
 from distprobe.engine import Probe, ProbeGroup
+from distprobe.monitors.member import compute_monitors
 from distprobe.probeset.members import Members
 
 
 def train_members(
     members: Members,
-    inputs: Mapping[str, tuple[Any, torch.Tensor]],
+    inputs: Mapping[str, tuple[Any, ...]],
     before_optimizer_step: Callable[[Probe], None] | None,
 ) -> dict[str, Any]:
     """Train the members named in ``inputs`` on their ``(features, targets)``; return each one's output by name.
@@ -49,4 +49,12 @@ def train_members(
             ridge.reset_train()
         ridge.train_step(x, y)
         outs[name] = None
+    monitors = [members.monitors[n] for n in inputs if n in members.monitors]
+    for monitor in monitors:
+        monitor.train_step(*inputs[monitor.name])
+        outs[monitor.name] = None
+    due = [m for m in monitors if m.window_due()]  # the same on every rank: windows count batches
+    for monitor, window in zip(due, compute_monitors(due, "train") if due else [], strict=True):
+        monitor.reset("train")
+        outs[monitor.name] = window  # the window's values, by logged key
     return outs

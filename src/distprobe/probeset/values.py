@@ -1,7 +1,8 @@
 """Evaluation batches and metric values of a `ProbeSet`'s members, reduced over the data-parallel group.
 
 Every probe's metric states go through one flat sync (`distprobe.metrics.flat_sync.compute_synced`), not one
-collective per state; each bank, kNN and ridge probe computes its own. Keys are the logged names (`distprobe.keys`).
+collective per state; each bank, kNN and ridge probe computes its own, and the embedding monitors theirs together
+(one flat all-reduce for all of them). Keys are the logged names (`distprobe.keys`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from distprobe import keys
 from distprobe.bank.metrics_set import logged_keys
 from distprobe.engine.probe import merge
 from distprobe.metrics.flat_sync import compute_synced
-from distprobe.probeset.inputs import bank_inputs, knn_inputs, probe_inputs, ridge_inputs
+from distprobe.monitors.member import compute_monitors
+from distprobe.probeset.inputs import bank_inputs, knn_inputs, monitor_inputs, probe_inputs, ridge_inputs
 from distprobe.probeset.members import Members
 from distprobe.routing import Tensors
 
 
 def train_values(members: Members, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Each named probe's, bank's and ridge probe's train metrics since the last reset (all when None)."""
-    wanted = list(members.probes) + list(members.banks) + list(members.ridges) if names is None else list(names)
+    """Each named probe's, bank's, ridge probe's and monitor's train metrics since the last reset (all when None).
+
+    A monitor with ``every_n_steps`` gives its values at each window's close instead (`ProbeSet.train`).
+    """
+    everyone = list(members.probes) + list(members.banks) + list(members.ridges) + list(members.monitors)
+    wanted = everyone if names is None else list(names)
     probes = [name for name in wanted if name in members.probes]
     collections = [members.probes[name].train_collections() for name in probes]
     flat = [c for member in collections for c in member]
@@ -31,13 +37,21 @@ def train_values(members: Members, names: Iterable[str] | None = None) -> dict[s
         values[name] = logged_keys(members.banks[name].compute_train_metrics(), "train", name)
     for name in (n for n in wanted if n in members.ridges):
         values[name] = keys.absolute_keys(members.ridges[name].compute_train_metrics(), keys.TRAIN, name)
+    values.update(_monitor_values(members, wanted, "train"))
     return values
+
+
+def _monitor_values(members: Members, wanted: list[str], stage: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The named monitors' values of ``stage`` (those computed per epoch), with one flat all-reduce."""
+    monitors = [members.monitors[n] for n in wanted if n in members.monitors and members.monitors[n].per_epoch(stage)]
+    computed = compute_monitors(monitors, stage) if monitors else []
+    return {monitor.name: value for monitor, value in zip(monitors, computed, strict=True)}
 
 
 def eval_values(members: Members, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Each named member's eval metrics (all when None); resets nothing."""
     everyone = list(members.probes) + list(members.banks) + list(members.knns) + list(members.ridges)
-    wanted = everyone if names is None else list(names)
+    wanted = everyone + list(members.monitors) if names is None else list(names)
     probes = [name for name in wanted if name in members.probes and len(members.probes[name].metrics.val)]
     computed = compute_synced([members.probes[name].metrics.val for name in probes], members.dp_group) if probes else []
     values: dict[str, dict[str, torch.Tensor]] = {name: {} for name in wanted if name in members.probes}
@@ -48,6 +62,7 @@ def eval_values(members: Members, names: Iterable[str] | None = None) -> dict[st
         values[name] = keys.absolute_keys(members.knns[name].compute_eval_metrics(), keys.EVAL, name)
     for name in (n for n in wanted if n in members.ridges):
         values[name] = keys.absolute_keys(members.ridges[name].compute_eval_metrics(), keys.EVAL, name)
+    values.update(_monitor_values(members, wanted, "val"))
     return values
 
 
@@ -72,15 +87,21 @@ def evaluate_batch(
         ridge_preds = ridge.eval_step(x, y, num_valid)  # None before any training sample
         if ridge_preds is not None:
             preds[name] = ridge_preds
+    for name, monitor in members.monitors.items():  # no predictions
+        if monitor.watches("val"):
+            monitor.update("val", *monitor_inputs(members, name, features, targets), num_valid=num_valid)
     return preds
 
 
 def reset_train(members: Members) -> None:
-    """Clear every probe's and bank's accumulated train metrics and mean losses."""
+    """Clear every probe's and bank's accumulated train metrics and mean losses, and the monitors' epoch sums."""
     for probe in members:
         probe.reset_train_metrics()
     for bank in members.banks.values():
         bank.reset_train_metrics()
+    for monitor in members.monitors.values():
+        if monitor.per_epoch("train"):  # a windowed monitor starts anew at each window's close
+            monitor.reset("train")
 
 
 def reset_eval(members: Members) -> None:
@@ -89,3 +110,5 @@ def reset_eval(members: Members) -> None:
         probe.metrics.val.reset()
     for bank in members.banks.values():
         bank.start_eval_epoch()  # the next evaluation's samples count from position 0 again
+    for monitor in members.monitors.values():
+        monitor.reset("val")
