@@ -20,6 +20,7 @@ member tears down.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable
@@ -107,15 +108,14 @@ class Coordinator:
         self._step_outputs = {}
         # The members' work goes on the probe set's side CUDA stream, after the point `mark` recorded before the
         # backward, reads included (taps' pooling, gathers of sharded features). A probe's own labeled batch is
-        # different: its forward runs here, after the backward and the model's optimizer step, so it is read on the
-        # training's stream and the side stream waits for all of it.
+        # different: its forward runs here, after the backward and the model's optimizer step, so everything is read
+        # on the training's stream, and `ProbeSet.train` launches the side stream itself, waiting for all of it.
         own_data = any(m.own_data is not None for m in self.members)
         if own_data:
             self.probe_set.forget_mark()
+        reading = contextlib.nullcontext([]) if own_data else self.probe_set.overlapped()
+        with reading as results:
             reads = self._read_all(trainer, pl_module, outputs, batch)
-        with self.probe_set.overlapped() as results:
-            if not own_data:
-                reads = self._read_all(trainer, pl_module, outputs, batch)
             before_step = self._before_optimizer_step(trainer) if self._user_hooks else None
             self._step_outputs = self.probe_set.train({m.name: read for m, read in reads.items()}, before_step)
             results.append(self._step_outputs)
