@@ -111,7 +111,8 @@ class EmbeddingMonitorEngine:
     Args:
         config: What the monitor is.
         dp_group: The data-parallel group its values are reduced over (None: the world group, or one process).
-        device: Where the metrics' states live (default: CPU; `place` moves them).
+        device: Where the metrics' states live (None: on the device of the first batch's features; `place` moves
+            them).
     """
 
     def __init__(
@@ -120,7 +121,7 @@ class EmbeddingMonitorEngine:
         self.config = config
         self.name = config.name
         self.dp_group = dp_group
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else None
         self.dim = config.dim
         self.metrics: dict[str, dict[str, Metric]] = {}
         """Per stage, the metrics by name (built from ``dim`` at once, else at the first batch)."""
@@ -142,7 +143,7 @@ class EmbeddingMonitorEngine:
         options = {"centered": self.config.centered}
         for stage in self.config.stages:
             self.metrics[stage] = {
-                kind: build_monitor(kind, dim, **(options if kind == "rankme" else {})).to(self.device)
+                kind: build_monitor(kind, dim, **(options if kind == "rankme" else {})).to(self.device or "cpu")
                 for kind in self.config.kinds
             }
 
@@ -192,6 +193,8 @@ class EmbeddingMonitorEngine:
         With ``sample_key`` ids, ``num_valid`` is not applied (the ids are the caller's, not positions in the batch).
         """
         features = features.detach()
+        if self.device is None:  # no device given: the first batch's
+            self.place(self.dp_group, features.device)
         if not self.metrics:
             self._build(int(features.shape[-1]))
         if view_ids is not None:
