@@ -110,8 +110,11 @@ class Coordinator:
         # backward, reads included (taps' pooling, gathers of sharded features). A probe's own labeled batch is
         # different: its forward runs here, after the backward and the model's optimizer step, so everything is read
         # on the training's stream, and `ProbeSet.train` launches the side stream itself, waiting for all of it.
+        # A user's on_before_optimizer_step runs inside the probes' step, so on the side stream too, and may read the
+        # backbone (a grad-norm hook that does not check which optimizer it got): the side stream must then wait for
+        # the backward and the optimizer step as well, not only for the features.
         own_data = any(m.own_data is not None for m in self.members)
-        if own_data:
+        if own_data or self._user_hooks:
             self.probe_set.forget_mark()
         reading = contextlib.nullcontext([]) if own_data else self.probe_set.overlapped()
         with reading as results:
