@@ -112,8 +112,9 @@ class ProbeSet(Members):
                 dicts of its fields; ``sample_key``/``view_key`` are looked up in the step's features, then targets.
                 Their values: per epoch with `compute_train_metrics` / `compute_metrics`, or, with
                 ``every_n_steps``, in `window_values` after the `step` that closes a window.
-            overlap: Run `step`'s work on a side CUDA stream (`mark`, `overlapped`). None: on, unless the environment
-                sets ``DISTPROBE_OVERLAP=0``. Exact either way; it has no effect on a CPU.
+            overlap: Run `step`'s work on a side CUDA stream (`mark`, `overlapped`). None: ``DISTPROBE_OVERLAP``
+                when set, else on for a single process on CUDA and off for several. Exact either way; no effect on
+                a CPU.
         """
         if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
             raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
