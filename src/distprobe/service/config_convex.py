@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from distprobe.service.config_schema import build_section
 
-RIDGE_SET_BY_SERVICE = ("num_classes", "in_features", "input")
-"""`distprobe.convex.RidgeConfig` fields the service fills in."""
+RIDGE_SET_BY_SERVICE = ("num_classes", "in_features", "input", "reset_statistics")
+"""`distprobe.convex.RidgeConfig` fields the service fills in, or that mean nothing there (``reset_statistics``: a job
+sums its cached training features once)."""
 
 
 def _default_c_grid() -> list[float]:
