@@ -125,14 +125,14 @@ def check_keys_and_types(
 ) -> None:
     """Refuse a key the service fills in, an unknown key, and a value of the wrong type in section ``key``.
 
-    The section's keys and types are ``cls``'s fields and annotations, less ``set_by_service`` (the cached features
-    and the config's num_classes fill those in).
+    The section's keys and types are ``cls``'s fields and annotations, less ``set_by_service`` (the cached features,
+    the config's num_classes or the service's own protocol decide those).
     """
     for reserved in set_by_service:
         if reserved in options:
             raise ServiceConfigError(
-                f"{source}: {key}.{reserved}={options[reserved]!r}; it is set by the service (the cached features "
-                "and the config's num_classes): remove it"
+                f"{source}: {key}.{reserved}={options[reserved]!r}; the service sets it itself (from the cached "
+                "features, the config's num_classes or its own protocol): remove it"
             )
     refuse_unknown(options, valid_keys(cls, exclude=set_by_service), f"{key}.", source)
     hints = typing.get_type_hints(cls)
