@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from bank.dense_scenario import BANK, Masked, PatchModel
+from bank.family_scenario import DENSE_BANK, Masked, PatchModel
 from distprobe.callbacks import OnlineProbeBank
 from features.taps.models import IN_DIM, NUM_CLASSES
 from helpers.models import RandomPoints
@@ -36,7 +36,7 @@ def test_dense_bank_on_its_own_masks_leaves_the_backbone_bitwise_unchanged():
         None,
         name="seg",
         input="backbone.blocks.1:patch",
-        **BANK,
+        **DENSE_BANK,
         data=DataLoader(Masked(16, 3), batch_size=4, shuffle=True),
         val_data=DataLoader(Masked(7, 4), batch_size=4),
         every_n_steps=2,

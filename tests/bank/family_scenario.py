@@ -1,9 +1,17 @@
-"""One spawned run per strategy for dense banks: tapped patch tokens, an explicit twin, a mid-window resume.
+"""One spawned run per strategy for attentive and dense banks side by side: tapped inputs, explicit twins, a
+mid-window resume, and the backbone as without banks.
 
-As `bank.attentive_scenario`, with dense heads: one bank reads ``backbone.blocks.1:patch`` (the tap drops the CLS
-token: a 2x2 grid of patches), its twin the same patch tokens returned from ``training_step``; the targets are
-``(B, 8, 8)`` masks with ignored pixels in the batch. A checkpoint after epoch 0 falls mid-window; the resumed fit
-starts from other backbone weights and bank seeds.
+Each rank runs three real `lightning.Trainer` fits of the tap tests' token model, also returning block 1's patch
+tokens (`PatchModel`), on points with a ``(B, 8, 8)`` mask per sample, a quarter of its pixels ignored (`Masked`):
+
+- ``probed``: two epochs with four banks in the same fit. An attentive pair: one bank reads
+  ``backbone.blocks.1:tokens`` through a tap, its twin the same ``(B, N, D)`` activation returned from
+  ``training_step``; both read ``"label"`` targets (the batch's ``"mask"`` is not theirs). A dense pair: one reads
+  ``backbone.blocks.1:patch`` (the tap drops the CLS token: a 2x2 grid of patches), its twin the same patch tokens
+  from ``training_step``; both read the ``"mask"`` targets. A checkpoint after epoch 0. Each bank accumulates 2
+  micro-batches and an epoch is an odd number of batches, so the checkpoint falls mid-window;
+- ``resumed``: fresh backbone weights and banks built from another seed, resumed from that checkpoint;
+- ``no_bank``: the probed fit with no bank, whose backbone must equal the probed one bitwise.
 """
 
 from __future__ import annotations
@@ -21,8 +29,22 @@ from features.taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel, full
 from features.taps.scenario import TapRun, _dp, _strategy
 from helpers.models import RandomPoints
 
+#: An odd number of train batches per rank per epoch: 3 on 2 data-parallel ranks, 5 on one (tensor parallel 1x2).
+#: An odd validation set: the sampler pads one rank.
 TRAIN, VAL, BATCH, SIDE = 20, 7, 4, 8
-BANK: dict[str, Any] = dict(
+ATTENTIVE_BANK: dict[str, Any] = dict(
+    target="label",
+    num_classes=NUM_CLASSES,
+    lr=[0.05, 0.005],
+    weight_decay=[0.0, 0.01],
+    optimizer={"type": "AdamW"},
+    accumulate_grad_batches=2,
+    gradient_clip_val=1.0,
+    in_features=DIM,
+    head="attentive",
+    head_options={"num_heads": 2, "depth": 2, "num_queries": 2},
+)
+DENSE_BANK: dict[str, Any] = dict(
     target="mask",
     num_classes=NUM_CLASSES,
     lr=[0.05, 0.005],
@@ -35,6 +57,12 @@ BANK: dict[str, Any] = dict(
     head="dense",
     head_options={"loss_chunk_heads": 3},
 )
+#: Per family: the tapped bank's input and its explicit twin's (a key of `PatchModel`'s outputs).
+INPUTS = {
+    "attentive": ("backbone.blocks.1:tokens", "b1"),
+    "dense": ("backbone.blocks.1:patch", "b1_patch"),
+}
+FAMILIES = {"attentive": ATTENTIVE_BANK, "dense": DENSE_BANK}
 
 
 class Masked(Dataset):
@@ -77,10 +105,13 @@ class Data(pl.LightningDataModule):
 
 
 def _banks() -> list[OnlineProbeBank]:
-    return [
-        OnlineProbeBank(None, name="tapped", input="backbone.blocks.1:patch", **BANK),
-        OnlineProbeBank(None, name="explicit", input="b1_patch", **BANK),
-    ]
+    """Per family a tapped bank and its explicit twin, named ``{family}_tapped`` and ``{family}_explicit``."""
+    banks = []
+    for family, options in FAMILIES.items():
+        tapped, explicit = INPUTS[family]
+        banks.append(OnlineProbeBank(None, name=f"{family}_tapped", input=tapped, **options))
+        banks.append(OnlineProbeBank(None, name=f"{family}_explicit", input=explicit, **options))
+    return banks
 
 
 def _trainer(run: TapRun, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
