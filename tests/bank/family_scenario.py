@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from distprobe.callbacks import OnlineProbeBank
 from features.taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel, full
-from features.taps.scenario import TapRun, _dp, _strategy
+from features.taps.scenario import TapRun, _dp
+from features.taps.scenario import _trainer as tap_trainer
 from helpers.models import RandomPoints
 
 #: An odd number of train batches per rank per epoch: 3 on 2 data-parallel ranks, 5 on one (tensor parallel 1x2).
@@ -114,20 +115,9 @@ def _banks() -> list[OnlineProbeBank]:
     return banks
 
 
-def _trainer(run: TapRun, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=_strategy(run),
-        max_epochs=2,
-        use_distributed_sampler=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
+def _trainer(run: TapRun, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
+    """The tap scenario's Trainer, for two epochs (a checkpoint after the first falls mid-window)."""
+    return tap_trainer(run, callbacks, max_epochs=2, **{"enable_checkpointing": True, **overrides})
 
 
 def _weights(model: TokenModel) -> torch.Tensor:

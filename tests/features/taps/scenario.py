@@ -86,8 +86,9 @@ class Recorder(Callback):
             self.dtensor_taps = sorted(tap.name for tap in taps if tap._distributed is not None)
 
 
-def _trainer(run: TapRun, callbacks: list[Callback]) -> pl.Trainer:
-    return pl.Trainer(
+def _trainer(run: TapRun, callbacks: list[Callback], **overrides: Any) -> pl.Trainer:
+    """A 2-process CPU Trainer of ``run``'s strategy: one epoch, no logger or checkpoints unless ``overrides`` say."""
+    settings: dict[str, Any] = dict(
         accelerator="cpu",
         devices=2,
         strategy=_strategy(run),
@@ -100,6 +101,7 @@ def _trainer(run: TapRun, callbacks: list[Callback]) -> pl.Trainer:
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
+    return pl.Trainer(**{**settings, **overrides})
 
 
 def run(rank: int, world_size: int, spec: TapRun) -> dict[str, Any]:
