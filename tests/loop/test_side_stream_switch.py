@@ -49,3 +49,18 @@ def test_unset_on_this_machine_follows_the_default(monkeypatch):
 
     monkeypatch.delenv("DISTPROBE_OVERLAP", raising=False)
     assert LazySideStream(None, None).wanted() is default_overlap(torch.cuda.is_available(), 1)
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1])
+def test_an_argument_that_is_not_a_bool_is_refused_when_the_set_is_built(value):
+    import torch
+    from torch import nn
+
+    from distprobe.engine import ProbeConfig
+    from distprobe.loop import ProbeSet, ProbeSpec
+
+    spec = ProbeSpec(config=ProbeConfig(name="linear", probe=nn.Linear(4, 2)), input="x", target="y")
+    with pytest.raises(ValueError, match=r"argument 'overlap' got .*; expected True, False or None"):
+        ProbeSet.build([spec], overlap=value)  # type: ignore[arg-type]
+    probes = ProbeSet.build([spec], overlap=False)  # the same spec builds with a bool
+    assert set(probes.step({"x": torch.randn(3, 4)}, {"y": torch.tensor([0, 1, 0])})) == {"linear"}

@@ -49,6 +49,11 @@ class LazySideStream:
     """The side stream of one set, made for the device of the first CUDA tensors it sees (else the set's device)."""
 
     def __init__(self, overlap: bool | None, device: torch.device | str | None) -> None:
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(
+                f"ProbeSet: argument 'overlap' got {overlap!r}; expected True, False or None (the default: "
+                "DISTPROBE_OVERLAP when set, else on for one process on CUDA)."
+            )
         # The variable is the switch for Lightning users, who build no set. Read here, at build: a bad value is
         # refused before training starts, never in the middle of it.
         self._overlap = overlap if overlap is not None else overlap_from_environment()
