@@ -39,6 +39,7 @@ from distprobe.engine.collectives import (
     rank_and_world,
     start_mean,
 )
+from distprobe.engine.precision import float32_matmuls
 from distprobe.engine.probe import to_probe_input
 from distprobe.engine.state import resume_window
 
@@ -215,7 +216,7 @@ class ProbeBank:
         device_type = self.device.type
         in_autocast = torch.is_autocast_enabled(device_type)
         outside_autocast = torch.autocast(device_type, enabled=False) if in_autocast else contextlib.nullcontext()
-        with outside_autocast, torch.enable_grad():
+        with outside_autocast, float32_matmuls(self.config.matmul_precision), torch.enable_grad():
             logits = self.heads(xs, self.dp_group)  # (K, B, C), contiguous
             safe_targets, countable, in_range, finite = self._check_targets(targets, logits[0])
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
@@ -287,7 +288,8 @@ class ProbeBank:
         was_training = self.heads.training
         self.heads.eval()
         try:
-            with torch.autocast(device_type=self.device.type, enabled=False):
+            precision = float32_matmuls(self.config.matmul_precision)
+            with torch.autocast(device_type=self.device.type, enabled=False), precision:
                 return self.heads(xs).transpose(0, 1)
         finally:
             self.heads.train(was_training)

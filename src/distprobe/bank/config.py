@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from distprobe import keys
 from distprobe.engine.options import TrainingOptions
+from distprobe.engine.precision import MatmulPrecision, check_matmul_precision
 
 Normalization = Literal["batchnorm"] | None
 NORMALIZATIONS: tuple[Normalization, ...] = (None, "batchnorm")
@@ -149,6 +150,10 @@ class BankConfig(TrainingOptions):
     """eps of the BatchNorm normalization (``nn.BatchNorm1d``'s default)."""
     batchnorm_momentum: float = 0.1
     """momentum of its running statistics (``nn.BatchNorm1d``'s default)."""
+    matmul_precision: MatmulPrecision | None = None
+    """The heads' float32 matmuls on CUDA, forward and backward: ``"high"`` TF32 (cheaper, about 1e-4 relative
+    change), ``"highest"`` IEEE float32; None: as the process sets them. Weights, optimizer and all-reduce stay
+    float32 (`distprobe.engine.precision`)."""
     optimizer_spec: OptimizerSpec = field(init=False)
     """The parsed ``optimizer``."""
     top_k: dict[str, int] = field(init=False)
@@ -167,6 +172,7 @@ class BankConfig(TrainingOptions):
             raise ValueError(f"bank '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
         self._check_grid()
         self._check_training()
+        self.matmul_precision = check_matmul_precision(f"bank '{name}'", self.matmul_precision)
         from distprobe.bank.families import FAMILIES  # the families import this module
 
         if self.family not in FAMILIES:
