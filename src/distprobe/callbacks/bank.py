@@ -21,6 +21,7 @@ from distprobe.callbacks.cadence import logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.callbacks.trainable import optimizer_steps_of_fit
+from distprobe.engine.precision import MatmulPrecision
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class OnlineProbeBank(ProbeCallback):
             dense: ``grid``, ``ignore_index``, ``loss_chunk_heads``, ``loss_chunk_elements``, ``loss_resolution``,
             ``loss_grid_scale``, ``samples_per_step``; online defaults bound the cost, docs/dense.md).
         multilabel: Targets are ``(B, num_classes)`` multi-hot: BCE, mAP and F1 (docs/multilabel.md).
+        matmul_precision: The heads' float32 matmuls on CUDA: ``"high"`` (TF32, cheaper), ``"highest"`` (IEEE
+            float32), or None (as the process sets them). The backbone's precision is left as it is.
         data: A labeled DataLoader of the bank's own, as for `OnlineProbe` (docs/own-data.md).
         val_data: The bank's own validation DataLoader, evaluated exactly at each validation epoch.
         every_n_steps: With ``data``: one bank step every ``every_n_steps`` main training batches.
@@ -98,6 +101,7 @@ class OnlineProbeBank(ProbeCallback):
         head: str = "linear",
         head_options: Mapping[str, Any] | None = None,
         multilabel: bool = False,
+        matmul_precision: MatmulPrecision | None = None,
         data: Any = None,
         val_data: Any = None,
         every_n_steps: int = 1,
@@ -122,6 +126,7 @@ class OnlineProbeBank(ProbeCallback):
             family=head,
             head_options=head_options,
             multilabel=multilabel,
+            matmul_precision=matmul_precision,
         )
         super().__init__(name, config.inputs, target, own_data_of(name, data, val_data, features, every_n_steps))
         self.config = config
