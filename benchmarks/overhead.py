@@ -60,8 +60,9 @@ VARIANTS = ("none", "distprobe_x1", "distprobe_x8", "spt_none", "spt_x1", "spt_x
 #: (the replicas then diverge: for timing only).
 DIAGNOSTIC = ("nolog_x1", "nolog_x8", "local_x1", "local_x8")
 #: Probe banks, run only when named: bank64 is 16 learning rates x 2 weight decays x (none, BatchNorm), SGD with
-#: momentum; bank64plain the same 64 heads without the BatchNorm half (16 lr x 4 wd).
-BANKS = ("distprobe_bank64", "distprobe_bank64plain")
+#: momentum; bank64plain the same 64 heads without the BatchNorm half (16 lr x 4 wd); bank64tf32 is bank64plain with
+#: the library's ``matmul_precision="high"`` (TF32 logits and weight gradient).
+BANKS = ("distprobe_bank64", "distprobe_bank64plain", "distprobe_bank64tf32")
 #: bank64plain with levers of issue 28 applied from outside the library (`bank_levers.LeveredBank`), run only when
 #: named: ``+side`` (a side CUDA stream from the forward's end), ``+fused`` (the compiled SGD update), ``+tf32``,
 #: ``+all``; several may be joined (``distprobe_bank64plain+side+fused``).
@@ -255,6 +256,7 @@ def build_variant(
             optimizer={"type": "SGD", "momentum": 0.9},
             metrics=("top1", "top5"),
             in_features=workload.embed_dim,
+            matmul_precision="high" if variant == "distprobe_bank64tf32" else None,
         )
         return module, [bank]
     probe_cls = UnloggedOnlineProbe if variant.startswith("nolog") else OnlineProbe  # local: see make_strategy

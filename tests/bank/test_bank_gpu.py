@@ -139,3 +139,23 @@ def test_the_compiled_update_is_sgd_per_head_deterministic_and_equals_its_eager_
     torch.testing.assert_close(compiled_p, eager_p, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(compiled_buf, eager_buf, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(eager_p, reference_sgd(p0, grads, lr, wd, 0.9, skip_step=2), rtol=1e-5, atol=1e-6)
+
+
+def test_tf32_heads_differ_from_ieee_by_rounding_only_and_the_process_keeps_its_precision() -> None:
+    # matmul_precision="high" must really reach cuBLAS (the heads differ from IEEE float32 ones), change them by
+    # TF32 rounding only, and leave the process's own setting for the training's matmuls.
+    device = torch.device("cuda")
+    data = batches(device)
+    before = torch.backends.cuda.matmul.fp32_precision
+    flats = {}
+    for precision in ("highest", "high"):
+        grid = bank(device)
+        grid.config.matmul_precision = precision  # type: ignore[assignment]
+        for x, y in data:
+            grid.train_step([x], y)
+            assert torch.backends.cuda.matmul.fp32_precision == before
+        grid.settle()
+        flats[precision] = grid.heads.flat.detach().clone()
+    difference = (flats["high"] - flats["highest"]).abs().max().item()
+    scale = flats["highest"].abs().max().item()
+    assert 0.0 < difference <= 1e-3 * scale, (difference, scale)
