@@ -52,15 +52,15 @@ class LARS(Optimizer):
             raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0:
             raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            eta=eta,
-            clip_lr=clip_lr,
-            exclude_bias_n_norm=exclude_bias_n_norm,
-            eps=eps,
-        )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "eta": eta,
+            "clip_lr": clip_lr,
+            "exclude_bias_n_norm": exclude_bias_n_norm,
+            "eps": eps,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
