@@ -148,7 +148,7 @@ def test_deferred_steps_fold_batch_weighted_losses_without_skipped_steps():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"accumulate_grad_batches": True}, r"'accumulate_grad_batches' got True; expected a positive int"),
+        ({"accumulate_grad_batches": True}, r"'accumulate_grad_batches' got True; expected an int >= 1"),
         ({"accumulate_grad_batches": 0}, r"'accumulate_grad_batches' got 0"),
         ({"gradient_clip_algorithm": "l2"}, r"'gradient_clip_algorithm' got 'l2'; expected one of \['norm', 'value'\]"),
         ({"gradient_clip_val": -1.0}, r"'gradient_clip_val' got -1.0; expected a positive number"),

@@ -158,7 +158,7 @@ BAD_VALUES = [
     ("probes.logreg.c_grid", [0.0, 1.0], "probes.logreg: logreg 'logreg': argument 'c_grid' got [0.0, 1.0]"),
     ("probes.logreg.c_grid", "1", "probes.logreg.c_grid='1'; expected a number or a list of them"),
     ("probes.logreg.holdout", 1.0, "probes.logreg: logreg 'logreg': argument 'holdout' got 1.0"),
-    ("probes.logreg.chain", 0, "probes.logreg: logreg 'logreg': chain=0"),
+    ("probes.logreg.chain", 0, "probes.logreg: logreg 'logreg': argument 'chain' got 0"),
     ("probes.logreg.max_iter", 2.5, "probes.logreg.max_iter=2.5; expected an integer"),
     ("probes.logreg.C", [1.0], "unknown key(s) 'probes.logreg.C'"),
     ("probes.fewshot", [5], "probes.fewshot=[5]; expected a mapping or null"),

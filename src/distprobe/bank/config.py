@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from distprobe import keys
+from distprobe.arguments import require_count
 from distprobe.engine.options import TrainingOptions
 from distprobe.engine.precision import MatmulPrecision, check_matmul_precision
 
@@ -168,8 +169,7 @@ class BankConfig(TrainingOptions):
             raise ValueError(f"bank '{name}': argument 'input' got {self.inputs!r}; expected a key or a list of keys.")
         if len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"bank '{name}': argument 'input' lists a source twice: {self.inputs}.")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"bank '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
+        require_count(f"bank '{name}'", "num_classes", self.num_classes)
         self._check_grid()
         self._check_training()
         self.matmul_precision = check_matmul_precision(f"bank '{name}'", self.matmul_precision)
@@ -197,10 +197,19 @@ class BankConfig(TrainingOptions):
             self.top_k = parse_multilabel_metrics(self.metrics, name)
         else:
             self.top_k = _parse_metrics(self.metrics, name, self.num_classes)
+        self._check_in_features()
+
+    def _check_in_features(self) -> None:
+        owner = f"bank '{self.name}'"
         if isinstance(self.in_features, Mapping):
             missing = [s for s in self.inputs if s not in self.in_features]
             if missing:
-                raise ValueError(f"bank '{name}': argument 'in_features' has no size for source(s) {missing}.")
+                raise ValueError(f"{owner}: argument 'in_features' has no size for source(s) {missing}.")
+            for source in self.inputs:
+                require_count(owner, source, self.in_features[source], option_of="in_features")
+        elif self.in_features is not None:
+            hint = "one size for every source, or a {source: size} dict"
+            require_count(owner, "in_features", self.in_features, or_none=True, hint=hint)
 
     def _check_grid(self) -> None:
         name = self.name

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from distprobe.arguments import require_count
 from distprobe.specs import TargetSpec
 
 #: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
@@ -41,8 +42,7 @@ class RidgeConfig:
 
     def __post_init__(self) -> None:
         name = self.name
-        if not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"ridge '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 2")
+        require_count(f"ridge '{name}'", "num_classes", self.num_classes, minimum=2)
         values = (self.l2,) if isinstance(self.l2, int | float) else tuple(self.l2)
         if not values or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
             raise ValueError(
@@ -55,8 +55,8 @@ class RidgeConfig:
                 f"ridge '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "
                 "in (0, 1), e.g. 0.2"
             )
-        if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
-            raise ValueError(f"ridge '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1")
+        if self.in_features is not None:
+            require_count(f"ridge '{name}'", "in_features", self.in_features, or_none=True)
         if self.reset_statistics not in get_args(StatisticsReset):
             raise ValueError(
                 f"ridge '{name}': argument 'reset_statistics' got {self.reset_statistics!r}; expected one of "

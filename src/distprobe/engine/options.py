@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from distprobe.arguments import require_count
 from distprobe.engine.functional.grads import ClipAlgorithm
 
 #: The values of `ClipAlgorithm`, for messages and checks.
@@ -33,17 +34,7 @@ class TrainingOptions:
 
         ``accumulate_grad_batches=True`` is refused: a bool is an int to Python, but 1 is surely not what was meant.
         """
-        accumulate = self.accumulate_grad_batches
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int):
-            raise ValueError(
-                f"{owner}: argument 'accumulate_grad_batches' got {accumulate!r}; expected a positive int such as 1 "
-                "or 4."
-            )
-        if accumulate < 1:
-            raise ValueError(
-                f"{owner}: argument 'accumulate_grad_batches' got {accumulate}; expected a positive int (1 disables "
-                "accumulation)."
-            )
+        require_count(owner, "accumulate_grad_batches", self.accumulate_grad_batches, hint="1 disables accumulation")
         if self.gradient_clip_algorithm not in CLIP_ALGORITHMS:
             raise ValueError(
                 f"{owner}: argument 'gradient_clip_algorithm' got {self.gradient_clip_algorithm!r}; expected one of "

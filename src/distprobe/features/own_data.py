@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from distprobe.arguments import require_count
 from distprobe.features.spec import is_tap_spec
 from distprobe.features.taps import TapSet
 
@@ -163,9 +164,7 @@ class OwnData:
                 f"probe '{name}': argument 'features' got {self.features!r}; expected a callable "
                 "features(pl_module, batch) -> tensor that runs the model on the probe's own batch."
             )
-        every_n_steps = self.every_n_steps
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"probe '{name}': argument 'every_n_steps' got {every_n_steps!r}; expected an int >= 1.")
+        require_count(f"probe '{name}'", "every_n_steps", self.every_n_steps)
         self._iterator: Iterator[Any] | None = None
         self._epoch = 0
         self._batch = 0

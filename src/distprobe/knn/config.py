@@ -9,6 +9,7 @@ from typing import Literal, get_args
 
 import torch
 
+from distprobe.arguments import require_count
 from distprobe.specs import TargetSpec
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
@@ -64,10 +65,8 @@ class KNNConfig:
         if len(set(ks)) != len(ks):
             raise ValueError(f"kNN '{name}': argument 'k' got {self.k!r} with repeats; give each k once.")
         self.k = ks
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"kNN '{name}': argument 'num_classes' got {self.num_classes!r}; expected an int >= 1.")
-        if not isinstance(self.queue_length, int) or self.queue_length < 1:
-            raise ValueError(f"kNN '{name}': argument 'queue_length' got {self.queue_length!r}; expected an int >= 1.")
+        require_count(f"kNN '{name}'", "num_classes", self.num_classes)
+        require_count(f"kNN '{name}'", "queue_length", self.queue_length)
         if max(ks) > self.queue_length:
             log.warning(
                 "kNN '%s': k=%d is larger than queue_length=%d; it votes with all %d stored samples.",
@@ -83,8 +82,8 @@ class KNNConfig:
                 f"kNN '{name}': argument 'storage_dtype' got {self.storage_dtype!r}; expected one of "
                 f"{list(get_args(StorageDtype))}."
             )
-        if self.in_features is not None and (not isinstance(self.in_features, int) or self.in_features < 1):
-            raise ValueError(f"kNN '{name}': argument 'in_features' got {self.in_features!r}; expected an int >= 1.")
+        if self.in_features is not None:
+            require_count(f"kNN '{name}'", "in_features", self.in_features, or_none=True)
 
     @property
     def max_k(self) -> int:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torchmetrics import Metric
 
 from distprobe import keys
+from distprobe.arguments import require_count
 from distprobe.metrics.flat_sync import compute_metrics_synced
 from distprobe.monitors.functional import occurrence_index
 from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
@@ -70,13 +71,12 @@ class MonitorConfig:
         if not stages or any(s not in keys.LOG_STAGE for s in stages):
             raise ValueError(f"monitor '{name}': argument 'stage' got {self.stage!r}; expected 'train', 'val' or both.")
         self.stage = stages
-        n = self.every_n_steps
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ValueError(f"monitor '{name}': argument 'every_n_steps' got {n!r}; expected an int >= 1.")
+        if self.every_n_steps is not None:
+            require_count(f"monitor '{name}'", "every_n_steps", self.every_n_steps, or_none=True)
         if self.sample_key is not None and self.view_key is not None:
             raise ValueError(f"monitor '{name}': got both 'sample_key' and 'view_key'; pass the one the batch holds.")
-        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
-            raise ValueError(f"monitor '{name}': argument 'dim' got {self.dim!r}; expected an int >= 1.")
+        if self.dim is not None:
+            require_count(f"monitor '{name}'", "dim", self.dim, or_none=True)
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from distprobe.arguments import require_count
 from distprobe.service.config_schema import build_section
 
 RIDGE_SET_BY_SERVICE = ("num_classes", "in_features", "input", "reset_statistics")
@@ -50,10 +51,8 @@ class LogregOptions:
             raise ValueError(
                 f"logreg '{self.name}': argument 'holdout' got {self.holdout!r}; expected a share in (0, 1), e.g. 0.1"
             )
-        if self.chain < 1 or self.max_iter < 1:
-            raise ValueError(
-                f"logreg '{self.name}': chain={self.chain}, max_iter={self.max_iter}; expected integers >= 1"
-            )
+        require_count(f"logreg '{self.name}'", "chain", self.chain)
+        require_count(f"logreg '{self.name}'", "max_iter", self.max_iter)
 
 
 @dataclass(kw_only=True)
@@ -73,13 +72,13 @@ class FewshotOptions:
 
     def __post_init__(self) -> None:
         shots = [self.shots] if isinstance(self.shots, int) else list(self.shots)
-        if not shots or not all(isinstance(s, int) and s >= 1 for s in shots) or len(set(shots)) != len(shots):
+        counts = all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shots)
+        if not shots or not counts or len(set(shots)) != len(shots):
             raise ValueError(
                 f"fewshot '{self.name}': argument 'shots' got {self.shots!r}; expected distinct integers >= 1"
             )
         self.shots = shots
-        if self.seeds < 1:
-            raise ValueError(f"fewshot '{self.name}': argument 'seeds' got {self.seeds!r}; expected an integer >= 1")
+        require_count(f"fewshot '{self.name}'", "seeds", self.seeds)
         if self.solver not in ("ridge", "logreg"):
             raise ValueError(f"fewshot '{self.name}': argument 'solver' got {self.solver!r}; expected ridge or logreg")
         from distprobe.convex.fewshot import _regularisation

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distprobe.arguments import require_count
 from distprobe.bank.config import BankConfig
 from distprobe.bank.families.base import HeadFamily, ParamView, head_option_fields
 
@@ -66,15 +67,17 @@ class AttentiveOptions:
         if isinstance(options, AttentiveOptions):  # checked too: a dataclass takes any value
             options = dataclasses.asdict(options)
         parsed = cls(**head_option_fields(cls, options, bank_name, "attentive"))
+        owner = f"bank '{bank_name}'"
         for key in ("num_queries", "depth"):
-            value = getattr(parsed, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"bank '{bank_name}': head_options['{key}'] got {value!r}; expected an int >= 1.")
-        heads = parsed.num_heads
-        if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
-            raise ValueError(
-                f"bank '{bank_name}': head_options['num_heads'] got {heads!r}; expected an int >= 1 dividing the "
-                "feature size, or None (D // 64)."
+            require_count(owner, key, getattr(parsed, key), option_of="head_options")
+        if parsed.num_heads is not None:
+            require_count(
+                owner,
+                "num_heads",
+                parsed.num_heads,
+                option_of="head_options",
+                or_none=True,
+                hint="dividing the feature size D; None: D // 64",
             )
         if not isinstance(parsed.mlp_ratio, int | float) or parsed.mlp_ratio <= 0:
             raise ValueError(

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distprobe.arguments import require_count
 from distprobe.bank import dense_loss
 from distprobe.bank.config import BankConfig
 from distprobe.bank.families.base import head_option_fields
@@ -86,11 +87,8 @@ class DenseOptions:
         for key in ("grid", "loss_resolution"):
             given[key] = _pair(given.get(key), key, bank_name)
         for key in ("loss_chunk_heads", "loss_chunk_elements", "loss_grid_scale", "samples_per_step"):
-            value = given.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(
-                    f"bank '{bank_name}': head_options['{key}'] got {value!r}; expected an int >= 1 or None."
-                )
+            if given.get(key) is not None:
+                require_count(f"bank '{bank_name}'", key, given[key], option_of="head_options", or_none=True)
         ignore = given.get("ignore_index", 255)
         if not isinstance(ignore, int) or isinstance(ignore, bool):
             raise ValueError(f"bank '{bank_name}': head_options['ignore_index'] got {ignore!r}; expected an int.")

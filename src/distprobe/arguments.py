@@ -1,0 +1,76 @@
+"""The check of a count argument (``num_classes``, ``every_n_steps``, a size, ...), shared by every config.
+
+Standard library only, so that a config that must stay light (the probing service's, loaded before torch) can use
+it. Every kind refuses the same values with the same message: ``{owner}: argument '{name}' got {value!r}; expected
+an int >= 1``, then how to fix it. A bool is refused although Python counts it as an int: ``every_n_steps=True`` is
+surely not a count. numpy and torch integer scalars are refused too (no caller passes one; a size read from a tensor
+is turned into an ``int`` where it is read).
+
+Example:
+    >>> require_count("kNN 'knn'", "queue_length", 4096)
+    4096
+    >>> require_count("kNN 'knn'", "queue_length", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: kNN 'knn': argument 'queue_length' got 0; expected an int >= 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["require_count"]
+
+
+def require_count(
+    owner: str,
+    argument: str,
+    value: Any,
+    *,
+    minimum: int = 1,
+    or_none: bool = False,
+    option_of: str | None = None,
+    hint: str = "",
+) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; otherwise a ValueError that says so.
+
+    Args:
+        owner: The kind and name that start the message, as its config's other errors do (``"kNN 'knn'"``).
+        argument: The argument's name.
+        value: What was given. A caller whose argument may be None checks only a value that is not None.
+        minimum: The smallest count accepted.
+        or_none: The argument also takes None; the message says so.
+        option_of: The mapping argument ``argument`` is a key of (``"head_options"``), named in the message as
+            ``head_options['depth']`` instead of ``argument 'depth'``.
+        hint: What the count means or what its limit gives (``"1 disables accumulation"``), shown after what is
+            expected.
+
+    Returns:
+        ``value``, now known to be an ``int``.
+
+    Raises:
+        ValueError: for a bool, any other non-int (a float, a string, a numpy scalar) or an int below ``minimum``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    where = f"{option_of}[{argument!r}]" if option_of is not None else f"argument {argument!r}"
+    expected = f"an int >= {minimum}" + (" or None" if or_none else "") + (f" ({hint})" if hint else "")
+    fix = _fix(value, minimum)
+    raise ValueError(f"{owner}: {where} got {value!r}; expected {expected}" + (f"; {fix}." if fix else "."))
+
+
+def _fix(value: Any, minimum: int) -> str:
+    """How to write ``value`` as a count, where the mistake is its type (an int too small needs no more words)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return ""
+    kind = f"a {type(value).__name__} is not a count"
+    if isinstance(value, bool):
+        return f"{kind}: write the number itself, such as 1"
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("+-").isdigit() and int(text) >= minimum:
+            return f"{kind}: write {int(text)} without quotes"
+        return f"{kind}: write a whole number without quotes"
+    if isinstance(value, float) and value.is_integer() and value >= minimum:
+        return f"{kind}: write {int(value)}, not {value!r}"
+    return f"{kind}: write a whole number"

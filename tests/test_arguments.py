@@ -1,0 +1,125 @@
+"""`distprobe.arguments.require_count`: every config refuses a bad count alike, naming itself and the argument.
+
+One row per count argument of every config (probe, bank, attentive and dense head options, kNN, own data, ridge,
+monitor, the service's logreg and few-shot options). Before the shared check some of them took ``True`` (a bool is an
+int to Python) and the service's raised a TypeError for ``"3"``; each row pins that they all refuse it now.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from distprobe.arguments import require_count
+from distprobe.bank.config import BankConfig
+from distprobe.convex import RidgeConfig
+from distprobe.engine.config import ProbeConfig
+from distprobe.features.own_data import OwnData
+from distprobe.knn.config import KNNConfig
+from distprobe.monitors.member import MonitorConfig
+from distprobe.service.config_convex import FewshotOptions, LogregOptions
+
+
+def probe(**options: Any) -> object:
+    return ProbeConfig(name="p", probe=torch.nn.Linear(2, 2), **options)
+
+
+def bank(**options: Any) -> object:
+    return BankConfig(**{"name": "b", "inputs": ["x"], "num_classes": 3, **options})
+
+
+def bank_sizes(**sizes: Any) -> object:
+    return bank(in_features=sizes)
+
+
+def attentive(**head_options: Any) -> object:
+    return bank(family="attentive", head_options=head_options)
+
+
+def dense(**head_options: Any) -> object:
+    return bank(family="dense", head_options=head_options)
+
+
+def knn(**options: Any) -> object:
+    return KNNConfig(**{"name": "knn", "num_classes": 3, "queue_length": 8, **options})
+
+
+def own_data(**options: Any) -> object:
+    loader = DataLoader([{"x": torch.zeros(2)}], batch_size=1)
+    return OwnData("p", data=loader, val_data=None, features=lambda m, b: b["x"], **options)
+
+
+def ridge(**options: Any) -> object:
+    return RidgeConfig(**{"name": "r", "num_classes": 3, **options})
+
+
+def monitor(**options: Any) -> object:
+    return MonitorConfig(name="m", **options)
+
+
+# (config, argument, how the message names the config and the argument, the smallest count accepted)
+CASES: list[tuple[Callable[..., object], str, str, int]] = [
+    (probe, "accumulate_grad_batches", "probe 'p': argument 'accumulate_grad_batches'", 1),
+    (bank, "num_classes", "bank 'b': argument 'num_classes'", 1),
+    (bank, "in_features", "bank 'b': argument 'in_features'", 1),
+    (bank_sizes, "x", "bank 'b': in_features['x']", 1),
+    (bank, "accumulate_grad_batches", "bank 'b': argument 'accumulate_grad_batches'", 1),
+    *[(attentive, key, f"bank 'b': head_options['{key}']", 1) for key in ("num_queries", "depth", "num_heads")],
+    *[
+        (dense, key, f"bank 'b': head_options['{key}']", 1)
+        for key in ("loss_chunk_heads", "loss_chunk_elements", "loss_grid_scale", "samples_per_step")
+    ],
+    *[(knn, key, f"kNN 'knn': argument '{key}'", 1) for key in ("num_classes", "queue_length", "in_features")],
+    (own_data, "every_n_steps", "probe 'p': argument 'every_n_steps'", 1),
+    (ridge, "num_classes", "ridge 'r': argument 'num_classes'", 2),
+    (ridge, "in_features", "ridge 'r': argument 'in_features'", 1),
+    *[(monitor, key, f"monitor 'm': argument '{key}'", 1) for key in ("every_n_steps", "dim")],
+    *[(LogregOptions, key, f"logreg 'logreg': argument '{key}'", 1) for key in ("chain", "max_iter")],
+    (FewshotOptions, "seeds", "fewshot 'fewshot': argument 'seeds'", 1),
+]
+IDS = [f"{config.__name__}.{argument}" for config, argument, _, _ in CASES]
+
+
+@pytest.mark.parametrize(("config", "argument", "named", "smallest"), CASES, ids=IDS)
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "3"], ids=repr)
+def test_every_config_refuses_a_bad_count_naming_itself_the_argument_and_the_value(
+    config, argument, named, smallest, bad
+):
+    with pytest.raises(ValueError, match=re.escape(f"{named} got {bad!r}; expected an int >= {smallest}")):
+        config(**{argument: bad})
+
+
+@pytest.mark.parametrize(("config", "argument", "named", "smallest"), CASES, ids=IDS)
+def test_every_config_takes_its_smallest_count_and_refuses_one_less(config, argument, named, smallest):
+    config(**{argument: smallest})
+    with pytest.raises(ValueError, match=re.escape(f"{named} got {smallest - 1}; expected an int >= {smallest}")):
+        config(**{argument: smallest - 1})
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        (True, "a bool is not a count: write the number itself, such as 1."),
+        ("3", "a str is not a count: write 3 without quotes."),
+        ("0", "a str is not a count: write a whole number without quotes."),
+        (2.0, "a float is not a count: write 2, not 2.0."),
+        (1.5, "a float is not a count: write a whole number."),
+        (0, "expected an int >= 1."),
+    ],
+    ids=repr,
+)
+def test_the_message_ends_with_the_fix_for_the_kind_of_mistake(value, fix):
+    with pytest.raises(ValueError, match=re.escape(fix) + "$"):
+        require_count("kNN 'knn'", "queue_length", value)
+
+
+def test_a_count_comes_back_as_given_and_the_message_says_what_none_and_the_hint_mean():
+    assert require_count("o", "a", 7) == 7
+    with pytest.raises(ValueError) as err:
+        require_count("bank 'b'", "num_heads", 0, option_of="head_options", or_none=True, hint="None: D // 64")
+    assert str(err.value) == "bank 'b': head_options['num_heads'] got 0; expected an int >= 1 or None (None: D // 64)."
