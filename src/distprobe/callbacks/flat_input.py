@@ -1,7 +1,8 @@
 """`FlatInputCallback`: the base of the callbacks whose engine reads one input's flat features (kNN, ridge).
 
-Such an engine is built by ``engine_type.build(config, in_features=..., dp_group=..., device=...)`` from the size
-configured, saved in a checkpoint, or seen in the first training batch; each callback keeps only what is its own.
+Such an engine (a `distprobe.engine.sized.SizedEngine`) is built by ``engine_type.build(config, in_features=...,
+dp_group=..., device=...)`` from the size configured, saved in a checkpoint, or seen in the first training batch; each
+callback keeps only what is its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.base import ProbeCallback
 from distprobe.callbacks.own_data import OwnData
+from distprobe.engine.sized import SizedEngine
 from distprobe.features.dtensor import whole
 
 
@@ -27,8 +29,8 @@ class FlatInputCallback(ProbeCallback):
         own_data: The callback's own labeled data, or None to read the main batches.
     """
 
-    engine_type: ClassVar[Any]
-    """The engine class: its ``build(config, *, in_features, dp_group, device)`` makes the engine."""
+    engine_type: ClassVar[type[SizedEngine[Any]]]
+    """The engine class: its `SizedEngine.build` makes the engine."""
 
     def __init__(self, name: str, input: str, target: str, config: Any, own_data: OwnData | None) -> None:  # noqa: A002
         super().__init__(name, [input], target, own_data)

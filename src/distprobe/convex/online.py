@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from typing_extensions import Self, override
 
 from distprobe import keys
 from distprobe.bank.selection import global_positions, selects
@@ -33,13 +34,14 @@ from distprobe.convex.ridge import RidgeSolution, RidgeStatistics
 from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec, to_ridge_spec
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import rank_and_world, sum_over_group
+from distprobe.engine.sized import Group, SizedEngine
 
 __all__ = ["DEFAULT_L2", "RidgeConfig", "RidgeProbe", "RidgeSpec", "to_ridge_spec"]
 
 log = logging.getLogger(__name__)
 
 
-class RidgeProbe:
+class RidgeProbe(SizedEngine[RidgeConfig]):
     """The statistics of one training epoch, their exact solve, and exact per-lambda evaluation (see module doc)."""
 
     def __init__(
@@ -68,16 +70,10 @@ class RidgeProbe:
         ``"after_evaluation"``)."""
 
     @classmethod
-    def build(
-        cls,
-        config: RidgeConfig,
-        *,
-        in_features: int,
-        dp_group: dist.ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-    ) -> RidgeProbe:
-        """A probe with empty statistics of ``in_features`` features on ``device`` (default: CPU)."""
-        return cls(config, in_features, dp_group, torch.device(device) if device is not None else torch.device("cpu"))
+    @override
+    def create(cls, config: RidgeConfig, in_features: int, dp_group: Group, device: torch.device) -> Self:
+        """A probe with empty statistics of ``in_features`` features (`SizedEngine.build` makes one)."""
+        return cls(config, in_features, dp_group, device)
 
     # --- training -----------------------------------------------------------------------------------------------
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from typing_extensions import Self, override
 
 from distprobe import keys
 from distprobe.bank.multilabel import MULTILABEL_METRICS, EvalSamples, head_values
-from distprobe.engine.replicate import default_group, group_rank_and_size, is_distributed
+from distprobe.engine.replicate import group_rank_and_size, is_distributed
+from distprobe.engine.sized import Group, SizedEngine
 from distprobe.knn import multilabel, search
 from distprobe.knn.config import KNNConfig
 from distprobe.knn.metrics import KNNAccuracy
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 
 
-class ShardedKNN:
+class ShardedKNN(SizedEngine[KNNConfig]):
     """The kNN engine: one shard per rank, exact global top-k at evaluation. Build it with `ShardedKNN.build`.
 
     Every rank of ``dp_group`` must call `eval_step`, `compute_eval_metrics`, `state_dict` and `load_state_dict`
@@ -58,23 +60,12 @@ class ShardedKNN:
         """Multi-label: every counted validation sample's label scores per k, gathered at the epoch's end."""
 
     @classmethod
-    def build(
-        cls,
-        config: KNNConfig,
-        *,
-        in_features: int,
-        dp_group: dist.ProcessGroup | None = None,
-        device: torch.device | str | None = None,
-    ) -> ShardedKNN:
-        """An empty kNN of ``in_features``-sized features on ``device``, sharded over ``dp_group``.
-
-        ``dp_group`` None: the world group when torch.distributed is initialised, else one process.
-        """
-        dp_group = dp_group if dp_group is not None else default_group()
+    @override
+    def create(cls, config: KNNConfig, in_features: int, dp_group: Group, device: torch.device) -> Self:
+        """An empty kNN of ``in_features``-sized features, sharded over ``dp_group`` (`SizedEngine.build` makes one)."""
         _, world = group_rank_and_size(dp_group)
-        target = torch.device(device) if device is not None else torch.device("cpu")
-        shard = RingShard(config.shard_capacity(world), in_features, config.dtype, target, config.label_width)
-        return cls(config, shard, dp_group, target)
+        shard = RingShard(config.shard_capacity(world), in_features, config.dtype, device, config.label_width)
+        return cls(config, shard, dp_group, device)
 
     @property
     def name(self) -> str:
