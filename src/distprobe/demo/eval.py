@@ -48,6 +48,14 @@ class OfflineScores:
     c: float
     """The ``C`` the cross-validation chose (NaN for a mean of several evaluations)."""
 
+    def as_dict(self) -> dict[str, float | None]:
+        """Plain numbers, for JSON: ``logreg_top1``, ``knn20_top1`` and ``c`` (None for a mean)."""
+        return {
+            "logreg_top1": self.logreg_top1,
+            "knn20_top1": self.knn_top1,
+            "c": None if math.isnan(self.c) else self.c,
+        }
+
 
 @dataclass(frozen=True)
 class OfflineComparison:
@@ -85,15 +93,11 @@ class OfflineComparison:
 
     def as_dict(self) -> dict[str, object]:
         """Plain numbers, for JSON."""
-
-        def scores(s: OfflineScores) -> dict[str, float | None]:
-            return {"logreg_top1": s.logreg_top1, "knn20_top1": s.knn_top1, "c": None if math.isnan(s.c) else s.c}
-
         return {
-            "trained": scores(self.trained),
-            "random_init_mean": scores(self.random_init_mean()),
-            "random_init": [scores(s) for s in self.random_init],
-            "raw_pixels": scores(self.raw_pixels),
+            "trained": self.trained.as_dict(),
+            "random_init_mean": self.random_init_mean().as_dict(),
+            "random_init": [s.as_dict() for s in self.random_init],
+            "raw_pixels": self.raw_pixels.as_dict(),
             "beats_random_init": self.beats_random_init(),
         }
 
