@@ -129,6 +129,7 @@ BAD_VALUES = [
     ("probes.bank.selection_fraction", 1.0, "probes.bank: bank 'bank': argument 'selection_fraction' got 1.0"),
     ("probes.bank.batchnorm_eps", "tiny", "probes.bank.batchnorm_eps='tiny'; expected a number"),
     ("probes.bank.batchnorm_momentum", True, "probes.bank.batchnorm_momentum=True; expected a number"),
+    ("probes.bank.matmul_precision", "tf32", "probes.bank.matmul_precision='tf32'; expected one of"),
     ("probes.bank.num_classes", 4, "probes.bank.num_classes=4; the service sets it itself"),
     ("probes.bank.inputs", ["x"], "probes.bank.inputs=['x']; the service sets it itself"),
     ("probes.knn.name", 1, "probes.knn.name=1; expected a string"),
