@@ -186,7 +186,11 @@ class BareAttentive:
     """
 
     def __init__(self, dim: int, classes: int, device: torch.device, bf16: bool) -> None:
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        # bf16: the stacked weights and the tokens are cast to bf16 and the heads run in bf16 (the logits' loss in
+        # float32), not under autocast: under autocast the backward of the vmapped math attention fails on CUDA with
+        # torch 2.11 ("expected input and grad types to match", Session J). Autocast would keep LayerNorm and
+        # softmax in float32; as a floor, bf16 throughout is, if anything, cheaper.
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         g = torch.Generator().manual_seed(0)
         self.heads = [AttentiveProbe(dim, classes, generator=g).to(device) for _ in GRID]
         self.base = copy.deepcopy(self.heads[0]).to("meta")
@@ -204,11 +208,13 @@ class BareAttentive:
         self.forward = torch.func.vmap(one, in_dims=(0, None))
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
-        params = dict(zip(self.names, (torch.stack(ps) for ps in zip(*(h.parameters() for h in self.heads)))))
+        dtype = self.compute_dtype
+        stacked = (torch.stack(ps).to(dtype) for ps in zip(*(h.parameters() for h in self.heads)))
+        params = dict(zip(self.names, stacked))
         # The math attention: vmap batches its matmuls over the heads, where a fused kernel without a batching rule
         # would fall back to a loop over the heads (CPU flash attention has none). One query: its cost is small.
-        with sdpa_kernel([SDPBackend.MATH]), self.autocast:
-            logits = self.forward(params, tokens.float()).float()  # (K, B, C), the loss in float32
+        with sdpa_kernel([SDPBackend.MATH]):
+            logits = self.forward(params, tokens.to(dtype)).float()  # (K, B, C), the loss in float32
         k, b, c = logits.shape
         loss = F.cross_entropy(logits.reshape(k * b, c), labels.repeat(k), reduction="none").view(k, b).mean(1).sum()
         loss.backward()
