@@ -56,9 +56,9 @@ class OnlineProbeBank(ProbeCallback):
         head_options: The family's options (attentive: ``num_queries``, ``depth``, ``num_heads``, ``mlp_ratio``;
             dense: ``grid``, ``ignore_index``, ``loss_chunk_heads``, ``loss_chunk_elements``, ``loss_resolution``,
             ``loss_grid_scale``, ``samples_per_step``; online defaults bound the cost, docs/dense.md).
-        multilabel: Targets are ``(B, num_classes)`` multi-hot: BCE, mAP and F1 (docs/multilabel.md).
         matmul_precision: The heads' float32 matmuls on CUDA: ``"high"`` (TF32, cheaper), ``"highest"`` (IEEE
             float32), or None (as the process sets them). The backbone's precision is left as it is.
+        multilabel: Targets are ``(B, num_classes)`` multi-hot: BCE, mAP and F1 (docs/multilabel.md).
         data: A labeled DataLoader of the bank's own, as for `OnlineProbe` (docs/own-data.md).
         val_data: The bank's own validation DataLoader, evaluated exactly at each validation epoch.
         every_n_steps: With ``data``: one bank step every ``every_n_steps`` main training batches.
@@ -100,8 +100,8 @@ class OnlineProbeBank(ProbeCallback):
         *,
         head: str = "linear",
         head_options: Mapping[str, Any] | None = None,
-        multilabel: bool = False,
         matmul_precision: MatmulPrecision | None = None,
+        multilabel: bool = False,
         data: Any = None,
         val_data: Any = None,
         every_n_steps: int = 1,
