@@ -98,7 +98,7 @@ def _routed_to_fused(enabled: bool, compiled: bool) -> Iterator[None]:
     clean_name = "clean_skipped" if hasattr(ns, "clean_skipped") else "zero_skipped"
     original_clean, original_sgd = getattr(ns, clean_name), ns.sgd_update
 
-    def sgd(params, grads, buffers, *, lr, weight_decay, momentum, steps, keep, decays=True, **kw):
+    def sgd(params, grads, buffers, rates, *, decays=True, **kw):
         FUSED_CALLS.append(1)
         spec = kw.get("spec")
         (p,), (g,), (buf,) = params, grads, buffers
@@ -106,11 +106,7 @@ def _routed_to_fused(enabled: bool, compiled: bool) -> Iterator[None]:
             p,
             g,
             buf if buf.numel() else None,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            steps=steps,
-            keep=keep,
+            rates,
             spec_momentum=spec.momentum if spec is not None else float(kw.get("uses_momentum", True)),
             dampening=spec.dampening if spec is not None else kw.get("dampening", 0.0),
             nesterov=spec.nesterov if spec is not None else kw.get("nesterov", False),

@@ -15,6 +15,7 @@ import torch
 
 from distprobe.bank import BankConfig, ProbeBank
 from distprobe.engine import fused_update
+from distprobe.engine.functional import StepRates
 from distprobe.engine.fused_update import fused_sgd_available, fused_sgd_update
 from distprobe.engine.streams import SideStream
 
@@ -117,11 +118,7 @@ def test_the_compiled_update_is_sgd_per_head_deterministic_and_equals_its_eager_
                 p,
                 grad.clone(),
                 buf,
-                lr=lr,
-                weight_decay=wd,
-                momentum=momentum,
-                steps=steps,
-                keep=keep,
+                StepRates(lr=lr, weight_decay=wd, momentum=momentum, steps=steps, keep=keep),
                 spec_momentum=0.9,
                 dampening=0.0,
                 nesterov=False,

@@ -47,9 +47,7 @@ def test_lars_update_per_head_equals_the_lars_optimizer_on_each_head(weight_deca
             [g.clone() for g in grads],
             buffers,
             [False, True],
-            lr=lr,
-            weight_decay=torch.full((K,), weight_decay),
-            momentum=torch.full((K,), 0.9),
+            functional.StepRates(lr=lr, weight_decay=torch.full((K,), weight_decay), momentum=torch.full((K,), 0.9)),
             decays=weight_decay > 0,
         )
     for i, layer in enumerate(reference):
@@ -68,20 +66,29 @@ def test_a_skipped_head_is_left_bitwise_alone_by_every_update():
     assert keep.tolist() == [True, False, True]
     functional.zero_skipped([grads], keep)
     assert torch.equal(grads[1], torch.zeros(4, 3))
-    hyper = {"lr": torch.full((K,), 0.1), "weight_decay": torch.full((K,), 0.01), "keep": keep}
-    steps = torch.ones(K)
+    hyper = {"lr": torch.full((K,), 0.1), "weight_decay": torch.full((K,), 0.01), "steps": torch.ones(K), "keep": keep}
+    rates = functional.StepRates(momentum=torch.full((K,), 0.9), **hyper)
     for update in ("sgd", "adamw", "lars"):
         p, buf, buf2 = params.clone(), torch.randn(K, 4, 3), torch.rand(K, 4, 3)
         before = (p[1].clone(), buf[1].clone(), buf2[1].clone())
         if update == "sgd":
-            functional.sgd_update([p], [grads.clone()], [buf], momentum=torch.full((K,), 0.9), steps=steps, **hyper)
+            functional.sgd_update([p], [grads.clone()], [buf], rates)
         elif update == "adamw":
-            betas = {"beta1": torch.full((K,), 0.9), "beta2": torch.full((K,), 0.999)}
-            functional.adamw_update([p], [grads.clone()], [buf], [buf2], steps=steps, **betas, **hyper)
+            functional.adamw_update([p], [grads.clone()], [buf], [buf2], rates, beta2=torch.full((K,), 0.999))
         else:
-            functional.lars_update([p], [grads.clone()], [buf], [False], momentum=torch.full((K,), 0.9), **hyper)
+            functional.lars_update([p], [grads.clone()], [buf], [False], rates)
         assert torch.equal(p[1], before[0]) and torch.equal(buf[1], before[1]) and torch.equal(buf2[1], before[2])
         assert not torch.equal(p[0], params[0]), update
+
+
+def test_sgd_and_adamw_without_step_counts_say_what_is_missing():
+    rates = functional.StepRates(lr=torch.ones(K), weight_decay=torch.zeros(K), momentum=torch.zeros(K))
+    p, g = torch.zeros(K, 2), torch.ones(K, 2)
+    with pytest.raises(ValueError, match=r"sgd_update: StepRates.steps is None; pass each head's optimizer steps"):
+        functional.sgd_update([p], [g], [torch.zeros_like(p)], rates)
+    with pytest.raises(ValueError, match=r"adamw_update: StepRates.steps is None"):
+        functional.adamw_update([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], rates, beta2=torch.ones(K))
+    assert torch.equal(p, torch.zeros(K, 2))  # refused before any change
 
 
 def test_clipping_by_norm_per_head_equals_clip_grad_norm_of_each_head():

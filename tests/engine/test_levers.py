@@ -39,15 +39,15 @@ def test_the_fused_updates_eager_form_is_bitwise_the_eager_bank_maths(momentum, 
         for grad in grads:
             g = grad.clone()
             keep = torch.isfinite(g.flatten(1).sum(dim=1))
-            hyper = {"lr": lr, "weight_decay": wd, "momentum": mom, "steps": steps, "keep": keep}
+            rates = functional.StepRates(lr=lr, weight_decay=wd, momentum=mom, steps=steps, keep=keep)
             if fused:
                 fused_sgd_update(
-                    p, g, buf, spec_momentum=momentum, dampening=dampening, nesterov=nesterov, decays=True, **hyper
+                    p, g, buf, rates, spec_momentum=momentum, dampening=dampening, nesterov=nesterov, decays=True
                 )
             else:
                 functional.zero_skipped([g], keep)
                 functional.sgd_update(
-                    [p], [g], [buf], dampening=dampening, nesterov=nesterov, uses_momentum=momentum != 0, **hyper
+                    [p], [g], [buf], rates, dampening=dampening, nesterov=nesterov, uses_momentum=momentum != 0
                 )
             steps += keep.float()
         return p, buf
@@ -67,7 +67,8 @@ def test_the_fused_update_is_torch_sgd_per_head_and_leaves_a_skipped_head_alone(
     for i, grad in enumerate(grads):
         keep = torch.isfinite(grad.flatten(1).sum(dim=1))
         fused_sgd_update(
-            p, grad.clone(), buf, lr=lr, weight_decay=wd, momentum=torch.full((K,), 0.9), steps=steps, keep=keep,
+            p, grad.clone(), buf,
+            functional.StepRates(lr=lr, weight_decay=wd, momentum=torch.full((K,), 0.9), steps=steps, keep=keep),
             spec_momentum=0.9, dampening=0.0, nesterov=False, decays=True,
         )  # fmt: skip
         steps += keep.float()

@@ -68,18 +68,18 @@ class BankOptimizer:
                 functional.zero_skipped([g.whole], keep)
             # A head's norm over all its elements together, as clip_grad_norm_ sees a separate probe.
             functional.clip([g.whole], self.config.gradient_clip_val, self.config.gradient_clip_algorithm)
-            hyper = {"lr": lr[part], "weight_decay": weight_decay[part], "keep": keep}
+            step_rates = functional.StepRates(
+                lr=lr[part], weight_decay=weight_decay[part], momentum=momentum[part], steps=self.steps[part], keep=keep
+            )
             if isinstance(spec, AdamWSpec):  # elementwise: every tensor of a head as one
                 functional.adamw_update(
                     [p.whole],
                     [g.whole],
                     [states["exp_avg"][i].whole],
                     [states["exp_avg_sq"][i].whole],
-                    beta1=momentum[part],
+                    step_rates,
                     beta2=beta2[part],
-                    steps=self.steps[part],
                     eps=spec.eps,
-                    **hyper,
                 )
             elif isinstance(spec, LARSSpec):  # tensor by tensor: a trust ratio per part, biases excluded
                 functional.lars_update(
@@ -87,12 +87,11 @@ class BankOptimizer:
                     list(g.parts),
                     list(states["momentum_buffer"][i].parts),
                     [spec.exclude_bias_n_norm and bias for bias in p.bias_like],
-                    momentum=momentum[part],
+                    step_rates,
                     eta=spec.eta,
                     clip_lr=spec.clip_lr,
                     eps=spec.eps,
                     decays=decays,
-                    **hyper,
                 )
             elif fused:
                 buffers = states.get("momentum_buffer")
@@ -100,15 +99,11 @@ class BankOptimizer:
                     p.whole,
                     g.whole,
                     buffers[i].whole if buffers is not None else None,
-                    momentum=momentum[part],
-                    steps=self.steps[part],
+                    step_rates,
                     spec_momentum=spec.momentum,
                     dampening=spec.dampening,
                     nesterov=spec.nesterov,
                     decays=decays,
-                    lr=hyper["lr"],
-                    weight_decay=hyper["weight_decay"],
-                    keep=keep,
                 )
             else:
                 buffers = states.get("momentum_buffer")
@@ -116,13 +111,11 @@ class BankOptimizer:
                     [p.whole],
                     [g.whole],
                     [buffers[i].whole] if buffers is not None else [torch.empty(0)],
-                    momentum=momentum[part],
-                    steps=self.steps[part],
+                    step_rates,
                     dampening=spec.dampening,
                     nesterov=spec.nesterov,
                     uses_momentum=spec.momentum != 0,
                     decays=decays,
-                    **hyper,
                 )
         if not isinstance(spec, AdamWSpec):
             self.steps += finite.float()

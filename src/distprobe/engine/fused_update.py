@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from distprobe.engine.functional.optim import StepRates
+
 
 def fused_sgd_available(device: torch.device) -> bool:
     """Whether the compiled update is used for tensors on ``device``: CUDA only, and torch.compile must work."""
@@ -75,12 +77,8 @@ def fused_sgd_update(
     param: torch.Tensor,
     grad: torch.Tensor,
     buffer: torch.Tensor | None,
+    rates: StepRates[torch.Tensor],
     *,
-    lr: torch.Tensor,
-    weight_decay: torch.Tensor,
-    momentum: torch.Tensor,
-    steps: torch.Tensor,
-    keep: torch.Tensor,
     spec_momentum: float,
     dampening: float,
     nesterov: bool,
@@ -89,16 +87,17 @@ def fused_sgd_update(
 ) -> None:
     """One masked SGD step of a ``(K, ...)`` block of heads, in place (the gradient is left as it was).
 
-    Same arguments as `distprobe.engine.functional.sgd_update` for one block, plus the skip mask ``keep``: the
-    cleaning of skipped heads is part of the kernel. ``compiled=False`` runs the same maths eagerly (what the tests
-    compare).
+    Same arguments as `distprobe.engine.functional.sgd_update` for one block; the cleaning of the heads that
+    ``rates.keep`` skips is part of the kernel. ``compiled=False`` runs the same maths eagerly (what the tests
+    compare). The kernel is compiled over plain tensors: ``rates`` is unpacked here, outside it.
     """
     shape = (-1,) + (1,) * (param.ndim - 1)
+    keep = rates.keep if rates.keep is not None else torch.ones(param.shape[0], dtype=torch.bool, device=param.device)
     keep_b = keep.view(shape)
-    neg_lr = torch.where(keep, -lr, 0.0).view(shape)
-    momentum_eff = torch.where(keep, momentum, 1.0).view(shape)
+    neg_lr = torch.where(keep, -rates.lr, 0.0).view(shape)
+    momentum_eff = torch.where(keep, rates.momentum, 1.0).view(shape)
     # torch: the first step's buffer is the gradient itself; later steps add (1 - dampening) g.
-    grad_factor = torch.where(keep & (steps > 0), 1.0 - dampening, 1.0).view(shape)
+    grad_factor = torch.where(keep & (rates.step_counts("fused_sgd_update") > 0), 1.0 - dampening, 1.0).view(shape)
     use_momentum = spec_momentum != 0
     buf = buffer if buffer is not None and use_momentum else param  # unused without momentum
     args = (
@@ -107,9 +106,9 @@ def fused_sgd_update(
         buf,
         keep_b,
         neg_lr,
-        torch.where(keep, weight_decay, 0.0).view(shape),
+        torch.where(keep, rates.weight_decay, 0.0).view(shape),
         momentum_eff,
-        momentum.view(shape),
+        rates.momentum.view(shape),
         grad_factor,
         decays,
         use_momentum,

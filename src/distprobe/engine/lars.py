@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from distprobe.engine.functional.optim import lars_update
+from distprobe.engine.functional.optim import StepRates, lars_update
 
 
 class LARS(Optimizer):
@@ -82,9 +82,7 @@ class LARS(Optimizer):
                 [p.grad[None] for p in params],
                 [self.state[p]["momentum_buffer"][None] for p in params],
                 [group["exclude_bias_n_norm"] and p.ndim <= 1 for p in params],
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
+                StepRates(lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"]),
                 eta=group["eta"],
                 clip_lr=group["clip_lr"],
                 eps=group["eps"],

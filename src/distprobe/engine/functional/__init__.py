@@ -5,7 +5,8 @@ LARS optimizer, its clipping, its non-finite check). Hyper-parameters are ``(K,)
 Nothing here holds state or reads the device on the host: every decision is a device tensor.
 
 - `distprobe.engine.functional.grads`: non-finite masks, clipping by norm and by value, undoing a step.
-- `distprobe.engine.functional.optim`: SGD, AdamW and LARS updates, as torch computes them for one head.
+- `distprobe.engine.functional.optim`: SGD, AdamW and LARS updates, as torch computes them for one head, each
+  given the step's `StepRates` (rates and skip mask).
 - `distprobe.engine.functional.batchnorm`: BatchNorm moments over a data-parallel group, running statistics.
 """
 
@@ -21,9 +22,10 @@ from distprobe.engine.functional.grads import (
     total_norm,
     zero_skipped,
 )
-from distprobe.engine.functional.optim import adamw_update, lars_update, sgd_update
+from distprobe.engine.functional.optim import StepRates, adamw_update, lars_update, sgd_update
 
 __all__ = [
+    "StepRates",
     "adamw_update",
     "clip",
     "clip_gradients",
