@@ -153,11 +153,23 @@ def test_a_store_written_before_intervals_gets_null_intervals_and_takes_new_rows
     db.commit()
     db.close()
     store = ResultsStore(path)
-    store.record_results("new.ckpt", 20, "h", [ResultRow("knn", "k5", "top1", 0.6, 0.55, 0.65)])
+    store.record_results("new.ckpt", 20, "h", [ResultRow("knn", "k5", "top1", 0.6, low=0.55, high=0.65)])
     found = {checkpoint: row for checkpoint, _, _, row in store.result_rows()}
     assert found["old.ckpt"] == ResultRow("knn", "k5", "top1", 0.5)
-    assert found["new.ckpt"] == ResultRow("knn", "k5", "top1", 0.6, 0.55, 0.65)
+    assert found["new.ckpt"] == ResultRow("knn", "k5", "top1", 0.6, low=0.55, high=0.65)
     assert "0.6000 [0.5500, 0.6500]" in render(store, "table")
+
+
+def test_a_published_result_keeps_each_rows_interval_or_its_absence(tmp_path):
+    """A job's ``result.json`` row is ``[probe, head, metric, value]`` plus ``low, high`` only where both exist."""
+    from distprobe.service.published import RESULT_NAME, PublishedResult, publish_result
+    from distprobe.service.store import ResultRow
+
+    rows = [ResultRow("knn", "k5", "top1", 0.6, low=0.55, high=0.65), ResultRow("knn", "k5", "top5", 0.9, low=0.8)]
+    publish_result(tmp_path, PublishedResult(checkpoint="c.ckpt", step=3, config_hash="h", claim=None, rows=rows))
+    written = json.loads((tmp_path / RESULT_NAME).read_text())["rows"]
+    assert written == [["knn", "k5", "top1", 0.6, 0.55, 0.65], ["knn", "k5", "top5", 0.9]]
+    assert read_result(tmp_path).rows == [rows[0], ResultRow("knn", "k5", "top5", 0.9)]
 
 
 def test_columns_resampled_together_get_the_intervals_each_would_get_alone():
@@ -187,7 +199,7 @@ def test_distprobe_report_draws_the_intervals_as_bars_and_a_band(tmp_path):
     store = ResultsStore(tmp_path / "distprobe_eval" / "results.sqlite")
     points = {10: (0.5, 0.45, 0.56), 20: (0.6, 0.55, 0.66), 30: (0.7, 0.64, 0.75)}
     for step, (value, low, high) in points.items():
-        rows = [ResultRow("ridge", "best", "top1", value, low, high), ResultRow("ridge", "best", "l2", 0.01)]
+        rows = [ResultRow("ridge", "best", "top1", value, low=low, high=high), ResultRow("ridge", "best", "l2", 0.01)]
         store.record_results(f"step={step}.ckpt", step, "hash", rows)
     (axes,) = figure(probes_of(read_run(tmp_path)), "test").axes
     (band,) = [c for c in axes.collections if c.get_label() == "checkpoints: best head, interval"]

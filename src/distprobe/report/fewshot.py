@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 from distprobe import keys
 from distprobe.report.service_logs import CheckpointResult
+from distprobe.service.store import BootstrapEnds
 
 STD_SUFFIX = "_std"
 """The shot count's standard deviation over seeds is stored as the metric ``{metric}_std``."""
 
 
 @dataclass(frozen=True)
-class ShotsPoint:
-    """One shot count at one checkpoint."""
+class ShotsPoint(BootstrapEnds):
+    """One shot count at one checkpoint: the mean over seeds, with its bootstrap interval where the store has it."""
 
     step: int
     mean: float
@@ -30,9 +31,6 @@ class ShotsPoint:
     """The standard deviation over seeds (n - 1; 0 for one seed)."""
     seeds: int
     """How many episodes (seeds) the checkpoint's results hold for this shot count (0: only the mean was read)."""
-    low: float | None = None
-    """The bootstrap interval of the mean, where the store has it."""
-    high: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,5 +74,5 @@ def fewshot_curves(rows: Sequence[CheckpointResult], metric: str) -> list[ShotsC
         std = stds.get((shots, step))
         if std is None:
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-        curves.setdefault(shots, []).append(ShotsPoint(step, mean, std, len(values), low, high))
+        curves.setdefault(shots, []).append(ShotsPoint(step, mean, std, len(values), low=low, high=high))
     return [ShotsCurve(shots, tuple(points)) for shots, points in sorted(curves.items())]

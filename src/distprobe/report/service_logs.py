@@ -59,8 +59,8 @@ def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
                     result.head,
                     result.metric,
                     result.value,
-                    result.low,
-                    result.high,
+                    low=result.low,
+                    high=result.high,
                     checkpoint=checkpoint,
                     step=int(step),
                 )

@@ -70,8 +70,8 @@ def publish_result(job_dir: Path, result: PublishedResult) -> Path:
 def _row(row: ResultRow) -> list[str | float]:
     """A row as JSON: ``[probe, head, metric, value]``, then ``low, high`` when it has an interval."""
     out: list[str | float] = [row.probe, row.head, row.metric, float(row.value)]
-    if row.low is not None and row.high is not None:
-        out += [float(row.low), float(row.high)]
+    if row.ends is not None:
+        out += [float(end) for end in row.ends]
     return out
 
 
@@ -127,7 +127,9 @@ def read_result(job_dir: Path) -> PublishedResult | None:
             probe, head, metric, *numbers = row
             _require(isinstance(probe, str) and isinstance(head, str) and isinstance(metric, str))
             _require(all(_number(v) for v in numbers))
-            rows.append(ResultRow(probe, head, metric, *(float(v) for v in numbers)))
+            value, *ends = (float(v) for v in numbers)
+            low, high = ends or (None, None)
+            rows.append(ResultRow(probe, head, metric, value, low=low, high=high))
     except (KeyError, TypeError, ValueError):
         raise PublishedFileError(f"{path}: not a distprobe result file (format {FORMAT})") from None
     return PublishedResult(checkpoint=checkpoint, step=step, config_hash=config_hash, claim=claim, rows=rows)

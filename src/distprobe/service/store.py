@@ -93,9 +93,29 @@ class StoreError(RuntimeError):
     """The store cannot be used: corrupt, locked for too long, or on a full disk. The message says what to do."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class BootstrapEnds:
+    """A number's bootstrap interval over the validation samples, as the store keeps it: both ends, or neither.
+
+    Keyword-only, so that a subclass's own fields come first in its constructor.
+    """
+
+    low: float | None = None
+    """The interval's lower end; None: no interval."""
+    high: float | None = None
+    """Its upper end."""
+
+    @property
+    def ends(self) -> tuple[float, float] | None:
+        """``(low, high)``, or None without an interval."""
+        if self.low is None or self.high is None:
+            return None
+        return self.low, self.high
+
+
 @dataclass(frozen=True)
-class ResultRow:
-    """One number of one evaluation."""
+class ResultRow(BootstrapEnds):
+    """One number of one evaluation, and its bootstrap interval where it has one."""
 
     probe: str
     """The probe's name (a bank's or a kNN's)."""
@@ -104,10 +124,6 @@ class ResultRow:
     metric: str
     """``top1``, ``top5``... (for ``best``: also ``head_index``; ``selected``: the selected head, in ``head``)."""
     value: float
-    low: float | None = None
-    """The lower end of ``value``'s bootstrap interval over the validation samples; None: no interval."""
-    high: float | None = None
-    """Its upper end."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +277,10 @@ class ResultsStore:
         """``(checkpoint, step, config_hash, row)`` with each row's interval (None where there is none), by step."""
         columns = "checkpoint, step, config_hash, probe, head, metric, value, low, high"
         found = self._select_results(columns, checkpoint, config_hash)
-        return [(path, step, hash_, ResultRow(*rest)) for path, step, hash_, *rest in found]
+        return [
+            (path, step, hash_, ResultRow(probe, head, metric, value, low=low, high=high))
+            for path, step, hash_, probe, head, metric, value, low, high in found
+        ]
 
     def _select_results(self, columns: str, checkpoint: str | None, config_hash: str | None) -> list[Any]:
         """``columns`` of the results of one checkpoint and/or config (all when None), by step."""
