@@ -8,10 +8,10 @@ blocks over the tokens; a linear classifier reads the queries, averaged when the
 `AttentiveHeads` stacks K such heads in one flat parameter, head-major: head k's tensors are one contiguous row of
 a ``(K, P)`` block, so a head's gradient norm, skip mask and optimizer maths see it as one tensor (`views`). The
 forward splits that block once per step (one copy in the backward, not one zero-filled copy per tensor) and runs
-every head with batched matmuls over the head dimension; the heads' attention is one ``scaled_dot_product_attention``
-over ``K x B`` sequences. The first LayerNorm of the shared tokens is computed once for all heads, its per-head
-affine folded into the following projection's weights (so no ``(K, B, N, D)`` copy of the tokens exists when
-``depth`` is 1).
+every head with batched matmuls over the head dimension. The first LayerNorm of the shared tokens is computed once
+for all heads, its per-head affine folded into the following projection's weights. At ``depth`` 1 every head attends
+over those same tokens, on the query side (`AttentiveHeads._attend_shared_tokens`: no per-head keys and values);
+deeper heads attend with one ``scaled_dot_product_attention`` over ``K x B`` sequences.
 
 ``compute_dtype="bfloat16"`` runs a head's matmuls and attention under ``torch.autocast(dtype=torch.bfloat16)`` (in
 16 bits, as V-JEPA's evaluation runs its probes; it uses float16 with loss scaling), on float32 parameters: the
