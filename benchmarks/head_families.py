@@ -36,7 +36,8 @@ head's defaults: one query, one cross-attention block, 12 attention heads, MLP r
 masks with ignored pixels (255); ``dense16`` is a 16-head dense bank at the library's online default
 ``head_options`` (printed), ``dense16@side`` the same on the side stream; ``dense16-s32`` the same with
 ``samples_per_step=32`` (docs/dense.md's example); not run by default: ``dense16-s8`` (``samples_per_step=8``),
-``dense16-s32-c1`` also with ``loss_chunk_heads=1``, ``dense16-custom`` with ``--dense-options``, and any of them
+``dense16-s32-c1`` also with ``loss_chunk_heads=1``, ``dense16-custom`` with ``--dense-options``, ``dense16-tf32`` and
+``dense16-s8-tf32`` with the bank's ``matmul_precision="high"`` (TF32 matmuls), and any of them
 with ``@side``. Each prints
 its loss's peak memory by `DenseOptions.loss_cost` (docs/dense.md, "Cost control").
 
@@ -102,6 +103,8 @@ DENSE_OPTIONS: dict[str, dict[str, Any]] = {
     "dense16-s8": {"samples_per_step": 8},  # half the default's share: what the +3% target may need
     "dense16-s32-c1": {"samples_per_step": 32, "loss_chunk_heads": 1},  # chunks of one head: the least memory
     "dense16-custom": {},  # --dense-options
+    "dense16-tf32": {},  # the defaults, the heads' matmuls in TF32 (matmul_precision="high")
+    "dense16-s8-tf32": {"samples_per_step": 8},
 }
 
 
@@ -287,6 +290,7 @@ def make_prober(variant: str, shapes: Shapes, device: torch.device) -> Any:
             optimizer=OPTIMIZER,
             in_features=d,
             head_options=DENSE_OPTIONS[name],
+            matmul_precision="high" if name.endswith("-tf32") else None,
         )
         return InSet(device, side, banks=[bank])
     raise AssertionError(f"variant {variant!r} was not checked by chosen()")
