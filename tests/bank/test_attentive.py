@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.helpers.dist import run_distributed
 
 from distprobe.bank import BankConfig, ProbeBank
-from distprobe.bank.families.attentive import AttentiveProbe, _merge_heads, _split_heads
+from distprobe.bank.families.attentive import AttentiveOptions, AttentiveProbe, _merge_heads, _split_heads
 from distprobe.engine import Probe, ProbeConfig
 from distprobe.service.config import ServiceConfigError
 from distprobe.service.config_probes import check_probe_options
@@ -373,3 +373,18 @@ def test_the_tokens_tap_reads_a_block_unpooled():
     assert (spec.module_path, spec.pool, spec.token_pool) == ("backbone.blocks.11", None, None)
     with pytest.raises(ValueError, match=r"':tokens' takes no options"):
         TapSpec.parse("backbone.blocks.11:tokens,prefix=2")
+
+
+def test_a_whole_probe_saved_before_it_kept_its_options_loads_and_runs(tmp_path):
+    """``torch.save(probe)`` of an `AttentiveProbe` from before ``compute_dtype`` pickled no ``options``: loading
+    it must give them back from its modules (float32, as it ran), not fail at the first forward."""
+    options = {"num_heads": 2, "depth": 2, "num_queries": 3, "mlp_ratio": 2, "qkv_bias": False}
+    probe = AttentiveProbe(D, C, options, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(B, N, D)
+    expected = probe(x)
+    del probe.options  # what such an old object's pickle holds
+    path = tmp_path / "probe.pt"
+    torch.save(probe, path)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded.options == AttentiveOptions.parse(options, "attentive")
+    assert torch.equal(loaded(x), expected)

@@ -238,6 +238,23 @@ class AttentiveProbe(nn.Module):
         self.classifier.weight.uniform_(-bound, bound, generator=generator)
         self.classifier.bias.uniform_(-bound, bound, generator=generator)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a whole probe saved (``torch.save(probe)``) before it kept its ``options`` gets them back.
+
+        Such a probe predates ``compute_dtype`` (so it ran in float32), and its modules tell the rest.
+        """
+        super().__setstate__(state)
+        if "options" not in self.__dict__:
+            cross = self.cross
+            dim = cross.q.in_features
+            self.options = AttentiveOptions(
+                num_queries=self.query_tokens.shape[1],
+                depth=len(self.blocks) + 1,
+                num_heads=cross.heads,
+                mlp_ratio=cross.mlp.fc1.out_features / dim,
+                qkv_bias=cross.q.bias is not None,
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` logits of ``(B, N, D)`` tokens (float32 with ``compute_dtype="bfloat16"`` too)."""
         with self.options.autocast(x.device.type):
