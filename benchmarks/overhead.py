@@ -351,8 +351,20 @@ def run_variant(
     tail = [*last, timer]
     trainer.callbacks = [cb for cb in kept if all(cb is not t for t in tail)] + tail  # type: ignore[attr-defined]
     loader = DataLoader(SyntheticBatches(workload, device), batch_size=None)
+    if device.type == "cuda":
+        # Peak memory of the whole fit, side stream included (its blocks come from the same allocator): the
+        # table's "peak added" is this minus the `none` variant's.
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, train_dataloaders=loader)
+    if device.type == "cuda":
+        PEAK_BYTES.setdefault(variant + (SIDE if side else ""), []).append(torch.cuda.max_memory_allocated(device))
     return timer.seconds_per_step, callbacks
+
+
+#: Per variant (its name as run, ``@side`` kept), the peak CUDA memory allocated of each fit.
+PEAK_BYTES: dict[str, list[int]] = {}
 
 
 def summarize(times: dict[str, list[float]], variants: list[str]) -> list[dict[str, Any]]:
@@ -375,6 +387,9 @@ def summarize(times: dict[str, list[float]], variants: list[str]) -> list[dict[s
         if v in SPT_VARIANTS and "none" in times and v != "none" and len(times["none"]) == len(ts):
             ratios = [a / b - 1 for a, b in zip(ts, times["none"])]
             row["vs_plain"] = statistics.median(ratios)
+        if PEAK_BYTES.get(v) and PEAK_BYTES.get(base):
+            row["peak_gib"] = max(PEAK_BYTES[v]) / 2**30
+            row["peak_added_gib"] = (max(PEAK_BYTES[v]) - max(PEAK_BYTES[base])) / 2**30
         rows.append(row)
     return rows
 
@@ -382,13 +397,14 @@ def summarize(times: dict[str, list[float]], variants: list[str]) -> list[dict[s
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| variant | median ms/step | min | max | spread | overhead vs baseline (median [min, max] over rounds) "
-        "| baseline | vs plain `none` |",
-        "|---|---|---|---|---|---|---|---|",
+        "| baseline | vs plain `none` | peak GiB (added) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | | | |")
             continue
+        peak = f"{r['peak_gib']:.2f} ({r['peak_added_gib']:+.2f})" if "peak_gib" in r else "-"
         ov = (
             f"{r['overhead'] * 100:+.2f}% [{r['ov_min'] * 100:+.2f}%, {r['ov_max'] * 100:+.2f}%]"
             if "overhead" in r
@@ -397,7 +413,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         vs_plain = f"{r['vs_plain'] * 100:+.2f}%" if "vs_plain" in r else "-"
         lines.append(
             f"| {r['variant']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | "
-            f"{r['spread'] * 100:.1f}% | {ov} | {r.get('baseline', '-')} | {vs_plain} |"
+            f"{r['spread'] * 100:.1f}% | {ov} | {r.get('baseline', '-')} | {vs_plain} | {peak} |"
         )
     return "\n".join(lines)
 
