@@ -473,6 +473,7 @@ class AttentiveHeads(HeadFamily):
 
         ``projected`` are the heads' projected queries ``(K, Q, D)``, ``x`` the tokens ``(B, N, D)``; the result is
         `_attend`'s of the heads' keys and values, before the output projection.
+
         Keys and values are linear in the normalised tokens: head k's are ``A x_j + a`` and ``V x_j + v`` (its
         LayerNorm's affine folded into ``A``, ``V``, ``a``, ``v``). So a query's score against token j is
         ``(A_h^T q_h) . x_j`` plus a term the same for every j, which the softmax drops, and the attended value is
