@@ -317,6 +317,30 @@ def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     return torch.addcmul(_per_head(bias, x.ndim), normed, _per_head(weight, x.ndim))
 
 
+def _fold_layer_norm(p: dict[str, torch.Tensor], norm: str, linear: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's ``linear_k(norm_k(x))`` as one affine map of the plain-normalised ``x``: ``(K, O, D)``, ``(K, O)``.
+
+    Head k's LayerNorm affine ``(g_k, b_k)`` folds into its projection ``(W_k, c_k)`` as ``W_k diag(g_k)`` and
+    ``W_k b_k + c_k``, so the normalisation itself, the same for every head, is computed once (`_normalised_once`).
+    """
+    weight, gain, shift = p[f"{linear}.weight"], p[f"{norm}.weight"], p[f"{norm}.bias"]
+    folded_bias = torch.einsum("kod,kd->ko", weight, shift)
+    bias = p.get(f"{linear}.bias")
+    return weight * gain[:, None, :], folded_bias if bias is None else folded_bias + bias
+
+
+def _normalised_once(x: torch.Tensor) -> torch.Tensor:
+    """``x`` LayerNorm'd without an affine, once for every head, in autocast's dtype when autocast is on.
+
+    Cast here once: autocast would cast it again at each use, and an operand broadcast over the heads as a
+    ``(K, ...)`` copy.
+    """
+    normed = F.layer_norm(x, x.shape[-1:])
+    if torch.is_autocast_enabled(x.device.type):
+        normed = normed.to(torch.get_autocast_dtype(x.device.type))
+    return normed
+
+
 def _mlp(x: torch.Tensor, p: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     hidden = F.gelu(_linear(x, p[f"{prefix}.fc1.weight"], p[f"{prefix}.fc1.bias"]))
     return _linear(hidden, p[f"{prefix}.fc2.weight"], p[f"{prefix}.fc2.bias"])
@@ -482,18 +506,12 @@ class AttentiveHeads(HeadFamily):
         D / heads = 64 times fewer multiplies for ViT-B, and no ``(K, B, N, 2D)`` keys and values in memory. The sums
         are reassociated, so the result equals `_attend`'s to float rounding (tests/bank/test_attentive.py).
         """
-        weight, gain, shift = p["cross.kv.weight"], p["cross.norm1.weight"], p["cross.norm1.bias"]
-        bias = p.get("cross.kv.bias")
         k, q_count, dim = projected.shape
         d = dim // heads
-        folded = weight * gain[:, None, :]  # (K, 2D, D): the LayerNorm's gain folded into the key and value maps
+        folded, folded_bias = _fold_layer_norm(p, "cross.norm1", "cross.kv")  # (K, 2D, D), (K, 2D)
         key_map, value_map = folded[:, :dim].view(k, heads, d, dim), folded[:, dim:].view(k, heads, d, dim)
-        value_bias = torch.einsum("kod,kd->ko", weight[:, dim:], shift)  # the LayerNorm's shift through V
-        if bias is not None:
-            value_bias = value_bias + bias[:, dim:]
-        normed = F.layer_norm(x, x.shape[-1:])  # (B, N, D), once for every head
-        if torch.is_autocast_enabled(x.device.type):
-            normed = normed.to(torch.get_autocast_dtype(x.device.type))
+        value_bias = folded_bias[:, dim:]  # the keys' bias is the same for every token: the softmax drops it
+        normed = _normalised_once(x)  # (B, N, D)
         # (K, H, Q, D): each query folded back through its head's key map, scaled as the attention scales.
         query_side = torch.einsum("khqe,khed->khqd", projected.view(k, q_count, heads, d).transpose(1, 2), key_map)
         query_side = (query_side * d**-0.5).reshape(k * heads * q_count, dim)
@@ -514,17 +532,9 @@ class AttentiveHeads(HeadFamily):
         The normalisation itself is the same for every head: computed once; head k's affine ``(g_k, b_k)`` folds
         into its projection ``(W_k, c_k)`` as ``W_k diag(g_k)`` and ``W_k b_k + c_k``, so one matmul serves all.
         """
-        weight, gain, shift = p[f"{linear}.weight"], p[f"{norm}.weight"], p[f"{norm}.bias"]
-        bias = p.get(f"{linear}.bias")
-        folded_weight = weight * gain[:, None, :]  # (K, O, D)
-        folded_bias = torch.einsum("kod,kd->ko", weight, shift)
-        if bias is not None:
-            folded_bias = folded_bias + bias
-        k, o = weight.shape[:2]
-        normed = F.layer_norm(x, x.shape[-1:]).flatten(0, 1)  # (B * N, D), once for every head
-        if torch.is_autocast_enabled(x.device.type):
-            # Cast once here: autocast would cast the expanded operand below, a (K, B * N, D) copy.
-            normed = normed.to(torch.get_autocast_dtype(x.device.type))
+        folded_weight, folded_bias = _fold_layer_norm(p, norm, linear)  # (K, O, D), (K, O)
+        k, o = folded_weight.shape[:2]
+        normed = _normalised_once(x).flatten(0, 1)  # (B * N, D)
         # One batched matmul over the heads with the tokens broadcast (no copy): the output and its gradient come
         # out head-major and contiguous, as the attention reads them.
         out = torch.baddbmm(folded_bias[:, None, :], normed.expand(k, -1, -1), folded_weight.transpose(1, 2))
