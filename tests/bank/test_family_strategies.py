@@ -16,18 +16,10 @@ import pytest
 import torch
 
 from bank.family_scenario import FAMILIES, INPUTS, run
-from features.taps.scenario import TapRun
+from features.taps.scenario import STRATEGY_RUNS
 from helpers.dist import run_distributed
 
-RUNS = {
-    "ddp": TapRun("distprobe_ddp"),
-    "fsdp1_wrapped": TapRun("fsdp1_wrapped"),
-    "fsdp2": TapRun("distprobe_fsdp2", kind="fsdp2"),
-    "fsdp2_tp_1x2": TapRun("tp_1x2", kind="tp"),
-    "deepspeed_stage_1": TapRun("distprobe_deepspeed_stage_1"),
-    "deepspeed_stage_2": TapRun("distprobe_deepspeed_stage_2"),
-    "deepspeed_stage_3": TapRun("distprobe_deepspeed_stage_3"),
-}
+RUNS = STRATEGY_RUNS
 #: Per family the metrics its banks must report at validation (``eval/{bank}_...``).
 METRICS = {"attentive": ("_best_top1",), "dense": ("_best_mIoU", "_pixel_acc")}
 

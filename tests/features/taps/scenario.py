@@ -22,6 +22,19 @@ class TapRun:
     """Which of `PAIRS` are probed."""
 
 
+#: One run per strategy the tapped-feature tests ride, by the suite's strategy ids (as tests/strategies names them).
+STRATEGY_RUNS = {
+    "ddp": TapRun("distprobe_ddp"),
+    "fsdp1_wrapped": TapRun("fsdp1_wrapped"),
+    "fsdp2": TapRun("distprobe_fsdp2", kind="fsdp2"),
+    # proj is column-parallel: its output, the tapped one, is a DTensor sharded on the feature dimension.
+    "fsdp2_tp_1x2": TapRun("tp_1x2", kind="tp"),
+    "deepspeed_stage_1": TapRun("distprobe_deepspeed_stage_1"),
+    "deepspeed_stage_2": TapRun("distprobe_deepspeed_stage_2"),
+    "deepspeed_stage_3": TapRun("distprobe_deepspeed_stage_3"),
+}
+
+
 def _strategy(run: TapRun) -> Any:
     import distprobe.strategies  # noqa: F401 - registers the names
 

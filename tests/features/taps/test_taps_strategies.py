@@ -13,17 +13,10 @@ import importlib.util
 import pytest
 import torch
 
-from features.taps.scenario import TapRun, run
+from features.taps.scenario import STRATEGY_RUNS, run
 from helpers.dist import run_distributed
 
-RUNS = {
-    "ddp": TapRun("distprobe_ddp"),
-    "fsdp1_wrapped": TapRun("fsdp1_wrapped"),
-    "fsdp2": TapRun("distprobe_fsdp2", kind="fsdp2"),
-    # proj is column-parallel: its output, the tapped one, is a DTensor sharded on the feature dimension.
-    "tp_1x2": TapRun("tp_1x2", kind="tp"),
-    "deepspeed_stage_3": TapRun("distprobe_deepspeed_stage_3"),
-}
+RUNS = {name: STRATEGY_RUNS[name] for name in ("ddp", "fsdp1_wrapped", "fsdp2", "fsdp2_tp_1x2", "deepspeed_stage_3")}
 
 
 @pytest.mark.distributed
@@ -49,7 +42,7 @@ def test_tapped_probe_equals_explicit_probe_under_strategy(name: str) -> None:
         assert result["hooks_left"] == 0 and result["shared_left"] == 0
     facts = ranks[0]
     assert sorted(facts["tapped"]) == ["backbone.blocks.1", "backbone.blocks.2", "backbone.proj"], facts["tapped"]
-    assert facts["dtensor_taps"] == (["backbone.proj"] if name == "tp_1x2" else [])
+    assert facts["dtensor_taps"] == (["backbone.proj"] if name == "fsdp2_tp_1x2" else [])
     if name == "fsdp1_wrapped":
         names = facts["names"]
         assert "backbone.blocks.1._fsdp_wrapped_module._checkpoint_wrapped_module" in names, names
