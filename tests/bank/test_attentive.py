@@ -184,9 +184,15 @@ def test_bfloat16_heads_follow_separate_bfloat16_probes(optimizer, device, depth
         # than a probe does. AdamW turns such differences on near-zero gradients into lr-sized steps (measured on
         # the CPU: bank to bf16 probes 2.2e-3, as far as bf16 probes are from float32 ones, 2.1e-3; SGD and LARS
         # 1.2e-5 against 8e-5). The check is then that the bank's bf16 heads are as good as a bf16 probe's: no
-        # farther from the float32 heads (measured: the same distance, to 1%), and not equal to them.
+        # farther from the float32 heads (measured: the same distance, to 1%), and not equal to them. On CUDA the
+        # ratio moves from run to run with cuBLAS's choice of bf16 kernels: two H100 runs (torch 2.11) gave LARS
+        # 1.53x (9.7e-5 against 6.4e-5) in one and under 1.5x in the other, so the GPU bound is 2x: the bank's bf16
+        # heads within the rounding margin cuBLAS leaves of a bf16 probe's distance from float32.
         bank_vs_float32 = _max_distance(exported, [ref.module for ref in float32_refs.values()])
-        assert 0.0 < bank_vs_float32 <= (1.25 if device == "cpu" else 1.5) * bf16_vs_float32
+        assert 0.0 < bank_vs_float32 <= (1.25 if device == "cpu" else 2.0) * bf16_vs_float32, (
+            bank_vs_float32,
+            bf16_vs_float32,
+        )
         return
     atol, closer_by = (5e-4, 5.0) if device == "cpu" else (3e-3, 1.5)
     assert bf16_error <= atol, (bf16_error, bf16_vs_float32)

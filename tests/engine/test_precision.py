@@ -50,7 +50,7 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         ("none", "high", "tf32"),  # a fresh process asks nothing: the bank's TF32 stays the bank's
         ("ieee", "high", "tf32"),  # the user asked IEEE for the backbone
         ("tf32", "highest", "ieee"),  # the user asked TF32 for the backbone; the bank wants IEEE
-        ("tf32", None, "tf32"),  # None: the bank follows the process
+        ("tf32", None, "tf32"),  # None on a built config (attentive and dense banks' default): follows the process
         ("ieee", None, "ieee"),
     ],
 )
@@ -66,6 +66,38 @@ def test_the_heads_run_at_the_bank_s_precision_and_the_process_keeps_its_own(pro
     assert torch.backends.cuda.matmul.fp32_precision == process
     assert seen["forward"] == [inside, inside]  # the train step's forward, then the evaluation's
     assert seen["backward"] == [inside]  # the weight gradient's matmul, launched inside autograd.grad
+
+
+@pytest.mark.parametrize(
+    ("family", "head_options", "default"),
+    [
+        ("linear", None, "high"),  # TF32: accuracy measured unchanged by it (benchmarks/tf32_accuracy.py)
+        ("attentive", {"num_heads": 2}, None),  # not measured: the process's setting
+        ("dense", None, None),
+    ],
+)
+def test_none_takes_the_head_family_s_default_wherever_the_bank_is_built(family, head_options, default) -> None:
+    kwargs = {"num_classes": C, "head_options": head_options, "in_features": 8}
+    assert BankConfig(name="grid", inputs=["x"], family=family, **kwargs).matmul_precision == default
+    callback = OnlineProbeBank(None, "grid", input="x", target="y", head=family, **kwargs)
+    assert callback.config.matmul_precision == default
+    # An explicit value always wins over the family's default.
+    for explicit in ("highest", "high"):
+        config = BankConfig(name="grid", inputs=["x"], family=family, matmul_precision=explicit, **kwargs)
+        assert config.matmul_precision == explicit
+
+
+def test_a_default_linear_bank_steps_in_tf32_and_leaves_an_ieee_process_as_it_was() -> None:
+    # What a user gets without asking: the bank's heads in TF32, the training's matmuls at the process's IEEE.
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    bank = ProbeBank.build(BankConfig(name="grid", inputs=["x"], num_classes=C, lr=[0.1, 0.01], in_features=D))
+    seen: list[str] = []
+    bank.heads.register_forward_hook(lambda *_: seen.append(torch.backends.cuda.matmul.fp32_precision))
+    bank.heads.flat.register_hook(lambda grad: seen.append(torch.backends.cuda.matmul.fp32_precision))
+    x, y = batch()
+    bank.train_step([x], y)
+    assert seen == ["tf32", "tf32"]  # forward, then the weight gradient
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
 def test_an_error_inside_puts_the_process_precision_back() -> None:

@@ -153,8 +153,10 @@ class BankConfig(TrainingOptions):
     """momentum of its running statistics (``nn.BatchNorm1d``'s default)."""
     matmul_precision: MatmulPrecision | None = None
     """The heads' float32 matmuls on CUDA, forward and backward: ``"high"`` TF32 (cheaper, about 1e-4 relative
-    change), ``"highest"`` IEEE float32; None: as the process sets them. Weights, optimizer and all-reduce stay
-    float32 (`distprobe.engine.precision`)."""
+    change), ``"highest"`` IEEE float32. None: the family's default (`HeadFamily.default_matmul_precision`), set
+    here when the config is built: ``"high"`` for linear heads, whose accuracy TF32 leaves unchanged within noise
+    (docs/banks.md); attentive and dense heads keep None, the process's own setting. Weights, optimizer and
+    all-reduce stay float32 (`distprobe.engine.precision`)."""
     optimizer_spec: OptimizerSpec = field(init=False)
     """The parsed ``optimizer``."""
     top_k: dict[str, int] = field(init=False)
@@ -179,6 +181,8 @@ class BankConfig(TrainingOptions):
             raise ValueError(
                 f"bank '{name}': argument 'family' got {self.family!r}; expected one of {sorted(FAMILIES)}."
             )
+        if self.matmul_precision is None:
+            self.matmul_precision = FAMILIES[self.family].default_matmul_precision
         check_options = getattr(FAMILIES[self.family], "check_options", None)
         if check_options is not None:
             check_options(self)

@@ -57,7 +57,8 @@ class OnlineProbeBank(ProbeCallback):
             dense: ``grid``, ``ignore_index``, ``loss_chunk_heads``, ``loss_chunk_elements``, ``loss_resolution``,
             ``loss_grid_scale``, ``samples_per_step``; online defaults bound the cost, docs/dense.md).
         matmul_precision: The heads' float32 matmuls on CUDA: ``"high"`` (TF32, cheaper), ``"highest"`` (IEEE
-            float32), or None (as the process sets them). The backbone's precision is left as it is.
+            float32), or None: the family's default, TF32 for linear heads (their accuracy measured unchanged by
+            it), the process's setting for attentive and dense heads. The backbone's precision is left as it is.
         multilabel: Targets are ``(B, num_classes)`` multi-hot: BCE, mAP and F1 (docs/multilabel.md).
         data: A labeled DataLoader of the bank's own, as for `OnlineProbe` (docs/own-data.md).
         val_data: The bank's own validation DataLoader, evaluated exactly at each validation epoch.

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distprobe.bank.config import BankConfig, Head
+from distprobe.engine.precision import MatmulPrecision
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class HeadFamily(nn.Module, abc.ABC):
 
     metric_kind: ClassVar[str] = "classification"
     """The per-head metrics the bank reports: ``"classification"`` is top-k accuracy."""
+    default_matmul_precision: ClassVar[MatmulPrecision | None] = None
+    """The bank's ``matmul_precision`` when the user gives none: None follows the process's setting. A family turns
+    TF32 on by default only once its heads' accuracy is shown unchanged by it (benchmarks/tf32_accuracy.py)."""
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ from distprobe.bank.families.base import head_option_fields
 from distprobe.bank.families.linear import LinearHeads
 from distprobe.engine import bad_data
 from distprobe.engine.checks import label_range_problem
+from distprobe.engine.precision import MatmulPrecision
 
 
 def _pair(value: Any, option: str, bank_name: str) -> tuple[int, int] | None:
@@ -150,6 +151,9 @@ class DenseHeads(LinearHeads):
     metric_kind: ClassVar[str] = "segmentation"
     reads_tokens: ClassVar[bool] = True
     """Its inputs keep their token shape (a feature cache gives flattened rows their shape back)."""
+    # The linear heads' TF32 default was measured on classification only; dense heads follow the process until
+    # their mIoU is (docs/banks.md, "Precision of the heads' matmuls").
+    default_matmul_precision: ClassVar[MatmulPrecision | None] = None
 
     def initial_flat(self, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """Linear heads' weights, once ``head_options`` are checked."""
