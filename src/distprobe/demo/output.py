@@ -120,8 +120,7 @@ class EpochTable(pl.Callback):
     def __init__(self, offline: OfflineEval | None = None, offline_every: int = 0) -> None:
         self.rows: list[dict[str, float]] = []
         """Every rank's rows: the epoch, its SSL loss, the probes' figures and the seconds since the start."""
-        self.offline_rows: list[dict[str, float]] = []
-        """Rank 0's offline evaluations: ``epoch``, ``logreg_top1``, ``knn20_top1``, ``c``."""
+        self._offline_scores: dict[int, OfflineScores] = {}
         self.offline = offline if offline_every > 0 else None
         self.offline_every = offline_every
         self._start = time.monotonic()
@@ -173,20 +172,21 @@ class EpochTable(pl.Callback):
     def _evaluate_offline(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OfflineScores:
         assert self.offline is not None
         scores = self.offline(pl_module)
-        record = {"epoch": trainer.current_epoch, "logreg_top1": scores.logreg_top1, "knn20_top1": scores.knn_top1}
-        self.offline_rows.append({**record, "c": scores.c})
+        self._offline_scores[trainer.current_epoch] = scores
         if trainer.logger is not None:
             # The logger directly, not pl_module.log: only rank 0 evaluates, and a logged value is every rank's.
             metrics = {"offline/logreg_top1": scores.logreg_top1, "offline/knn20_top1": scores.knn_top1}
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         return scores
 
+    @property
+    def offline_rows(self) -> list[dict[str, float | None]]:
+        """Rank 0's offline evaluations, in order, for JSON: ``epoch``, then `OfflineScores.as_dict`'s numbers."""
+        return [{"epoch": epoch, **scores.as_dict()} for epoch, scores in self._offline_scores.items()]
+
     def offline_at(self, epoch: int) -> OfflineScores | None:
         """The offline scores this table computed after `epoch`, if it did."""
-        for r in self.offline_rows:
-            if r["epoch"] == epoch:
-                return OfflineScores(logreg_top1=r["logreg_top1"], knn_top1=r["knn20_top1"], c=r["c"])
-        return None
+        return self._offline_scores.get(epoch)
 
 
 def summary_lines(
