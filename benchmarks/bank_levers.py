@@ -13,7 +13,8 @@ every round; the overhead is the median over rounds of (variant / ``none`` of th
   until Session J);
 - ``side``: the bank's step on a side CUDA stream that waits for the features only (`distprobe.engine.streams`);
 - ``fused``: the SGD update as one compiled kernel (`distprobe.engine.fused_update`);
-- ``tf32``: the logits' matmuls in TF32 (float32 weights kept);
+- ``tf32``: the logits' matmuls in TF32 (float32 weights kept), by the bank's ``matmul_precision="high"``; the
+  other variants ask ``"highest"`` (IEEE float32);
 - ``side+fused``, ``all``: the levers together.
 
 Then, for ``eager`` and ``all``: the bank step alone under torch.profiler (CUDA time per step, by kind of kernel, and
@@ -54,19 +55,6 @@ def say(*args: Any) -> None:
 
 
 # --- levers applied from outside the bank (the same calls the bank's hooks make) -------------------------------------
-
-
-@contextlib.contextmanager
-def tf32_matmuls(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @contextlib.contextmanager
@@ -132,12 +120,14 @@ class Levers:
         self.side = SideStream(bank.device, enabled="side" in on)
         self.fused = "fused" in on
         self.tf32 = "tf32" in on
+        # The bank's own option, as a user sets it (the default for linear heads is TF32 since Session L).
+        bank.config.matmul_precision = "high" if self.tf32 else "highest"
 
     def mark(self) -> None:
         self.side.mark()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> Any:
-        with self.side.launch([x, y]), fused_update(self.fused), tf32_matmuls(self.tf32):
+        with self.side.launch([x, y]), fused_update(self.fused):
             out = self.bank.train_step([x], y)
         self.side.join([out.loss, out.preds, out.bad])
         return out
@@ -174,7 +164,7 @@ def levered_bank(levers: str) -> type:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             side = self._side(pl_module.device)
             inputs = [t for t in (outputs.get("embedding"), batch.get("label")) if isinstance(t, torch.Tensor)]
-            with side.launch(inputs), fused_update("fused" in on), tf32_matmuls("tf32" in on):
+            with side.launch(inputs), fused_update("fused" in on):
                 super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             side.join()
 

@@ -60,11 +60,15 @@ VARIANTS = ("none", "distprobe_x1", "distprobe_x8", "spt_none", "spt_x1", "spt_x
 #: (the replicas then diverge: for timing only).
 DIAGNOSTIC = ("nolog_x1", "nolog_x8", "local_x1", "local_x8")
 #: Probe banks, run only when named: bank64 is 16 learning rates x 2 weight decays x (none, BatchNorm), SGD with
-#: momentum; bank64plain the same 64 heads without the BatchNorm half (16 lr x 4 wd); bank64tf32 is bank64plain with
-#: the library's ``matmul_precision="high"`` (TF32 logits and weight gradient).
-BANKS = ("distprobe_bank64", "distprobe_bank64plain", "distprobe_bank64tf32")
+#: momentum; bank64plain the same 64 heads without the BatchNorm half (16 lr x 4 wd), at the library's defaults (TF32
+#: heads since Session L); bank64tf32 is bank64plain asking ``matmul_precision="high"`` (TF32 logits and weight
+#: gradient) by name, bank64ieee asking ``"highest"`` (IEEE float32: the default before Session L).
+BANKS = ("distprobe_bank64", "distprobe_bank64plain", "distprobe_bank64tf32", "distprobe_bank64ieee")
+#: The precision each bank variant asks for by name (the others take the family's default).
+BANK_PRECISION = {"distprobe_bank64tf32": "high", "distprobe_bank64ieee": "highest"}
 #: bank64plain with levers of issue 28 applied from outside the library (`bank_levers.LeveredBank`), run only when
-#: named: ``+side`` (a side CUDA stream from the forward's end), ``+fused`` (the compiled SGD update), ``+tf32``,
+#: named: ``+side`` (a side CUDA stream from the forward's end), ``+fused`` (the compiled SGD update), ``+tf32`` (the
+#: bank's own ``matmul_precision="high"``; without it the levered bank asks ``"highest"``),
 #: ``+all``; several may be joined (``distprobe_bank64plain+side+fused``).
 LEVERED = "distprobe_bank64plain+"
 #: Issue 27's online closed-form probe, run only when named: an `OnlineRidge` with its default lambdas, float64
@@ -256,7 +260,12 @@ def build_variant(
             optimizer={"type": "SGD", "momentum": 0.9},
             metrics=("top1", "top5"),
             in_features=workload.embed_dim,
-            matmul_precision="high" if variant == "distprobe_bank64tf32" else None,
+            # A levered bank's TF32 is its ``+tf32`` lever, through the library's option; without it, IEEE.
+            matmul_precision=(
+                ("high" if "tf32" in variant or variant.endswith("+all") else "highest")
+                if variant.startswith(LEVERED)
+                else BANK_PRECISION.get(variant)
+            ),
         )
         return module, [bank]
     probe_cls = UnloggedOnlineProbe if variant.startswith("nolog") else OnlineProbe  # local: see make_strategy
