@@ -205,7 +205,7 @@ def _checkpoint_markers(ax: Axes, probe: ProbeCurves, metric: str) -> None:
 
 def _interval_band(ax: Axes, rows: Sequence[CheckpointResult], color: str, label: str) -> None:
     """The rows' bootstrap intervals: a bar at each checkpoint, and a band through them over steps."""
-    bounded = sorted((r.step, r.low, r.high) for r in rows if r.low is not None and r.high is not None)
+    bounded = sorted((r.step, *ends) for r in rows if (ends := r.ends) is not None)
     if not bounded:
         return
     steps, lows, highs = [s for s, _, _ in bounded], [lo for _, lo, _ in bounded], [hi for _, _, hi in bounded]

@@ -43,8 +43,8 @@ def rows_of(store: ResultsStore, config_hash: str | None = None) -> list[dict[st
             continue
         logged = logged_key(result)
         values[(checkpoint, hash_)][logged] = result.value
-        if result.low is not None and result.high is not None:
-            intervals[(checkpoint, hash_)][logged] = [result.low, result.high]
+        if (ends := result.ends) is not None:
+            intervals[(checkpoint, hash_)][logged] = list(ends)
     rows = []
     for record in store.checkpoints(config_hash=config_hash):
         key = (record.path, record.config_hash)

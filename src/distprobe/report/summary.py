@@ -178,8 +178,8 @@ def _fewshot(probe: ProbeCurves, metric: str) -> list[str]:
                 cells.append("-")
                 continue
             text = f"{_value(point.mean)} +- {_value(point.std)}" + (f" ({point.seeds} seeds)" if point.seeds else "")
-            if point.low is not None and point.high is not None:
-                text += f" [{_value(point.low)}, {_value(point.high)}]"
+            if (ends := point.ends) is not None:
+                text += f" [{_value(ends[0])}, {_value(ends[1])}]"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
