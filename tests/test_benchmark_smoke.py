@@ -60,6 +60,15 @@ def test_bank_levers_smoke_reaches_the_bank_optimizer_and_matches_the_eager_step
 
 
 @pytest.mark.slow  # a benchmark's smoke run
+def test_update_bandwidth_benchmark_smoke_times_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bandwidth.json"
+    _benchmark("update_bandwidth.py", "--smoke", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == ["copy", "floor", "fused", "eager"]
+    assert all(row["ms"] > 0 and row["gb_per_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.slow  # a benchmark's smoke run
 def test_host_time_benchmark_smoke_prints_its_table() -> None:
     proc = _benchmark("host_time.py", "--steps", "5", "--rounds", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
