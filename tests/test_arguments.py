@@ -1,8 +1,9 @@
 """`distprobe.arguments.require_count`: every config refuses a bad count alike, naming itself and the argument.
 
 One row per count argument of every config (probe, bank, attentive and dense head options, kNN, own data, ridge,
-monitor, the service's logreg and few-shot options). Before the shared check some of them took ``True`` (a bool is an
-int to Python) and the service's raised a TypeError for ``"3"``; each row pins that they all refuse it now.
+monitor, the service's logreg and few-shot options, the cluster config, the preemption callback, the demo and its
+shapes data set). Before the shared check some of them took ``True`` (a bool is an int to Python) and the service's
+raised a TypeError for ``"3"``; each row pins that they all refuse it now.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from torch.utils.data import DataLoader
 
 from distprobe.arguments import require_count
 from distprobe.bank.config import BankConfig
+from distprobe.cluster import ClusterConfig
+from distprobe.cluster.preemption import PreemptionCheckpoint
+from distprobe.cluster.signals import PreemptionSignal
 from distprobe.convex import RidgeConfig
+from distprobe.demo import DemoConfig
+from distprobe.demo.shapes import ShapesSegmentation
 from distprobe.engine.config import ProbeConfig
 from distprobe.features.own_data import OwnData
 from distprobe.knn.config import KNNConfig
@@ -62,6 +68,20 @@ def monitor(**options: Any) -> object:
     return MonitorConfig(name="m", **options)
 
 
+def cluster(**options: Any) -> object:
+    # A long job with no early signal, so that neither time_min=1 nor a large signal_delay_s trips the check that
+    # the signal comes before the job's end.
+    return ClusterConfig(**{"time_min": 10**9, "signal_delay_s": 0, **options})
+
+
+def preemption(**options: Any) -> object:
+    return PreemptionCheckpoint(requeue=False, preemption=PreemptionSignal(), **options)  # not the process-wide one
+
+
+def shapes(**options: Any) -> object:
+    return ShapesSegmentation(**{"length": 4, **options})
+
+
 # (config, argument, how the message names the config and the argument, the smallest count accepted)
 CASES: list[tuple[Callable[..., object], str, str, int]] = [
     (probe, "accumulate_grad_batches", "probe 'p': argument 'accumulate_grad_batches'", 1),
@@ -81,8 +101,29 @@ CASES: list[tuple[Callable[..., object], str, str, int]] = [
     *[(monitor, key, f"monitor 'm': argument '{key}'", 1) for key in ("every_n_steps", "dim")],
     *[(LogregOptions, key, f"logreg 'logreg': argument '{key}'", 1) for key in ("chain", "max_iter")],
     (FewshotOptions, "seeds", "fewshot 'fewshot': argument 'seeds'", 1),
+    *[
+        (cluster, key, f"ClusterConfig: argument '{key}'", 1)
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min")
+    ],
+    (preemption, "check_every_n_steps", "PreemptionCheckpoint: argument 'check_every_n_steps'", 1),
+    *[
+        (DemoConfig, key, f"demo: argument '{key}'", 1)
+        for key in ("epochs", "batch_size", "devices", "width", "random_inits", "num_threads")
+    ],
+    (shapes, "length", "ShapesSegmentation: argument 'length'", 1),
+    (shapes, "size", "ShapesSegmentation: argument 'size'", 8),
 ]
 IDS = [f"{config.__name__}.{argument}" for config, argument, _, _ in CASES]
+
+# Counts that may be 0 (0 GPUs: a CPU job; 0 requeues; no early signal; no offline evaluation during the demo).
+ZERO_CASES: list[tuple[Callable[..., object], str, str, int]] = [
+    *[
+        (cluster, key, f"ClusterConfig: argument '{key}'", 0)
+        for key in ("gpus_per_node", "signal_delay_s", "max_requeues_on_timeout")
+    ],
+    (DemoConfig, "offline_every", "demo: argument 'offline_every'", 0),
+]
+ZERO_IDS = [f"{config.__name__}.{argument}" for config, argument, _, _ in ZERO_CASES]
 
 
 @pytest.mark.parametrize(("config", "argument", "named", "smallest"), CASES, ids=IDS)
@@ -94,11 +135,23 @@ def test_every_config_refuses_a_bad_count_naming_itself_the_argument_and_the_val
         config(**{argument: bad})
 
 
-@pytest.mark.parametrize(("config", "argument", "named", "smallest"), CASES, ids=IDS)
+@pytest.mark.parametrize(("config", "argument", "named", "smallest"), ZERO_CASES, ids=ZERO_IDS)
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "3"], ids=repr)
+def test_a_count_that_may_be_zero_refuses_the_same_mistakes(config, argument, named, smallest, bad):
+    with pytest.raises(ValueError, match=re.escape(f"{named} got {bad!r}; expected an int >= {smallest}")):
+        config(**{argument: bad})
+
+
+@pytest.mark.parametrize(("config", "argument", "named", "smallest"), CASES + ZERO_CASES, ids=IDS + ZERO_IDS)
 def test_every_config_takes_its_smallest_count_and_refuses_one_less(config, argument, named, smallest):
     config(**{argument: smallest})
     with pytest.raises(ValueError, match=re.escape(f"{named} got {smallest - 1}; expected an int >= {smallest}")):
         config(**{argument: smallest - 1})
+
+
+@pytest.mark.parametrize(("config", "argument", "named", "smallest"), CASES + ZERO_CASES, ids=IDS + ZERO_IDS)
+def test_every_config_takes_a_large_count(config, argument, named, smallest):
+    config(**{argument: 100_000})
 
 
 @pytest.mark.parametrize(

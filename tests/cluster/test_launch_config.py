@@ -39,7 +39,7 @@ def test_unknown_key_lists_the_fields_of_the_dataclass():
     ("options", "fragment"),
     [
         ({"cluster": "kubernetes"}, "expected one of ('slurm', 'local', 'debug')"),
-        ({"nodes": 0}, "ClusterConfig.nodes=0: expected an integer >= 1"),
+        ({"nodes": 0}, "ClusterConfig: argument 'nodes' got 0; expected an int >= 1"),
         ({"partition": "gpu\nrm -rf /"}, "contains a newline"),
         ({"srun_args": ["--x\r"]}, "contains a carriage return"),
         ({"sbatch_options": {"partition": "gpu"}}, "ClusterConfig.partition controls"),

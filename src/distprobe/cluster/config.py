@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from distprobe.arguments import require_count
+
 ClusterKind = Literal["slurm", "local", "debug"]
 
 # sbatch options that ClusterConfig sets from its own fields (or submitit sets): given again through
@@ -131,11 +133,10 @@ class ClusterConfig:
         minimums = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "time_min": 1, "signal_delay_s": 0}
         minimums["max_requeues_on_timeout"] = 0
         for name, minimum in minimums.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"ClusterConfig.{name}={value!r}: expected an integer >= {minimum}")
-        if self.cpus_per_task is not None and (not isinstance(self.cpus_per_task, int) or self.cpus_per_task < 1):
-            raise ValueError(f"ClusterConfig.cpus_per_task={self.cpus_per_task!r}: expected an integer >= 1 or None")
+            require_count("ClusterConfig", name, getattr(self, name), minimum=minimum)
+        if self.cpus_per_task is not None:
+            hint = "None: the cluster's default"
+            require_count("ClusterConfig", "cpus_per_task", self.cpus_per_task, or_none=True, hint=hint)
         if self.mem_gb is not None and not (
             isinstance(self.mem_gb, (int, float)) and math.isfinite(self.mem_gb) and self.mem_gb > 0
         ):

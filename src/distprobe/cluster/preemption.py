@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from typing_extensions import override
 
+from distprobe.arguments import require_count
 from distprobe.cluster.async_flag import AsyncFlag
 from distprobe.cluster.signals import (
     CHECKPOINT_DIR_ENV,
@@ -95,10 +96,7 @@ class PreemptionCheckpoint(Callback):
         requeue: bool = True,
         preemption: PreemptionSignal | None = None,
     ) -> None:
-        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
-            raise ValueError(
-                f"PreemptionCheckpoint: check_every_n_steps={check_every_n_steps!r}; expected an integer >= 1"
-            )
+        require_count("PreemptionCheckpoint", "check_every_n_steps", check_every_n_steps)
         self._dirpath_arg = Path(dirpath) if dirpath is not None else None
         self.dirpath: Path | None = None
         self.check_every_n_steps = check_every_n_steps

@@ -21,6 +21,8 @@ import math
 import torch
 from torch.utils.data import Dataset
 
+from distprobe.arguments import require_count
+
 #: The shapes by class (class 0 is the background); a set with C classes uses the first C - 1.
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond")
 IGNORE_INDEX = 255
@@ -61,10 +63,8 @@ class ShapesSegmentation(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 f"ShapesSegmentation: argument 'num_classes' got {num_classes!r}; expected 2 to {len(SHAPES) + 1} "
                 "(the background and one class per shape)."
             )
-        if length < 1 or size < 8:
-            raise ValueError(
-                f"ShapesSegmentation: got length={length!r}, size={size!r}; expected length >= 1 and size >= 8."
-            )
+        require_count("ShapesSegmentation", "length", length)
+        require_count("ShapesSegmentation", "size", size, minimum=8)
         self.length, self.size, self.num_classes = length, size, num_classes
         self.seed, self.ignore_border = seed, ignore_border
         palette = torch.Generator().manual_seed(12345)

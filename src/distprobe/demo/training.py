@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from distprobe import keys
+from distprobe.arguments import require_count
 from distprobe.callbacks import OnlineProbe
 from distprobe.demo.eval import (
     EvalSplits,
@@ -102,19 +103,10 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "devices", "width", "random_inits"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"demo: argument '{name}' got {value!r}; expected a positive int.")
-        if not isinstance(self.offline_every, int) or self.offline_every < 0:
-            raise ValueError(
-                f"demo: argument 'offline_every' got {self.offline_every!r}; expected an int >= 0 (0: not during "
-                "training)."
-            )
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ValueError(
-                f"demo: argument 'num_threads' got {self.num_threads!r}; expected a positive int, or None to leave "
-                "torch's setting."
-            )
+            require_count("demo", name, getattr(self, name))
+        require_count("demo", "offline_every", self.offline_every, minimum=0, hint="0: not during training")
+        if self.num_threads is not None:
+            require_count("demo", "num_threads", self.num_threads, or_none=True, hint="None: leave torch's setting")
         if self.probe_data not in ("pretraining-labels", "labeled-subset"):
             raise ValueError(
                 f"demo: argument 'probe_data' got {self.probe_data!r}; expected 'pretraining-labels' or "
