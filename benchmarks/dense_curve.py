@@ -1,9 +1,10 @@
-"""An online mIoU curve: a dense bank beside a small convnet that pretrains without labels (CPU, about a minute).
+"""An online mIoU curve: a dense bank beside a small convnet that pretrains without labels (CPU, about 15 s).
 
 The backbone is a denoising autoencoder on `distprobe.demo.shapes.ShapesSegmentation` images (it never sees a
 mask); `OnlineProbeBank(head="dense")` reads its encoder's ``(B, D, h, w)`` feature map through a tap and trains on
-the batch's masks. The bank's best validation mIoU and the encoder at initialisation (the same bank on a frozen
-copy) are plotted per epoch.
+the batch's masks at the online default ``head_options`` (the first ``samples_per_step=8`` samples of each batch of
+32, the loss at 4 times the patch grid). The bank's best validation mIoU and the encoder at initialisation (the same
+bank on a frozen copy) are plotted per epoch.
 
     python benchmarks/dense_curve.py --out docs/images/dense-online-miou.png
 """

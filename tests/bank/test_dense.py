@@ -166,3 +166,54 @@ def test_probe_set_builds_a_dense_bank_from_the_first_batch_and_refuses_bad_mask
     wrong = ProbeSet.build([], banks=[bank])
     with pytest.raises(ValueError, match=r"bank 'seg': a dense head's target must be \(batch, H, W\)"):
         wrong.step({"patch": x}, {"mask": masks[:, 0, 0]})
+
+
+def test_online_banks_train_on_the_first_8_samples_of_a_batch_and_the_service_bank_on_all():
+    """The online default (``samples_per_step=8``, docs/dense.md "Cost control") bounds the cost: the heads and their
+    BatchNorm statistics are those of a bank trained on ``batch[:8]``, and the rest of the batch changes nothing. The
+    service's bank (DINOv3's protocol, `FULL_RESOLUTION` under the config's options) trains on every sample."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from distprobe.bank.families.dense import FULL_RESOLUTION, DenseOptions
+    from distprobe.service.extract import CachedSplit
+    from distprobe.service.targets import TargetCodec
+    from distprobe.service.train import _bank_config
+
+    def build(config=None, **options):
+        config = config or BankConfig(
+            name="seg", family="dense", inputs=["x"], num_classes=C, lr=LRS, normalization=[None, "batchnorm"],
+            in_features=D, **options,
+        )  # fmt: skip
+        return ProbeBank.build(config, seed=3)
+
+    def trained(bank, batches):
+        for x, targets in batches:
+            bank.train_step([x], targets)
+        return torch.cat([bank.heads.flat, *bank.state_dict()["batchnorm"]])
+
+    g = torch.Generator().manual_seed(4)
+    batches = [_batch(g, 12, False) for _ in range(2)]
+    first_8 = [(x[:8], targets[:8]) for x, targets in batches]
+    assert DenseOptions().samples_per_step == 8
+    online = trained(build(), batches)
+    every_sample = {"head_options": {"samples_per_step": None}}
+    torch.testing.assert_close(online, trained(build(**every_sample), first_8), rtol=0, atol=0)
+    assert not torch.allclose(online, trained(build(**every_sample), batches))  # samples 9-12 would change the heads
+
+    # The service: the same grid from a cache of (N, D) patch tokens and masks (the eval config is a stand-in
+    # namespace with the fields `_bank_config` reads; the cache split is real).
+    spec = {"head": "dense", "lr": LRS, "normalization": [None, "batchnorm"]}
+    codec = TargetCodec.of(spec, None, C)
+    tokens = GRID[0] * GRID[1]
+    split = CachedSplit(
+        features=torch.zeros(2, tokens * D), labels=torch.zeros(2, *SIZE, dtype=codec.dtype),
+        sample_shape=(tokens, D), codec=codec,
+    )  # fmt: skip
+    service = _bank_config(SimpleNamespace(probes=SimpleNamespace(bank=spec), source="eval.yaml", num_classes=C), split)
+    assert DenseOptions.parse(service.head_options, "bank").samples_per_step is None
+    served = trained(build(service), batches)
+    shared = dataclasses.replace(service, head_options={**service.head_options, "samples_per_step": 8})
+    assert not torch.allclose(served, trained(build(shared), batches))  # every sample of the batch counted
+    # ... as an online bank of the same grid with DINOv3's options.
+    torch.testing.assert_close(served, trained(build(head_options=dict(FULL_RESOLUTION)), batches), rtol=0, atol=0)

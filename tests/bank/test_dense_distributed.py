@@ -64,9 +64,30 @@ def _train_and_eval(bank, batches, val, rank, world):
     return metrics, bank.state_dict()
 
 
+#: The online default share: each rank trains on the first `SHARE` samples of its own batch (docs/dense.md).
+SHARE, LOCAL = 8, 10
+ONLINE = {**CONFIG, "head_options": {}, "accumulate_grad_batches": 1}
+
+
+def _share_batches(seed=1):
+    """2 global batches of 2 * LOCAL samples; rank r takes rows r, r + 2, ..."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(2 * LOCAL, GRID[0] * GRID[1], D, generator=g),
+            torch.randint(0, C, (2 * LOCAL, *SIZE), generator=g),
+        )
+        for _ in range(2)
+    ]
+
+
 def _on_rank(rank, world):
     bank = ProbeBank.build(BankConfig(**CONFIG), dp_group=torch.distributed.group.WORLD)
-    return _train_and_eval(bank, *_data(), rank, world)
+    result = _train_and_eval(bank, *_data(), rank, world)
+    online = ProbeBank.build(BankConfig(**ONLINE), dp_group=torch.distributed.group.WORLD)
+    for x, masks in _share_batches():
+        online.train_step([x[rank::world]], masks[rank::world])
+    return (*result, torch.cat([online.heads.flat, *online.state_dict()["batchnorm"]]))
 
 
 def _numpy_miou(pred, target):
@@ -84,7 +105,7 @@ def test_two_ranks_equal_one_process_with_uneven_ignored_pixels_and_exact_miou()
     one = ProbeBank.build(BankConfig(**CONFIG))
     batches, val = _data()
     one_metrics, one_state = _train_and_eval(one, batches, val, 0, 1)
-    (metrics0, state0), (metrics1, state1) = results
+    (metrics0, state0, online0), (metrics1, state1, online1) = results
     # Every window stepped (no bad batch, no skip), and the heads moved.
     assert int(one.skipped_steps.sum()) == 0 and int(state0["steps"].sum()) == len(one.head_ids) * len(batches) // 2
     assert not torch.allclose(one.heads.flat, ProbeBank.build(BankConfig(**CONFIG)).heads.flat)
@@ -134,3 +155,18 @@ def test_two_ranks_equal_one_process_with_uneven_ignored_pixels_and_exact_miou()
     assert metrics0["best_pixel_acc"] == pytest.approx(scores[best][1], abs=1e-6)
     # The heads learned something, so the check is not between two empty matrices.
     assert max(s[1] for s in scores) > 0.3
+
+    # At the online defaults each rank trains on the first 8 samples of its own batch of 10: the 2 ranks equal one
+    # process on the union of those shares (BatchNorm statistics included), not on the first 8 of the global batch.
+    torch.testing.assert_close(online0, online1, rtol=0, atol=0)
+    shares = {**ONLINE, "head_options": {"samples_per_step": None}}
+
+    def one_process(rows):
+        bank = ProbeBank.build(BankConfig(**shares))
+        for x, masks in _share_batches():
+            bank.train_step([x[rows]], masks[rows])
+        return torch.cat([bank.heads.flat, *bank.state_dict()["batchnorm"]])
+
+    firsts = torch.tensor([r for r in range(2 * LOCAL) if r // 2 < SHARE])  # rows 0..15: each rank's first 8
+    torch.testing.assert_close(online0, one_process(firsts), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(online0, one_process(torch.arange(2 * LOCAL)), rtol=1e-3, atol=1e-4)

@@ -47,7 +47,7 @@ def docs_example(epochs=20):
             lr=[0.3, 3.0],
             normalization=[None, "batchnorm"],
             optimizer={"type": "SGD", "momentum": 0.9},
-            head_options={"samples_per_step": None},  # every sample of these small batches (online default: 16)
+            head_options={"samples_per_step": None},  # every sample of these small batches (online default: 8)
         )
     )
     for _ in range(epochs):
