@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.bank.config import BankConfig
 from distprobe.cluster import ClusterConfig
 from distprobe.cluster.preemption import PreemptionCheckpoint
@@ -176,3 +176,91 @@ def test_a_count_comes_back_as_given_and_the_message_says_what_none_and_the_hint
     with pytest.raises(ValueError) as err:
         require_count("bank 'b'", "num_heads", 0, option_of="head_options", or_none=True, hint="None: D // 64")
     assert str(err.value) == "bank 'b': head_options['num_heads'] got 0; expected an int >= 1 or None (None: D // 64)."
+
+
+# --- choices ------------------------------------------------------------------------------------------------------
+
+#: Every config argument that takes one of named values: (build it with the value, how the message names it, the
+#: choices in the message's order).
+CHOICES: list[tuple[Callable[[Any], Any], str, list[Any]]] = [
+    (
+        lambda v: KNNConfig(name="k", num_classes=3, queue_length=8, storage_dtype=v),
+        "kNN 'k': argument 'storage_dtype'",
+        ["float32", "bfloat16", "float16"],
+    ),
+    (
+        lambda v: ProbeConfig(name="p", probe=None, gradient_clip_algorithm=v),
+        "probe 'p': argument 'gradient_clip_algorithm'",
+        ["norm", "value"],
+    ),
+    (
+        lambda v: BankConfig(name="b", inputs=["x"], num_classes=3, gradient_clip_algorithm=v),
+        "bank 'b': argument 'gradient_clip_algorithm'",
+        ["norm", "value"],
+    ),
+    (
+        lambda v: BankConfig(name="b", inputs=["x"], num_classes=3, family=v),
+        "bank 'b': argument 'family'",
+        ["attentive", "dense", "linear"],
+    ),
+    (
+        lambda v: BankConfig(
+            name="b", inputs=["x"], num_classes=3, family="attentive", head_options={"compute_dtype": v}
+        ),
+        "bank 'b': head_options['compute_dtype']",
+        ["float32", "bfloat16"],
+    ),
+    (
+        lambda v: BankConfig(name="b", inputs=["x"], num_classes=3, matmul_precision=v),
+        "bank 'b': argument 'matmul_precision'",
+        ["highest", "high"],
+    ),
+    (
+        lambda v: RidgeConfig(name="r", num_classes=3, reset_statistics=v),
+        "ridge 'r': argument 'reset_statistics'",
+        ["after_evaluation", "by_owner"],
+    ),
+]
+CHOICE_IDS = [
+    "knn.storage_dtype",
+    "probe.clip",
+    "bank.clip",
+    "bank.family",
+    "attentive.compute_dtype",
+    "bank.matmul_precision",
+    "ridge.reset_statistics",
+]
+
+
+@pytest.mark.parametrize(("config", "named", "choices"), CHOICES, ids=CHOICE_IDS)
+def test_every_choice_takes_each_of_its_values(config, named, choices):
+    for value in choices:
+        config(value)
+
+
+@pytest.mark.parametrize(("config", "named", "choices"), CHOICES, ids=CHOICE_IDS)
+@pytest.mark.parametrize("bad", ["nope", True, 1, ["norm"]], ids=repr)
+def test_every_choice_refuses_other_values_and_lists_the_choices(config, named, choices, bad):
+    with pytest.raises(ValueError, match=re.escape(f"{named} got {bad!r}; expected one of {choices}")):
+        config(bad)
+
+
+@pytest.mark.parametrize(("config", "named", "choices"), CHOICES, ids=CHOICE_IDS)
+def test_a_choice_in_the_wrong_case_is_told_the_right_spelling(config, named, choices):
+    with pytest.raises(ValueError, match=re.escape(f"choices are case-sensitive: write {choices[-1]!r}.") + "$"):
+        config(choices[-1].upper())
+
+
+def test_none_is_a_choice_only_where_it_means_something_and_the_message_says_what():
+    assert require_choice("o", "a", None, ("x",), none_means="the default") is None
+    assert require_choice("o", "a", "x", ("x",)) == "x"
+    with pytest.raises(ValueError) as err:
+        require_choice("kNN 'k'", "storage_dtype", None, ("float32",))
+    assert str(err.value) == "kNN 'k': argument 'storage_dtype' got None; expected one of ['float32']."
+    with pytest.raises(ValueError) as err:
+        require_choice(
+            "bank 'b'", "compute_dtype", "fp16", ("float32",), none_means="float32", option_of="head_options"
+        )
+    assert str(err.value) == (
+        "bank 'b': head_options['compute_dtype'] got 'fp16'; expected one of ['float32'] or None (float32)."
+    )

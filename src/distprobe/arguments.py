@@ -1,4 +1,7 @@
-"""The check of a count argument (``num_classes``, ``every_n_steps``, a size, ...), shared by every config.
+"""The checks of a count argument and of a choice among named values, shared by every config.
+
+A count is ``num_classes``, ``every_n_steps``, a size...; a choice is ``gradient_clip_algorithm``, ``storage_dtype``,
+``matmul_precision``... (`require_choice`).
 
 Standard library only, so that a config that must stay light (the probing service's, loaded before torch) can use
 it. Every kind refuses the same values with the same message: ``{owner}: argument '{name}' got {value!r}; expected
@@ -17,9 +20,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["require_count"]
+__all__ = ["require_choice", "require_count"]
 
 
 def require_count(
@@ -74,3 +78,49 @@ def _fix(value: Any, minimum: int) -> str:
     if isinstance(value, float) and value.is_integer() and value >= minimum:
         return f"{kind}: write {int(value)}, not {value!r}"
     return f"{kind}: write a whole number"
+
+
+def require_choice(
+    owner: str,
+    argument: str,
+    value: Any,
+    choices: Sequence[Any],
+    *,
+    none_means: str | None = None,
+    option_of: str | None = None,
+) -> Any:
+    """``value`` if it is one of ``choices`` (or None, where ``none_means`` says what None does); else a ValueError.
+
+    Example:
+        >>> require_choice("probe 'linear'", "gradient_clip_algorithm", "Norm", ("norm", "value"))
+        Traceback (most recent call last):
+        ...
+        ValueError: probe 'linear': argument 'gradient_clip_algorithm' got 'Norm'; expected one of ['norm', 'value']; \
+choices are case-sensitive: write 'norm'.
+
+    Args:
+        owner: The kind and name that start the message (``"kNN 'knn'"``).
+        argument: The argument's name.
+        value: What was given.
+        choices: The values accepted, in the order the message lists them.
+        none_means: None is accepted too, and this says what it does (``"the process's own setting"``).
+        option_of: The mapping argument ``argument`` is a key of, as for `require_count`.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: for anything else, with the choices listed, and the right spelling where only the case differs.
+    """
+    if (value is None and none_means is not None) or (value is not None and _among(value, choices)):
+        return value
+    where = f"{option_of}[{argument!r}]" if option_of is not None else f"argument {argument!r}"
+    expected = f"one of {list(choices)}" + (f" or None ({none_means})" if none_means is not None else "")
+    same_but_case = [c for c in choices if isinstance(value, str) and isinstance(c, str) and c.lower() == value.lower()]
+    fix = f"; choices are case-sensitive: write {same_but_case[0]!r}" if same_but_case else ""
+    raise ValueError(f"{owner}: {where} got {value!r}; expected {expected}{fix}.")
+
+
+def _among(value: Any, choices: Sequence[Any]) -> bool:
+    """Whether ``value`` is one of ``choices``; a bool matches only a bool (to Python, True == 1)."""
+    return any(value == choice and isinstance(value, bool) == isinstance(choice, bool) for choice in choices)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from distprobe import keys
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.engine.options import TrainingOptions
 from distprobe.engine.precision import MatmulPrecision, check_matmul_precision
 
@@ -177,10 +177,7 @@ class BankConfig(TrainingOptions):
         self.matmul_precision = check_matmul_precision(f"bank '{name}'", self.matmul_precision)
         from distprobe.bank.families import FAMILIES  # the families import this module
 
-        if self.family not in FAMILIES:
-            raise ValueError(
-                f"bank '{name}': argument 'family' got {self.family!r}; expected one of {sorted(FAMILIES)}."
-            )
+        require_choice(f"bank '{name}'", "family", self.family, sorted(FAMILIES))
         if self.matmul_precision is None:
             self.matmul_precision = FAMILIES[self.family].default_matmul_precision
         check_options = getattr(FAMILIES[self.family], "check_options", None)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.specs import TargetSpec
 
 #: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
@@ -57,11 +57,7 @@ class RidgeConfig:
             )
         if self.in_features is not None:
             require_count(f"ridge '{name}'", "in_features", self.in_features, or_none=True)
-        if self.reset_statistics not in get_args(StatisticsReset):
-            raise ValueError(
-                f"ridge '{name}': argument 'reset_statistics' got {self.reset_statistics!r}; expected one of "
-                f"{list(get_args(StatisticsReset))}"
-            )
+        require_choice(f"ridge '{name}'", "reset_statistics", self.reset_statistics, get_args(StatisticsReset))
 
 
 class RidgeSpec(TargetSpec[RidgeConfig], config_type=RidgeConfig, kind="ridge"):

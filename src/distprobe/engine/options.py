@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.engine.functional.grads import ClipAlgorithm
 
 #: The values of `ClipAlgorithm`, for messages and checks.
@@ -35,11 +35,7 @@ class TrainingOptions:
         ``accumulate_grad_batches=True`` is refused: a bool is an int to Python, but 1 is surely not what was meant.
         """
         require_count(owner, "accumulate_grad_batches", self.accumulate_grad_batches, hint="1 disables accumulation")
-        if self.gradient_clip_algorithm not in CLIP_ALGORITHMS:
-            raise ValueError(
-                f"{owner}: argument 'gradient_clip_algorithm' got {self.gradient_clip_algorithm!r}; expected one of "
-                f"{list(CLIP_ALGORITHMS)}."
-            )
+        require_choice(owner, "gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         clip_val = self.gradient_clip_val
         if clip_val is not None and not (
             isinstance(clip_val, int | float) and not isinstance(clip_val, bool) and clip_val > 0

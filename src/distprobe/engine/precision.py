@@ -17,6 +17,8 @@ from typing import Literal, get_args
 
 import torch
 
+from distprobe.arguments import require_choice
+
 MatmulPrecision = Literal["highest", "high"]
 """``"highest"``: IEEE float32 matmuls. ``"high"``: TF32 (10-bit mantissa products, float32 accumulation) on CUDA."""
 
@@ -25,13 +27,8 @@ _CUDA_PRECISION = {"highest": "ieee", "high": "tf32"}
 
 def check_matmul_precision(owner: str, value: object) -> MatmulPrecision | None:
     """``value`` if it is None or a `MatmulPrecision`; else a ValueError naming ``owner`` and the choices."""
-    choices = get_args(MatmulPrecision)
-    if value is None or (isinstance(value, str) and value in choices):
-        return value  # type: ignore[return-value]
-    raise ValueError(
-        f"{owner}: argument 'matmul_precision' got {value!r}; expected one of {list(choices)} or None (the "
-        "process's own setting, torch.backends.cuda.matmul.fp32_precision)."
-    )
+    default = "the head family's default: TF32 for linear heads, the process's own setting for the others"
+    return require_choice(owner, "matmul_precision", value, get_args(MatmulPrecision), none_means=default)
 
 
 @contextlib.contextmanager

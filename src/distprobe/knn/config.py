@@ -9,7 +9,7 @@ from typing import Literal, get_args
 
 import torch
 
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.specs import TargetSpec
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
@@ -77,11 +77,7 @@ class KNNConfig:
             )
         if not self.temperature > 0:
             raise ValueError(f"kNN '{name}': argument 'temperature' got {self.temperature!r}; expected a float > 0.")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"kNN '{name}': argument 'storage_dtype' got {self.storage_dtype!r}; expected one of "
-                f"{list(get_args(StorageDtype))}."
-            )
+        require_choice(f"kNN '{name}'", "storage_dtype", self.storage_dtype, get_args(StorageDtype))
         if self.in_features is not None:
             require_count(f"kNN '{name}'", "in_features", self.in_features, or_none=True)
 

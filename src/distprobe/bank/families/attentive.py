@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.bank.config import BankConfig
 from distprobe.bank.families.base import HeadFamily, ParamView, head_option_fields
 
@@ -83,12 +83,8 @@ class AttentiveOptions:
             raise ValueError(
                 f"bank '{bank_name}': head_options['mlp_ratio'] got {parsed.mlp_ratio!r}; expected a number > 0."
             )
-        choices = get_args(ComputeDtype)
-        if parsed.compute_dtype not in choices:
-            raise ValueError(
-                f"bank '{bank_name}': head_options['compute_dtype'] got {parsed.compute_dtype!r}; expected one of "
-                f"{list(choices)}."
-            )
+        owner = f"bank '{bank_name}'"
+        require_choice(owner, "compute_dtype", parsed.compute_dtype, get_args(ComputeDtype), option_of="head_options")
         return parsed
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager[Any]:
