@@ -23,6 +23,11 @@ def test_the_set_is_made_by_code_the_same_every_time():
     assert IGNORE_INDEX not in plain.unique().tolist() and (plain == mask)[mask != IGNORE_INDEX].all()
     with pytest.raises(ValueError, match="argument 'num_classes' got 9; expected 2 to 7"):
         ShapesSegmentation(4, num_classes=9)
+    for not_a_count in (2.5, True, "3"):
+        with pytest.raises(ValueError, match=f"argument 'num_classes' got {not_a_count!r}; expected an int >= 2"):
+            ShapesSegmentation(4, num_classes=not_a_count)
+    with pytest.raises(ValueError, match="argument 'num_classes' got 1; expected an int >= 2"):
+        ShapesSegmentation(4, num_classes=1)
 
 
 def docs_example(epochs=20):

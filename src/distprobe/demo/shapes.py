@@ -58,7 +58,9 @@ class ShapesSegmentation(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(
         self, length: int, *, size: int = 64, num_classes: int = 5, seed: int = 0, ignore_border: bool = True
     ) -> None:
-        if not 2 <= num_classes <= len(SHAPES) + 1:
+        # A count first (2.5 or True is no number of classes), then the range the shapes can fill.
+        require_count("ShapesSegmentation", "num_classes", num_classes, minimum=2)
+        if num_classes > len(SHAPES) + 1:
             raise ValueError(
                 f"ShapesSegmentation: argument 'num_classes' got {num_classes!r}; expected 2 to {len(SHAPES) + 1} "
                 "(the background and one class per shape)."
