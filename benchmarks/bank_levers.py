@@ -111,17 +111,33 @@ def _routed_to_fused(enabled: bool, compiled: bool) -> Iterator[None]:
         ns.sgd_update = original_sgd
 
 
+LEVERS = ("side", "fused", "tf32")
+
+
+def parse_levers(variant: str) -> set[str]:
+    """The levers a variant names: ``eager`` none, ``all`` every one, else those joined by ``+``."""
+    on = set() if variant == "eager" else set(LEVERS) if variant == "all" else set(variant.split("+"))
+    unknown = on - set(LEVERS)
+    if unknown:
+        raise SystemExit(f"unknown levers {sorted(unknown)}; valid: {', '.join(LEVERS)}, all (or eager: none)")
+    return on
+
+
+def lever_precision(on: set[str]) -> str:
+    """The bank's own ``matmul_precision`` for these levers, as a user sets it: TF32 only with the ``tf32`` lever
+    (the library's default for linear heads is TF32 since Session L, so the other variants ask IEEE by name)."""
+    return "high" if "tf32" in on else "highest"
+
+
 class Levers:
     """A bank's train step with the named levers on."""
 
     def __init__(self, bank: ProbeBank, variant: str) -> None:
         self.bank = bank
-        on = set(variant.split("+")) if variant != "all" else {"side", "fused", "tf32"}
+        on = parse_levers(variant)
         self.side = SideStream(bank.device, enabled="side" in on)
         self.fused = "fused" in on
-        self.tf32 = "tf32" in on
-        # The bank's own option, as a user sets it (the default for linear heads is TF32 since Session L).
-        bank.config.matmul_precision = "high" if self.tf32 else "highest"
+        bank.config.matmul_precision = lever_precision(on)  # type: ignore[assignment]
 
     def mark(self) -> None:
         self.side.mark()
@@ -144,13 +160,13 @@ def levered_bank(levers: str) -> type:
 
     from distprobe.callbacks import OnlineProbeBank
 
-    on = {"side", "fused", "tf32"} if levers == "all" else set(levers.split("+"))
-    unknown = on - {"side", "fused", "tf32"}
-    if unknown:
-        raise SystemExit(f"unknown levers {sorted(unknown)}; valid: side, fused, tf32, all")
+    on = parse_levers(levers)
 
     class LeveredBank(OnlineProbeBank):
         side: SideStream | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "matmul_precision": lever_precision(on)})
 
         def _side(self, device: torch.device) -> SideStream:
             if self.side is None:

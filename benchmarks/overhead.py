@@ -260,12 +260,8 @@ def build_variant(
             optimizer={"type": "SGD", "momentum": 0.9},
             metrics=("top1", "top5"),
             in_features=workload.embed_dim,
-            # A levered bank's TF32 is its ``+tf32`` lever, through the library's option; without it, IEEE.
-            matmul_precision=(
-                ("high" if "tf32" in variant or variant.endswith("+all") else "highest")
-                if variant.startswith(LEVERED)
-                else BANK_PRECISION.get(variant)
-            ),
+            # A levered bank sets its own from its ``+tf32`` lever (`bank_levers.lever_precision`).
+            matmul_precision=BANK_PRECISION.get(variant),
         )
         return module, [bank]
     probe_cls = UnloggedOnlineProbe if variant.startswith("nolog") else OnlineProbe  # local: see make_strategy
