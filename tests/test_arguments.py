@@ -220,6 +220,7 @@ CHOICES: list[tuple[Callable[[Any], Any], str, list[Any]]] = [
         "ridge 'r': argument 'reset_statistics'",
         ["after_evaluation", "by_owner"],
     ),
+    (lambda v: FewshotOptions(solver=v), "fewshot 'fewshot': argument 'solver'", ["ridge", "logreg"]),
 ]
 CHOICE_IDS = [
     "knn.storage_dtype",
@@ -229,6 +230,7 @@ CHOICE_IDS = [
     "attentive.compute_dtype",
     "bank.matmul_precision",
     "ridge.reset_statistics",
+    "fewshot.solver",
 ]
 
 

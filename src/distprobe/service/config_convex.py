@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from distprobe.arguments import require_count
+from distprobe.arguments import require_choice, require_count
 from distprobe.service.config_schema import build_section
+
+FewshotSolver = Literal["ridge", "logreg"]
 
 RIDGE_SET_BY_SERVICE = ("num_classes", "in_features", "input", "reset_statistics")
 """`distprobe.convex.RidgeConfig` fields the service fills in, or that mean nothing there (``reset_statistics``: a job
@@ -65,7 +67,7 @@ class FewshotOptions:
     """Samples per class of each episode."""
     seeds: int = 3
     """Episodes per shot count (seeds 0 .. seeds - 1); the mean and standard deviation are over them."""
-    solver: Literal["ridge", "logreg"] = "ridge"
+    solver: FewshotSolver = "ridge"
     """``ridge`` (closed form, lambda in the mean-squared-error form) or ``logreg`` (C)."""
     reg: float | list[float] = 0.01
     """One fixed value, or several chosen by cross-validation inside each episode's shots (>= 2 shots)."""
@@ -79,8 +81,7 @@ class FewshotOptions:
             )
         self.shots = shots
         require_count(f"fewshot '{self.name}'", "seeds", self.seeds)
-        if self.solver not in ("ridge", "logreg"):
-            raise ValueError(f"fewshot '{self.name}': argument 'solver' got {self.solver!r}; expected ridge or logreg")
+        require_choice(f"fewshot '{self.name}'", "solver", self.solver, get_args(FewshotSolver))
         from distprobe.convex.fewshot import _regularisation
 
         values = _regularisation(self.solver, self.reg)  # the core's own check of the values
