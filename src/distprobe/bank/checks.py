@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from distprobe.bank.config import BankConfig
-from distprobe.engine.checks import class_index_problem
+from distprobe.engine.checks import class_index_problem, multi_hot_problem
 
 #: Ends the message about an input that is not one feature vector per sample.
 POOL_HINT = " Pool token outputs first (e.g. a tapped module with ':cls')."
@@ -44,8 +44,6 @@ def first_batch_problem(
         if target_problem is not None:  # a family with targets of its own (dense heads: masks)
             return target_problem(owner, dict(zip(inputs, features, strict=True)), targets, config)
         if config.multilabel:
-            from distprobe.bank.multilabel import multi_hot_problem
-
             return multi_hot_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
     return class_index_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes, hint=POOL_HINT)
 

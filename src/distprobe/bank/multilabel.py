@@ -19,7 +19,6 @@ A target value outside {0, 1} (or not finite) is bad data: the batch's step is s
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,25 +59,6 @@ def check_targets(
     finite = torch.isfinite(targets) if targets.is_floating_point() else torch.ones_like(binary)
     safe = torch.where(binary, targets, 0).to(preds.dtype)
     return safe, binary.all(dim=1), (binary | finite.logical_not()).all(), finite.all()
-
-
-def multi_hot_problem(owner: str, inputs: Mapping[str, Any], targets: Any, num_classes: int) -> str | None:
-    """What is wrong with a first batch of multi-label targets, or None."""
-    shape = tuple(getattr(targets, "shape", ()))
-    if not isinstance(targets, torch.Tensor) or targets.ndim != 2 or targets.shape[1] != num_classes:
-        return (
-            f"{owner}: with multilabel=True the target must be a (batch, num_classes={num_classes}) multi-hot "
-            f"tensor; got {type(targets).__name__} {shape}."
-        )
-    for key, x in inputs.items():
-        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != targets.shape[0]:
-            return (
-                f"{owner}: input {key!r} must be a (batch, ...) tensor with the target's batch size "
-                f"{targets.shape[0]}; got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}."
-            )
-    if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
-        return f"{owner}: multi-label targets must be 0 or 1; got values {targets.unique()[:8].tolist()}."
-    return None
 
 
 def f1_from_counts(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, average: str) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from distprobe.callbacks.base import ProbeCallback
 from distprobe.callbacks.own_data import OwnData
+from distprobe.engine.checks import flat_input_problem
 from distprobe.engine.sized import SizedEngine
 from distprobe.features.dtensor import whole
 
@@ -31,11 +32,24 @@ class FlatInputCallback(ProbeCallback):
 
     engine_type: ClassVar[type[SizedEngine[Any]]]
     """The engine class: its `SizedEngine.build` makes the engine."""
+    kind: ClassVar[str]
+    """The callback's kind in messages ("kNN", "ridge")."""
+    holds: ClassVar[str]
+    """What its engine holds, for the message before it exists ("buffer does", "statistics do")."""
 
     def __init__(self, name: str, input: str, target: str, config: Any, own_data: OwnData | None) -> None:  # noqa: A002
         super().__init__(name, [input], target, own_data)
         self.input = input
         self.config = config
+
+    @property
+    def engine(self) -> Any:
+        """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
+        return self.sized_engine(self.kind, self.holds)
+
+    @override
+    def add_to(self, probe_set: Any) -> None:
+        probe_set.add_sized(self.config, self.engine)
 
     @override
     def known_size(self) -> Any:
@@ -54,3 +68,26 @@ class FlatInputCallback(ProbeCallback):
     @override
     def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
         return whole(features[0]), targets
+
+    @override
+    def first_batch_problem(self, read: Any) -> str | None:
+        features, targets = read
+        return flat_input_problem(
+            f"{self.kind} '{self.name}'",
+            self.input,
+            features,
+            targets,
+            self.config.num_classes,
+            in_features=None if self._engine is None else self._engine.in_features,
+            multilabel=getattr(self.config, "multilabel", False),
+        )
+
+    def predicted_column(self) -> int:
+        """Which of the engine's prediction columns goes into ``batch["{name}_preds"]``: by default the first."""
+        return 0
+
+    @override
+    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        # The engine predicts one column per configuration (k, lambda); the batch holds one of them.
+        preds = super().eval_step(read, num_valid)
+        return None if preds is None else preds[:, self.predicted_column()]

@@ -7,14 +7,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from distprobe.callbacks.base import Stage, require_keys
 from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
-from distprobe.knn.checks import first_batch_problem
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +55,8 @@ class OnlineKNN(FlatInputCallback):
     """
 
     engine_type = ShardedKNN
+    kind = "kNN"
+    holds = "buffer does"
 
     def __init__(
         self,
@@ -92,23 +92,8 @@ class OnlineKNN(FlatInputCallback):
 
     @property
     def knn(self) -> ShardedKNN:
-        """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
-        return self.sized_engine("kNN", "buffer does")
-
-    # --- set-up -------------------------------------------------------------------------------------------------
-
-    @override
-    def add_to(self, probe_set: Any) -> None:
-        probe_set.add_knn(self.config, self.knn)
-
-    # --- training: the coordinator pushes each batch into the buffer --------------------------------------------
-
-    @override
-    def first_batch_problem(self, read: Any) -> str | None:
-        features, targets = read
-        return first_batch_problem(
-            self.name, self.input, features, targets, self.config.num_classes, multilabel=self.config.multilabel
-        )
+        """The engine, typed: `FlatInputCallback.engine` (from ``setup``, a loaded state or the first batch)."""
+        return self.engine
 
     # --- validation ---------------------------------------------------------------------------------------------
 
@@ -124,8 +109,3 @@ class OnlineKNN(FlatInputCallback):
     @override
     def start_eval_epoch(self) -> None:
         self.knn.reset_eval_metrics()
-
-    @override
-    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        features, targets = read
-        return self.knn.eval_step(features, targets, num_valid=num_valid)[:, 0]

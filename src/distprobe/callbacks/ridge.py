@@ -6,14 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from distprobe.callbacks.base import Stage, require_keys
 from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
-from distprobe.engine.checks import class_index_problem
 
 
 class OnlineRidge(FlatInputCallback):
@@ -50,6 +48,8 @@ class OnlineRidge(FlatInputCallback):
     """
 
     engine_type = RidgeProbe
+    kind = "ridge"
+    holds = "statistics do"
 
     def __init__(
         self,
@@ -85,29 +85,10 @@ class OnlineRidge(FlatInputCallback):
 
     @property
     def ridge(self) -> RidgeProbe:
-        """The engine (from ``setup`` with ``in_features`` or a loaded state, else from the first training batch)."""
-        return self.sized_engine("ridge", "statistics do")
-
-    # --- set-up -------------------------------------------------------------------------------------------------
-
-    @override
-    def add_to(self, probe_set: Any) -> None:
-        probe_set.add_ridge(self.config, self.ridge)
+        """The engine, typed: `FlatInputCallback.engine` (from ``setup``, a loaded state or the first batch)."""
+        return self.engine
 
     # --- training: the coordinator adds each batch to this rank's statistics ------------------------------------
-
-    @override
-    def first_batch_problem(self, read: Any) -> str | None:
-        features, targets = read
-        owner = f"ridge '{self.name}'"
-        problem = class_index_problem(owner, {self.input: features}, targets, self.config.num_classes)
-        width = int(features[0].numel())
-        if problem is None and self._engine is not None and width != self._engine.in_features:
-            return (
-                f"{owner}: input {self.input!r} has {width} features per sample, but its statistics are of "
-                f"{self._engine.in_features} (argument 'in_features', or a loaded checkpoint); fix 'in_features'."
-            )
-        return problem
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -129,13 +110,9 @@ class OnlineRidge(FlatInputCallback):
         self.ridge.start_eval_epoch()  # a collective: the statistics' one all-reduce, then the solve
 
     @override
-    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        features, targets = read
-        preds = self.ridge.eval_step(features, targets, num_valid=num_valid)
-        if preds is None:
-            return None
+    def predicted_column(self) -> int:
         best = self.ridge.best_index
-        return preds[:, 0 if best is None else best]  # the lambda chosen at the last evaluation
+        return 0 if best is None else best  # the lambda chosen at the last evaluation
 
     # --- checkpoints --------------------------------------------------------------------------------------------
 

@@ -16,7 +16,14 @@ import torch.distributed as dist
 from distprobe.engine.collectives import default_group, raise_if_any_rank_failed
 from distprobe.engine.probe import Probe
 
-__all__ = ["class_index_problem", "first_batch_problem", "raise_if_any_rank_failed", "world_check_group"]
+__all__ = [
+    "class_index_problem",
+    "first_batch_problem",
+    "flat_input_problem",
+    "multi_hot_problem",
+    "raise_if_any_rank_failed",
+    "world_check_group",
+]
 
 
 def _described(value: Any) -> str:
@@ -52,6 +59,57 @@ def class_index_problem(
             )
     return label_range_problem(
         owner, targets, num_classes, f"num_classes={num_classes}", "set num_classes to the number of classes"
+    )
+
+
+def multi_hot_problem(owner: str, inputs: Mapping[str, Any], targets: Any, num_classes: int) -> str | None:
+    """What is wrong with a first batch of multi-label targets, or None."""
+    shape = tuple(getattr(targets, "shape", ()))
+    if not isinstance(targets, torch.Tensor) or targets.ndim != 2 or targets.shape[1] != num_classes:
+        return (
+            f"{owner}: with multilabel=True the target must be a (batch, num_classes={num_classes}) multi-hot "
+            f"tensor; got {type(targets).__name__} {shape}."
+        )
+    for key, x in inputs.items():
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != targets.shape[0]:
+            return (
+                f"{owner}: input {key!r} must be a (batch, ...) tensor with the target's batch size "
+                f"{targets.shape[0]}; got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}."
+            )
+    if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
+        return f"{owner}: multi-label targets must be 0 or 1; got values {targets.unique()[:8].tolist()}."
+    return None
+
+
+def flat_input_problem(
+    owner: str,
+    input_key: str,
+    features: Any,
+    targets: Any,
+    num_classes: int,
+    *,
+    in_features: int | None = None,
+    multilabel: bool = False,
+) -> str | None:
+    """What is wrong with a first batch of an engine sized by one input's feature count (kNN, ridge), or None.
+
+    ``in_features`` is the engine's size once it exists (configured, or loaded from a checkpoint): a batch of another
+    width is refused here, on every rank together, instead of failing inside the engine's buffer or statistics.
+    """
+    inputs = {input_key: features}
+    if multilabel:
+        problem = multi_hot_problem(owner, inputs, targets, num_classes)
+    else:
+        problem = class_index_problem(owner, inputs, targets, num_classes)
+    if problem is not None or in_features is None:
+        return problem
+    width = int(features[0].numel())
+    if width == in_features:
+        return None
+    return (
+        f"{owner}: input {input_key!r} has {width} features per sample, but the probe is sized for {in_features} "
+        f"(argument 'in_features', or a loaded checkpoint); set 'in_features' to {width}, or feed the features it "
+        "was built for."
     )
 
 

@@ -14,12 +14,11 @@ import torch
 
 from distprobe.bank.checks import first_batch_problem as bank_first_batch_problem
 from distprobe.engine.checks import (
-    class_index_problem,
     first_batch_problem,
+    flat_input_problem,
     raise_if_any_rank_failed,
     world_check_group,
 )
-from distprobe.knn.checks import first_batch_problem as knn_first_batch_problem
 from distprobe.monitors.member import MonitorRead
 from distprobe.probeset.members import Members
 from distprobe.routing import ProbeSpec, Tensors, first_batch_problems_of, one_input, pick
@@ -140,25 +139,8 @@ def checked_probe_inputs(
             name, spec.config.inputs, read[0], read[1], spec.config.num_classes, config=spec.config
         ),
     )
-    problems += first_batch_problems_of(
-        members.knn_specs,
-        lambda name, _: knn_inputs(members, name, features, targets),
-        lambda name, spec, read: knn_first_batch_problem(
-            name,
-            spec.config.input or "features",
-            read[0],
-            read[1],
-            spec.config.num_classes,
-            multilabel=spec.config.multilabel,
-        ),
-    )
-    problems += first_batch_problems_of(
-        members.ridge_specs,
-        lambda name, _: ridge_inputs(members, name, features, targets),
-        lambda name, spec, read: class_index_problem(
-            f"ridge '{name}'", {spec.config.input or "features": read[0]}, read[1], spec.config.num_classes
-        ),
-    )
+    problems += flat_input_problems("kNN", members.knn_specs, members.knns, features, targets)
+    problems += flat_input_problems("ridge", members.ridge_specs, members.ridges, features, targets)
     problems += first_batch_problems_of(
         {name: m for name, m in members.monitors.items() if m.watches("train")},
         lambda name, _: monitor_inputs(members, name, features, targets),
@@ -167,3 +149,25 @@ def checked_probe_inputs(
     # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
     raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
     return inputs
+
+
+def flat_input_problems(
+    kind: str, specs: Mapping[str, Any], engines: Mapping[str, Any], features: Tensors, targets: Tensors
+) -> list[str]:
+    """What is wrong with the first batch of each member of a kind that reads one input (kNN, ridge).
+
+    An engine already built (configured size, or a loaded checkpoint) also checks the features' width.
+    """
+
+    def check(name: str, spec: Any, read: tuple[torch.Tensor, torch.Tensor]) -> str | None:
+        return flat_input_problem(
+            f"{kind} '{name}'",
+            spec.config.input or "features",
+            read[0],
+            read[1],
+            spec.config.num_classes,
+            in_features=engines[name].in_features if name in engines else None,
+            multilabel=getattr(spec.config, "multilabel", False),
+        )
+
+    return first_batch_problems_of(specs, lambda name, spec: one_input(spec, name, features, targets), check)

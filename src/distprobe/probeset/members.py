@@ -115,6 +115,18 @@ class Members:
         ridge_spec = to_ridge_spec(spec)
         self._add(ridge_spec.config.name, ridge_spec, ridge, self.ridge_specs, self.ridges)
 
+    def add_sized(self, config: KNNConfig | RidgeConfig, engine: ShardedKNN | RidgeProbe) -> None:
+        """Add a kNN or a ridge probe whose engine was built elsewhere (a Lightning callback's), by the engine's kind."""
+        if isinstance(engine, ShardedKNN) and isinstance(config, KNNConfig):
+            self.add_knn(config, engine)
+        elif isinstance(engine, RidgeProbe) and isinstance(config, RidgeConfig):
+            self.add_ridge(config, engine)
+        else:
+            raise TypeError(
+                f"add_sized takes a kNN's or a ridge probe's config and engine; got {type(config).__name__} and "
+                f"{type(engine).__name__}."
+            )
+
     def add_monitor(self, monitor: EmbeddingMonitorEngine | MonitorConfig | Mapping[str, Any]) -> None:
         """Add an embedding monitor: its engine (a Lightning callback's), or a config it is built from."""
         if not isinstance(monitor, EmbeddingMonitorEngine):
