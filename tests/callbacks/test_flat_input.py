@@ -4,10 +4,10 @@ first batch with a message naming the member, the input, both widths and the fix
 
 import pytest
 import torch
-from helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 
 from distprobe.callbacks import OnlineKNN, OnlineRidge
 from distprobe.loop import ProbeSet
+from helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, loader, trainer
 
 MEMBERS = {
     "kNN": (OnlineKNN, "knns", {"queue_length": 64, "k": (1,)}),

@@ -116,7 +116,7 @@ class Members:
         self._add(ridge_spec.config.name, ridge_spec, ridge, self.ridge_specs, self.ridges)
 
     def add_sized(self, config: KNNConfig | RidgeConfig, engine: ShardedKNN | RidgeProbe) -> None:
-        """Add a kNN or a ridge probe whose engine was built elsewhere (a Lightning callback's), by the engine's kind."""
+        """Add a kNN or a ridge probe whose engine was built elsewhere (a Lightning callback's), by its kind."""
         if isinstance(engine, ShardedKNN) and isinstance(config, KNNConfig):
             self.add_knn(config, engine)
         elif isinstance(engine, RidgeProbe) and isinstance(config, RidgeConfig):
