@@ -7,7 +7,6 @@ that names the entry and the keys that are there.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from distprobe.bank import BankConfig
 from distprobe.convex.online import RidgeSpec
 from distprobe.engine import ProbeConfig
 from distprobe.knn import KNNSpec
+from distprobe.specs import check_key, config_from, spec_options
 
 #: Keys a dict spec may hold besides the fields of `ProbeConfig`.
 ROUTING_KEYS = ("input", "target")
@@ -39,11 +39,7 @@ class ProbeSpec:
 
     def __post_init__(self) -> None:
         for argument, key in (("input", self.input), ("target", self.target)):
-            if key is not None and (not isinstance(key, str) or not key):
-                raise ValueError(
-                    f"probe '{self.config.name}': argument '{argument}' got {key!r}; expected a non-empty key "
-                    "string, or None when a single tensor is passed."
-                )
+            check_key("probe", self.config.name, argument, key)
 
 
 def to_spec(spec: ProbeSpec | ProbeConfig | Mapping[str, Any]) -> ProbeSpec:
@@ -53,14 +49,10 @@ def to_spec(spec: ProbeSpec | ProbeConfig | Mapping[str, Any]) -> ProbeSpec:
     if isinstance(spec, ProbeConfig):
         return ProbeSpec(config=spec)
     if isinstance(spec, Mapping):
-        fields = [f.name for f in dataclasses.fields(ProbeConfig)]
-        valid = fields + list(ROUTING_KEYS)
-        unknown = sorted(str(k) for k in spec if k not in valid)
-        name = spec.get("name", "?")
-        if unknown:
-            raise ValueError(f"probe '{name}': unknown spec key(s) {unknown}; valid keys: {valid}")
-        config = ProbeConfig(**{k: v for k, v in spec.items() if k in fields})
-        return ProbeSpec(config=config, input=spec.get("input"), target=spec.get("target"))
+        options = dict(spec)
+        routing = {key: options.pop(key, None) for key in ROUTING_KEYS}
+        config = config_from("probe", ProbeConfig, options, extra=ROUTING_KEYS)
+        return ProbeSpec(config=config, **routing)
     raise ValueError(
         f"ProbeSet: a spec got {spec!r} of type {type(spec).__name__}; expected a ProbeConfig, a ProbeSpec, or a "
         f"dict of ProbeConfig fields plus {list(ROUTING_KEYS)}."
@@ -75,6 +67,9 @@ class BankSpec:
     target: str | None = None
     """Key of the labels in the targets mapping; None when `step` gets one targets tensor."""
 
+    def __post_init__(self) -> None:
+        check_key("bank", self.config.name, "target", self.target)
+
 
 def to_bank_spec(spec: BankSpec | BankConfig | Mapping[str, Any]) -> BankSpec:
     """A `BankSpec` from itself, a `BankConfig`, or a dict of `BankConfig` fields plus ``input``/``target``."""
@@ -82,11 +77,22 @@ def to_bank_spec(spec: BankSpec | BankConfig | Mapping[str, Any]) -> BankSpec:
         return spec
     if isinstance(spec, BankConfig):
         return BankSpec(config=spec)
-    options = dict(spec)
+    options = spec_options("bank", spec, "a BankConfig, a BankSpec")
     target = options.pop("target", None)
     if "input" in options:
+        if "inputs" in options:
+            raise ValueError(
+                f"bank '{options.get('name', '?')}': the spec gives both 'input' {options['input']!r} and 'inputs' "
+                f"{options['inputs']!r}; give one of them (the same argument: a key or a list of keys)."
+            )
         options["inputs"] = options.pop("input")
-    return BankSpec(config=BankConfig(**options), target=target)
+    # 'inputs' is listed as 'input' among the valid keys: the dict's spelling, as for every other member.
+    config = config_from("bank", BankConfig, options, extra=("input", "target"), hints=BANK_KEY_HINTS)
+    return BankSpec(config=config, target=target)
+
+
+#: Keys a bank's dict is often given by their `OnlineProbeBank` names, and the `BankConfig` field each means.
+BANK_KEY_HINTS = {"head": "family"}
 
 
 def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -> torch.Tensor:
@@ -103,7 +109,11 @@ def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -
             f"'{argument}' key; add '{argument}': <key> to its spec."
         )
     if key not in tensors:
-        raise ValueError(f"probe '{probe_name}': {argument} key {key!r} not found; available keys: {sorted(tensors)}")
+        where = {"input": "features", "target": "targets"}.get(argument, f"{argument}s")
+        raise ValueError(
+            f"probe '{probe_name}': {argument} key {key!r} not found; available keys: {sorted(tensors)}; pass "
+            f"{key!r} in the {where} mapping, or set the probe's '{argument}' to one of the available keys."
+        )
     return tensors[key]
 
 

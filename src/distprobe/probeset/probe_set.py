@@ -116,8 +116,10 @@ class ProbeSet(Members):
                 when set, else on for a single process on CUDA and off for several. Exact either way; no effect on
                 a CPU.
         """
-        if isinstance(specs, ProbeConfig | ProbeSpec | Mapping):
-            raise ValueError(f"ProbeSet.build: argument 'specs' got a single {type(specs).__name__}; pass a list.")
+        members = {"specs": specs, "banks": banks, "knns": knns, "ridges": ridges, "monitors": monitors}
+        for argument, given in members.items():
+            if isinstance(given, _ONE_MEMBER):
+                raise ValueError(_single_member_error(argument, given))
         normalised = [to_spec(s) for s in specs]
         bank_specs = [to_bank_spec(b) for b in banks]
         knn_specs = [to_knn_spec(k) for k in knns]
@@ -289,3 +291,27 @@ class ProbeSet(Members):
         probes that no longer exist are ignored. Every rank must load the same state.
         """
         checkpoint.load_state(self, state)
+
+
+#: What a single member given where `ProbeSet.build` takes a list of them can be (a dict iterates over its keys).
+_ONE_MEMBER = (
+    Mapping,
+    str,
+    ProbeConfig,
+    ProbeSpec,
+    BankConfig,
+    BankSpec,
+    KNNConfig,
+    KNNSpec,
+    RidgeConfig,
+    RidgeSpec,
+    MonitorConfig,
+)
+
+
+def _single_member_error(argument: str, given: Any) -> str:
+    """The message for one member given where `ProbeSet.build` takes a list of them."""
+    return (
+        f"ProbeSet.build: argument '{argument}' got a single {type(given).__name__}; pass a list of them: "
+        f"[{argument[:-1] if argument != 'specs' else 'spec'}]."
+    )

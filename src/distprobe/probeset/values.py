@@ -7,7 +7,9 @@ collective per state; each bank, kNN and ridge probe computes its own, and the e
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -70,6 +72,7 @@ def evaluate_batch(
     members: Members, features: Tensors, targets: Tensors, num_valid: int | None
 ) -> dict[str, torch.Tensor]:
     """Update every member's eval metrics with one batch; return each member's predictions by name."""
+    num_valid = checked_num_valid(num_valid, features)
     preds = {
         name: members.probes[name].eval_step(x, y, num_valid)
         for name, (x, y) in probe_inputs(members, features, targets).items()
@@ -91,6 +94,31 @@ def evaluate_batch(
         if monitor.watches("val"):
             monitor.update("val", *monitor_inputs(members, name, features, targets), num_valid=num_valid)
     return preds
+
+
+def checked_num_valid(num_valid: Any, features: Tensors) -> int | None:
+    """``num_valid`` as an int between 0 and the batch size of every feature tensor (None: the whole batch).
+
+    A 0-dim integer tensor is read once on the host (it is a count the loop already knows).
+
+    Raises:
+        ValueError: naming the argument, the value, the batch size it exceeds and what it means.
+    """
+    if num_valid is None:
+        return None
+    batches = {"features": features} if isinstance(features, torch.Tensor) else dict(features)
+    sizes = {key: int(x.shape[0]) for key, x in batches.items() if isinstance(x, torch.Tensor) and x.ndim > 0}
+    try:
+        count = None if isinstance(num_valid, bool) else operator.index(num_valid)
+    except TypeError:
+        count = None
+    if count is None or count < 0 or any(count > size for size in sizes.values()):
+        raise ValueError(
+            f"ProbeSet.evaluate: argument 'num_valid' got {num_valid!r}; expected an int from 0 to the batch size "
+            f"(batch sizes by key: {sizes}): the number of real samples at the start of a padded batch, or None "
+            "when every sample counts."
+        )
+    return count
 
 
 def reset_train(members: Members) -> None:

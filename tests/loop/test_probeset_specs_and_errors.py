@@ -1,0 +1,87 @@
+"""`ProbeSet` as a new user drives it: dict specs with a key missing or misspelt, one member where a list is expected,
+routing keys that are not there, and `evaluate`'s ``num_valid`` out of range. Each must fail with a `ValueError` that
+names the member, the argument, the value and the fix, never a bare `TypeError` from a constructor or an indexing
+error from deep inside a metric."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distprobe.loop import ProbeSet
+
+D, C = 6, 4
+BANK = {"name": "grid", "input": "e", "target": "y", "num_classes": C, "lr": [0.1]}
+KNN = {"name": "knn", "input": "e", "target": "y", "num_classes": C, "queue_length": 8, "k": 2}
+RIDGE = {"name": "ridge", "input": "e", "target": "y", "num_classes": C}
+MONITOR = {"name": "mon", "input": "e"}
+
+
+@pytest.mark.parametrize(
+    ("argument", "member"),
+    [("banks", BANK), ("knns", KNN), ("ridges", RIDGE), ("monitors", MONITOR)],
+)
+def test_a_single_member_instead_of_a_list_is_refused_by_argument(argument, member):
+    # A dict iterates over its keys: before, banks={...} failed with "dictionary update sequence element #0".
+    with pytest.raises(ValueError, match=rf"argument '{argument}' got a single dict; pass a list of them"):
+        ProbeSet.build([], **{argument: member})
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "message"),
+    [
+        ("banks", {**BANK, "head": "attentive"}, r"bank 'grid': unknown spec key\(s\) \['head'\] \('head' is 'family'"),
+        ("banks", {**BANK, "lrs": [0.1]}, r"bank 'grid': unknown spec key\(s\) \['lrs'\]; valid keys: \[.*'lr'"),
+        ("banks", {"name": "grid", "input": "e"}, r"bank 'grid': spec key\(s\) \['num_classes'\] are missing"),
+        ("banks", {**BANK, "inputs": ["f"]}, r"bank 'grid': the spec gives both 'input' 'e' and 'inputs' \['f'\]"),
+        ("banks", {**BANK, "target": 3}, r"bank 'grid': argument 'target' got 3; expected a non-empty key"),
+        ("banks", 3, r"a bank spec got 3 of type int; expected a BankConfig"),
+        ("knns", {"name": "knn", "num_classes": C}, r"kNN 'knn': spec key\(s\) \['queue_length'\] are missing"),
+        ("knns", {**KNN, "target": ""}, r"kNN 'knn': argument 'target' got ''; expected a non-empty key"),
+        ("knns", 3, r"a kNN spec got 3 of type int; expected a KNNConfig"),
+        ("ridges", {"name": "ridge"}, r"ridge 'ridge': spec key\(s\) \['num_classes'\] are missing"),
+        ("specs", {"name": "lin"}, r"probe 'lin': spec key\(s\) \['probe'\] are missing; a probe needs"),
+    ],
+)
+def test_a_wrong_dict_spec_is_a_value_error_naming_the_member_and_the_fix(kind, spec, message):
+    with pytest.raises(ValueError, match=message):
+        ProbeSet.build([spec] if kind == "specs" else [], **({} if kind == "specs" else {kind: [spec]}))
+
+
+def _set() -> ProbeSet:
+    torch.manual_seed(0)
+    probe = {"name": "lin", "probe": nn.Linear(D, C), "input": "e", "target": "y"}
+    return ProbeSet.build([probe], banks=[BANK], knns=[KNN], ridges=[RIDGE], monitors=[MONITOR])
+
+
+def test_a_missing_routing_key_names_member_argument_value_available_keys_and_the_fix():
+    probes = _set()
+    with pytest.raises(
+        ValueError,
+        match=r"probe 'lin': target key 'y' not found; available keys: \['label'\]; pass 'y' in the targets mapping, "
+        r"or set the probe's 'target' to one of the available keys",
+    ):
+        probes.step({"e": torch.randn(4, D)}, {"label": torch.randint(0, C, (4,))})
+    with pytest.raises(ValueError, match=r"input key 'e' not found; available keys: \[\]; pass 'e' in the features"):
+        probes.step({}, {})
+
+
+@pytest.mark.parametrize("num_valid", [9, -1, 2.5, True])
+def test_evaluate_refuses_a_num_valid_outside_the_batch(num_valid):
+    probes = _set()
+    x, y = torch.randn(8, D), torch.randint(0, C, (8,))
+    probes.step({"e": x}, {"y": y})
+    # Before: 9 and -1 failed inside a metric (a size mismatch, "upper bound and lower bound inconsistent"); 2.5 as
+    # "slice indices must be integers"; True counted one sample.
+    expected = rf"argument 'num_valid' got {num_valid!r}; expected an int from 0 to the batch"
+    with pytest.raises(ValueError, match=expected):
+        probes.evaluate({"e": x}, {"y": y}, num_valid=num_valid)
+
+
+def test_evaluate_takes_num_valid_from_zero_to_the_batch_size_and_a_0_dim_tensor():
+    probes = _set()
+    x, y = torch.randn(8, D), torch.randint(0, C, (8,))
+    probes.step({"e": x}, {"y": y})
+    for num_valid in (0, 8, torch.tensor(3)):
+        assert set(probes.evaluate({"e": x}, {"y": y}, num_valid=num_valid)) == {"lin", "grid", "knn", "ridge"}
