@@ -91,6 +91,8 @@ def run_eval(args: argparse.Namespace) -> int:
     submitter = Submitter(store, config, Path(args.config), run_dir, cluster, max_tries=1)
     try:
         outcome = submitter.submit(str(checkpoint), None, allow_final=True)
+        if not isinstance(outcome, Submitted) and submitter.settle(outcome):  # its job had ended (killed?)
+            outcome = submitter.submit(str(checkpoint), None, allow_final=True)
     except (StoreError, SubmissionError) as err:
         return _fail("eval", err)
     if not isinstance(outcome, Submitted):

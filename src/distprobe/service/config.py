@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from distprobe.service.config_convex import check_convex_options
-from distprobe.service.config_probes import check_probe_options, check_target_kinds
+from distprobe.service.config_probes import check_probe_names, check_probe_options, check_target_kinds
 from distprobe.service.config_schema import (
     HYDRA_TARGET,
     ServiceConfigError,
@@ -204,6 +204,7 @@ class EvalConfig:
         check_probe_options(probes.bank, probes.knn, self.num_classes, where)
         check_target_kinds(probes, where)
         check_convex_options(probes.ridge, probes.logreg, probes.fewshot, self.num_classes, where)
+        check_probe_names(probes, PROBE_KINDS, where)
 
     @property
     def targets(self) -> TargetCodec:

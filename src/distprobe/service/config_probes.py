@@ -71,6 +71,32 @@ def check_target_kinds(probes: Any, source: str) -> None:
             )
 
 
+def check_probe_names(probes: Any, kinds: tuple[str, ...], source: str) -> None:
+    """Refuse a probe name that is empty, holds ``/``, or is another probe's name in the same config.
+
+    The store keys each number by (probe name, head, metric) and the logs by ``ckpt/{name}...``: two probes of one
+    name (a ridge named ``bank``) would write the same rows, and one job's result could never be stored.
+    """
+    seen: dict[str, str] = {}
+    for kind in kinds:
+        options = getattr(probes, kind)
+        if options is None:
+            continue
+        name = options.get("name", kind)
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ServiceConfigError(
+                f"{source}: probes.{kind}.name={name!r}; expected a non-empty string without '/' (the probe's keys "
+                f"start with it: 'ckpt/{{name}}_...'); fix: name: {kind}"
+            )
+        if name in seen:
+            raise ServiceConfigError(
+                f"{source}: probes.{kind}.name={name!r} is also probes.{seen[name]}'s name; each probe's numbers are "
+                f"stored and logged under its name, so two probes cannot share one; fix: give one of them another "
+                f"name (probes.{kind}.name or probes.{seen[name]}.name)"
+            )
+        seen[name] = kind
+
+
 def check_probe_options(
     bank: Mapping[str, Any] | None, knn: Mapping[str, Any] | None, num_classes: int, source: str
 ) -> None:

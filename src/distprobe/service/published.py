@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,14 @@ def read_result(job_dir: Path) -> PublishedResult | None:
             rows.append(ResultRow(probe, head, metric, value, low=low, high=high))
     except (KeyError, TypeError, ValueError):
         raise PublishedFileError(f"{path}: not a distprobe result file (format {FORMAT})") from None
+    # The store keeps one number per (probe, head, metric): a file with two would fail every ingestion of the store.
+    counts = Counter((r.probe, r.head, r.metric) for r in rows)
+    twice = sorted(key for key, count in counts.items() if count > 1)[:3]
+    if twice:
+        raise PublishedFileError(
+            f"{path}: the same (probe, head, metric) given twice, e.g. {twice}; two probes of one name? give each "
+            "probe in the config a name of its own"
+        )
     return PublishedResult(checkpoint=checkpoint, step=step, config_hash=config_hash, claim=claim, rows=rows)
 
 

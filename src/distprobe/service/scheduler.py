@@ -99,8 +99,21 @@ def local_state(job_id: str) -> tuple[JobState, str | None]:
     return "running", None
 
 
-def job_state(cluster: str, job_id: str) -> tuple[JobState, str | None]:
-    """Where a job stands: ``running`` (or waiting, or requeued), ``ended``, or ``unknown`` (ask again later)."""
+#: submitit's debug executor names its jobs so; such a job runs inside the process that submitted it.
+DEBUG_JOB_PREFIX = "DEBUG_"
+
+
+def job_state(cluster: str, job_id: str, owner: str | None = None) -> tuple[JobState, str | None]:
+    """Where a job stands: ``running`` (or waiting, or requeued), ``ended``, or ``unknown`` (ask again later).
+
+    A debug job (``eval --cluster debug``) ran inside its submitter, the claim's ``owner`` (``host:pid``): it runs
+    while that process does, whatever ``cluster`` the asker uses.
+    """
+    if job_id.startswith(DEBUG_JOB_PREFIX):
+        alive = owner_alive(owner)
+        if alive is None:
+            return "unknown", None
+        return ("running", None) if alive else ("ended", f"ran in its submitter {owner}, which has exited")
     if cluster == "slurm":
         return slurm_state(job_id)
     return local_state(job_id)

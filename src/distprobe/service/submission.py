@@ -36,7 +36,7 @@ from distprobe.service.scheduler import (
     slurm_job_name,
     this_owner,
 )
-from distprobe.service.store import CheckpointRecord, ResultsStore
+from distprobe.service.store import IN_FLIGHT, CheckpointRecord, ResultsStore
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Submitter:
         if self.ingest(record, job_dir):
             return False
         try:
-            state, detail = job_state(self.cluster.cluster, record.job_id)
+            state, detail = job_state(self.cluster.cluster, record.job_id, record.owner)
         except SchedulerError as err:
             log.warning("%s: %s; asking again next poll", record.path, err)
             return True
@@ -205,6 +205,22 @@ class Submitter:
             error = f"job {record.job_id} {detail}: {error}"
         self.end(record, error, job_dir)
         return False
+
+    def settle(self, record: CheckpointRecord) -> bool:
+        """A live claim in the way of a new one: follow or reconcile it, as a watcher would; True if it has ended.
+
+        A killed ``distprobe eval`` (or a job killed with no watcher running) leaves a ``submitted`` or ``claimed``
+        row that nothing else would ever end: the next ``eval`` ends it here (ingesting what its job published)
+        instead of refusing for good. A job that still runs keeps its claim.
+        """
+        if record.state == "submitted":
+            self.follow(record)
+        elif record.state == "claimed":
+            self.reconcile(record)
+        else:
+            return False
+        now = self.store.checkpoint(record.path, record.config_hash)
+        return now is None or now.state not in IN_FLIGHT
 
     def ingest(self, record: CheckpointRecord, job_dir: Path) -> bool:
         """Ingest the job's published result, if there is one (True); a bad file ends the claim as a failure."""

@@ -1,0 +1,105 @@
+"""The service at a new user's edges: probe names that collide, a result that holds a number twice, a killed eval.
+
+Two probes of one name (a ridge named ``bank``) used to run the whole job, then fail its ingestion with SQLite's
+``UNIQUE constraint failed``, again at every ``distprobe results``: the store could no longer be read at all. A
+``distprobe eval --cluster debug`` killed with SIGKILL left its claim ``submitted`` for good: every later ``eval`` of
+that checkpoint exited 3 ("already being evaluated") naming a job that no longer existed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.service.models import eval_config, run_dir_with
+
+from distprobe.cli import main
+from distprobe.service.config import EvalConfig, ServiceConfigError
+from distprobe.service.published import RESULT_NAME, PublishedFileError, read_result
+from distprobe.service.store import ResultsStore
+from distprobe.service.submission import ingest_published
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path: Path, **probes: object) -> Path:
+    return eval_config(tmp_path / "eval.yaml", probes={"epochs": 1, "batch_size": 20, **probes})
+
+
+@pytest.mark.parametrize(
+    ("probes", "words"),
+    [
+        ({"bank": {"lr": 0.1}, "ridge": {"name": "bank"}}, "probes.ridge.name='bank' is also probes.bank's name"),
+        ({"bank": {"name": "knn"}, "knn": {"k": 5}}, "probes.knn.name='knn' is also probes.bank's name"),
+        ({"bank": None, "logreg": {}, "fewshot": {"name": "logreg"}}, "probes.fewshot.name='logreg' is also"),
+        ({"bank": {"name": ""}}, "probes.bank.name=''; expected a non-empty string without '/'"),
+        ({"bank": None, "ridge": {"name": "a/b"}}, "probes.ridge.name='a/b'; expected a non-empty string"),
+    ],
+)
+def test_probe_names_that_collide_or_break_keys_are_refused_at_load(tmp_path, probes, words):
+    path = _config(tmp_path, **probes)
+    with pytest.raises(ServiceConfigError) as caught:
+        EvalConfig.load(path)
+    assert str(caught.value).startswith(f"{path}: ") and words in str(caught.value)
+    assert "fix:" in str(caught.value)
+
+
+def test_distinct_names_are_accepted(tmp_path):
+    config = EvalConfig.load(_config(tmp_path, bank={"lr": 0.1}, ridge={"name": "ridge2"}, knn={"name": "ridge"}))
+    assert config.probes.ridge == {"name": "ridge2"} and config.probes.knn == {"name": "ridge"}
+
+
+def test_a_result_holding_a_number_twice_is_refused_and_the_store_stays_readable(tmp_path):
+    store = ResultsStore(tmp_path / "results.sqlite")
+    job_dir = tmp_path / "jobs" / "c1"
+    assert store.claim("a.ckpt", "h", 3, claim="c1", owner="elsewhere:1", job_dir=str(job_dir), job_name="x.c1",
+                       allow_final=False) is None  # fmt: skip
+    assert store.set_job("a.ckpt", "h", "c1", "4711", str(job_dir / "log"))
+    job_dir.mkdir(parents=True)
+    row = ["bank", "best", "top1", 0.5]
+    payload = {"format": 1, "checkpoint": "a.ckpt", "step": 3, "config_hash": "h", "claim": "c1", "rows": [row, row]}
+    (job_dir / RESULT_NAME).write_text(json.dumps(payload))
+    with pytest.raises(PublishedFileError, match=r"the same \(probe, head, metric\) given twice.*'bank', 'best'"):
+        read_result(job_dir)
+    assert ingest_published(store) == 0  # raised sqlite3.IntegrityError before, at every `distprobe results`
+    assert store.results() == [] and store.checkpoint("a.ckpt", "h").state == "submitted"
+    assert main(["results", str(tmp_path), "--store", str(tmp_path / "results.sqlite"), "--format", "json"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_eval_after_a_killed_eval_ends_the_dead_claim_and_evaluates(tmp_path, checkpoints, capsys, caplog):
+    run = run_dir_with(tmp_path, checkpoints[:1])
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    slow = {
+        "train": {"_target_": "tests.service.models.labeled", "split": "train", "delay_s": 0.03},  # ~6 s
+        "val": {"_target_": "tests.service.models.labeled", "split": "val"},
+        "batch_size": 8,
+    }
+    config = eval_config(tmp_path / "eval.yaml", data=slow, results={"logger": "none"})
+    command = [sys.executable, "-m", "distprobe", "eval", str(checkpoint), "--config", str(config)]
+    command += ["--cluster", "debug"]  # the job runs inside the eval's process: SIGKILL ends both
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cache = run / "distprobe_eval" / "cache"
+        deadline = time.monotonic() + 120
+        while not any(cache.glob("*/train.features")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any(cache.glob("*/train.features")), "the first evaluation never started extracting"
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    store = ResultsStore(run / "distprobe_eval" / "results.sqlite")
+    killed = store.checkpoint(str(checkpoint))
+    assert killed.state == "submitted" and killed.job_id.startswith("DEBUG_")
+    assert main(command[3:]) == 0, capsys.readouterr().err
+    record = store.checkpoint(str(checkpoint))
+    assert (record.state, record.tries) == ("done", 2) and record.claim != killed.claim
+    assert "ran in its submitter" in caplog.text  # the dead claim's end, in the log
+    assert list(cache.iterdir()) == []  # the killed job's cache went with its claim
