@@ -234,7 +234,7 @@ def test_windows_of_n_training_batches_and_first_batch_errors():
     reference = RankMe(DIM)
     reference.update(last_window)
     assert t.callback_metrics["train/win_rankme"].item() == pytest.approx(reference.compute().item(), rel=1e-5)
-    assert windowed.state_dict() == {"train_batches": 6}
+    assert windowed.state_dict()["train_batches"] == 6  # where the windows fall survives a checkpoint
     for metric in ("rankme", "lidar"):
         assert t.callback_metrics[f"train/tap_{metric}"].item() == t.callback_metrics[f"train/key_{metric}"].item()
 

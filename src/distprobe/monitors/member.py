@@ -26,7 +26,7 @@ from torchmetrics import Metric
 
 from distprobe import keys
 from distprobe.arguments import require_count
-from distprobe.metrics.flat_sync import compute_metrics_synced
+from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
 from distprobe.monitors.functional import occurrence_index
 from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
 
@@ -232,12 +232,63 @@ class EmbeddingMonitorEngine:
     # --- checkpoints --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the windows fall: the summed states are rank-local, so a resumed run starts new sums."""
-        return {"train_batches": self.train_batches}
+        """Where the windows fall and the training sums so far, reduced over the group (a collective).
+
+        The sums are rank-local and only rank 0 writes a checkpoint (Lightning): saved as they are, a resume inside
+        an epoch or a window would drop the other ranks' batches, and in one process every batch before the
+        checkpoint. Every rank must call it, with its metrics built alike (they are, from the first batch on).
+        """
+        return {"train_batches": self.train_batches, "dim": self.dim, "train_sums": self._summed_states("train")}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict`'s output."""
+        """Restore `state_dict`'s output: the group's training sums go to rank 0 of the group, zeros to the others.
+
+        So the next compute (one all-reduce) sees the saved sums once, on any world size.
+
+        Raises:
+            ValueError: the saved sums are of another embedding size than this monitor's.
+        """
         self.train_batches = int(state.get("train_batches", 0))
+        saved: Mapping[str, Mapping[str, torch.Tensor]] = state.get("train_sums") or {}  # absent before 2026-12-07
+        if not saved or "train" not in self.config.stages:
+            return
+        dim = int(state["dim"])
+        if self.dim is not None and self.dim != dim:
+            raise ValueError(
+                f"monitor '{self.name}': the checkpoint's sums are of {dim}-dimensional features, this monitor reads "
+                f"{self.dim} (argument 'dim' or its first batch); resume with the same input, or give the monitor a "
+                "new name."
+            )
+        if not self.metrics:
+            self._build(dim)
+        first = _group_rank(self.dp_group) == 0
+        for kind, metric in self.metrics["train"].items():
+            metric.reset()
+            for attr, value in saved.get(kind, {}).items() if first else ():
+                default = getattr(metric, attr)  # a copy: updates work in place, never on the saved state
+                setattr(metric, attr, value.to(device=default.device, dtype=default.dtype, copy=True))
+
+    def _summed_states(self, stage: str) -> dict[str, dict[str, torch.Tensor]]:
+        """``stage``'s metric states summed over the group, on the CPU, by metric kind (a collective)."""
+        metrics = self.metrics.get(stage, {})
+        synced = flat_sync(list(metrics.values()), self.dp_group) if metrics and _spans_ranks(self.dp_group) else {}
+        return {
+            kind: {
+                attr: synced.get((id(metric), attr), getattr(metric, attr)).detach().cpu().clone()
+                for attr in metric._defaults
+            }
+            for kind, metric in metrics.items()
+        }
+
+
+def _spans_ranks(group: dist.ProcessGroup | None) -> bool:
+    """Whether ``group`` (None: the world, as `compute_metrics_synced` takes it) has two or more ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _group_rank(group: dist.ProcessGroup | None) -> int:
+    """This process's rank in ``group`` (None: the world); 0 outside torch.distributed."""
+    return dist.get_rank(group) if _spans_ranks(group) else 0
 
 
 def compute_monitors(monitors: Sequence[EmbeddingMonitorEngine], stage: str) -> list[dict[str, torch.Tensor]]:
