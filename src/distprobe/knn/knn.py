@@ -84,7 +84,14 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         """Push this rank's batch of training features (detached, normalized, cast to the storage dtype)."""
         targets = targets.to(self.device)
         labels = multilabel.pack(targets) if self.config.multilabel else targets
-        self.shard.push(search.normalized(features.to(self.device)), labels)
+        features = search.normalized(features.to(self.device))
+        if not self.config.multilabel:
+            # A class out of range must never vote (scatter_add_ would index past the classes at every later eval):
+            # its row is stored as NaN, which scores -inf and weighs 0, like a non-finite feature. No host sync.
+            bad = (labels < 0) | (labels >= self.config.num_classes)
+            features = torch.where(bad[:, None], float("nan"), features)
+            labels = torch.where(bad, -1, labels)
+        self.shard.push(features, labels)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
 
