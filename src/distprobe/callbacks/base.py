@@ -116,6 +116,16 @@ class ProbeCallback(Callback):
         """Whether this member computes (and logs) values at this epoch's end."""
         return self._engine is not None
 
+    def reports(self, trainer: pl.Trainer, stage: Stage) -> bool:
+        """Whether this member's values of this epoch are computed and logged: `takes_part`, with one exception.
+
+        A member on its own data without ``val_data`` evaluates nothing (it ignores the main validation batches):
+        metrics of no sample would log 0 or NaN as if they were values.
+        """
+        if stage == "val" and self.own_data is not None and self.own_data.val_data is None:
+            return False
+        return self.takes_part(trainer, stage)
+
     def watches(self, stage: Stage) -> bool:
         """Whether this member reads features in ``stage``."""
         return True
@@ -312,7 +322,7 @@ class ProbeCallback(Callback):
         self._end_epoch(trainer, pl_module, "val", log=not trainer.sanity_checking)
 
     def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage, log: bool = True) -> None:
-        if self._coordinator is None or not self.takes_part(trainer, stage):
+        if self._coordinator is None or not self.reports(trainer, stage):
             return
         values = self._coordinator.epoch_values(trainer, stage).get(self.name, {})
         self.reset_epoch(stage)

@@ -208,7 +208,7 @@ class Coordinator:
         """
         values = self._epoch_values[stage]
         if values is None:
-            members = [m for m in self.members if m.takes_part(trainer, stage)]
+            members = [m for m in self.members if m.reports(trainer, stage)]
             compute = self.probe_set.train_values if stage == "train" else self.probe_set.eval_values
             values = self._epoch_values[stage] = compute([m.name for m in members])
         return values
