@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from distprobe.engine import Probe, ProbeConfig
 from distprobe.loop import ProbeSet
 
 D, C = 6, 4
@@ -85,3 +86,49 @@ def test_evaluate_takes_num_valid_from_zero_to_the_batch_size_and_a_0_dim_tensor
     probes.step({"e": x}, {"y": y})
     for num_valid in (0, 8, torch.tensor(3)):
         assert set(probes.evaluate({"e": x}, {"y": y}, num_valid=num_valid)) == {"lin", "grid", "knn", "ridge"}
+
+
+def _one_probe_set() -> ProbeSet:
+    torch.manual_seed(0)
+    probes = ProbeSet.build([{"name": "lin", "probe": nn.Linear(D, C), "input": "e", "target": "y"}])
+    probes.step({"e": torch.randn(4, D)}, {"y": torch.randint(0, C, (4,))})
+    return probes
+
+
+@pytest.mark.parametrize(
+    ("add", "message"),
+    [
+        (
+            lambda probes: probes.add_bank({**BANK, "num_classes": 2}),
+            r"bank 'grid': target labels range over \[0, 3\] but num_classes=2",
+        ),
+        (
+            lambda probes: probes.add_knn({**KNN, "in_features": D + 1}),
+            rf"kNN 'knn': input 'e' has {D} features per sample, but the probe is sized for {D + 1}",
+        ),
+        (
+            lambda probes: probes.add_probe(
+                Probe.build(ProbeConfig(name="p2", probe=nn.Linear(D + 1, C))), input="e", target="y"
+            ),
+            r"probe 'p2': input 'e' of shape \(4, 6\) does not fit the probe",
+        ),
+    ],
+)
+def test_a_member_added_after_the_first_step_has_its_own_first_batch_checked(add, message):
+    # Before: only the set's first step was checked, so a member added later failed inside its own step (a bare
+    # RuntimeError from the matmul) or, for a kNN, was silently built for the batch's width, not its in_features.
+    probes = _one_probe_set()
+    add(probes)
+    features, targets = {"e": torch.randn(4, D)}, {"y": torch.tensor([0, 1, 2, 3])}
+    with pytest.raises(ValueError, match=message):
+        probes.step(features, targets)
+
+
+def test_after_a_late_members_first_batch_bad_labels_are_skipped_and_counted_again_not_raised():
+    probes = _one_probe_set()
+    probes.add_bank(BANK)
+    probes.step({"e": torch.randn(4, D)}, {"y": torch.tensor([0, 1, 2, 3])})  # the bank's first batch: checked
+    probes.step({"e": torch.randn(4, D)}, {"y": torch.tensor([0, 1, 2, C + 1])})  # a later one: skipped
+    counts = probes.compute_train_metrics()
+    assert counts["train/grid_bad_batches/targets_out_of_range"] == 1
+    assert counts["train/lin_bad_batches/targets_out_of_range"] == 1

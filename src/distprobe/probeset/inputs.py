@@ -7,7 +7,7 @@ before anything trains, and one collective raises the problems on every rank tog
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from distprobe.engine.checks import (
 )
 from distprobe.monitors.member import MonitorRead
 from distprobe.probeset.members import Members
-from distprobe.routing import ProbeSpec, Tensors, first_batch_problems_of, one_input, pick
+from distprobe.routing import Tensors, first_batch_problems_of, one_input, pick
 
 
 def probe_inputs(members: Members, features: Tensors, targets: Tensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -84,7 +84,7 @@ def _id_tensor(name: str, argument: str, key: str | None, features: Tensors, tar
 
 
 def step_inputs(
-    members: Members, features: Tensors, targets: Tensors, *, first_batch: bool
+    members: Members, features: Tensors, targets: Tensors, *, unchecked: Collection[str] = ()
 ) -> dict[str, tuple[Any, ...]]:
     """Every member's ``(features, targets)`` for one training step, by name (a bank's features: one per source).
 
@@ -92,12 +92,12 @@ def step_inputs(
         members: The set's members.
         features: A tensor, or named tensors picked by each member's input keys.
         targets: A tensor, or named tensors picked by each member's ``target`` key.
-        first_batch: Check every member's first batch before routing (a collective: every rank checks at once).
+        unchecked: The members whose first batch this is (all of them at the set's first step, then those added
+            since): checked before routing, with one collective (every rank checks at once). Empty: no collective.
     """
-    routed = (
-        checked_probe_inputs(members, features, targets) if first_batch else probe_inputs(members, features, targets)
-    )
-    inputs: dict[str, tuple[Any, ...]] = dict(routed)
+    if unchecked:
+        check_first_batches(members, features, targets, unchecked)
+    inputs: dict[str, tuple[Any, ...]] = dict(probe_inputs(members, features, targets))
     for name in members.bank_specs:
         inputs[name] = bank_inputs(members, name, features, targets)
     for name in members.knn_specs:
@@ -110,45 +110,44 @@ def step_inputs(
     return inputs
 
 
-def checked_probe_inputs(
-    members: Members, features: Tensors, targets: Tensors
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each probe's ``(features, targets)``, once every member's first batch is checked on every rank.
+def check_first_batches(members: Members, features: Tensors, targets: Tensors, names: Collection[str]) -> None:
+    """Check the first batch of each member in ``names`` on every rank (a collective), before anything trains.
+
+    Only a member's first batch is checked: bad data in a later batch is skipped and counted, never an error.
 
     Raises:
         ValueError: on every rank together, naming each member whose inputs are wrong on any rank.
     """
-    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def probe_problem(name: str, spec: ProbeSpec, read: tuple[torch.Tensor, torch.Tensor]) -> str | None:
-        inputs[name] = read
-        return first_batch_problem(members.probes[name], read[0], read[1], input_key=spec.input or "features")
+    def only(kind: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: member for name, member in kind.items() if name in names}
 
     problems = first_batch_problems_of(
-        members.specs,
+        only(members.specs),
         lambda name, spec: (
             pick(features, spec.input, probe_name=name, argument="input"),
             pick(targets, spec.target, probe_name=name, argument="target"),
         ),
-        probe_problem,
+        lambda name, spec, read: first_batch_problem(
+            members.probes[name], read[0], read[1], input_key=spec.input or "features"
+        ),
     )
     problems += first_batch_problems_of(
-        members.bank_specs,
+        only(members.bank_specs),
         lambda name, _: bank_inputs(members, name, features, targets),
         lambda name, spec, read: bank_first_batch_problem(
             name, spec.config.inputs, read[0], read[1], spec.config.num_classes, config=spec.config
         ),
     )
-    problems += flat_input_problems("kNN", members.knn_specs, members.knns, features, targets)
-    problems += flat_input_problems("ridge", members.ridge_specs, members.ridges, features, targets)
+    problems += flat_input_problems("kNN", only(members.knn_specs), members.knns, features, targets)
+    problems += flat_input_problems("ridge", only(members.ridge_specs), members.ridges, features, targets)
     problems += first_batch_problems_of(
-        {name: m for name, m in members.monitors.items() if m.watches("train")},
+        {name: m for name, m in only(members.monitors).items() if m.watches("train")},
         lambda name, _: monitor_inputs(members, name, features, targets),
         lambda name, monitor, read: monitor.problem(*read),
     )
-    # One collective for all probes, so that a bad input raises on every rank instead of hanging the others.
+    # One collective for all of them, so that a bad input raises on every rank instead of hanging the others.
     raise_if_any_rank_failed("; ".join(problems) if problems else None, world_check_group())
-    return inputs
 
 
 def flat_input_problems(
@@ -156,7 +155,8 @@ def flat_input_problems(
 ) -> list[str]:
     """What is wrong with the first batch of each member of a kind that reads one input (kNN, ridge).
 
-    An engine already built (configured size, or a loaded checkpoint) also checks the features' width.
+    The features' width is checked against the engine's when it is built (a loaded checkpoint), else against the
+    config's ``in_features`` when given (a member added after the set's first step is built at its first step).
     """
 
     def check(name: str, spec: Any, read: tuple[torch.Tensor, torch.Tensor]) -> str | None:
@@ -166,7 +166,7 @@ def flat_input_problems(
             read[0],
             read[1],
             spec.config.num_classes,
-            in_features=engines[name].in_features if name in engines else None,
+            in_features=engines[name].in_features if name in engines else spec.config.in_features,
             multilabel=getattr(spec.config, "multilabel", False),
         )
 

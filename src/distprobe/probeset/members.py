@@ -210,6 +210,10 @@ class Members:
             raise KeyError(f"kNN {name!r}: {state}; kNNs: {list(self.knn_specs)}")
         return self.knns[name]
 
+    def member_names(self) -> set[str]:
+        """Every member's name: probes, banks, kNNs, ridge probes and monitors."""
+        return {*self.probes, *self.bank_specs, *self.knn_specs, *self.ridge_specs, *self.monitors}
+
     @property
     def names(self) -> list[str]:
         """The probes' names, in build order (the order of their collectives)."""

@@ -67,7 +67,8 @@ class ProbeSet(Members):
         assert len(probes) == len(specs)
         self._stream = LazySideStream(overlap, device)
         settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
-        self._checked_first_batch = False
+        self._checked: set[str] = set()
+        """The members whose first batch `step` has checked (on every rank at once)."""
         super().__init__(dp_group, device, total_steps)
         self._join(probes, specs, banks, knns, ridges, monitors)
         self.window_values: dict[str, torch.Tensor] = {}
@@ -191,8 +192,9 @@ class ProbeSet(Members):
         never an error, on every rank at once. The probes train as one `distprobe.engine.ProbeGroup`: one backward,
         and one bucketed all-reduce where their accumulation windows close together.
         """
-        inputs = step_inputs(self, features, targets, first_batch=not self._checked_first_batch)
-        self._checked_first_batch = True
+        everyone = self.member_names()
+        inputs = step_inputs(self, features, targets, unchecked=everyone - self._checked)
+        self._checked = everyone  # a member added later is checked at its own first batch
         outs = self.train(inputs)
         self.window_values = {k: v for name in self.monitors for k, v in (outs.get(name) or {}).items()}
         # A bank's loss: its heads' (K,) losses; a kNN, a ridge probe and a monitor have no loss.
