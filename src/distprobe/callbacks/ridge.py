@@ -98,6 +98,13 @@ class OnlineRidge(FlatInputCallback):
             self._engine.reset_train()
         self._epoch = trainer.current_epoch
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        # A later fit's first epoch is a new epoch, even when it has this one's number: only a loaded checkpoint
+        # (`load_state_dict`) says the statistics belong to an epoch the fit resumes inside.
+        self._epoch = None
+
     # --- values: the coordinator's probe set computes them ------------------------------------------------------
 
     @override
