@@ -132,3 +132,14 @@ def test_after_a_late_members_first_batch_bad_labels_are_skipped_and_counted_aga
     counts = probes.compute_train_metrics()
     assert counts["train/grid_bad_batches/targets_out_of_range"] == 1
     assert counts["train/lin_bad_batches/targets_out_of_range"] == 1
+    # The skipped optimizer steps, which the Lightning callbacks log: a torchrun loop had no key for them.
+    assert counts["train/lin_skipped_steps"] == 1 and counts["train/grid_skipped_steps"] == len(BANK["lr"])
+
+
+def test_a_diverging_probe_shows_its_skipped_steps_in_the_train_metrics():
+    torch.manual_seed(0)
+    spec = {"name": "lin", "probe": nn.Linear(D, C), "input": "e", "target": "y", "optimizer": {"type": "SGD"}}
+    probes = ProbeSet.build([spec])
+    for _ in range(3):  # the first step's update overflows the weights: every later step is skipped
+        probes.step({"e": torch.full((4, D), 1e38)}, {"y": torch.tensor([0, 1, 2, 3])})
+    assert probes.compute_train_metrics()["train/lin_skipped_steps"] == 2

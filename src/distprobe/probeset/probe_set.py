@@ -248,9 +248,10 @@ class ProbeSet(Members):
 
         Reduced over the data-parallel group with one flat sync for all probes: every rank must call it (at an
         epoch end, say). Keys are the logged names: ``train/{name}_top1``, ``train/{name}_loss_epoch``,
-        ``train/{name}_bad_batches/{reason}``.
+        ``train/{name}_bad_batches/{reason}``, and ``train/{name}_skipped_steps`` (a probe's or bank's optimizer
+        steps skipped so far for non-finite gradients, over the whole run).
         """
-        return merge(list(self.train_values().values()))
+        return {**merge(list(self.train_values().values())), **values.skipped_steps(self)}
 
     def reset_train_metrics(self) -> None:
         """Clear the accumulated train metrics and mean losses (call at the end of an epoch)."""

@@ -43,6 +43,16 @@ def train_values(members: Members, names: Iterable[str] | None = None) -> dict[s
     return values
 
 
+def skipped_steps(members: Members) -> dict[str, torch.Tensor]:
+    """Each probe's and built bank's skipped optimizer steps so far (a bank's: summed over its heads), by logged key.
+
+    The run-long counts the Lightning callbacks log at every step; the same on every rank, so no collective.
+    """
+    counts = {name: probe.skipped_steps for name, probe in members.probes.items()}
+    counts.update({name: bank.skipped_steps.sum() for name, bank in members.banks.items()})
+    return {keys.key(keys.TRAIN, name, keys.SKIPPED_STEPS): count.float() for name, count in counts.items()}
+
+
 def _monitor_values(members: Members, wanted: list[str], stage: str) -> dict[str, dict[str, torch.Tensor]]:
     """The named monitors' values of ``stage`` (those computed per epoch), with one flat all-reduce."""
     monitors = [members.monitors[n] for n in wanted if n in members.monitors and members.monitors[n].per_epoch(stage)]
