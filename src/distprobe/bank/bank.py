@@ -232,6 +232,9 @@ class ProbeBank:
                 (grad,) = torch.autograd.grad(bad_data.poison(sums.sum(), checked.bad), self.heads.flat)
                 grad = torch.cat([grad, count.to(grad.dtype).view(1)])
                 losses = sums / count
+            if not targets.shape[0]:  # no sample (known on the host): see `Probe._untrainable_step`
+                checked = bad_data.untrainable_verdict(0, self.device)
+                grad = torch.full_like(grad, float("nan"))  # its gradient is zero: the NaN skips the window everywhere
         if window_start or self._grad is None:
             self._grad = grad
         else:

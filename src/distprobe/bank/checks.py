@@ -54,6 +54,7 @@ def feature_sizes(config: BankConfig, features: Sequence[torch.Tensor]) -> dict[
 
     size_of = getattr(FAMILIES[config.family], "feature_size", None)
     return {
-        source: int(size_of(x[0]) if size_of is not None else x[0].numel())
+        # From the shape, not a sample: a first batch may be empty on a rank.
+        source: int(size_of(x.shape[1:]) if size_of is not None else x.shape[1:].numel())
         for source, x in zip(config.inputs, features, strict=True)
     }

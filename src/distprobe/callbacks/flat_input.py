@@ -57,7 +57,7 @@ class FlatInputCallback(ProbeCallback):
 
     @override
     def size_of(self, read: Any) -> Any:
-        return int(read[0][0].numel())
+        return int(read[0].shape[1:].numel())  # from the shape: a first batch may be empty on a rank
 
     @override
     def build_engine(self, size: Any) -> None:

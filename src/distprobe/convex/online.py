@@ -83,7 +83,7 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         No host sync: the verdict is a device tensor that weighs the batch by 0 or 1.
         """
         self.solved = False
-        x = features.detach().reshape(features.shape[0], -1).to(self.device)
+        x = features.detach().flatten(1).to(self.device)
         y = targets.detach().to(self.device).reshape(-1)
         finite_x = torch.isfinite(x).all()
         if y.is_floating_point():
@@ -150,7 +150,7 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         """
         if self.solution is None:
             return None
-        x = features.detach().reshape(features.shape[0], -1).to(self.device)
+        x = features.detach().flatten(1).to(self.device)
         n = x.shape[0] if num_valid is None else num_valid
         if positions is None:
             rank, world = rank_and_world(self.dp_group)

@@ -63,7 +63,7 @@ class RidgeStatistics:
 
         No host sync: a batch to be skipped (bad data) is dropped by a zero weight decided on the device.
         """
-        x = features.detach().reshape(features.shape[0], -1).to(self.flat.device, torch.float64)
+        x = features.detach().flatten(1).to(self.flat.device, torch.float64)
         if x.shape[1] != self.dim:
             raise ValueError(f"RidgeStatistics: features of width {x.shape[1]}, expected {self.dim}")
         y = torch.nn.functional.one_hot(labels.to(self.flat.device).long(), self.num_classes).to(torch.float64)
@@ -124,7 +124,7 @@ class RidgeSolution:
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """``(L, B, C)``: each lambda's regression outputs for ``features`` ``(B, D)``."""
-        x = features.detach().reshape(features.shape[0], -1).to(self.weight.device, torch.float64)
+        x = features.detach().flatten(1).to(self.weight.device, torch.float64)
         return torch.einsum("bd,ldc->lbc", x, self.weight) + self.bias[:, None, :]
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
@@ -170,6 +170,6 @@ def solve_centred(
 
 def fit_ridge(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: Sequence[float]) -> RidgeSolution:
     """Ridge on one in-memory set (a few-shot episode): the statistics of ``features`` and ``labels``, solved."""
-    stats = RidgeStatistics(features.reshape(features.shape[0], -1).shape[1], num_classes, features.device)
+    stats = RidgeStatistics(features.flatten(1).shape[1], num_classes, features.device)
     stats.update(features, labels)
     return stats.solve(l2)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distprobe.engine.batchnorm import GroupBatchNorm
+
 #: Why a micro-batch was bad, in the order of `Verdict.counts`; these names appear in logs and warnings.
 REASONS = ("nonfinite_features", "targets_out_of_range", "nonfinite_targets")
 
@@ -105,6 +107,25 @@ def verdict(
     whole_batch = features_ok.all() if features_ok.ndim else features_ok
     counts = torch.stack([whole_batch, in_range, finite]).logical_not()
     return Verdict(keep=countable & features_ok, counts=counts, bad=counts.any())
+
+
+def untrainable_verdict(batch_size: int, device: torch.device) -> Verdict:
+    """The verdict of a micro-batch too small to train on: no sample or reason counted, the step skipped."""
+    return Verdict(
+        keep=torch.zeros(batch_size, dtype=torch.bool, device=device),
+        counts=torch.zeros(len(REASONS), dtype=torch.bool, device=device),
+        bad=_true(device),
+    )
+
+
+def batchnorm_kinds(module: nn.Module) -> tuple[bool, bool]:
+    """Whether ``module`` holds a BatchNorm over this rank's batch alone, and a `GroupBatchNorm` over the group's.
+
+    torch refuses a local BatchNorm one sample in training; a group's (a probe's BatchNorm on two or more ranks,
+    `distprobe.engine.batchnorm`) normalises with the whole group's batch, so one sample on a rank is enough for it.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return any(not isinstance(m, GroupBatchNorm) for m in layers), any(isinstance(m, GroupBatchNorm) for m in layers)
 
 
 def row_checks(x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Each check reads the first batch once (a one-time host sync, never on later steps) and returns a message or None;
 `raise_if_any_rank_failed` then raises the same error on every rank. A probe checks its features against its own
-outputs; a bank and a kNN (`class_index_problem`) check class-index targets against ``num_classes``.
+outputs; a bank, a kNN and a ridge probe (`class_index_problem`, `multi_hot_problem`) check their targets against
+``num_classes``, and a kNN and a ridge probe whose engine is built check the features' width
+(`flat_input_problem`).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def flat_input_problem(
         problem = class_index_problem(owner, inputs, targets, num_classes)
     if problem is not None or in_features is None:
         return problem
-    width = int(features[0].numel())
+    width = int(features.shape[1:].numel())  # an empty batch has a width too
     if width == in_features:
         return None
     return (

@@ -142,6 +142,7 @@ class Probe:
         self._scheduler_restored = False
         self._ignore_index = bad_data.ignore_index_of(self.loss_fn)
         self._buffers = [b for b in self.module.buffers() if b.is_floating_point()]
+        self._local_batchnorm, self._group_batchnorm = bad_data.batchnorm_kinds(self.module)
         self._window_buffers: list[torch.Tensor] | None = None
         """The running statistics (BatchNorm) as the open window found them."""
         self.micro_step = 0
@@ -253,6 +254,10 @@ class Probe:
         if self._buffers and self.micro_step % accumulate == 0:
             # The window's first micro-step: its running statistics go back here if the window's step is skipped.
             self._window_buffers = [b.clone() for b in self._buffers]
+        batch = int(x.shape[0]) if x.ndim else 1  # on the host: no sync
+        if batch == 0 or (batch == 1 and self._local_batchnorm):
+            with outside_autocast:
+                return self._untrainable_step(x, targets, model)
         with outside_autocast:
             preds = model(x)
             safe_targets, countable, in_range, finite = bad_data.check_targets(targets, preds, self._ignore_index)
@@ -269,6 +274,40 @@ class Probe:
             checked=checked,
             batch_size=int(targets.shape[0]) if targets.ndim else 1,
             boundary=maths.is_boundary(self.micro_step, accumulate),
+        )
+
+    def _untrainable_step(self, x: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> PendingStep:
+        """A micro-batch too small to train on: no sample, or one through a BatchNorm of this rank alone.
+
+        Such a batch ends an epoch or comes out of a filter; it is not bad data: it is not counted as bad, and it
+        adds nothing to the metrics or the mean loss. Its window's step is skipped on every rank, through the gradient
+        as for bad data, since a zero gradient would still move the weights by momentum and weight decay.
+
+        The forward still runs, so that the replica's (or a `GroupBatchNorm`'s) collectives pair up with the other
+        ranks'. It runs in eval mode, so that no running statistic moves (torch's BatchNorm also refuses one sample
+        in training), except for no sample through a `GroupBatchNorm`, whose training forward is a collective.
+        """
+        one_sample = bool(x.shape[0])
+        if one_sample or not self._group_batchnorm:
+            self.module.eval()
+        try:
+            preds = model(x)
+        finally:
+            self.module.train()
+        safe_targets, _, _, _ = bad_data.check_targets(targets, preds, self._ignore_index)
+        # A loss of no sample is left undefined rather than asked of a user's loss_fn (it may refuse an empty batch).
+        loss = self.loss_fn(preds, safe_targets) if one_sample else preds.new_full((), float("nan"))
+        # Every parameter gets a NaN gradient, also with no sample (whose gradient through the outputs is zero);
+        # `preds` stays in the graph for the backward's own collectives (a GroupBatchNorm's).
+        every_param = torch.stack([p.sum() for p in skip.params_of(self.optimizer)]).sum()
+        return PendingStep(
+            scaled_loss=(preds.sum() + every_param) * float("nan"),
+            loss=loss.detach(),
+            preds=preds.detach(),
+            targets=safe_targets,
+            checked=bad_data.untrainable_verdict(int(preds.shape[0]), preds.device),
+            batch_size=int(preds.shape[0]),
+            boundary=maths.is_boundary(self.micro_step, self.config.accumulate_grad_batches),
         )
 
     def finish_step(self, pending: PendingStep, *, fused_if_unset: bool = False) -> StepOutput:

@@ -39,12 +39,12 @@ def train_members(
         outs[name] = members._bank(name, xs).train_step(xs, y)
     for name in (n for n in inputs if n in members.knn_specs):
         x, y = inputs[name]
-        knn = members.knns.get(name) or members._build_knn(name, int(x[0].numel()))
+        knn = members.knns.get(name) or members._build_knn(name, int(x.shape[1:].numel()))
         knn.update(x, y)
         outs[name] = None
     for name in (n for n in inputs if n in members.ridge_specs):
         x, y = inputs[name]
-        ridge = members.ridges.get(name) or members._build_ridge(name, int(x[0].numel()))
+        ridge = members.ridges.get(name) or members._build_ridge(name, int(x.shape[1:].numel()))
         if ridge.evaluated and ridge.config.reset_statistics == "after_evaluation":  # batches since the last one
             ridge.reset_train()
         ridge.train_step(x, y)

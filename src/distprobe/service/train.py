@@ -94,7 +94,7 @@ def _bank_config(config: EvalConfig, split: CachedSplit) -> BankConfig:
             f"{config.source}: probes.bank.head={options['family']!r} reads {reads} per sample, but the "
             f"backbone's features have shape {tuple(shape)} per sample; set features.forward to return {returns}"
         )
-    dim = int(getattr(family, "feature_size", lambda x: x.numel())(sample[0]))
+    dim = int(getattr(family, "feature_size", lambda shape: shape.numel())(sample.shape[1:]))
     for reserved in ("inputs", "num_classes", "in_features"):
         if reserved in options:
             raise ServiceConfigError(

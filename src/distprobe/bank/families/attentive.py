@@ -399,9 +399,9 @@ class AttentiveHeads(HeadFamily):
         return AttentiveOptions.parse(config.head_options, config.name)
 
     @staticmethod
-    def feature_size(sample: torch.Tensor) -> int:
+    def feature_size(sample_shape: torch.Size) -> int:
         """D of one sample's ``(N, D)`` tokens."""
-        return int(sample.shape[-1])
+        return int(sample_shape[-1])
 
     @staticmethod
     def input_problem(source: str, features: torch.Tensor) -> str | None:

@@ -179,9 +179,9 @@ class DenseHeads(LinearHeads):
         return parse_segmentation_metrics(spec, bank_name)
 
     @staticmethod
-    def feature_size(sample: torch.Tensor) -> int:
+    def feature_size(sample_shape: torch.Size) -> int:
         """D of one sample's ``(N, D)`` tokens or ``(D, h, w)`` map."""
-        return int(sample.shape[0] if sample.ndim == 3 else sample.shape[-1])
+        return int(sample_shape[0] if len(sample_shape) == 3 else sample_shape[-1])
 
     @staticmethod
     def input_problem(source: str, features: torch.Tensor) -> str | None:
