@@ -143,3 +143,26 @@ def test_a_batchnorm_probe_survives_an_epoch_ending_in_one_sample():
     assert t.state.finished
     assert float(t.callback_metrics["train/linear_skipped_steps"]) == 2  # one an epoch
     assert float(t.callback_metrics["train/linear_bad_batches/nonfinite_features"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("family", "sample", "target"), [("attentive", (5, 8), ()), ("dense", (16, 8), (8, 8))], ids=["attentive", "dense"]
+)
+def test_a_token_bank_skips_an_empty_batch_and_ends_as_without_it(family, sample, target):
+    def bank():
+        torch.manual_seed(0)
+        spec = {"name": "b", "num_classes": C, "inputs": ["x"], "target": "y", "lr": [0.1], "family": family}
+        return ProbeSet.build([], banks=[spec])
+
+    def batch(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(n, *sample, generator=g)}, {"y": torch.randint(0, C, (n, *target), generator=g)}
+
+    seen, without = bank(), bank()
+    for n, seed in ((0, 0), (4, 1), (0, 2), (4, 3)):  # the first batch is empty too: the heads are sized from shapes
+        seen.step(*batch(n, seed))
+        if n:
+            without.step(*batch(n, seed))
+    assert seen.banks["b"].skipped_steps.tolist() == [2]
+    _assert_same(seen, without, skip=("skipped_steps",))
+    assert all(p.shape[0] == 0 for p in seen.evaluate(*batch(0, 4)).values())

@@ -260,7 +260,7 @@ class DenseHeads(LinearHeads):
             n, per, c, d = len(variants), block.per_norm, block.num_classes, block.in_features + 1
             stacked = torch.stack(variants) if n > 1 else variants[0][None]
             logits = torch.bmm(part.view(n, per * c, d), stacked.transpose(1, 2))  # (n, per*C, B*h*w)
-            outputs.append(logits.view(n * per, c, x.shape[0], -1))
+            outputs.append(logits.view(n * per, c, x.shape[0], grid[0] * grid[1]))  # no -1: B may be 0
         assert grid is not None, "a bank has at least one source"
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         k, c, b = out.shape[:3]
