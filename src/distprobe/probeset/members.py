@@ -205,10 +205,7 @@ class Members:
 
     def knn(self, name: str) -> ShardedKNN:
         """The kNN ``name`` (its buffer exists from `build` with ``in_features``, else from the first `step`)."""
-        if name not in self.knns:
-            state = "not built yet (no step so far)" if name in self.knn_specs else "not in this set"
-            raise KeyError(f"kNN {name!r}: {state}; kNNs: {list(self.knn_specs)}")
-        return self.knns[name]
+        return _built("kNN", name, self.knn_specs, self.knns)
 
     def member_names(self) -> set[str]:
         """Every member's name: probes, banks, kNNs, ridge probes and monitors."""
@@ -226,13 +223,18 @@ class Members:
 
     def bank(self, name: str) -> ProbeBank:
         """The bank ``name`` (its heads exist from `build` with ``in_features``, else from the first `step`)."""
-        if name not in self.banks:
-            state = "not built yet (no step so far)" if name in self.bank_specs else "not in this set"
-            raise KeyError(f"bank {name!r}: {state}; banks: {list(self.bank_specs)}")
-        return self.banks[name]
+        return _built("bank", name, self.bank_specs, self.banks)
 
     def __iter__(self) -> Iterator[Probe]:
         return iter(self.probes.values())
 
     def __len__(self) -> int:
         return len(self.probes)
+
+
+def _built(kind: str, name: str, specs: Mapping[str, Any], engines: Mapping[str, Any]) -> Any:
+    """The engine of member ``name`` of a kind sized on demand, or a KeyError saying why there is none."""
+    if name not in engines:
+        state = "not built yet (no step so far)" if name in specs else "not in this set"
+        raise KeyError(f"{kind} {name!r}: {state}; {kind}s: {list(specs)}")
+    return engines[name]
