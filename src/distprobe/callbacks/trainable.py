@@ -149,6 +149,11 @@ class TrainableCallback(ProbeCallback):
         return super().read_step(trainer, pl_module, outputs, batch)
 
     @override
+    def evaluates(self, trainer: pl.Trainer) -> bool:
+        # A subclass without sources feeds its probe itself, in validation too: there is nothing to read for it.
+        return bool(self.sources) and super().evaluates(trainer)
+
+    @override
     def first_batch_problem(self, read: Any) -> str | None:
         features, targets = read
         return first_batch_problem(self.probe, features, targets, input_key=self.sources[0])
