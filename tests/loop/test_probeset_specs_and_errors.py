@@ -143,3 +143,29 @@ def test_a_diverging_probe_shows_its_skipped_steps_in_the_train_metrics():
     for _ in range(3):  # the first step's update overflows the weights: every later step is skipped
         probes.step({"e": torch.full((4, D), 1e38)}, {"y": torch.tensor([0, 1, 2, 3])})
     assert probes.compute_train_metrics()["train/lin_skipped_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "scheduler", "length"),
+    [("specs", "CosineAnnealingLR", "T_max"), ("specs", "OneCycleLR", "total_steps"), ("banks", "OneCycleLR", "")],
+)
+def test_a_named_schedule_without_total_steps_is_refused_at_build(kind, scheduler, length):
+    # Before: the schedule silently took 1000 optimizer steps; OneCycleLR then raised at the probe's 1001st step
+    # ("Tried to step 1001 times"), in the middle of the training.
+    member = {"name": "lin", "probe": nn.Linear(D, C)} if kind == "specs" else dict(BANK)
+    member["scheduler"] = scheduler
+    with pytest.raises(
+        ValueError, match=rf"'(lin|grid)': argument 'scheduler' '{scheduler}' takes its length .*{length}"
+    ):
+        ProbeSet.build([member] if kind == "specs" else [], **({} if kind == "specs" else {"banks": [member]}))
+
+
+def test_a_schedule_with_its_own_length_or_total_steps_builds_and_total_steps_is_a_count():
+    linear = {"name": "lin", "probe": nn.Linear(D, C)}
+    own = ProbeSet.build([{**linear, "scheduler": {"type": "CosineAnnealingLR", "T_max": 7}}])
+    assert own["lin"].scheduler.T_max == 7
+    assert ProbeSet.build([{**linear, "scheduler": "OneCycleLR"}], total_steps=5)["lin"].scheduler.total_steps == 5
+    assert ProbeSet.build([{**linear, "scheduler": "ConstantLR"}])  # no length needed
+    for wrong in (0, 10.0, "10"):
+        with pytest.raises(ValueError, match=rf"ProbeSet.build: argument 'total_steps' got {wrong!r}; expected an int"):
+            ProbeSet.build([linear], total_steps=wrong)

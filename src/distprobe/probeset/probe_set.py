@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distprobe.arguments import require_count
 from distprobe.bank import BankConfig
 from distprobe.convex.online import RidgeConfig, RidgeSpec, to_ridge_spec
 from distprobe.engine import Probe, ProbeConfig, maths
@@ -121,6 +122,8 @@ class ProbeSet(Members):
         for argument, given in members.items():
             if isinstance(given, _ONE_MEMBER):
                 raise ValueError(_single_member_error(argument, given))
+        if total_steps is not None:
+            require_count("ProbeSet.build", "total_steps", total_steps, or_none=True, hint=_STEPS_HINT)
         normalised = [to_spec(s) for s in specs]
         bank_specs = [to_bank_spec(b) for b in banks]
         knn_specs = [to_knn_spec(k) for k in knns]
@@ -137,6 +140,9 @@ class ProbeSet(Members):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
+        if total_steps is None:
+            for kind, config in [("probe", s.config) for s in normalised] + [("bank", b.config) for b in bank_specs]:
+                _refuse_a_length_from_nowhere(kind, config.name, config.scheduler)
         group = dp_group if dp_group is not None else default_group()
         probes = [
             Probe.build(
@@ -317,4 +323,41 @@ def _single_member_error(argument: str, given: Any) -> str:
     return (
         f"ProbeSet.build: argument '{argument}' got a single {type(given).__name__}; pass a list of them: "
         f"[{argument[:-1] if argument != 'specs' else 'spec'}]."
+    )
+
+
+_STEPS_HINT = "how many times `step` will be called; the named schedulers take their length from it"
+
+#: The named schedulers whose length `distprobe.engine.factories` fills in from the number of optimizer steps, and
+#: the argument that length goes to (each falls back to 1000 steps when none is known).
+LENGTH_ARGUMENTS = {
+    "CosineAnnealingLR": "T_max",
+    "StepLR": "step_size",
+    "MultiStepLR": "milestones",
+    "ExponentialLR": "gamma",
+    "OneCycleLR": "total_steps",
+    "CosineAnnealingWarmRestarts": "T_0",
+    "PolynomialLR": "total_iters",
+    "LinearLR": "total_iters",
+}
+
+
+def _refuse_a_length_from_nowhere(kind: str, name: str, scheduler: Any) -> None:
+    """Refuse a named scheduler that needs the run's length when `ProbeSet.build` got no ``total_steps``.
+
+    Without it the length was a silent 1000 optimizer steps: a cosine decayed on another schedule than the run's, and
+    OneCycleLR raised at its 1001st step, taking the training down. A scheduler given its own length is left alone.
+
+    Raises:
+        ValueError: naming the member, the scheduler, the argument it lacks and the two fixes.
+    """
+    named = scheduler if isinstance(scheduler, str) else None
+    if isinstance(scheduler, Mapping) and isinstance(scheduler.get("type"), str):
+        named = scheduler["type"]
+    if named not in LENGTH_ARGUMENTS or (isinstance(scheduler, Mapping) and LENGTH_ARGUMENTS[named] in scheduler):
+        return
+    raise ValueError(
+        f"{kind} '{name}': argument 'scheduler' {named!r} takes its length ({LENGTH_ARGUMENTS[named]}) from "
+        "ProbeSet.build's total_steps, which is None; pass total_steps=<how many times step will be called>, or "
+        f"give the scheduler its own: {{'type': {named!r}, {LENGTH_ARGUMENTS[named]!r}: ...}}."
     )
