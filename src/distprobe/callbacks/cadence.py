@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -35,6 +36,30 @@ def logs_this_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     if isinstance(last_batch, int) and batch_idx + 1 == last_batch:
         return True
     return bool(trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False))
+
+
+def lightning_writes_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training batch's step values to its loggers (its rule, as `logs_this_step`)."""
+    if int(getattr(trainer, "log_every_n_steps", 1)) <= 0:
+        return False
+    if trainer.fit_loop._should_accumulate() and trainer.lightning_module.automatic_optimization:
+        return False
+    return bool(trainer._logger_connector.should_update_logs or getattr(trainer, "fast_dev_run", False))
+
+
+def forget_step_values(trainer: pl.Trainer, names: Iterable[str], hook: str = "on_train_batch_end") -> None:
+    """Stop Lightning from writing step values logged from ``hook`` at an earlier batch again.
+
+    Lightning keeps a step value until the epoch ends and writes it at every later logging step, so a value logged
+    every few batches (a monitor's window) would be written again at each logging step until the next one, under
+    the later steps. Reset here, it is not written again; ``trainer.callback_metrics`` keeps it. Lightning's result
+    collection is private: without it (another Lightning), nothing changes.
+    """
+    results = getattr(trainer, "_results", None)
+    for name in names:
+        value = results.get(f"{hook}.{name}") if isinstance(results, Mapping) else None
+        if value is not None and not getattr(value, "has_reset", True):
+            value.reset()
 
 
 def log_reduced(pl_module: pl.LightningModule, values: dict[str, torch.Tensor], *, on_step: bool) -> None:
