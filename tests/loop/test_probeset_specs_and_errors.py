@@ -169,3 +169,20 @@ def test_a_schedule_with_its_own_length_or_total_steps_builds_and_total_steps_is
     for wrong in (0, 10.0, "10"):
         with pytest.raises(ValueError, match=rf"ProbeSet.build: argument 'total_steps' got {wrong!r}; expected an int"):
             ProbeSet.build([linear], total_steps=wrong)
+
+
+@pytest.mark.parametrize(
+    ("add", "original", "other"),
+    [
+        (lambda probes, spec: probes.add_bank(spec), BANK, {**BANK, "lr": [0.5, 0.6]}),
+        (lambda probes, spec: probes.add_knn(spec), KNN, {**KNN, "queue_length": 16}),
+        (lambda probes, spec: probes.add_ridge(spec), RIDGE, {**RIDGE, "num_classes": C + 1}),
+    ],
+)
+def test_adding_another_member_under_a_taken_name_is_refused_and_the_same_one_again_is_a_no_op(add, original, other):
+    # Before: a bank, kNN or ridge of a taken name was dropped in silence (the set kept the first config), where a
+    # probe or a monitor of a taken name is refused.
+    probes = ProbeSet.build([], banks=[BANK], knns=[KNN], ridges=[RIDGE])
+    add(probes, dict(original))  # the member it already has: nothing happens
+    with pytest.raises(ValueError, match=rf"'{original['name']}': argument 'name' is already used"):
+        add(probes, other)

@@ -137,7 +137,10 @@ class Members:
         self.monitors[monitor.name] = monitor
 
     def _add(self, name: str, spec: Any, engine: Any, specs: dict[str, Any], engines: dict[str, Any]) -> None:
-        if name not in specs:
+        # The same member again (a Lightning callback adds its own at every fit) is a no-op; another one of that
+        # name is refused, as for probes and monitors, instead of being dropped in silence.
+        same = name in specs and (specs[name].config is spec.config or specs[name] == spec)
+        if not same:
             self._refuse_taken(name)
             specs[name] = spec
         if engine is not None:
