@@ -186,3 +186,11 @@ def test_adding_another_member_under_a_taken_name_is_refused_and_the_same_one_ag
     add(probes, dict(original))  # the member it already has: nothing happens
     with pytest.raises(ValueError, match=rf"'{original['name']}': argument 'name' is already used"):
         add(probes, other)
+
+
+def test_a_member_removed_then_added_again_has_its_new_first_batch_checked():
+    probes = _one_probe_set()
+    probes.remove("lin")
+    probes.add_probe(Probe.build(ProbeConfig(name="lin", probe=nn.Linear(D + 1, C))), input="e", target="y")
+    with pytest.raises(ValueError, match=r"probe 'lin': input 'e' of shape \(4, 6\) does not fit the probe"):
+        probes.step({"e": torch.randn(4, D)}, {"y": torch.tensor([0, 1, 2, 3])})

@@ -54,6 +54,8 @@ class Members:
         self._pending_ridge_state: dict[str, Mapping[str, Any]] = {}
         self.monitors: dict[str, EmbeddingMonitorEngine] = {}
         """The embedding monitors (their metrics are built from ``dim``, else from the first batch they read)."""
+        self._checked: set[str] = set()
+        """The members whose first batch `ProbeSet.step` has checked (on every rank at once)."""
 
     def _join(
         self,
@@ -153,6 +155,7 @@ class Members:
         self.ridge_specs.pop(name, None)
         self.ridges.pop(name, None)
         self.monitors.pop(name, None)
+        self._checked.discard(name)  # a member added again under this name has its own first batch checked
 
     def _refuse_taken(self, name: str) -> None:
         taken = (self.probes, self.bank_specs, self.knn_specs, self.ridge_specs, self.monitors)

@@ -68,8 +68,6 @@ class ProbeSet(Members):
         assert len(probes) == len(specs)
         self._stream = LazySideStream(overlap, device)
         settle_gloo_workers_at_exit(dp_group)  # see distprobe/engine/clean_exit.py
-        self._checked: set[str] = set()
-        """The members whose first batch `step` has checked (on every rank at once)."""
         super().__init__(dp_group, device, total_steps)
         self._join(probes, specs, banks, knns, ridges, monitors)
         self.window_values: dict[str, torch.Tensor] = {}
