@@ -95,24 +95,24 @@ def to_bank_spec(spec: BankSpec | BankConfig | Mapping[str, Any]) -> BankSpec:
 BANK_KEY_HINTS = {"head": "family"}
 
 
-def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str) -> torch.Tensor:
-    """The tensor a probe reads: the single tensor given, or the entry named by its ``input``/``target`` key.
+def pick(tensors: Tensors, key: str | None, *, probe_name: str, argument: str, kind: str = "probe") -> torch.Tensor:
+    """The tensor a member reads: the single tensor given, or the entry named by its ``input``/``target`` key.
 
     Raises:
-        ValueError: naming the probe, the argument, and the keys that are there.
+        ValueError: naming the member (``kind`` and ``probe_name``), the argument, and the keys that are there.
     """
     if not isinstance(tensors, Mapping):
         return tensors
     if key is None:
         raise ValueError(
-            f"probe '{probe_name}': the {argument}s are a dict with keys {sorted(tensors)} but the probe has no "
+            f"{kind} '{probe_name}': the {argument}s are a dict with keys {sorted(tensors)} but the {kind} has no "
             f"'{argument}' key; add '{argument}': <key> to its spec."
         )
     if key not in tensors:
         where = {"input": "features", "target": "targets"}.get(argument, f"{argument}s")
         raise ValueError(
-            f"probe '{probe_name}': {argument} key {key!r} not found; available keys: {sorted(tensors)}; pass "
-            f"{key!r} in the {where} mapping, or set the probe's '{argument}' to one of the available keys."
+            f"{kind} '{probe_name}': {argument} key {key!r} not found; available keys: {sorted(tensors)}; pass "
+            f"{key!r} in the {where} mapping, or set the {kind}'s '{argument}' to one of the available keys."
         )
     return tensors[key]
 
@@ -121,8 +121,8 @@ def one_input(
     spec: KNNSpec | RidgeSpec, name: str, features: Tensors, targets: Tensors
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The features (by ``config.input``) and the targets (by ``target``) of a member reading one input."""
-    x = pick(features, spec.config.input, probe_name=name, argument="input")
-    return x, pick(targets, spec.target, probe_name=name, argument="target")
+    x = pick(features, spec.config.input, probe_name=name, argument="input", kind=spec.kind)
+    return x, pick(targets, spec.target, probe_name=name, argument="target", kind=spec.kind)
 
 
 def first_batch_problems_of(

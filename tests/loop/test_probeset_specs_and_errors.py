@@ -64,8 +64,13 @@ def test_a_missing_routing_key_names_member_argument_value_available_keys_and_th
         r"or set the probe's 'target' to one of the available keys",
     ):
         probes.step({"e": torch.randn(4, D)}, {"label": torch.randint(0, C, (4,))})
-    with pytest.raises(ValueError, match=r"input key 'e' not found; available keys: \[\]; pass 'e' in the features"):
+    with pytest.raises(
+        ValueError, match=r"input key 'e' not found; available keys: \[\]; pass 'e' in the features"
+    ) as err:
         probes.step({}, {})
+    for member in ("probe 'lin'", "bank 'grid'", "kNN 'knn'", "ridge 'ridge'", "monitor 'mon'"):  # each by its kind
+        kind = member.split()[0]
+        assert f"{member}: input key 'e' not found" in str(err.value) and f"set the {kind}'s 'input'" in str(err.value)
 
 
 @pytest.mark.parametrize("num_valid", [9, -1, 2.5, True])

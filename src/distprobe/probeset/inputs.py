@@ -42,10 +42,12 @@ def bank_inputs(
     spec = members.bank_specs[name]
     sources = spec.config.inputs
     xs = [
-        pick(features, source if isinstance(features, Mapping) else None, probe_name=name, argument="input")
+        pick(
+            features, source if isinstance(features, Mapping) else None, probe_name=name, argument="input", kind="bank"
+        )
         for source in sources
     ]
-    return xs, pick(targets, spec.target, probe_name=name, argument="target")
+    return xs, pick(targets, spec.target, probe_name=name, argument="target", kind="bank")
 
 
 def knn_inputs(members: Members, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,7 @@ def monitor_inputs(members: Members, name: str, features: Tensors, targets: Tens
     The ids are found by ``sample_key`` or ``view_key`` in the features' mapping, then in the targets'.
     """
     config = members.monitors[name].config
-    x = pick(features, config.input, probe_name=name, argument="input")
+    x = pick(features, config.input, probe_name=name, argument="input", kind="monitor")
     ids = {"sample_key": config.sample_key, "view_key": config.view_key}
     found = {argument: _id_tensor(name, argument, key, features, targets) for argument, key in ids.items()}
     return x, found["sample_key"], found["view_key"]
