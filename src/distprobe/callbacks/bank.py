@@ -17,7 +17,7 @@ from distprobe.bank.checks import feature_sizes, first_batch_problem
 from distprobe.bank.config import Normalization
 from distprobe.bank.metric_kinds import build_metrics
 from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
-from distprobe.callbacks.cadence import logs_this_step
+from distprobe.callbacks.cadence import StepValues, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.callbacks.trainable import optimizer_steps_of_fit
@@ -133,6 +133,7 @@ class OnlineProbeBank(ProbeCallback):
         self.config = config
         self.metrics = build_metrics(self.config)
         self._pl_module: pl.LightningModule | None = None
+        self._step_values = StepValues()
         if module is not None:
             self._register_metrics(module)
 
@@ -235,12 +236,14 @@ class OnlineProbeBank(ProbeCallback):
     @override
     def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:
         if out is None or not logs_this_step(trainer, batch_idx):
+            self._step_values.skipped(trainer)  # a bank on its own data trains every every_n_steps batches
             return
         values = {
             keys.key(keys.TRAIN, self.name, keys.LOSS): out.loss.mean(),
             keys.key(keys.TRAIN, self.name, keys.SKIPPED_STEPS): self.bank.skipped_steps.sum().float(),
         }
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=out.preds.shape[0])
+        self._step_values.logged(trainer, values)
 
     @override
     def reset_epoch(self, stage: Stage) -> None:

@@ -62,6 +62,31 @@ def forget_step_values(trainer: pl.Trainer, names: Iterable[str], hook: str = "o
             value.reset()
 
 
+class StepValues:
+    """A callback's step values that are not logged at every logging step: each written by Lightning once.
+
+    A probe on its own data trains every ``every_n_steps`` batches and a monitor closes a window every
+    ``every_n_steps``; between them they log nothing, and Lightning would write their last values again at each
+    logging step (`forget_step_values`). Call `logged` when the values are logged, `skipped` on the other batches.
+    """
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._written = False
+
+    def logged(self, trainer: pl.Trainer, names: Iterable[str]) -> None:
+        """The values of ``names`` were logged at this batch."""
+        self._names, self._written = list(names), lightning_writes_this_step(trainer)
+
+    def skipped(self, trainer: pl.Trainer) -> None:
+        """Nothing was logged at this batch: once Lightning has written the last values, forget them."""
+        if self._written:
+            forget_step_values(trainer, self._names)
+            self._names, self._written = [], False
+        elif self._names:
+            self._written = lightning_writes_this_step(trainer)
+
+
 def log_reduced(pl_module: pl.LightningModule, values: dict[str, torch.Tensor], *, on_step: bool) -> None:
     """Log values that distprobe already reduced over the data-parallel group: the same on every rank.
 

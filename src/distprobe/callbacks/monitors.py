@@ -11,7 +11,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
-from distprobe.callbacks.cadence import forget_step_values, lightning_writes_this_step, log_reduced
+from distprobe.callbacks.cadence import StepValues, log_reduced
 from distprobe.features.dtensor import whole
 from distprobe.features.lookup import lookup
 from distprobe.metrics.exact import valid_in_loader_batch
@@ -90,10 +90,8 @@ class EmbeddingMonitor(ProbeCallback):
         """The training epoch the training sums belong to (saved in checkpoints)."""
         self._resumed_epoch: int | None = None
         """The saved epoch of a loaded checkpoint, until the next training epoch starts."""
-        self._window_keys: list[str] = []
-        """The keys of the last window's values while Lightning may still write them."""
-        self._window_written = False
-        """Whether Lightning has written them (then they are not written again at later logging steps)."""
+        self._window_values = StepValues()
+        """The last window's values, written by Lightning once."""
 
     @property
     def monitor(self) -> EmbeddingMonitorEngine:
@@ -155,12 +153,9 @@ class EmbeddingMonitor(ProbeCallback):
     def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:
         if out:  # a window closed: its values (the probe set has started the next window's sums)
             log_reduced(pl_module, out, on_step=True)
-            self._window_keys, self._window_written = list(out), lightning_writes_this_step(trainer)
-        elif self._window_written:  # written once already, at the step it closed or the first logging step after
-            forget_step_values(trainer, self._window_keys)
-            self._window_keys, self._window_written = [], False
-        elif self._window_keys:
-            self._window_written = lightning_writes_this_step(trainer)
+            self._window_values.logged(trainer, out)
+        else:
+            self._window_values.skipped(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from distprobe import keys
 from distprobe.callbacks.base import require_keys
-from distprobe.callbacks.cadence import BadDataWarnings, logs_this_step
+from distprobe.callbacks.cadence import BadDataWarnings, StepValues, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.trainable import TrainableCallback
 from distprobe.engine.factories import build_module
@@ -122,6 +122,7 @@ class OnlineProbe(TrainableCallback):
         self.verbose = verbose
         """stable-pretraining's 13th argument, kept for drop-in use; distprobe's logging does not depend on it."""
         self._bad_data_warnings = BadDataWarnings()
+        self._step_values = StepValues()
         if module is not None:
             self._attach(module)
 
@@ -132,6 +133,7 @@ class OnlineProbe(TrainableCallback):
     @override
     def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:
         if out is None or not logs_this_step(trainer, batch_idx):
+            self._step_values.skipped(trainer)  # a probe on its own data trains every every_n_steps batches
             return
         self._bad_data_warnings.check(self.probe)
         values = {
@@ -143,3 +145,4 @@ class OnlineProbe(TrainableCallback):
         }
         batch_size = int(out.preds.shape[0]) if out.preds.ndim else 1
         pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
+        self._step_values.logged(trainer, values)
