@@ -182,7 +182,7 @@ class ProbeCallback(Callback):
         """Take ``engine`` as this callback's, apply any state loaded before it existed, hand it to the probe set."""
         self._engine = engine
         if self._pending_state is not None:
-            engine.load_state_dict(self._pending_state)
+            self._load_into(engine, self._pending_state)
             self._pending_state = None
         self._hand_over()
 
@@ -349,10 +349,25 @@ class ProbeCallback(Callback):
         if not state_dict:
             return
         if self._engine is not None:
-            self._engine.load_state_dict(state_dict)
+            self._load_into(self._engine, state_dict)
             return
         self._pending_state = state_dict
         self.engine_from_pending()
+
+    def _load_into(self, engine: Any, state: dict[str, Any]) -> None:
+        """Apply a checkpoint's state to ``engine``; one of other shapes is refused naming this callback and the fix.
+
+        Every rank loads the same state (rank 0's), so every rank raises alike.
+        """
+        try:
+            engine.load_state_dict(state)
+        except RuntimeError as err:  # torch's "size mismatch" when loading a module or optimizer of another shape
+            why = " ".join(str(err).split())  # torch's message spans lines
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': the checkpoint's state does not fit it ({why}); resume with the "
+                "same configuration (module, num_classes, head options), or give the changed callback a new name to "
+                "start it fresh."
+            ) from err
 
 
 def require_keys(kind: str, name: str, **keys: Any) -> None:
