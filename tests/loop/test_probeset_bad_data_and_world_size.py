@@ -39,6 +39,16 @@ def _set(seed: int) -> ProbeSet:
     banks = [
         {"name": "grid", "input": "emb", "target": "y", "num_classes": C, "lr": [0.01, 0.1], "optimizer": "AdamW"},
         {"name": "att", "input": "tok", "target": "y", "num_classes": C, "lr": [0.01], "family": "attentive"},
+        {
+            "name": "seg",
+            "input": "patch",
+            "target": "mask",
+            "num_classes": C,
+            "lr": [0.1],
+            "family": "dense",
+            "head_options": {"samples_per_step": None},
+            "accumulate_grad_batches": 3,  # open at the cut too: its window sums pixels with their count
+        },
     ]
     knn = {"name": "knn", "input": "emb", "target": "y", "num_classes": C, "k": [1, 64], "queue_length": 64}
     ridge = {"name": "ridge", "input": "emb", "target": "y", "num_classes": C}
@@ -50,7 +60,8 @@ def _batch(step: int, rank: int, world: int) -> tuple[dict, dict]:
     """Step ``step``'s global batch, this rank's rows of it; rank 1's rows carry the bad data."""
     g = torch.Generator().manual_seed(step)
     features = {"emb": torch.randn(BATCH, D, generator=g), "tok": torch.randn(BATCH, TOKENS, D, generator=g)}
-    targets = {"y": torch.randint(0, C, (BATCH,), generator=g)}
+    features["patch"] = torch.randn(BATCH, 4, D, generator=g)  # a 2 x 2 grid of patch tokens
+    targets = {"y": torch.randint(0, C, (BATCH,), generator=g), "mask": torch.randint(0, C, (BATCH, 4, 4), generator=g)}
     if step == NAN_STEP:
         features["emb"][1, 0] = float("nan")  # row 1: rank 1's first row (rows r, r + world, ...)
         features["tok"][1, 0, 0] = float("nan")
@@ -69,12 +80,13 @@ def _values(probes: ProbeSet, rank: int, world: int) -> dict[str, torch.Tensor]:
     values = {k: v.detach().float().clone() for k, v in probes.compute_train_metrics().items()}
     g = torch.Generator().manual_seed(99)
     features = {"emb": torch.randn(VAL, D, generator=g), "tok": torch.randn(VAL, TOKENS, D, generator=g)}
-    labels = torch.randint(0, C, (VAL,), generator=g)
+    features["patch"] = torch.randn(VAL, 4, D, generator=g)
+    targets = {"y": torch.randint(0, C, (VAL,), generator=g), "mask": torch.randint(0, C, (VAL, 4, 4), generator=g)}
     mine = list(range(rank, VAL, world))
     rows = mine + mine[:1] * (math.ceil(VAL / world) - len(mine))
-    probes.evaluate({k: v[rows] for k, v in features.items()}, {"y": labels[rows]}, num_valid=len(mine))
+    probes.evaluate({k: v[rows] for k, v in features.items()}, {k: v[rows] for k, v in targets.items()}, len(mine))
     values.update({k: v.detach().float().clone() for k, v in probes.compute_metrics().items()})
-    for name in ("grid", "att"):
+    for name in ("grid", "att", "seg"):
         probes.bank(name).settle()
         values[f"weights/{name}"] = probes.bank(name).heads.flat.detach().clone()
     values["weights/lin"] = torch.cat([p.detach().reshape(-1) for p in probes["lin"].module.parameters()])

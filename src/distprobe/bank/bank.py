@@ -407,6 +407,11 @@ class ProbeBank:
         self._grad = None
         if window is not None:
             (mine,) = resume_window([[g] for g in window], self.dp_group)
+            world = rank_and_world(self.dp_group)[1]
+            if self._counted and len(window) != world:
+                # Summed losses with their count: the window's reduced ratio needs the saved ranks' total sums and
+                # count spread over this world (each rank its share), not their mean, which a mean loss needs.
+                mine = mine * (len(window) / world)
             self._grad = mine.to(self.device).clone()
         saved_bn = state.get("window_bn")
         self._window_bn = None if saved_bn is None else [b.to(self.device) for b in saved_bn]
