@@ -103,3 +103,24 @@ def test_an_eval_after_a_killed_eval_ends_the_dead_claim_and_evaluates(tmp_path,
     assert (record.state, record.tries) == ("done", 2) and record.claim != killed.claim
     assert "ran in its submitter" in caplog.text  # the dead claim's end, in the log
     assert list(cache.iterdir()) == []  # the killed job's cache went with its claim
+
+
+@pytest.mark.distributed
+def test_a_debug_eval_whose_job_fails_exits_1_with_the_error(tmp_path, checkpoints):
+    """The in-process job ended inside the submission: its failure is read at once, never waited for."""
+    run = run_dir_with(tmp_path, checkpoints[:1])
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    config = eval_config(tmp_path / "eval.yaml", backbone={"_target_": "tests.service.models.no_such_factory"})
+    command = [sys.executable, "-m", "distprobe", "eval", str(checkpoint), "--config", str(config)]
+    # stdin closed: submitit's debug executor opens pdb on the failure, which then reads end-of-file and goes on.
+    done = subprocess.run(
+        [*command, "--cluster", "debug"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "backbone could not be built" in done.stderr.splitlines()[-1]
+    assert ResultsStore(run / "distprobe_eval" / "results.sqlite").checkpoint(str(checkpoint)).state == "failed"

@@ -106,10 +106,13 @@ DEBUG_JOB_PREFIX = "DEBUG_"
 def job_state(cluster: str, job_id: str, owner: str | None = None) -> tuple[JobState, str | None]:
     """Where a job stands: ``running`` (or waiting, or requeued), ``ended``, or ``unknown`` (ask again later).
 
-    A debug job (``eval --cluster debug``) ran inside its submitter, the claim's ``owner`` (``host:pid``): it runs
-    while that process does, whatever ``cluster`` the asker uses.
+    A debug job (``eval --cluster debug``) runs inside its submitter, the claim's ``owner`` (``host:pid``), before
+    the submission returns: it has ended if the asker is that process, else it runs while that process does,
+    whatever ``cluster`` the asker uses.
     """
     if job_id.startswith(DEBUG_JOB_PREFIX):
+        if owner == this_owner():
+            return "ended", None  # it ran to its end inside this process's submit
         alive = owner_alive(owner)
         if alive is None:
             return "unknown", None
