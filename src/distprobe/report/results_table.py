@@ -2,7 +2,8 @@
 
 - ``table``: for a bank, the selected head's accuracy on the report split (``best``) and which head it is; for a
   kNN, each k's accuracy; the config hash of each row. Checkpoints that failed or went missing are listed with why,
-  and a trend line per config says how the first metric moved from the first evaluated checkpoint to the last.
+  and a trend line per config says how its headline score (a best head's top-1, else its mAP or mIoU) moved from the
+  first evaluated checkpoint to the last.
 - ``json``: a list of rows ``{"checkpoint", "step", "state", "config_hash", "values", "intervals", "selected"}``;
   ``values`` maps each logged key (``ckpt/bank_best_top1``...) to its number, ``intervals`` each key that has one to
   its bootstrap interval ``[low, high]``, ``selected`` each bank to its selected head.
@@ -23,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
-from distprobe.keys import CHECKPOINT, SELECTED, parse, parse_head_id
+from distprobe.keys import BEST, CHECKPOINT, SELECTED, parse, parse_head_id
+from distprobe.report.series import headline_metric
 from distprobe.service.store import CheckpointRecord, ResultsStore
 from distprobe.service.training_log import logged_key
 
@@ -139,8 +141,22 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return text
 
 
+def _trend_key(rows: list[dict[str, Any]], keys: list[str]) -> str | None:
+    """The key a config's trend follows: its headline score (`headline_metric`), a best head's first.
+
+    Never a hyper-parameter the probe chose (logreg's ``C``, ridge's ``l2``) or a side metric (a multi-label bank's
+    F1 beside the mAP that chose its head), which sort before the score.
+    """
+    present = [k for k in keys if any(k in row["values"] for row in rows)]
+    parsed = {k: parse(k) for k in present}
+    metric = headline_metric(p.metric for p in parsed.values() if p is not None)
+    scored = [k for k in present if (p := parsed[k]) is not None and p.metric == metric]
+    best = [k for k in scored if (p := parsed[k]) is not None and p.head == BEST]
+    return (best or scored or present or [None])[0]
+
+
 def _trend(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    first = next((k for k in keys if any(k in row["values"] for row in rows)), None)
+    first = _trend_key(rows, keys)
     if first is None:
         return ""
     series = [
