@@ -152,7 +152,8 @@ def _trend_key(rows: list[dict[str, Any]], keys: list[str]) -> str | None:
     metric = headline_metric(p.metric for p in parsed.values() if p is not None)
     scored = [k for k in present if (p := parsed[k]) is not None and p.metric == metric]
     best = [k for k in scored if (p := parsed[k]) is not None and p.head == BEST]
-    return (best or scored or present or [None])[0]
+    chosen = best or scored or present
+    return chosen[0] if chosen else None
 
 
 def _trend(rows: list[dict[str, Any]], keys: list[str]) -> str:
