@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -48,7 +49,16 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
 
 
 def init_distributed(device_kind: str, *, init: Callable[[str], None] | None = None) -> tuple[int, int, torch.device]:
-    """Join the job torchrun started (its RANK/WORLD_SIZE/MASTER_* variables); return (rank, world, device)."""
+    """Join the job torchrun started (its RANK/WORLD_SIZE/MASTER_* variables); return (rank, world, device).
+
+    Run without torchrun (``python launch/torchrun_ddp.py``), the script is a world of one process on this machine,
+    instead of failing in torch's rendezvous ("environment variable RANK expected, but not set").
+    """
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port for the one-process group's store
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if device_kind == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
