@@ -199,3 +199,10 @@ def test_a_member_removed_then_added_again_has_its_new_first_batch_checked():
     probes.add_probe(Probe.build(ProbeConfig(name="lin", probe=nn.Linear(D + 1, C))), input="e", target="y")
     with pytest.raises(ValueError, match=r"probe 'lin': input 'e' of shape \(4, 6\) does not fit the probe"):
         probes.step({"e": torch.randn(4, D)}, {"y": torch.tensor([0, 1, 2, 3])})
+
+
+def test_a_bank_of_several_sources_refuses_one_features_tensor():
+    # Before: every source read the same tensor, so the grid compared one input with itself, in silence.
+    probes = ProbeSet.build([], banks=[{**BANK, "input": ["a", "b"]}])
+    with pytest.raises(ValueError, match=r"bank 'grid': argument 'input' names 2 sources \['a', 'b'\] but the step's"):
+        probes.step(torch.randn(4, D), {"y": torch.randint(0, C, (4,))})

@@ -41,6 +41,12 @@ def bank_inputs(
     """Bank ``name``'s features, one tensor per source, and its targets."""
     spec = members.bank_specs[name]
     sources = spec.config.inputs
+    if not isinstance(features, Mapping) and len(sources) > 1:
+        # One tensor would feed every source the same features: a grid over sources that compares nothing.
+        raise ValueError(
+            f"bank '{name}': argument 'input' names {len(sources)} sources {list(sources)} but the step's features "
+            "are one tensor; pass a dict with a tensor for each source."
+        )
     xs = [
         pick(
             features, source if isinstance(features, Mapping) else None, probe_name=name, argument="input", kind="bank"
