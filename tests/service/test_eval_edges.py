@@ -124,3 +124,16 @@ def test_a_debug_eval_whose_job_fails_exits_1_with_the_error(tmp_path, checkpoin
     assert done.returncode == 1, done.stderr[-2000:]
     assert "backbone could not be built" in done.stderr.splitlines()[-1]
     assert ResultsStore(run / "distprobe_eval" / "results.sqlite").checkpoint(str(checkpoint)).state == "failed"
+
+
+@pytest.mark.parametrize(("resamples", "level", "needed"), [(1, 0.95, 40), (39, 0.95, 40), (19, 0.9, 20)])
+def test_too_few_resamples_for_the_level_are_refused(tmp_path, resamples, level, needed):
+    """``resamples: 1`` used to give every number a "95%" interval made of one resample and the number itself."""
+    path = _config(tmp_path, intervals={"resamples": resamples, "level": level})
+    with pytest.raises(ServiceConfigError) as caught:
+        EvalConfig.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: probes.intervals.resamples={resamples}; ")
+    assert f"needs at least {needed} resamples" in message and "or 0 for no intervals" in message
+    EvalConfig.load(_config(tmp_path, intervals={"resamples": needed, "level": level}))
+    EvalConfig.load(_config(tmp_path, intervals={"resamples": 0, "level": level}))

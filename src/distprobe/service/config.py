@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,7 @@ class EvalConfig:
             raise ServiceConfigError(
                 f"{where}: probes.intervals.level={probes.intervals.level!r}; expected a coverage in (0, 1), e.g. 0.95"
             )
+        _check_resamples(probes.intervals, where)
         check_probe_options(probes.bank, probes.knn, self.num_classes, where)
         check_target_kinds(probes, where)
         check_convex_options(probes.ridge, probes.logreg, probes.fewshot, self.num_classes, where)
@@ -264,6 +266,23 @@ class EvalConfig:
         if not isinstance(raw, Mapping):
             raise ServiceConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
         return cls.from_dict({str(k): v for k, v in raw.items()}, source=str(path))
+
+
+def _check_resamples(intervals: IntervalsConfig, source: str) -> None:
+    """Refuse fewer resamples than the interval's tails can be read from (``resamples: 1`` gave a 95% interval).
+
+    A ``level`` interval reads the resampled values' ``(1 - level) / 2`` quantile and its mirror: with fewer than
+    ``2 / (1 - level)`` resamples no resample lies beyond either end, and the interval is an interpolation between
+    the few values drawn (one resample: one value and the estimate), shown as if it had the coverage asked for.
+    """
+    tail = (1.0 - intervals.level) / 2
+    needed = math.ceil(1.0 / tail - 1e-9)
+    if 0 < intervals.resamples < needed:
+        raise ServiceConfigError(
+            f"{source}: probes.intervals.resamples={intervals.resamples}; a {intervals.level:g} interval reads the "
+            f"{tail:g} and {1 - tail:g} quantiles of the resampled values, which needs at least {needed} resamples; "
+            "fix: resamples: 1000 (the default), or 0 for no intervals"
+        )
 
 
 def _check_forward(spec: Any, source: str) -> None:
