@@ -2,6 +2,8 @@
 
 kNNs and ridge probes take their features by ``config.input`` and their labels by ``target``; both accept the spec
 itself, their config alone, or a dict of the config's fields plus ``target``. `TargetSpec.of` reads all three once.
+`config_from`, `spec_options` and `check_key` read a dict spec of any kind (probes and banks too, `distprobe.routing`),
+so that a wrong one is a ValueError naming the entry and the fix, never a TypeError from its config's constructor.
 """
 
 from __future__ import annotations
