@@ -137,3 +137,10 @@ def test_too_few_resamples_for_the_level_are_refused(tmp_path, resamples, level,
     assert f"needs at least {needed} resamples" in message and "or 0 for no intervals" in message
     EvalConfig.load(_config(tmp_path, intervals={"resamples": needed, "level": level}))
     EvalConfig.load(_config(tmp_path, intervals={"resamples": 0, "level": level}))
+
+
+def test_a_value_or_list_field_says_what_it_takes_once(tmp_path):
+    """``fewshot.reg`` (``float | list[float]``) used to say "expected a number or a number or a list of them"."""
+    path = _config(tmp_path, bank=None, fewshot={"reg": "x"})
+    with pytest.raises(ServiceConfigError, match=r"probes\.fewshot\.reg='x'; expected a number or a list of them$"):
+        EvalConfig.load(path)

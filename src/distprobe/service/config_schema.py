@@ -89,7 +89,10 @@ def describe(hint: Any) -> str:
     """Words for what ``hint`` accepts, for error messages."""
     origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
-        return " or ".join(describe(arg) for arg in args)
+        parts = [describe(arg) for arg in args]
+        # ``float | list[float]``: "a number or a list of them" says it once, not "a number or a number or ...".
+        kept = [p for p in parts if not any(q != p and q.startswith(f"{p} or ") for q in parts)]
+        return " or ".join(kept)
     if origin is Literal:
         return f"one of {list(args)}"
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
