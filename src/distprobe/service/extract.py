@@ -172,10 +172,19 @@ def load_split(
     if meta.get("stamp") != dict(stamp) or targets["kind"] != codec.kind:
         return None
     n, dim = int(meta["size"]), int(meta["dim"])
-    features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
     shape = tuple(int(s) for s in meta.get("shape", [dim]))  # caches written before the shape was kept: (dim,)
     target_shape = tuple(int(s) for s in targets["shape"])
-    labels = _mapped(cache / f"{split}.labels", n * math.prod(target_shape), codec.dtype).view(n, *target_shape)
+    per_target = math.prod(target_shape)
+    # Mapping grows a short file with zeros: a truncated or deleted file would pass for rows of zero features.
+    expected = {"features": n * dim * 4, "labels": n * per_target * codec.dtype.itemsize}
+    for suffix, size in expected.items():
+        path = cache / f"{split}.{suffix}"
+        found = path.stat().st_size if path.is_file() else None
+        if found != size:
+            log.warning("The %s cache's %s holds %s bytes, not %d: extracting it again", split, path, found, size)
+            return None
+    features = _mapped(cache / f"{split}.features", n * dim, torch.float32).view(n, dim)
+    labels = _mapped(cache / f"{split}.labels", n * per_target, codec.dtype).view(n, *target_shape)
     return CachedSplit(features=features, labels=labels, sample_shape=shape, codec=codec)
 
 
