@@ -59,6 +59,8 @@ class ProbeCallback(Callback):
         self._coordinator: Coordinator | None = None
         self._where: tuple[Any, torch.device] | None = None
         """The data-parallel group and device, from setup on."""
+        self._train_epoch: int | None = None
+        """The training epoch this member's epoch state (train metrics, sums) belongs to; saved in checkpoints."""
 
     @property
     @override
@@ -147,6 +149,11 @@ class ProbeCallback(Callback):
     def reset_epoch(self, stage: Stage) -> None:
         """Clear this member's states of ``stage`` once its values are computed."""
 
+    def new_train_epoch(self) -> None:
+        """Start the state a training epoch's values are computed from anew (by default `reset_epoch`)."""
+        if self._engine is not None:
+            self.reset_epoch("train")
+
     def release_engine(self) -> None:
         """Let the engine go at the end of a stage (its process group, its pending work)."""
 
@@ -202,6 +209,9 @@ class ProbeCallback(Callback):
             self._coordinator.leave(trainer, self)
             self._coordinator = None
         self.release_engine()
+        # A later fit's first epoch is a new epoch even when it has this one's number; only a loaded checkpoint's
+        # epoch keeps the state.
+        self._train_epoch = None
 
     # --- training -----------------------------------------------------------------------------------------------
 
@@ -216,6 +226,19 @@ class ProbeCallback(Callback):
     ) -> None:
         if self._source is not None and self.watches("train"):
             self._source.arm()
+        self._enter_train_epoch(trainer.current_epoch)
+
+    def _enter_train_epoch(self, epoch: int) -> None:
+        """Start a new training epoch's state unless it already belongs to ``epoch``.
+
+        Called at ``on_train_epoch_start`` and at every training batch: a fit resumed from a checkpoint written
+        inside an epoch, or at its last batch, gets no ``on_train_epoch_start`` from Lightning (2.6), for the resumed
+        epoch nor, after a last-batch checkpoint, for the next one, whose values would then count the saved epoch's
+        batches too. A state loaded from an older checkpoint, which did not say its epoch, is kept.
+        """
+        if self._train_epoch != epoch and self._train_epoch != _EPOCH_NOT_SAVED:
+            self.new_train_epoch()
+        self._train_epoch = epoch
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -255,6 +278,7 @@ class ProbeCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._coordinator is not None:
             self._coordinator.epoch_started("train")
+        self._enter_train_epoch(trainer.current_epoch)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -337,12 +361,13 @@ class ProbeCallback(Callback):
         state = self._engine.state_dict() if self._engine is not None else dict(self._pending_state or {})
         if self.own_data is not None:
             state = {**state, "own_data": self.own_data.state_dict()}
-        return state
+        return {**state, "train_epoch": self._train_epoch} if state else state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied here, not in on_fit_start: under FSDP and DeepSpeed Lightning restores callbacks after it.
         state_dict = dict(state_dict)
+        self._train_epoch = state_dict.pop("train_epoch", _EPOCH_NOT_SAVED)
         own = state_dict.pop("own_data", None)
         if own is not None and self.own_data is not None:
             self.own_data.load_state_dict(own)
@@ -368,6 +393,10 @@ class ProbeCallback(Callback):
                 "same configuration (module, num_classes, head options), or give the changed callback a new name to "
                 "start it fresh."
             ) from err
+
+
+_EPOCH_NOT_SAVED = -1
+"""`ProbeCallback._train_epoch` of a state loaded from a checkpoint that did not say its epoch (before 2026-12-07)."""
 
 
 def require_keys(kind: str, name: str, **keys: Any) -> None:

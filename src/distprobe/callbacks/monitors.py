@@ -86,10 +86,6 @@ class EmbeddingMonitor(ProbeCallback):
         # The engine exists from the start: its metrics are built from ``dim`` or the first batch, on the device
         # `set_up` gives it.
         self._engine = EmbeddingMonitorEngine(config)
-        self._epoch: int | None = None
-        """The training epoch the training sums belong to (saved in checkpoints)."""
-        self._resumed_epoch: int | None = None
-        """The saved epoch of a loaded checkpoint, until the next training epoch starts."""
         self._window_values = StepValues()
         """The last window's values, written by Lightning once."""
 
@@ -158,13 +154,10 @@ class EmbeddingMonitor(ProbeCallback):
             self._window_values.skipped(trainer)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        # A new epoch's sums; a resume inside the epoch its checkpoint saved keeps that epoch's sums so far.
-        resumed_inside = self._resumed_epoch == trainer.current_epoch
-        if self.config.every_n_steps is None and not resumed_inside:
+    def new_train_epoch(self) -> None:
+        # A new epoch's sums (a resume inside the epoch its checkpoint saved keeps them); windows run across epochs.
+        if self.config.every_n_steps is None:
             self.monitor.reset("train")
-        self._epoch, self._resumed_epoch = trainer.current_epoch, None
 
     # --- validation ---------------------------------------------------------------------------------------------
 
@@ -197,18 +190,6 @@ class EmbeddingMonitor(ProbeCallback):
     @override
     def reset_epoch(self, stage: Stage) -> None:
         self.monitor.reset(stage)
-
-    # --- checkpoints: the engine saves the group's training sums ------------------------------------------------
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "epoch": self._epoch}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self._resumed_epoch = state_dict.pop("epoch", None)
-        super().load_state_dict(state_dict)
 
 
 def _real_samples_in_batch(loader: Any, batch_idx: int) -> int | None:

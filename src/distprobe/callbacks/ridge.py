@@ -80,8 +80,6 @@ class OnlineRidge(FlatInputCallback):
             reset_statistics="by_owner",
         )
         super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
-        self._epoch: int | None = None
-        """The training epoch the statistics belong to (kept in checkpoints: a mid-epoch resume keeps them)."""
 
     @property
     def ridge(self) -> RidgeProbe:
@@ -91,19 +89,10 @@ class OnlineRidge(FlatInputCallback):
     # --- training: the coordinator adds each batch to this rank's statistics ------------------------------------
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        # A new epoch's statistics; a resume inside the epoch the checkpoint saved keeps them.
-        if self._engine is not None and self._epoch != trainer.current_epoch:
+    def new_train_epoch(self) -> None:
+        # A new epoch's statistics; a resume inside the epoch the checkpoint saved keeps them (the base decides).
+        if self._engine is not None:
             self._engine.reset_train()
-        self._epoch = trainer.current_epoch
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        # A later fit's first epoch is a new epoch, even when it has this one's number: only a loaded checkpoint
-        # (`load_state_dict`) says the statistics belong to an epoch the fit resumes inside.
-        self._epoch = None
 
     # --- values: the coordinator's probe set computes them ------------------------------------------------------
 
@@ -124,12 +113,9 @@ class OnlineRidge(FlatInputCallback):
     # --- checkpoints --------------------------------------------------------------------------------------------
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        return {**state, "epoch": self._epoch} if state else state
-
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self._epoch = state_dict.pop("epoch", None)
+        legacy_epoch = state_dict.pop("epoch", None)  # the ridge's own key before the base saved "train_epoch"
+        if legacy_epoch is not None and "train_epoch" not in state_dict:
+            state_dict["train_epoch"] = legacy_epoch
         super().load_state_dict(state_dict)
