@@ -38,12 +38,18 @@ class CheckpointResult(ResultRow):
 
 def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
     """Every result of every ``distprobe_eval/results.sqlite`` under ``run``, and the stores read."""
-    from distprobe.service.store import ResultsStore
+    from distprobe.service.store import ResultsStore, StoreError
 
     results: list[CheckpointResult] = []
     stores = sorted(p for p in run.rglob(STORE_NAME) if p.parent.name == SERVICE_DIR and p.is_file())
+    read = []
     for path in stores:
-        rows = ResultsStore(path).result_rows()
+        try:
+            rows = ResultsStore(path).result_rows()
+        except StoreError as err:  # corrupt, or locked too long: the training's own logs still make a report
+            log.warning("%s; the report leaves its results out", err)
+            continue
+        read.append(path)
         hashes = {row[2] for row in rows}
         for checkpoint, step, config_hash, result in rows:
             if step is None:
@@ -65,7 +71,7 @@ def read_stores(run: Path) -> tuple[list[CheckpointResult], list[Path]]:
                     step=int(step),
                 )
             )
-    return results, stores
+    return results, read
 
 
 def results_of_key(key: str, points: Mapping[int, float], checkpoint: str) -> list[CheckpointResult]:
