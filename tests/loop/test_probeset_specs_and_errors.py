@@ -5,6 +5,8 @@ error from deep inside a metric."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -206,3 +208,24 @@ def test_a_bank_of_several_sources_refuses_one_features_tensor():
     probes = ProbeSet.build([], banks=[{**BANK, "input": ["a", "b"]}])
     with pytest.raises(ValueError, match=r"bank 'grid': argument 'input' names 2 sources \['a', 'b'\] but the step's"):
         probes.step(torch.randn(4, D), {"y": torch.randint(0, C, (4,))})
+
+
+def test_a_ridge_saved_after_an_evaluation_resumes_with_its_next_epoch_summed_anew():
+    # The natural place to save is after an epoch's evaluation. The ridge ("after_evaluation") starts its sums anew at
+    # the next training batch; before, the resumed one did not know it had been evaluated and solved the next epoch
+    # on both epochs' batches.
+    def epoch(probes: ProbeSet, first_step: int) -> dict[str, float]:
+        for step in range(first_step, first_step + 3):
+            g = torch.Generator().manual_seed(step)
+            probes.step({"e": torch.randn(8, D, generator=g)}, {"y": torch.randint(0, C, (8,), generator=g)})
+        g = torch.Generator().manual_seed(100)
+        probes.evaluate({"e": torch.randn(16, D, generator=g)}, {"y": torch.randint(0, C, (16,), generator=g)})
+        return {key: float(value) for key, value in probes.compute_metrics().items()}
+
+    probes = ProbeSet.build([], ridges=[RIDGE])
+    epoch(probes, 0)
+    state = copy.deepcopy(probes.state_dict())
+    uninterrupted = epoch(probes, 3)
+    resumed = ProbeSet.build([], ridges=[RIDGE])
+    resumed.load_state_dict(state)
+    assert epoch(resumed, 3) == pytest.approx(uninterrupted)

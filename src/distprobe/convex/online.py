@@ -202,7 +202,15 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         """
         stats = self.stats.all_reduce(self.dp_group).state_dict()
         counts = sum_over_group(self.bad_counts.clone(), self.dp_group).cpu()
-        return {"in_features": self.in_features, "l2": list(self.l2), "stats": stats, "bad_counts": counts}
+        return {
+            "in_features": self.in_features,
+            "l2": list(self.l2),
+            "stats": stats,
+            "bad_counts": counts,
+            # Whether an evaluation closed these sums: a set resumed between an evaluation and its next training
+            # batch must still start them anew there ("after_evaluation"), not add the next epoch to the last one's.
+            "evaluated": self.evaluated,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict`'s output: the group's sums go to rank 0 of the group, zeros to the others.
@@ -216,6 +224,7 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
             )
         rank, _ = rank_and_world(self.dp_group)
         self.stats.load_state_dict(state["stats"])
+        self.evaluated = bool(state.get("evaluated", False))
         counts = state.get("bad_counts")
         if counts is not None:
             self.bad_counts.copy_(torch.as_tensor(counts, dtype=torch.float64))
