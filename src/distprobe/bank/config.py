@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Literal
 
 from distprobe import keys
@@ -217,6 +219,11 @@ class BankConfig(TrainingOptions):
         self.lr = _floats(self.lr, "lr", name, positive=True)
         self.weight_decay = _floats(self.weight_decay, "weight_decay", name, positive=False)
         given: Any = self.normalization
+        if not (given is None or isinstance(given, str | Sequence)):  # normalization=True, say
+            raise ValueError(
+                f"bank '{name}': argument 'normalization' got {given!r}; expected None, 'batchnorm' or a list of "
+                f"them, such as {list(NORMALIZATIONS)}."
+            )
         self.normalization = [given] if given is None or isinstance(given, str) else list(given)  # type: ignore[list-item]
         for norm in self.normalization:
             if norm not in NORMALIZATIONS:
@@ -253,16 +260,25 @@ class BankConfig(TrainingOptions):
 
 
 def _floats(values: Any, argument: str, name: str, *, positive: bool) -> list[float]:
-    if isinstance(values, int | float):
+    """One value or a list of them (numpy and torch numbers included) as distinct finite floats above the bound."""
+    bound = "> 0" if positive else ">= 0"
+    problem = (
+        f"bank '{name}': argument '{argument}' got {values!r}; expected a number or a non-empty list of distinct "
+        f"finite numbers {bound}, such as {argument}=[1e-3, 1e-2]."
+    )
+    if isinstance(values, Real) or getattr(values, "ndim", None) == 0:  # np.float32(0.1), torch.tensor(0.1)
         values = [values]
-    out = [float(v) for v in values]
+    if isinstance(values, str | bytes | bool) or not isinstance(values, Iterable):
+        raise ValueError(problem)
+    items = list(values)
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError):  # a string, None or a container among the values
+        raise ValueError(problem) from None
     low_ok = (lambda v: v > 0) if positive else (lambda v: v >= 0)
-    if not out or not all(low_ok(v) for v in out) or len(set(out)) != len(out):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(
-            f"bank '{name}': argument '{argument}' got {values!r}; expected a non-empty list of distinct values "
-            f"{bound}."
-        )
+    valid = all(math.isfinite(v) and low_ok(v) for v in out) and not any(isinstance(v, bool) for v in items)
+    if not out or not valid or len(set(out)) != len(out):
+        raise ValueError(problem)
     return out
 
 

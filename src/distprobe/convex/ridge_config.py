@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from numbers import Real
+from typing import Any, Literal, get_args
 
 from distprobe.arguments import require_choice, require_count
 from distprobe.specs import TargetSpec
@@ -43,8 +44,11 @@ class RidgeConfig:
     def __post_init__(self) -> None:
         name = self.name
         require_count(f"ridge '{name}'", "num_classes", self.num_classes, minimum=2)
-        values = (self.l2,) if isinstance(self.l2, int | float) else tuple(self.l2)
-        if not values or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values):
+        given: Any = self.l2
+        one = isinstance(given, Real | str) or getattr(given, "ndim", None) == 0 or not isinstance(given, Iterable)
+        values: tuple[Any, ...] = (given,) if one else tuple(given)  # a 0-d tensor, a string: refused, not iterated
+        real = all(isinstance(v, Real) and not isinstance(v, bool) for v in values)
+        if not values or not real or not all(math.isfinite(v) and v >= 0 for v in values):
             raise ValueError(
                 f"ridge '{name}': argument 'l2' got {self.l2!r}; expected one or more finite values >= 0, "
                 "e.g. l2=(1e-4, 1e-2, 1.0)"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -59,9 +60,15 @@ class KNNConfig:
             raise ValueError(f"kNN: argument 'name' got {name!r}; expected a non-empty string.")
         if isinstance(self.k, int):
             self.k = (self.k,)
-        ks = tuple(self.k)
+        iterable = isinstance(self.k, Iterable) and not isinstance(self.k, str) and getattr(self.k, "ndim", 1) != 0
+        ks = tuple(self.k) if iterable else ()  # a 0-d tensor iterates into a TypeError
         if not ks or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in ks):
-            raise ValueError(f"kNN '{name}': argument 'k' got {self.k!r}; expected positive ints such as (10, 20).")
+            # numpy and torch integers are refused as every count is (distprobe.arguments), with the conversion.
+            convert = " (numpy or torch integers: convert them with int())" if _holds_integers(self.k) else ""
+            raise ValueError(
+                f"kNN '{name}': argument 'k' got {self.k!r}; expected an int >= 1 or a non-empty list of them, such "
+                f"as (10, 20){convert}."
+            )
         if len(set(ks)) != len(ks):
             raise ValueError(f"kNN '{name}': argument 'k' got {self.k!r} with repeats; give each k once.")
         self.k = ks
@@ -101,6 +108,15 @@ class KNNConfig:
     def shard_capacity(self, world_size: int) -> int:
         """Slots per rank: ``ceil(queue_length / world_size)``."""
         return -(-self.queue_length // world_size)
+
+
+def _holds_integers(value: Any) -> bool:
+    """Whether ``value`` is, or holds only, integer scalars that are not Python ints (numpy's, 0-d torch tensors)."""
+    items = [value] if getattr(value, "ndim", 1) == 0 or not isinstance(value, Iterable) else list(value)
+    try:
+        return bool(items) and all(operator.index(v) >= 1 for v in items)
+    except TypeError:
+        return False
 
 
 class KNNSpec(TargetSpec[KNNConfig], config_type=KNNConfig, kind="kNN"):
