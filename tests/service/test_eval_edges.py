@@ -144,3 +144,20 @@ def test_a_value_or_list_field_says_what_it_takes_once(tmp_path):
     path = _config(tmp_path, bank=None, fewshot={"reg": "x"})
     with pytest.raises(ServiceConfigError, match=r"probes\.fewshot\.reg='x'; expected a number or a list of them$"):
         EvalConfig.load(path)
+
+
+def test_retry_takes_the_config_hash_as_the_table_shows_it(tmp_path, capsys):
+    """The table shows a config's first 8 characters; ``retry --config-hash`` used to match the whole hash only, so
+    the hash copied from the table retried nothing ("0 checkpoint(s) pending", or "not in the store")."""
+    store = ResultsStore(tmp_path / "distprobe_eval" / "results.sqlite")
+    checkpoint = str((tmp_path / "a.ckpt").resolve())
+    for config_hash in ("d9c98461a84564de", "0123456789abcdef"):
+        store.record_results(checkpoint, 10, config_hash, [])
+    assert main(["results", str(tmp_path)]) == 0
+    assert "d9c98461" in capsys.readouterr().out
+    assert main(["retry", str(tmp_path), "--checkpoint", checkpoint, "--config-hash", "d9c98461"]) == 0
+    assert "pending again" in capsys.readouterr().out
+    assert store.checkpoint(checkpoint, "d9c98461a84564de").state == "pending"
+    assert store.checkpoint(checkpoint, "0123456789abcdef").state == "done"
+    assert main(["retry", str(tmp_path), "--failed", "--config-hash", "ffff"]) == 2
+    assert "--config-hash 'ffff' matches 0 of the store's configs" in capsys.readouterr().err

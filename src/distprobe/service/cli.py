@@ -213,19 +213,26 @@ def run_results(args: argparse.Namespace) -> int:
     store = ResultsStore(store_file, timeout_s=args.timeout_s)
     try:
         ingest_published(store)
-        config_hash = args.config_hash
-        if config_hash is not None:
-            hashes = sorted({r.config_hash for r in store.checkpoints()})
-            matches = [h for h in hashes if h.startswith(config_hash)]
-            if len(matches) != 1:
-                return _fail(
-                    "results", f"--config-hash {config_hash!r} matches {len(matches)} of the store's configs {hashes}"
-                )
-            config_hash = matches[0]
+        config_hash = _config_hash(store, args.config_hash)
         sys.stdout.write(render(store, args.format, full_paths=args.full_paths, config_hash=config_hash))
-    except StoreError as err:
+    except (StoreError, ValueError) as err:
         return _fail("results", err)
     return 0
+
+
+def _config_hash(store: Any, given: str | None) -> str | None:
+    """The store's one config hash that starts with ``given`` (the table shows 8 characters), or None for all.
+
+    Raises:
+        ValueError: ``given`` matches none of the store's configs, or several.
+    """
+    if given is None:
+        return None
+    hashes = sorted({r.config_hash for r in store.checkpoints()})
+    matches = [h for h in hashes if h.startswith(given)]
+    if len(matches) != 1:
+        raise ValueError(f"--config-hash {given!r} matches {len(matches)} of the store's configs {hashes}")
+    return matches[0]
 
 
 def add_retry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +240,9 @@ def add_retry_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="the training's run directory")
     parser.add_argument("--failed", action="store_true", help="every failed checkpoint")
     parser.add_argument("--checkpoint", help="one checkpoint (any state but in flight)")
-    parser.add_argument("--config-hash", help="only under this config (default: every config)")
+    parser.add_argument(
+        "--config-hash", help="only under this config, a prefix of its hash will do (default: every config)"
+    )
     parser.add_argument("--store", help="the results store (default: RUN_DIR/distprobe_eval/results.sqlite)")
 
 
@@ -248,10 +257,10 @@ def run_retry(args: argparse.Namespace) -> int:
         return _fail("retry", f"no results store at {store_file}")
     checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
     try:
-        records = ResultsStore(store_file).retry(
-            failed=args.failed, checkpoint=checkpoint, config_hash=args.config_hash
-        )
-    except StoreError as err:
+        store = ResultsStore(store_file)
+        config_hash = _config_hash(store, args.config_hash)  # a prefix, as results takes it
+        records = store.retry(failed=args.failed, checkpoint=checkpoint, config_hash=config_hash)
+    except (StoreError, ValueError) as err:
         return _fail("retry", err)
     if not records and checkpoint is not None:
         return _fail("retry", f"{checkpoint} is not in {store_file}, or is being evaluated now")
