@@ -210,7 +210,10 @@ class OnlineProbeBank(ProbeCallback):
         super().on_train_start(trainer, pl_module)
         # The train loader is set up (and restored) by now: the step estimate no longer disturbs its restore.
         if self._engine is not None:
-            self.bank.set_total_steps(optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches))
+            self.bank.set_total_steps(self._steps_of_fit(trainer))
+
+    def _steps_of_fit(self, trainer: pl.Trainer) -> int | None:
+        return optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches, self.batches_per_step)
 
     # --- training -----------------------------------------------------------------------------------------------
 
@@ -231,7 +234,7 @@ class OnlineProbeBank(ProbeCallback):
         super().first_batch_passed(trainer, read)
         if built_now:
             # Built after on_train_start: the schedule's length now (a collective, every rank at this first batch).
-            self.bank.set_total_steps(optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches))
+            self.bank.set_total_steps(self._steps_of_fit(trainer))
 
     @override
     def after_train_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int, out: Any) -> None:

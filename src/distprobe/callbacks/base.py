@@ -68,6 +68,11 @@ class ProbeCallback(Callback):
         # Keyed by name, never by position: adding, removing or reordering probes keeps each one's state.
         return self._generate_state_key(name=self.name)
 
+    @property
+    def batches_per_step(self) -> int:
+        """Main training batches per step of this member: ``every_n_steps`` on its own data, else 1."""
+        return 1 if self.own_data is None else int(self.own_data.every_n_steps)
+
     def sized_engine(self, kind: str, what: str) -> Any:
         """The engine of a kind built from its feature sizes, or a RuntimeError saying when it will exist.
 

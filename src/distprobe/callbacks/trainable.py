@@ -139,7 +139,9 @@ class TrainableCallback(ProbeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         # The train dataloader is set up (and restored) by now, so the step estimate is safe to ask for.
-        self.probe.set_total_steps(optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches))
+        self.probe.set_total_steps(
+            optimizer_steps_of_fit(trainer, self.config.accumulate_grad_batches, self.batches_per_step)
+        )
         _refuse_probe_in_main_optimizer(trainer, self.probe)
 
     @override
@@ -173,8 +175,11 @@ class TrainableCallback(ProbeCallback):
             self._engine.release()
 
 
-def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int) -> int | None:
+def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int, every_n_steps: int = 1) -> int | None:
     """A probe's optimizer steps over the fit, from Lightning's estimate (None when there is none).
+
+    ``every_n_steps``: a probe on its own data trains once every that many main training batches, so its schedule
+    is that many times shorter (a cosine over the main batches would end a fraction of the way down).
 
     Ask only once the train dataloader is set up (``on_train_start`` or later): the estimate loads the loader, and
     asked earlier it makes Lightning skip restoring a stateful loader's position.
@@ -185,7 +190,7 @@ def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int) ->
         return None
     if not math.isfinite(main_steps):
         return None
-    micro_batches = int(main_steps) * trainer.accumulate_grad_batches
+    micro_batches = int(main_steps) * trainer.accumulate_grad_batches // every_n_steps
     return maths.optimizer_steps(micro_batches, accumulate_grad_batches)
 
 
