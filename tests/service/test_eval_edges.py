@@ -161,3 +161,26 @@ def test_retry_takes_the_config_hash_as_the_table_shows_it(tmp_path, capsys):
     assert store.checkpoint(checkpoint, "0123456789abcdef").state == "done"
     assert main(["retry", str(tmp_path), "--failed", "--config-hash", "ffff"]) == 2
     assert "--config-hash 'ffff' matches 0 of the store's configs" in capsys.readouterr().err
+
+
+def test_a_one_sample_validation_set_publishes_every_defined_number(tmp_path, checkpoints, caplog):
+    """With one validation sample the best heads' report split is empty and their top-1 is NaN. The job published
+    it, the reader refused the whole file ("not a distprobe result file") and every other number was lost."""
+    from distprobe.service.job import evaluate_checkpoint
+
+    run = run_dir_with(tmp_path, checkpoints[:1])
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    data = {
+        "train": {"_target_": "tests.service.models.labeled", "split": "train"},
+        "val": {"_target_": "tests.service.models.labeled", "split": "val", "n": 1},
+    }
+    probes = {"epochs": 1, "batch_size": 20, "bank": {"lr": 0.1}, "ridge": {"l2": 0.01}, "knn": {"k": 5}}
+    config = eval_config(tmp_path / "eval.yaml", data=data, probes=probes, results={"logger": "none"})
+    job_dir = tmp_path / "job"
+    evaluate_checkpoint(checkpoint, config, run_dir=run, job_dir=job_dir, claim="c1")
+    result = read_result(job_dir)
+    got = {(r.probe, r.head, r.metric) for r in result.rows}
+    assert ("bank", "features/lr=0.1/wd=0/norm=none", "top1") in got and ("knn", "k5", "top1") in got
+    assert ("ridge", "l2=0.01", "top1") in got and ("ridge", "best", "l2") in got
+    assert ("bank", "best", "top1") not in got and ("ridge", "best", "top1") not in got
+    assert "bank/best/top1=nan" in caplog.text and "data.val has 1 sample(s)" in caplog.text

@@ -35,7 +35,7 @@ from torch import nn
 from distprobe.service.checkpoints import CheckpointError, CheckpointInfo, detect, load_weights
 from distprobe.service.config import EvalConfig, ServiceConfigError
 from distprobe.service.extract import CachedSplit, extract_split, rank_and_world
-from distprobe.service.published import PublishedResult, publish_error, publish_result
+from distprobe.service.published import PublishedResult, finite_rows, publish_error, publish_result
 from distprobe.service.store import JOBS_DIR, SERVICE_DIR, ResultsStore, default_store_path
 from distprobe.service.train import flat_values, run_probes
 from distprobe.service.training_log import write_training_log
@@ -258,16 +258,26 @@ def _evaluate(
         log.info("Evaluating %s (step %s) on %d rank(s); cache %s", path, info.step, world, cache)
         train, val = extract_features(config, info, cache, device)
         results = run_probes(config, train, val, device, job_dir)
+        rows, left_out = finite_rows(results.rows)
+        if left_out and rank == 0:
+            log.warning(
+                "%s: %d number(s) are not finite and are left out of the results: %s (a best head scores NaN when "
+                "no validation sample lies outside its selection share: data.val has %d sample(s))",
+                path,
+                len(left_out),
+                ", ".join(left_out[:10]),
+                val.size,
+            )
         del train, val
         store = store_path(config, run)
         if rank == 0:
             if job_dir is not None:
-                published = PublishedResult(str(info.path), info.step, config.fingerprint, claim, results.rows)
+                published = PublishedResult(str(info.path), info.step, config.fingerprint, claim, rows)
                 log.info("Published the results in %s", publish_result(job_dir, published))
             else:
-                ResultsStore(store).record_results(str(info.path), info.step, config.fingerprint, results.rows)
+                ResultsStore(store).record_results(str(info.path), info.step, config.fingerprint, rows)
             written = write_training_log(
-                config.results.logger, run, config.results.log_dir, info.step, str(info.path), results.rows
+                config.results.logger, run, config.results.log_dir, info.step, str(info.path), rows
             )
             if written is not None:
                 log.info("Wrote %s's results into the training's log at %s", path.name, written)
@@ -288,6 +298,6 @@ def _evaluate(
         "checkpoint": str(info.path),
         "step": info.step,
         "store": str(store),
-        "rows": len(results.rows),
+        "rows": len(rows),
         "values": dict(flat_values(results)),
     }

@@ -10,6 +10,7 @@ the run directory can at worst claim wrong numbers for a checkpoint, never act a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -74,6 +75,25 @@ def _row(row: ResultRow) -> list[str | float]:
     if row.ends is not None:
         out += [float(end) for end in row.ends]
     return out
+
+
+def finite_rows(rows: list[ResultRow]) -> tuple[list[ResultRow], list[str]]:
+    """``rows`` that can be published, and the names (``probe/head/metric``) of the numbers left out.
+
+    A value that is not finite has no place in the store (a reader refuses the whole file that holds one, which lost
+    every other number of the job): its row is left out. An interval with an end that is not finite is dropped from
+    an otherwise finite row. The best head of a validation set too small for its selection share scores NaN.
+    """
+    kept, left_out = [], []
+    for row in rows:
+        if not _number(row.value):
+            left_out.append(f"{row.probe}/{row.head}/{row.metric}={row.value}")
+            continue
+        ends = row.ends
+        if ends is not None and not all(_number(end) for end in ends):
+            row = dataclasses.replace(row, low=None, high=None)
+        kept.append(row)
+    return kept, left_out
 
 
 def _number(value: Any) -> bool:
