@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.service.models import eval_config, run_dir_with
+import torch
+from tests.service.models import eval_config, labeled, run_dir_with
 
 from distprobe.cli import main
 from distprobe.service.config import EvalConfig, ServiceConfigError
@@ -184,3 +185,32 @@ def test_a_one_sample_validation_set_publishes_every_defined_number(tmp_path, ch
     assert ("ridge", "l2=0.01", "top1") in got and ("ridge", "best", "l2") in got
     assert ("bank", "best", "top1") not in got and ("ridge", "best", "top1") not in got
     assert "bank/best/top1=nan" in caplog.text and "data.val has 1 sample(s)" in caplog.text
+
+
+def without_class(split: str, absent: int) -> torch.utils.data.Subset:
+    """The labeled split without one class (a config's factory: ``tests.service.test_eval_edges.without_class``)."""
+    points = labeled(split)
+    return torch.utils.data.Subset(points, [i for i, y in enumerate(points.labels.tolist()) if y != absent])
+
+
+def test_fewshot_with_a_class_missing_from_train_fails_before_any_probe_trains(tmp_path, checkpoints, monkeypatch):
+    """Episodes run last: a class with too few training samples used to fail the job after every other probe."""
+    import distprobe.service.job as job
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a probe trained before the few-shot shots were checked")
+
+    monkeypatch.setattr(job, "run_probes", no_training)
+    run = run_dir_with(tmp_path, checkpoints[:1])
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    data = {
+        "train": {"_target_": "tests.service.test_eval_edges.without_class", "split": "train", "absent": 3},
+        "val": {"_target_": "tests.service.models.labeled", "split": "val"},
+    }
+    probes = {"epochs": 1, "batch_size": 20, "bank": {"lr": 0.1}, "fewshot": {"shots": [1, 5]}}
+    config = eval_config(tmp_path / "eval.yaml", data=data, probes=probes, results={"logger": "none"})
+    with pytest.raises(ServiceConfigError) as caught:
+        job.evaluate_checkpoint(checkpoint, config, run_dir=run)
+    message = str(caught.value)
+    assert message.startswith(f"{config}: probes.fewshot.shots=[1, 5]: class 3 has 0 sample(s) in data.train")
+    assert "(1 of num_classes=4 classes have fewer than 5)" in message and "remove probes.fewshot" in message

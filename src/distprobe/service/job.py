@@ -38,6 +38,7 @@ from distprobe.service.extract import CachedSplit, extract_split, rank_and_world
 from distprobe.service.published import PublishedResult, finite_rows, publish_error, publish_result
 from distprobe.service.store import JOBS_DIR, SERVICE_DIR, ResultsStore, default_store_path
 from distprobe.service.train import flat_values, run_probes
+from distprobe.service.train_convex import check_fewshot_classes
 from distprobe.service.training_log import write_training_log
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def _evaluate(
         cache = cache_dir(config, run, info.path, claim if claim is not None else _shared_token(rank))
         log.info("Evaluating %s (step %s) on %d rank(s); cache %s", path, info.step, world, cache)
         train, val = extract_features(config, info, cache, device)
+        check_fewshot_classes(config, train)
         results = run_probes(config, train, val, device, job_dir)
         rows, left_out = finite_rows(results.rows)
         if left_out and rank == 0:

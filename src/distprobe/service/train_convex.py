@@ -26,7 +26,7 @@ from distprobe import keys
 from distprobe.bank.selection import selects
 from distprobe.convex import EpisodeResult, RidgeProbe, logreg_grid, run_fewshot, summarise
 from distprobe.engine.replicate import default_group
-from distprobe.service.config import EvalConfig
+from distprobe.service.config import EvalConfig, ServiceConfigError
 from distprobe.service.config_convex import fewshot_options, logreg_options, ridge_config
 from distprobe.service.extract import CachedSplit, rank_and_world
 from distprobe.service.intervals import PerSample, attach, interval_columns, with_interval
@@ -143,6 +143,36 @@ def read_episodes(job_dir: Path, probe: str, wanted: list[str], val_size: int) -
             correct = torch.tensor([b == "1" for b in bits], dtype=torch.bool)
             found[episode] = EpisodeResult(episode, int(data["shots"]), int(data["seed"]), float(data["reg"]), correct)
     return found
+
+
+def check_fewshot_classes(config: EvalConfig, train: CachedSplit) -> None:
+    """Refuse shot counts that a class of the cached training set cannot fill, before any probe trains.
+
+    An episode takes ``shots`` samples of every one of ``num_classes`` classes; the episodes run last, so a class
+    with too few samples used to fail the job after the bank, the kNN, ridge and logreg had all trained.
+    Every rank reads the same cache, so every rank raises at once.
+
+    Raises:
+        ServiceConfigError: naming the config, the class, its count and the fix.
+    """
+    if config.probes.fewshot is None:
+        return
+    options = fewshot_options(config.probes.fewshot, config.source)
+    labels = train.labels.reshape(-1).long()
+    labels = labels[(labels >= 0) & (labels < config.num_classes)]
+    counts = torch.bincount(labels.cpu(), minlength=config.num_classes)
+    fewest = int(counts.min())
+    if fewest >= max(options.shots):
+        return
+    short = [cls for cls, count in enumerate(counts.tolist()) if count < max(options.shots)]
+    cls = int(counts.argmin())
+    fix = f"drop the shot counts above {fewest}, " if fewest else ""
+    raise ServiceConfigError(
+        f"{config.source}: probes.fewshot.shots={options.shots}: class {cls} has {fewest} sample(s) in data.train "
+        f"({len(short)} of num_classes={config.num_classes} classes have fewer than {max(options.shots)}); an "
+        f"episode takes that many samples of every class; fix: {fix}set num_classes to the classes data.train "
+        "holds, or remove probes.fewshot"
+    )
 
 
 def run_fewshot_episodes(
