@@ -59,6 +59,16 @@ def rankme_from_sums(
     return torch.where(count > 0, effective_rank(eigenvalues.clamp_min(0).sqrt(), eps), torch.nan)
 
 
+def finite_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` with every row holding a NaN or inf zeroed, and which rows were finite ``(N, 1)``; no host sync.
+
+    A zero row adds nothing to the sums, so leaving it out is only a matter of not counting it. Kept in, one NaN
+    would make the whole Gram matrix NaN, and the epoch's value would be computed from a matrix of zeros in its place.
+    """
+    finite = torch.isfinite(rows).all(dim=1, keepdim=True)
+    return torch.where(finite, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)), finite
+
+
 def per_sample_statistics(rows: torch.Tensor, sample_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Group ``rows`` by ``sample_ids`` (rows with one id are views of one source sample), without a host sync.
 
@@ -81,16 +91,21 @@ def per_sample_statistics(rows: torch.Tensor, sample_ids: torch.Tensor) -> tuple
     starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
     group = torch.empty_like(starts)
     group[order] = torch.cumsum(starts, 0) - 1  # each row's group index, in [0, B)
-    sums = torch.zeros_like(rows).index_add_(0, group, rows)
-    counts = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device).index_add_(
-        0, group, torch.ones(rows.shape[0], dtype=torch.float64, device=rows.device)
+    # A sample with a non-finite value in any view is left out whole (its mean needs all its views): its rows are
+    # zeroed and not counted, so its group stays an empty slot.
+    rows, finite = finite_rows(rows)
+    bad_views = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device).index_add_(
+        0, group, (~finite[:, 0]).to(torch.float64)
     )
+    kept = (bad_views[group] == 0).to(torch.float64)
+    rows = rows * kept.unsqueeze(1)
+    sums = torch.zeros_like(rows).index_add_(0, group, rows)
+    counts = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device).index_add_(0, group, kept)
     means = sums / counts.clamp_min(1).unsqueeze(1)  # empty slots: zero rows, which add nothing below
     centred = rows - means[group]
     return (
         (counts > 0).sum().to(torch.float64),
-        # A fill kernel, not a copy of a host scalar (a pageable copy would stall the host on CUDA).
-        torch.full((), float(rows.shape[0]), dtype=torch.float64, device=rows.device),
+        kept.sum(),  # the views counted, a device sum (no host scalar copied: that would stall the host on CUDA)
         means.sum(0),
         means.T @ means,
         centred.T @ centred,

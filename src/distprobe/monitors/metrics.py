@@ -63,9 +63,9 @@ class RankMe(Metric):
         self.add_state("gram", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, features: torch.Tensor) -> None:
-        """Add a batch of embeddings, ``(B, D)`` or ``(B, V, D)`` (no host sync)."""
-        rows = as_rows(features.detach()).to(self.gram.device, torch.float64)
-        self.count += rows.shape[0]
+        """Add embeddings, ``(B, D)`` or ``(B, V, D)``, with no host sync; rows holding a NaN or inf are left out."""
+        rows, finite = F.finite_rows(as_rows(features.detach()).to(self.gram.device, torch.float64))
+        self.count += finite.sum()
         self.total += rows.sum(0)
         self.gram += F.gram_of_rows(rows)
         mark_updated(self)
@@ -121,6 +121,8 @@ class LiDAR(Metric):
 
     def update(self, features: torch.Tensor, sample_ids: torch.Tensor | None = None) -> None:
         """Add a batch of views: ``(B, V, D)`` (V views of B samples), or ``(rows, D)`` with ``sample_ids (rows,)``.
+
+        A sample with a NaN or inf in any of its views is left out, all its views with it (no host sync).
 
         Raises:
             ValueError: for rows without ids, or ids that do not match the rows.
