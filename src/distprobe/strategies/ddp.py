@@ -8,7 +8,12 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from distprobe.strategies.exclusion import probe_state_names
-from distprobe.strategies.keep_out import ProbesOutOfOptimizers, ProbesOutOfPrecision, WorldProbeGroup
+from distprobe.strategies.keep_out import (
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfOptimizers,
+    ProbesOutOfPrecision,
+    WorldProbeGroup,
+)
 
 
 def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
@@ -24,7 +29,9 @@ def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
     return names
 
 
-class ProbeDDPStrategy(WorldProbeGroup, ProbesOutOfPrecision, ProbesOutOfOptimizers, DDPStrategy):
+class ProbeDDPStrategy(
+    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesOutOfPrecision, ProbesOutOfOptimizers, DDPStrategy
+):
     """`DDPStrategy` that keeps parameters under ``pl_module.callbacks_modules`` out of DDP and the main optimizer.
 
     Registered as ``"distprobe_ddp"`` (and ``"distprobe_ddp_spawn"``). Every rank is a data-parallel rank, so

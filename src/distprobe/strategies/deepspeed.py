@@ -15,10 +15,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters, unregister_probes
-from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, WorldProbeGroup
+from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, ProbesOutOfCheckpointLoading, WorldProbeGroup
 
 
-class ProbeDeepSpeedStrategy(WorldProbeGroup, ProbesHiddenWhileSharding, DeepSpeedStrategy):
+class ProbeDeepSpeedStrategy(
+    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesHiddenWhileSharding, DeepSpeedStrategy
+):
     """`DeepSpeedStrategy` that keeps probes out of the DeepSpeed engine and optimizer, on GPU or on CPU with gloo.
 
     Registered as ``"distprobe_deepspeed"`` (ZeRO stage 2, like Lightning's ``"deepspeed"``) and

@@ -102,6 +102,31 @@ def hidden_probes(module: nn.Module) -> Iterator[None]:
         reregister()
 
 
+@contextlib.contextmanager
+def probes_out_of_loading(module: nn.Module) -> Iterator[None]:
+    """While the block loads a checkpoint into ``module``, its probes are neither asked for nor written.
+
+    A probe saves its state through its callback (by name), not through the LightningModule's state dict. With
+    ``callbacks_modules`` registered (an ``nn.ModuleDict``), a strict load of the model state would otherwise fail
+    whenever the probes differ from the checkpoint's: a probe added since it was written ("Missing key(s)"), one
+    removed, or one whose parameters are created at its first batch, after the restore (a bank or a kNN without
+    ``in_features``: "Unexpected key(s)"). Inside the block the container is unregistered (a distributed checkpoint
+    load does not request its keys) and its keys are dropped from any state dict loaded into ``module``.
+    """
+    prefix_in_module = PROBES_ATTR + "."
+
+    def drop_probe_keys(_module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix + prefix_in_module)]:
+            del state_dict[key]
+
+    handle = module.register_load_state_dict_pre_hook(drop_probe_keys)
+    try:
+        with hidden_probes(module):
+            yield
+    finally:
+        handle.remove()
+
+
 def drop_from_optimizers(optimizers: Iterable[Optimizer], params: Iterable[torch.Tensor]) -> int:
     """Remove ``params`` (and any state kept for them) from every optimizer; return how many references went.
 

@@ -15,7 +15,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from distprobe.strategies.exclusion import hidden_probes, probe_parameters
-from distprobe.strategies.keep_out import ProbesOutOfOptimizers, ProbesOutOfPrecision, WorldProbeGroup
+from distprobe.strategies.keep_out import (
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfOptimizers,
+    ProbesOutOfPrecision,
+    WorldProbeGroup,
+)
 
 
 def full_state_dict_on_cpu(model: nn.Module) -> AbstractContextManager[Any]:
@@ -50,7 +55,9 @@ def fsdp_ignored_states(module: nn.Module, user_kwargs: dict[str, Any]) -> list[
     return list(ignored.values())
 
 
-class ProbeFSDPStrategy(WorldProbeGroup, ProbesOutOfPrecision, ProbesOutOfOptimizers, FSDPStrategy):
+class ProbeFSDPStrategy(
+    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesOutOfPrecision, ProbesOutOfOptimizers, FSDPStrategy
+):
     """`FSDPStrategy` that never shards probes, keeps them out of the main optimizer, and runs on CPU with gloo.
 
     Registered as ``"distprobe_fsdp"``. Over the stock strategy it adds:

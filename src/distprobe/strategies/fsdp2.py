@@ -8,10 +8,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from distprobe.strategies.exclusion import hidden_probes
-from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, ProbesOutOfOptimizers
+from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, ProbesOutOfCheckpointLoading, ProbesOutOfOptimizers
 
 
-class ProbeModelParallelStrategy(ProbesHiddenWhileSharding, ProbesOutOfOptimizers, ModelParallelStrategy):
+class ProbeModelParallelStrategy(
+    ProbesOutOfCheckpointLoading, ProbesHiddenWhileSharding, ProbesOutOfOptimizers, ModelParallelStrategy
+):
     """`ModelParallelStrategy` whose ``configure_model`` never sees the probes; probes replicate over the DP group.
 
     Registered as ``"distprobe_fsdp2"`` (``tensor_parallel_size=1``: every rank data-parallel, as ``fully_shard``

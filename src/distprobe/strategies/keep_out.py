@@ -6,8 +6,9 @@ Each mixin overrides one hook and calls the stock one through ``super()``, so a 
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import lightning.pytorch as pl
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from distprobe.strategies.exclusion import (
     hidden_probes,
     probe_parameters,
     probes_kept_out_of_precision,
+    probes_out_of_loading,
 )
 
 
@@ -61,3 +63,23 @@ class ProbesHiddenWhileSharding(Strategy):
         assert self.lightning_module is not None
         with hidden_probes(self.lightning_module), super().model_sharded_context():
             yield
+
+
+class ProbesOutOfCheckpointLoading(Strategy):
+    """Loading the model's checkpoint leaves the probes alone: their callbacks restore them by name.
+
+    DDP loads the model state in ``load_model_state_dict``; FSDP, ModelParallel and DeepSpeed in ``load_checkpoint``.
+    """
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.lightning_module is None:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        with probes_out_of_loading(self.lightning_module):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        assert self.lightning_module is not None
+        with probes_out_of_loading(self.lightning_module):
+            super().load_model_state_dict(checkpoint, strict=strict)
