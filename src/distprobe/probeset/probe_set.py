@@ -98,7 +98,8 @@ class ProbeSet(Members):
                 from global rank 0's weights on every rank (one more broadcast) and replicate over that group.
             device: Where the probes live (default: where their parameters are).
             total_steps: How many times `step` will be called, for scheduler defaults such as ``T_max`` (each probe
-                divides it by its ``accumulate_grad_batches``).
+                divides it by its ``accumulate_grad_batches``). Without it, a scheduler named by a string that takes
+                its length from it (``"CosineAnnealingLR"``, ``"OneCycleLR"``...) is refused unless given its own.
             banks: Probe banks (`distprobe.bank`): `BankConfig`s, `BankSpec`s, or dicts of `BankConfig` fields plus
                 ``input`` (a key or a list of keys) and ``target``. Heads exist from here with ``in_features``,
                 else from the first `step`.
