@@ -114,6 +114,7 @@ def _assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # about 8 s on 2 cores: one spawn of 2 ranks, then the one-process runs
 def test_bad_data_on_one_rank_replicas_one_process_and_a_two_rank_checkpoint_resumed_in_one(tmp_path: Path):
     path = str(tmp_path / "probes.pt")
     rank0, rank1 = run_distributed(_ranks, 2, path, timeout=120)  # a rank left in a collective would time out
