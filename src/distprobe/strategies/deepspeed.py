@@ -15,11 +15,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters, unregister_probes
-from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, ProbesOutOfCheckpointLoading, WorldProbeGroup
+from distprobe.strategies.keep_out import (
+    ProbesHiddenWhileSharding,
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfPrecision,
+    WorldProbeGroup,
+)
 
 
 class ProbeDeepSpeedStrategy(
-    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesHiddenWhileSharding, DeepSpeedStrategy
+    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesOutOfPrecision, ProbesHiddenWhileSharding, DeepSpeedStrategy
 ):
     """`DeepSpeedStrategy` that keeps probes out of the DeepSpeed engine and optimizer, on GPU or on CPU with gloo.
 
@@ -31,6 +36,8 @@ class ProbeDeepSpeedStrategy(
       parameters are removed from the optimizer ``configure_optimizers`` returns before DeepSpeed wraps it (DeepSpeed
       takes a single optimizer: the probes' own optimizers live in their callbacks); under ZeRO-3, which walks every
       parameter of the module on every step, the container stays unregistered until ``teardown``;
+    - a ``*-true`` precision casts the LightningModule in ``setup``, before the engine is built: the probes are
+      hidden from that cast as well and keep their own dtype;
     - it accepts a CPU accelerator (the stock strategy refuses anything but CUDA); DeepSpeed then runs its CPU
       accelerator over gloo, which makes ZeRO 1-3 testable on a laptop;
     - ``probe_process_group``: the world group.
