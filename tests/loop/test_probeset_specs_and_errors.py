@@ -229,3 +229,9 @@ def test_a_ridge_saved_after_an_evaluation_resumes_with_its_next_epoch_summed_an
     resumed = ProbeSet.build([], ridges=[RIDGE])
     resumed.load_state_dict(state)
     assert epoch(resumed, 3) == pytest.approx(uninterrupted)
+
+
+def test_a_dp_group_that_is_not_a_process_group_is_refused_by_name():
+    # Before: AttributeError "'str' object has no attribute 'size'" from inside the probe's replication.
+    with pytest.raises(ValueError, match=r"argument 'dp_group' got 'world' of type str; expected a torch.distributed"):
+        ProbeSet.build([{"name": "lin", "probe": nn.Linear(D, C)}], dp_group="world")

@@ -121,6 +121,12 @@ class ProbeSet(Members):
         for argument, given in members.items():
             if isinstance(given, _ONE_MEMBER):
                 raise ValueError(_single_member_error(argument, given))
+        if dp_group is not None and not isinstance(dp_group, dist.ProcessGroup):
+            raise ValueError(
+                f"ProbeSet.build: argument 'dp_group' got {dp_group!r} of type {type(dp_group).__name__}; expected a "
+                "torch.distributed ProcessGroup (mesh['data_parallel'].get_group() under tensor parallelism), or None "
+                "for the world group."
+            )
         if total_steps is not None:
             require_count("ProbeSet.build", "total_steps", total_steps, or_none=True, hint=_STEPS_HINT)
         normalised = [to_spec(s) for s in specs]
