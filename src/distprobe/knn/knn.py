@@ -88,7 +88,7 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         if not self.config.multilabel:
             # A class out of range must never vote (scatter_add_ would index past the classes at every later eval):
             # its row is stored as NaN, which scores -inf and weighs 0, like a non-finite feature. No host sync.
-            bad = (labels < 0) | (labels >= self.config.num_classes)
+            bad = ~((labels >= 0) & (labels < self.config.num_classes))  # a NaN float label fails both, so is bad
             features = torch.where(bad[:, None], float("nan"), features)
             labels = torch.where(bad, -1, labels)
         self.shard.push(features, labels)
