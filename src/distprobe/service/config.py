@@ -203,10 +203,10 @@ class EvalConfig:
                 f"{where}: probes.intervals.level={probes.intervals.level!r}; expected a coverage in (0, 1), e.g. 0.95"
             )
         _check_resamples(probes.intervals, where)
+        check_probe_names(probes, PROBE_KINDS, where)
         check_probe_options(probes.bank, probes.knn, self.num_classes, where)
         check_target_kinds(probes, where)
         check_convex_options(probes.ridge, probes.logreg, probes.fewshot, self.num_classes, where)
-        check_probe_names(probes, PROBE_KINDS, where)
 
     @property
     def targets(self) -> TargetCodec:

@@ -83,7 +83,9 @@ def check_probe_names(probes: Any, kinds: tuple[str, ...], source: str) -> None:
         if options is None:
             continue
         name = options.get("name", kind)
-        if not isinstance(name, str) or not name or "/" in name:
+        if not isinstance(name, str):
+            continue  # the section's own type check names it
+        if not name or "/" in name:
             raise ServiceConfigError(
                 f"{source}: probes.{kind}.name={name!r}; expected a non-empty string without '/' (the probe's keys "
                 f"start with it: 'ckpt/{{name}}_...'); fix: name: {kind}"

@@ -162,8 +162,8 @@ def read_result(job_dir: Path) -> PublishedResult | None:
     twice = sorted(key for key, count in counts.items() if count > 1)[:3]
     if twice:
         raise PublishedFileError(
-            f"{path}: the same (probe, head, metric) given twice, e.g. {twice}; two probes of one name? give each "
-            "probe in the config a name of its own"
+            f"{path}: the same (probe, head, metric) given twice, e.g. {twice}: two probes of one name, or a value "
+            "listed twice in the config"
         )
     return PublishedResult(checkpoint=checkpoint, step=step, config_hash=config_hash, claim=claim, rows=rows)
 
