@@ -55,3 +55,12 @@ def _trend(tmp_path, capsys) -> str:
 def test_the_trend_follows_the_headline_score(tmp_path, capsys, rows, expected):
     _store(tmp_path, {step: rows(step) for step in range(3)})
     assert _trend(tmp_path, capsys).startswith(expected)
+
+
+def test_a_checkpoint_without_a_step_stays_out_of_the_trend(tmp_path, capsys):
+    """It was sorted last and became the trend's end: '0.4000 at step 10 -> 0.3000 at step None'."""
+    store = _store(tmp_path, {10: [("bank", "best", "top1", 0.4)], 20: [("bank", "best", "top1", 0.5)]})
+    store.record_results("/run/final.ckpt", None, "h" * 16, [ResultRow("bank", "best", "top1", 0.3)])
+    line = _trend(tmp_path, capsys)
+    assert line.startswith("trend bank_best_top1 (config hhhhhhhh): 0.4000 at step 10 -> 0.5000 at step 20 (")
+    assert "over 2 checkpoint(s)" in line and "None" not in line

@@ -160,9 +160,14 @@ def _trend(rows: list[dict[str, Any]], keys: list[str]) -> str:
     first = _trend_key(rows, keys)
     if first is None:
         return ""
+    # A checkpoint without a global step has no place in time (the report leaves it out too): it is in the table only.
     series = [
-        (row["step"], Path(row["checkpoint"]).name, row["values"][first]) for row in rows if first in row["values"]
+        (row["step"], Path(row["checkpoint"]).name, row["values"][first])
+        for row in rows
+        if first in row["values"] and row["step"] is not None
     ]
+    if not series:
+        return ""
     (step0, _, v0), (step1, _, v1) = series[0], series[-1]
     peak = max(series, key=lambda s: s[2])
     name = first.removeprefix(f"{CHECKPOINT}/")
