@@ -235,3 +235,12 @@ def test_a_dp_group_that_is_not_a_process_group_is_refused_by_name():
     # Before: AttributeError "'str' object has no attribute 'size'" from inside the probe's replication.
     with pytest.raises(ValueError, match=r"argument 'dp_group' got 'world' of type str; expected a torch.distributed"):
         ProbeSet.build([{"name": "lin", "probe": nn.Linear(D, C)}], dp_group="world")
+
+
+def test_two_probes_given_one_module_are_refused():
+    # Before: both probes trained the same weights, each with its own optimizer, in silence.
+    shared = nn.Linear(D, C)
+    for second in (shared, nn.Sequential(shared, nn.ReLU())):
+        with pytest.raises(ValueError, match=r"probe 'b': argument 'probe' shares its parameters with probe 'a'"):
+            ProbeSet.build([{"name": "a", "probe": shared}, {"name": "b", "probe": second}])
+    ProbeSet.build([{"name": "a", "probe": shared}, {"name": "b", "probe": copy.deepcopy(shared)}])

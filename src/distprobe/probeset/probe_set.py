@@ -148,6 +148,7 @@ class ProbeSet(Members):
         if total_steps is None:
             for kind, config in [("probe", s.config) for s in normalised] + [("bank", b.config) for b in bank_specs]:
                 _refuse_a_length_from_nowhere(kind, config.name, config.scheduler)
+        _refuse_shared_modules(normalised)
         group = dp_group if dp_group is not None else default_group()
         probes = [
             Probe.build(
@@ -366,3 +367,27 @@ def _refuse_a_length_from_nowhere(kind: str, name: str, scheduler: Any) -> None:
         "ProbeSet.build's total_steps, which is None; pass total_steps=<how many times step will be called>, or "
         f"give the scheduler its own: {{'type': {named!r}, {LENGTH_ARGUMENTS[named]!r}: ...}}."
     )
+
+
+def _refuse_shared_modules(specs: Sequence[ProbeSpec]) -> None:
+    """Refuse two probes given one module (or modules sharing parameters) as their ``probe``.
+
+    Each probe trains its module with its own optimizer and replicates it with its own DDP: a module shared by two
+    probes would be stepped by both, every step, in silence.
+
+    Raises:
+        ValueError: naming both probes and the fix.
+    """
+    owner: dict[int, str] = {}
+    for spec in specs:
+        module = spec.config.probe
+        if not isinstance(module, torch.nn.Module):
+            continue  # a factory or a Hydra config builds a module of its own
+        for parameter in module.parameters():
+            first = owner.setdefault(id(parameter), spec.config.name)
+            if first != spec.config.name:
+                raise ValueError(
+                    f"probe '{spec.config.name}': argument 'probe' shares its parameters with probe '{first}' (the "
+                    "same module, or modules holding the same layer); give each probe a module of its own, such as "
+                    "copy.deepcopy(module), or a factory that builds one."
+                )
