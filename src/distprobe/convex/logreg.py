@@ -165,6 +165,11 @@ def logreg_grid(
     if not grid or chain < 1:
         raise ValueError(f"logreg: c_grid={c_grid}, chain={chain}; expected one or more C values and chain >= 1")
     held = held_out(train_features.shape[0], holdout, train_features.device)
+    if bool(held.all()):  # one sample: the first position is always held out, and nothing would be fitted
+        raise ValueError(
+            f"logreg: {train_features.shape[0]} training sample(s) all fall in the held-out share that chooses C "
+            f"(holdout={holdout}); expected at least 2 training samples"
+        )
     fit_x, fit_y = train_features[~held], train_labels[~held]
     choose_x, choose_y = train_features[held], train_labels[held]
     scaler = Standardizer.fit(fit_x)
