@@ -2,6 +2,8 @@
 
 - `probe_set.py`: `ProbeSet`, its constructors (`ProbeSet.build` from specs) and public methods; each method is a
   short call into one of the files below;
+- `build_checks.py`: what `ProbeSet.build` refuses before it builds anything (a single member where a list is
+  expected, a wrong ``dp_group`` or ``total_steps``, a schedule with no length, probes sharing a module);
 - `members.py`: `Members`, who is in the set: add, remove and look up probes, banks, kNNs, ridge probes and monitors,
   and build the engines sized from the first batch (or a checkpoint) when their configs give no ``in_features``;
 - `inputs.py`: how a step's tensors reach each member, and the first batch's checks, decided on every rank at once;

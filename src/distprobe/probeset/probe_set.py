@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distprobe.arguments import require_count
 from distprobe.bank import BankConfig
 from distprobe.convex.online import RidgeConfig, RidgeSpec, to_ridge_spec
 from distprobe.engine import Probe, ProbeConfig, maths
@@ -26,6 +25,7 @@ from distprobe.engine.streams import tensors_in
 from distprobe.knn import KNNConfig, KNNSpec, to_knn_spec
 from distprobe.monitors.member import MonitorConfig, to_monitor_config
 from distprobe.probeset import checkpoint, values
+from distprobe.probeset.build_checks import check_arguments, check_members
 from distprobe.probeset.inputs import step_inputs
 from distprobe.probeset.members import Members
 from distprobe.probeset.side_stream import LazySideStream
@@ -117,18 +117,15 @@ class ProbeSet(Members):
                 when set, else on for a single process on CUDA and off for several. Exact either way; no effect on
                 a CPU.
         """
-        members = {"specs": specs, "banks": banks, "knns": knns, "ridges": ridges, "monitors": monitors}
-        for argument, given in members.items():
-            if isinstance(given, _ONE_MEMBER):
-                raise ValueError(_single_member_error(argument, given))
-        if dp_group is not None and not isinstance(dp_group, dist.ProcessGroup):
-            raise ValueError(
-                f"ProbeSet.build: argument 'dp_group' got {dp_group!r} of type {type(dp_group).__name__}; expected a "
-                "torch.distributed ProcessGroup (mesh['data_parallel'].get_group() under tensor parallelism), or None "
-                "for the world group."
-            )
-        if total_steps is not None:
-            require_count("ProbeSet.build", "total_steps", total_steps, or_none=True, hint=_STEPS_HINT)
+        check_arguments(
+            specs=specs,
+            banks=banks,
+            knns=knns,
+            ridges=ridges,
+            monitors=monitors,
+            dp_group=dp_group,
+            total_steps=total_steps,
+        )
         normalised = [to_spec(s) for s in specs]
         bank_specs = [to_bank_spec(b) for b in banks]
         knn_specs = [to_knn_spec(k) for k in knns]
@@ -145,10 +142,7 @@ class ProbeSet(Members):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"ProbeSet.build: probe names {duplicates} appear more than once; names must be unique.")
-        if total_steps is None:
-            for kind, config in [("probe", s.config) for s in normalised] + [("bank", b.config) for b in bank_specs]:
-                _refuse_a_length_from_nowhere(kind, config.name, config.scheduler)
-        _refuse_shared_modules(normalised)
+        check_members(normalised, bank_specs, total_steps)
         group = dp_group if dp_group is not None else default_group()
         probes = [
             Probe.build(
@@ -306,88 +300,3 @@ class ProbeSet(Members):
         probes that no longer exist are ignored. Every rank must load the same state.
         """
         checkpoint.load_state(self, state)
-
-
-#: What a single member given where `ProbeSet.build` takes a list of them can be (a dict iterates over its keys).
-_ONE_MEMBER = (
-    Mapping,
-    str,
-    ProbeConfig,
-    ProbeSpec,
-    BankConfig,
-    BankSpec,
-    KNNConfig,
-    KNNSpec,
-    RidgeConfig,
-    RidgeSpec,
-    MonitorConfig,
-)
-
-
-def _single_member_error(argument: str, given: Any) -> str:
-    """The message for one member given where `ProbeSet.build` takes a list of them."""
-    return (
-        f"ProbeSet.build: argument '{argument}' got a single {type(given).__name__}; pass a list of them: "
-        f"[{argument[:-1] if argument != 'specs' else 'spec'}]."
-    )
-
-
-_STEPS_HINT = "how many times `step` will be called; the named schedulers take their length from it"
-
-#: The named schedulers whose length `distprobe.engine.factories` fills in from the number of optimizer steps, and
-#: the argument that length goes to (each falls back to 1000 steps when none is known).
-LENGTH_ARGUMENTS = {
-    "CosineAnnealingLR": "T_max",
-    "StepLR": "step_size",
-    "MultiStepLR": "milestones",
-    "ExponentialLR": "gamma",
-    "OneCycleLR": "total_steps",
-    "CosineAnnealingWarmRestarts": "T_0",
-    "PolynomialLR": "total_iters",
-    "LinearLR": "total_iters",
-}
-
-
-def _refuse_a_length_from_nowhere(kind: str, name: str, scheduler: Any) -> None:
-    """Refuse a named scheduler that needs the run's length when `ProbeSet.build` got no ``total_steps``.
-
-    Without it the length was a silent 1000 optimizer steps: a cosine decayed on another schedule than the run's, and
-    OneCycleLR raised at its 1001st step, taking the training down. A scheduler given its own length is left alone.
-
-    Raises:
-        ValueError: naming the member, the scheduler, the argument it lacks and the two fixes.
-    """
-    named = scheduler if isinstance(scheduler, str) else None
-    if isinstance(scheduler, Mapping) and isinstance(scheduler.get("type"), str):
-        named = scheduler["type"]
-    if named not in LENGTH_ARGUMENTS or (isinstance(scheduler, Mapping) and LENGTH_ARGUMENTS[named] in scheduler):
-        return
-    raise ValueError(
-        f"{kind} '{name}': argument 'scheduler' {named!r} takes its length ({LENGTH_ARGUMENTS[named]}) from "
-        "ProbeSet.build's total_steps, which is None; pass total_steps=<how many times step will be called>, or "
-        f"give the scheduler its own: {{'type': {named!r}, {LENGTH_ARGUMENTS[named]!r}: ...}}."
-    )
-
-
-def _refuse_shared_modules(specs: Sequence[ProbeSpec]) -> None:
-    """Refuse two probes given one module (or modules sharing parameters) as their ``probe``.
-
-    Each probe trains its module with its own optimizer and replicates it with its own DDP: a module shared by two
-    probes would be stepped by both, every step, in silence.
-
-    Raises:
-        ValueError: naming both probes and the fix.
-    """
-    owner: dict[int, str] = {}
-    for spec in specs:
-        module = spec.config.probe
-        if not isinstance(module, torch.nn.Module):
-            continue  # a factory or a Hydra config builds a module of its own
-        for parameter in module.parameters():
-            first = owner.setdefault(id(parameter), spec.config.name)
-            if first != spec.config.name:
-                raise ValueError(
-                    f"probe '{spec.config.name}': argument 'probe' shares its parameters with probe '{first}' (the "
-                    "same module, or modules holding the same layer); give each probe a module of its own, such as "
-                    "copy.deepcopy(module), or a factory that builds one."
-                )
