@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from distprobe.strategies.exclusion import hidden_probes, probe_parameters
+from distprobe.strategies.exclusion import hidden_probes, probe_container, probe_parameters
 from distprobe.strategies.keep_out import (
     ProbesOutOfCheckpointLoading,
     ProbesOutOfOptimizers,
@@ -40,18 +40,25 @@ def full_state_dict_on_cpu(model: nn.Module) -> AbstractContextManager[Any]:
     )
 
 
-def fsdp_ignored_states(module: nn.Module, user_kwargs: dict[str, Any]) -> list[nn.Parameter]:
-    """The ``ignored_states`` for FSDP1: the probes' parameters plus whatever the user asked FSDP to ignore.
+def fsdp_ignored_states(module: nn.Module, user_kwargs: dict[str, Any]) -> list[nn.Module] | list[nn.Parameter]:
+    """The ``ignored_states`` for FSDP1: the registered probes plus whatever the user asked FSDP to ignore.
 
-    FSDP1 takes ``ignored_states`` or ``ignored_modules`` but not both, and parameters or modules but not a mix, so
-    everything is expressed as parameters.
+    FSDP1 takes ``ignored_states`` or ``ignored_modules`` but not both, and parameters or modules but not a mix. As
+    modules (the probe container), FSDP also leaves the probes' buffers alone: as parameters, it would cast a probe's
+    BatchNorm statistics to its mixed-precision ``buffer_dtype`` (bf16) at each forward, and the float32 probe would
+    then fail on them. Only when the user names parameters is everything expressed as parameters.
     """
+    user_items = [item for key in ("ignored_states", "ignored_modules") for item in user_kwargs.get(key) or ()]
+    container = probe_container(module)
+    if all(isinstance(item, nn.Module) for item in user_items):
+        modules: dict[int, nn.Module] = {} if container is None else {id(container): container}
+        for item in user_items:
+            modules.setdefault(id(item), item)
+        return list(modules.values())
     ignored: dict[int, nn.Parameter] = {id(p): p for p in probe_parameters(module)}
-    for key in ("ignored_states", "ignored_modules"):
-        for item in user_kwargs.get(key) or ():
-            params = item.parameters() if isinstance(item, nn.Module) else [item]
-            for p in params:
-                ignored.setdefault(id(p), p)
+    for item in user_items:
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            ignored.setdefault(id(p), p)
     return list(ignored.values())
 
 
