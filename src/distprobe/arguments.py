@@ -23,7 +23,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["require_choice", "require_count"]
+__all__ = ["require_choice", "require_count", "require_name"]
+
+
+def require_name(kind: str, name: Any) -> str:
+    """``name`` if it is a non-empty string without ``/``; otherwise a ValueError naming ``kind`` and the fix.
+
+    A probe's name starts every key it logs (``eval/{name}_top1``, a bank's ``eval/{name}/{head_id}_top1``), and
+    the keys are parsed back at the ``/`` (`distprobe.keys`): ``"my/bank"`` would read as probe ``my``.
+
+    Example:
+        >>> require_name("bank", "grid")
+        'grid'
+    """
+    if isinstance(name, str) and name and "/" not in name:
+        return name
+    example = name.replace("/", "_") if isinstance(name, str) and name else kind.lower()
+    raise ValueError(
+        f"{kind}: argument 'name' got {name!r}; expected a non-empty string without '/' (it starts every key the "
+        f"{kind} logs, such as 'eval/{{name}}_top1'), e.g. {example!r}."
+    )
 
 
 def require_count(

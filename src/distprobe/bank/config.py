@@ -16,7 +16,7 @@ from numbers import Real
 from typing import Any, Literal
 
 from distprobe import keys
-from distprobe.arguments import require_choice, require_count
+from distprobe.arguments import require_choice, require_count, require_name
 from distprobe.engine.options import TrainingOptions
 from distprobe.engine.precision import MatmulPrecision, check_matmul_precision
 
@@ -165,7 +165,7 @@ class BankConfig(TrainingOptions):
     """The parsed ``metrics``: metric name to k."""
 
     def __post_init__(self) -> None:
-        name = self.name
+        name = require_name("bank", self.name)
         if isinstance(self.inputs, str):
             self.inputs = [self.inputs]
         self.inputs = list(self.inputs)

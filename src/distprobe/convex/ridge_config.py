@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Literal, get_args
 
-from distprobe.arguments import require_choice, require_count
+from distprobe.arguments import require_choice, require_count, require_name
 from distprobe.specs import TargetSpec
 
 #: A default sweep of lambda (the mean-squared-error form: ``(1/n)||XW + 1b - Y||^2 + lambda ||W||^2``).
@@ -42,7 +42,7 @@ class RidgeConfig:
     training epoch's start, and keeps them over a resume inside the epoch)."""
 
     def __post_init__(self) -> None:
-        name = self.name
+        name = require_name("ridge", self.name)
         require_count(f"ridge '{name}'", "num_classes", self.num_classes, minimum=2)
         given: Any = self.l2
         one = isinstance(given, Real | str) or getattr(given, "ndim", None) == 0 or not isinstance(given, Iterable)

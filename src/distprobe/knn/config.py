@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from distprobe.arguments import require_choice, require_count
+from distprobe.arguments import require_choice, require_count, require_name
 from distprobe.specs import TargetSpec
 
 StorageDtype = Literal["float32", "bfloat16", "float16"]
@@ -55,9 +55,7 @@ class KNNConfig:
     (`distprobe.knn.multilabel`, docs/multilabel.md)."""
 
     def __post_init__(self) -> None:
-        name = self.name
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"kNN: argument 'name' got {name!r}; expected a non-empty string.")
+        name = require_name("kNN", self.name)
         if isinstance(self.k, int):
             self.k = (self.k,)
         iterable = isinstance(self.k, Iterable) and not isinstance(self.k, str) and getattr(self.k, "ndim", 1) != 0

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torchmetrics import Metric
 
 from distprobe import keys
-from distprobe.arguments import require_count
+from distprobe.arguments import require_count, require_name
 from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
 from distprobe.monitors.functional import occurrence_index
 from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
@@ -60,7 +60,7 @@ class MonitorConfig:
     """RankMe of the centred features (the covariance's spectrum) instead of the paper's raw embeddings."""
 
     def __post_init__(self) -> None:
-        name = self.name
+        name = require_name("monitor", self.name)
         kinds = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
         if not kinds or any(k not in MONITORS for k in kinds):
             raise ValueError(
