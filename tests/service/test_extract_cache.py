@@ -53,3 +53,14 @@ def test_a_whole_cache_is_reused(tmp_path, caplog):
     first = _extract(tmp_path)
     again = _extract(tmp_path)
     assert torch.equal(first[0], again[0]) and "Reusing the complete train features" in caplog.text
+
+
+@pytest.mark.parametrize("marker", ["[]", "{}", '{"stamp": {"checkpoint": "c.ckpt", "config": "h"}}', "{not json"])
+def test_a_damaged_marker_is_extracted_again(tmp_path, caplog, marker):
+    """A marker of the wrong shape used to raise AttributeError or KeyError in the job instead of redoing the split."""
+    features, labels = _extract(tmp_path)
+    (tmp_path / "train.json").write_text(marker)
+    again_features, again_labels = _extract(tmp_path)
+    assert torch.equal(again_features, features) and torch.equal(again_labels, labels)
+    if marker != "{}":  # no stamp is another extraction's marker: redone without a word, as before
+        assert "is not one this service wrote: extracting it again" in caplog.text

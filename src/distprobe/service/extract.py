@@ -166,14 +166,15 @@ def load_split(
         return None
     try:
         meta = json.loads(marker.read_text())
-    except (OSError, ValueError):
+        targets = meta.get("targets", {"kind": "class", "shape": []})  # caches written before: class indices
+        if meta.get("stamp") != dict(stamp) or targets["kind"] != codec.kind:
+            return None
+        n, dim = int(meta["size"]), int(meta["dim"])
+        shape = tuple(int(s) for s in meta.get("shape", [dim]))  # caches written before the shape was kept: (dim,)
+        target_shape = tuple(int(s) for s in targets["shape"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a marker this module wrote: redo
+        log.warning("The %s cache's marker %s is not one this service wrote: extracting it again", split, marker)
         return None
-    targets = meta.get("targets", {"kind": "class", "shape": []})  # caches written before: class indices
-    if meta.get("stamp") != dict(stamp) or targets["kind"] != codec.kind:
-        return None
-    n, dim = int(meta["size"]), int(meta["dim"])
-    shape = tuple(int(s) for s in meta.get("shape", [dim]))  # caches written before the shape was kept: (dim,)
-    target_shape = tuple(int(s) for s in targets["shape"])
     per_target = math.prod(target_shape)
     # Mapping grows a short file with zeros: a truncated or deleted file would pass for rows of zero features.
     expected = {"features": n * dim * 4, "labels": n * per_target * codec.dtype.itemsize}
