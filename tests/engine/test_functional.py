@@ -183,7 +183,10 @@ def test_class_index_check_names_the_owner_and_the_problem():
     assert "bank 'b': input 'x' must be a (batch, features...) tensor with the target's batch size 3" in (
         class_index_problem("bank 'b'", {"x": torch.zeros(2, 2)}, y, 5)
     )
-    assert "must be a 1-D tensor of class indices" in class_index_problem("bank 'b'", {}, y.float(), 5)
+    float_labels = class_index_problem("bank 'b'", {}, y.float(), 5)
+    assert "must be a 1-D integer tensor of class indices; got Tensor (3,) of torch.float32 (cast it with .long())" in (
+        float_labels
+    )
 
 
 def test_resume_window_takes_its_own_at_the_same_world_size_and_the_mean_at_another():

@@ -29,7 +29,14 @@ __all__ = [
 
 
 def _described(value: Any) -> str:
-    return f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+    dtype = getattr(value, "dtype", None)  # a float tensor of the right shape is refused for its dtype: say it
+    return f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}" + (
+        f" of {dtype}" if dtype is not None else ""
+    )
+
+
+def _is_float_vector(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 1 and value.is_floating_point()
 
 
 def label_range_problem(owner: str, targets: torch.Tensor, num_classes: int, outputs: str, fix: str) -> str | None:
@@ -52,7 +59,10 @@ def class_index_problem(
     ``owner`` names the kind and its name (``"bank 'grid'"``); ``hint`` ends the message about a badly shaped input.
     """
     if not isinstance(targets, torch.Tensor) or targets.ndim != 1 or targets.is_floating_point():
-        return f"{owner}: the target must be a 1-D tensor of class indices; got {_described(targets)}."
+        return (
+            f"{owner}: the target must be a 1-D integer tensor of class indices; got {_described(targets)}"
+            f"{' (cast it with .long())' if _is_float_vector(targets) else ''}."
+        )
     for key, features in inputs.items():
         if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != targets.shape[0]:
             return (
