@@ -137,11 +137,13 @@ def read_episodes(job_dir: Path, probe: str, wanted: list[str], val_size: int) -
             data = json.loads(path.read_text())
             bits = data["correct"]
             ok = data.get("format") == _EPISODE_FORMAT and data["id"] == episode and len(bits) == val_size
-        except (OSError, ValueError, KeyError, TypeError):
+            if not (ok and isinstance(bits, str) and set(bits) <= {"0", "1"}):
+                continue
+            numbers = int(data["shots"]), int(data["seed"]), float(data["reg"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a whole episode: solved again
             continue
-        if ok and set(bits) <= {"0", "1"}:
-            correct = torch.tensor([b == "1" for b in bits], dtype=torch.bool)
-            found[episode] = EpisodeResult(episode, int(data["shots"]), int(data["seed"]), float(data["reg"]), correct)
+        correct = torch.tensor([b == "1" for b in bits], dtype=torch.bool)
+        found[episode] = EpisodeResult(episode, *numbers, correct)
     return found
 
 
