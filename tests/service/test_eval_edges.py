@@ -214,3 +214,10 @@ def test_fewshot_with_a_class_missing_from_train_fails_before_any_probe_trains(t
     message = str(caught.value)
     assert message.startswith(f"{config}: probes.fewshot.shots=[1, 5]: class 3 has 0 sample(s) in data.train")
     assert "(1 of num_classes=4 classes have fewer than 5)" in message and "remove probes.fewshot" in message
+
+
+def test_no_store_says_where_it_looked_and_how_to_point_elsewhere(tmp_path, capsys):
+    for command in (["results", str(tmp_path)], ["retry", str(tmp_path), "--failed"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"no results store at {tmp_path / 'distprobe_eval' / 'results.sqlite'}" in err and "--store" in err

@@ -181,6 +181,9 @@ def run_watch(args: argparse.Namespace) -> int:
         return _fail("watch", err)
 
 
+_ELSEWHERE = "(a config whose results.store puts it elsewhere: pass that path as --store)"
+
+
 def _store_of(args: argparse.Namespace) -> Path:
     from distprobe.service.store import default_store_path
 
@@ -209,7 +212,7 @@ def run_results(args: argparse.Namespace) -> int:
 
     store_file = _store_of(args)
     if not store_file.is_file():
-        return _fail("results", f"no results store at {store_file}; has a watcher or eval run yet?")
+        return _fail("results", f"no results store at {store_file}; has a watcher or eval run yet? {_ELSEWHERE}")
     store = ResultsStore(store_file, timeout_s=args.timeout_s)
     try:
         ingest_published(store)
@@ -254,7 +257,7 @@ def run_retry(args: argparse.Namespace) -> int:
         return _fail("retry", "nothing to retry; give --failed, --checkpoint PATH, or both")
     store_file = _store_of(args)
     if not store_file.is_file():
-        return _fail("retry", f"no results store at {store_file}")
+        return _fail("retry", f"no results store at {store_file}; {_ELSEWHERE}")
     checkpoint = str(Path(args.checkpoint).resolve()) if args.checkpoint else None
     try:
         store = ResultsStore(store_file)
