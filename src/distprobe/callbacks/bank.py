@@ -21,6 +21,7 @@ from distprobe.callbacks.cadence import StepValues, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.callbacks.trainable import optimizer_steps_of_fit
+from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.precision import MatmulPrecision
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class OnlineProbeBank(ProbeCallback):
         self.metrics = build_metrics(self.config)
         self._pl_module: pl.LightningModule | None = None
         self._step_values = StepValues()
+        self._sizes_checked = False
+        """Whether a validation batch before any training batch passed `_size_problem`."""
         if module is not None:
             self._register_metrics(module)
 
@@ -224,9 +227,38 @@ class OnlineProbeBank(ProbeCallback):
     @override
     def first_batch_problem(self, read: Any) -> str | None:
         features, targets = read
-        return first_batch_problem(
+        problem = first_batch_problem(
             self.name, self.config.inputs, features, targets, self.config.num_classes, config=self.config
         )
+        return problem if problem is not None else self._size_problem(features)
+
+    def _size_problem(self, features: list[torch.Tensor]) -> str | None:
+        """Features of another size than heads built before them (``in_features``, a checkpoint's), or None.
+
+        Unchecked, they would fail inside the batched matmul with torch's message.
+        """
+        if self._engine is None:
+            return None
+        sizes = feature_sizes(self.config, features)
+        built = dict(self.bank.heads.in_features)
+        for source, size in sizes.items():
+            if size != built[source]:
+                return (
+                    f"bank '{self.name}': input {source!r} has {size} features per sample, but the bank is sized for "
+                    f"{built[source]} (argument 'in_features', or a loaded checkpoint); set in_features={sizes!r}, or "
+                    "feed the features it was built for."
+                )
+        return None
+
+    @override
+    def eval_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
+        read = super().eval_read(trainer, outputs, batch)
+        if not self.checked_first_batch and not self._sizes_checked:
+            # Validation before any training batch (the sanity check, trainer.validate alone): sizes only, decided
+            # on every rank at once; the targets' rule there stays validation's (bad samples are left out).
+            raise_if_any_rank_failed(self._size_problem(read[0]), world_check_group())
+            self._sizes_checked = True
+        return read
 
     @override
     def first_batch_passed(self, trainer: pl.Trainer, read: Any) -> None:
