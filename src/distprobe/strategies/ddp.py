@@ -9,6 +9,7 @@ from typing_extensions import override
 
 from distprobe.strategies.exclusion import probe_state_names
 from distprobe.strategies.keep_out import (
+    ProbeGradientsOutOfMainStep,
     ProbesOutOfCheckpointLoading,
     ProbesOutOfOptimizers,
     ProbesOutOfPrecision,
@@ -30,7 +31,12 @@ def ignore_probes_in_ddp(module: nn.Module) -> list[str]:
 
 
 class ProbeDDPStrategy(
-    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesOutOfPrecision, ProbesOutOfOptimizers, DDPStrategy
+    WorldProbeGroup,
+    ProbeGradientsOutOfMainStep,
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfPrecision,
+    ProbesOutOfOptimizers,
+    DDPStrategy,
 ):
     """`DDPStrategy` that keeps parameters under ``pl_module.callbacks_modules`` out of DDP and the main optimizer.
 

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from distprobe.strategies.exclusion import hidden_probes, probe_container, probe_parameters
 from distprobe.strategies.keep_out import (
+    ProbeGradientsOutOfMainStep,
     ProbesOutOfCheckpointLoading,
     ProbesOutOfOptimizers,
     ProbesOutOfPrecision,
@@ -63,7 +64,12 @@ def fsdp_ignored_states(module: nn.Module, user_kwargs: dict[str, Any]) -> list[
 
 
 class ProbeFSDPStrategy(
-    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesOutOfPrecision, ProbesOutOfOptimizers, FSDPStrategy
+    WorldProbeGroup,
+    ProbeGradientsOutOfMainStep,
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfPrecision,
+    ProbesOutOfOptimizers,
+    FSDPStrategy,
 ):
     """`FSDPStrategy` that never shards probes, keeps them out of the main optimizer, and runs on CPU with gloo.
 

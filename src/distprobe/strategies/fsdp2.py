@@ -8,11 +8,20 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from distprobe.strategies.exclusion import hidden_probes
-from distprobe.strategies.keep_out import ProbesHiddenWhileSharding, ProbesOutOfCheckpointLoading, ProbesOutOfOptimizers
+from distprobe.strategies.keep_out import (
+    ProbeGradientsOutOfMainStep,
+    ProbesHiddenWhileSharding,
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfOptimizers,
+)
 
 
 class ProbeModelParallelStrategy(
-    ProbesOutOfCheckpointLoading, ProbesHiddenWhileSharding, ProbesOutOfOptimizers, ModelParallelStrategy
+    ProbeGradientsOutOfMainStep,
+    ProbesOutOfCheckpointLoading,
+    ProbesHiddenWhileSharding,
+    ProbesOutOfOptimizers,
+    ModelParallelStrategy,
 ):
     """`ModelParallelStrategy` whose ``configure_model`` never sees the probes; probes replicate over the DP group.
 

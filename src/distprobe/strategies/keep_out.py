@@ -6,13 +6,15 @@ Each mixin overrides one hook and calls the stock one through ``super()``, so a 
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.pytorch.strategies import Strategy
+from torch import nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from distprobe.engine.collectives import default_group
@@ -83,3 +85,32 @@ class ProbesOutOfCheckpointLoading(Strategy):
         assert self.lightning_module is not None
         with probes_out_of_loading(self.lightning_module):
             super().load_model_state_dict(checkpoint, strict=strict)
+
+
+class ProbeGradientsOutOfMainStep(Strategy):
+    """The main optimizer step (its closure: forward, backward, gradient clipping) sees no probe gradient.
+
+    A probe registered in the LightningModule (an ``nn.ModuleDict``) keeps its open accumulation window in its
+    parameters' ``.grad``. Norm clipping over the whole module (FSDP1's ``model.clip_grad_norm_``, or
+    ``clip_grad_norm_(self.parameters())`` in ``configure_gradient_clipping``), or a gradient-norm log, would count
+    those gradients in the backbone's norm and scale them: the backbone would train differently than without probes,
+    and the probe's window would be changed. They are set aside for the step and put back, the same tensors, after it.
+    """
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        module = self.lightning_module
+        set_aside = [] if module is None else [(p, p.grad) for p in probe_parameters(module) if p.grad is not None]
+        for p, _ in set_aside:
+            p.grad = None
+        try:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            for p, grad in set_aside:
+                p.grad = grad
