@@ -48,6 +48,12 @@ class PreemptionSignal:
         self._previous: Any = None
         self._installed = False
         self._consumers = 0
+        self._leaving = False
+
+    @property
+    def leaving(self) -> bool:
+        """Whether this process is leaving for a requeue (`requeue_and_exit` ran): its `SystemExit` is the job's."""
+        return self._leaving
 
     @property
     def received(self) -> bool:
@@ -76,6 +82,7 @@ class PreemptionSignal:
         self._installed = False
         self._previous = None
         self._received.clear()
+        self._leaving = False
 
     def attach(self) -> None:
         """Register a consumer that will save and requeue at a step boundary."""
@@ -108,6 +115,7 @@ class PreemptionSignal:
         # carries nothing new, and Lightning's SIGTERM handler would broadcast to ranks that already exited, turning
         # this exit into a gloo "connection closed by peer" error that submitit reports as a failed job.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self._leaving = True
         if is_global_zero and callable(self._previous):
             try:
                 self._previous(self.signum, None)

@@ -61,6 +61,14 @@ class LaunchedTask(Checkpointable):
         installed = preemption.install()
         try:
             return self.entry.run(args, kwargs)
+        except SystemExit as exit_:
+            if preemption.leaving or preemption.received:  # a preemption's own exit (requeue code): as it is
+                raise
+            # submitit records only a returned value or an Exception: a script's `sys.exit(main())` after a
+            # successful run left no result, and the job read as failed ("has not produced any output").
+            if exit_.code in (None, 0):
+                return None
+            raise RuntimeError(f"{self.entry.describe()} exited with status {exit_.code!r}") from None
         finally:
             if installed:
                 preemption.uninstall()
