@@ -106,6 +106,17 @@ def executor_parameters(config: ClusterConfig) -> dict[str, Any]:
     return parameters
 
 
+def srun_cpus(config: ClusterConfig) -> list[str]:
+    """Job-script lines that give each srun task its ``cpus_per_task`` (Slurm only).
+
+    Since Slurm 22.05 srun no longer inherits ``SLURM_CPUS_PER_TASK`` from the job, only ``SRUN_CPUS_PER_TASK``;
+    submitit's ``srun`` line passes no ``--cpus-per-task``, so without this each task ran on one CPU.
+    """
+    if config.cluster != "slurm" or config.cpus_per_task is None:
+        return []
+    return [f"export SRUN_CPUS_PER_TASK={int(config.cpus_per_task)}"]
+
+
 def make_executor(config: ClusterConfig) -> submitit.AutoExecutor:
     """A `submitit.AutoExecutor` for `config`; the same call for ``slurm``, ``local`` and ``debug``."""
     executor = submitit.AutoExecutor(
@@ -161,6 +172,7 @@ def submit_job(
     if entry.kind == "script" and kwargs:
         raise ValueError(f"submit: script {entry.target!r} takes command-line arguments only; got keywords {kwargs}")
     executor = make_executor(config)
+    setup = [*srun_cpus(config), *setup]
     if setup and config.cluster != "debug":  # the debug executor runs in this process: no job script
         executor.update_parameters(**{f"{config.cluster}_setup": list(setup)})
     job = executor.submit(LaunchedTask(entry, config.folder), *args, **kwargs)
