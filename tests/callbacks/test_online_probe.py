@@ -240,8 +240,8 @@ def test_validation_runs_the_probe_in_eval_mode():
     module = Backbone()
     t = trainer([cb], max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     t.fit(module, loader(), loader(n=96, seed=1))
-    # first-batch check (eval), train step (train), validation (eval)
-    assert modes == [False, True, False]
+    # first-batch checks (eval: the shape on two samples, the loss on the batch), train step (train), validation (eval)
+    assert modes == [False, False, True, False]
 
 
 # --- bad input: a clear error naming the probe, the argument and the value, at the first batch ---

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 from typing_extensions import override
 
@@ -158,7 +159,32 @@ class TrainableCallback(ProbeCallback):
     @override
     def first_batch_problem(self, read: Any) -> str | None:
         features, targets = read
-        return first_batch_problem(self.probe, features, targets, input_key=self.sources[0])
+        problem = first_batch_problem(self.probe, features, targets, input_key=self.sources[0])
+        return problem if problem is not None else self._loss_problem(features, targets)
+
+    def _loss_problem(self, features: torch.Tensor, targets: torch.Tensor) -> str | None:
+        """What fails when the loss takes the probe's outputs and the first batch's targets (no gradient), or None.
+
+        A loss that refuses them (``BCEWithLogitsLoss`` and integer multi-hot targets) would otherwise fail in the
+        first training step with torch's message, which names neither the probe nor the loss. The whole batch, not
+        a slice (a loss may need its size); a loss module with buffers is not called (the call could change them).
+        """
+        loss_fn = self.probe.loss_fn
+        if isinstance(loss_fn, nn.Module) and any(True for _ in loss_fn.buffers()):
+            return None
+        preds = self.probe.predict(features)  # the engine's check ran it on two samples already
+        try:
+            with torch.no_grad():
+                loss_fn(preds, targets.to(preds.device))
+        except Exception as err:  # noqa: BLE001 - whatever the loss raises must reach every rank, not hang them
+            loss = type(loss_fn).__name__
+            return (
+                f"probe '{self.name}': its loss ({loss}) fails on the probe's outputs of shape {tuple(preds.shape)} "
+                f"and the targets of shape {tuple(targets.shape)} and dtype {targets.dtype} ({type(err).__name__}: "
+                f"{err}); give it targets of the shape and dtype it takes (e.g. .float() multi-hot targets for "
+                "BCEWithLogitsLoss), or a loss for these targets."
+            )
+        return None
 
     @override
     def reset_epoch(self, stage: Stage) -> None:
