@@ -71,3 +71,13 @@ def test_a_ridge_takes_numpy_numbers_and_refuses_a_tensor_or_a_bool_by_name():
     for l2 in (torch.tensor(1.0), True, "1"):
         with pytest.raises(ValueError, match=r"^ridge 'ridge': argument 'l2' got .*; expected one or more finite"):
             RidgeConfig(name="ridge", num_classes=3, l2=l2)
+
+
+def test_a_bank_given_an_optimizer_instance_names_its_type_and_what_it_takes():
+    # The message printed the optimizer's repr, a dozen lines of its param group.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"^bank 'grid': argument 'optimizer' got a SGD; expected one of .* no optimizer"
+    ) as err:
+        _bank(optimizer=optimizer)
+    assert "\n" not in str(err.value)

@@ -75,9 +75,12 @@ def parse_optimizer(spec: Any, bank_name: str) -> OptimizerSpec:
     if isinstance(spec, str):
         spec = {"type": spec}
     if not isinstance(spec, Mapping):
+        # An optimizer instance, class or partial (what OnlineProbe takes) prints over many lines: name its type.
+        given = repr(spec) if isinstance(spec, int | float | bool) else f"a {type(spec).__name__}"
         raise ValueError(
-            f"bank '{bank_name}': argument 'optimizer' got {spec!r}; expected one of {sorted(OPTIMIZERS)} or a dict "
-            "{'type': name, **options}."
+            f"bank '{bank_name}': argument 'optimizer' got {given}; expected one of {sorted(OPTIMIZERS)} or a dict "
+            "{'type': name, **options}: a bank steps all its heads with its own vectorised maths, so it takes no "
+            "optimizer instance, class or callable (its lr and weight_decay lists set each head's rates)."
         )
     options = dict(spec)
     kind = options.pop("type", None)
