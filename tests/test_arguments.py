@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -266,3 +267,17 @@ def test_none_is_a_choice_only_where_it_means_something_and_the_message_says_wha
     assert str(err.value) == (
         "bank 'b': head_options['compute_dtype'] got 'fp16'; expected one of ['float32'] or None (float32)."
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        (np.int64(3), "an int64 is not a count here: pass int(...) of it (3)"),
+        (torch.tensor(3), "a Tensor is not a count here: pass int(...) of it (3)"),
+        (torch.tensor(3.0), "a Tensor is not a count: write a whole number"),
+        (np.bool_(True), "a bool is not a count: write a whole number"),
+    ],
+)
+def test_a_numpy_or_torch_integer_is_refused_with_the_int_to_write(value, fix):
+    with pytest.raises(ValueError, match=re.escape(f"expected an int >= 1; {fix}.")):
+        require_count("kNN 'knn'", "k", value)

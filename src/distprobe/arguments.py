@@ -6,8 +6,8 @@ A count is ``num_classes``, ``every_n_steps``, a size...; a choice is ``gradient
 Standard library only, so that a config that must stay light (the probing service's, loaded before torch) can use
 it. Every kind refuses the same values with the same message: ``{owner}: argument '{name}' got {value!r}; expected
 an int >= 1``, then how to fix it. A bool is refused although Python counts it as an int: ``every_n_steps=True`` is
-surely not a count. numpy and torch integer scalars are refused too (no caller passes one; a size read from a tensor
-is turned into an ``int`` where it is read).
+surely not a count. numpy and torch integer scalars are refused too, with the ``int(...)`` to write (a config keeps
+plain ints: they go to JSON and YAML as they are).
 
 Example:
     >>> require_count("kNN 'knn'", "queue_length", 4096)
@@ -86,7 +86,8 @@ def _fix(value: Any, minimum: int) -> str:
     """How to write ``value`` as a count, where the mistake is its type (an int too small needs no more words)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return ""
-    kind = f"a {type(value).__name__} is not a count"
+    name = type(value).__name__
+    kind = f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name} is not a count"
     if isinstance(value, bool):
         return f"{kind}: write the number itself, such as 1"
     if isinstance(value, str):
@@ -96,7 +97,20 @@ def _fix(value: Any, minimum: int) -> str:
         return f"{kind}: write a whole number without quotes"
     if isinstance(value, float) and value.is_integer() and value >= minimum:
         return f"{kind}: write {int(value)}, not {value!r}"
+    integer = _as_integer(value)
+    if integer is not None:  # a numpy or torch integer (num_classes=labels.max() + 1): kept out of the configs
+        return f"{kind} here: pass int(...) of it ({integer})"
     return f"{kind}: write a whole number"
+
+
+def _as_integer(value: Any) -> int | None:
+    """The int a numpy or torch integer scalar stands for, or None for anything else (floats and bools included)."""
+    if "bool" in str(getattr(value, "dtype", "")) or not hasattr(value, "__index__"):
+        return None
+    try:
+        return int(value.__index__())
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def require_choice(
