@@ -7,7 +7,8 @@ FSDP1 since Lightning's FSDP precision refuses ``gradient_clip_algorithm="norm"`
 trained differently with the probe than without it (from the second step on).
 
 One spawn of 2 gloo ranks: per strategy a fit with a probe accumulating 2 micro-batches and a fit without; the main
-losses and the backbone's (local) parameters must be bitwise the same.
+losses and the backbone's (local) parameters must be bitwise the same. Also with manual optimization, where the user
+clips the whole module inside ``training_step``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SPECS = {
     "ddp": Spec("distprobe_ddp"),
     "fsdp1": Spec("distprobe_fsdp"),
     "fsdp2": Spec("distprobe_fsdp2", kind="fsdp2"),
+    # Manual optimization: the user clips the whole module inside training_step.
+    "ddp_manual": Spec("distprobe_ddp"),
 }
 
 
@@ -52,6 +55,23 @@ class ClippedFSDP2Backbone(FSDP2Backbone):
         _clip_whole_module(self)
 
 
+class ManualClippedBackbone(Backbone):
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        optimizer = self.optimizers()
+        outputs = super().training_step(batch, batch_idx)
+        self.manual_backward(outputs["loss"])
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1e-3)
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs["loss"] = outputs["loss"].detach()
+        outputs["embedding"] = outputs["embedding"].detach()
+        return outputs
+
+
 class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
@@ -72,6 +92,8 @@ def _run_every_strategy(rank: int, world_size: int) -> dict[str, Any]:
     results = {}
     for name, spec in SPECS.items():
         cls = ClippedFSDP2Backbone if spec.kind == "fsdp2" else ClippedBackbone
+        if name.endswith("manual"):
+            cls = ManualClippedBackbone
         runs = {}
         for probed in (True, False):
             recorder = LossRecorder()

@@ -127,6 +127,24 @@ def probes_out_of_loading(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def probe_gradients_set_aside(module: nn.Module) -> Iterator[None]:
+    """While the block runs, the probes' parameters under ``module.callbacks_modules`` have no ``.grad``.
+
+    A probe keeps its open accumulation window in its parameters' ``.grad``; code in the block that walks
+    ``module.parameters()`` (norm clipping of the whole module, a gradient-norm log) neither counts nor changes it.
+    The same tensors are put back afterwards.
+    """
+    set_aside = [(p, p.grad) for p in probe_parameters(module) if p.grad is not None]
+    for p, _ in set_aside:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in set_aside:
+            p.grad = grad
+
+
 def drop_from_optimizers(optimizers: Iterable[Optimizer], params: Iterable[torch.Tensor]) -> int:
     """Remove ``params`` (and any state kept for them) from every optimizer; return how many references went.
 

@@ -21,6 +21,7 @@ from distprobe.engine.collectives import default_group
 from distprobe.strategies.exclusion import (
     drop_from_optimizers,
     hidden_probes,
+    probe_gradients_set_aside,
     probe_parameters,
     probes_kept_out_of_precision,
     probes_out_of_loading,
@@ -88,14 +89,22 @@ class ProbesOutOfCheckpointLoading(Strategy):
 
 
 class ProbeGradientsOutOfMainStep(Strategy):
-    """The main optimizer step (its closure: forward, backward, gradient clipping) sees no probe gradient.
+    """The main training step and optimizer step (forward, backward, gradient clipping) see no probe gradient.
 
     A probe registered in the LightningModule (an ``nn.ModuleDict``) keeps its open accumulation window in its
     parameters' ``.grad``. Norm clipping over the whole module (FSDP1's ``model.clip_grad_norm_``, or
-    ``clip_grad_norm_(self.parameters())`` in ``configure_gradient_clipping``), or a gradient-norm log, would count
-    those gradients in the backbone's norm and scale them: the backbone would train differently than without probes,
-    and the probe's window would be changed. They are set aside for the step and put back, the same tensors, after it.
+    ``clip_grad_norm_(self.parameters())`` in ``configure_gradient_clipping`` or in a manual-optimization
+    ``training_step``), or a gradient-norm log, would count those gradients in the backbone's norm and scale them: the
+    backbone would train differently than without probes, and the probe's window would be changed. They are set aside
+    during both steps and put back, the same tensors, after them.
     """
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.lightning_module is None:
+            return super().training_step(*args, **kwargs)
+        with probe_gradients_set_aside(self.lightning_module):
+            return super().training_step(*args, **kwargs)
 
     @override
     def optimizer_step(
@@ -105,12 +114,7 @@ class ProbeGradientsOutOfMainStep(Strategy):
         model: pl.LightningModule | nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        module = self.lightning_module
-        set_aside = [] if module is None else [(p, p.grad) for p in probe_parameters(module) if p.grad is not None]
-        for p, _ in set_aside:
-            p.grad = None
-        try:
+        if self.lightning_module is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
-        finally:
-            for p, grad in set_aside:
-                p.grad = grad
+        with probe_gradients_set_aside(self.lightning_module):
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
