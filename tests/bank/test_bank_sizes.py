@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 from tests.helpers.models import EMBED_DIM, Backbone, loader, trainer
 
 from distprobe.callbacks import OnlineProbeBank
+from distprobe.loop import ProbeSet
 
 NARROW = 5
 
@@ -62,3 +64,30 @@ def test_sizes_that_fit_train_and_validate():
     t = trainer([bank], max_epochs=1, limit_train_batches=2, num_sanity_val_steps=1)
     t.fit(TwoWidths(), loader(), loader(n=16, seed=1))
     assert "eval/grid_best_top1" in t.callback_metrics
+
+
+@pytest.mark.parametrize(("family", "sample"), [("linear", (5,)), ("attentive", (4, 5)), ("dense", (16, 5))])
+def test_a_probe_set_bank_refuses_another_size_configured_or_loaded(family, sample):
+    """The same check in a plain-torch `ProbeSet`, for every head family, whether the heads came from
+    ``in_features`` or from a loaded state (was torch's batched-matmul or view error)."""
+
+    def bank(**config: Any) -> ProbeSet:
+        spec = {"name": "grid", "num_classes": 3, "inputs": ["x"], "target": "y", "lr": [0.1], "family": family}
+        return ProbeSet.build([], banks=[{**spec, **config}])
+
+    def batch(width: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        y = torch.randint(0, 3, (4, 8, 8) if family == "dense" else (4,))
+        return {"x": torch.randn(4, *sample[:-1], width)}, {"y": y}
+
+    expected = (
+        r"^bank 'grid': input 'x' has 5 features per sample, but the bank is sized for 8 .* in_features=\{'x': 5\}"
+    )
+    with pytest.raises(ValueError, match=expected):
+        bank(in_features=8).step(*batch(5))
+    trained = bank()
+    trained.step(*batch(8))
+    resumed = bank()
+    resumed.load_state_dict(trained.state_dict())
+    with pytest.raises(ValueError, match=expected):
+        resumed.step(*batch(5))
+    resumed.step(*batch(8))  # the refused batch changed nothing: the built width still trains

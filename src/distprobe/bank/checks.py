@@ -6,7 +6,7 @@ What a first batch must hold depends on the bank: linear heads read one feature 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,10 +25,12 @@ def first_batch_problem(
     targets: Any,
     num_classes: int,
     config: BankConfig | None = None,
+    built: Mapping[str, int] | None = None,
 ) -> str | None:
     """What is wrong with the first batch for this bank, or None (one host sync, on this batch only).
 
-    ``config`` (when given) adds its family's input check and, for a multi-label bank, the multi-hot target check.
+    ``config`` (when given) adds its family's input check and, for a multi-label bank, the multi-hot target check;
+    ``built``, the feature sizes of heads built before this batch, adds `size_problem`.
     """
     owner = f"bank '{name}'"
     if config is not None:
@@ -42,10 +44,33 @@ def first_batch_problem(
                     return f"{owner}: {problem}"
         target_problem = getattr(FAMILIES[config.family], "target_problem", None)
         if target_problem is not None:  # a family with targets of its own (dense heads: masks)
-            return target_problem(owner, dict(zip(inputs, features, strict=True)), targets, config)
-        if config.multilabel:
-            return multi_hot_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
+            problem = target_problem(owner, dict(zip(inputs, features, strict=True)), targets, config)
+        elif config.multilabel:
+            problem = multi_hot_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
+        else:
+            problem = class_index_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
+        return problem if problem is not None else size_problem(name, config, features, built)
     return class_index_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes, hint=POOL_HINT)
+
+
+def size_problem(
+    name: str, config: BankConfig, features: Sequence[torch.Tensor], built: Mapping[str, int] | None
+) -> str | None:
+    """Features of another size than heads built before them (``in_features``, a checkpoint's), or None.
+
+    Unchecked, they would fail inside the batched matmul with torch's message. ``built`` None: no heads yet.
+    """
+    if built is None:
+        return None
+    sizes = feature_sizes(config, features)
+    for source, size in sizes.items():
+        if size != built[source]:
+            return (
+                f"bank '{name}': input {source!r} has {size} features per sample, but the bank is sized for "
+                f"{built[source]} (argument 'in_features', or a loaded checkpoint); set in_features={sizes!r}, or "
+                "feed the features it was built for."
+            )
+    return None
 
 
 def feature_sizes(config: BankConfig, features: Sequence[torch.Tensor]) -> dict[str, int]:

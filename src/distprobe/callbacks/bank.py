@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from distprobe import keys
 from distprobe.bank import BankConfig, ProbeBank
-from distprobe.bank.checks import feature_sizes, first_batch_problem
+from distprobe.bank.checks import feature_sizes, first_batch_problem, size_problem
 from distprobe.bank.config import Normalization
 from distprobe.bank.metric_kinds import build_metrics
 from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
@@ -227,28 +227,19 @@ class OnlineProbeBank(ProbeCallback):
     @override
     def first_batch_problem(self, read: Any) -> str | None:
         features, targets = read
-        problem = first_batch_problem(
-            self.name, self.config.inputs, features, targets, self.config.num_classes, config=self.config
+        return first_batch_problem(
+            self.name,
+            self.config.inputs,
+            features,
+            targets,
+            self.config.num_classes,
+            config=self.config,
+            built=self._built_sizes(),
         )
-        return problem if problem is not None else self._size_problem(features)
 
-    def _size_problem(self, features: list[torch.Tensor]) -> str | None:
-        """Features of another size than heads built before them (``in_features``, a checkpoint's), or None.
-
-        Unchecked, they would fail inside the batched matmul with torch's message.
-        """
-        if self._engine is None:
-            return None
-        sizes = feature_sizes(self.config, features)
-        built = dict(self.bank.heads.in_features)
-        for source, size in sizes.items():
-            if size != built[source]:
-                return (
-                    f"bank '{self.name}': input {source!r} has {size} features per sample, but the bank is sized for "
-                    f"{built[source]} (argument 'in_features', or a loaded checkpoint); set in_features={sizes!r}, or "
-                    "feed the features it was built for."
-                )
-        return None
+    def _built_sizes(self) -> dict[str, int] | None:
+        """The feature sizes of heads built before the first batch (``in_features``, a checkpoint's), or None."""
+        return None if self._engine is None else dict(self.bank.heads.in_features)
 
     @override
     def eval_read(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> Any:
@@ -256,7 +247,9 @@ class OnlineProbeBank(ProbeCallback):
         if not self.checked_first_batch and not self._sizes_checked:
             # Validation before any training batch (the sanity check, trainer.validate alone): sizes only, decided
             # on every rank at once; the targets' rule there stays validation's (bad samples are left out).
-            raise_if_any_rank_failed(self._size_problem(read[0]), world_check_group())
+            raise_if_any_rank_failed(
+                size_problem(self.name, self.config, read[0], self._built_sizes()), world_check_group()
+            )
             self._sizes_checked = True
         return read
 

@@ -144,7 +144,13 @@ def check_first_batches(members: Members, features: Tensors, targets: Tensors, n
         only(members.bank_specs),
         lambda name, _: bank_inputs(members, name, features, targets),
         lambda name, spec, read: bank_first_batch_problem(
-            name, spec.config.inputs, read[0], read[1], spec.config.num_classes, config=spec.config
+            name,
+            spec.config.inputs,
+            read[0],
+            read[1],
+            spec.config.num_classes,
+            config=spec.config,
+            built=members.banks[name].heads.in_features if name in members.banks else None,
         ),
     )
     problems += flat_input_problems("kNN", only(members.knn_specs), members.knns, features, targets)
