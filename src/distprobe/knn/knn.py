@@ -21,6 +21,7 @@ from typing_extensions import Self, override
 
 from distprobe import keys
 from distprobe.bank.multilabel import MULTILABEL_METRICS, EvalSamples, head_values
+from distprobe.engine import bad_data
 from distprobe.engine.replicate import group_rank_and_size, is_distributed
 from distprobe.engine.sized import Group, SizedEngine
 from distprobe.knn import multilabel, search
@@ -179,11 +180,14 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         targets = targets.to(self.device)[:valid]
         if config.multilabel:
             shares = multilabel.label_scores(scores, labels, tuple(config.k), config.num_classes, config.temperature)
-            keep = ((targets == 0) | (targets == 1)).all(dim=1)  # a label outside {0, 1} is not counted
+            # A label outside {0, 1}, or a non-finite query, is not counted.
+            keep = ((targets == 0) | (targets == 1)).all(dim=1) & bad_data.row_checks(features.to(self.device))[:valid]
             self.samples.update(shares[:valid], targets, keep, keep)
             return shares
         preds = search.predict(scores, labels, tuple(config.k), config.num_classes, config.temperature)
-        self.metrics.update(preds[:valid], targets)
+        # Bad samples are left out, as a probe's are: a non-finite query, a label outside [0, num_classes).
+        keep = bad_data.row_checks(features.to(self.device))[:valid] & (targets >= 0) & (targets < config.num_classes)
+        self.metrics.update(preds[:valid], targets, keep)
         return preds
 
     def compute_eval_metrics(self) -> dict[str, torch.Tensor]:

@@ -18,10 +18,15 @@ class KNNAccuracy(Metric):
         self.add_state("correct", torch.zeros(num_ks, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """Count ``(B, num_ks)`` predictions against ``(B,)`` labels (no host sync)."""
-        self.correct += (preds == target.to(preds.device)[:, None]).sum(dim=0)
-        self.total += preds.shape[0]
+    def update(self, preds: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Count ``(B, num_ks)`` predictions against ``(B,)`` labels, only the samples ``keep`` marks (no host sync)."""
+        hits = preds == target.to(preds.device)[:, None]
+        if keep is None:
+            self.correct += hits.sum(dim=0)
+            self.total += preds.shape[0]
+        else:
+            self.correct += (hits & keep[:, None]).sum(dim=0)
+            self.total += keep.sum()
 
     def compute(self) -> torch.Tensor:
         """``(num_ks,)`` accuracies (0 when no sample was counted)."""
