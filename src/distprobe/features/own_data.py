@@ -46,6 +46,23 @@ def restore_train_modes(modes: list[tuple[nn.Module, bool]]) -> None:
         module.training = training
 
 
+def reshard_fully_sharded(module: nn.Module) -> None:
+    """Put every FSDP2 (``fully_shard``) module of ``module`` back on its sharded parameters (no communication).
+
+    FSDP2 leaves the root's parameters unsharded after a forward, since the backward follows at once. An extra forward
+    under no_grad has no backward: the root would keep full, plain tensors registered in place of its DTensor shards
+    until the next step, so code that runs after the probe (an EMA teacher update over the student's parameters)
+    would see other tensors than without it.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
+
+
 @contextlib.contextmanager
 def model_left_alone(module: nn.Module, device: torch.device, forward_context: Any = None) -> Iterator[None]:
     """Run an extra forward of ``module`` that leaves no trace on its training.
@@ -54,7 +71,7 @@ def model_left_alone(module: nn.Module, device: torch.device, forward_context: A
     statistics, dropout is off), ``forward_context`` (Lightning's ``precision_plugin.forward_context()``) entered.
     Afterwards each submodule's train/eval flag and the torch CPU and CUDA RNG states are what they were, so the
     main training draws the same random numbers (dropout masks, augmentations, the main loader's shuffle) as it would
-    without the probe.
+    without the probe, and FSDP2 modules are back on their sharded parameters (`reshard_fully_sharded`).
 
     Args:
         module: The model whose forward runs (the LightningModule).
@@ -72,6 +89,7 @@ def model_left_alone(module: nn.Module, device: torch.device, forward_context: A
                 yield
     finally:
         restore_train_modes(modes)
+        reshard_fully_sharded(module)
 
 
 def shard_loader(loader: DataLoader, *, num_replicas: int, rank: int, train: bool, seed: int = 0) -> DataLoader:
