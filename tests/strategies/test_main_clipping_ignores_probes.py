@@ -30,6 +30,8 @@ SPECS = {
     "fsdp2": Spec("distprobe_fsdp2", kind="fsdp2"),
     # Manual optimization: the user clips the whole module inside training_step.
     "ddp_manual": Spec("distprobe_ddp"),
+    # DeepSpeed clips inside its engine: only the gradients seen at on_before_optimizer_step are compared.
+    "deepspeed_stage_2": Spec("distprobe_deepspeed_stage_2"),
 }
 
 
@@ -76,6 +78,14 @@ class LossRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
         self.backbone: list[torch.Tensor] = []
+        self.with_grad: list[list[str]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # What a gradient-norm log over the module (lightning.pytorch.utilities.grad_norm) would read. The hook also
+        # runs for every probe optimizer step (distprobe calls it with the probe's optimizer): only the main one counts.
+        if not any(optimizer is main for main in trainer.optimizers):
+            return
+        self.with_grad.append(sorted(n for n, p in pl_module.named_parameters() if p.grad is not None))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *_: Any) -> None:
         self.losses.append(outputs["loss"].detach().clone())
@@ -94,6 +104,8 @@ def _run_every_strategy(rank: int, world_size: int) -> dict[str, Any]:
         cls = ClippedFSDP2Backbone if spec.kind == "fsdp2" else ClippedBackbone
         if name.endswith("manual"):
             cls = ManualClippedBackbone
+        if name.startswith("deepspeed"):
+            cls = Backbone
         runs = {}
         for probed in (True, False):
             recorder = LossRecorder()
@@ -110,7 +122,7 @@ def _run_every_strategy(rank: int, world_size: int) -> dict[str, Any]:
                 callbacks.insert(0, probe)
             trainer = _trainer(spec, world_size, callbacks, enable_checkpointing=False)
             trainer.fit(cls(seed=0), datamodule=DataModule())
-            runs["probed" if probed else "plain"] = (recorder.losses, recorder.backbone)
+            runs["probed" if probed else "plain"] = (recorder.losses, recorder.backbone, recorder.with_grad)
         results[name] = runs
     return results
 
@@ -125,7 +137,11 @@ def every_strategy() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("name", list(SPECS))
 def test_backbone_clipping_is_the_same_with_and_without_probes(name: str, every_strategy: list[dict[str, Any]]) -> None:
     for rank in every_strategy:
-        (probed_losses, probed_backbone), (plain_losses, plain_backbone) = rank[name]["probed"], rank[name]["plain"]
+        (probed_losses, probed_backbone, probed_grads), (plain_losses, plain_backbone, plain_grads) = (
+            rank[name]["probed"],
+            rank[name]["plain"],
+        )
+        assert probed_grads == plain_grads  # no probe gradient in sight of the main step
         assert len(probed_losses) == len(plain_losses) > 2
         for step, (got, want) in enumerate(zip(probed_losses, plain_losses, strict=True)):
             assert torch.equal(got, want), step

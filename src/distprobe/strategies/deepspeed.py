@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from distprobe.strategies.exclusion import drop_from_optimizers, hidden_probes, probe_parameters, unregister_probes
 from distprobe.strategies.keep_out import (
+    ProbeGradientsOutOfMainStep,
     ProbesHiddenWhileSharding,
     ProbesOutOfCheckpointLoading,
     ProbesOutOfPrecision,
@@ -24,7 +25,12 @@ from distprobe.strategies.keep_out import (
 
 
 class ProbeDeepSpeedStrategy(
-    WorldProbeGroup, ProbesOutOfCheckpointLoading, ProbesOutOfPrecision, ProbesHiddenWhileSharding, DeepSpeedStrategy
+    WorldProbeGroup,
+    ProbeGradientsOutOfMainStep,
+    ProbesOutOfCheckpointLoading,
+    ProbesOutOfPrecision,
+    ProbesHiddenWhileSharding,
+    DeepSpeedStrategy,
 ):
     """`DeepSpeedStrategy` that keeps probes out of the DeepSpeed engine and optimizer, on GPU or on CPU with gloo.
 
