@@ -51,6 +51,17 @@ def label_range_problem(owner: str, targets: torch.Tensor, num_classes: int, out
     )
 
 
+def _batch_inputs_problem(owner: str, inputs: Mapping[str, Any], batch: int, hint: str = "") -> str | None:
+    """A message for the first input that is not a ``(batch, features...)`` tensor of the targets' batch size."""
+    for key, features in inputs.items():
+        if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != batch:
+            return (
+                f"{owner}: input {key!r} must be a (batch, features...) tensor with the target's batch size "
+                f"{batch}; got {_described(features)}.{hint}"
+            )
+    return None
+
+
 def class_index_problem(
     owner: str, inputs: Mapping[str, Any], targets: Any, num_classes: int, *, hint: str = ""
 ) -> str | None:
@@ -63,12 +74,9 @@ def class_index_problem(
             f"{owner}: the target must be a 1-D integer tensor of class indices; got {_described(targets)}"
             f"{' (cast it with .long())' if _is_float_vector(targets) else ''}."
         )
-    for key, features in inputs.items():
-        if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != targets.shape[0]:
-            return (
-                f"{owner}: input {key!r} must be a (batch, features...) tensor with the target's batch size "
-                f"{targets.shape[0]}; got {_described(features)}.{hint}"
-            )
+    problem = _batch_inputs_problem(owner, inputs, int(targets.shape[0]), hint)
+    if problem is not None:
+        return problem
     return label_range_problem(
         owner, targets, num_classes, f"num_classes={num_classes}", "set num_classes to the number of classes"
     )
@@ -82,12 +90,9 @@ def multi_hot_problem(owner: str, inputs: Mapping[str, Any], targets: Any, num_c
             f"{owner}: with multilabel=True the target must be a (batch, num_classes={num_classes}) multi-hot "
             f"tensor; got {type(targets).__name__} {shape}."
         )
-    for key, x in inputs.items():
-        if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != targets.shape[0]:
-            return (
-                f"{owner}: input {key!r} must be a (batch, ...) tensor with the target's batch size "
-                f"{targets.shape[0]}; got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}."
-            )
+    problem = _batch_inputs_problem(owner, inputs, int(targets.shape[0]))
+    if problem is not None:
+        return problem
     if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
         return f"{owner}: multi-label targets must be 0 or 1; got values {targets.unique()[:8].tolist()}."
     return None
