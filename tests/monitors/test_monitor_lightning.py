@@ -127,13 +127,19 @@ def expected(data: MultiView) -> dict[str, float]:
 PACKAGE_DIR = os.path.dirname(distprobe.__file__) + os.sep
 
 
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
 def _called_from_distprobe() -> bool:
+    """Whether the all-reduce's caller, the first frame outside torch, is distprobe's code.
+
+    Not any distprobe frame up the stack: the DeepSpeed strategy runs DeepSpeed's own step (and its float64
+    all-reduces) inside a distprobe context manager.
+    """
     frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_filename.startswith(PACKAGE_DIR):
-            return True
+    while frame is not None and frame.f_code.co_filename.startswith(TORCH_DIR):
         frame = frame.f_back
-    return False
+    return frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR)
 
 
 def _strategy(name: str) -> Any:
