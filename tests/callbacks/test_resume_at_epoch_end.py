@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import lightning
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from packaging.version import Version
 from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, SeparableData, loader
 from torch import nn
 from torch.utils.data import default_collate
@@ -90,6 +92,11 @@ def _fit(root: Any, ckpt_path: str | None = None) -> tuple[dict[int, dict[str, f
     return values.values, ridge.ridge.stats.flat.clone()
 
 
+@pytest.mark.skipif(
+    Version(lightning.__version__) < Version("2.6"),
+    reason="Lightning 2.4.0 (the floor) resumes a checkpoint written at an epoch's last batch by running one more "
+    "batch of that epoch, from a restarted loader (measured), so the backbone itself trains on another stream",
+)
 def test_a_resume_from_an_epochs_last_batch_logs_the_next_epochs_values_alone(tmp_path):
     whole, whole_stats = _fit(tmp_path / "whole")
     (checkpoint,) = (tmp_path / "whole").glob(f"epoch=0-step={BATCHES}.ckpt")

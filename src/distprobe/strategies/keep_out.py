@@ -75,11 +75,13 @@ class ProbesOutOfCheckpointLoading(Strategy):
     """
 
     @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # Passed through as given: Lightning 2.6.6 takes ``weights_only``, the floor release 2.4.0 (README.md,
+        # "Supported versions") does not.
         if self.lightning_module is None:
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
         with probes_out_of_loading(self.lightning_module):
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
