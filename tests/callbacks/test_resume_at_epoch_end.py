@@ -11,7 +11,6 @@ loader so the resumed fit sees the uninterrupted fit's batches; the backbone tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import lightning
@@ -20,37 +19,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from packaging.version import Version
-from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, SeparableData, loader
+from tests.helpers.models import EMBED_DIM, NUM_CLASSES, Backbone, ResumableBatches, SeparableData, loader
 from torch import nn
-from torch.utils.data import default_collate
 from torchmetrics.classification import MulticlassAccuracy
 
 from distprobe.callbacks import EmbeddingMonitor, OnlineProbe, OnlineProbeBank, OnlineRidge
 
 BATCHES, BATCH, EPOCHS = 5, 8, 2
 DATA = SeparableData(BATCHES * BATCH, seed=3)
-
-
-class ResumableBatches:
-    """The training batches in order from a loader that saves its position and continues from it (``_Stateful``)."""
-
-    def __init__(self) -> None:
-        self.start = self.position = 0
-
-    def __len__(self) -> int:
-        return BATCHES
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        start, self.start = self.start, 0
-        for i in range(start, BATCHES):
-            self.position = i + 1
-            yield default_collate([DATA[j] for j in range(i * BATCH, (i + 1) * BATCH)])
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.start = state["position"] % BATCHES
 
 
 class EpochValues(pl.Callback):
@@ -88,7 +64,7 @@ def _fit(root: Any, ckpt_path: str | None = None) -> tuple[dict[int, dict[str, f
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(Backbone(), ResumableBatches(), loader(n=16, seed=1), ckpt_path=ckpt_path)
+    trainer.fit(Backbone(), ResumableBatches(DATA, BATCH), loader(n=16, seed=1), ckpt_path=ckpt_path)
     return values.values, ridge.ridge.stats.flat.clone()
 
 

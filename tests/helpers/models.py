@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 IN_DIM = 8
 EMBED_DIM = 16
@@ -84,3 +85,30 @@ def trainer(callbacks: list, max_epochs: int = 2, **kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, **defaults)
+
+
+class ResumableBatches:
+    """``data``'s batches in order, from a loader that saves its position and continues from it (``_Stateful``).
+
+    What a resumable loader gives a fit resumed mid-epoch: the batches after the checkpoint, not the epoch again.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.batches = len(data) // batch_size  # type: ignore[arg-type]
+        self.start = self.position = 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        start, self.start = self.start, 0
+        for i in range(start, self.batches):
+            self.position = i + 1
+            yield default_collate([self.data[j] for j in range(i * self.batch_size, (i + 1) * self.batch_size)])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = state["position"] % self.batches

@@ -8,42 +8,19 @@ the main batches are the uninterrupted fit's) must end with the uninterrupted fi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.helpers.models import NUM_CLASSES, Backbone, SeparableData
-from torch.utils.data import DataLoader, default_collate
+from tests.helpers.models import NUM_CLASSES, Backbone, ResumableBatches, SeparableData
+from torch.utils.data import DataLoader
 
 from distprobe.callbacks import OnlineKNN
 
 BATCHES, BATCH, EPOCHS, EVERY = 6, 8, 2, 2
 MAIN = SeparableData(BATCHES * BATCH, seed=3)
-
-
-class ResumableBatches:
-    """The main batches in order from a loader that saves its position and continues from it (``_Stateful``)."""
-
-    def __init__(self) -> None:
-        self.start = self.position = 0
-
-    def __len__(self) -> int:
-        return BATCHES
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        start, self.start = self.start, 0
-        for i in range(start, BATCHES):
-            self.position = i + 1
-            yield default_collate([MAIN[j] for j in range(i * BATCH, (i + 1) * BATCH)])
-
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.start = state["position"] % BATCHES
 
 
 def _embed(pl_module: Backbone, batch: dict) -> torch.Tensor:
@@ -74,7 +51,7 @@ def _fit(root: Any, ckpt_path: str | None = None) -> tuple[OnlineKNN, dict[str, 
         num_sanity_val_steps=0,
     )
     unlabeled_val = DataLoader([{"x": torch.zeros(8)}], batch_size=1)  # only to run validation epochs
-    trainer.fit(Backbone(), ResumableBatches(), unlabeled_val, ckpt_path=ckpt_path)
+    trainer.fit(Backbone(), ResumableBatches(MAIN, BATCH), unlabeled_val, ckpt_path=ckpt_path)
     return knn, {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
