@@ -169,7 +169,8 @@ class ShardedKNN(SizedEngine[KNNConfig]):
             ``(B, len(k))`` predicted classes, one column per k in the configured order.
         """
         config = self.config
-        queries = search.normalized(features.to(self.device))
+        features = features.to(self.device)
+        queries = search.normalized(features)
         every, counts, padded = self._gather_queries(queries)
         value, position, label = self._local_candidates(every)
         rank, _ = group_rank_and_size(self.dp_group)
@@ -178,15 +179,15 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         scores, labels = self._merge(value, ids, own)
         valid = scores.shape[0] if num_valid is None else num_valid
         targets = targets.to(self.device)[:valid]
+        finite = bad_data.row_checks(features)[:valid]  # a non-finite query is not counted
         if config.multilabel:
             shares = multilabel.label_scores(scores, labels, tuple(config.k), config.num_classes, config.temperature)
-            # A label outside {0, 1}, or a non-finite query, is not counted.
-            keep = ((targets == 0) | (targets == 1)).all(dim=1) & bad_data.row_checks(features.to(self.device))[:valid]
+            keep = ((targets == 0) | (targets == 1)).all(dim=1) & finite  # nor is a label outside {0, 1}
             self.samples.update(shares[:valid], targets, keep, keep)
             return shares
         preds = search.predict(scores, labels, tuple(config.k), config.num_classes, config.temperature)
         # Bad samples are left out, as a probe's are: a non-finite query, a label outside [0, num_classes).
-        keep = bad_data.row_checks(features.to(self.device))[:valid] & (targets >= 0) & (targets < config.num_classes)
+        keep = finite & (targets >= 0) & (targets < config.num_classes)
         self.metrics.update(preds[:valid], targets, keep)
         return preds
 
