@@ -9,8 +9,9 @@ batch and what it logs.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
-from typing import Any, ClassVar, Literal
+import dataclasses
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +29,7 @@ from distprobe.metrics.exact import dataloader_at, valid_in_loader_batch
 from distprobe.strategies.groups import data_parallel_group
 
 Stage = Literal["train", "val"]
+ConfigT = TypeVar("ConfigT")
 
 
 class ProbeCallback(Callback):
@@ -413,6 +415,35 @@ def require_keys(kind: str, name: str, **keys: Any) -> None:
     for argument, key in keys.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{kind} '{name}': argument '{argument}' got {key!r}; expected a non-empty key string.")
+
+
+def config_from_arguments(config_type: type[ConfigT], arguments: Mapping[str, Any], **fixed: Any) -> ConfigT:
+    """The dataclass ``config_type`` built from the constructor arguments of the same names; ``fixed`` wins.
+
+    The kNN, ridge and monitor callbacks document each field of their config as a constructor argument of the same
+    name (the reference API's style: visible to users and IDEs), and pass ``locals()`` here. Taking each field by its
+    name keeps one mapping from arguments to fields instead of a keyword list written again in every constructor.
+    A field that no argument names raises at once, so a renamed argument cannot silently fall back to the field's
+    default.
+
+    Example:
+        >>> from distprobe.monitors.member import MonitorConfig
+        >>> config_from_arguments(MonitorConfig, {"name": "m", "input": "x", "module": None, "metrics": "rankme",
+        ...     "sample_key": None, "view_key": None, "stage": "train", "every_n_steps": None, "dim": None,
+        ...     "centered": False}).metrics
+        ('rankme',)
+    """
+    values = {}
+    for field in dataclasses.fields(config_type):  # type: ignore[arg-type]
+        if not field.init:
+            continue
+        if field.name in fixed:
+            values[field.name] = fixed[field.name]
+        elif field.name in arguments:
+            values[field.name] = arguments[field.name]
+        else:  # a programming error in distprobe, not a user's
+            raise TypeError(f"{config_type.__name__}: field {field.name!r} has no constructor argument of that name.")
+    return config_type(**values)
 
 
 def store_preds(key: str, preds: torch.Tensor, outputs: Any, batch: Any) -> None:

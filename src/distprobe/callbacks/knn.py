@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from distprobe.callbacks.base import Stage, require_keys
+from distprobe.callbacks.base import Stage, config_from_arguments, require_keys
 from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
@@ -77,17 +77,7 @@ class OnlineKNN(FlatInputCallback):
         multilabel: bool = False,
     ) -> None:
         require_keys("kNN", name, input=input, target=target)
-        config = KNNConfig(
-            name=name,
-            num_classes=num_classes,
-            queue_length=queue_length,
-            k=k,
-            temperature=temperature,
-            storage_dtype=storage_dtype,
-            in_features=in_features,
-            input=input,
-            multilabel=multilabel,
-        )
+        config = config_from_arguments(KNNConfig, locals())
         super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
 
     @property

@@ -10,7 +10,7 @@ import torch
 from torchmetrics import Metric
 from typing_extensions import override
 
-from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
+from distprobe.callbacks.base import ProbeCallback, Stage, config_from_arguments, require_keys
 from distprobe.callbacks.cadence import StepValues, log_reduced
 from distprobe.features.dtensor import whole
 from distprobe.features.lookup import lookup
@@ -69,17 +69,7 @@ class EmbeddingMonitor(ProbeCallback):
         centered: bool = False,
     ) -> None:
         require_keys("monitor", name, input=input)
-        config = MonitorConfig(
-            name=name,
-            input=input,
-            metrics=metrics,
-            sample_key=sample_key,
-            view_key=view_key,
-            stage=stage,
-            every_n_steps=every_n_steps,
-            dim=dim,
-            centered=centered,
-        )
+        config = config_from_arguments(MonitorConfig, locals())
         super().__init__(name, [input], None, None)
         self.input = input
         self.config = config

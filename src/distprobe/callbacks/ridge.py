@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from distprobe.callbacks.base import Stage, require_keys
+from distprobe.callbacks.base import Stage, config_from_arguments, require_keys
 from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
@@ -68,17 +68,9 @@ class OnlineRidge(FlatInputCallback):
         features: FeatureFn | None = None,
     ) -> None:
         require_keys("ridge", name, input=input, target=target)
-        config = RidgeConfig(
-            name=name,
-            num_classes=num_classes,
-            l2=l2,
-            selection_fraction=selection_fraction,
-            in_features=in_features,
-            input=input,
-            # The callback starts the statistics at each training epoch, not the set after each evaluation: a
-            # validation inside an epoch, or a resume inside it, keeps the epoch's sums.
-            reset_statistics="by_owner",
-        )
+        # The callback starts the statistics at each training epoch, not the set after each evaluation: a validation
+        # inside an epoch, or a resume inside it, keeps the epoch's sums.
+        config = config_from_arguments(RidgeConfig, locals(), reset_statistics="by_owner")
         super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
 
     @property
