@@ -4,6 +4,7 @@
   while the training's stream keeps running (a device wait, no host sync).
 - The compiled SGD update equals `torch.optim.SGD` per head (its own rate, weight decay, a skipped head untouched),
   equals the same maths run eagerly to float32 rounding, and is deterministic (every replica runs the same kernel).
+- The compiled top-k count of the bank's metrics equals its eager form exactly.
 
 Run on a GPU machine with ``pytest -m gpu tests``; without CUDA every test here is skipped by the conftest.
 """
@@ -129,7 +130,7 @@ def test_the_compiled_update_is_sgd_per_head_deterministic_and_equals_its_eager_
         return p, buf
 
     compiled_p, compiled_buf = run(True)
-    assert not fused_update._BROKEN, "torch.compile failed here: the eager form ran instead"
+    assert not fused_update.SGD_KERNEL.broken, "torch.compile failed here: the eager form ran instead"
     again_p, again_buf = run(True)
     eager_p, eager_buf = run(False)
     assert torch.equal(compiled_p, again_p) and torch.equal(compiled_buf, again_buf)
@@ -156,3 +157,22 @@ def test_tf32_heads_differ_from_ieee_by_rounding_only_and_the_process_keeps_its_
     difference = (flats["high"] - flats["highest"]).abs().max().item()
     scale = flats["highest"].abs().max().item()
     assert 0.0 < difference <= 1e-3 * scale, (difference, scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_the_compiled_top_k_count_equals_its_eager_form(top_k: int) -> None:
+    """Equal counts, ties broken the same way (the logits are rounded to make many), a NaN head included."""
+    from distprobe.bank.metrics import COUNT_KERNEL, correct_per_head
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    for batch in (128, 37):  # a second shape: the compiled count is specialised per shape
+        logits = (torch.randn(batch, 16, 100, generator=g) * 2).round().to(device)
+        logits[:, 3] = float("nan")
+        logits[5, 7, 11] = float("inf")
+        targets = torch.randint(0, 100, (batch,), generator=g).to(device)
+        keep = (torch.rand(batch, generator=g) > 0.2).to(device)
+        compiled = correct_per_head(logits, targets, top_k, keep)
+        assert not COUNT_KERNEL.broken, "torch.compile failed here: the eager form ran instead"
+        assert torch.equal(compiled, correct_per_head(logits, targets, top_k, keep, compiled=False))

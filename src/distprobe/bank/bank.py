@@ -217,7 +217,7 @@ class ProbeBank:
         in_autocast = torch.is_autocast_enabled(device_type)
         outside_autocast = torch.autocast(device_type, enabled=False) if in_autocast else contextlib.nullcontext()
         with outside_autocast, float32_matmuls(self.config.matmul_precision), torch.enable_grad():
-            logits = self.heads(xs, self.dp_group)  # (K, B, C), contiguous
+            logits = self.heads(xs, self.dp_group)  # (K, B, C)
             safe_targets, countable, in_range, finite = self._check_targets(targets, logits[0])
             checked = bad_data.verdict(features_ok, countable, in_range, finite)
             summed = getattr(self.heads, "summed_loss", None)
@@ -240,7 +240,7 @@ class ProbeBank:
         else:
             self._grad.add_(grad)
         losses = losses.detach()
-        logits = logits.detach().transpose(0, 1)  # (B, K, C) for users and metrics, a view
+        logits = logits.detach().transpose(0, 1)  # (B, K, C) for users and metrics: a view, contiguous for linear heads
         self.metrics.deferred.add(
             losses, checked.bad, int(targets.shape[0]), checked.counts, logits, safe_targets, checked.keep
         )

@@ -12,13 +12,29 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
+from distprobe.engine.compiled import CudaCompiled
 from distprobe.metrics.counters import mark_updated
 
 
-def correct_per_head(logits: torch.Tensor, targets: torch.Tensor, top_k: int, keep: torch.Tensor) -> torch.Tensor:
-    """``(K,)`` long: how many kept samples each head classifies correctly within its top ``top_k``."""
+def correct_per_head(
+    logits: torch.Tensor, targets: torch.Tensor, top_k: int, keep: torch.Tensor, *, compiled: bool = True
+) -> torch.Tensor:
+    """``(K,)`` long: how many kept samples each head classifies correctly within its top ``top_k``.
+
+    On CUDA the count is one compiled kernel (`distprobe.engine.compiled`): eager, the comparisons, masks and sums
+    are seven passes over ``(B, K, C)`` tensors, a tenth of a 64-head bank's step. ``compiled=False`` runs the eager
+    maths, which CPUs run and the GPU tests compare against (an integer count: equal, not close).
+    """
+    return COUNT_KERNEL(logits, targets, keep, top_k, on_cuda=logits.is_cuda, compiled=compiled)
+
+
+def _count_correct(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, top_k: int) -> torch.Tensor:
     hits = logits.argmax(dim=-1) == targets[:, None] if top_k == 1 else target_rank(logits, targets) < top_k
     return (hits & keep[:, None]).sum(dim=0)
+
+
+#: The count, compiled on CUDA.
+COUNT_KERNEL = CudaCompiled(_count_correct)
 
 
 def target_rank(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -13,17 +13,15 @@ CPU runs keep the eager path (`fused_sgd_available` is False there): the tests c
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 
+from distprobe.engine.compiled import CudaCompiled
 from distprobe.engine.functional.optim import StepRates
 
 
 def fused_sgd_available(device: torch.device) -> bool:
     """Whether the compiled update is used for tensors on ``device``: CUDA only, and torch.compile must work."""
-    return device.type == "cuda" and torch.cuda.is_available() and _compiled() is not None
+    return device.type == "cuda" and SGD_KERNEL.available()
 
 
 def _sgd_math(
@@ -59,18 +57,8 @@ def _sgd_math(
     p.copy_(torch.addcmul(p, step, neg_lr))
 
 
-#: Set once compilation failed in this process: the eager maths is used from then on.
-_BROKEN: list[bool] = []
-
-
-@functools.cache
-def _compiled() -> Callable[..., None] | None:
-    if _BROKEN:
-        return None
-    try:
-        return torch.compile(_sgd_math, fullgraph=True, dynamic=False)
-    except Exception:  # noqa: BLE001 - an unusable compiler leaves the eager update in place
-        return None
+#: The update, compiled on CUDA (`distprobe.engine.compiled`).
+SGD_KERNEL = CudaCompiled(_sgd_math)
 
 
 def fused_sgd_update(
@@ -114,12 +102,4 @@ def fused_sgd_update(
         use_momentum,
         nesterov,
     )
-    fn = _compiled() if compiled and param.is_cuda else None
-    if fn is not None:
-        try:
-            fn(*args)
-            return
-        except Exception:  # noqa: BLE001 - compilation failed (no C compiler, an old Triton): eager from now on
-            _compiled.cache_clear()
-            _BROKEN.append(True)
-    _sgd_math(*args)
+    SGD_KERNEL(*args, on_cuda=param.is_cuda, compiled=compiled)

@@ -110,7 +110,11 @@ class HeadFamily(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
-        """``(K, B, C)`` outputs of every head (contiguous), from one ``(B, ...)`` tensor per source."""
+        """``(K, B, C)`` outputs of every head, from one ``(B, ...)`` tensor per source.
+
+        Contiguous, or a transposed view of a contiguous ``(B, K, C)`` buffer (the linear family's layout); `loss`
+        reads either without a copy.
+        """
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``(K,)``: each head's mean cross-entropy over the batch, as a separate probe's ``CrossEntropyLoss``.
@@ -122,11 +126,16 @@ class HeadFamily(nn.Module, abc.ABC):
             per_element = F.binary_cross_entropy_with_logits(
                 outputs, targets.to(outputs.dtype).expand_as(outputs), reduction="none"
             )
-            return per_element.flatten(1).mean(dim=1)
+            return per_element.mean(dim=(1, 2))
         k, b, c = outputs.shape
-        # One call for every head, on contiguous rows (a strided class dimension is a slow path).
-        per_sample = F.cross_entropy(outputs.reshape(k * b, c), targets.repeat(k), reduction="none")
-        return per_sample.view(k, b).mean(dim=1)
+        # One call for every head, on contiguous rows (a strided class dimension is a slow path), in whichever of
+        # the two layouts the family gave.
+        if outputs.is_contiguous():
+            per_sample = F.cross_entropy(outputs.view(k * b, c), targets.repeat(k), reduction="none")
+            return per_sample.view(k, b).mean(dim=1)
+        rows = outputs.transpose(0, 1).reshape(b * k, c)  # a view when (B, K, C) is the buffer's layout
+        per_sample = F.cross_entropy(rows, targets.repeat_interleave(k), reduction="none")
+        return per_sample.view(b, k).mean(dim=0)
 
     @abc.abstractmethod
     def views(self, flat: torch.Tensor) -> list[ParamView]:
