@@ -167,10 +167,11 @@ def test_the_compiled_top_k_count_equals_its_eager_form(top_k: int) -> None:
 
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(3)
-    for batch in (128, 37):  # a second shape: the compiled count is specialised per shape
-        logits = (torch.randn(batch, 16, 100, generator=g) * 2).round().to(device)
+    # Shapes change: a batch's, then a bank's (the count then runs on symbolic sizes: one kernel for any shape).
+    for batch, heads in ((128, 16), (37, 16), (20, 7), (64, 9)):
+        logits = (torch.randn(batch, heads, 100, generator=g) * 2).round().to(device)
         logits[:, 3] = float("nan")
-        logits[5, 7, 11] = float("inf")
+        logits[5, heads - 1, 11] = float("inf")
         targets = torch.randint(0, 100, (batch,), generator=g).to(device)
         keep = (torch.rand(batch, generator=g) > 0.2).to(device)
         compiled = correct_per_head(logits, targets, top_k, keep)

@@ -33,8 +33,8 @@ def _count_correct(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tens
     return (hits & keep[:, None]).sum(dim=0)
 
 
-#: The count, compiled on CUDA.
-COUNT_KERNEL = CudaCompiled(_count_correct)
+#: The count, compiled on CUDA; batch sizes vary (an epoch's last batch, validation), so sizes become symbolic.
+COUNT_KERNEL = CudaCompiled(_count_correct, dynamic=None)
 
 
 def target_rank(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

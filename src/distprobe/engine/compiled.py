@@ -18,7 +18,11 @@ R = TypeVar("R")
 
 
 class CudaCompiled(Generic[R]):
-    """``fn`` compiled (full graph, static shapes) when its tensors are on CUDA; ``fn`` itself otherwise.
+    """``fn`` compiled (one full graph) when its tensors are on CUDA; ``fn`` itself otherwise.
+
+    ``dynamic`` is torch.compile's: False specialises every shape (the bank's parameters, whose shapes are fixed);
+    None (torch's default) recompiles once with symbolic sizes when a second shape comes (batch sizes: a training
+    batch, an epoch's last one, validation's), so that torch's cap on recompilations is never reached.
 
     Example:
         >>> double = CudaCompiled(lambda x: x * 2)
@@ -26,8 +30,9 @@ class CudaCompiled(Generic[R]):
         tensor([2., 2.])
     """
 
-    def __init__(self, fn: Callable[..., R]) -> None:
+    def __init__(self, fn: Callable[..., R], *, dynamic: bool | None = False) -> None:
         self.fn = fn
+        self.dynamic = dynamic
         self._compiled: Callable[..., R] | None = None
         self.broken = False
         """Set once compilation failed in this process: the eager function runs from then on."""
@@ -49,7 +54,7 @@ class CudaCompiled(Generic[R]):
     def _compiler(self) -> Callable[..., R] | None:
         if self._compiled is None and not self.broken:
             try:
-                self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=False)
+                self._compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic)
             except Exception:  # noqa: BLE001 - an unusable compiler leaves the eager function in place
                 self.broken = True
         return self._compiled
