@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from distprobe.callbacks.base import ProbeCallback, Stage
+from distprobe.callbacks.base import ProbeCallback, Stage, config_from_arguments
 from distprobe.callbacks.own_data import OwnData
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.engine import Probe, ProbeConfig, maths
@@ -73,17 +73,7 @@ class TrainableCallback(ProbeCallback):
         own_data: OwnData | None = None,
     ) -> None:
         super().__init__(name, sources, target, own_data)
-        self.config = ProbeConfig(
-            name=name,
-            probe=None,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accumulate_grad_batches=accumulate_grad_batches,
-            gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm,
-            metrics=metrics,
-        )
+        self.config = config_from_arguments(ProbeConfig, locals(), probe=None)  # the module comes at setup
         self.module: nn.Module | None = None
         # Built now, not at setup: stable-pretraining's users read pl_module.callbacks_metrics[name] before fit.
         self.metrics = build_metrics(self.config)
