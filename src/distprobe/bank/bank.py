@@ -96,6 +96,7 @@ class ProbeBank:
         """An issued all-reduce and its gradient, whose step has not been applied yet."""
         self._window_bn: list[torch.Tensor] | None = None
         self._bn_buffers = heads.statistics()
+        self._statistics_readers = heads.statistics_readers()
         self._counted = hasattr(heads, "summed_loss")
         """The family's loss is a sum with a count (dense heads): the window's gradient carries the count last."""
         self._eval_seen = 0
@@ -225,6 +226,9 @@ class ProbeBank:
                 losses = self.heads.loss(logits, safe_targets)  # (K,): each head's loss, as a separate probe's
                 total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
                 (grad,) = torch.autograd.grad(total, self.heads.flat)
+                untrainable = self.heads.untrainable_heads(int(targets.shape[0]), self.dp_group)
+                if untrainable is not None:
+                    self._skip_window_of(grad, untrainable)
             else:
                 # A mean over units whose number varies by sample (valid pixels): sums now, and their count rides
                 # as the gradient's last element, so the window's all-reduce also sums the global count.
@@ -248,6 +252,15 @@ class ProbeBank:
         if boundary:
             self._reduce_and_step()
         return BankStepOutput(loss=losses, preds=logits, stepped=boundary, bad=checked.bad)
+
+    def _skip_window_of(self, grad: torch.Tensor, heads: torch.Tensor) -> None:
+        """NaN in the gradient of ``heads``, a ``(K,)`` mask: their window is skipped and counted in `skipped_steps`.
+
+        As a separate probe skips a micro-batch it cannot train on (`Probe._untrainable_step`).
+        """
+        for view in self.heads.views(grad):
+            rows = heads[view.heads].view(-1, *([1] * (view.whole.ndim - 1)))
+            view.whole.masked_fill_(rows, float("nan"))
 
     def _reduce_and_step(self) -> None:
         grad = self._grad
@@ -277,8 +290,15 @@ class ProbeBank:
             grad = grad[:-1] / grad[-1].clamp(min=torch.finfo(grad.dtype).tiny)
         finite = self.optimizer.step(grad)
         if self._window_bn is not None:
-            # A window skipped for every head (bad data) leaves no trace in the running statistics either.
-            functional.restore_where(finite.logical_not().all(), self._bn_buffers, self._window_bn)
+            # A window skipped for every head that reads a statistic (bad data; one sample for BatchNorm heads) leaves
+            # no trace in it either, as a separate probe's skipped window leaves none in its BatchNorm.
+            skipped = finite.logical_not()
+            readers = self._statistics_readers
+            if readers is None:
+                functional.restore_where(skipped.all(), self._bn_buffers, self._window_bn)
+            else:
+                for buffer, saved, heads in zip(self._bn_buffers, self._window_bn, readers, strict=True):
+                    functional.restore_where((skipped | ~heads).all(), [buffer], [saved])
             self._window_bn = None
 
     # --- evaluation -------------------------------------------------------------------------------------------

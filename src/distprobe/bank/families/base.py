@@ -145,6 +145,23 @@ class HeadFamily(nn.Module, abc.ABC):
         """Running statistics, in a fixed order: none unless the family normalises."""
         return []
 
+    def statistics_readers(self) -> list[torch.Tensor] | None:
+        """For each tensor of `statistics`, a ``(K,)`` bool mask of the heads that read it; None: every head.
+
+        A window skipped by every head that reads a statistic puts it back as it was at the window's start, as a
+        separate probe's skipped window puts back its BatchNorm's.
+        """
+        return None
+
+    def untrainable_heads(self, batch_size: int, group: dist.ProcessGroup | None) -> torch.Tensor | None:
+        """A ``(K,)`` bool mask of the heads that cannot train on this rank's micro-batch, or None (the usual case).
+
+        Decided on the host from the batch's size, so the same on every rank that sees that size. The bank skips
+        their window through the gradient, as `distprobe.engine.probe.Probe` skips a probe's (a BatchNorm of one
+        process given one sample).
+        """
+        return None
+
     @abc.abstractmethod
     def export(self, index: int) -> nn.Module:
         """Head ``index`` as a plain module with its current weights (and statistics), in eval mode if it has any."""

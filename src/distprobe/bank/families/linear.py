@@ -20,6 +20,7 @@ from torch import nn
 
 from distprobe.bank.config import BankConfig
 from distprobe.bank.families.base import HeadFamily, ParamView
+from distprobe.engine.collectives import rank_and_world
 from distprobe.engine.functional import group_moments, update_running_stats
 from distprobe.engine.precision import MatmulPrecision
 
@@ -105,6 +106,8 @@ class LinearHeads(HeadFamily):
             for block in self.blocks
             if any(block.batchnorm)
         }
+        self.batchnorm_masks: dict[int, torch.Tensor] = {}
+        """Per source block (by its first head), which heads sit behind a BatchNorm: made at first use."""
         return flat
 
     def views(self, flat: torch.Tensor) -> list[ParamView]:
@@ -123,6 +126,36 @@ class LinearHeads(HeadFamily):
         """Every running statistic, in a fixed order (what a skipped window restores, what checkpoints keep)."""
         return [t for first in sorted(self.running) for t in self.running[first]]
 
+    def statistics_readers(self) -> list[torch.Tensor]:
+        """Per statistic, its source's BatchNorm heads (the heads without one never read it)."""
+        masks = []
+        for first in sorted(self.running):
+            block = next(b for b in self.blocks if b.first == first)
+            masks += [self._batchnorm_heads(block)] * 2  # the mean and the variance
+        return masks
+
+    def untrainable_heads(self, batch_size: int, group: dist.ProcessGroup | None) -> torch.Tensor | None:
+        """The BatchNorm heads, given one sample on one process: a separate BatchNorm probe skips such a batch.
+
+        On two or more ranks the statistics are the group's (`normalized`), so one sample on a rank trains.
+        """
+        if batch_size != 1 or not self.running or rank_and_world(group)[1] > 1:
+            return None
+        masks = [self._batchnorm_heads(b) for b in self.blocks if any(b.batchnorm)]
+        return torch.stack(masks).any(dim=0)
+
+    def _batchnorm_heads(self, block: Block) -> torch.Tensor:
+        """``(K,)`` bool on the bank's device: the heads of ``block`` behind a BatchNorm (made once, then kept)."""
+        cache = self.batchnorm_masks
+        if block.first not in cache:
+            mask = torch.zeros(self.num_heads, dtype=torch.bool)
+            for j, batchnorm in enumerate(block.batchnorm):
+                if batchnorm:  # heads run normalization-major within a block
+                    start = block.first + j * block.per_norm
+                    mask[start : start + block.per_norm] = True
+            cache[block.first] = mask.to(self.flat.device)
+        return cache[block.first]
+
     def normalized(self, x: torch.Tensor, block: Block, group: dist.ProcessGroup | None) -> torch.Tensor:
         """``nn.BatchNorm1d(affine=False)`` of ``x``: batch statistics (of the whole group) in training, else running.
 
@@ -132,7 +165,9 @@ class LinearHeads(HeadFamily):
         mean_buf, var_buf = self.running[block.first]
         eps = self.config.batchnorm_eps
         with torch.no_grad():
-            if not self.training:
+            if not self.training or (x.shape[0] == 1 and rank_and_world(group)[1] == 1):
+                # One sample of one process: the running statistics normalise it and stay as they are; the bank
+                # skips these heads' window (`untrainable_heads`), as torch's BatchNorm refuses such a batch.
                 return (x - mean_buf) / torch.sqrt(var_buf + eps)
             mean, var, n = group_moments(x, group)
             update_running_stats(mean_buf, var_buf, mean, var, n, self.config.batchnorm_momentum)
