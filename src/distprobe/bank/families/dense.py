@@ -126,6 +126,16 @@ def patch_rows(x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Ten
     return x.reshape(b * n, d), grid
 
 
+def _grid_of(x: torch.Tensor, grid: tuple[int, int] | None) -> tuple[int, int]:
+    """The patch grid `patch_rows` reads ``(B, N, D)`` tokens or a ``(B, D, h, w)`` map on."""
+    if x.ndim == 4:
+        return (int(x.shape[2]), int(x.shape[3]))
+    if grid is not None:
+        return grid
+    side = math.isqrt(int(x.shape[1]))
+    return (side, side)
+
+
 class DenseHead(nn.Module):
     """One dense head as a plain module: ``(B, N, D)`` tokens or a ``(B, D, h, w)`` map to ``(B, C, h, w)`` logits.
 
@@ -204,6 +214,7 @@ class DenseHeads(LinearHeads):
                 f"{owner}: a dense head's target must be (batch, H, W) integer class-index masks; got "
                 f"{type(targets).__name__} {shape}."
             )
+        grids: dict[str, tuple[int, int]] = {}
         for key, x in inputs.items():
             if not isinstance(x, torch.Tensor) or x.shape[0] != targets.shape[0]:
                 return (
@@ -220,6 +231,16 @@ class DenseHeads(LinearHeads):
                     f"{owner}: head_options['grid']={options.grid} does not hold the {x.shape[1]} tokens of input "
                     f"{key!r}; give the patch grid of the tokens."
                 )
+            grids[key] = _grid_of(x, options.grid)
+        if len(set(grids.values())) > 1:
+            # The heads of every source are scored on one grid: unchecked, grids of different sizes fail inside
+            # the forward's cat with torch's message, and grids of the same size but another shape (2 x 8 tokens
+            # beside a 4 x 4 map) would be read as the last source's grid, silently.
+            return (
+                f"{owner}: its inputs lie on different patch grids {grids}; a dense bank's sources must share one "
+                "(h, w) grid (head_options['grid'] sets the tokens' grid): resize the feature maps to one grid, or "
+                "use one bank per grid."
+            )
         labels = targets[targets != options.ignore_index]
         return label_range_problem(
             owner,
@@ -244,7 +265,10 @@ class DenseHeads(LinearHeads):
         """
         # preds is (B, C, h, w): the check reads the classes from the last dimension.
         safe, _, in_range, finite = bad_data.check_targets(targets, preds.movedim(1, -1), self.options.ignore_index)
-        return safe, (safe == targets).flatten(1).all(dim=1), in_range, finite
+        countable = (safe == targets).flatten(1).all(dim=1)
+        # int64 for the loss: cross_entropy takes no int32 or int16 labels, which masks often are (numpy, PIL, the
+        # service's cache); the first-batch check accepts every integer type, so this cast must not be left to it.
+        return safe.long(), countable, in_range, finite
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C, h, w)`` logits of every head on the patch grid, one input per source (same grid for all)."""

@@ -1,0 +1,147 @@
+"""Dense banks at a new user's edges: integer masks of any width, micro-batches with no labeled pixel, and sources
+on different patch grids; in the plain-torch bank and in a real `lightning.Trainer`."""
+
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distprobe.bank import BankConfig, ProbeBank
+from distprobe.bank.checks import first_batch_problem
+from distprobe.callbacks import OnlineProbeBank
+from distprobe.loop import ProbeSet
+from features.taps.models import IN_DIM, NUM_CLASSES, TokenModel
+from helpers.models import RandomPoints, trainer
+
+D, C, SIDE = 8, 3, 8
+
+
+def _bank(**overrides):
+    options: dict[str, Any] = dict(
+        name="seg",
+        family="dense",
+        inputs=["x"],
+        num_classes=C,
+        lr=[0.1, 0.2],
+        weight_decay=[0.0, 0.01],
+        normalization=[None, "batchnorm"],
+        in_features=D,
+        head_options={"samples_per_step": None},
+    )
+    options.update(overrides)
+    return ProbeBank.build(BankConfig(**options))
+
+
+def _batches(steps, seed=0, ignore_first=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        masks = torch.randint(0, C, (4, SIDE, SIDE), generator=g)
+        masks[torch.rand(4, SIDE, SIDE, generator=g) < 0.25] = 255
+        if ignore_first and step == 0:
+            masks[:] = 255  # unlabeled images only
+        out.append((torch.randn(4, 4, D, generator=g), masks))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_masks_of_any_width_train_as_int64_masks_do(dtype):
+    """int32 masks (numpy's default on some platforms, PIL through numpy) passed the first-batch check, then failed in
+    the loss with "expected target dtype to be Long or Byte", taking the training down."""
+    reference, bank = _bank(), _bank()
+    for x, masks in _batches(3):
+        reference.train_step([x], masks)
+        out = bank.train_step([x], masks.to(dtype))
+        assert not bool(out.bad)
+    reference.settle(), bank.settle()
+    assert torch.equal(bank.heads.flat, reference.heads.flat)
+    for x, masks in _batches(2, seed=1):
+        reference.eval_step([x], masks)
+        bank.eval_step([x], masks.to(dtype))
+    assert bank.compute_eval_metrics().keys() == reference.compute_eval_metrics().keys()
+
+
+def test_a_micro_batch_without_a_labeled_pixel_leaves_the_epoch_losses_finite():
+    """Every pixel ignore_index in one micro-batch (its loss is 0 / 0) made every head's epoch loss NaN."""
+    bank = _bank()
+    losses = []
+    for x, masks in _batches(3, ignore_first=True):
+        losses.append(bank.train_step([x], masks).loss)
+    assert torch.isnan(losses[0]).all() and torch.isfinite(torch.stack(losses[1:])).all()
+    values = bank.compute_train_metrics()
+    expected = torch.stack(losses[1:]).mean(dim=0)  # the other steps, of equal batch sizes
+    for head in bank.heads.head_list:
+        torch.testing.assert_close(values[f"{head.head_id}_loss"], expected[head.index])
+    torch.testing.assert_close(values["loss_epoch"], expected.mean())
+
+
+def _two_sources(**overrides):
+    return BankConfig(**{**dict(name="seg", family="dense", inputs=["a", "b"], num_classes=C, lr=0.1), **overrides})
+
+
+def test_sources_on_different_patch_grids_are_refused_at_the_first_batch():
+    """A (B, 16, D) token source beside a (B, D, 2, 2) map failed in the forward's cat with torch's message; a 2 x 8
+    token grid beside a 4 x 4 map was read as 4 x 4, silently."""
+    masks = torch.randint(0, C, (2, SIDE, SIDE))
+
+    def problem(tokens, feature_map, **overrides):
+        return first_batch_problem("seg", ["a", "b"], [tokens, feature_map], masks, C, _two_sources(**overrides))
+
+    found = problem(torch.randn(2, 16, D), torch.randn(2, D, 2, 2))
+    assert found is not None
+    assert "bank 'seg'" in found and "{'a': (4, 4), 'b': (2, 2)}" in found and "one bank per grid" in found
+    found = problem(torch.randn(2, 16, D), torch.randn(2, D, 4, 4), head_options={"grid": (2, 8)})
+    assert found is not None and "{'a': (2, 8), 'b': (4, 4)}" in found
+    assert problem(torch.randn(2, 16, D), torch.randn(2, D, 4, 4)) is None
+    probes = ProbeSet.build([], banks=[dict(name="seg", input=["a", "b"], target="y", num_classes=C, family="dense")])
+    with pytest.raises(ValueError, match="different patch grids"):
+        probes.step({"a": torch.randn(2, 16, D), "b": torch.randn(2, D, 2, 2)}, {"y": masks})
+
+
+class _Masked(Dataset):
+    """Points with an (8, 8) mask each, stored in ``dtype``; the first ``unlabeled`` samples have no labeled pixel."""
+
+    def __init__(self, size: int, seed: int, dtype: torch.dtype, unlabeled: int = 0) -> None:
+        self.points = RandomPoints(size, seed, in_dim=IN_DIM, num_classes=NUM_CLASSES)
+        g = torch.Generator().manual_seed(seed + 100)
+        masks = torch.randint(0, NUM_CLASSES, (size, SIDE, SIDE), generator=g)
+        masks[:unlabeled] = 255
+        self.masks = masks.to(dtype)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.points[i], "mask": self.masks[i]}
+
+
+def test_a_lightning_fit_on_int32_masks_with_unlabeled_batches_trains_and_logs_finite_losses():
+    def fit(dtype):
+        bank = OnlineProbeBank(
+            None,
+            name="seg",
+            input="backbone.blocks.1:patch",
+            target="mask",
+            num_classes=NUM_CLASSES,
+            lr=0.1,
+            weight_decay=0.0,
+            normalization=None,
+            head="dense",
+            accumulate_grad_batches=2,
+        )
+        t = trainer([bank], max_epochs=1)
+        # Batches of 4: the first is unlabeled throughout.
+        t.fit(
+            TokenModel(seed=0),
+            DataLoader(_Masked(16, 0, dtype, unlabeled=4), batch_size=4),
+            DataLoader(_Masked(8, 1, dtype), batch_size=4),
+        )
+        return bank, t.callback_metrics
+
+    bank, logged = fit(torch.int32)
+    reference, _ = fit(torch.int64)
+    assert torch.equal(bank.bank.heads.flat, reference.bank.heads.flat)
+    assert torch.isfinite(logged["train/seg_loss_epoch"])
+    assert torch.isfinite(logged[f"train/seg/{bank.head_ids[0]}_loss"])
+    assert 0.0 <= float(logged["eval/seg_best_mIoU"]) <= 1.0
