@@ -78,7 +78,8 @@ class OnlineKNN(FlatInputCallback):
     ) -> None:
         require_keys("kNN", name, input=input, target=target)
         config = config_from_arguments(KNNConfig, locals())
-        super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
+        own_data = own_data_of(name, data, val_data, features, every_n_steps, kind=self.kind)
+        super().__init__(name, input, target, config, own_data)
 
     @property
     def knn(self) -> ShardedKNN:

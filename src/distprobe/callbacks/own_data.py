@@ -126,7 +126,7 @@ def eval_batches(
                 first = raw
             if raw is None:
                 raise ValueError(
-                    f"probe '{own.name}': argument 'val_data' has no batch on this rank while another rank has "
+                    f"{own.owner}: argument 'val_data' has no batch on this rank while another rank has "
                     f"{steps}; shard it with a DistributedSampler (drop_last=False) so every rank has some."
                 )
             batch = move_to(raw, device)
@@ -170,8 +170,12 @@ class OwnDataFeatures:
         self.own.release()
 
 
-def own_data_of(name: str, data: Any, val_data: Any, features: FeatureFn | None, every_n_steps: int) -> OwnData | None:
+def own_data_of(
+    name: str, data: Any, val_data: Any, features: FeatureFn | None, every_n_steps: int, *, kind: str = "probe"
+) -> OwnData | None:
     """The `OwnData` of a callback's ``data``/``val_data``/``features``/``every_n_steps`` arguments, or None.
+
+    ``kind`` names the callback in messages (``"bank"``, ``"kNN"``, ``"ridge"``), as its other messages do.
 
     Raises:
         ValueError: for ``val_data`` or ``features`` without ``data``, or ``data`` without ``features``.
@@ -180,13 +184,13 @@ def own_data_of(name: str, data: Any, val_data: Any, features: FeatureFn | None,
         for argument, value in (("val_data", val_data), ("features", features)):
             if value is not None:
                 raise ValueError(
-                    f"probe '{name}': argument '{argument}' is given without 'data'; pass the probe's own labeled "
+                    f"{kind} '{name}': argument '{argument}' is given without 'data'; pass the {kind}'s own labeled "
                     "training DataLoader as 'data' too, or drop it to probe the main batches."
                 )
         return None
     if features is None:
         raise ValueError(
-            f"probe '{name}': argument 'data' needs 'features', a callable features(pl_module, batch) -> tensor "
-            "that runs the model on one of the probe's own batches (e.g. lambda m, b: m.backbone(b['image']))."
+            f"{kind} '{name}': argument 'data' needs 'features', a callable features(pl_module, batch) -> tensor "
+            f"that runs the model on one of the {kind}'s own batches (e.g. lambda m, b: m.backbone(b['image']))."
         )
-    return OwnData(name, data=data, val_data=val_data, features=features, every_n_steps=every_n_steps)
+    return OwnData(name, data=data, val_data=val_data, features=features, every_n_steps=every_n_steps, kind=kind)

@@ -161,6 +161,8 @@ class OwnData:
     features: FeatureFn
     every_n_steps: int = 1
     seed: int = 0
+    kind: str = "probe"
+    """What the callback is (``"probe"``, ``"bank"``, ``"kNN"``, ``"ridge"``): messages name it as ``kind 'name'``."""
     batches_seen: int = field(default=0, init=False)
     """Main training batches seen (the same on every rank)."""
     draws: int = field(default=0, init=False)
@@ -169,25 +171,29 @@ class OwnData:
     """The hooks on submodules that this probe's own forward reads (see `tap`)."""
 
     def __post_init__(self) -> None:
-        name = self.name
+        name = self.owner
         if not isinstance(self.data, DataLoader):
-            raise ValueError(f"probe '{name}': argument 'data' got {type(self.data).__name__}; expected a DataLoader.")
+            raise ValueError(f"{name}: argument 'data' got {type(self.data).__name__}; expected a DataLoader.")
         if self.val_data is not None and not isinstance(self.val_data, DataLoader):
             raise ValueError(
-                f"probe '{name}': argument 'val_data' got {type(self.val_data).__name__}; expected a DataLoader or "
-                "None."
+                f"{name}: argument 'val_data' got {type(self.val_data).__name__}; expected a DataLoader or None."
             )
         if not callable(self.features):
             raise ValueError(
-                f"probe '{name}': argument 'features' got {self.features!r}; expected a callable "
+                f"{name}: argument 'features' got {self.features!r}; expected a callable "
                 "features(pl_module, batch) -> tensor that runs the model on the probe's own batch."
             )
-        require_count(f"probe '{name}'", "every_n_steps", self.every_n_steps)
+        require_count(name, "every_n_steps", self.every_n_steps)
         self._iterator: Iterator[Any] | None = None
         self._epoch = 0
         self._batch = 0
         self._sharded = False
         self._located = True
+
+    @property
+    def owner(self) -> str:
+        """``kind 'name'``, as the callback's other messages start."""
+        return f"{self.kind} '{self.name}'"
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
@@ -260,7 +266,7 @@ class OwnData:
             self._batch += 1
             self.draws += 1
             return batch
-        raise ValueError(f"probe '{self.name}': argument 'data' yields no batch on this rank; give it some samples.")
+        raise ValueError(f"{self.owner}: argument 'data' yields no batch on this rank; give it some samples.")
 
     def val_batches(self) -> Iterator[Any]:
         """This rank's validation batches (its share of the validation set, padding included)."""
@@ -283,10 +289,10 @@ class OwnData:
             elif isinstance(result, torch.Tensor) and len(sources) == 1:
                 out.append(result)
             elif isinstance(result, Mapping):
-                out.append(_key(result, source, self.name))
+                out.append(_key(result, source, self.owner))
             else:
                 raise ValueError(
-                    f"probe '{self.name}': argument 'features' returned {type(result).__name__} for input "
+                    f"{self.owner}: argument 'features' returned {type(result).__name__} for input "
                     f"{source!r}; expected a tensor (one input) or a dict of tensors keyed by the input names "
                     f"{list(sources)}, or name a submodule to tap as input."
                 )
@@ -335,13 +341,12 @@ class OwnData:
         return epoch, batch
 
 
-def _key(result: Mapping[str, Any], source: str, probe_name: str) -> torch.Tensor:
+def _key(result: Mapping[str, Any], source: str, owner: str) -> torch.Tensor:
     value: Any = result
     for part in source.split("."):
         if not isinstance(value, Mapping) or part not in value:
             raise ValueError(
-                f"probe '{probe_name}': input {source!r} not found in what 'features' returned; available keys: "
-                f"{sorted(result)}"
+                f"{owner}: input {source!r} not found in what 'features' returned; available keys: {sorted(result)}"
             )
         value = value[part]
     return value

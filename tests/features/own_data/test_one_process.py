@@ -100,3 +100,23 @@ def test_own_data_arguments_are_checked():
         OnlineProbe(None, **common, val_data=loader)
     with pytest.raises(ValueError, match="'every_n_steps' got 0"):
         OnlineProbe(None, **common, data=loader, features=lambda m, b: b["x"], every_n_steps=0)
+
+
+def _callback(kind: str, **own):
+    from distprobe.callbacks import OnlineKNN, OnlineProbe
+
+    common = dict(name="p", input="emb", target="label")
+    if kind == "kNN":
+        return OnlineKNN(None, **common, num_classes=3, queue_length=8, **own)
+    return OnlineProbe(None, **common, probe=torch.nn.Linear(8, 3), **own)
+
+
+@pytest.mark.parametrize("kind", ["probe", "kNN"])
+def test_own_data_messages_name_the_callback_s_kind(kind):
+    loader = DataLoader(labeled(4, 0), batch_size=2)
+    with pytest.raises(ValueError, match=f"^{kind} 'p': argument 'data' needs 'features'"):
+        _callback(kind, data=loader)
+    with pytest.raises(ValueError, match=f"^{kind} 'p': argument 'every_n_steps' got 0"):
+        _callback(kind, data=loader, features=lambda m, b: b["x"], every_n_steps=0)
+    with pytest.raises(ValueError, match=f"^{kind} 'p': argument 'data' got list"):
+        _callback(kind, data=[1, 2], features=lambda m, b: b["x"])
