@@ -12,10 +12,12 @@ the validation set only scores the final fit (CLIP_benchmark #125 and openai/CLI
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from numbers import Real
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,7 @@ from distprobe import keys
 from distprobe.convex.logreg import LinearModel, Standardizer, fit_logreg
 from distprobe.convex.ridge import fit_ridge
 from distprobe.convex.spread import gather_rows, my_share
+from distprobe.convex.usable import usable_rows
 
 Solver = Literal["ridge", "logreg"]
 SOLVERS: tuple[Solver, ...] = ("ridge", "logreg")
@@ -84,11 +87,22 @@ def draw_episodes(
     return [draw_episode(labels, num_classes, s, seed) for s in shots for seed in seed_list]
 
 
+def _one_or_many(value: Any) -> tuple[Any, ...]:
+    """``value`` as a tuple: one number (a Python, NumPy or 0-d torch number) is a tuple of one."""
+    if isinstance(value, Real | str) or getattr(value, "ndim", None) == 0 or not isinstance(value, Iterable):
+        return (value,)
+    return tuple(value)
+
+
 def _regularisation(solver: Solver, reg: float | Sequence[float]) -> list[float]:
     """The candidate values, most regularised first (so a tie keeps the most regularised)."""
-    values = [float(reg)] if isinstance(reg, (int, float)) else [float(v) for v in reg]
+    given = _one_or_many(reg)
     if solver not in SOLVERS:
         raise ValueError(f"fewshot: solver={solver!r}; expected one of {list(SOLVERS)}")
+    numbers = all(
+        (isinstance(v, Real) or getattr(v, "ndim", None) == 0) and not isinstance(v, bool | str) for v in given
+    )
+    values = [float(v) for v in given] if numbers else []
     bad = [v for v in values if not (v > 0 if solver == "logreg" else v >= 0) or not math.isfinite(v)]
     if not values or bad:
         what = "C > 0 (scikit-learn's C)" if solver == "logreg" else "l2 >= 0"
@@ -150,12 +164,19 @@ class EpisodeResult:
     reg: float
     """The regularisation used (fixed, or chosen inside the shots)."""
     val_correct: torch.Tensor
-    """``(N_val,)`` bool, for accuracy and its bootstrap interval."""
+    """``(N_val,)`` bool: each validation sample classified right (False where not counted)."""
+    val_counted: torch.Tensor | None = None
+    """``(N_val,)`` bool: the validation samples counted (finite features, a label in range); None: all of them."""
+
+    @property
+    def counted_correct(self) -> torch.Tensor:
+        """``val_correct`` of the counted samples: what `top1` averages and what a bootstrap interval resamples."""
+        return self.val_correct if self.val_counted is None else self.val_correct[self.val_counted]
 
     @property
     def top1(self) -> float:
-        """Accuracy on the validation set."""
-        return float(self.val_correct.double().mean())
+        """Accuracy on the counted validation samples."""
+        return float(self.counted_correct.double().mean())
 
 
 def solve_episode(
@@ -169,13 +190,19 @@ def solve_episode(
     solver: Solver,
     reg: float | Sequence[float],
 ) -> EpisodeResult:
-    """Fit ``solver`` on the episode's shots (choosing ``reg`` inside them when several are given); score on val."""
+    """Fit ``solver`` on the episode's shots (choosing ``reg`` inside them when several are given); score on val.
+
+    A validation sample with a non-finite feature or a label outside ``[0, num_classes)`` is not counted.
+    """
     values = _regularisation(solver, reg)
     index = episode.indices.to(train_x.device)
     x, y = train_x[index], train_y[index].long()
     chosen = choose_regularisation(solver, x, y, episode, num_classes, values)
-    predictions = _fit_predict(solver, x, y, val_x, num_classes, [chosen])[0]
-    return EpisodeResult(episode.id, episode.shots, episode.seed, chosen, (predictions == val_y.long()).cpu())
+    counted = usable_rows(val_x, val_y, num_classes)
+    safe = torch.nan_to_num(val_x.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    predictions = _fit_predict(solver, x, y, safe, num_classes, [chosen])[0]
+    correct = (predictions == val_y.reshape(-1).long()) & counted
+    return EpisodeResult(episode.id, episode.shots, episode.seed, chosen, correct.cpu(), counted.cpu())
 
 
 def run_fewshot(
@@ -185,7 +212,7 @@ def run_fewshot(
     val_y: torch.Tensor,
     num_classes: int,
     *,
-    shots: Sequence[int],
+    shots: int | Sequence[int],
     seeds: int | Sequence[int],
     solver: Solver,
     reg: float | Sequence[float],
@@ -195,16 +222,21 @@ def run_fewshot(
     """Every episode not in ``skip`` (ids already done), spread over the ranks of ``group``; all results on every rank.
 
     Every rank must hold the same train and val sets. Each rank solves whole episodes; the results are gathered with
-    one sum, so they are the same at any world size.
+    one sum, so they are the same at any world size. ``shots=5`` is ``shots=[5]``. Episodes are drawn among the
+    training samples with finite features and a label in range (a NaN row would break the fit); a validation sample
+    without them is not counted.
     """
+    shot_counts = list(dict.fromkeys(int(s) for s in _one_or_many(shots)))  # a repeat would solve an episode twice
     # Fail before any work, on every rank alike (one rank raising inside its share would leave the others waiting).
-    if len(_regularisation(solver, reg)) > 1 and min(shots, default=2) < 2:
+    if len(_regularisation(solver, reg)) > 1 and min(shot_counts, default=2) < 2:
         raise ValueError(
-            f"fewshot: shots={list(shots)} with reg={reg!r}: choosing the regularisation needs >= 2 shots per class "
+            f"fewshot: shots={shot_counts} with reg={reg!r}: choosing the regularisation needs >= 2 shots per class "
             f"to cross-validate inside each episode (never on validation); pass one fixed value, or drop 1-shot"
         )
     done = set(skip)
-    todo = [e for e in draw_episodes(train_y, num_classes, shots, seeds) if e.id not in done]
+    # Rows that may not be drawn get no class: the others' episodes are the same as without them.
+    drawable = torch.where(usable_rows(train_x, train_y, num_classes), train_y.reshape(-1).long(), -1)
+    todo = [e for e in draw_episodes(drawable, num_classes, shot_counts, seeds) if e.id not in done]
     # On the data's device: NCCL reduces CUDA tensors only.
     rows = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64, device=val_y.device)
     for position in my_share(len(todo), group):
@@ -212,9 +244,16 @@ def run_fewshot(
         rows[position, 0] = result.reg
         rows[position, 1:] = result.val_correct.to(rows.device).double()
     rows = gather_rows(rows, group).cpu()
+    counted = usable_rows(val_x, val_y, num_classes).cpu()
     return [
-        EpisodeResult(e.id, e.shots, e.seed, float(row[0]), row[1:] > 0.5) for e, row in zip(todo, rows, strict=True)
+        EpisodeResult(e.id, e.shots, e.seed, float(row[0]), row[1:] > 0.5, counted)
+        for e, row in zip(todo, rows, strict=True)
     ]
+
+
+def with_counted(result: EpisodeResult, counted: torch.Tensor) -> EpisodeResult:
+    """``result`` scored on the validation samples ``counted`` (an episode read back from a file knows none)."""
+    return dataclasses.replace(result, val_correct=result.val_correct & counted, val_counted=counted)
 
 
 @dataclass(frozen=True)

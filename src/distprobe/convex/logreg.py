@@ -12,13 +12,20 @@ results are the same at any world size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Real
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from distprobe.convex.spread import gather_rows, my_share
+from distprobe.convex.usable import usable_rows
+
+log = logging.getLogger(__name__)
 
 #: DINOv3's grid of C: 45 values log-spaced from 1e-6 to 1e5.
 DINOV3_C_GRID: tuple[float, ...] = tuple(float(c) for c in torch.logspace(-6, 5, 45, dtype=torch.float64))
@@ -132,11 +139,20 @@ class LogregResult:
     """``(N_val,)`` bool: each validation sample classified right by the refitted model (for intervals)."""
     model: LinearModel
     standardizer: Standardizer
+    val_counted: torch.Tensor | None = None
+    """``(N_val,)`` bool: the validation samples counted (finite features, a label in range); None: all of them."""
+    skipped_train: int = 0
+    """Training samples left out for bad data (a non-finite feature, a label out of range)."""
+
+    @property
+    def counted_correct(self) -> torch.Tensor:
+        """``val_correct`` of the counted samples only: what `val_top1` averages, and what an interval resamples."""
+        return self.val_correct if self.val_counted is None else self.val_correct[self.val_counted]
 
     @property
     def val_top1(self) -> float:
-        """The refitted model's accuracy on val."""
-        return float(self.val_correct.double().mean())
+        """The refitted model's accuracy on the counted validation samples."""
+        return float(self.counted_correct.double().mean())
 
 
 def _chains(num_values: int, chain: int) -> list[range]:
@@ -150,7 +166,7 @@ def logreg_grid(
     val_labels: torch.Tensor,
     num_classes: int,
     *,
-    c_grid: Sequence[float] = DINOV3_C_GRID,
+    c_grid: float | Sequence[float] = DINOV3_C_GRID,
     holdout: float = 0.1,
     chain: int = 5,
     group: dist.ProcessGroup | None = None,
@@ -159,11 +175,35 @@ def logreg_grid(
     """DINOv2/v3's logistic-regression protocol over ``c_grid``, spread over the ranks of ``group``.
 
     Every rank must hold the same train and val sets (the service reads them from one cache). The validation labels
-    are used once, to score the refitted model: no choice reads them.
+    are used once, to score the refitted model: no choice reads them. A training sample with a non-finite feature or
+    a label outside ``[0, num_classes)`` is left out (counted in ``skipped_train``); a validation sample with one is
+    not counted (``val_counted``).
     """
-    grid = tuple(sorted(float(c) for c in c_grid))
-    if not grid or chain < 1:
-        raise ValueError(f"logreg: c_grid={c_grid}, chain={chain}; expected one or more C values and chain >= 1")
+    # c_grid=0.5 (or a 0-d tensor): a grid of one value.
+    one = isinstance(c_grid, Real) or getattr(c_grid, "ndim", None) == 0
+    values: list[Any] = [c_grid] if one or not isinstance(c_grid, Iterable) else list(c_grid)
+    grid = tuple(sorted(float(c) for c in values))
+    # Checked here, on every rank alike: a C refused inside one rank's share would leave the others waiting.
+    if not grid or chain < 1 or not all(math.isfinite(c) and c > 0 for c in grid):
+        raise ValueError(
+            f"logreg: c_grid={c_grid!r}, chain={chain}; expected one or more finite C values > 0 and chain >= 1"
+        )
+    usable = usable_rows(train_features, train_labels, num_classes)
+    skipped = int((~usable).sum())
+    if skipped:
+        log.warning(
+            "logreg: %d of %d training samples have a non-finite feature or a label outside [0, %d); left out",
+            skipped,
+            usable.numel(),
+            num_classes,
+        )
+        if skipped == usable.numel():
+            raise ValueError(
+                f"logreg: every one of the {skipped} training samples has a non-finite feature or a label outside "
+                f"[0, {num_classes}); expected finite features and labels in range (is num_classes={num_classes} "
+                "right?)"
+            )
+        train_features, train_labels = train_features[usable], train_labels[usable]
     held = held_out(train_features.shape[0], holdout, train_features.device)
     if bool(held.all()):  # one sample: the first position is always held out, and nothing would be fitted
         raise ValueError(
@@ -188,5 +228,7 @@ def logreg_grid(
 
     full_scaler = Standardizer.fit(train_features)
     model = fit_logreg(full_scaler(train_features), train_labels, num_classes, best_c, max_iter=max_iter)
-    val_correct = model.predict(full_scaler(val_features)) == val_labels.to(val_features.device)
-    return LogregResult(grid, holdout_top1.cpu(), best_c, val_correct.cpu(), model, full_scaler)
+    counted = usable_rows(val_features, val_labels, num_classes)
+    safe = torch.nan_to_num(val_features.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    val_correct = (model.predict(full_scaler(safe)) == val_labels.reshape(-1).to(safe.device)) & counted
+    return LogregResult(grid, holdout_top1.cpu(), best_c, val_correct.cpu(), model, full_scaler, counted.cpu(), skipped)

@@ -1,0 +1,23 @@
+"""Which rows of an in-memory labeled set the offline convex solvers may use (torch only).
+
+A probe never lets bad data take its numbers down: one NaN feature in a training row made a logistic regression's
+standardiser and weights NaN (every prediction then one class, silently), a label outside ``[0, num_classes)`` raised
+torch's "Target 7 is out of bounds" after the grid had been fitted, and a NaN row drawn into a few-shot episode broke
+its eigendecomposition. As online (`RidgeProbe`), such a training row is left out and counted, and such a validation
+row is not counted in the accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def usable_rows(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(N,)`` bool: the rows with finite features and an integer label in ``[0, num_classes)``."""
+    x = features.detach().flatten(1)
+    y = labels.detach().reshape(-1).to(x.device)
+    finite = torch.isfinite(x).all(dim=1) if x.shape[1] else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if y.is_floating_point():
+        whole = torch.isfinite(y) & (y == y.round())
+        y = torch.where(whole, y, -1.0)
+    return finite & (y >= 0) & (y < num_classes)
