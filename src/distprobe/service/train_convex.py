@@ -16,6 +16,7 @@ Every number gets its bootstrap interval over the validation samples (`distprobe
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import torch.distributed as dist
 from distprobe import keys
 from distprobe.bank.selection import selects
 from distprobe.convex import EpisodeResult, RidgeProbe, logreg_grid, run_fewshot, summarise
+from distprobe.convex.fewshot import with_counted
+from distprobe.convex.usable import usable_rows
+from distprobe.engine.collectives import sum_over_group
 from distprobe.engine.replicate import default_group
 from distprobe.service.config import EvalConfig, ServiceConfigError
 from distprobe.service.config_convex import fewshot_options, logreg_options, ridge_config
@@ -38,6 +42,8 @@ CHUNK = 4096
 EPISODES_DIR = "episodes"
 """The folder, in a job's folder, of its finished few-shot episodes (one JSON file each)."""
 _EPISODE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 def _own_batches(size: int) -> list[torch.Tensor]:
@@ -54,37 +60,64 @@ def _rows(split: CachedSplit, index: torch.Tensor, device: torch.device) -> tupl
 
 
 def run_ridge(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: torch.device) -> list[ResultRow]:
-    """Ridge on the whole cached training set, every lambda scored on every validation sample (collectives)."""
+    """Ridge on the whole cached training set, every lambda scored on every validation sample (collectives).
+
+    A training row with a non-finite feature or a label outside ``[0, num_classes)`` is left out on its own (the
+    probe's bad-batch rule would drop the whole chunk of ``CHUNK`` rows, which rows depending on the world size) and
+    counted in a warning; a validation row with one is not counted, in the values nor in their intervals.
+    """
     dim = int(train.features.shape[1])
     ridge = ridge_config(config.probes.ridge or {}, config.num_classes, dim, config.source)
     probe = RidgeProbe.build(ridge, in_features=dim, dp_group=default_group(), device=device)
+    skipped = torch.zeros((), dtype=torch.float64, device=device)
     for index in _own_batches(train.size):
-        if index.numel():
-            probe.train_step(*_rows(train, index, device))
-    probe.start_eval_epoch()
-    correct = PerSample(val.size, len(probe.l2), device)
+        x, y = _rows(train, index, device)
+        usable = usable_rows(x, y, config.num_classes)
+        skipped += (~usable).sum()
+        if index.numel():  # an empty batch adds nothing; bad rows gone, the batch is never dropped whole
+            probe.train_step(x[usable], y[usable])
+    _warn_skipped(probe.name, int(sum_over_group(skipped, default_group())), train.size)
+    has_solution = probe.start_eval_epoch()
+    num = len(probe.l2)
+    # The last column says whether the probe counted the row: intervals resample the values' own samples.
+    correct = PerSample(val.size, num + 1, device)
     for index in _own_batches(val.size):
         padded = index if index.numel() else torch.zeros(1, dtype=torch.long)
         x, y = _rows(val, padded, device)
         preds = probe.eval_step(x, y, num_valid=int(index.numel()), positions=padded.to(device))
         if preds is not None:
-            correct.fill(index, (preds == y[:, None]).double())
+            counted = usable_rows(x, y, config.num_classes).double()[:, None]
+            correct.fill(index, torch.cat([(preds == y[:, None]).double() * counted, counted], dim=1))
     per_sample = correct.gathered()
     computed = {k: float(v) for k, v in probe.compute_eval_metrics().items()}
+    if not has_solution:  # no usable training row on any rank: nothing was solved, nothing to report
+        log.warning("ridge '%s': no usable training sample; no ridge results", probe.name)
+        return []
+    counted_rows = per_sample[:, num] > 0
     spec = config.probes.intervals
-    bounds = interval_columns(per_sample, spec)
+    bounds = interval_columns(per_sample[counted_rows, :num], spec)
     rows = []
     for i, l2 in enumerate(probe.l2):
         head = keys.ridge_head(l2)
         value = computed[keys.relative_key("top1", head=head)]
         rows.append(attach(ResultRow(probe.name, head, "top1", value), bounds, i))
     if probe.best_index is not None:
-        report = ~selects(torch.arange(val.size), ridge.selection_fraction)
+        report = ~selects(torch.arange(val.size), ridge.selection_fraction) & counted_rows
         best = ResultRow(probe.name, keys.BEST, "top1", computed[keys.relative_key("top1", head=keys.BEST)])
         rows.append(with_interval(best, per_sample[report, probe.best_index], spec))
         # The grid's own value: the probe's logged one is float32.
         rows.append(ResultRow(probe.name, keys.BEST, "l2", probe.l2[probe.best_index]))
     return rows
+
+
+def _warn_skipped(probe: str, skipped: int, size: int) -> None:
+    if skipped and rank_and_world()[0] == 0:
+        log.warning(
+            "%s: %d of %d cached training samples have a non-finite feature or a label out of range; left out",
+            probe,
+            skipped,
+            size,
+        )
 
 
 def _on_device(
@@ -108,7 +141,7 @@ def run_logreg(config: EvalConfig, train: CachedSplit, val: CachedSplit, device:
     )
     top1 = ResultRow(options.name, keys.BEST, "top1", result.val_top1)
     return [
-        with_interval(top1, result.val_correct.double(), config.probes.intervals),
+        with_interval(top1, result.counted_correct.double(), config.probes.intervals),
         ResultRow(options.name, keys.BEST, "C", result.best_c),
     ]
 
@@ -160,8 +193,9 @@ def check_fewshot_classes(config: EvalConfig, train: CachedSplit) -> None:
     if config.probes.fewshot is None:
         return
     options = fewshot_options(config.probes.fewshot, config.source)
+    # The rows an episode may draw: finite features and a label in range (`distprobe.convex.run_fewshot`).
     labels = train.labels.reshape(-1).long()
-    labels = labels[(labels >= 0) & (labels < config.num_classes)]
+    labels = labels[usable_rows(train.features, labels, config.num_classes)]
     counts = torch.bincount(labels.cpu(), minlength=config.num_classes)
     fewest = int(counts.min())
     if fewest >= max(options.shots):
@@ -185,8 +219,10 @@ def run_fewshot_episodes(
     rank, world = rank_and_world()
     wanted = [keys.episode_id(s, seed) for s in options.shots for seed in range(options.seeds)]
     done: dict[str, EpisodeResult] = {}
+    # Which validation samples count depends on the validation set alone: an episode read back is scored on them too.
+    counted = usable_rows(val.features, val.labels, config.num_classes).cpu()
     if job_dir is not None and rank == 0:
-        done = read_episodes(job_dir, options.name, wanted, val.size)
+        done = {e: with_counted(r, counted) for e, r in read_episodes(job_dir, options.name, wanted, val.size).items()}
     if world > 1:  # rank 0's reading is every rank's: one view of which episodes are left
         shared = [done]
         dist.broadcast_object_list(shared, src=0)
@@ -218,10 +254,11 @@ def fewshot_rows(name: str, results: list[EpisodeResult], config: EvalConfig) ->
     seeds, resampled over the validation samples.
     """
     spec = config.probes.intervals
-    rows = [with_interval(ResultRow(name, r.id, "top1", r.top1), r.val_correct.double(), spec) for r in results]
+    rows = [with_interval(ResultRow(name, r.id, "top1", r.top1), r.counted_correct.double(), spec) for r in results]
     for summary in summarise(results):
         head = f"shots={summary.shots}"
-        per_sample = torch.stack([r.val_correct.double() for r in results if r.shots == summary.shots]).mean(0)
+        # Every episode counts the same validation samples (they depend on the validation set alone).
+        per_sample = torch.stack([r.counted_correct.double() for r in results if r.shots == summary.shots]).mean(0)
         rows.append(with_interval(ResultRow(name, head, "top1", summary.mean), per_sample, spec))
         rows.append(ResultRow(name, head, "top1_std", summary.std))
     return rows
