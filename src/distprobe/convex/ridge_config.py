@@ -54,6 +54,18 @@ class RidgeConfig:
                 "e.g. l2=(1e-4, 1e-2, 1.0)"
             )
         self.l2 = tuple(dict.fromkeys(float(v) for v in values))  # order kept, repeats dropped
+        # Each lambda is logged and stored under its %g form: two that share it would overwrite each other's number
+        # online, and fail the service's store (one row per probe, head and metric).
+        by_key: dict[str, list[float]] = {}
+        for value in self.l2:
+            by_key.setdefault(f"{value:g}", []).append(value)
+        shared = [group for group in by_key.values() if len(group) > 1]
+        if shared:
+            alike = " and ".join(map(repr, shared[0]))
+            raise ValueError(
+                f"ridge '{name}': argument 'l2' got {self.l2!r}; {alike} share the logged key 'l2={shared[0][0]:g}'; "
+                "expected values that differ in their first 6 significant digits; drop all but one of them"
+            )
         if not 0.0 < self.selection_fraction < 1.0:
             raise ValueError(
                 f"ridge '{name}': argument 'selection_fraction' got {self.selection_fraction!r}; expected a share "
