@@ -43,14 +43,55 @@ def first_batch_problem(
                 if problem is not None:
                     return f"{owner}: {problem}"
         target_problem = getattr(FAMILIES[config.family], "target_problem", None)
+        kind_problem = target_kind_problem(owner, targets, num_classes, config.multilabel)
+        if kind_problem is not None and target_problem is None:  # dense heads read masks: their own check
+            return kind_problem
         if target_problem is not None:  # a family with targets of its own (dense heads: masks)
             problem = target_problem(owner, dict(zip(inputs, features, strict=True)), targets, config)
         elif config.multilabel:
             problem = multi_hot_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
         else:
             problem = class_index_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes)
-        return problem if problem is not None else size_problem(name, config, features, built)
+        if problem is None:
+            problem = size_problem(name, config, features, built)
+        sizes_problem = getattr(FAMILIES[config.family], "sizes_problem", None)
+        if problem is None and sizes_problem is not None:  # heads that can only read some sizes (attentive)
+            problem = sizes_problem(config, feature_sizes(config, features))
+        return problem
     return class_index_problem(owner, dict(zip(inputs, features, strict=True)), targets, num_classes, hint=POOL_HINT)
+
+
+def target_kind_problem(owner: str, targets: Any, num_classes: int, multilabel: bool) -> str | None:
+    """A target of the other kind's shape, or of another width than ``num_classes``, named with its fix; or None.
+
+    The engine's checks say what shape they expect; a bank knows which of its arguments the user must change.
+    """
+    if not isinstance(targets, torch.Tensor):
+        return None
+    shape = tuple(targets.shape)
+    # The engine's wording first (what a multi-label target must be), then what to change.
+    expected = (
+        f"{owner}: with multilabel=True the target must be a (batch, num_classes={num_classes}) multi-hot tensor; "
+        f"got Tensor {shape}"
+    )
+    if multilabel and targets.ndim == 2 and targets.shape[1] != num_classes:
+        return (
+            f"{expected}: argument 'num_classes' is {num_classes}, but the targets hold {targets.shape[1]} labels "
+            f"per sample; set num_classes={targets.shape[1]}, or give {num_classes} labels per sample."
+        )
+    if multilabel and targets.ndim == 1 and not targets.is_floating_point():
+        return (
+            f"{expected}, one class index per sample: set multilabel=False for class indices, or pass "
+            f"torch.nn.functional.one_hot(target, {num_classes})."
+        )
+    looks_multi_hot = not multilabel and targets.ndim == 2 and targets.shape[1] == num_classes and targets.numel()
+    if looks_multi_hot and bool(((targets == 0) | (targets == 1)).all()):
+        return (
+            f"{owner}: the target must be a 1-D integer tensor of class indices; got Tensor {shape} of "
+            f"{targets.dtype}, (batch, num_classes={num_classes}) 0/1 vectors, but argument 'multilabel' is False: "
+            "set multilabel=True for multi-hot targets, or pass target.argmax(dim=1) for one-hot ones."
+        )
+    return None
 
 
 def size_problem(

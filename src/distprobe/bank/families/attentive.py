@@ -103,9 +103,26 @@ class AttentiveOptions:
             )
         return heads
 
-    def hidden(self, dim: int) -> int:
-        """The MLP's hidden size."""
-        return int(dim * self.mlp_ratio)
+    def hidden(self, dim: int, bank_name: str = "attentive", source: str = "tokens") -> int:
+        """The MLP's hidden size for feature size ``dim`` (checked to be at least 1)."""
+        hidden = int(dim * self.mlp_ratio)
+        if hidden < 1:
+            # An MLP of no unit has weights of no element, which the batched forward cannot lay out.
+            raise ValueError(
+                f"bank '{bank_name}': head_options['mlp_ratio']={self.mlp_ratio!r} gives an MLP of {hidden} hidden "
+                f"units for the feature size {dim} of source {source!r}; expected mlp_ratio >= 1/{dim} (4.0 is "
+                "V-JEPA's)."
+            )
+        return hidden
+
+    def sizes_problem(self, dim: int, bank_name: str, source: str) -> str | None:
+        """Why heads of these options cannot read ``dim`` features of ``source`` (`heads_for`, `hidden`), or None."""
+        try:
+            self.heads_for(dim, bank_name, source)
+            self.hidden(dim, bank_name, source)
+        except ValueError as err:
+            return str(err)
+        return None
 
 
 # --- one head as a plain module ---------------------------------------------------------------------------------
@@ -200,7 +217,7 @@ class AttentiveProbe(nn.Module):
         options = AttentiveOptions.parse(options, bank_name)
         self.options = options
         heads = options.heads_for(dim, bank_name, source)
-        hidden = options.hidden(dim)
+        hidden = options.hidden(dim, bank_name, source)
         self.query_tokens = nn.Parameter(torch.zeros(1, options.num_queries, dim))
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(dim, heads, hidden, options.qkv_bias) for _ in range(options.depth - 1)
@@ -397,6 +414,20 @@ class AttentiveHeads(HeadFamily):
                 "'attentive'; an attentive head normalises its tokens with its own LayerNorms: use [None]."
             )
         return AttentiveOptions.parse(config.head_options, config.name)
+
+    @staticmethod
+    def sizes_problem(config: BankConfig, sizes: dict[str, int]) -> str | None:
+        """Why heads of ``config`` cannot read features of these sizes per source, or None.
+
+        Asked at the first batch (and by the service on its cached shapes), so that a ``num_heads`` that does not
+        divide D, or an ``mlp_ratio`` too small for it, is refused there with the fix, on every rank together.
+        """
+        options = AttentiveOptions.parse(config.head_options, config.name)
+        for source, dim in sizes.items():
+            problem = options.sizes_problem(dim, config.name, source)
+            if problem is not None:
+                return problem
+        return None
 
     @staticmethod
     def feature_size(sample_shape: torch.Size) -> int:
