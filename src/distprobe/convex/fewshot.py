@@ -80,11 +80,21 @@ def draw_episode(labels: torch.Tensor, num_classes: int, shots: int, seed: int) 
 
 
 def draw_episodes(
-    labels: torch.Tensor, num_classes: int, shots: Iterable[int], seeds: int | Sequence[int]
+    labels: torch.Tensor,
+    num_classes: int,
+    shots: Iterable[int],
+    seeds: int | Sequence[int],
+    skip: Iterable[str] = (),
 ) -> list[Episode]:
-    """Every ``(shots, seed)`` episode, shots-major; ``seeds`` a count (0..seeds-1) or the seeds themselves."""
+    """Every ``(shots, seed)`` episode whose id is not in ``skip``, shots-major; ``seeds`` a count or the seeds.
+
+    A skipped episode is not drawn at all: a draw scans the labels once per class, and the service asks for a few
+    episodes at a time.
+    """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    return [draw_episode(labels, num_classes, s, seed) for s in shots for seed in seed_list]
+    done = set(skip)
+    pairs = [(s, seed) for s in shots for seed in seed_list if keys.episode_id(s, seed) not in done]
+    return [draw_episode(labels, num_classes, s, seed) for s, seed in pairs]
 
 
 def _one_or_many(value: Any) -> tuple[Any, ...]:
@@ -236,7 +246,7 @@ def run_fewshot(
     done = set(skip)
     # Rows that may not be drawn get no class: the others' episodes are the same as without them.
     drawable = torch.where(usable_rows(train_x, train_y, num_classes), train_y.reshape(-1).long(), -1)
-    todo = [e for e in draw_episodes(drawable, num_classes, shot_counts, seeds) if e.id not in done]
+    todo = draw_episodes(drawable, num_classes, shot_counts, seeds, skip=done)
     # On the data's device: NCCL reduces CUDA tensors only.
     rows = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64, device=val_y.device)
     for position in my_share(len(todo), group):

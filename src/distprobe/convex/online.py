@@ -32,6 +32,7 @@ from distprobe import keys
 from distprobe.bank.selection import global_positions, selects
 from distprobe.convex.ridge import RidgeSolution, RidgeStatistics
 from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec, to_ridge_spec
+from distprobe.convex.usable import usable_rows
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import rank_and_world, sum_over_group
 from distprobe.engine.sized import Group, SizedEngine
@@ -156,10 +157,10 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
             rank, world = rank_and_world(self.dp_group)
             positions = global_positions(self._eval_seen, n, rank, world, self.device)
         self._eval_seen += n
-        finite = torch.isfinite(x).all(dim=1)
         preds = self.solution.predict(torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)).T  # (B, L)
         y = targets.detach().to(self.device).reshape(-1)[:n]
-        countable = (finite[:n] & (y >= 0) & (y < self.config.num_classes)).double()
+        # The training rule: a float label must be a whole number (2.5 is no class; it was counted as class 2 here).
+        countable = usable_rows(x[:n], y, self.config.num_classes).double()
         correct = (preds[:n] == y[:, None].long()).double() * countable[:, None]  # (n, L)
         select = selects(positions.to(self.device)[:n], self.config.selection_fraction).double()
         num = len(self.l2)
@@ -221,6 +222,13 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
             raise ValueError(
                 f"ridge '{self.name}': the checkpoint's statistics are of {state['in_features']} features, this "
                 f"probe reads {self.in_features}; resume with the same input, or drop its state"
+            )
+        saved_classes = int(state["stats"]["num_classes"])
+        if saved_classes != self.config.num_classes:
+            raise ValueError(
+                f"ridge '{self.name}': the checkpoint's statistics are of num_classes={saved_classes}, this probe has "
+                f"num_classes={self.config.num_classes}; resume with num_classes={saved_classes}, or give the changed "
+                "probe a new name to start it afresh"
             )
         rank, _ = rank_and_world(self.dp_group)
         self.stats.load_state_dict(state["stats"])
