@@ -17,7 +17,7 @@ from helpers.models import RandomPoints, trainer
 D, C, SIDE = 8, 3, 8
 
 
-def _bank(**overrides):
+def _bank(group=None, **overrides):
     options: dict[str, Any] = dict(
         name="seg",
         family="dense",
@@ -30,7 +30,7 @@ def _bank(**overrides):
         head_options={"samples_per_step": None},
     )
     options.update(overrides)
-    return ProbeBank.build(BankConfig(**options))
+    return ProbeBank.build(BankConfig(**options), dp_group=group)
 
 
 def _batches(steps, seed=0, ignore_first=False):
@@ -145,3 +145,48 @@ def test_a_lightning_fit_on_int32_masks_with_unlabeled_batches_trains_and_logs_f
     assert torch.isfinite(logged["train/seg_loss_epoch"])
     assert torch.isfinite(logged[f"train/seg/{bank.head_ids[0]}_loss"])
     assert 0.0 <= float(logged["eval/seg_best_mIoU"]) <= 1.0
+
+
+def _uneven_windows(seed=2):
+    """4 micro-batches: rank 0 takes 3 samples of each, rank 1 takes 5; rank 0's first has no labeled pixel."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(4):
+        x = torch.randn(8, 4, D, generator=g) * 2 + 1
+        masks = torch.randint(0, C, (8, SIDE, SIDE), generator=g)
+        if step == 0:
+            masks[:3] = 255
+        out.append((x, masks))
+    return out
+
+
+UNEVEN = dict(accumulate_grad_batches=2, optimizer={"type": "SGD", "momentum": 0.9})
+
+
+def _uneven_rank(rank, world):
+    bank = _bank(torch.distributed.group.WORLD, **UNEVEN)
+    rows = slice(0, 3) if rank == 0 else slice(3, 8)
+    for x, masks in _uneven_windows():
+        bank.train_step([x[rows]], masks[rows].to(torch.int32))
+    return bank.state_dict(), bank.compute_train_metrics()
+
+
+@pytest.mark.distributed
+def test_two_ranks_with_uneven_batches_and_an_unlabeled_micro_batch_equal_one_process():
+    """2 gloo ranks of 3 and 5 samples, int32 masks, rank 0's first micro-batch all ignore_index, windows of 2,
+    BatchNorm heads: the heads and statistics are one process's on the union batches, and the train losses finite."""
+    from tests.helpers.dist import run_distributed
+
+    (state0, train0), (state1, train1) = run_distributed(_uneven_rank, 2)
+    one = _bank(**UNEVEN)
+    for x, masks in _uneven_windows():
+        one.train_step([x], masks)
+    one_state = one.state_dict()
+    assert torch.equal(state0["heads"]["flat"], state1["heads"]["flat"])
+    torch.testing.assert_close(state0["heads"]["flat"], one_state["heads"]["flat"], rtol=1e-5, atol=1e-5)
+    for mine, single in zip(state0["batchnorm"], one_state["batchnorm"], strict=True):
+        torch.testing.assert_close(mine, single, rtol=1e-5, atol=1e-6)
+    assert int(one.skipped_steps.sum()) == 0
+    for key, value in train0.items():
+        assert torch.isfinite(value).all(), key
+        torch.testing.assert_close(value, train1[key])
