@@ -190,3 +190,18 @@ def test_two_ranks_with_uneven_batches_and_an_unlabeled_micro_batch_equal_one_pr
     for key, value in train0.items():
         assert torch.isfinite(value).all(), key
         torch.testing.assert_close(value, train1[key])
+
+
+@pytest.mark.parametrize("normalization", [None, "batchnorm"])
+def test_an_exported_head_gives_the_bank_s_predictions_for_one_sample_and_for_none(normalization):
+    """`bank.heads.export(k)` on an empty batch failed: torch's "cannot reshape tensor of 0 elements"."""
+    bank = _bank(normalization=[normalization])
+    for x, masks in _batches(2):
+        bank.train_step([x], masks)
+    for b in (1, 0):
+        for x in (torch.randn(b, 4, D), torch.randn(b, D, 2, 2)):
+            preds = bank.predict([x])  # (B, K, C, h, w)
+            for k in range(len(bank.head_ids)):
+                out = bank.heads.export(k)(x)
+                assert out.shape == (b, C, 2, 2)
+                torch.testing.assert_close(out, preds[:, k], rtol=1e-5, atol=1e-6)

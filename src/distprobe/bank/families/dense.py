@@ -153,7 +153,8 @@ class DenseHead(nn.Module):
         rows, (h, w) = patch_rows(x, self.grid)
         if self.norm is not None:
             rows = self.norm(rows)
-        return self.linear(rows).view(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        # The classes named, not -1: an empty batch has no element to infer them from.
+        return self.linear(rows).view(x.shape[0], h, w, self.linear.out_features).permute(0, 3, 1, 2)
 
 
 class DenseHeads(LinearHeads):
