@@ -47,7 +47,11 @@ class LogregOptions:
     def __post_init__(self) -> None:
         grid = [self.c_grid] if isinstance(self.c_grid, int | float) else list(self.c_grid)
         if not grid or not all(isinstance(c, int | float) and math.isfinite(c) and c > 0 for c in grid):
-            raise ValueError(f"logreg '{self.name}': argument 'c_grid' got {self.c_grid!r}; expected values of C > 0")
+            raise ValueError(
+                f"logreg '{self.name}': argument 'c_grid' got {self.c_grid!r}; expected one or more finite values of "
+                "C > 0 (scikit-learn's inverse regularisation strength), e.g. c_grid: [0.01, 1.0, 100.0], or leave it "
+                "out for DINOv3's 45 values"
+            )
         self.c_grid = [float(c) for c in grid]
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(
@@ -84,7 +88,15 @@ class FewshotOptions:
         require_choice(f"fewshot '{self.name}'", "solver", self.solver, get_args(FewshotSolver))
         from distprobe.convex.fewshot import _regularisation
 
-        values = _regularisation(self.solver, self.reg)  # the core's own check of the values
+        try:
+            values = _regularisation(self.solver, self.reg)  # the core's own check of the values
+        except ValueError:
+            what = "C > 0 (scikit-learn's C)" if self.solver == "logreg" else "lambda >= 0"
+            raise ValueError(
+                f"fewshot '{self.name}': argument 'reg' got {self.reg!r} with solver {self.solver!r}; expected one "
+                f"finite value or a list of them, each {what}, e.g. reg: 0.01 (one fixed value) or reg: [0.001, 0.01, "
+                "0.1] (chosen inside each episode's shots)"
+            ) from None
         if len(values) > 1 and min(shots) < 2:
             raise ValueError(
                 f"fewshot '{self.name}': shots={shots} with reg={self.reg!r}: choosing the regularisation needs >= 2 "
