@@ -205,3 +205,22 @@ def test_an_exported_head_gives_the_bank_s_predictions_for_one_sample_and_for_no
                 out = bank.heads.export(k)(x)
                 assert out.shape == (b, C, 2, 2)
                 torch.testing.assert_close(out, preds[:, k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_later_batch_of_tokens_on_no_readable_grid_is_refused_naming_the_fix():
+    """A validation image of another aspect ratio, as tokens (6 of them after a square first batch), or a grid that
+    no longer holds the tokens, failed inside a reshape with torch's "shape '[...]' is invalid"."""
+    bank = _bank()
+    x, masks = _batches(1)[0]
+    bank.train_step([x], masks)
+    with pytest.raises(
+        ValueError, match=r"bank 'seg': input 'x' holds 6 tokens on this batch, not the 2 x 2 grid of a "
+    ):
+        bank.eval_step([torch.randn(2, 6, D)], masks[:2])
+    with pytest.raises(ValueError, match=r"holds 6 tokens .* give \(batch, dim, h, w\) feature maps"):
+        bank.train_step([torch.randn(2, 6, D)], masks[:2])
+    gridded = _bank(head_options={"grid": (2, 3)})
+    gridded.train_step([torch.randn(2, 6, D)], masks[:2])
+    with pytest.raises(ValueError, match=r"holds 4 tokens on this batch, not the 2 x 3 grid of head_options\['grid'\]"):
+        gridded.predict([torch.randn(2, 4, D)])
+    bank.eval_step([torch.randn(2, D, 3, 5)], masks[:2])  # a map carries its own grid: any size is read

@@ -273,6 +273,7 @@ class DenseHeads(LinearHeads):
 
     def forward(self, features: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """``(K, B, C, h, w)`` logits of every head on the patch grid, one input per source (same grid for all)."""
+        self._check_grids(features)
         parts = self.flat_parts([b.numel for b in self.blocks])
         outputs = []
         grid: tuple[int, int] | None = None
@@ -290,6 +291,33 @@ class DenseHeads(LinearHeads):
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         k, c, b = out.shape[:3]
         return out.transpose(1, 2).reshape(k, b, c, *grid)
+
+    def _check_grids(self, features: list[torch.Tensor]) -> None:
+        """Refuse, naming the fix, inputs a later batch gives on no grid the heads can read (shapes only, no sync).
+
+        The first batch is checked with its masks (`target_problem`); a later one of another shape (a validation
+        image of another aspect ratio, as tokens) would otherwise fail inside a reshape with torch's message.
+        """
+        grids = {}
+        for source, x in zip(self.config.inputs, features, strict=True):
+            problem = self.input_problem(source, x)
+            if problem is None and x.ndim == 3:
+                h, w = _grid_of(x, self.options.grid)
+                if h * w != x.shape[1]:
+                    whose = "head_options['grid']" if self.options.grid else "a square token count"
+                    problem = (
+                        f"input {source!r} holds {x.shape[1]} tokens on this batch, not the {h} x {w} grid of "
+                        f"{whose}; for images of varying sizes give (batch, dim, h, w) feature maps (tokens carry no "
+                        "grid), else set head_options['grid'] to the tokens' (h, w)"
+                    )
+            if problem is not None:
+                raise ValueError(f"bank '{self.config.name}': {problem}")
+            grids[source] = _grid_of(x, self.options.grid)
+        if len(set(grids.values())) > 1:
+            raise ValueError(
+                f"bank '{self.config.name}': its inputs lie on different patch grids {grids} on this batch; a dense "
+                "bank's sources must share one (h, w) grid."
+            )
 
     def summed_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(K,)`` each head's cross-entropy summed over this batch's valid pixels, and their count (0-d)."""
