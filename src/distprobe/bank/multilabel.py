@@ -24,7 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torchmetrics import Metric
-from torchmetrics.functional.classification import multilabel_average_precision, multilabel_f1_score
+from torchmetrics.functional.classification import (
+    binary_average_precision,
+    binary_f1_score,
+    multilabel_average_precision,
+    multilabel_f1_score,
+)
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from distprobe import keys
@@ -161,6 +166,14 @@ def _fill(
     for name in names:
         if targets.shape[0] == 0:
             out[name] = torch.tensor(float("nan"), device=probs.device)
+        elif num_labels == 1:
+            # One binary label (torchmetrics' multilabel functions refuse num_labels=1): its AP and F1 are the
+            # macro and the micro values alike.
+            prob, target = probs[:, 0], targets[:, 0]
+            if name == "mAP":
+                out[name] = binary_average_precision(prob, target, thresholds=None)
+            else:
+                out[name] = binary_f1_score(prob, target, threshold=THRESHOLD)
         elif name == "mAP":
             out[name] = multilabel_average_precision(probs, targets, num_labels, average="macro", thresholds=None)
         else:
