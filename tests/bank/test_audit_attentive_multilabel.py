@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distprobe.bank import BankConfig
 from distprobe.bank.families.attentive import AttentiveProbe
 from distprobe.callbacks import OnlineProbeBank
 from distprobe.loop import ProbeSet
 from distprobe.service.config import ServiceConfigError
+from distprobe.service.config_probes import check_probe_options
 from distprobe.service.job import evaluate_checkpoint
 from features.taps.models import DIM, IN_DIM, NUM_CLASSES, TokenModel
 from helpers.models import RandomPoints, trainer
@@ -134,3 +136,23 @@ def test_the_service_refuses_attentive_options_that_cannot_read_its_tokens_as_a_
     )
     with pytest.raises(ServiceConfigError, match=r"probes.bank: bank 'bank': " + message):
         evaluate_checkpoint(path, config, run_dir=out)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("init_std", 0.0, "a finite number > 0"),  # ZeroDivisionError inside trunc_normal_
+        ("init_std", -1.0, "a finite number > 0"),  # accepted, silently
+        ("init_std", float("nan"), "a finite number > 0"),  # accepted: the heads trained from NaN-drawn weights
+        ("mlp_ratio", float("inf"), "a finite number > 0"),  # OverflowError: cannot convert float infinity
+        ("mlp_ratio", float("nan"), "a finite number > 0"),  # ValueError: cannot convert float NaN to integer
+        ("mlp_ratio", True, "a finite number > 0"),
+        ("qkv_bias", "false", "True or False"),  # a quoted YAML "false": biases on, silently
+    ],
+)
+def test_attentive_options_out_of_their_domain_are_refused_when_the_bank_is_configured(option, value, expected):
+    message = rf"head_options\['{option}'\] got {value!r}; expected {expected}"
+    with pytest.raises(ValueError, match=r"bank 'b': " + message):
+        BankConfig(name="b", family="attentive", inputs=["x"], num_classes=C, head_options={option: value})
+    with pytest.raises(ServiceConfigError, match=r"probes.bank: bank 'bank': " + message):
+        check_probe_options({"head": "attentive", "head_options": {option: value}}, None, C, "eval.yaml")

@@ -79,11 +79,18 @@ class AttentiveOptions:
                 or_none=True,
                 hint="dividing the feature size D; None: D // 64",
             )
-        if not isinstance(parsed.mlp_ratio, int | float) or parsed.mlp_ratio <= 0:
+        for key, fix in (("mlp_ratio", "4.0 is V-JEPA's"), ("init_std", "0.02 is V-JEPA's")):
+            value = getattr(parsed, key)
+            # NaN and infinity too: the MLP's size and the initialisation read them (int(inf) fails, a NaN
+            # standard deviation draws weights silently, 0 divides by zero inside trunc_normal_).
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+                raise ValueError(
+                    f"bank '{bank_name}': head_options['{key}'] got {value!r}; expected a finite number > 0 ({fix})."
+                )
+        if not isinstance(parsed.qkv_bias, bool):  # a YAML "false" in quotes would be a true string
             raise ValueError(
-                f"bank '{bank_name}': head_options['mlp_ratio'] got {parsed.mlp_ratio!r}; expected a number > 0."
+                f"bank '{bank_name}': head_options['qkv_bias'] got {parsed.qkv_bias!r}; expected True or False."
             )
-        owner = f"bank '{bank_name}'"
         require_choice(owner, "compute_dtype", parsed.compute_dtype, get_args(ComputeDtype), option_of="head_options")
         return parsed
 
