@@ -26,7 +26,7 @@ from distprobe import keys
 from distprobe.convex.logreg import LinearModel, Standardizer, fit_logreg
 from distprobe.convex.ridge import fit_ridge
 from distprobe.convex.spread import gather_rows, my_share
-from distprobe.convex.usable import usable_rows
+from distprobe.convex.usable import CountedResults, usable_rows
 
 Solver = Literal["ridge", "logreg"]
 SOLVERS: tuple[Solver, ...] = ("ridge", "logreg")
@@ -165,7 +165,7 @@ def choose_regularisation(
 
 
 @dataclass(frozen=True)
-class EpisodeResult:
+class EpisodeResult(CountedResults):
     """One episode's outcome on the validation set."""
 
     id: str
@@ -179,14 +179,9 @@ class EpisodeResult:
     """``(N_val,)`` bool: the validation samples counted (finite features, a label in range); None: all of them."""
 
     @property
-    def counted_correct(self) -> torch.Tensor:
-        """``val_correct`` of the counted samples: what `top1` averages and what a bootstrap interval resamples."""
-        return self.val_correct if self.val_counted is None else self.val_correct[self.val_counted]
-
-    @property
     def top1(self) -> float:
         """Accuracy on the counted validation samples."""
-        return float(self.counted_correct.double().mean())
+        return self.counted_accuracy
 
 
 def solve_episode(

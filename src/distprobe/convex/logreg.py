@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distprobe.convex.spread import gather_rows, my_share
-from distprobe.convex.usable import usable_rows
+from distprobe.convex.usable import CountedResults, usable_rows
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def fit_logreg(
 
 
 @dataclass(frozen=True)
-class LogregResult:
+class LogregResult(CountedResults):
     """The protocol's outcome: the grid's held-out accuracies, the chosen C and the refitted model's val results."""
 
     c_grid: tuple[float, ...]
@@ -146,14 +146,9 @@ class LogregResult:
     """Training samples left out for bad data (a non-finite feature, a label out of range)."""
 
     @property
-    def counted_correct(self) -> torch.Tensor:
-        """``val_correct`` of the counted samples only: what `val_top1` averages, and what an interval resamples."""
-        return self.val_correct if self.val_counted is None else self.val_correct[self.val_counted]
-
-    @property
     def val_top1(self) -> float:
         """The refitted model's accuracy on the counted validation samples."""
-        return float(self.counted_correct.double().mean())
+        return self.counted_accuracy
 
 
 def _widened(model: LinearModel, present: torch.Tensor, num_classes: int) -> LinearModel:

@@ -27,3 +27,24 @@ def usable_rows(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
         whole = torch.isfinite(y) & (y == y.round())
         y = torch.where(whole, y, -1.0)
     return finite & (y >= 0) & (y < num_classes)
+
+
+class CountedResults:
+    """What a result with ``val_correct`` and ``val_counted`` fields (a logistic regression's, an episode's) derives.
+
+    ``val_correct`` is ``(N_val,)`` bool, each validation sample classified right (False where not counted);
+    ``val_counted`` the samples counted (finite features, a label in range), or None for all of them.
+    """
+
+    val_correct: torch.Tensor
+    val_counted: torch.Tensor | None
+
+    @property
+    def counted_correct(self) -> torch.Tensor:
+        """``val_correct`` of the counted samples: what the accuracy averages and what an interval resamples."""
+        return self.val_correct if self.val_counted is None else self.val_correct[self.val_counted]
+
+    @property
+    def counted_accuracy(self) -> float:
+        """Accuracy on the counted validation samples."""
+        return float(self.counted_correct.double().mean())
