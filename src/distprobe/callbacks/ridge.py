@@ -71,7 +71,8 @@ class OnlineRidge(FlatInputCallback):
         # The callback starts the statistics at each training epoch, not the set after each evaluation: a validation
         # inside an epoch, or a resume inside it, keeps the epoch's sums.
         config = config_from_arguments(RidgeConfig, locals(), reset_statistics="by_owner")
-        super().__init__(name, input, target, config, own_data_of(name, data, val_data, features, every_n_steps))
+        own_data = own_data_of(name, data, val_data, features, every_n_steps, kind=self.kind)
+        super().__init__(name, input, target, config, own_data)
 
     @property
     def ridge(self) -> RidgeProbe:
