@@ -7,13 +7,14 @@ callback keeps only what is its own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from typing_extensions import override
 
-from distprobe.callbacks.base import ProbeCallback
-from distprobe.callbacks.own_data import OwnData
+from distprobe.callbacks.base import ProbeCallback, config_from_arguments, require_keys
+from distprobe.callbacks.own_data import own_data_of
 from distprobe.engine.checks import flat_input_problem
 from distprobe.engine.sized import SizedEngine
 from distprobe.features.dtensor import whole
@@ -23,11 +24,11 @@ class FlatInputCallback(ProbeCallback):
     """A callback on one input, whose engine is built from ``config`` and the input's feature size.
 
     Args:
-        name: Unique name; keys logs, checkpoint state and the coordinator's member.
-        input: The input's name (a key, a dotted path or a submodule spec).
-        target: Key of the targets.
-        config: The engine's configuration (with ``in_features``: None until the first batch says).
-        own_data: The callback's own labeled data, or None to read the main batches.
+        config_type: The engine's configuration class (its ``in_features``: None until the first batch says).
+        arguments: The subclass constructor's arguments (``locals()``): ``name``, ``input`` and ``target``, the
+            own-data arguments (``data``, ``val_data``, ``features``, ``every_n_steps``), and one of the same name
+            for each field of ``config_type`` (`distprobe.callbacks.base.config_from_arguments`).
+        **fixed: Config fields the subclass sets itself.
     """
 
     engine_type: ClassVar[type[SizedEngine[Any]]]
@@ -37,8 +38,12 @@ class FlatInputCallback(ProbeCallback):
     holds: ClassVar[str]
     """What its engine holds, for the message before it exists ("buffer does", "statistics do")."""
 
-    def __init__(self, name: str, input: str, target: str, config: Any, own_data: OwnData | None) -> None:  # noqa: A002
-        super().__init__(name, [input], target, own_data)
+    def __init__(self, config_type: type[Any], arguments: Mapping[str, Any], **fixed: Any) -> None:
+        name, input, target = arguments["name"], arguments["input"], arguments["target"]  # noqa: A001
+        require_keys(self.kind, name, input=input, target=target)
+        config = config_from_arguments(config_type, arguments, **fixed)
+        own = (arguments[k] for k in ("data", "val_data", "features", "every_n_steps"))
+        super().__init__(name, [input], target, own_data_of(name, *own, kind=self.kind))
         self.input = input
         self.config = config
 

@@ -9,9 +9,9 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from distprobe.callbacks.base import Stage, config_from_arguments, require_keys
+from distprobe.callbacks.base import Stage
 from distprobe.callbacks.flat_input import FlatInputCallback
-from distprobe.callbacks.own_data import FeatureFn, own_data_of
+from distprobe.callbacks.own_data import FeatureFn
 from distprobe.knn import KNNConfig, ShardedKNN, StorageDtype
 
 log = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ class OnlineKNN(FlatInputCallback):
         features: FeatureFn | None = None,
         multilabel: bool = False,
     ) -> None:
-        require_keys("kNN", name, input=input, target=target)
-        config = config_from_arguments(KNNConfig, locals())
-        own_data = own_data_of(name, data, val_data, features, every_n_steps, kind=self.kind)
-        super().__init__(name, input, target, config, own_data)
+        super().__init__(KNNConfig, locals())
 
     @property
     def knn(self) -> ShardedKNN:

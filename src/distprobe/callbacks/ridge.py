@@ -8,9 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from distprobe.callbacks.base import Stage, config_from_arguments, require_keys
+from distprobe.callbacks.base import Stage
 from distprobe.callbacks.flat_input import FlatInputCallback
-from distprobe.callbacks.own_data import FeatureFn, own_data_of
+from distprobe.callbacks.own_data import FeatureFn
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
 
 
@@ -67,12 +67,9 @@ class OnlineRidge(FlatInputCallback):
         every_n_steps: int = 1,
         features: FeatureFn | None = None,
     ) -> None:
-        require_keys("ridge", name, input=input, target=target)
         # The callback starts the statistics at each training epoch, not the set after each evaluation: a validation
         # inside an epoch, or a resume inside it, keeps the epoch's sums.
-        config = config_from_arguments(RidgeConfig, locals(), reset_statistics="by_owner")
-        own_data = own_data_of(name, data, val_data, features, every_n_steps, kind=self.kind)
-        super().__init__(name, input, target, config, own_data)
+        super().__init__(RidgeConfig, locals(), reset_statistics="by_owner")
 
     @property
     def ridge(self) -> RidgeProbe:
