@@ -15,7 +15,7 @@ from typing_extensions import override
 from distprobe.callbacks.base import ProbeCallback, Stage, config_from_arguments
 from distprobe.callbacks.own_data import OwnData
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
-from distprobe.engine import Probe, ProbeConfig, maths
+from distprobe.engine import Probe, ProbeConfig, bad_data, maths
 from distprobe.engine.checks import first_batch_problem
 from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
@@ -163,9 +163,11 @@ class TrainableCallback(ProbeCallback):
         if isinstance(loss_fn, nn.Module) and any(True for _ in loss_fn.buffers()):
             return None
         preds = self.probe.predict(features)  # the engine's check ran it on two samples already
+        # The targets as the training step passes them to the loss (int32 class indices as int64, for one).
+        safe_targets = bad_data.check_targets(targets.to(preds.device), preds, bad_data.ignore_index_of(loss_fn))[0]
         try:
             with torch.no_grad():
-                loss_fn(preds, targets.to(preds.device))
+                loss_fn(preds, safe_targets)
         except Exception as err:  # noqa: BLE001 - whatever the loss raises must reach every rank, not hang them
             loss = type(loss_fn).__name__
             return (

@@ -77,7 +77,8 @@ def check_targets(
 
     Class-index targets (integers, one dimension fewer than ``preds``) must lie in ``[0, C)`` with ``C =
     preds.shape[-1]``, or equal the loss's ``ignore_index``; an out-of-range label becomes class 0 so that the loss
-    cannot fault. Floating-point targets (soft labels, regression) must be finite. Other targets are taken as they are.
+    cannot fault; they come back as int64, whatever integer type they came in. Floating-point targets (soft labels,
+    regression) must be finite. Other targets are taken as they are.
     """
     true = _true(targets.device)
     if targets.is_floating_point():
@@ -86,6 +87,8 @@ def check_targets(
         return torch.nan_to_num(targets, nan=0.0, posinf=0.0, neginf=0.0), rows, true, finite.all()
     if preds.ndim != targets.ndim + 1:
         return targets, true.expand(targets.shape[:1]), true, true
+    if targets.dtype != torch.long:  # int32 or uint8 labels (numpy's, a dataset's): torch's losses take int64
+        targets = targets.long()
     # Clamping puts every label in range; where it changed a label, that label was out of range. Three kernels, or
     # five with the loss's ignore_index, which must reach the loss unchanged.
     clamped = targets.clamp(0, preds.shape[-1] - 1)
