@@ -224,6 +224,7 @@ class ProbeBank:
             summed = getattr(self.heads, "summed_loss", None)
             if summed is None:
                 losses = self.heads.loss(logits, safe_targets)  # (K,): each head's loss, as a separate probe's
+                weightless = checked.bad
                 total = bad_data.poison(losses.sum(), checked.bad, scale=1.0 / accumulate)
                 (grad,) = torch.autograd.grad(total, self.heads.flat)
                 untrainable = self.heads.untrainable_heads(int(targets.shape[0]), self.dp_group)
@@ -236,8 +237,12 @@ class ProbeBank:
                 (grad,) = torch.autograd.grad(bad_data.poison(sums.sum(), checked.bad), self.heads.flat)
                 grad = torch.cat([grad, count.to(grad.dtype).view(1)])
                 losses = sums / count
+                # A micro-batch without a unit (masks all ignore_index) has no loss (0 / 0) and trains nothing: it
+                # weighs nothing in the epoch's mean loss either, or every head's would read NaN to the epoch's end.
+                weightless = checked.bad | (count == 0)
             if not targets.shape[0]:  # no sample (known on the host): see `Probe._untrainable_step`
                 checked = bad_data.untrainable_verdict(0, self.device)
+                weightless = checked.bad
                 grad = torch.full_like(grad, float("nan"))  # its gradient is zero: the NaN skips the window everywhere
         if window_start or self._grad is None:
             self._grad = grad
@@ -246,7 +251,7 @@ class ProbeBank:
         losses = losses.detach()
         logits = logits.detach().transpose(0, 1)  # (B, K, C) for users and metrics: a view, contiguous for linear heads
         self.metrics.deferred.add(
-            losses, checked.bad, int(targets.shape[0]), checked.counts, logits, safe_targets, checked.keep
+            losses, weightless, int(targets.shape[0]), checked.counts, logits, safe_targets, checked.keep
         )
         self.micro_step += 1
         if boundary:

@@ -103,32 +103,6 @@ class HeadConfusion(Metric):
         return miou_and_accuracy(self.confusion)[0]
 
 
-class PixelSteps(DeferredSteps):
-    """A dense bank's deferred train steps: a step without a valid pixel is left out of the epoch's mean loss.
-
-    A micro-batch whose masks are all ``ignore_index`` (unlabeled images, or a ``samples_per_step`` share that holds
-    only those) has no loss: each head's is 0 / 0. It trains nothing (its gradient is zero, `ProbeBank._apply`), and
-    weighted into the epoch's mean like any step it would make every head's ``train/{name}/{head_id}_loss`` and
-    ``train/{name}_loss_epoch`` NaN for the rest of the epoch. Such a step is weighted 0, as a skipped one is.
-    """
-
-    def add(
-        self,
-        loss: torch.Tensor,
-        bad: torch.Tensor,
-        batch_size: int,
-        reasons: torch.Tensor,
-        preds: torch.Tensor,
-        targets: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> None:
-        """Keep one micro-step's values; one without a valid pixel (every head's loss 0 / 0) weighs nothing."""
-        # Every head's loss is NaN exactly when the step counted no pixel (finite weights and features give finite
-        # sums otherwise); read on the device, no host sync.
-        no_pixel = loss.isnan().all()
-        super().add(loss, bad | no_pixel, batch_size, reasons, preds, targets, keep)
-
-
 class SegmentationBankMetrics(BankMetrics):
     """A dense bank's metrics: the `BankMetrics` interface over the states of the module docstring."""
 
@@ -148,7 +122,7 @@ class SegmentationBankMetrics(BankMetrics):
         # One confusion matrix per split gives every reported value: mIoU and pixel accuracy alike.
         self.select: dict[str, Any] = {"confusion": HeadConfusion(*args)}
         self.report: dict[str, Any] = {"confusion": HeadConfusion(*args)}
-        self.deferred = PixelSteps(self._fold, lambda: False)
+        self.deferred = DeferredSteps(self._fold, lambda: False)
 
     def update_eval(
         self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, select: torch.Tensor
