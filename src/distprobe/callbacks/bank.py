@@ -130,7 +130,8 @@ class OnlineProbeBank(ProbeCallback):
             multilabel=multilabel,
             matmul_precision=matmul_precision,
         )
-        super().__init__(name, config.inputs, target, own_data_of(name, data, val_data, features, every_n_steps))
+        own_data = own_data_of(name, data, val_data, features, every_n_steps, kind="bank")
+        super().__init__(name, config.inputs, target, own_data)
         self.config = config
         self.metrics = build_metrics(self.config)
         self._pl_module: pl.LightningModule | None = None

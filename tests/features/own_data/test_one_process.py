@@ -103,17 +103,19 @@ def test_own_data_arguments_are_checked():
 
 
 def _callback(kind: str, **own):
-    from distprobe.callbacks import OnlineKNN, OnlineProbe, OnlineRidge
+    from distprobe.callbacks import OnlineKNN, OnlineProbe, OnlineProbeBank, OnlineRidge
 
     common = dict(name="p", input="emb", target="label")
     if kind == "kNN":
         return OnlineKNN(None, **common, num_classes=3, queue_length=8, **own)
     if kind == "ridge":
         return OnlineRidge(None, **common, num_classes=3, **own)
+    if kind == "bank":
+        return OnlineProbeBank(None, **common, num_classes=3, **own)
     return OnlineProbe(None, **common, probe=torch.nn.Linear(8, 3), **own)
 
 
-@pytest.mark.parametrize("kind", ["probe", "kNN", "ridge"])
+@pytest.mark.parametrize("kind", ["probe", "kNN", "ridge", "bank"])
 def test_own_data_messages_name_the_callback_s_kind(kind):
     loader = DataLoader(labeled(4, 0), batch_size=2)
     with pytest.raises(ValueError, match=f"^{kind} 'p': argument 'data' needs 'features'"):
