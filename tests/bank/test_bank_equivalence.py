@@ -47,6 +47,19 @@ def _references(bank, bank_opt, ref_kwargs, accumulate, clip, algorithm, schedul
     return refs
 
 
+def assert_heads_equal_references(bank, refs, label=""):
+    """Each head's weights, bias and (behind a BatchNorm) running statistics are its reference probe's."""
+    for head_id, ref in refs.items():
+        got = bank.head(head_id)
+        got_linear = got if isinstance(got, torch.nn.Linear) else got[1]
+        w, b = _reference_weights(ref)
+        torch.testing.assert_close(got_linear.weight, w, atol=1e-5, rtol=1e-5, msg=f"{label} {head_id} weight")
+        torch.testing.assert_close(got_linear.bias, b, atol=1e-5, rtol=1e-5, msg=f"{label} {head_id} bias")
+        if not isinstance(got, torch.nn.Linear):
+            torch.testing.assert_close(got[0].running_mean, ref.module[0].running_mean, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[0].running_var, ref.module[0].running_var, atol=1e-5, rtol=1e-4)
+
+
 def _reference_weights(probe):
     linear = probe.module if isinstance(probe.module, torch.nn.Linear) else probe.module[1]
     return linear.weight.detach(), linear.bias.detach()
@@ -75,15 +88,7 @@ def test_every_head_equals_a_separate_probe(optimizer, accumulate, clip, algorit
         bank.train_step([x], y)
         for ref in refs.values():
             ref.train_step(x, y)
-    for head_id, ref in refs.items():
-        got = bank.head(head_id)
-        got_linear = got if isinstance(got, torch.nn.Linear) else got[1]
-        w, b = _reference_weights(ref)
-        torch.testing.assert_close(got_linear.weight, w, atol=1e-5, rtol=1e-5, msg=f"{optimizer} {head_id} weight")
-        torch.testing.assert_close(got_linear.bias, b, atol=1e-5, rtol=1e-5, msg=f"{optimizer} {head_id} bias")
-        if not isinstance(got, torch.nn.Linear):
-            torch.testing.assert_close(got[0].running_mean, ref.module[0].running_mean, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got[0].running_var, ref.module[0].running_var, atol=1e-5, rtol=1e-4)
+    assert_heads_equal_references(bank, refs, optimizer)
     assert int(bank.skipped_steps.sum()) == 0
 
 

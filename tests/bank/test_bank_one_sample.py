@@ -8,7 +8,7 @@ train on the sample, as separate linear probes do.
 
 import pytest
 import torch
-from tests.bank.test_bank_equivalence import OPTIMIZERS, _reference_weights, _references
+from tests.bank.test_bank_equivalence import OPTIMIZERS, _references, assert_heads_equal_references
 
 from distprobe.bank import BankConfig, ProbeBank
 
@@ -43,15 +43,7 @@ def test_one_sample_batches_skip_the_batchnorm_heads_as_separate_probes(optimize
         for ref in refs.values():
             ref.train_step(x, y)
     bank.settle()
-    for head_id, ref in refs.items():
-        got = bank.head(head_id)
-        got_linear = got if isinstance(got, torch.nn.Linear) else got[1]
-        w, b = _reference_weights(ref)
-        torch.testing.assert_close(got_linear.weight, w, atol=1e-5, rtol=1e-5, msg=f"{head_id} weight")
-        torch.testing.assert_close(got_linear.bias, b, atol=1e-5, rtol=1e-5, msg=f"{head_id} bias")
-        if not isinstance(got, torch.nn.Linear):
-            torch.testing.assert_close(got[0].running_mean, ref.module[0].running_mean, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(got[0].running_var, ref.module[0].running_var, atol=1e-5, rtol=1e-4)
+    assert_heads_equal_references(bank, refs)
     skipped = {head.head_id: int(bank.skipped_steps[head.index]) for head in bank.heads.head_list}
     assert skipped == {head_id: int(ref.skipped_steps) for head_id, ref in refs.items()}
     batchnorm = [h.head_id for h in bank.heads.head_list if h.normalization == "batchnorm"]
