@@ -191,7 +191,9 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         self.best_index = best
         values = {keys.relative_key("top1", head=keys.ridge_head(v)): whole[i].float() for i, v in enumerate(self.l2)}
         values[keys.relative_key("top1", head=keys.BEST)] = (report_correct[best] / report_total).float()
-        values[keys.relative_key("l2", head=keys.BEST)] = torch.tensor(self.l2[best], dtype=torch.float32)
+        # float64, not float32: Lightning keeps a float64 tensor as it is (it widens only narrower ones), so the
+        # logged value is the configured lambda itself (1e-4, not float32's 9.99999975e-05).
+        values[keys.relative_key("l2", head=keys.BEST)] = torch.tensor(self.l2[best], dtype=torch.float64)
         return values
 
     # --- checkpoints --------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from distprobe.report.claims import Flat, claim_all, take, unclaimed
 from distprobe.report.curves import BestHead, HeadCurves, ProbeCurves
 from distprobe.report.series import headline_metric, last
 
-#: Relative tolerance between a logged lambda (float32 in the logs) and a lambda head's ``%g`` value.
+#: Relative tolerance between a logged lambda and a lambda head's ``%g`` value (6 significant digits); logs written
+#: before 2026-12-07 hold the lambda in float32.
 _L2_TOLERANCE = 1e-5
 
 
@@ -50,7 +51,7 @@ def ridge_curves(name: str, flat: Flat, claimed: set[str]) -> ProbeCurves:
 
 
 def lambda_head(probe: ProbeCurves, l2: float) -> str | None:
-    """The head of ``probe`` whose lambda is ``l2`` (as logged, in float32), or None."""
+    """The head of ``probe`` whose lambda is ``l2`` (as logged; in float32 in older logs), or None."""
     for head in probe.heads:
         value = keys.ridge_l2(head.head_id)
         if value is not None and math.isclose(value, l2, rel_tol=_L2_TOLERANCE, abs_tol=0.0):

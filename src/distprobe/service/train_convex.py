@@ -105,7 +105,7 @@ def run_ridge(config: EvalConfig, train: CachedSplit, val: CachedSplit, device: 
         report = ~selects(torch.arange(val.size), ridge.selection_fraction) & counted_rows
         best = ResultRow(probe.name, keys.BEST, "top1", computed[keys.relative_key("top1", head=keys.BEST)])
         rows.append(with_interval(best, per_sample[report, probe.best_index], spec))
-        # The grid's own value: the probe's logged one is float32.
+        # The grid's own value (the probe's logged one is the same float64 number).
         rows.append(ResultRow(probe.name, keys.BEST, "l2", probe.l2[probe.best_index]))
     return rows
 
