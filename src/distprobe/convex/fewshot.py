@@ -17,13 +17,14 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from distprobe import keys
 from distprobe.convex.logreg import LinearModel, Standardizer, fit_logreg
+from distprobe.convex.one_or_many import one_or_many
 from distprobe.convex.ridge import fit_ridge
 from distprobe.convex.spread import gather_rows, my_share
 from distprobe.convex.usable import CountedResults, usable_rows
@@ -97,16 +98,9 @@ def draw_episodes(
     return [draw_episode(labels, num_classes, s, seed) for s, seed in pairs]
 
 
-def _one_or_many(value: Any) -> tuple[Any, ...]:
-    """``value`` as a tuple: one number (a Python, NumPy or 0-d torch number) is a tuple of one."""
-    if isinstance(value, Real | str) or getattr(value, "ndim", None) == 0 or not isinstance(value, Iterable):
-        return (value,)
-    return tuple(value)
-
-
 def _regularisation(solver: Solver, reg: float | Sequence[float]) -> list[float]:
     """The candidate values, most regularised first (so a tie keeps the most regularised)."""
-    given = _one_or_many(reg)
+    given = one_or_many("fewshot", "reg", reg, example="[0.001, 0.01, 0.1]")
     if solver not in SOLVERS:
         raise ValueError(f"fewshot: solver={solver!r}; expected one of {list(SOLVERS)}")
     numbers = all(
@@ -231,7 +225,8 @@ def run_fewshot(
     training samples with finite features and a label in range (a NaN row would break the fit); a validation sample
     without them is not counted.
     """
-    shot_counts = list(dict.fromkeys(int(s) for s in _one_or_many(shots)))  # a repeat would solve an episode twice
+    given = one_or_many("fewshot", "shots", shots, example="[1, 5, 10]")
+    shot_counts = list(dict.fromkeys(int(s) for s in given))  # a repeat would solve an episode twice
     # Fail before any work, on every rank alike (one rank raising inside its share would leave the others waiting).
     if len(_regularisation(solver, reg)) > 1 and min(shot_counts, default=2) < 2:
         raise ValueError(

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distprobe.convex.one_or_many import one_or_many
 from distprobe.convex.spread import gather_rows, my_share
 from distprobe.convex.usable import CountedResults, usable_rows
+from distprobe.engine.collectives import rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,7 @@ def logreg_grid(
     not counted (``val_counted``).
     """
     # c_grid=0.5 (or a 0-d tensor): a grid of one value.
-    one = isinstance(c_grid, Real) or getattr(c_grid, "ndim", None) == 0
-    values: list[Any] = [c_grid] if one or not isinstance(c_grid, Iterable) else list(c_grid)
-    grid = tuple(sorted(float(c) for c in values))
+    grid = tuple(sorted(float(c) for c in one_or_many("logreg", "c_grid", c_grid, example="[0.01, 1.0, 100.0]")))
     # Checked here, on every rank alike: a C refused inside one rank's share would leave the others waiting.
     if not grid or chain < 1 or not all(math.isfinite(c) and c > 0 for c in grid):
         raise ValueError(
@@ -197,13 +195,14 @@ def logreg_grid(
         )
     usable = usable_rows(train_features, train_labels, num_classes)
     skipped = int((~usable).sum())
-    if skipped:
+    if skipped and rank_and_world(group)[0] == 0:  # every rank holds the same set: one warning, not one per rank
         log.warning(
             "logreg: %d of %d training samples have a non-finite feature or a label outside [0, %d); left out",
             skipped,
             usable.numel(),
             num_classes,
         )
+    if skipped:
         if skipped == usable.numel():
             raise ValueError(
                 f"logreg: every one of the {skipped} training samples has a non-finite feature or a label outside "
