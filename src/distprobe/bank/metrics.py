@@ -118,14 +118,16 @@ class HeadLoss(Metric):
 
 
 def parse_named_metrics(spec: Any, bank_name: str, metrics: tuple[str, ...], kind: str) -> dict[str, int]:
-    """The metrics a bank of a named-metric kind reports: ``metrics[0]`` first (it chooses the best head).
+    """The metrics a bank of a named-metric kind reports, in the order given: the first chooses the best head.
 
-    The class-index default ``("top1",)`` (or None) means all of them.
+    As for a class-index bank's top-k metrics, the first metric listed is the one the best head is chosen by on the
+    selection split; only the metrics listed are reported. The class-index default ``("top1",)`` (or None) means all
+    of them, the kind's own selection metric (``metrics[0]``: mAP, mIoU) first.
 
     Args:
         spec: The bank's ``metrics`` argument: None, a name or a sequence of names.
         bank_name: The bank's name, for the error.
-        metrics: The kind's metric names, its selection metric first.
+        metrics: The kind's metric names, its default selection metric first.
         kind: What makes the bank this kind, for the error (``multilabel=True``, ``head 'dense'``).
 
     Raises:
@@ -135,10 +137,9 @@ def parse_named_metrics(spec: Any, bank_name: str, metrics: tuple[str, ...], kin
         return dict.fromkeys(metrics, 0)
     names = [spec] if isinstance(spec, str) else list(spec)
     unknown = [n for n in names if n not in metrics]
-    selector = metrics[0]
     if unknown or not names:
         raise ValueError(
             f"bank '{bank_name}': argument 'metrics' got {spec!r} with {kind}; expected names among "
-            f"{list(metrics)} ({selector} chooses the best head whatever is reported)."
+            f"{list(metrics)} (the first one listed chooses the best head), such as {[metrics[0]]}."
         )
-    return dict.fromkeys([selector, *[n for n in names if n != selector]], 0)
+    return dict.fromkeys(names, 0)

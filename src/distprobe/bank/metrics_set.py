@@ -7,6 +7,7 @@ sample into the selection split or the report split (`distprobe.bank.selection`)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +18,24 @@ from torchmetrics import Metric
 from distprobe import keys
 from distprobe.bank.config import BankConfig
 from distprobe.bank.metrics import HeadLoss, HeadTopK
+from distprobe.bank.selection import best_values, choose_best
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import is_distributed, rank_and_world
 from distprobe.engine.deferred import DeferredSteps, Folded, add_reasons
 from distprobe.metrics.counters import ReasonCounter, mark_updated
 from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
 from distprobe.metrics.shape import per_row
+
+log = logging.getLogger(__name__)
+
+#: Why no head could be chosen on the selection split, each warned once per bank (`BankMetrics.choose_best`).
+_UNSELECTED = {
+    True: "its validation counted no sample in the selection split (selection_fraction={fraction} of the samples, "
+    "by position), so the best head was chosen on every counted sample, the same ones that report it: its best_* "
+    "values are biased upwards. Validate on more samples, or raise selection_fraction",
+    False: "its validation counted no sample at all (padding or bad data only): no head is chosen, and best_* and "
+    "best_head are NaN",
+}
 
 
 def logged_keys(values: Mapping[str, torch.Tensor], stage: str, name: str) -> dict[str, torch.Tensor]:
@@ -40,6 +53,9 @@ HEAD_METRICS = {"classification": HeadTopK}
 
 class BankMetrics:
     """Per-head train and validation metrics of one bank, with the run-long bad-batch counts."""
+
+    _warned: frozenset[bool] = frozenset()
+    """Which `_UNSELECTED` cases were warned about (per instance once set; the kinds' own __init__ need not)."""
 
     def __init__(self, config: BankConfig, num_heads: int, kind: str = "classification") -> None:
         if kind not in HEAD_METRICS:
@@ -98,19 +114,32 @@ class BankMetrics:
         ]
         # Counts, not rates, are summed to get the whole set's accuracy: the states were synced alongside.
         select, report = computed[: len(names)], computed[len(names) :]
-        best = select[0].nan_to_num(-1.0).argmax()
         values: dict[str, torch.Tensor] = {}
         heads = self.config.heads()
         whole = self._whole_set(group)
         for name, per_head in zip(names, whole, strict=True):
             for head in heads:
                 values[keys.relative_key(name, head=head.head_id)] = per_head[head.index]
-        for name, report_values in zip(names, report, strict=True):
-            values[keys.relative_key(name, head=keys.BEST)] = report_values[best]
-        values[keys.BEST_HEAD] = best.float()
+        best = self.choose_best(select[0], whole[0])
+        reported = dict(zip(names, report, strict=True))
+        values.update(best_values(names, best, lambda b: {n: v[b] for n, v in reported.items()}, select[0].device))
         for metric in [*self.select.values(), *self.report.values()]:
             metric.reset()
         return values, best
+
+    def choose_best(self, selection: torch.Tensor, whole: torch.Tensor) -> torch.Tensor | None:
+        """The best head by its ``(K,)`` scores on the selection split, else on all samples (`selection.choose_best`).
+
+        ``selection`` and ``whole`` are synced values, so every rank chooses alike; an empty selection split, or an
+        empty validation, is warned about once per bank.
+        """
+        best, fell_back = choose_best(selection, whole)
+        case = best is not None
+        if fell_back and case not in self._warned:
+            self._warned = self._warned | {case}
+            why = _UNSELECTED[case].format(fraction=self.config.selection_fraction)
+            log.warning("bank '%s': %s (warned once).", self.config.name, why)
+        return best
 
     def _whole_set(self, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
         """Per-head accuracies over both splits, from the summed counts (one more flat sync, at epoch end only)."""

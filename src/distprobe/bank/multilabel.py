@@ -9,8 +9,9 @@ A metric kind (`distprobe.bank.metric_kinds`) owns three things the bank's engin
   ``num_valid``, `distprobe.metrics.exact`) and the epoch's end gathers them from every rank, uneven counts
   included, so each value is torchmetrics' ``multilabel_average_precision`` / ``multilabel_f1_score`` on the whole
   set, computed once per head;
-- **its selection score**: macro mAP on the selection split (`distprobe.bank.selection`); the best head's values
-  are reported on the rest.
+- **its selection score**: the first metric of ``metrics`` on the selection split (`distprobe.bank.selection`),
+  macro mAP by default (``metrics=["f1_micro"]`` reports F1 alone and chooses by it); the best head's values are
+  reported on the rest.
 
 A target value outside {0, 1} (or not finite) is bad data: the batch's step is skipped for every head and counted
 (``targets_out_of_range``, ``nonfinite_targets``), and the sample is not counted in metrics.
@@ -36,12 +37,13 @@ from distprobe import keys
 from distprobe.bank.config import BankConfig
 from distprobe.bank.metrics import HeadLoss, parse_named_metrics
 from distprobe.bank.metrics_set import BankMetrics
+from distprobe.bank.selection import best_values
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import is_distributed
 from distprobe.engine.deferred import DeferredSteps
 from distprobe.metrics.counters import ReasonCounter, mark_updated
 
-#: The values a multi-label bank reports per head; mAP (macro) also chooses the best head.
+#: The values a multi-label bank reports per head; the first one listed chooses the best head (mAP, macro, by default).
 MULTILABEL_METRICS = ("mAP", "f1_micro", "f1_macro")
 #: Probabilities above it count as predicted labels (torchmetrics' default).
 THRESHOLD = 0.5
@@ -220,20 +222,23 @@ class MultiLabelBankMetrics(BankMetrics):
         self.samples.update(logits, targets, keep, select)
 
     def compute_eval(self, group: dist.ProcessGroup | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Per-head values on the whole set, the best head (by mAP on the selection split) on the report split."""
+        """Per-head values on the whole set, the best head (by the first metric on the selection split) on the rest."""
         logits, targets, select = self.samples.gathered(group, self.num_heads, self.num_labels)
         self.samples.reset()
         probs = logits.sigmoid()
-        heads = self.config.heads()
+        selector = self.names[0]  # the first metric the user listed, as a class-index bank's (mAP by default)
         values: dict[str, torch.Tensor] = {}
-        chosen = []
-        for head in heads:
+        whole, chosen = [], []
+        for head in self.config.heads():
             for name, value in head_values(probs[:, head.index], targets, self.names).items():
                 values[keys.relative_key(name, head=head.head_id)] = value
-            chosen.append(head_values(probs[select, head.index], targets[select], ["mAP"])["mAP"])
-        best = torch.stack(chosen).nan_to_num(-1.0).argmax()
+            whole.append(values[keys.relative_key(selector, head=head.head_id)])
+            chosen.append(head_values(probs[select, head.index], targets[select], [selector])[selector])
+        best = self.choose_best(torch.stack(chosen), torch.stack(whole))
         report = select.logical_not()
-        for name, value in head_values(probs[report][:, int(best)], targets[report], self.names).items():
-            values[keys.relative_key(name, head=keys.BEST)] = value
-        values[keys.BEST_HEAD] = best.float()
+
+        def at_best(b: torch.Tensor) -> dict[str, torch.Tensor]:
+            return head_values(probs[report][:, int(b)], targets[report], self.names)
+
+        values.update(best_values(self.names, best, at_best, probs.device))
         return values, best

@@ -8,9 +8,9 @@ enter them (the bank counts the first ``num_valid`` samples only, `distprobe.met
 
 mIoU is computed as the segmentation suites report it: per class ``TP / (TP + FP + FN)`` over the whole set, averaged
 over the classes present in the target or the prediction (a class absent from both is left out of the mean). The
-best head is the one with the highest mIoU on the selection split (`distprobe.bank.selection`); its values are
-reported on the rest. Training reports each head's loss only (no train-pixel metrics: they would cost a full-size
-upsampling per step).
+best head is the one with the highest first metric of ``metrics`` (mIoU by default) on the selection split
+(`distprobe.bank.selection`); its values are reported on the rest. Training reports each head's loss only (no
+train-pixel metrics: they would cost a full-size upsampling per step).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from distprobe.bank import dense_loss
 from distprobe.bank.config import BankConfig
 from distprobe.bank.metrics import HeadLoss, parse_named_metrics
 from distprobe.bank.metrics_set import BankMetrics
+from distprobe.bank.selection import best_values
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import is_distributed
 from distprobe.engine.deferred import DeferredSteps
 from distprobe.metrics.counters import ReasonCounter, mark_updated
 from distprobe.metrics.flat_sync import flat_sync
 
-#: What a dense bank reports per head; mIoU also chooses the best head.
+#: What a dense bank reports per head; the first one listed chooses the best head (mIoU by default).
 SEGMENTATION_METRICS = ("mIoU", "pixel_acc")
 
 
@@ -140,19 +141,17 @@ class SegmentationBankMetrics(BankMetrics):
         return synced[(id(select), "confusion")], synced[(id(report), "confusion")]
 
     def compute_eval(self, group: dist.ProcessGroup | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Per-head values on the whole set, the best head (by mIoU on the selection split) on the report split."""
+        """Per-head values on the whole set, the best head (by the first metric on the selection split) on the rest."""
         select, report = self.confusions(group)
-        whole = miou_and_accuracy(select + report)
-        best = miou_and_accuracy(select)[0].nan_to_num(-1.0).argmax()
-        reported = miou_and_accuracy(report)
-        by_name = dict(zip(SEGMENTATION_METRICS, range(2), strict=True))
+        splits = (select + report, select, report)
+        whole, chosen, reported = (dict(zip(SEGMENTATION_METRICS, miou_and_accuracy(m), strict=True)) for m in splits)
         values: dict[str, torch.Tensor] = {}
         for head in self.config.heads():
             for name in self.names:
-                values[keys.relative_key(name, head=head.head_id)] = whole[by_name[name]][head.index]
-        for name in self.names:
-            values[keys.relative_key(name, head=keys.BEST)] = reported[by_name[name]][best]
-        values[keys.BEST_HEAD] = best.float()
+                values[keys.relative_key(name, head=head.head_id)] = whole[name][head.index]
+        selector = self.names[0]  # the first metric the user listed, as a class-index bank's (mIoU by default)
+        best = self.choose_best(chosen[selector], whole[selector])
+        values.update(best_values(self.names, best, lambda b: {n: reported[n][b] for n in self.names}, select.device))
         for metric in [*self.select.values(), *self.report.values()]:
             metric.reset()
         return values, best
