@@ -330,9 +330,13 @@ class DenseHeads(LinearHeads):
         return sums, dense_loss.valid_pixels(targets, ignore)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``(K,)`` each head's mean cross-entropy over this batch's valid pixels (NaN without any)."""
+        """``(K,)`` each head's mean cross-entropy over this batch's valid pixels (0 without any).
+
+        A batch without a valid pixel (every label ``ignore_index``) sums to 0 over a count of 0: its loss is that sum,
+        not 0 / 0, and the bank weighs such a step as nothing in the epoch's loss (no host sync decides it).
+        """
         sums, count = self.summed_loss(outputs, targets)
-        return sums / count
+        return sums / count.clamp(min=1)
 
     def export(self, index: int) -> nn.Module:
         """That head as a `DenseHead` (BatchNorm in eval mode, if any), giving ``(B, C, h, w)`` logits."""
