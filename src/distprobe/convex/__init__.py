@@ -3,7 +3,8 @@
 - `ridge`: exact ridge regression from summed float64 sufficient statistics, every lambda from one decomposition;
 - `online`: `RidgeProbe`, the online ridge probe over a data-parallel group (`OnlineRidge`'s and `ProbeSet`'s engine);
 - `logreg`: multinomial logistic regression by float64 L-BFGS (scikit-learn's objective), DINOv2/v3's C protocol;
-- `fewshot`: episodes drawn from ``(seed, shots, class)``, ridge and logreg solvers, no validation leakage;
+- `episodes`: few-shot episodes drawn from ``(seed, shots, class)`` over labels grouped by class once;
+- `fewshot`: ridge and logreg solvers of the episodes, no validation leakage;
 - `bootstrap`: seeded bias-corrected percentile intervals from per-sample results;
 - `spread`: whole problems spread over ranks, results gathered identically at any world size.
 
@@ -11,12 +12,12 @@ None of it imports Lightning: `distprobe.callbacks.OnlineRidge` and the probing 
 """
 
 from distprobe.convex.bootstrap import Interval, bootstrap_interval
+from distprobe.convex.episodes import ClassMembers, Episode, draw_episode, draw_episodes
 from distprobe.convex.fewshot import (
-    Episode,
     EpisodeResult,
+    FewshotProblem,
     ShotsSummary,
-    draw_episode,
-    draw_episodes,
+    run_episodes,
     run_fewshot,
     solve_episode,
     summarise,
@@ -29,8 +30,10 @@ from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec
 __all__ = [
     "DEFAULT_L2",
     "DINOV3_C_GRID",
+    "ClassMembers",
     "Episode",
     "EpisodeResult",
+    "FewshotProblem",
     "Interval",
     "LinearModel",
     "LogregResult",
@@ -47,6 +50,7 @@ __all__ = [
     "fit_logreg",
     "fit_ridge",
     "logreg_grid",
+    "run_episodes",
     "run_fewshot",
     "solve_centred",
     "solve_episode",

@@ -1,10 +1,8 @@
 """Few-shot protocols: reproducible episodes, ridge and logistic-regression solvers, no validation leakage (torch only).
 
-An episode takes ``shots`` training samples of every class. Which ones depends on ``(seed, shots, class)`` alone,
-through a generator seeded from those three numbers over the class's positions in the training set: the same
-episode on any world size, after any resume, in any order of computation (torchgeo-bench #177 reports few-shot runs
-that could not be reproduced). Each episode has an id (`distprobe.keys.episode_id`) so a requeued job can redo only
-the ones it lacks.
+An episode takes ``shots`` training samples of every class; which ones depends on ``(seed, shots, class)`` alone
+(`distprobe.convex.episodes`). What every episode reads of the two sets, the training rows that may be drawn
+grouped by class and the validation rows that count, is computed once (`FewshotProblem`), not once per episode.
 
 A solver's regularisation is either one fixed value or chosen by cross-validation inside the episode's own shots;
 the validation set only scores the final fit (CLIP_benchmark #125 and openai/CLIP #128 tuned it on validation).
@@ -22,7 +20,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from distprobe import keys
+from distprobe.convex.episodes import ClassMembers, Episode, draw_episodes
 from distprobe.convex.logreg import LinearModel, Standardizer, fit_logreg
 from distprobe.convex.one_or_many import one_or_many
 from distprobe.convex.ridge import fit_ridge
@@ -33,69 +31,6 @@ Solver = Literal["ridge", "logreg"]
 SOLVERS: tuple[Solver, ...] = ("ridge", "logreg")
 #: Cross-validation folds inside an episode at most (fewer when there are fewer shots).
 MAX_FOLDS = 5
-
-
-@dataclass(frozen=True)
-class Episode:
-    """One episode: ``shots`` samples of each class, drawn with ``seed``."""
-
-    shots: int
-    seed: int
-    indices: torch.Tensor
-    """``(num_classes * shots,)`` positions in the training set, class by class, each class in its draw order."""
-
-    @property
-    def id(self) -> str:
-        """``shots={shots}/seed={seed}``."""
-        return keys.episode_id(self.shots, self.seed)
-
-    def folds(self, num_folds: int) -> torch.Tensor:
-        """``(num_classes * shots,)`` each sample's cross-validation fold: the j-th shot of every class in fold j mod k.
-
-        So every fold holds every class, whatever the number of classes.
-        """
-        return torch.arange(self.indices.numel()) % self.shots % num_folds
-
-
-def _class_seed(seed: int, shots: int, cls: int) -> int:
-    # A fixed mix of the three numbers (no Python hash(), which is salted per process).
-    return ((seed * 1_000_003 + shots) * 1_000_033 + cls) % (2**63 - 1)
-
-
-def draw_episode(labels: torch.Tensor, num_classes: int, shots: int, seed: int) -> Episode:
-    """The episode ``(seed, shots)`` over the training labels ``(N,)``."""
-    if shots < 1:
-        raise ValueError(f"fewshot: shots={shots}; expected a number of samples per class >= 1, e.g. [1, 5, 10, 25]")
-    labels = labels.detach().cpu().long()
-    picked = []
-    for cls in range(num_classes):
-        members = torch.nonzero(labels == cls).flatten()
-        if members.numel() < shots:
-            raise ValueError(
-                f"fewshot: class {cls} has {members.numel()} training samples, fewer than shots={shots}; "
-                f"drop that shot count or use a larger training set"
-            )
-        generator = torch.Generator().manual_seed(_class_seed(seed, shots, cls))
-        picked.append(members[torch.randperm(members.numel(), generator=generator)[:shots]])
-    return Episode(shots, seed, torch.cat(picked))
-
-
-def draw_episodes(
-    labels: torch.Tensor,
-    num_classes: int,
-    shots: Iterable[int],
-    seeds: int | Sequence[int],
-    skip: Iterable[str] = (),
-) -> list[Episode]:
-    """Every ``(shots, seed)`` episode whose id is not in ``skip``, shots-major; ``seeds`` a count or the seeds.
-
-    A skipped episode is not drawn at all: a draw scans the labels once per class, and the service asks for a few
-    episodes at a time.
-    """
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
-    done = set(skip)
-    pairs = [(s, seed) for s in shots for seed in seed_list if keys.episode_id(s, seed) not in done]
-    return [draw_episode(labels, num_classes, s, seed) for s, seed in pairs]
 
 
 def _regularisation(solver: Solver, reg: float | Sequence[float]) -> list[float]:
@@ -188,20 +123,52 @@ def solve_episode(
     *,
     solver: Solver,
     reg: float | Sequence[float],
+    val_counted: torch.Tensor | None = None,
 ) -> EpisodeResult:
     """Fit ``solver`` on the episode's shots (choosing ``reg`` inside them when several are given); score on val.
 
-    A validation sample with a non-finite feature or a label outside ``[0, num_classes)`` is not counted.
+    A validation sample with a non-finite feature or a label outside ``[0, num_classes)`` is not counted;
+    ``val_counted`` gives those rows when the caller found them once for many episodes (`FewshotProblem`).
     """
     values = _regularisation(solver, reg)
     index = episode.indices.to(train_x.device)
     x, y = train_x[index], train_y[index].long()
     chosen = choose_regularisation(solver, x, y, episode, num_classes, values)
-    counted = usable_rows(val_x, val_y, num_classes)
+    counted = usable_rows(val_x, val_y, num_classes) if val_counted is None else val_counted.to(val_x.device)
     safe = torch.nan_to_num(val_x.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
     predictions = _fit_predict(solver, x, y, safe, num_classes, [chosen])[0]
     correct = (predictions == val_y.reshape(-1).long()) & counted
     return EpisodeResult(episode.id, episode.shots, episode.seed, chosen, correct.cpu(), counted.cpu())
+
+
+@dataclass(frozen=True)
+class FewshotProblem:
+    """A training and a validation set, with what every episode reads of them, found once (`prepare`).
+
+    Scanning them again for each episode cost a pass over all the features per episode: the training rows that may
+    be drawn (finite features, a label in range), grouped by class, and the validation rows that count.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+    drawable: ClassMembers
+    """The training rows an episode may draw, by class (a NaN row would break the fit)."""
+    val_counted: torch.Tensor
+    """``(N_val,)`` bool: the validation rows counted (finite features, a label in range)."""
+
+    @classmethod
+    def prepare(
+        cls, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int
+    ) -> FewshotProblem:
+        """Find the drawable training rows and the counted validation rows of the four tensors, once."""
+        # Rows that may not be drawn get no class: the others' episodes are the same as without them.
+        labels = torch.where(usable_rows(train_x, train_y, num_classes), train_y.reshape(-1).long(), -1)
+        drawable = ClassMembers.of(labels, num_classes)
+        counted = usable_rows(val_x, val_y, num_classes)
+        return cls(train_x, train_y, val_x, val_y, num_classes, drawable, counted)
 
 
 def run_fewshot(
@@ -223,8 +190,24 @@ def run_fewshot(
     Every rank must hold the same train and val sets. Each rank solves whole episodes; the results are gathered with
     one sum, so they are the same at any world size. ``shots=5`` is ``shots=[5]``. Episodes are drawn among the
     training samples with finite features and a label in range (a NaN row would break the fit); a validation sample
-    without them is not counted.
+    without them is not counted. A caller that runs episodes a few at a time prepares the sets once
+    (`FewshotProblem.prepare`) and calls `run_episodes` with them.
     """
+    problem = FewshotProblem.prepare(train_x, train_y, val_x, val_y, num_classes)
+    return run_episodes(problem, shots=shots, seeds=seeds, solver=solver, reg=reg, skip=skip, group=group)
+
+
+def run_episodes(
+    problem: FewshotProblem,
+    *,
+    shots: int | Sequence[int],
+    seeds: int | Sequence[int],
+    solver: Solver,
+    reg: float | Sequence[float],
+    skip: Iterable[str] = (),
+    group: dist.ProcessGroup | None = None,
+) -> list[EpisodeResult]:
+    """`run_fewshot` on sets prepared once (`FewshotProblem.prepare`): the same episodes, the same results."""
     given = one_or_many("fewshot", "shots", shots, example="[1, 5, 10]")
     shot_counts = list(dict.fromkeys(int(s) for s in given))  # a repeat would solve an episode twice
     # Fail before any work, on every rank alike (one rank raising inside its share would leave the others waiting).
@@ -233,18 +216,17 @@ def run_fewshot(
             f"fewshot: shots={shot_counts} with reg={reg!r}: choosing the regularisation needs >= 2 shots per class "
             f"to cross-validate inside each episode (never on validation); pass one fixed value, or drop 1-shot"
         )
-    done = set(skip)
-    # Rows that may not be drawn get no class: the others' episodes are the same as without them.
-    drawable = torch.where(usable_rows(train_x, train_y, num_classes), train_y.reshape(-1).long(), -1)
-    todo = draw_episodes(drawable, num_classes, shot_counts, seeds, skip=done)
+    todo = draw_episodes(problem.drawable, problem.num_classes, shot_counts, seeds, skip=set(skip))
+    sets = (problem.train_x, problem.train_y, problem.val_x, problem.val_y, problem.num_classes)
     # On the data's device: NCCL reduces CUDA tensors only.
-    rows = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64, device=val_y.device)
+    rows = torch.zeros(len(todo), 1 + problem.val_y.numel(), dtype=torch.float64, device=problem.val_y.device)
     for position in my_share(len(todo), group):
-        result = solve_episode(todo[position], train_x, train_y, val_x, val_y, num_classes, solver=solver, reg=reg)
+        episode = todo[position]
+        result = solve_episode(episode, *sets, solver=solver, reg=reg, val_counted=problem.val_counted)
         rows[position, 0] = result.reg
         rows[position, 1:] = result.val_correct.to(rows.device).double()
     rows = gather_rows(rows, group).cpu()
-    counted = usable_rows(val_x, val_y, num_classes).cpu()
+    counted = problem.val_counted.cpu()
     return [
         EpisodeResult(e.id, e.shots, e.seed, float(row[0]), row[1:] > 0.5, counted)
         for e, row in zip(todo, rows, strict=True)
