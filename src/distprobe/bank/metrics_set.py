@@ -28,13 +28,13 @@ from distprobe.metrics.shape import per_row
 
 log = logging.getLogger(__name__)
 
-#: Why no head could be chosen on the selection split, each warned once per bank (`BankMetrics.choose_best`).
+#: Why the best head was not chosen on the selection split, each warned about once per bank (`BankMetrics.choose_best`).
 _UNSELECTED = {
-    True: "its validation counted no sample in the selection split (selection_fraction={fraction} of the samples, "
-    "by position), so the best head was chosen on every counted sample, the same ones that report it: its best_* "
-    "values are biased upwards. Validate on more samples, or raise selection_fraction",
-    False: "its validation counted no sample at all (padding or bad data only): no head is chosen, and best_* and "
-    "best_head are NaN",
+    "chosen_on_all": "its validation counted no sample in the selection split (selection_fraction={fraction} of the "
+    "samples, by position), so the best head was chosen on every counted sample, the same ones that report it: its "
+    "best_* values are biased upwards. Validate on more samples, or raise selection_fraction",
+    "none_chosen": "its validation counted no sample at all (none given, or only padding and bad data): no head is "
+    "chosen, and best_* and best_head are NaN",
 }
 
 
@@ -54,8 +54,8 @@ HEAD_METRICS = {"classification": HeadTopK}
 class BankMetrics:
     """Per-head train and validation metrics of one bank, with the run-long bad-batch counts."""
 
-    _warned: frozenset[bool] = frozenset()
-    """Which `_UNSELECTED` cases were warned about (per instance once set; the kinds' own __init__ need not)."""
+    _warned: frozenset[str] = frozenset()
+    """The `_UNSELECTED` cases already warned about (an instance's own once set: the kinds' __init__ need not)."""
 
     def __init__(self, config: BankConfig, num_heads: int, kind: str = "classification") -> None:
         if kind not in HEAD_METRICS:
@@ -134,7 +134,7 @@ class BankMetrics:
         empty validation, is warned about once per bank.
         """
         best, fell_back = choose_best(selection, whole)
-        case = best is not None
+        case = "chosen_on_all" if best is not None else "none_chosen"
         if fell_back and case not in self._warned:
             self._warned = self._warned | {case}
             why = _UNSELECTED[case].format(fraction=self.config.selection_fraction)
