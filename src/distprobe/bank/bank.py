@@ -41,6 +41,7 @@ from distprobe.engine.collectives import (
 )
 from distprobe.engine.precision import float32_matmuls
 from distprobe.engine.probe import to_probe_input
+from distprobe.engine.shapes import BatchShapes
 from distprobe.engine.state import resume_window
 
 #: Bumped when the layout of `ProbeBank.state_dict` changes.
@@ -102,6 +103,14 @@ class ProbeBank:
         self._eval_seen = 0
         self.best_index: torch.Tensor | None = None
         """The head chosen on the selection split at the last `compute_eval_metrics` (a device tensor)."""
+        self.batch_shapes = BatchShapes(
+            "bank",
+            config.name,
+            [*(f"input {source!r}" for source in config.inputs), "target 'targets'"],
+            [*(heads.input_signature for _ in config.inputs), heads.target_signature],
+        ).to(self.device)
+        """The first training batch's shapes; a later batch of other shapes is skipped and counted
+        (``bad_batches/wrong_shape``). Adapters name the target by its key."""
 
     @classmethod
     def build(
@@ -161,6 +170,10 @@ class ProbeBank:
         """Readable ids of the heads, in the bank's order: ``"embedding/lr=0.01/wd=0/norm=none"``."""
         return [h.head_id for h in self.heads.head_list]
 
+    def name_target(self, key: str) -> None:
+        """Name the targets by the key they are read from, for the warning about a later batch of other shapes."""
+        self.batch_shapes.name([*self.batch_shapes.labels[:-1], f"target {key!r}"])
+
     def head_index(self, head_id: str) -> int:
         """The position of ``head_id`` in `head_ids`."""
         ids = self.head_ids
@@ -186,29 +199,36 @@ class ProbeBank:
             return multilabel.check_targets(targets, preds)
         return bad_data.check_targets(targets, preds, None)
 
-    def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _check_count(self, features: list[Any]) -> None:
         if len(features) != len(self.config.inputs):
             raise ValueError(
                 f"bank '{self.name}': got {len(features)} feature tensors for {len(self.config.inputs)} sources "
                 f"{self.config.inputs}."
             )
+
+    def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._check_count(features)
         return [to_probe_input(f, self.heads.flat) for f in features]
 
-    def train_step(self, features: list[torch.Tensor], targets: torch.Tensor) -> BankStepOutput:
+    def train_step(self, features: list[torch.Tensor | None], targets: torch.Tensor | None) -> BankStepOutput:
         """Train every head on one micro-batch (one ``(B, ...)`` tensor per source); step at a window's close.
 
         Bad data never raises: the batch is cleaned, its gradient poisoned, and the window skipped for every head on
-        every rank. A head whose own gradient is not finite (it diverged) is skipped alone.
+        every rank. A head whose own gradient is not finite (it diverged) is skipped alone. A batch of other shapes
+        than the first (None: an input missing from it) trains as an empty batch of the first one's shapes, counted
+        as bad data (`distprobe.engine.shapes`).
         """
         self.settle()
+        self._check_count(features)
+        *batch, y = self.batch_shapes.conform([*features, targets], self.device)[0]
         share = getattr(self.heads, "samples_per_step", None)
         if share is not None:  # a fixed-size share of the batch bounds the cost (dense heads)
-            features, targets = [f[:share] for f in features], targets[:share]
+            batch, y = [f[:share] for f in batch], y[:share]
         accumulate = self.config.accumulate_grad_batches
         window_start = self.micro_step % accumulate == 0
         boundary = maths.is_boundary(self.micro_step, accumulate)
-        xs = self._inputs(features)
-        targets = targets.to(self.device)
+        xs = self._inputs(batch)
+        targets = y.to(self.device)
         features_ok = torch.stack([bad_data.finite_features(x) for x in xs]).all()
         xs = [bad_data.zero_nonfinite(x) for x in xs] if self._bn_buffers else xs
         if window_start and self._bn_buffers:
@@ -407,6 +427,7 @@ class ProbeBank:
             "window_grads_per_rank": window,
             "window_bn": None if not in_window else self._window_bn,
             "metrics": self.metrics.synced_states(self.dp_group),
+            "wrong_shape_batches": self.batch_shapes.state_dict(self.dp_group),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -442,3 +463,4 @@ class ProbeBank:
         self._window_bn = None if saved_bn is None else [b.to(self.device) for b in saved_bn]
         self._pending = None
         self.metrics.load_synced_states(state.get("metrics", {}), self.dp_group)
+        self.batch_shapes.load_state_dict(state.get("wrong_shape_batches"), self.dp_group)

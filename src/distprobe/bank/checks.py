@@ -118,9 +118,6 @@ def feature_sizes(config: BankConfig, features: Sequence[torch.Tensor]) -> dict[
     """Each source's feature size as the bank's family reads it from a first batch (linear: a sample's numel)."""
     from distprobe.bank.families import FAMILIES
 
-    size_of = getattr(FAMILIES[config.family], "feature_size", None)
-    return {
-        # From the shape, not a sample: a first batch may be empty on a rank.
-        source: int(size_of(x.shape[1:]) if size_of is not None else x.shape[1:].numel())
-        for source, x in zip(config.inputs, features, strict=True)
-    }
+    size_of = FAMILIES[config.family].feature_size
+    # From the shape, not a sample: a first batch may be empty on a rank.
+    return {source: size_of(x.shape[1:]) for source, x in zip(config.inputs, features, strict=True)}

@@ -20,7 +20,7 @@ from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
 from distprobe.callbacks.cadence import StepValues, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
-from distprobe.callbacks.trainable import optimizer_steps_of_fit
+from distprobe.callbacks.trainable import optimizer_steps_of_fit, read_after_first
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.precision import MatmulPrecision
 
@@ -186,6 +186,7 @@ class OnlineProbeBank(ProbeCallback):
             metrics=self.metrics,
         )
         claim(self._pl_module, self.name, bank.heads)[self.name] = bank.heads
+        bank.name_target(str(self.target))  # `require_keys` made it a key
         self.engine_ready(bank)
 
     @override
@@ -224,6 +225,14 @@ class OnlineProbeBank(ProbeCallback):
     @override
     def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
         return features, targets
+
+    @override
+    def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
+        read = super().read_step
+        if self._engine is None:
+            return read(trainer, pl_module, outputs, batch)
+        missing = ([None] * len(self.sources), None)
+        return read_after_first(self, self.bank.batch_shapes, lambda: read(trainer, pl_module, outputs, batch), missing)
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:

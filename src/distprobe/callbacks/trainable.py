@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,6 +19,9 @@ from distprobe.engine import Probe, ProbeConfig, bad_data, maths
 from distprobe.engine.checks import first_batch_problem
 from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
+from distprobe.engine.shapes import BatchShapes
+from distprobe.features.lookup import MissingKeyError
+from distprobe.probeset.members import name_inputs
 from distprobe.strategies.groups import data_parallel_group
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,8 @@ class TrainableCallback(ProbeCallback):
             total_steps=None,
             metrics=self.metrics,
         )
+        if self.sources:
+            name_inputs(probe, self.sources[0], self.target)
         self.engine_ready(probe)
 
     @override
@@ -139,7 +144,12 @@ class TrainableCallback(ProbeCallback):
     def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
         if not self.sources:
             return None  # a subclass that feeds its probe itself
-        return super().read_step(trainer, pl_module, outputs, batch)
+        return read_after_first(
+            self,
+            self.probe.batch_shapes,
+            lambda: super(TrainableCallback, self).read_step(trainer, pl_module, outputs, batch),
+            (None, None),
+        )
 
     @override
     def evaluates(self, trainer: pl.Trainer) -> bool:
@@ -191,6 +201,22 @@ class TrainableCallback(ProbeCallback):
         # succeeded (SIGABRT, "terminate called without an active exception"), and Slurm then marks it FAILED.
         if self._engine is not None:
             self._engine.release()
+
+
+def read_after_first(member: ProbeCallback, shapes: BatchShapes, read: Callable[[], Any], missing: Any) -> Any:
+    """``read()``, or ``missing`` (an input per key, all None) when a key is missing from a batch after the first.
+
+    The first batch's missing key is an error on every rank together (the coordinator's check). Later, a key missing
+    from one rank's batch or outputs is bad data: raising there alone would leave the other ranks waiting in the
+    step's all-reduce. The engine trains that rank on an empty batch of the first batch's shapes and counts it.
+    """
+    try:
+        return read()
+    except MissingKeyError as err:
+        if not member.checked_first_batch or not shapes.established:
+            raise
+        shapes.warn_missing(str(err).split(": ", 1)[-1])  # the message's owner is the warning's already
+        return missing
 
 
 def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int, every_n_steps: int = 1) -> int | None:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from distprobe import keys
 from distprobe.engine import bad_data, functional, maths, skip
 from distprobe.engine.batchnorm import sync_batch_norms
 from distprobe.engine.config import ProbeConfig
@@ -27,6 +28,7 @@ from distprobe.engine.replicate import (
     default_group,
     replicate_probe,
 )
+from distprobe.engine.shapes import BatchShapes
 from distprobe.engine.state import gathered_window_grads, load_metric_states, own_window_grads, synced_metric_states
 from distprobe.features.dtensor import whole
 from distprobe.metrics.collection import ProbeMetrics
@@ -153,6 +155,14 @@ class Probe:
         """Optimizer steps skipped because a gradient was not finite (a device tensor, never read on the host)."""
         self.deferred = DeferredUpdates(self.metrics)
         """The train steps' loss, bad-data counts and metric inputs not yet in ``metrics`` (see `fold_metrics`)."""
+        self.batch_shapes = BatchShapes(
+            "probe",
+            self.name,
+            ["input 'features'", "target 'targets'"],
+            prefix=keys.stage_prefix(keys.TRAIN, self.name),
+        ).to(self._param().device)
+        """The first training batch's shapes; a later batch of other shapes is skipped and counted
+        (``train/{name}_bad_batches/wrong_shape``). Adapters name the inputs by their keys."""
 
     @classmethod
     def build(
@@ -229,15 +239,20 @@ class Probe:
             pending.scaled_loss.backward()
         return self.finish_step(pending)
 
-    def forward_step(self, features: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> PendingStep:
+    def forward_step(
+        self, features: torch.Tensor | None, targets: torch.Tensor | None, model: nn.Module
+    ) -> PendingStep:
         """The first half of `train_step`: the forward through ``model`` (the replica or the bare module) and the loss.
 
         The caller runs the backward of ``scaled_loss`` (alone, or summed with other probes'), reduces the gradients
-        at a window's end unless ``model`` is the DDP replica, and then calls `finish_step`.
+        at a window's end unless ``model`` is the DDP replica, and then calls `finish_step`. A batch of other shapes
+        than the first (None: an input missing from it) trains as an empty batch of the first one's shapes, counted
+        as bad data (`distprobe.engine.shapes`).
         """
         accumulate = self.config.accumulate_grad_batches
         param = self._param()
         device = param.device
+        (features, targets), _ = self.batch_shapes.conform([features, targets], device)
         x = to_probe_input(features, param)
         targets = targets.to(device)
         features_ok = None
@@ -495,6 +510,7 @@ class Probe:
             "window_buffers": None if not in_window else self._window_buffers,
             "skipped_steps": self.skipped_steps.detach().clone(),
             "metrics": self._synced_metric_states(),
+            "wrong_shape_batches": self.batch_shapes.state_dict(self.dp_group),
         }
 
     def _synced_metric_states(self) -> dict[str, Any]:
@@ -518,3 +534,4 @@ class Probe:
         self._window_buffers = None if saved_buffers is None else [b.to(self._param().device) for b in saved_buffers]
         self.deferred.discard()
         load_metric_states(self.metrics, state.get("metrics", {}), self.dp_group)
+        self.batch_shapes.load_state_dict(state.get("wrong_shape_batches"), self.dp_group)

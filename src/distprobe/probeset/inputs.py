@@ -7,7 +7,7 @@ before anything trains, and one collective raises the problems on every rank tog
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -19,26 +19,54 @@ from distprobe.engine.checks import (
     raise_if_any_rank_failed,
     world_check_group,
 )
+from distprobe.engine.shapes import BatchShapes
 from distprobe.monitors.member import MonitorRead
 from distprobe.probeset.members import Members
 from distprobe.routing import Tensors, first_batch_problems_of, one_input, pick
 
 
-def probe_inputs(members: Members, features: Tensors, targets: Tensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each probe's ``(features, targets)``, by name."""
+def probe_inputs(
+    members: Members, features: Tensors, targets: Tensors, *, training: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each probe's ``(features, targets)``, by name.
+
+    ``training``: a key missing from a batch after a probe's first is None (see `picked`), not an error.
+    """
+    picks = {name: picked(members.probes[name].batch_shapes if training else None) for name in members.specs}
     return {
         name: (
-            pick(features, spec.input, probe_name=name, argument="input"),
-            pick(targets, spec.target, probe_name=name, argument="target"),
+            picks[name](features, spec.input, probe_name=name, argument="input"),
+            picks[name](targets, spec.target, probe_name=name, argument="target"),
         )
         for name, spec in members.specs.items()
     }
 
 
+def picked(shapes: BatchShapes | None) -> Callable[..., Any]:
+    """`pick`, or, given the shapes a member's first batch established, `pick` that gives None for a missing key.
+
+    A key missing from a later batch on one rank is bad data, not an error that would raise on that rank alone while
+    the others wait in the step's all-reduce: the reader warns (it knows the key), the engine trains on an empty
+    batch of the first batch's shapes and counts it (`distprobe.engine.shapes`).
+    """
+    if shapes is None or not shapes.established:
+        return pick
+
+    def pick_or_none(tensors: Tensors, key: str | None, *, argument: str, **kwargs: Any) -> torch.Tensor | None:
+        try:
+            return pick(tensors, key, argument=argument, **kwargs)
+        except ValueError:
+            available = sorted(tensors) if isinstance(tensors, Mapping) else "none: one tensor"
+            shapes.warn_missing(f"{argument} key {key!r} is missing from it (keys there: {available})")
+            return None
+
+    return pick_or_none
+
+
 def bank_inputs(
-    members: Members, name: str, features: Tensors, targets: Tensors
+    members: Members, name: str, features: Tensors, targets: Tensors, *, training: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Bank ``name``'s features, one tensor per source, and its targets."""
+    """Bank ``name``'s features, one tensor per source, and its targets (``training``: as in `probe_inputs`)."""
     spec = members.bank_specs[name]
     sources = spec.config.inputs
     if not isinstance(features, Mapping) and len(sources) > 1:
@@ -47,13 +75,15 @@ def bank_inputs(
             f"bank '{name}': argument 'input' names {len(sources)} sources {list(sources)} but the step's features "
             "are one tensor; pass a dict with a tensor for each source."
         )
+    bank = members.banks.get(name)
+    read = picked(bank.batch_shapes if training and bank is not None else None)
     xs = [
-        pick(
+        read(
             features, source if isinstance(features, Mapping) else None, probe_name=name, argument="input", kind="bank"
         )
         for source in sources
     ]
-    return xs, pick(targets, spec.target, probe_name=name, argument="target", kind="bank")
+    return xs, read(targets, spec.target, probe_name=name, argument="target", kind="bank")
 
 
 def knn_inputs(members: Members, name: str, features: Tensors, targets: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +135,9 @@ def step_inputs(
     """
     if unchecked:
         check_first_batches(members, features, targets, unchecked)
-    inputs: dict[str, tuple[Any, ...]] = dict(probe_inputs(members, features, targets))
+    inputs: dict[str, tuple[Any, ...]] = dict(probe_inputs(members, features, targets, training=True))
     for name in members.bank_specs:
-        inputs[name] = bank_inputs(members, name, features, targets)
+        inputs[name] = bank_inputs(members, name, features, targets, training=True)
     for name in members.knn_specs:
         inputs[name] = knn_inputs(members, name, features, targets)
     for name in members.ridge_specs:

@@ -69,6 +69,8 @@ class Members:
         """Take the members a set starts with; build the engines whose configs give their input sizes."""
         self.probes.update({p.name: p for p in probes})
         self.specs.update({s.config.name: s for s in specs})
+        for spec in specs:
+            name_inputs(self.probes[spec.config.name], spec.input, spec.target)
         self.bank_specs.update({b.config.name: b for b in banks})
         for name, bank_spec in self.bank_specs.items():
             sizes = {s: bank_spec.config.in_features_of(s) for s in bank_spec.config.inputs}
@@ -101,6 +103,7 @@ class Members:
         self._refuse_taken(probe.name)
         self.probes[probe.name] = probe
         self.specs[probe.name] = ProbeSpec(config=probe.config, input=input, target=target)
+        name_inputs(probe, input, target)
 
     def add_bank(self, spec: BankSpec | BankConfig, bank: ProbeBank | None = None) -> None:
         """Add a bank by its spec, and its engine once built elsewhere (without one, the first `train` builds it)."""
@@ -175,6 +178,8 @@ class Members:
             total_steps=maths.optimizer_steps(self._total_steps, spec.config.accumulate_grad_batches),
         )
         self.banks[name] = bank
+        if spec.target is not None:
+            bank.name_target(spec.target)
         if name in self._pending_bank_state:
             bank.load_state_dict(dict(self._pending_bank_state.pop(name)))
         return bank
@@ -236,6 +241,14 @@ class Members:
 
     def __len__(self) -> int:
         return len(self.probes)
+
+
+def name_inputs(probe: Probe, input: str | None, target: str | None) -> None:  # noqa: A002
+    """Name a probe's inputs by the keys it reads, for the warning about a later batch of other shapes."""
+    labels = probe.batch_shapes.labels
+    probe.batch_shapes.name(
+        [labels[0] if input is None else f"input {input!r}", labels[1] if target is None else f"target {target!r}"]
+    )
 
 
 def _built(kind: str, name: str, specs: Mapping[str, Any], engines: Mapping[str, Any]) -> Any:

@@ -26,17 +26,21 @@ from distprobe.routing import Tensors
 def train_values(members: Members, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Each named probe's, bank's, ridge probe's and monitor's train metrics since the last reset (all when None).
 
-    A monitor with ``every_n_steps`` gives its values at each window's close instead (`ProbeSet.train`).
+    A monitor with ``every_n_steps`` gives its values at each window's close instead (`ProbeSet.train`). The
+    probes' and banks' counts of later batches of other shapes than the first (``bad_batches/wrong_shape``,
+    `distprobe.engine.shapes`) ride in the probes' flat sync.
     """
     everyone = list(members.probes) + list(members.banks) + list(members.ridges) + list(members.monitors)
     wanted = everyone if names is None else list(names)
     probes = [name for name in wanted if name in members.probes]
-    collections = [members.probes[name].train_collections() for name in probes]
-    flat = [c for member in collections for c in member]
+    banks = [name for name in wanted if name in members.banks]
+    collections = [[*members.probes[n].train_collections(), members.probes[n].batch_shapes.counts] for n in probes]
+    flat = [c for member in collections for c in member] + [members.banks[n].batch_shapes.counts for n in banks]
     computed = iter(compute_synced(flat, members.dp_group) if flat else [])
     values = {name: merge([next(computed) for _ in member]) for name, member in zip(probes, collections, strict=True)}
-    for name in (n for n in wanted if n in members.banks):
-        values[name] = logged_keys(members.banks[name].compute_train_metrics(), "train", name)
+    for name in banks:
+        bank_values = {**members.banks[name].compute_train_metrics(), **next(computed)}
+        values[name] = logged_keys(bank_values, "train", name)
     for name in (n for n in wanted if n in members.ridges):
         values[name] = keys.absolute_keys(members.ridges[name].compute_train_metrics(), keys.TRAIN, name)
     values.update(_monitor_values(members, wanted, "train"))

@@ -34,6 +34,7 @@ from torch import nn
 
 from distprobe.bank.config import BankConfig, Head
 from distprobe.engine.precision import MatmulPrecision
+from distprobe.engine.shapes import ndim_signature, width_signature
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,25 @@ class HeadFamily(nn.Module, abc.ABC):
         Called once, from ``__init__``, which makes it the ``flat`` parameter (float32, on ``device``). Anything else
         a family keeps on ``device`` (a BatchNorm's running statistics) is built here too.
         """
+
+    @staticmethod
+    def feature_size(sample_shape: torch.Size) -> int:
+        """The feature size the heads read from one sample's shape (linear: every element, flattened)."""
+        return int(sample_shape.numel())
+
+    @classmethod
+    def input_signature(cls, sample_shape: torch.Size) -> tuple[int, ...]:
+        """What of one sample's features a later batch must keep: their dimensions and `feature_size`."""
+        return (len(sample_shape), cls.feature_size(sample_shape))
+
+    @classmethod
+    def target_signature(cls, sample_shape: torch.Size) -> tuple[int, ...]:
+        """What of one sample's target a later batch must keep: its dimensions and width (multi-hot: the labels).
+
+        A family with targets of its own (``target_problem``: dense masks, whose size may change) keeps only their
+        dimensions.
+        """
+        return ndim_signature(sample_shape) if hasattr(cls, "target_problem") else width_signature(sample_shape)
 
     @property
     def num_heads(self) -> int:
