@@ -144,6 +144,9 @@ class Probe:
         self._scheduler_restored = False
         self._ignore_index = bad_data.ignore_index_of(self.loss_fn)
         self._buffers = [b for b in self.module.buffers() if b.is_floating_point()]
+        self._window_state = [*self._buffers, *(b for b in self.module.buffers() if not b.is_floating_point())]
+        """What a skipped window puts back: the running statistics, then the integer buffers, BatchNorm's
+        ``num_batches_tracked`` among them (the weights of ``momentum=None``'s cumulative average)."""
         self._local_batchnorm, self._group_batchnorm = bad_data.batchnorm_kinds(self.module)
         self._window_buffers: list[torch.Tensor] | None = None
         """The running statistics (BatchNorm) as the open window found them."""
@@ -268,7 +271,7 @@ class Probe:
         self._restore_window_grads()
         if self._buffers and self.micro_step % accumulate == 0:
             # The window's first micro-step: its running statistics go back here if the window's step is skipped.
-            self._window_buffers = [b.clone() for b in self._buffers]
+            self._window_buffers = [b.clone() for b in self._window_state]
         batch = int(x.shape[0]) if x.ndim else 1  # on the host: no sync
         if batch == 0 or (batch == 1 and self._local_batchnorm):
             with outside_autocast:
@@ -372,7 +375,7 @@ class Probe:
         if self._window_buffers is not None:
             # A skipped step leaves no trace in the running statistics either. Decided by the all-reduced verdict, the
             # same on every rank: a rank's own "bad batch" flag would restore the statistics on that rank only.
-            functional.restore_where(found_inf.bool(), self._buffers, self._window_buffers)
+            functional.restore_where(found_inf.bool(), self._window_state, self._window_buffers)
             self._window_buffers = None
         self.skipped_steps += found_inf.long()
         for p in params:  # `zero_grad(set_to_none=True)` without its per-call profiler range and hooks
@@ -530,8 +533,11 @@ class Probe:
             p.grad = None if g is None else g.to(p.device)
         self._window_grads = [p.grad for p in params] if window_grads is not None else None
         self.skipped_steps = state.get("skipped_steps", torch.zeros((), dtype=torch.long)).to(self._param().device)
-        saved_buffers = state.get("window_buffers")
-        self._window_buffers = None if saved_buffers is None else [b.to(self._param().device) for b in saved_buffers]
+        saved = state.get("window_buffers")
+        if saved is not None:
+            # A checkpoint from before the integer buffers were saved: they keep the values they load with.
+            saved = [*saved, *(b.clone() for b in self._window_state[len(saved) :])]
+        self._window_buffers = None if saved is None else [b.to(self._param().device) for b in saved]
         self.deferred.discard()
         load_metric_states(self.metrics, state.get("metrics", {}), self.dp_group)
         self.batch_shapes.load_state_dict(state.get("wrong_shape_batches"), self.dp_group)
