@@ -2,7 +2,7 @@
 
 Before: every episode scanned the whole validation set for its counted rows (and each of the job's calls, one
 episode per rank at a time, scanned it again, and the training set for its drawable rows), so a job of 100
-episodes read 1.28M cached training rows 100 times. Now `FewshotProblem.prepare` finds them once per job.
+episodes read 1.28M cached training rows 100 times. Now `FewshotRows.find` finds them once per job.
 
 `usable_rows` is wrapped here to count which set it reads; the real function still runs, and the rows the job
 publishes are checked against `run_fewshot` on the same sets.
@@ -16,7 +16,7 @@ from tests.convex.helpers import gaussian_classes
 
 import distprobe.convex.fewshot
 import distprobe.service.train_convex
-from distprobe.convex import run_fewshot
+from distprobe.convex import FewshotRows, run_fewshot
 from distprobe.convex.usable import usable_rows
 from distprobe.service.config import EvalConfig
 from distprobe.service.extract import CachedSplit
@@ -54,3 +54,10 @@ def test_each_set_is_scanned_once_per_job(monkeypatch, tmp_path):
     for episode in episodes:
         assert not bool(episode.val_correct[9])
         assert published[episode.id] == pytest.approx(episode.top1, abs=0)
+
+
+def test_rows_of_other_sets_are_refused():
+    tx, ty, vx, vy = gaussian_classes(TRAIN, VAL, num_classes=3)
+    rows = FewshotRows.find(tx, ty, vx[:-1], vy[:-1], 3)
+    with pytest.raises(ValueError, match=r"fewshot: argument 'rows' holds rows of num_classes=3 and 66 validation"):
+        run_fewshot(tx, ty, vx, vy, 3, shots=2, seeds=1, solver="ridge", reg=0.1, rows=rows)

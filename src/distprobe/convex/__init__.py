@@ -15,9 +15,8 @@ from distprobe.convex.bootstrap import Interval, bootstrap_interval
 from distprobe.convex.episodes import ClassMembers, Episode, draw_episode, draw_episodes
 from distprobe.convex.fewshot import (
     EpisodeResult,
-    FewshotProblem,
+    FewshotRows,
     ShotsSummary,
-    run_episodes,
     run_fewshot,
     solve_episode,
     summarise,
@@ -33,7 +32,7 @@ __all__ = [
     "ClassMembers",
     "Episode",
     "EpisodeResult",
-    "FewshotProblem",
+    "FewshotRows",
     "Interval",
     "LinearModel",
     "LogregResult",
@@ -50,7 +49,6 @@ __all__ = [
     "fit_logreg",
     "fit_ridge",
     "logreg_grid",
-    "run_episodes",
     "run_fewshot",
     "solve_centred",
     "solve_episode",

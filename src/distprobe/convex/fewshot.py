@@ -2,7 +2,7 @@
 
 An episode takes ``shots`` training samples of every class; which ones depends on ``(seed, shots, class)`` alone
 (`distprobe.convex.episodes`). What every episode reads of the two sets, the training rows that may be drawn
-grouped by class and the validation rows that count, is computed once (`FewshotProblem`), not once per episode.
+grouped by class and the validation rows that count, is found once (`FewshotRows`), not once per episode.
 
 A solver's regularisation is either one fixed value or chosen by cross-validation inside the episode's own shots;
 the validation set only scores the final fit (CLIP_benchmark #125 and openai/CLIP #128 tuned it on validation).
@@ -128,7 +128,7 @@ def solve_episode(
     """Fit ``solver`` on the episode's shots (choosing ``reg`` inside them when several are given); score on val.
 
     A validation sample with a non-finite feature or a label outside ``[0, num_classes)`` is not counted;
-    ``val_counted`` gives those rows when the caller found them once for many episodes (`FewshotProblem`).
+    ``val_counted`` gives those rows when the caller found them once for many episodes (`FewshotRows`).
     """
     values = _regularisation(solver, reg)
     index = episode.indices.to(train_x.device)
@@ -142,33 +142,36 @@ def solve_episode(
 
 
 @dataclass(frozen=True)
-class FewshotProblem:
-    """A training and a validation set, with what every episode reads of them, found once (`prepare`).
+class FewshotRows:
+    """What every episode reads of a training and a validation set, found once (`find`) for many `run_fewshot` calls.
 
-    Scanning them again for each episode cost a pass over all the features per episode: the training rows that may
-    be drawn (finite features, a label in range), grouped by class, and the validation rows that count.
+    Found again for each episode, they cost a pass over all the features per episode: the training rows that may be
+    drawn (finite features, a label in range), grouped by class, and the validation rows that count.
     """
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    num_classes: int
     drawable: ClassMembers
     """The training rows an episode may draw, by class (a NaN row would break the fit)."""
     val_counted: torch.Tensor
     """``(N_val,)`` bool: the validation rows counted (finite features, a label in range)."""
 
     @classmethod
-    def prepare(
+    def find(
         cls, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, num_classes: int
-    ) -> FewshotProblem:
-        """Find the drawable training rows and the counted validation rows of the four tensors, once."""
+    ) -> FewshotRows:
+        """The drawable training rows and the counted validation rows of the four tensors."""
         # Rows that may not be drawn get no class: the others' episodes are the same as without them.
         labels = torch.where(usable_rows(train_x, train_y, num_classes), train_y.reshape(-1).long(), -1)
-        drawable = ClassMembers.of(labels, num_classes)
-        counted = usable_rows(val_x, val_y, num_classes)
-        return cls(train_x, train_y, val_x, val_y, num_classes, drawable, counted)
+        return cls(ClassMembers.of(labels, num_classes), usable_rows(val_x, val_y, num_classes))
+
+    def check_fits(self, val_y: torch.Tensor, num_classes: int) -> None:
+        """Refuse rows found for another ``num_classes`` or a validation set of another size (raises ValueError)."""
+        found = self.drawable.num_classes, self.val_counted.numel()
+        if found != (num_classes, val_y.numel()):
+            raise ValueError(
+                f"fewshot: argument 'rows' holds rows of num_classes={found[0]} and {found[1]} validation samples; "
+                f"the sets have num_classes={num_classes} and {val_y.numel()}; pass FewshotRows.find(train_x, "
+                "train_y, val_x, val_y, num_classes) of these same sets, or rows=None"
+            )
 
 
 def run_fewshot(
@@ -184,30 +187,16 @@ def run_fewshot(
     reg: float | Sequence[float],
     skip: Iterable[str] = (),
     group: dist.ProcessGroup | None = None,
+    rows: FewshotRows | None = None,
 ) -> list[EpisodeResult]:
     """Every episode not in ``skip`` (ids already done), spread over the ranks of ``group``; all results on every rank.
 
     Every rank must hold the same train and val sets. Each rank solves whole episodes; the results are gathered with
     one sum, so they are the same at any world size. ``shots=5`` is ``shots=[5]``. Episodes are drawn among the
     training samples with finite features and a label in range (a NaN row would break the fit); a validation sample
-    without them is not counted. A caller that runs episodes a few at a time prepares the sets once
-    (`FewshotProblem.prepare`) and calls `run_episodes` with them.
+    without them is not counted. A caller that runs a few episodes at a time finds those rows once
+    (``rows=FewshotRows.find(...)`` of the same sets) and passes them to every call; None: found here.
     """
-    problem = FewshotProblem.prepare(train_x, train_y, val_x, val_y, num_classes)
-    return run_episodes(problem, shots=shots, seeds=seeds, solver=solver, reg=reg, skip=skip, group=group)
-
-
-def run_episodes(
-    problem: FewshotProblem,
-    *,
-    shots: int | Sequence[int],
-    seeds: int | Sequence[int],
-    solver: Solver,
-    reg: float | Sequence[float],
-    skip: Iterable[str] = (),
-    group: dist.ProcessGroup | None = None,
-) -> list[EpisodeResult]:
-    """`run_fewshot` on sets prepared once (`FewshotProblem.prepare`): the same episodes, the same results."""
     given = one_or_many("fewshot", "shots", shots, example="[1, 5, 10]")
     shot_counts = list(dict.fromkeys(int(s) for s in given))  # a repeat would solve an episode twice
     # Fail before any work, on every rank alike (one rank raising inside its share would leave the others waiting).
@@ -216,20 +205,22 @@ def run_episodes(
             f"fewshot: shots={shot_counts} with reg={reg!r}: choosing the regularisation needs >= 2 shots per class "
             f"to cross-validate inside each episode (never on validation); pass one fixed value, or drop 1-shot"
         )
-    todo = draw_episodes(problem.drawable, problem.num_classes, shot_counts, seeds, skip=set(skip))
-    sets = (problem.train_x, problem.train_y, problem.val_x, problem.val_y, problem.num_classes)
+    if rows is None:
+        rows = FewshotRows.find(train_x, train_y, val_x, val_y, num_classes)
+    rows.check_fits(val_y, num_classes)
+    todo = draw_episodes(rows.drawable, num_classes, shot_counts, seeds, skip=set(skip))
     # On the data's device: NCCL reduces CUDA tensors only.
-    rows = torch.zeros(len(todo), 1 + problem.val_y.numel(), dtype=torch.float64, device=problem.val_y.device)
+    results = torch.zeros(len(todo), 1 + val_y.numel(), dtype=torch.float64, device=val_y.device)
+    sets = (train_x, train_y, val_x, val_y, num_classes)
     for position in my_share(len(todo), group):
-        episode = todo[position]
-        result = solve_episode(episode, *sets, solver=solver, reg=reg, val_counted=problem.val_counted)
-        rows[position, 0] = result.reg
-        rows[position, 1:] = result.val_correct.to(rows.device).double()
-    rows = gather_rows(rows, group).cpu()
-    counted = problem.val_counted.cpu()
+        result = solve_episode(todo[position], *sets, solver=solver, reg=reg, val_counted=rows.val_counted)
+        results[position, 0] = result.reg
+        results[position, 1:] = result.val_correct.to(results.device).double()
+    results = gather_rows(results, group).cpu()
+    counted = rows.val_counted.cpu()
     return [
         EpisodeResult(e.id, e.shots, e.seed, float(row[0]), row[1:] > 0.5, counted)
-        for e, row in zip(todo, rows, strict=True)
+        for e, row in zip(todo, results, strict=True)
     ]
 
 

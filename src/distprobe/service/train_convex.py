@@ -6,8 +6,8 @@
   any world size.
 - **Logistic regression** (`distprobe.convex.logreg_grid`): every rank holds the whole cached training set; the C grid
   is spread over the ranks, whole fits per rank.
-- **Few-shot** (`distprobe.convex.run_episodes`): episodes spread over the ranks, a rank's share at a time, on the
-  sets prepared once for the job (`distprobe.convex.FewshotProblem`). Rank 0 writes each finished episode's
+- **Few-shot** (`distprobe.convex.run_fewshot`): episodes spread over the ranks, a rank's share at a time, with the
+  usable rows of the sets found once for the job (`distprobe.convex.FewshotRows`). Rank 0 writes each finished episode's
   per-sample results into the job's folder atomically, so a requeued job (same folder) reads them back and redoes
   only the episodes it lacks.
 
@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from distprobe import keys
 from distprobe.bank.selection import selects
-from distprobe.convex import EpisodeResult, FewshotProblem, RidgeProbe, logreg_grid, run_episodes, summarise
+from distprobe.convex import EpisodeResult, FewshotRows, RidgeProbe, logreg_grid, run_fewshot, summarise
 from distprobe.convex.fewshot import with_counted
 from distprobe.convex.usable import usable_rows
 from distprobe.engine.collectives import sum_over_group
@@ -220,11 +220,12 @@ def run_fewshot_episodes(
     rank, world = rank_and_world()
     wanted = [keys.episode_id(s, seed) for s in options.shots for seed in range(options.seeds)]
     done: dict[str, EpisodeResult] = {}
+    splits = _on_device(train, val, device)
     # What every episode reads of the two sets (the drawable training rows by class, the counted validation rows),
-    # found once for the job: each `run_episodes` call below solves only one episode per rank.
-    problem = FewshotProblem.prepare(*_on_device(train, val, device), config.num_classes)
+    # found once for the job: each `run_fewshot` call below solves only one episode per rank.
+    rows = FewshotRows.find(*splits, config.num_classes)
     # Which validation samples count depends on the validation set alone: an episode read back is scored on them too.
-    counted = problem.val_counted.cpu()
+    counted = rows.val_counted.cpu()
     if job_dir is not None and rank == 0:
         done = {e: with_counted(r, counted) for e, r in read_episodes(job_dir, options.name, wanted, val.size).items()}
     if world > 1:  # rank 0's reading is every rank's: one view of which episodes are left
@@ -234,14 +235,16 @@ def run_fewshot_episodes(
     todo = [e for e in wanted if e not in done]
     for start in range(0, len(todo), world):  # one episode per rank at a time, kept as soon as it is done
         share = set(todo[start : start + world])
-        for result in run_episodes(
-            problem,
+        for result in run_fewshot(
+            *splits,
+            config.num_classes,
             shots=options.shots,
             seeds=options.seeds,
             solver=options.solver,
             reg=options.reg,
             skip=[e for e in wanted if e not in share],
             group=default_group(),
+            rows=rows,
         ):
             done[result.id] = result
             if job_dir is not None and rank == 0:
