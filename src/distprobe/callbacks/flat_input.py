@@ -94,5 +94,9 @@ class FlatInputCallback(ProbeCallback):
     @override
     def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
         # The engine predicts one column per configuration (k, lambda); the batch holds one of them.
-        preds = super().eval_step(read, num_valid)
+        preds = self.engine_eval_step(read, num_valid)
         return None if preds is None else preds[:, self.predicted_column()]
+
+    def engine_eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        """The engine's ``(B, configurations)`` predictions of a validation batch: by default its own ``eval_step``."""
+        return super().eval_step(read, num_valid)

@@ -145,8 +145,9 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
     ) -> torch.Tensor | None:
         """Count the first ``num_valid`` samples (all by default) for every lambda; return ``(B, L)`` predictions.
 
-        ``positions`` are the samples' indices in the validation set; by default they follow from this rank's
-        running count, as `DistributedSampler` without shuffle deals them. Samples with non-finite features or
+        ``positions`` are the samples' indices in the validation set (`distprobe.callbacks.OnlineRidge` passes the
+        ones its loader's sampler dealt); by default they follow from this rank's running count since
+        `start_eval_epoch`, as `DistributedSampler` without shuffle deals them. Samples with non-finite features or
         labels out of range are not counted.
         """
         if self.solution is None:
