@@ -180,4 +180,4 @@ class BatchShapes:
         counter.reset()
         if counts is not None and rank_and_world(group)[0] == 0:
             counter.counts.copy_(counts)
-            mark_updated(counter)
+        mark_updated(counter)
