@@ -18,19 +18,12 @@ from helpers.models import trainer
 
 D, C, SIDE = 8, 3, 8
 
-#: The zero-safe step loss is computed in `ProbeBank.train_step` (src/distprobe/bank/bank.py, another helper's file):
-#: ``losses = sums / count`` there must become ``sums / count.clamp(min=1)``. Remove the mark once it has.
-PENDING_BANK_STEP = pytest.mark.xfail(
-    strict=True, reason="needs bank.py's step loss to be sums / count.clamp(min=1) (reported, not this helper's file)"
-)
-
 
 def _rows(path: str, key: str) -> list[float]:
     with open(path) as f:
         return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
 
 
-@PENDING_BANK_STEP
 def test_a_lightning_fit_logs_a_zero_step_loss_for_a_batch_without_a_labeled_pixel(tmp_path):
     """The unlabeled batch's ``train/seg_loss`` was NaN (0 / 0) in the logger's file; the epoch's value was right."""
     patches = "backbone.blocks.1:patch"
@@ -80,7 +73,6 @@ def test_the_family_s_mean_loss_is_zero_without_a_labeled_pixel():
     assert torch.equal(bank.heads.loss(logits, masks), torch.zeros(4))
 
 
-@PENDING_BANK_STEP
 def test_the_plain_bank_s_step_loss_is_zero_and_the_epoch_loss_is_unchanged():
     bank = _bank()
     losses = [bank.train_step([x], masks).loss for x, masks in _batches(3)]

@@ -29,6 +29,7 @@ from distprobe.report import write_report
 from distprobe.report.plot import figure
 from distprobe.report.probes import probes_of
 from distprobe.report.readers import read_run
+from distprobe.report.series import headline_metric
 from distprobe.service.job import evaluate_checkpoint
 from distprobe.service.store import ResultsStore
 
@@ -245,3 +246,13 @@ def test_fewshot_episodes_are_a_mean_over_seeds_with_a_std_band(fewshot_run, tmp
     shutil.copytree(fewshot_run, no_store, ignore=shutil.ignore_patterns("distprobe_eval"))
     (csv_ax,) = figure(probes_of(read_run(no_store)), "test").axes
     assert _lines(csv_ax) == lines
+
+
+@pytest.mark.parametrize(
+    ("logged", "headline"),
+    [(["f1_macro", "f1_micro"], "f1_micro"), (["f1_macro"], "f1_macro"), (["pixel_acc"], "pixel_acc")],
+)
+def test_a_bank_that_lists_only_f1_or_pixel_accuracy_still_has_a_headline(logged, headline):
+    """A bank with ``metrics=["f1_micro"]`` (or a dense one with ``["pixel_acc"]``) logs no mAP or mIoU: its report
+    panel and ranking use what it logged, not nothing."""
+    assert headline_metric(logged) == headline

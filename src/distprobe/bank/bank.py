@@ -256,9 +256,10 @@ class ProbeBank:
                 sums, count = summed(logits, safe_targets)
                 (grad,) = torch.autograd.grad(bad_data.poison(sums.sum(), checked.bad), self.heads.flat)
                 grad = torch.cat([grad, count.to(grad.dtype).view(1)])
-                losses = sums / count
-                # A micro-batch without a unit (masks all ignore_index) has no loss (0 / 0) and trains nothing: it
-                # weighs nothing in the epoch's mean loss either, or every head's would read NaN to the epoch's end.
+                # A micro-batch without a unit (masks all ignore_index) sums to 0 over a count of 0: its step loss
+                # reads 0 (not 0 / 0 = NaN, no host sync to decide), it trains nothing, and it weighs nothing in the
+                # epoch's mean loss, or every head's would read NaN to the epoch's end.
+                losses = sums / count.clamp(min=1)
                 weightless = checked.bad | (count == 0)
             if not targets.shape[0]:  # no sample (known on the host): see `Probe._untrainable_step`
                 checked = bad_data.untrainable_verdict(0, self.device)

@@ -48,7 +48,10 @@ class OnlineProbeBank(ProbeCallback):
         accumulate_grad_batches: Micro-batches per optimizer step.
         gradient_clip_val: Clip threshold of each head's gradient; None disables clipping.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
-        metrics: Top-k accuracies per head: ``("top1", "top5")`` or a ``{name: k}`` dict.
+        metrics: What each head reports; the first one listed chooses the best head. Top-k accuracies
+            (``("top1", "top5")`` or a ``{name: k}`` dict); for ``multilabel=True`` among ``mAP``, ``f1_micro``,
+            ``f1_macro``; for ``head="dense"`` among ``mIoU``, ``pixel_acc`` (all of them, mAP or mIoU first, by
+            default).
         in_features: Feature size (one int, or per source); None: read from the first batch.
         selection_fraction: Share of validation samples that choose the best head; the rest report it.
         head: The head family: ``"linear"``, ``"attentive"`` (V-JEPA's attentive probe over ``(B, N, D)`` tokens,

@@ -27,14 +27,16 @@ def is_top_k(metric: str) -> bool:
 
 
 #: Headline metrics that are not accuracies, in the order the report prefers them: a multi-label bank's or kNN's
-#: macro mAP (`distprobe.bank.multilabel`), a dense bank's mIoU (`distprobe.bank.segmentation`).
-SCORE_METRICS = ("mAP", "mIoU")
+#: macro mAP (`distprobe.bank.multilabel`), a dense bank's mIoU (`distprobe.bank.segmentation`), then what a bank
+#: that lists only others in its ``metrics`` logs (F1s, pixel accuracy).
+SCORE_METRICS = ("mAP", "mIoU", "f1_micro", "f1_macro", "pixel_acc")
 
 
 def headline_metric(metrics: Iterable[str]) -> str | None:
     """The metric a probe is drawn and ranked by; None if it logged none of these.
 
-    ``top1`` if logged, else the first other top-k, else the first ``acc*`` metric, else ``mAP``, else ``mIoU``.
+    ``top1`` if logged, else the first other top-k, else the first ``acc*`` metric, else the first of
+    `SCORE_METRICS` logged.
     """
     names = sorted(set(metrics))
     top_k = sorted((m for m in names if is_top_k(m)), key=lambda m: int(m[3:]))
