@@ -23,11 +23,47 @@ from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim,
 from distprobe.callbacks.trainable import optimizer_steps_of_fit, read_after_first
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.precision import MatmulPrecision
+from distprobe.metrics.exact import ValidationPositions
 
 log = logging.getLogger(__name__)
 
 
-class OnlineProbeBank(ProbeCallback):
+class SelectsOnSplit(ProbeCallback):
+    """A callback whose engine chooses its best configuration on the hashed selection split: a bank's head, a lambda.
+
+    The split is `distprobe.bank.selection`'s; `OnlineProbeBank` and `distprobe.callbacks.OnlineRidge` choose on it.
+    A main validation sample's place in the split follows its position in its own validation dataloader, the index
+    its `DistributedSampler` dealt it (`distprobe.metrics.exact.ValidationPositions`), so that the same samples choose
+    at any world size, shuffled or not; each loader counts from 0 at each validation.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._positions = ValidationPositions()
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._positions.reset()
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *batch_args: Any) -> None:
+        # ``batch_args``: (outputs, batch, batch_idx), then dataloader_idx when there are several validation loaders.
+        # The base evaluates the batch while its loader, which says the samples' positions, is known.
+        loader_idx = int(batch_args[3]) if len(batch_args) > 3 else 0
+        with self._positions.reading(trainer.val_dataloaders, loader_idx):
+            super().on_validation_batch_end(trainer, pl_module, *batch_args)
+
+    def split_positions(self, targets: torch.Tensor, engine: Any) -> torch.Tensor | None:
+        """The positions of the validation batch being evaluated, for ``engine.eval_step(..., positions=...)``.
+
+        None for the callback's own validation data (``val_data``): the engine's running count, as distprobe shards
+        that data in order.
+        """
+        return self._positions.current(int(targets.shape[0]), engine.dp_group, engine.device)
+
+
+class OnlineProbeBank(SelectsOnSplit):
     """Train K linear heads (every source x normalization x lr x weight decay) and report the best one.
 
     The heads train as one fused operation: one batched matmul per feature source, one cross-entropy call for all
@@ -53,7 +89,8 @@ class OnlineProbeBank(ProbeCallback):
             ``f1_macro``; for ``head="dense"`` among ``mIoU``, ``pixel_acc`` (all of them, mAP or mIoU first, by
             default).
         in_features: Feature size (one int, or per source); None: read from the first batch.
-        selection_fraction: Share of validation samples that choose the best head; the rest report it.
+        selection_fraction: Share of validation samples that choose the best head; the rest report it. A sample's
+            share follows its position in its validation dataloader (`SelectsOnSplit`).
         head: The head family: ``"linear"``, ``"attentive"`` (V-JEPA's attentive probe over ``(B, N, D)`` tokens,
             docs/attentive.md) or ``"dense"`` (linear segmentation heads on patch tokens, ``(B, H, W)`` mask
             targets, mIoU; docs/dense.md).
@@ -301,6 +338,12 @@ class OnlineProbeBank(ProbeCallback):
     @override
     def start_eval_epoch(self) -> None:
         self.bank.start_eval_epoch()
+
+    @override
+    def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        features, targets = read
+        positions = self.split_positions(targets, self.bank)
+        return self.bank.eval_step(features, targets, num_valid=num_valid, positions=positions)
 
     @override
     def release_engine(self) -> None:

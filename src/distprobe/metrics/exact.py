@@ -1,4 +1,4 @@
-"""Exact distributed evaluation: which samples of a validation batch are real, and which are sampler padding.
+"""Exact distributed evaluation: which samples of a validation batch are real or padding, and where each one stands.
 
 torch's ``DistributedSampler`` with ``drop_last=False`` (Lightning's default for validation) makes every rank's
 share equally long by appending repeats of the first indices to the *end* of the global index list, before
@@ -9,13 +9,26 @@ are real, without reading any tensor: the eval update keeps ``preds[:num_valid]`
 This holds with ``shuffle=True`` too (the shuffle happens before the padding), and for Lightning's
 ``DistributedSamplerWrapper`` around a user's sampler. With ``drop_last=True`` nothing is repeated (samples are
 dropped instead). Other samplers and IterableDatasets are counted as they come: all their samples are taken as real.
+
+A sample's position in its validation set (`ValidationPositions`) keys the hashed split that chooses a bank's best
+head or a ridge probe's best lambda (`distprobe.bank.selection.selects`): the index the ``DistributedSampler`` dealt
+it, so that the same samples choose at any world size, shuffled or not.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch.utils.data import DistributedSampler
+
+#: Where Lightning defines ``DistributedSamplerWrapper`` (the ``lightning`` package, and the standalone
+#: ``lightning_fabric``). Looked up among the loaded modules, never imported: this layer imports no Lightning, and a
+#: wrapper exists only once its module is loaded.
+_WRAPPER_MODULES = ("lightning.fabric.utilities.distributed", "lightning_fabric.utilities.distributed")
 
 
 def real_samples_on_rank(sampler: Any) -> int | None:
@@ -82,3 +95,102 @@ def valid_in_loader_batch(dataloader: Any, batch_idx: int, batch_len: int) -> in
     if dataloader is None or not isinstance(batch_size, int):
         return None
     return valid_in_batch(real_samples_on_rank(getattr(dataloader, "sampler", None)), batch_idx * batch_size, batch_len)
+
+
+def _deals_base_order(sampler: Any) -> bool:
+    """Whether ``sampler`` deals `DistributedSampler`'s own order.
+
+    torch's class does, and so does Lightning's wrapper around a user's sampler (positions in that sampler's order). A
+    subclass with its own ``__iter__`` may deal another order, unknown here.
+    """
+    if not isinstance(sampler, DistributedSampler):
+        return False
+    iterate = type(sampler).__iter__
+    wrappers = (getattr(sys.modules.get(m), "DistributedSamplerWrapper", None) for m in _WRAPPER_MODULES)
+    return iterate is DistributedSampler.__iter__ or any(w is not None and iterate is w.__iter__ for w in wrappers)
+
+
+def dealt_order(sampler: Any, device: torch.device) -> torch.Tensor | None:
+    """The positions a `DistributedSampler` deals this rank this epoch, in order (padding repeats included).
+
+    A position is an index into the sampler's dataset: the dataset index for torch's sampler, shuffled or not, the
+    position in the wrapped sampler's order for Lightning's ``DistributedSamplerWrapper``. None for other samplers.
+
+    Example:
+        >>> dealt_order(DistributedSampler(range(5), num_replicas=2, rank=1, shuffle=False), torch.device("cpu"))
+        tensor([1, 3, 0])
+    """
+    if not _deals_base_order(sampler):
+        return None
+    # The base class's order is a function of (seed, epoch, dataset length) alone; the wrapper's own __iter__ would
+    # first redraw the sampler it wraps, from the global RNG, and so change the training's shuffling.
+    return torch.tensor(list(DistributedSampler.__iter__(sampler)), dtype=torch.long, device=device)
+
+
+class ValidationPositions:
+    """Each main validation sample's position, for the split that chooses the best head or lambda; per dataloader.
+
+    - Under a `DistributedSampler` (Lightning's validation sampler under DDP, FSDP or DeepSpeed, shuffled or not, and
+      its wrapper around a user's sampler): the index the sampler dealt the sample (`dealt_order`), so the same
+      samples choose at any world size, and as in one process reading the set in order.
+    - Under any other sampler (one process, or ``use_distributed_sampler=False`` with a sampler of one's own):
+      the sample's place ``p`` in this rank's stream of the loader, read as ``p * world + rank`` (rank ``r`` holding
+      samples ``r, r + N, ...``). In one process that is the place in the loader's order: the dataset index for a
+      sequential loader, a new split every epoch for a shuffling one.
+
+    Every validation dataloader counts from 0 at each validation epoch; the batch's place in its loader is the sum
+    of that loader's earlier batches (padding included). Exact everywhere only with a sample id, which a batch does
+    not carry.
+
+    A Lightning callback calls `reset` as each validation starts, evaluates each main batch inside `reading` (the
+    batch's loader) and asks `current` for the batch's positions there; outside it (a callback's own validation
+    data) `current` is None, and the engine counts for itself.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+        self._orders: dict[int, torch.Tensor | None] = {}
+        self._reading: tuple[Any, int] | None = None
+
+    def reset(self) -> None:
+        """A new validation epoch: every loader counts from 0 again, and a shuffling sampler deals anew."""
+        self._seen.clear()
+        self._orders.clear()
+
+    def of_batch(
+        self, loader: Any, dataloader_idx: int, batch_len: int, group: Any, device: torch.device
+    ) -> torch.Tensor:
+        """``(batch_len,)`` the positions of the next batch of ``loader`` (the dataloader number ``dataloader_idx``)."""
+        first = self._seen.get(dataloader_idx, 0)
+        self._seen[dataloader_idx] = first + batch_len
+        if dataloader_idx not in self._orders:  # once per loader and epoch, after the sampler's set_epoch
+            self._orders[dataloader_idx] = dealt_order(getattr(loader, "sampler", None), device)
+        order = self._orders[dataloader_idx]
+        if order is not None and first + batch_len <= order.numel():
+            return order[first : first + batch_len]
+        # Imported here: the engines import this package (metrics is the layer beneath them).
+        from distprobe.bank.selection import global_positions
+        from distprobe.engine.collectives import rank_and_world
+
+        rank, world = rank_and_world(group)
+        return global_positions(first, batch_len, rank, world, device)
+
+    @contextmanager
+    def reading(self, dataloaders: Any, dataloader_idx: int) -> Iterator[None]:
+        """Within: the batch evaluated is the next of loader ``dataloader_idx`` of ``dataloaders``.
+
+        Args:
+            dataloaders: What ``trainer.val_dataloaders`` holds (one loader or several, `dataloader_at`).
+            dataloader_idx: The batch's dataloader number (0 with one loader).
+        """
+        self._reading = (dataloader_at(dataloaders, dataloader_idx), dataloader_idx)
+        try:
+            yield
+        finally:
+            self._reading = None
+
+    def current(self, batch_len: int, group: Any, device: torch.device) -> torch.Tensor | None:
+        """``(batch_len,)`` the positions of the batch being read (`reading`); None outside (the engine's own count)."""
+        if self._reading is None:
+            return None
+        return self.of_batch(*self._reading, batch_len, group, device)
