@@ -264,15 +264,27 @@ class ProbeSet(Members):
         values.reset_train(self)
 
     @torch.no_grad()
-    def evaluate(self, features: Tensors, targets: Tensors, num_valid: int | None = None) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self,
+        features: Tensors,
+        targets: Tensors,
+        num_valid: int | None = None,
+        positions: torch.Tensor | Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Update every probe's eval metrics with one batch; return each probe's predictions by name.
 
         Args:
             features: A tensor, or named tensors picked by each probe's ``input`` key.
             targets: A tensor, or named tensors picked by each probe's ``target`` key.
             num_valid: Count only the first ``num_valid`` samples (drop a distributed sampler's padding).
+            positions: ``(B,)`` each sample's index in the validation set, which decides whether it chooses a bank's
+                best head and a ridge probe's best lambda or reports it (`distprobe.bank.selection`): the indices
+                your `DistributedSampler` dealt this batch (`distprobe.metrics.exact.dealt_order`), or a sample id,
+                make the same samples choose at any world size, shuffled or not. None: the rank's running count
+                since the evaluation began, read as ``count * world + rank`` (the same samples at any world size for
+                one set dealt by ``DistributedSampler(shuffle=False)``).
         """
-        return values.evaluate_batch(self, features, targets, num_valid)
+        return values.evaluate_batch(self, features, targets, num_valid, positions)
 
     def compute_metrics(self) -> dict[str, torch.Tensor]:
         """Eval metrics of every probe, reduced over the data-parallel group, then reset for the next evaluation.

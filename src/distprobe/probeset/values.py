@@ -83,17 +83,22 @@ def eval_values(members: Members, names: Iterable[str] | None = None) -> dict[st
 
 
 def evaluate_batch(
-    members: Members, features: Tensors, targets: Tensors, num_valid: int | None
+    members: Members, features: Tensors, targets: Tensors, num_valid: int | None, positions: Any = None
 ) -> dict[str, torch.Tensor]:
-    """Update every member's eval metrics with one batch; return each member's predictions by name."""
+    """Update every member's eval metrics with one batch; return each member's predictions by name.
+
+    ``positions`` (the samples' indices in the validation set) key the banks' and ridge probes' selection split;
+    None: each one's running count since the evaluation began (`distprobe.bank.selection.global_positions`).
+    """
     num_valid = checked_num_valid(num_valid, features)
+    positions = checked_positions(positions, features)
     preds = {
         name: members.probes[name].eval_step(x, y, num_valid)
         for name, (x, y) in probe_inputs(members, features, targets).items()
     }
     for name, bank in members.banks.items():
         xs, y = bank_inputs(members, name, features, targets)
-        preds[name] = bank.eval_step(xs, y, num_valid)
+        preds[name] = bank.eval_step(xs, y, num_valid, positions)
     for name, knn in members.knns.items():  # (B, len(k)) predictions, one column per k
         x, y = knn_inputs(members, name, features, targets)
         preds[name] = knn.eval_step(x, y, num_valid)
@@ -101,7 +106,7 @@ def evaluate_batch(
         if not ridge.solved:  # the first evaluation batch after training: one all-reduce, one solve
             ridge.start_eval_epoch()
         x, y = ridge_inputs(members, name, features, targets)
-        ridge_preds = ridge.eval_step(x, y, num_valid)  # None before any training sample
+        ridge_preds = ridge.eval_step(x, y, num_valid, positions)  # None before any training sample
         if ridge_preds is not None:
             preds[name] = ridge_preds
     for name, monitor in members.monitors.items():  # no predictions
@@ -120,8 +125,7 @@ def checked_num_valid(num_valid: Any, features: Tensors) -> int | None:
     """
     if num_valid is None:
         return None
-    batches = {"features": features} if isinstance(features, torch.Tensor) else dict(features)
-    sizes = {key: int(x.shape[0]) for key, x in batches.items() if isinstance(x, torch.Tensor) and x.ndim > 0}
+    sizes = _batch_sizes(features)
     try:
         count = None if isinstance(num_valid, bool) else operator.index(num_valid)
     except TypeError:
@@ -133,6 +137,46 @@ def checked_num_valid(num_valid: Any, features: Tensors) -> int | None:
             "when every sample counts."
         )
     return count
+
+
+def checked_positions(positions: Any, features: Tensors) -> torch.Tensor | None:
+    """``positions`` as a ``(B,)`` integer tensor, B the batch size of every feature tensor (None: each member counts).
+
+    A list or tuple of ints is made a tensor; no value is read on the host.
+
+    Raises:
+        ValueError: naming the argument, what it got, the batch sizes and what it means.
+    """
+    if positions is None:
+        return None
+    tensor = torch.tensor(positions) if isinstance(positions, (list, tuple)) and _all_ints(positions) else positions
+    sizes = _batch_sizes(features)
+    if not (
+        isinstance(tensor, torch.Tensor)
+        and tensor.ndim == 1
+        and tensor.dtype in _INTEGER_DTYPES
+        and all(tensor.shape[0] == size for size in sizes.values())
+    ):
+        got = f"shape {tuple(tensor.shape)}, {tensor.dtype}" if isinstance(tensor, torch.Tensor) else repr(positions)
+        raise ValueError(
+            f"ProbeSet.evaluate: argument 'positions' got {got}; expected a 1-D integer tensor (or list of ints) with "
+            f"one entry per sample of the batch (batch sizes by key: {sizes}): each sample's index in the validation "
+            "set, such as the indices your DistributedSampler dealt this batch; or None for the running count."
+        )
+    return tensor
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _all_ints(values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _batch_sizes(features: Tensors) -> dict[str, int]:
+    """The batch size of each feature tensor, by key (``features`` for a lone tensor)."""
+    batches = {"features": features} if isinstance(features, torch.Tensor) else dict(features)
+    return {key: int(x.shape[0]) for key, x in batches.items() if isinstance(x, torch.Tensor) and x.ndim > 0}
 
 
 def reset_train(members: Members) -> None:
