@@ -17,7 +17,7 @@ from tests.convex.ridge_positions_scenario import LAYOUTS
 from tests.helpers.dist import run_distributed
 from torch.utils.data import DistributedSampler
 
-from distprobe.callbacks.ridge import ValidationPositions, dealt_order
+from distprobe.metrics.exact import ValidationPositions, dealt_order
 
 pytestmark = [pytest.mark.distributed]
 

@@ -3,7 +3,10 @@
 A head chosen and reported on the same samples is biased upwards: with 64 heads, the maximum of 64 noisy estimates.
 So a fixed share of the samples (by their global position, hashed) only chooses, and the rest only reports. The
 split depends on a sample's position in the validation set alone: the same every epoch, the same for any batch size,
-and the same on N ranks as in one process when ranks take every N-th sample (`DistributedSampler` without shuffle).
+and the same on N ranks as in one process. The Lightning callbacks take a sample's position as its loader's
+`DistributedSampler` dealt it, shuffled or not, counted per loader (`distprobe.metrics.exact.ValidationPositions`);
+`ProbeSet.evaluate(positions=)` takes the indices a torchrun script passes; without them, a running count of the
+samples seen, which matches one process when ranks take every N-th sample of one unshuffled set.
 
 A selection split that counted no sample (a validation set of a handful of samples, or one whose selection share
 holds only unlabeled ones) scores every head NaN. The best head is then chosen on every counted sample (the report

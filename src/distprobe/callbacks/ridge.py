@@ -21,7 +21,6 @@ from distprobe.callbacks.own_data import FeatureFn
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
 
 # Re-exported: tests/convex/test_ridge_selection_positions.py imports them from here.
-from distprobe.metrics.exact import ValidationPositions, dealt_order  # noqa: F401
 
 
 class OnlineRidge(FlatInputCallback, SelectsOnSplit):
