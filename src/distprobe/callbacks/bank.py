@@ -16,51 +16,16 @@ from distprobe.bank import BankConfig, ProbeBank
 from distprobe.bank.checks import feature_sizes, first_batch_problem, size_problem
 from distprobe.bank.config import Normalization
 from distprobe.bank.metric_kinds import build_metrics
-from distprobe.callbacks.base import ProbeCallback, Stage, require_keys
+from distprobe.callbacks.base import Stage, require_keys
 from distprobe.callbacks.cadence import StepValues, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
+from distprobe.callbacks.selection import SelectsOnSplit
 from distprobe.callbacks.trainable import optimizer_steps_of_fit, read_after_first
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.precision import MatmulPrecision
-from distprobe.metrics.exact import ValidationPositions
 
 log = logging.getLogger(__name__)
-
-
-class SelectsOnSplit(ProbeCallback):
-    """A callback whose engine chooses its best configuration on the hashed selection split: a bank's head, a lambda.
-
-    The split is `distprobe.bank.selection`'s; `OnlineProbeBank` and `distprobe.callbacks.OnlineRidge` choose on it.
-    A main validation sample's place in the split follows its position in its own validation dataloader, the index
-    its `DistributedSampler` dealt it (`distprobe.metrics.exact.ValidationPositions`), so that the same samples choose
-    at any world size, shuffled or not; each loader counts from 0 at each validation.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._positions = ValidationPositions()
-
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._positions.reset()
-        super().on_validation_epoch_start(trainer, pl_module)
-
-    @override
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *batch_args: Any) -> None:
-        # ``batch_args``: (outputs, batch, batch_idx), then dataloader_idx when there are several validation loaders.
-        # The base evaluates the batch while its loader, which says the samples' positions, is known.
-        loader_idx = int(batch_args[3]) if len(batch_args) > 3 else 0
-        with self._positions.reading(trainer.val_dataloaders, loader_idx):
-            super().on_validation_batch_end(trainer, pl_module, *batch_args)
-
-    def split_positions(self, targets: torch.Tensor, engine: Any) -> torch.Tensor | None:
-        """The positions of the validation batch being evaluated, for ``engine.eval_step(..., positions=...)``.
-
-        None for the callback's own validation data (``val_data``): the engine's running count, as distprobe shards
-        that data in order.
-        """
-        return self._positions.current(int(targets.shape[0]), engine.dp_group, engine.device)
 
 
 class OnlineProbeBank(SelectsOnSplit):

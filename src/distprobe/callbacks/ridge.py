@@ -1,8 +1,8 @@
 """`OnlineRidge`: a closed-form ridge probe in a Lightning Trainer, exact under data parallelism.
 
 Which validation samples choose the best lambda (the hashed selection split, `distprobe.bank.selection.selects`)
-follows each sample's position in its own validation dataloader (`distprobe.callbacks.bank.SelectsOnSplit`), so that
-the same samples choose at any world size.
+follows each sample's position in its own validation dataloader (`distprobe.callbacks.selection.SelectsOnSplit`),
+so that the same samples choose at any world size.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from distprobe.callbacks.bank import SelectsOnSplit
 from distprobe.callbacks.base import Stage
 from distprobe.callbacks.flat_input import FlatInputCallback
 from distprobe.callbacks.own_data import FeatureFn
+from distprobe.callbacks.selection import SelectsOnSplit
 from distprobe.convex.online import DEFAULT_L2, RidgeConfig, RidgeProbe
 
 # Re-exported: tests/convex/test_ridge_selection_positions.py imports them from here.
