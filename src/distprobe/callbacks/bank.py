@@ -306,9 +306,7 @@ class OnlineProbeBank(SelectsOnSplit):
 
     @override
     def eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        features, targets = read
-        positions = self.split_positions(targets, self.bank)
-        return self.bank.eval_step(features, targets, num_valid=num_valid, positions=positions)
+        return self.evaluate_on_split(self.bank, read, num_valid)
 
     @override
     def release_engine(self) -> None:

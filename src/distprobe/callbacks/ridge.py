@@ -107,9 +107,7 @@ class OnlineRidge(FlatInputCallback, SelectsOnSplit):
 
     @override
     def engine_eval_step(self, read: Any, num_valid: int | None) -> torch.Tensor | None:
-        features, targets = read
-        positions = self.split_positions(targets, self.ridge)
-        return self.ridge.eval_step(features, targets, num_valid=num_valid, positions=positions)
+        return self.evaluate_on_split(self.ridge, read, num_valid)
 
     @override
     def predicted_column(self) -> int:

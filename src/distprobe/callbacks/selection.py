@@ -43,6 +43,12 @@ class SelectsOnSplit(ProbeCallback):
         with self._positions.reading(trainer.val_dataloaders, loader_idx):
             super().on_validation_batch_end(trainer, pl_module, *batch_args)
 
+    def evaluate_on_split(self, engine: Any, read: Any, num_valid: int | None) -> torch.Tensor | None:
+        """``engine.eval_step`` of a read ``(features, targets)`` batch, with the batch's positions in the split."""
+        features, targets = read
+        positions = self.split_positions(targets, engine)
+        return engine.eval_step(features, targets, num_valid=num_valid, positions=positions)
+
     def split_positions(self, targets: torch.Tensor, engine: Any) -> torch.Tensor | None:
         """The positions of the validation batch being evaluated, for ``engine.eval_step(..., positions=...)``.
 
