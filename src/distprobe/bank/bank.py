@@ -41,7 +41,7 @@ from distprobe.engine.collectives import (
 )
 from distprobe.engine.precision import float32_matmuls
 from distprobe.engine.probe import to_probe_input
-from distprobe.engine.shapes import BatchShapes
+from distprobe.engine.shapes import BatchShapes, batch_rows, stand_in_preds
 from distprobe.engine.state import resume_window
 
 #: Bumped when the layout of `ProbeBank.state_dict` changes.
@@ -220,7 +220,8 @@ class ProbeBank:
         """
         self.settle()
         self._check_count(features)
-        *batch, y = self.batch_shapes.conform([*features, targets], self.device)[0]
+        given = [*features, targets]
+        (*batch, y), skipped = self.batch_shapes.conform(given, self.device)
         share = getattr(self.heads, "samples_per_step", None)
         if share is not None:  # a fixed-size share of the batch bounds the cost (dense heads)
             batch, y = [f[:share] for f in batch], y[:share]
@@ -277,7 +278,8 @@ class ProbeBank:
         self.micro_step += 1
         if boundary:
             self._reduce_and_step()
-        return BankStepOutput(loss=losses, preds=logits, stepped=boundary, bad=checked.bad)
+        preds = stand_in_preds(logits, batch_rows(given)) if skipped else logits
+        return BankStepOutput(loss=losses, preds=preds, stepped=boundary, bad=checked.bad)
 
     def _skip_window_of(self, grad: torch.Tensor, heads: torch.Tensor) -> None:
         """NaN in the gradient of ``heads``, a ``(K,)`` mask: their window is skipped and counted in `skipped_steps`.
@@ -357,9 +359,18 @@ class ProbeBank:
         """Predict and count the first ``num_valid`` samples (all by default) into the selection or report split.
 
         ``positions`` are the samples' indices in the validation set; by default they follow from this rank's
-        running count, as `DistributedSampler` without shuffle deals them (`distprobe.bank.selection`).
+        running count, as `DistributedSampler` without shuffle deals them (`distprobe.bank.selection`). A batch of
+        other shapes than training established is skipped and counted (`distprobe.engine.shapes`): none of its
+        samples counts (they keep their places in the running count), and its predictions are NaN rows.
         """
+        self._check_count(features)
+        given = [*features, targets]
+        rows = batch_rows(given)
+        (*features, targets), skipped = self.batch_shapes.conform_eval(given, self.device)
         preds = self.predict(features)
+        if skipped:
+            self._eval_seen += (rows or 0) if num_valid is None else num_valid
+            return stand_in_preds(preds, rows)
         n = targets.shape[0] if num_valid is None else num_valid
         if positions is None:
             rank, world = rank_and_world(self.dp_group)

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.probe import Probe
+from distprobe.engine.shapes import BatchShapes
 from distprobe.features.lookup import MissingKeyError
 from distprobe.loop import ProbeSet
 from distprobe.strategies.groups import data_parallel_group
@@ -141,7 +142,7 @@ class Coordinator:
         unchecked: list[ProbeCallback] = []
         for member in self.members:
             if member.checked_first_batch:
-                read = member.read_step(trainer, pl_module, outputs, batch)
+                read = read_after_first(member, functools.partial(member.read_step, trainer, pl_module, outputs, batch))
                 if read is not None:
                     reads[member] = read
                 continue
@@ -212,6 +213,25 @@ class Coordinator:
             compute = self.probe_set.train_values if stage == "train" else self.probe_set.eval_values
             values = self._epoch_values[stage] = compute([m.name for m in members])
         return values
+
+
+def read_after_first(member: ProbeCallback, read: Callable[[], Any]) -> Any:
+    """``read()``, or an input per key, all None, when a key is missing from a batch after the member's first.
+
+    The first batch's missing key is an error on every rank together (`Coordinator._read_all`'s check). Later, a key
+    missing from one rank's batch or outputs is bad data: raising there alone would leave the other ranks waiting in
+    the step's collectives. The member's engine, which remembers its first batch's shapes (``batch_shapes``,
+    `distprobe.engine.shapes`), trains that rank on an empty batch of those shapes (a kNN's buffer and a ridge
+    probe's statistics take nothing) and counts it.
+    """
+    try:
+        return read()
+    except MissingKeyError as err:
+        shapes: BatchShapes | None = getattr(member._engine, "batch_shapes", None)
+        if not member.checked_first_batch or shapes is None or not shapes.established:
+            raise
+        shapes.warn_missing(str(err).split(": ", 1)[-1])  # the message's owner is the warning's already
+        return member.as_read([None] * len(member.sources), None)  # type: ignore[list-item]
 
 
 def _first_read(member: ProbeCallback, read: Callable[[], Any]) -> tuple[Any, str | None]:

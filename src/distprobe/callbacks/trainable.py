@@ -13,6 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from distprobe.callbacks.base import ProbeCallback, Stage, config_from_arguments
+from distprobe.callbacks.coordinator import read_after_first as coordinator_read_after_first
 from distprobe.callbacks.own_data import OwnData
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.engine import Probe, ProbeConfig, bad_data, maths
@@ -20,7 +21,6 @@ from distprobe.engine.checks import first_batch_problem
 from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
 from distprobe.engine.shapes import BatchShapes
-from distprobe.features.lookup import MissingKeyError
 from distprobe.probeset.members import name_inputs
 from distprobe.strategies.groups import data_parallel_group
 
@@ -144,12 +144,7 @@ class TrainableCallback(ProbeCallback):
     def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
         if not self.sources:
             return None  # a subclass that feeds its probe itself
-        return read_after_first(
-            self,
-            self.probe.batch_shapes,
-            lambda: super(TrainableCallback, self).read_step(trainer, pl_module, outputs, batch),
-            (None, None),
-        )
+        return super().read_step(trainer, pl_module, outputs, batch)  # a later missing key: the coordinator's
 
     @override
     def evaluates(self, trainer: pl.Trainer) -> bool:
@@ -204,19 +199,12 @@ class TrainableCallback(ProbeCallback):
 
 
 def read_after_first(member: ProbeCallback, shapes: BatchShapes, read: Callable[[], Any], missing: Any) -> Any:
-    """``read()``, or ``missing`` (an input per key, all None) when a key is missing from a batch after the first.
+    """`distprobe.callbacks.coordinator.read_after_first`, which the coordinator applies to every member's read.
 
-    The first batch's missing key is an error on every rank together (the coordinator's check). Later, a key missing
-    from one rank's batch or outputs is bad data: raising there alone would leave the other ranks waiting in the
-    step's all-reduce. The engine trains that rank on an empty batch of the first batch's shapes and counts it.
+    Kept for the adapters that still call it with the engine's shapes and their missing read.
     """
-    try:
-        return read()
-    except MissingKeyError as err:
-        if not member.checked_first_batch or not shapes.established:
-            raise
-        shapes.warn_missing(str(err).split(": ", 1)[-1])  # the message's owner is the warning's already
-        return missing
+    del shapes, missing  # the coordinator's takes both from the member
+    return coordinator_read_after_first(member, read)
 
 
 def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int, every_n_steps: int = 1) -> int | None:

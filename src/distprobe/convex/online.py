@@ -35,6 +35,7 @@ from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec, to
 from distprobe.convex.usable import usable_rows
 from distprobe.engine.bad_data import REASONS
 from distprobe.engine.collectives import rank_and_world, sum_over_group
+from distprobe.engine.shapes import batch_rows, flat_input_shapes, stand_in_preds
 from distprobe.engine.sized import Group, SizedEngine
 
 __all__ = ["DEFAULT_L2", "RidgeConfig", "RidgeProbe", "RidgeSpec", "to_ridge_spec"]
@@ -57,6 +58,9 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         self.stats = RidgeStatistics(in_features, config.num_classes, device)
         # Run-long bad-batch counts (never reset by an epoch), in the order of engine.bad_data.REASONS.
         self.bad_counts = torch.zeros(len(REASONS), dtype=torch.float64, device=device)
+        self.batch_shapes = flat_input_shapes("ridge", config).to(device)
+        """The first training batch's shapes: a later training or validation batch of others is skipped and counted
+        here (`distprobe.engine.shapes`); a skipped training batch adds nothing to the statistics."""
         # Per lambda: correct on the selection split, on the report split; then the two splits' sample counts.
         self._eval = torch.zeros(2 * len(self.l2) + 2, dtype=torch.float64, device=device)
         self._eval_seen = 0
@@ -78,12 +82,14 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
 
     # --- training -----------------------------------------------------------------------------------------------
 
-    def train_step(self, features: torch.Tensor, targets: torch.Tensor) -> None:
+    def train_step(self, features: torch.Tensor | None, targets: torch.Tensor | None) -> None:
         """Add one training batch to this rank's statistics; a batch with bad data is dropped and counted.
 
-        No host sync: the verdict is a device tensor that weighs the batch by 0 or 1.
+        No host sync: the verdict is a device tensor that weighs the batch by 0 or 1. A batch of other shapes than
+        the first (None: an input missing from it) adds nothing (`distprobe.engine.shapes`).
         """
         self.solved = False
+        (features, targets), _ = self.batch_shapes.conform([features, targets], self.device)
         x = features.detach().flatten(1).to(self.device)
         y = targets.detach().to(self.device).reshape(-1)
         finite_x = torch.isfinite(x).all()
@@ -148,17 +154,25 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         ``positions`` are the samples' indices in the validation set (`distprobe.callbacks.OnlineRidge` passes the
         ones its loader's sampler dealt); by default they follow from this rank's running count since
         `start_eval_epoch`, as `DistributedSampler` without shuffle deals them. Samples with non-finite features or
-        labels out of range are not counted.
+        labels out of range are not counted. A batch of other shapes than training established is skipped and
+        counted (`distprobe.engine.shapes`): none of its samples counts (they keep their places in the running
+        count), and its predictions are -1.
         """
         if self.solution is None:
             return None
+        given = [features, targets]
+        (features, targets), skipped = self.batch_shapes.conform_eval(given, self.device)
         x = features.detach().flatten(1).to(self.device)
+        preds = self.solution.predict(torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)).T  # (B, L)
+        if skipped:
+            rows = batch_rows(given)
+            self._eval_seen += (rows or 0) if num_valid is None else num_valid
+            return stand_in_preds(preds, rows)
         n = x.shape[0] if num_valid is None else num_valid
         if positions is None:
             rank, world = rank_and_world(self.dp_group)
             positions = global_positions(self._eval_seen, n, rank, world, self.device)
         self._eval_seen += n
-        preds = self.solution.predict(torch.nan_to_num(x.double(), nan=0.0, posinf=0.0, neginf=0.0)).T  # (B, L)
         y = targets.detach().to(self.device).reshape(-1)[:n]
         # The training rule: a float label must be a whole number (2.5 is no class; it was counted as class 2 here).
         countable = usable_rows(x[:n], y, self.config.num_classes).double()
@@ -214,6 +228,7 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
             # Whether an evaluation closed these sums: a set resumed between an evaluation and its next training
             # batch must still start them anew there ("after_evaluation"), not add the next epoch to the last one's.
             "evaluated": self.evaluated,
+            "wrong_shape_batches": self.batch_shapes.state_dict(self.dp_group),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -242,3 +257,4 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
         if rank != 0:
             self.stats.reset()
             self.bad_counts.zero_()
+        self.batch_shapes.load_state_dict(state.get("wrong_shape_batches"), self.dp_group)

@@ -28,7 +28,7 @@ from distprobe.engine.replicate import (
     default_group,
     replicate_probe,
 )
-from distprobe.engine.shapes import BatchShapes
+from distprobe.engine.shapes import BatchShapes, batch_rows, stand_in_preds
 from distprobe.engine.state import gathered_window_grads, load_metric_states, own_window_grads, synced_metric_states
 from distprobe.features.dtensor import whole
 from distprobe.metrics.collection import ProbeMetrics
@@ -50,7 +50,8 @@ class StepOutput:
     loss: torch.Tensor
     """The micro-batch loss, detached (log it as a tensor); computed on the cleaned batch when it held bad data."""
     preds: torch.Tensor
-    """The probe's outputs for the micro-batch, detached."""
+    """The probe's outputs for the micro-batch, detached. For a batch skipped for its shapes
+    (`distprobe.engine.shapes`): a NaN row per sample of the batch as given, so that rows still match samples."""
     stepped: bool
     """Whether this micro-step closed an accumulation window (known on the host from the counter)."""
     bad: torch.Tensor
@@ -75,6 +76,8 @@ class PendingStep:
     """Samples in the micro-batch (for the mean loss)."""
     boundary: bool
     """Whether this micro-step closes the accumulation window."""
+    skipped_rows: int | None = None
+    """The samples of a batch skipped for its shapes, as given (None: not skipped, or no tensor said)."""
 
 
 def to_probe_input(features: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -163,6 +166,7 @@ class Probe:
             self.name,
             ["input 'features'", "target 'targets'"],
             prefix=keys.stage_prefix(keys.TRAIN, self.name),
+            eval_prefix=keys.stage_prefix(keys.EVAL, self.name),
         ).to(self._param().device)
         """The first training batch's shapes; a later batch of other shapes is skipped and counted
         (``train/{name}_bad_batches/wrong_shape``). Adapters name the inputs by their keys."""
@@ -252,10 +256,17 @@ class Probe:
         than the first (None: an input missing from it) trains as an empty batch of the first one's shapes, counted
         as bad data (`distprobe.engine.shapes`).
         """
+        given = [features, targets]
+        (features, targets), skipped = self.batch_shapes.conform(given, self._param().device)
+        pending = self._forward_step(features, targets, model)
+        if skipped:
+            pending.skipped_rows = batch_rows(given)
+        return pending
+
+    def _forward_step(self, features: torch.Tensor, targets: torch.Tensor, model: nn.Module) -> PendingStep:
         accumulate = self.config.accumulate_grad_batches
         param = self._param()
         device = param.device
-        (features, targets), _ = self.batch_shapes.conform([features, targets], device)
         x = to_probe_input(features, param)
         targets = targets.to(device)
         features_ok = None
@@ -343,7 +354,8 @@ class Probe:
             self._window_grads = None
         else:
             self._window_grads = [p.grad for p in skip.params_of(self.optimizer)]
-        return StepOutput(loss=pending.loss, preds=pending.preds, stepped=pending.boundary, bad=checked.bad)
+        preds = pending.preds if pending.skipped_rows is None else stand_in_preds(pending.preds, pending.skipped_rows)
+        return StepOutput(loss=pending.loss, preds=preds, stepped=pending.boundary, bad=checked.bad)
 
     def _restore_window_grads(self) -> None:
         """Put back the open window's gradients if something set them to None since the last micro-step.
@@ -430,10 +442,15 @@ class Probe:
 
         ``num_valid`` drops the repeated samples a distributed sampler pads the last batch with, so that every
         validation sample counts exactly once. Samples with bad data are left out of the sync-free metrics (and
-        made harmless for the others), never an error.
+        made harmless for the others), never an error. A batch of other shapes than training established is skipped
+        and counted (`distprobe.engine.shapes`): none of its samples counts, and its predictions are NaN rows.
         """
+        given = [features, targets]
+        (features, targets), skipped = self.batch_shapes.conform_eval(given, self._param().device)
         x = to_probe_input(features, self._param())
         preds = self._predict(x)
+        if skipped:
+            return stand_in_preds(preds, batch_rows(given))
         if len(self.metrics.val):
             keep = slice(None) if num_valid is None else slice(0, num_valid)
             safe_targets, countable, in_range, finite = bad_data.check_targets(

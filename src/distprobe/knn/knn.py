@@ -23,6 +23,7 @@ from distprobe import keys
 from distprobe.bank.multilabel import MULTILABEL_METRICS, EvalSamples, head_values
 from distprobe.engine import bad_data
 from distprobe.engine.replicate import group_rank_and_size, is_distributed
+from distprobe.engine.shapes import batch_rows, flat_input_shapes, stand_in_preds
 from distprobe.engine.sized import Group, SizedEngine
 from distprobe.knn import multilabel, search
 from distprobe.knn.config import KNNConfig
@@ -59,6 +60,9 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         self.metrics = KNNAccuracy(len(config.k)).to(device)
         self.samples = EvalSamples().to(device)
         """Multi-label: every counted validation sample's label scores per k, gathered at the epoch's end."""
+        self.batch_shapes = flat_input_shapes("kNN", config).to(device)
+        """The first training batch's shapes: a later training or validation batch of others is skipped and counted
+        (`distprobe.engine.shapes`); a skipped training batch adds nothing to the buffer."""
 
     @classmethod
     @override
@@ -81,8 +85,12 @@ class ShardedKNN(SizedEngine[KNNConfig]):
     # --- training -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        """Push this rank's batch of training features (detached, normalized, cast to the storage dtype)."""
+    def update(self, features: torch.Tensor | None, targets: torch.Tensor | None) -> None:
+        """Push this rank's batch of training features (detached, normalized, cast to the storage dtype).
+
+        A batch of other shapes than the first (None: an input missing from it) adds nothing, counted as bad data.
+        """
+        (features, targets), _ = self.batch_shapes.conform([features, targets], self.device)
         targets = targets.to(self.device)
         labels = multilabel.pack(targets) if self.config.multilabel else targets
         features = search.normalized(features.to(self.device))
@@ -165,9 +173,19 @@ class ShardedKNN(SizedEngine[KNNConfig]):
     def eval_step(self, features: torch.Tensor, targets: torch.Tensor, num_valid: int | None = None) -> torch.Tensor:
         """Classify this rank's batch against the union of all shards; count the first ``num_valid`` samples.
 
+        A batch of other shapes than training established is skipped and counted (`distprobe.engine.shapes`): this
+        rank joins the batch's collectives with no query, counts none of its samples, and returns -1 for its classes
+        (NaN for multi-label scores).
+
         Returns:
             ``(B, len(k))`` predicted classes, one column per k in the configured order.
         """
+        given = [features, targets]
+        (features, targets), skipped = self.batch_shapes.conform_eval(given, self.device)
+        preds = self._eval_step(features, targets, num_valid)
+        return stand_in_preds(preds, batch_rows(given)) if skipped else preds
+
+    def _eval_step(self, features: torch.Tensor, targets: torch.Tensor, num_valid: int | None) -> torch.Tensor:
         config = self.config
         features = features.to(self.device)
         queries = search.normalized(features)
@@ -177,7 +195,7 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         own = slice(rank * padded, rank * padded + counts[rank])
         ids = torch.cat([position[..., None], label if label.ndim == 3 else label[..., None]], dim=2)
         scores, labels = self._merge(value, ids, own)
-        valid = scores.shape[0] if num_valid is None else num_valid
+        valid = scores.shape[0] if num_valid is None else min(num_valid, scores.shape[0])
         targets = targets.to(self.device)[:valid]
         finite = bad_data.row_checks(features)[:valid]  # a non-finite query is not counted
         if config.multilabel:
@@ -249,6 +267,7 @@ class ShardedKNN(SizedEngine[KNNConfig]):
             "storage_dtype": self.config.storage_dtype,
             "world_size": world,
             "shards": shards,
+            "wrong_shape_batches": self.batch_shapes.state_dict(self.dp_group),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -259,6 +278,7 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         """
         rank, world = group_rank_and_size(self.dp_group)
         shards = state["shards"]
+        self.batch_shapes.load_state_dict(state.get("wrong_shape_batches"), self.dp_group)
         if int(state["in_features"]) != self.in_features:
             raise ValueError(
                 f"kNN '{self.name}': the loaded state holds {state['in_features']}-dimensional features but this kNN "

@@ -26,6 +26,7 @@ from torchmetrics import Metric
 
 from distprobe import keys
 from distprobe.arguments import require_count, require_name
+from distprobe.engine.shapes import BatchShapes
 from distprobe.metrics.flat_sync import compute_metrics_synced, flat_sync
 from distprobe.monitors.functional import occurrence_index
 from distprobe.monitors.metrics import MONITORS, LiDAR, build_monitor
@@ -127,6 +128,14 @@ class EmbeddingMonitorEngine:
         """Per stage, the metrics by name (built from ``dim`` at once, else at the first batch)."""
         self.train_batches = 0
         """Training batches seen, across epochs: the ``every_n_steps`` windows count them."""
+        self.batch_shapes = BatchShapes(
+            "monitor",
+            self.name,
+            [f"input {config.input or 'features'!r}"],
+            eval_prefix=keys.stage_prefix(keys.EVAL, self.name),
+        )
+        """The first training batch's features' shape: a later batch of another width (or without them) is skipped
+        and counted here (`distprobe.engine.shapes`), in training and in validation."""
         if self.dim is not None:
             self._build(self.dim)
 
@@ -134,6 +143,7 @@ class EmbeddingMonitorEngine:
         """Reduce over ``dp_group`` and keep the states on ``device`` from now on."""
         self.dp_group = dp_group
         self.device = torch.device(device)
+        self.batch_shapes.to(self.device)
         for metrics in self.metrics.values():
             for metric in metrics.values():
                 metric.to(self.device)
@@ -183,7 +193,7 @@ class EmbeddingMonitorEngine:
     def update(
         self,
         stage: str,
-        features: torch.Tensor,
+        features: torch.Tensor | None,
         sample_ids: torch.Tensor | None = None,
         view_ids: torch.Tensor | None = None,
         num_valid: int | None = None,
@@ -191,10 +201,16 @@ class EmbeddingMonitorEngine:
         """Add one batch to ``stage``'s metrics; only the first ``num_valid`` samples count (None: all).
 
         With ``sample_key`` ids, ``num_valid`` is not applied (the ids are the caller's, not positions in the batch).
+        Features of another shape than the first training batch's (None: missing from the batch) are skipped and
+        counted (`distprobe.engine.shapes`).
         """
-        features = features.detach()
-        if self.device is None:  # no device given: the first batch's
+        if self.device is None and isinstance(features, torch.Tensor):  # no device given: the first batch's
             self.place(self.dp_group, features.device)
+        conform = self.batch_shapes.conform if stage == "train" else self.batch_shapes.conform_eval
+        if conform([features], self.device or torch.device("cpu"))[1]:
+            return
+        assert features is not None, "a missing input is skipped above"
+        features = features.detach()
         if not self.metrics:
             self._build(int(features.shape[-1]))
         if view_ids is not None:
@@ -213,9 +229,12 @@ class EmbeddingMonitorEngine:
                 metric.update(features)
 
     def train_step(
-        self, features: torch.Tensor, sample_ids: torch.Tensor | None = None, view_ids: torch.Tensor | None = None
+        self,
+        features: torch.Tensor | None,
+        sample_ids: torch.Tensor | None = None,
+        view_ids: torch.Tensor | None = None,
     ) -> None:
-        """Add one training batch and count it for the windows."""
+        """Add one training batch and count it for the windows (a batch skipped for its shape counts too)."""
         self.update("train", features, sample_ids, view_ids)
         self.train_batches += 1
 
@@ -238,7 +257,12 @@ class EmbeddingMonitorEngine:
         an epoch or a window would drop the other ranks' batches, and in one process every batch before the
         checkpoint. Every rank must call it, with its metrics built alike (they are, from the first batch on).
         """
-        return {"train_batches": self.train_batches, "dim": self.dim, "train_sums": self._summed_states("train")}
+        return {
+            "train_batches": self.train_batches,
+            "dim": self.dim,
+            "train_sums": self._summed_states("train"),
+            "wrong_shape_batches": self.batch_shapes.state_dict(self.dp_group),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict`'s output: the group's training sums go to rank 0 of the group, zeros to the others.
@@ -249,6 +273,7 @@ class EmbeddingMonitorEngine:
             ValueError: the saved sums are of another embedding size than this monitor's.
         """
         self.train_batches = int(state.get("train_batches", 0))
+        self.batch_shapes.load_state_dict(state.get("wrong_shape_batches"), self.dp_group)
         saved: Mapping[str, Mapping[str, torch.Tensor]] = state.get("train_sums") or {}  # absent before 2026-12-07
         if not saved or "train" not in self.config.stages:
             return

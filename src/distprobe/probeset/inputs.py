@@ -7,6 +7,7 @@ before anything trains, and one collective raises the problems on every rank tog
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -139,13 +140,29 @@ def step_inputs(
     for name in members.bank_specs:
         inputs[name] = bank_inputs(members, name, features, targets, training=True)
     for name in members.knn_specs:
-        inputs[name] = knn_inputs(members, name, features, targets)
+        knn = members.knns.get(name)
+        read = functools.partial(knn_inputs, members, name, features, targets)
+        inputs[name] = after_first(None if knn is None else knn.batch_shapes, read, (None, None))
     for name in members.ridge_specs:
-        inputs[name] = ridge_inputs(members, name, features, targets)
+        ridge = members.ridges.get(name)
+        read = functools.partial(ridge_inputs, members, name, features, targets)
+        inputs[name] = after_first(None if ridge is None else ridge.batch_shapes, read, (None, None))
     for name, monitor in members.monitors.items():
         if monitor.watches("train"):
-            inputs[name] = monitor_inputs(members, name, features, targets)
+            read_monitor = functools.partial(monitor_inputs, members, name, features, targets)
+            inputs[name] = after_first(monitor.batch_shapes, read_monitor, (None, None, None))
     return inputs
+
+
+def after_first(shapes: BatchShapes | None, read: Callable[[], Any], missing: Any) -> Any:
+    """``read()``, or ``missing`` when a key is missing from a batch after a member's first (see `picked`)."""
+    try:
+        return read()
+    except ValueError as err:
+        if shapes is None or not shapes.established:
+            raise
+        shapes.warn_missing(str(err).split(": ", 1)[-1])  # the message's owner is the warning's already
+        return missing
 
 
 def check_first_batches(members: Members, features: Tensors, targets: Tensors, names: Collection[str]) -> None:

@@ -194,6 +194,19 @@ class DenseHeads(LinearHeads):
         """D of one sample's ``(N, D)`` tokens or ``(D, h, w)`` map."""
         return int(sample_shape[0] if len(sample_shape) == 3 else sample_shape[-1])
 
+    def input_signature(self, sample_shape: torch.Size) -> tuple[int, ...]:  # type: ignore[override]
+        """As a linear head's, and for tokens whether they lie on the grid the heads read.
+
+        A later batch of tokens on no such grid (a count that is not square, or not ``head_options['grid']``'s) is
+        then a batch of other shapes than the first, skipped and counted (`distprobe.engine.shapes`), not an error
+        of one rank (`_check_grids`).
+        """
+        signature = (len(sample_shape), self.feature_size(sample_shape))
+        if len(sample_shape) != 2:
+            return signature
+        tokens, grid = int(sample_shape[0]), self.options.grid
+        return (*signature, int(grid[0] * grid[1] == tokens if grid else math.isqrt(tokens) ** 2 == tokens))
+
     @staticmethod
     def input_problem(source: str, features: torch.Tensor) -> str | None:
         """Why ``features`` are neither ``(B, N, D)`` patch tokens nor a ``(B, D, h, w)`` map, or None."""
