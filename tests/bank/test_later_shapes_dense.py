@@ -105,7 +105,6 @@ def _fit_rank(rank, world):
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_on_one_rank_of_two_the_odd_tokens_are_skipped_without_a_hang():
     results = run_distributed(_fit_rank, 2, timeout=120)
     for rank, result in enumerate(results):

@@ -187,7 +187,6 @@ def _fit_ddp(rank, world):
 
 
 @pytest.mark.distributed
-@pytest.mark.slow
 def test_odd_training_and_validation_batches_on_one_rank_are_skipped_without_a_hang():
     results = run_distributed(_fit_ddp, 2, timeout=180)  # a rank that raised alone would leave the other waiting
     for rank, result in enumerate(results):
