@@ -207,18 +207,25 @@ def test_an_exported_head_gives_the_bank_s_predictions_for_one_sample_and_for_no
                 torch.testing.assert_close(out, preds[:, k], rtol=1e-5, atol=1e-6)
 
 
-def test_a_later_batch_of_tokens_on_no_readable_grid_is_refused_naming_the_fix():
+def test_a_later_batch_of_tokens_on_no_readable_grid_is_skipped_and_counted_and_predict_names_the_fix():
     """A validation image of another aspect ratio, as tokens (6 of them after a square first batch), or a grid that
-    no longer holds the tokens, failed inside a reshape with torch's "shape '[...]' is invalid"."""
+    no longer holds the tokens, failed inside a reshape with torch's "shape '[...]' is invalid". In a step it is now
+    a batch of another shape (skipped, counted, `distprobe.engine.shapes`); `predict` called directly still refuses
+    it, naming the fix."""
     bank = _bank()
     x, masks = _batches(1)[0]
     bank.train_step([x], masks)
+    before = [p.detach().clone() for p in bank.heads.parameters()]
+    preds = bank.eval_step([torch.randn(2, 6, D)], masks[:2])
+    assert preds.shape[0] == 2 and torch.isnan(preds).all()  # one stand-in row per sample
+    assert int(bank.batch_shapes.eval_counter.counts.sum()) == 1
+    bank.train_step([torch.randn(2, 6, D)], masks[:2])
+    assert int(bank.batch_shapes.counter.counts.sum()) == 1
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, bank.heads.parameters(), strict=True))
     with pytest.raises(
         ValueError, match=r"bank 'seg': input 'x' holds 6 tokens on this batch, not the 2 x 2 grid of a "
     ):
-        bank.eval_step([torch.randn(2, 6, D)], masks[:2])
-    with pytest.raises(ValueError, match=r"holds 6 tokens .* give \(batch, dim, h, w\) feature maps"):
-        bank.train_step([torch.randn(2, 6, D)], masks[:2])
+        bank.predict([torch.randn(2, 6, D)])
     gridded = _bank(head_options={"grid": (2, 3)})
     gridded.train_step([torch.randn(2, 6, D)], masks[:2])
     with pytest.raises(ValueError, match=r"holds 4 tokens on this batch, not the 2 x 3 grid of head_options\['grid'\]"):

@@ -116,6 +116,8 @@ def test_a_later_training_batch_of_another_width_or_without_its_key_is_skipped_b
         assert len(ours) == 2, ours  # once for the width, once for the missing key, not at every odd batch
         assert any("input 'embedding' has shape (32, 17)" in m for m in ours)
         assert any("input key 'embedding' not found" in m for m in ours)
+        # A kNN's, ridge probe's or monitor's count is kept on its engine, not logged: the warning names no key.
+        assert all("(not logged)" in m and "_bad_batches/wrong_shape" not in m for m in ours), ours
 
 
 # --- the predictions of a skipped training batch ---------------------------------------------------------------------
@@ -163,6 +165,7 @@ def test_a_validation_batch_of_another_width_is_skipped_counted_and_gives_nan_pr
         ours = [m for m in messages if m.startswith(owner)]
         assert len(ours) == 1, (owner, messages)
         assert "input 'embedding' has shape (32, 17), expected (batch, 16)" in ours[0]
+        assert "eval_counts (not logged)" in ours[0]  # no validation count is logged: no key named
 
 
 # --- two ranks: only rank 1 gets the odd batches -------------------------------------------------------------------

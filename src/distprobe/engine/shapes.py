@@ -69,6 +69,7 @@ def flat_input_shapes(kind: str, config: Any) -> BatchShapes:
         [f"input {source or 'features'!r}", "target 'targets'"],
         [numel_signature, width_signature],
         eval_prefix=keys.stage_prefix(keys.EVAL, config.name),
+        logged_stages=(),
     )
 
 
@@ -111,6 +112,9 @@ class BatchShapes:
         signatures: Per input, what must match (default: `width_signature`).
         prefix: The counter's key prefix (a probe's logged prefix; none for a bank's relative keys).
         eval_prefix: The validation counter's key prefix, likewise.
+        logged_stages: The stages whose count the member logs (``train`` for probes and banks, whose counts ride in
+            `distprobe.probeset.values.train_values`'s sync); the others' counts stay on the engine, and the warning
+            says so rather than name a key that is never logged.
     """
 
     def __init__(
@@ -121,10 +125,14 @@ class BatchShapes:
         signatures: Sequence[Signature] | None = None,
         prefix: str = "",
         eval_prefix: str = "",
+        logged_stages: Sequence[str] = (keys.TRAIN,),
     ) -> None:
         self.owner = f"{kind} {name!r}"
-        self._logged_keys = {
-            stage: keys.key(stage, name, keys.bad_batches(WRONG_SHAPE)) for stage in (keys.TRAIN, keys.EVAL)
+        self._counted_in = {
+            stage: keys.key(stage, name, keys.bad_batches(WRONG_SHAPE))
+            if stage in logged_stages
+            else f"the {kind}'s batch_shapes.{'counts' if stage == keys.TRAIN else 'eval_counts'} (not logged)"
+            for stage in (keys.TRAIN, keys.EVAL)
         }
         self.labels = list(labels)
         self._signatures = list(signatures) if signatures is not None else [width_signature] * len(self.labels)
@@ -231,7 +239,7 @@ class BatchShapes:
             "goes on; counted in "
             "%s. Warned once for this shape."
         )
-        log.warning(template, self.owner, world_rank_and_size()[0], what, self._logged_keys[stage])
+        log.warning(template, self.owner, world_rank_and_size()[0], what, self._counted_in[stage])
 
     def to(self, device: torch.device | str) -> BatchShapes:
         """Move the counters to ``device``."""

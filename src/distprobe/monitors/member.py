@@ -133,6 +133,7 @@ class EmbeddingMonitorEngine:
             self.name,
             [f"input {config.input or 'features'!r}"],
             eval_prefix=keys.stage_prefix(keys.EVAL, self.name),
+            logged_stages=(),
         )
         """The first training batch's features' shape: a later batch of another width (or without them) is skipped
         and counted here (`distprobe.engine.shapes`), in training and in validation."""
