@@ -48,7 +48,9 @@ class ValReshape(pl.Callback):
         if batch_idx != ODD_VAL or trainer.global_rank not in self.ranks or trainer.sanity_checking:
             return
         embedding = outputs["embedding"]
-        if self.kind == "empty":
+        if self.kind == "missing":
+            del outputs["embedding"]
+        elif self.kind == "empty":
             outputs["embedding"], batch["label"] = embedding[:0], batch["label"][:0]
         else:
             outputs["embedding"] = torch.cat([embedding, embedding[:, :1]], dim=1)
@@ -168,15 +170,25 @@ def test_a_validation_batch_of_another_width_is_skipped_counted_and_gives_nan_pr
         assert "eval_counts (not logged)" in ours[0]  # no validation count is logged: no key named
 
 
+def test_a_validation_batch_without_the_members_key_is_skipped_and_counted_by_every_member():
+    """A validation batch whose outputs lack the members' key (after training's first batch) raised MissingKeyError
+    in the member's read on that rank alone; now each member skips it as a batch of another shape and counts it."""
+    t, members, _ = _fit_val("missing")
+    t_without, _, _ = _fit_val("empty")
+    evals = {k: v for k, v in t.callback_metrics.items() if k.startswith("eval/") and "best" not in k}
+    assert evals and all(torch.equal(v, t_without.callback_metrics[k]) for k, v in evals.items())
+    assert [_count(m, "val") for m in members] == [1] * len(members)
+
+
 # --- two ranks: only rank 1 gets the odd batches -------------------------------------------------------------------
 
 
-def _fit_ddp(rank, world):
+def _fit_ddp(rank, world, val_kind="reshape"):
     members = _all_members()
     # Each rank's share in order: 6 training batches of 8 (the odd ones at 2 and 4), 4 validation batches.
     data = [SeparableData(96), SeparableData(64, seed=1)]
     loaders = [DataLoader(d, batch_size=8, sampler=DistributedSampler(d, shuffle=False)) for d in data]
-    callbacks = [Reshape("reshape", ranks=(1,)), ValReshape("reshape", ranks=(1,)), *members]
+    callbacks = [Reshape("reshape", ranks=(1,)), ValReshape(val_kind, ranks=(1,)), *members]
     ddp = {"strategy": DDPStrategy(), "devices": world, "use_distributed_sampler": False}
     t = _fit(callbacks, loaders, Backbone(lr=0.0), max_epochs=1, num_sanity_val_steps=0, **ddp)
     logged = {k: float(v) for k, v in t.callback_metrics.items()}
@@ -190,8 +202,11 @@ def _fit_ddp(rank, world):
 
 
 @pytest.mark.distributed
-def test_odd_training_and_validation_batches_on_one_rank_are_skipped_without_a_hang():
-    results = run_distributed(_fit_ddp, 2, timeout=180)  # a rank that raised alone would leave the other waiting
+@pytest.mark.parametrize("val_kind", ["reshape", "missing"])  # wider features; no features key at all
+def test_odd_training_and_validation_batches_on_one_rank_are_skipped_without_a_hang(val_kind):
+    results = run_distributed(
+        _fit_ddp, 2, val_kind, timeout=180
+    )  # a rank that raised alone would leave the other waiting
     for rank, result in enumerate(results):
         assert result["finished"]
         assert result["logged"] == {"linear": 2.0, "grid": 2.0}  # rank 1's two odd batches, summed over the ranks

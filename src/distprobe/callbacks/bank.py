@@ -21,7 +21,7 @@ from distprobe.callbacks.cadence import StepValues, logs_this_step
 from distprobe.callbacks.own_data import FeatureFn, own_data_of
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.callbacks.selection import SelectsOnSplit
-from distprobe.callbacks.trainable import optimizer_steps_of_fit, read_after_first
+from distprobe.callbacks.trainable import optimizer_steps_of_fit
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.precision import MatmulPrecision
 
@@ -230,14 +230,6 @@ class OnlineProbeBank(SelectsOnSplit):
     @override
     def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
         return features, targets
-
-    @override
-    def read_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> Any:
-        read = super().read_step
-        if self._engine is None:
-            return read(trainer, pl_module, outputs, batch)
-        missing = ([None] * len(self.sources), None)
-        return read_after_first(self, self.bank.batch_shapes, lambda: read(trainer, pl_module, outputs, batch), missing)
 
     @override
     def first_batch_problem(self, read: Any) -> str | None:

@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from distprobe import keys
 from distprobe.callbacks.cadence import log_reduced
-from distprobe.callbacks.coordinator import Coordinator
+from distprobe.callbacks.coordinator import Coordinator, read_after_first
 from distprobe.callbacks.own_data import OwnData, OwnDataFeatures
 from distprobe.engine.clean_exit import settle_gloo_workers_at_exit
 from distprobe.features.source import FeatureSource, StepFeatures
@@ -324,7 +324,9 @@ class ProbeCallback(Callback):
     ) -> None:
         if self.own_data is not None or self._source is None or not self.evaluates(trainer):
             return  # its own validation data is evaluated at the epoch's start
-        read = self.eval_read(trainer, outputs, batch)
+        # A key missing after training's first batch (on one rank, say): the engine evaluates an empty batch of
+        # training's shapes, so this rank still joins any per-batch collective, and counts it (`read_after_first`).
+        read = read_after_first(self, lambda: self.eval_read(trainer, outputs, batch), keys.EVAL)
         # Samples a distributed sampler repeats to pad this rank are left out: each sample counts exactly once.
         loader = dataloader_at(trainer.val_dataloaders, dataloader_idx)
         preds = self.eval_step(read, self.valid_samples(loader, batch_idx, read))
@@ -341,8 +343,12 @@ class ProbeCallback(Callback):
         return self.read_batch(outputs, batch)
 
     def valid_samples(self, loader: Any, batch_idx: int, read: Any) -> int | None:
-        """How many leading samples of this validation batch are real (the rest pad this rank's share)."""
-        return valid_in_loader_batch(loader, batch_idx, read[1].shape[0])
+        """How many leading samples of this validation batch are real (the rest pad this rank's share).
+
+        None when the batch lacked the member's keys (its read holds no targets): the engine skips it whole.
+        """
+        targets = read[1]
+        return None if targets is None else valid_in_loader_batch(loader, batch_idx, targets.shape[0])
 
     def evaluates(self, trainer: pl.Trainer) -> bool:
         """Whether this member evaluates the main validation batches now."""

@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from distprobe import keys
 from distprobe.engine.checks import raise_if_any_rank_failed, world_check_group
 from distprobe.engine.probe import Probe
 from distprobe.engine.shapes import BatchShapes
@@ -215,14 +216,15 @@ class Coordinator:
         return values
 
 
-def read_after_first(member: ProbeCallback, read: Callable[[], Any]) -> Any:
+def read_after_first(member: ProbeCallback, read: Callable[[], Any], stage: str = keys.TRAIN) -> Any:
     """``read()``, or an input per key, all None, when a key is missing from a batch after the member's first.
 
     The first batch's missing key is an error on every rank together (`Coordinator._read_all`'s check). Later, a key
     missing from one rank's batch or outputs is bad data: raising there alone would leave the other ranks waiting in
     the step's collectives. The member's engine, which remembers its first batch's shapes (``batch_shapes``,
     `distprobe.engine.shapes`), trains that rank on an empty batch of those shapes (a kNN's buffer and a ridge
-    probe's statistics take nothing) and counts it.
+    probe's statistics take nothing) and counts it. A validation batch (``stage`` eval) is evaluated as an empty
+    batch, none of its samples counted.
     """
     try:
         return read()
@@ -230,7 +232,7 @@ def read_after_first(member: ProbeCallback, read: Callable[[], Any]) -> Any:
         shapes: BatchShapes | None = getattr(member._engine, "batch_shapes", None)
         if not member.checked_first_batch or shapes is None or not shapes.established:
             raise
-        shapes.warn_missing(str(err).split(": ", 1)[-1])  # the message's owner is the warning's already
+        shapes.warn_missing(str(err).split(": ", 1)[-1], stage)  # the message's owner is the warning's already
         return member.as_read([None] * len(member.sources), None)  # type: ignore[list-item]
 
 

@@ -126,6 +126,11 @@ class EmbeddingMonitor(ProbeCallback):
         return self._read(outputs, batch)
 
     @override
+    def as_read(self, features: list[torch.Tensor], targets: torch.Tensor | None) -> Any:
+        # Only a batch that lacked the monitor's keys is built this way (`read_after_first`): no ids either.
+        return features[0], None, None
+
+    @override
     def first_batch_problem(self, read: Any) -> str | None:
         return self.monitor.problem(*read, input_key=self.input)
 

@@ -49,10 +49,13 @@ class SelectsOnSplit(ProbeCallback):
         positions = self.split_positions(targets, engine)
         return engine.eval_step(features, targets, num_valid=num_valid, positions=positions)
 
-    def split_positions(self, targets: torch.Tensor, engine: Any) -> torch.Tensor | None:
+    def split_positions(self, targets: torch.Tensor | None, engine: Any) -> torch.Tensor | None:
         """The positions of the validation batch being evaluated, for ``engine.eval_step(..., positions=...)``.
 
         None for the callback's own validation data (``val_data``): the engine's running count, as distprobe shards
-        that data in order.
+        that data in order. None too for a batch that lacked the member's keys (no targets): the engine skips it, and
+        its size, unknown, does not advance the loader's positions on this rank.
         """
+        if targets is None:
+            return None
         return self._positions.current(int(targets.shape[0]), engine.dp_group, engine.device)

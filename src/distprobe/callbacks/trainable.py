@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,14 +13,12 @@ from torch import nn
 from typing_extensions import override
 
 from distprobe.callbacks.base import ProbeCallback, Stage, config_from_arguments
-from distprobe.callbacks.coordinator import read_after_first as coordinator_read_after_first
 from distprobe.callbacks.own_data import OwnData
 from distprobe.callbacks.registry import check_strategy_keeps_probes_out, claim, registry
 from distprobe.engine import Probe, ProbeConfig, bad_data, maths
 from distprobe.engine.checks import first_batch_problem
 from distprobe.engine.probe import build_metrics
 from distprobe.engine.replicate import unshare_storage
-from distprobe.engine.shapes import BatchShapes
 from distprobe.probeset.members import name_inputs
 from distprobe.strategies.groups import data_parallel_group
 
@@ -196,15 +194,6 @@ class TrainableCallback(ProbeCallback):
         # succeeded (SIGABRT, "terminate called without an active exception"), and Slurm then marks it FAILED.
         if self._engine is not None:
             self._engine.release()
-
-
-def read_after_first(member: ProbeCallback, shapes: BatchShapes, read: Callable[[], Any], missing: Any) -> Any:
-    """`distprobe.callbacks.coordinator.read_after_first`, which the coordinator applies to every member's read.
-
-    Kept for the adapters that still call it with the engine's shapes and their missing read.
-    """
-    del shapes, missing  # the coordinator's takes both from the member
-    return coordinator_read_after_first(member, read)
 
 
 def optimizer_steps_of_fit(trainer: pl.Trainer, accumulate_grad_batches: int, every_n_steps: int = 1) -> int | None:

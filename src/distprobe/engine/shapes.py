@@ -222,9 +222,9 @@ class BatchShapes:
         assert self._expected is not None, "after the first batch"
         return ", ".join(f"{label} {self._described(e)}" for label, e in zip(self.labels, self._expected, strict=True))
 
-    def warn_missing(self, detail: str) -> None:
-        """Warn (once per ``detail``) that a reader found an input missing from a batch after the first."""
-        self._warn(f"{detail} (expected {self.expected()})")
+    def warn_missing(self, detail: str, stage: str = keys.TRAIN) -> None:
+        """Warn (once per ``detail``) that a reader found an input missing from a ``stage`` batch after the first."""
+        self._warn(f"{detail} (expected {self.expected()})", stage)
 
     def _warn(self, what: str, stage: str = keys.TRAIN) -> None:
         if (stage, what) in self._warned:
