@@ -133,7 +133,8 @@ class EmbeddingMonitorEngine:
             self.name,
             [f"input {config.input or 'features'!r}"],
             eval_prefix=keys.stage_prefix(keys.EVAL, self.name),
-            logged_stages=(),
+            # A windowed monitor logs its windows' values only: its training count stays here.
+            logged_stages=(keys.EVAL,) if config.every_n_steps is not None else (keys.TRAIN, keys.EVAL),
         )
         """The first training batch's features' shape: a later batch of another width (or without them) is skipped
         and counted here (`distprobe.engine.shapes`), in training and in validation."""
