@@ -29,7 +29,6 @@ def _check(result: dict[str, Any]) -> None:
         "eval/knn_big_top1",
         "eval/knn_big_k1_top1",
         "eval/knn_big_k64_top1",
-        "eval/knn_big_bad_batches/wrong_shape",  # validation batches of other shapes than training's
     }
     assert logged["eval/knn_big_k64_top1"] == logged["eval/knn_all_k16_top1"]
     # The one-head bank logs its head, its best (the same head) and its train values.

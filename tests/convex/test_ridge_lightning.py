@@ -74,7 +74,6 @@ def expected_values(ranks: list[dict], epoch: int) -> dict[str, float]:
     best = max(sorted(range(len(L2)), key=lambda i: -L2[i]), key=lambda i: select_top1[i])
     out["eval/ridge_best_top1"] = report_top1[best]
     out["eval/ridge_best_l2"] = L2[best]
-    out["eval/ridge_bad_batches/wrong_shape"] = 0.0  # validation batches of other shapes than training's: none
     return out, len(x)
 
 

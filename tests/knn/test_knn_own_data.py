@@ -99,7 +99,6 @@ def _expected() -> dict[str, float]:
         "eval/knn_top1": float(accuracy[0]),
         "eval/knn_k3_top1": float(accuracy[0]),
         "eval/knn_k1_top1": float(accuracy[1]),
-        "eval/knn_bad_batches/wrong_shape": 0.0,  # validation batches of other shapes than training's: none
     }
 
 

@@ -41,8 +41,4 @@ def test_a_later_odd_batch_adds_nothing_to_a_knn_a_ridge_probe_or_a_monitor_and_
     assert preds["ridge"].shape == (8, len(seen.ridges["ridge"].l2)) and bool((preds["ridge"] == -1).all())
     seen.evaluate(*_batch(10))
     without.evaluate(*_batch(10))
-    seen_values, without_values = seen.compute_metrics(), without.compute_metrics()
-    for name in ("knn", "ridge"):  # the odd evaluation batch is counted, and nothing else differs
-        assert float(seen_values.pop(f"eval/{name}_bad_batches/wrong_shape")) == 1.0
-        assert float(without_values.pop(f"eval/{name}_bad_batches/wrong_shape")) == 0.0
-    assert seen_values == without_values
+    assert seen.compute_metrics() == without.compute_metrics()

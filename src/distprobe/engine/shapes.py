@@ -57,11 +57,10 @@ def numel_signature(sample: torch.Size) -> tuple[int, ...]:
     return (int(sample.numel()),)
 
 
-def flat_input_shapes(kind: str, config: Any, logged_stages: Sequence[str] = (keys.TRAIN, keys.EVAL)) -> BatchShapes:
+def flat_input_shapes(kind: str, config: Any) -> BatchShapes:
     """The shapes of an engine that reads one input's samples flattened (kNN, ridge): their size, and the targets'.
 
-    ``config`` gives the member's ``name`` and ``input`` key; its targets are named by role. ``logged_stages`` as
-    for `BatchShapes`.
+    ``config`` gives the member's ``name`` and ``input`` key; its targets are named by role.
     """
     source = getattr(config, "input", None)
     return BatchShapes(
@@ -70,7 +69,7 @@ def flat_input_shapes(kind: str, config: Any, logged_stages: Sequence[str] = (ke
         [f"input {source or 'features'!r}", "target 'targets'"],
         [numel_signature, width_signature],
         eval_prefix=keys.stage_prefix(keys.EVAL, config.name),
-        logged_stages=logged_stages,
+        logged_stages=(),
     )
 
 
@@ -113,9 +112,9 @@ class BatchShapes:
         signatures: Per input, what must match (default: `width_signature`).
         prefix: The counter's key prefix (a probe's logged prefix; none for a bank's relative keys).
         eval_prefix: The validation counter's key prefix, likewise.
-        logged_stages: The stages whose count the member logs (`distprobe.probeset.values`: both, but for a kNN's
-            training count and a windowed monitor's, which stay on the engine); the warning names the logged key,
-            or says that the count is not logged.
+        logged_stages: The stages whose count the member logs (``train`` for probes and banks, whose counts ride in
+            `distprobe.probeset.values.train_values`'s sync); the others' counts stay on the engine, and the warning
+            says so rather than name a key that is never logged.
     """
 
     def __init__(
@@ -126,7 +125,7 @@ class BatchShapes:
         signatures: Sequence[Signature] | None = None,
         prefix: str = "",
         eval_prefix: str = "",
-        logged_stages: Sequence[str] = (keys.TRAIN, keys.EVAL),
+        logged_stages: Sequence[str] = (keys.TRAIN,),
     ) -> None:
         self.owner = f"{kind} {name!r}"
         self._counted_in = {

@@ -60,8 +60,7 @@ class ShardedKNN(SizedEngine[KNNConfig]):
         self.metrics = KNNAccuracy(len(config.k)).to(device)
         self.samples = EvalSamples().to(device)
         """Multi-label: every counted validation sample's label scores per k, gathered at the epoch's end."""
-        # A kNN logs nothing in training: its training count stays here (the warning says so).
-        self.batch_shapes = flat_input_shapes("kNN", config, logged_stages=(keys.EVAL,)).to(device)
+        self.batch_shapes = flat_input_shapes("kNN", config).to(device)
         """The first training batch's shapes: a later training or validation batch of others is skipped and counted
         (`distprobe.engine.shapes`); a skipped training batch adds nothing to the buffer."""
 

@@ -133,8 +133,7 @@ class EmbeddingMonitorEngine:
             self.name,
             [f"input {config.input or 'features'!r}"],
             eval_prefix=keys.stage_prefix(keys.EVAL, self.name),
-            # A windowed monitor logs its windows' values only: its training count stays here.
-            logged_stages=(keys.EVAL,) if config.every_n_steps is not None else (keys.TRAIN, keys.EVAL),
+            logged_stages=(),
         )
         """The first training batch's features' shape: a later batch of another width (or without them) is skipped
         and counted here (`distprobe.engine.shapes`), in training and in validation."""

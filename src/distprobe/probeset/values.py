@@ -16,7 +16,6 @@ import torch
 from distprobe import keys
 from distprobe.bank.metrics_set import logged_keys
 from distprobe.engine.probe import merge
-from distprobe.engine.shapes import WRONG_SHAPE
 from distprobe.metrics.flat_sync import compute_synced
 from distprobe.monitors.member import compute_monitors
 from distprobe.probeset.inputs import bank_inputs, knn_inputs, monitor_inputs, probe_inputs, ridge_inputs
@@ -45,31 +44,7 @@ def train_values(members: Members, names: Iterable[str] | None = None) -> dict[s
     for name in (n for n in wanted if n in members.ridges):
         values[name] = keys.absolute_keys(members.ridges[name].compute_train_metrics(), keys.TRAIN, name)
     values.update(_monitor_values(members, wanted, "train"))
-    per_epoch = [n for n in wanted if n in members.ridges or (n in members.monitors and n in values)]
-    _add_wrong_shape_counts(values, members, per_epoch, keys.TRAIN)
     return values
-
-
-def _add_wrong_shape_counts(
-    values: dict[str, dict[str, torch.Tensor]], members: Members, names: list[str], stage: str
-) -> None:
-    """Add the named members' counts of batches of other shapes (`distprobe.engine.shapes`), with one flat sync.
-
-    Each is logged as ``{stage}/{name}_bad_batches/wrong_shape``. The probes' and banks' training counts ride in
-    the probes' sync (`train_values`); this one carries the ridge probes' and per-epoch monitors' training counts
-    and every member's validation counts. (A kNN's training count stays on its engine: a kNN logs nothing in
-    training; a windowed monitor logs at its windows only.)
-    """
-    if not names:
-        return
-    member_of: dict[str, Any] = {**members.probes, **members.banks, **members.knns, **members.ridges}
-    member_of.update(members.monitors)
-    shapes = [member_of[name].batch_shapes for name in names]
-    counts = [s.counts if stage == keys.TRAIN else s.eval_counts for s in shapes]
-    key = keys.bad_batches(WRONG_SHAPE)
-    for name, computed in zip(names, compute_synced(counts, members.dp_group), strict=True):
-        (count,) = computed.values()
-        values.setdefault(name, {})[keys.absolute_key(stage, name, key)] = count
 
 
 def skipped_steps(members: Members) -> dict[str, torch.Tensor]:
@@ -104,8 +79,6 @@ def eval_values(members: Members, names: Iterable[str] | None = None) -> dict[st
     for name in (n for n in wanted if n in members.ridges):
         values[name] = keys.absolute_keys(members.ridges[name].compute_eval_metrics(), keys.EVAL, name)
     values.update(_monitor_values(members, wanted, "val"))
-    evaluated = [n for n in wanted if n in everyone or (n in members.monitors and n in values)]
-    _add_wrong_shape_counts(values, members, evaluated, keys.EVAL)
     return values
 
 
