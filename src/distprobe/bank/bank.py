@@ -28,7 +28,7 @@ from distprobe.bank.families import FAMILIES, HeadFamily
 from distprobe.bank.metric_kinds import build_metrics
 from distprobe.bank.metrics_set import BankMetrics
 from distprobe.bank.optimizer import BankOptimizer
-from distprobe.bank.selection import global_positions, selects
+from distprobe.bank.selection import running_positions, selects
 from distprobe.engine import bad_data, functional, maths
 from distprobe.engine.collectives import (
     PendingMean,
@@ -373,8 +373,7 @@ class ProbeBank:
             return stand_in_preds(preds, rows)
         n = targets.shape[0] if num_valid is None else num_valid
         if positions is None:
-            rank, world = rank_and_world(self.dp_group)
-            positions = global_positions(self._eval_seen, n, rank, world, self.device)
+            positions = running_positions(self._eval_seen, n, self.dp_group, self.device)
         self._eval_seen += n
         keep_rows = slice(0, n)
         kept_preds = preds[keep_rows]

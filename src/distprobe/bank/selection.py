@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from distprobe import keys
+from distprobe.engine.collectives import rank_and_world
 
 #: Knuth's multiplicative hash: consecutive positions land far apart, so a sorted set (all of class 0 first)
 #: still gives the selection share of every class.
@@ -37,6 +39,16 @@ def global_positions(first: int, batch_size: int, rank: int, world_size: int, de
     """
     local = torch.arange(first, first + batch_size, device=device, dtype=torch.long)
     return local * world_size + rank
+
+
+def running_positions(first: int, batch_size: int, group: Any, device: torch.device) -> torch.Tensor:
+    """`global_positions` of this rank's samples ``first .. first + batch_size - 1`` in ``group`` (None: the world).
+
+    The positions an engine or adapter falls back to when it is given none: its own running count, read as
+    `DistributedSampler` without shuffle deals the samples.
+    """
+    rank, world = rank_and_world(group)
+    return global_positions(first, batch_size, rank, world, device)
 
 
 def selects(positions: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from typing_extensions import Self, override
 
 from distprobe import keys
-from distprobe.bank.selection import global_positions, selects
+from distprobe.bank.selection import running_positions, selects
 from distprobe.convex.ridge import RidgeSolution, RidgeStatistics
 from distprobe.convex.ridge_config import DEFAULT_L2, RidgeConfig, RidgeSpec, to_ridge_spec
 from distprobe.convex.usable import usable_rows
@@ -170,8 +170,7 @@ class RidgeProbe(SizedEngine[RidgeConfig]):
             return stand_in_preds(preds, rows)
         n = x.shape[0] if num_valid is None else num_valid
         if positions is None:
-            rank, world = rank_and_world(self.dp_group)
-            positions = global_positions(self._eval_seen, n, rank, world, self.device)
+            positions = running_positions(self._eval_seen, n, self.dp_group, self.device)
         self._eval_seen += n
         y = targets.detach().to(self.device).reshape(-1)[:n]
         # The training rule: a float label must be a whole number (2.5 is no class; it was counted as class 2 here).

@@ -169,11 +169,9 @@ class ValidationPositions:
         if order is not None and first + batch_len <= order.numel():
             return order[first : first + batch_len]
         # Imported here: the engines import this package (metrics is the layer beneath them).
-        from distprobe.bank.selection import global_positions
-        from distprobe.engine.collectives import rank_and_world
+        from distprobe.bank.selection import running_positions
 
-        rank, world = rank_and_world(group)
-        return global_positions(first, batch_len, rank, world, device)
+        return running_positions(first, batch_len, group, device)
 
     @contextmanager
     def reading(self, dataloaders: Any, dataloader_idx: int) -> Iterator[None]:
